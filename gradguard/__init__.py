@@ -1,0 +1,29 @@
+"""gradguard: keep training numerically healthy at almost no cost.
+
+Public API:
+- ``grad_stats``, ``GradStats``, ``all_finite``, ``clip_grad_norm_``: one read pass over a list of
+  gradients for per-tensor norms, NaN/Inf counts, the total norm and a found-inf flag.
+- ``backend()``: which kernels serve each device, and why the compiled extension is missing.
+- ``NonFiniteGradError``.
+
+Environment: ``GRADGUARD_DISABLE_EXT=1`` forces the pure-PyTorch kernels;
+``GRADGUARD_REQUIRE_EXT=1`` makes a missing or broken extension an ImportError.
+"""
+from gradguard import _extension, _ops  # noqa: F401  (_ops defines the ops before _C registers kernels)
+
+_extension.load()
+
+from gradguard._extension import backend  # noqa: E402
+from gradguard.errors import NonFiniteGradError  # noqa: E402
+from gradguard.stats import GradStats, all_finite, clip_grad_norm_, grad_stats  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradStats",
+    "NonFiniteGradError",
+    "all_finite",
+    "backend",
+    "clip_grad_norm_",
+    "grad_stats",
+]

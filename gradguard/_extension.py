@@ -1,0 +1,77 @@
+"""Loading the compiled kernels (gradguard._C), and saying why they are or are not there.
+
+The build writes ``_build_info.json`` next to the package (torch version, CUDA, archs, or the
+build error). It is checked before the shared library is imported, so a library built against
+another torch fails with a sentence instead of an undefined-symbol error.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+_BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
+
+_state: dict = {"loaded": False, "reason": None, "build": None}
+
+
+def _read_build_info():
+    try:
+        return json.loads(_BUILD_INFO_PATH.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return {"error": f"unreadable build record {_BUILD_INFO_PATH}: {exc}"}
+
+
+def _try_load() -> str | None:
+    """Imports gradguard._C; returns None on success, else the reason it was not loaded."""
+    if os.environ.get("GRADGUARD_DISABLE_EXT", "") not in ("", "0"):
+        return "disabled by GRADGUARD_DISABLE_EXT"
+    build = _read_build_info()
+    _state["build"] = build
+    if build is None:
+        return ("not built: no build record (gradguard/_build_info.json); install with "
+                "`pip install --no-build-isolation .` in an environment that has torch and a C++ compiler")
+    if build.get("error"):
+        return f"not built: {build['error']}"
+    built_torch = build.get("torch")
+    if built_torch != torch.__version__:
+        return (f"torch version mismatch: the extension was built against torch {built_torch} but "
+                f"torch {torch.__version__} is installed; rebuild with `pip install --no-build-isolation .`")
+    try:
+        importlib.import_module("gradguard._C")
+    except Exception as exc:  # any failure of the shared library: keep the package usable
+        return f"failed to load: {type(exc).__name__}: {exc}"
+    return None
+
+
+def load() -> None:
+    reason = _try_load()
+    _state["loaded"] = reason is None
+    _state["reason"] = reason
+    if reason is not None and os.environ.get("GRADGUARD_REQUIRE_EXT", "") not in ("", "0"):
+        raise ImportError(f"gradguard: GRADGUARD_REQUIRE_EXT is set but the compiled extension is unavailable: {reason}")
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def backend() -> dict:
+    """Which kernels serve each device, and why the extension is missing if it is.
+
+    Returns a dict: ``{"cpu": "extension" | "reference", "cuda": ..., "extension_loaded": bool,
+    "reason": str | None, "build": dict | None}``. "reference" means the pure-PyTorch kernels.
+    """
+    op = "gradguard::multi_tensor_stats"
+    return {
+        "cpu": "extension" if _state["loaded"] and _has_kernel(op, "CPU") else "reference",
+        "cuda": "extension" if _state["loaded"] and _has_kernel(op, "CUDA") else "reference",
+        "extension_loaded": _state["loaded"],
+        "reason": _state["reason"],
+        "build": _state["build"],
+    }

@@ -1,0 +1,44 @@
+"""The gradguard dispatcher ops: schemas, fake (meta) kernels, and the reference kernels
+registered as each op's default implementation.
+
+Compiled kernels (``gradguard._C``) register CPU and CUDA implementations of these same ops with
+``TORCH_LIBRARY_IMPL``; the dispatcher picks them over the default where they exist. The public
+API in ``gradguard.stats`` only ever calls ``torch.ops.gradguard.*``.
+"""
+from __future__ import annotations
+
+import torch
+
+from gradguard import reference
+
+_lib = torch.library.Library("gradguard", "DEF")
+
+# All tensors of one call share a device and a dtype (the Python API groups them). Outputs are
+# float64 sums, int64 counts, float64 amax, each of shape [len(tensors)], on tensors[0]'s device.
+_lib.define("multi_tensor_stats(Tensor[] tensors, float norm_type) -> (Tensor, Tensor, Tensor, Tensor)")
+# Mutates every tensor of the list in place; `scale` is a 0-dim tensor on their device, so the
+# factor never visits the host.
+_lib.define("zero_nonfinite_and_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()")
+
+torch.library.impl("gradguard::multi_tensor_stats", "default", lib=_lib)(reference.multi_tensor_stats)
+torch.library.impl("gradguard::zero_nonfinite_and_scale_", "default", lib=_lib)(
+    reference.zero_nonfinite_and_scale_
+)
+
+
+@torch.library.register_fake("gradguard::multi_tensor_stats", lib=_lib)
+def _multi_tensor_stats_fake(tensors, norm_type):
+    torch._check(len(tensors) > 0, lambda: "gradguard.multi_tensor_stats: `tensors` must not be empty")
+    n = len(tensors)
+    t0 = tensors[0]
+    return (
+        t0.new_empty((n,), dtype=torch.float64),
+        t0.new_empty((n,), dtype=torch.int64),
+        t0.new_empty((n,), dtype=torch.int64),
+        t0.new_empty((n,), dtype=torch.float64),
+    )
+
+
+@torch.library.register_fake("gradguard::zero_nonfinite_and_scale_", lib=_lib)
+def _zero_nonfinite_and_scale_fake(tensors, scale):
+    return None
