@@ -1,0 +1,81 @@
+"""Timing and table helpers shared by every benchmark case module and `python -m gradguard.bench`.
+
+A case module exposes ``tables(device: str = "cpu", quick: bool = False) -> list[Table]``: each
+Table holds rows measured in the same run (the subject, the PyTorch baselines, the bandwidth
+floor) and the target checks derived from them.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device="cpu", repeats: int = 15, warmup: int = 2) -> float:
+    """Median wall time of fn() in milliseconds over `repeats` runs (device synchronized)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+@dataclass
+class Row:
+    name: str
+    ms: float
+    bytes: int | None = None  # bytes the operation must move at least (for GB/s)
+
+    @property
+    def gbps(self) -> float | None:
+        return None if not self.bytes else self.bytes / (self.ms * 1e-3) / 1e9
+
+
+@dataclass
+class Table:
+    title: str
+    rows: list[Row]
+    floor: str | None = None  # name of the row that is the bandwidth floor
+    checks: list[str] = field(default_factory=list)
+
+    def ms(self, name: str) -> float:
+        for r in self.rows:
+            if r.name == name:
+                return r.ms
+        raise KeyError(name)
+
+    def check(self, what: str, value: float, op: str, target: float) -> bool:
+        """Records 'what = value (target op target): met/NOT met' and returns whether it is met."""
+        met = value <= target if op == "<=" else value >= target
+        self.checks.append(f"{what} = {value:.2f}x (target {op} {target}x): {'met' if met else 'NOT met'}")
+        return met
+
+    def format(self) -> str:
+        floor_ms = self.ms(self.floor) if self.floor else None
+        head = f"{'case':<58} {'median ms':>10} {'GB/s':>7}" + (f" {'x floor':>8}" if floor_ms else "")
+        lines = [self.title, head, "-" * len(head)]
+        for r in self.rows:
+            gb = f"{r.gbps:7.1f}" if r.gbps else f"{'':>7}"
+            line = f"{r.name:<58} {r.ms:10.2f} {gb}"
+            if floor_ms:
+                line += f" {r.ms / floor_ms:8.2f}"
+            lines.append(line)
+        lines += [f"  {c}" for c in self.checks]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"title": self.title, "floor": self.floor, "checks": self.checks,
+                "rows": [{"name": r.name, "ms": r.ms, "bytes": r.bytes, "gbps": r.gbps} for r in self.rows]}
