@@ -4,6 +4,8 @@ Public API:
 - ``grad_stats``, ``GradStats``, ``all_finite``, ``clip_grad_norm_``: one read pass over a list of
   gradients for per-tensor norms, NaN/Inf counts, the total norm and a found-inf flag.
 - ``backend()``: which kernels serve each device, and why the compiled extension is missing.
+- ``GradGuard``: the optimizer wrapper (check, clip, skip, report); ``StepReport``, ``History``;
+  spike policies ``ZScoreClip``, ``PercentileClip``; ``HygieneWarning``.
 - ``NonFiniteGradError``.
 
 Environment: ``GRADGUARD_DISABLE_EXT=1`` forces the pure-PyTorch kernels;
@@ -16,12 +18,22 @@ _extension.load()
 from gradguard._extension import backend  # noqa: E402
 from gradguard.errors import NonFiniteGradError  # noqa: E402
 from gradguard.stats import GradStats, all_finite, clip_grad_norm_, grad_stats  # noqa: E402
+from gradguard.hygiene import HygieneWarning  # noqa: E402
+from gradguard.optim import GradGuard  # noqa: E402
+from gradguard.report import History, StepReport  # noqa: E402
+from gradguard.spike import PercentileClip, ZScoreClip  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradGuard",
     "GradStats",
+    "History",
+    "HygieneWarning",
     "NonFiniteGradError",
+    "PercentileClip",
+    "StepReport",
+    "ZScoreClip",
     "all_finite",
     "backend",
     "clip_grad_norm_",

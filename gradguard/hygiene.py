@@ -1,0 +1,58 @@
+"""Training-hygiene checks of GradGuard: cheap host-side signals, each warned about once.
+
+Whether the gradients were cleared between two steps is read from the gradient tensors
+themselves, so it catches every way of clearing them (``opt.zero_grad()``, ``model.zero_grad()``,
+``p.grad = None``, with or without ``set_to_none``) without patching anything:
+
+- clearing with ``set_to_none`` makes backward create a new gradient tensor;
+- clearing in place (``zero_()``) bumps the tensor's version counter once, and so does each
+  backward that accumulates into it.
+
+So if every gradient is the very tensor seen at the end of the last step and its version moved
+by at most one (one backward, nothing else), nothing cleared it. Accumulating k micro-batches
+after a clear moves it by k + 1 (in place) or yields new tensors (set_to_none): no warning.
+Anything else that writes into the gradients between steps also makes the signal ambiguous,
+and then no warning is given.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+
+class HygieneWarning(UserWarning):
+    """A training loop mistake GradGuard noticed (silence with ``hygiene=False`` or
+    ``warnings.filterwarnings("ignore", category=gradguard.HygieneWarning)``)."""
+
+
+NOT_CLEARED = (
+    "gradguard: step() was called twice with no zero_grad() in between: the gradients of the "
+    "previous step were never cleared, so this step used the sum of both steps' gradients. Call "
+    "opt.zero_grad() (or model.zero_grad(), or set .grad to None) after each step; gradient "
+    "accumulation over micro-batches is fine as long as you clear after each step."
+)
+
+EVAL_MODE = (
+    "gradguard: step() was called while the model is in eval() mode (dropout off, batch-norm "
+    "statistics frozen). Call model.train() before training steps."
+)
+
+
+class ClearTracker:
+    """Remembers the gradient tensors (weakly) and their versions at the end of each step."""
+
+    def __init__(self):
+        self._marks: dict[int, tuple[weakref.ref, int]] | None = None
+
+    def never_cleared(self, grads: list[torch.Tensor]) -> bool:
+        if not self._marks or not grads:
+            return False
+        for g in grads:
+            mark = self._marks.get(id(g))
+            if mark is None or mark[0]() is not g or g._version - mark[1] > 1:
+                return False
+        return True
+
+    def mark(self, grads: list[torch.Tensor]) -> None:
+        self._marks = {id(g): (weakref.ref(g), g._version) for g in grads}

@@ -1,0 +1,502 @@
+"""GradGuard: wrap any torch.optim optimizer so that every step is checked, clipped, and skipped
+when the gradients are not finite, for the price of one read pass over the gradients.
+
+How a step decides, and what it costs:
+
+- One ``multi_tensor_stats`` pass over all gradients (one kernel per (device, dtype) group)
+  gives per-tensor norms, NaN/Inf counts and amax, the total norm and a 0-dim float32 found-inf
+  flag that is exactly 0 or 1. The clip coefficient (``max_norm`` and/or the spike policy), the
+  counters, the history and the spike statistics are then updated with small device ops.
+- Fused optimizers (``Adam``/``AdamW``/``SGD``/``Adagrad`` with ``fused=True``) are handed the
+  flag as ``found_inf`` and the clip factor as ``grad_scale``: the fused kernel skips the whole
+  update on the device when the flag is 1, so the step never syncs with the host. The kernel
+  *divides* the gradients by ``grad_scale`` (and writes the result back to ``.grad``), so the
+  guard passes the reciprocal of the clip coefficient (times the loss scale under a GradScaler).
+- Every other optimizer: the guard reads 24 bytes (flag, scale factor, skip streak) back once
+  per step to decide whether to call the inner ``step()``, and multiplies the gradients by the
+  clip factor only when it is not exactly 1.
+- ``on_nonfinite="raise"`` and ``max_consecutive_skips`` need that same one read on fused
+  optimizers too; ``"zero"`` on a fused optimizer rewrites every gradient once (zeroing NaN/Inf
+  and clipping in one pass) so that it needs no read.
+
+With ``torch.amp.GradScaler``: the guard tells GradScaler it handles scaling itself
+(``_step_supports_amp_scaling``), so ``scaler.step(opt)`` hands it the loss scale and the
+scaler's own found-inf flag. The guard measures the scaled gradients, divides norms by the scale,
+combines both flags with a max (never a sum, which the fused kernels' ``found_inf == 1`` test
+would miss), and always skips an overflowed step whatever ``on_nonfinite`` says: an overflow is
+the scaler's signal to lower the scale, and the scaler's ``update()`` counts it. The guard counts
+that skip once, in its own counters.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections import OrderedDict
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from gradguard.errors import NonFiniteGradError
+from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker, HygieneWarning
+from gradguard.report import History, StepReport
+from gradguard.spike import SpikePolicy
+from gradguard.stats import (_root, check_max_norm, check_norm_type, clip_coefficient, finalize,
+                             nonfinite_message, raw_stats, scale_)
+
+ON_NONFINITE = ("skip", "zero", "raise", "ignore")
+
+
+def _replay(loss, closure):
+    """A closure for the inner optimizer that returns the loss the guard already computed on
+    its first call (so the gradients the guard checked are the ones stepped on) and re-evaluates
+    on later calls (LBFGS)."""
+    if closure is None:
+        return None
+    calls = [0]
+
+    def replay():
+        calls[0] += 1
+        if calls[0] == 1:
+            return loss
+        with torch.enable_grad():
+            return closure()
+
+    return replay
+
+
+class GradGuard(torch.optim.Optimizer):
+    """Checks, clips and, when the gradients are not finite, skips the steps of ``optimizer``.
+
+    Args:
+        optimizer: the ``torch.optim.Optimizer`` to guard (``opt.optimizer``). The guard shares
+            its ``param_groups``, ``state`` and ``defaults``.
+        max_norm: clip the total gradient norm to this (a number or a 0-dim device tensor);
+            ``None``: no clipping.
+        norm_type: the p of the p-norm (``inf`` for the max norm).
+        on_nonfinite: ``"skip"`` (no update; params and optimizer state bit-identical, grads
+            left for inspection), ``"zero"`` (NaN/Inf elements set to 0, clip by the norm of the
+            rest, step), ``"raise"`` (:class:`NonFiniteGradError` carrying the report) or
+            ``"ignore"`` (step as if unguarded; the report still says what happened).
+        max_consecutive_skips: raise :class:`NonFiniteGradError` once this many steps in a row
+            were skipped (``None``: never).
+        spike: a :class:`~gradguard.ZScoreClip` or :class:`~gradguard.PercentileClip` policy;
+            the step clips to ``min(max_norm, policy threshold)``.
+        model: the ``nn.Module`` being trained: parameter names for reports and the eval-mode
+            check.
+        names: parameter names, one per parameter in ``param_groups`` order (instead of
+            ``model``).
+        history_size: how many steps ``opt.history`` keeps.
+        hygiene: ``False`` turns the training-hygiene warnings off.
+    """
+
+    def __init__(self, optimizer, max_norm=None, norm_type: float = 2.0, on_nonfinite: str = "skip",
+                 max_consecutive_skips=None, spike=None, model=None, *, names=None,
+                 history_size: int = 1000, hygiene: bool = True):
+        if isinstance(optimizer, GradGuard):
+            raise TypeError("gradguard.GradGuard: `optimizer` is already a GradGuard; wrap the inner optimizer once")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"gradguard.GradGuard: `optimizer` must be a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        self.max_norm = None if max_norm is None else check_max_norm(max_norm)
+        self.norm_type = check_norm_type(norm_type)
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"gradguard.GradGuard: `on_nonfinite` must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        if max_consecutive_skips is not None and (
+                isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, numbers.Integral)
+                or max_consecutive_skips < 1):
+            raise ValueError(f"gradguard.GradGuard: `max_consecutive_skips` must be None or an int >= 1, "
+                             f"got {max_consecutive_skips!r}")
+        self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
+        if spike is not None and not isinstance(spike, SpikePolicy):
+            raise TypeError(f"gradguard.GradGuard: `spike` must be None or a spike policy such as "
+                            f"gradguard.ZScoreClip(), got {type(spike).__name__}")
+        self.spike = spike
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"gradguard.GradGuard: `model` must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.history = History(history_size)
+        self.hygiene = bool(hygiene)
+        self._explicit_names = self._check_names(names)
+        self._check_params(self._params())
+
+        # What torch.optim.Optimizer.__init__ sets up, minus the parameter groups (shared below).
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        # GradScaler.step then hands us the loss scale and its flag instead of syncing itself.
+        self._step_supports_amp_scaling = True
+
+        self.last: StepReport | None = None
+        self._step_hooks: OrderedDict = OrderedDict()
+        self._steps = 0
+        self._totals = None            # int64 [3]: skipped, clipped, non-finite steps
+        self._consecutive = None       # int64 0-dim: current streak of skipped steps
+        self._layer_nonfinite = None   # int64 [P]: steps in which each parameter's grad was non-finite
+        self._layer_max_norm = None    # float64 [P]: largest finite grad norm seen per parameter
+        self._name_list = None
+        self._layout_cache = None
+        self._tracker = ClearTracker()
+        self._warned = set()
+
+    # The inner optimizer owns these; properties (not copies) keep them shared even after the
+    # inner load_state_dict() replaces its lists and dicts.
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    # ---- input checks -------------------------------------------------------------------------
+
+    def _check_names(self, names):
+        if names is None:
+            return None
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError("gradguard.GradGuard: `names` must be a list of str, one per parameter")
+        names = list(names)
+        count = len(self._params())
+        if len(names) != count:
+            raise ValueError(f"gradguard.GradGuard: `names` has {len(names)} entries but the optimizer holds {count} parameters")
+        return names
+
+    def _check_params(self, params) -> None:
+        for i, p in enumerate(params):
+            if p.is_complex():
+                raise TypeError(f"gradguard.GradGuard: parameter {self._name_of(i, params)} is complex; GradGuard "
+                                "supports real floating-point parameters only (view it with torch.view_as_real)")
+
+    def _check_grads(self, grads, present, params) -> None:
+        for g, i in zip(grads, present):
+            if g.layout != torch.strided:
+                raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} is sparse "
+                                f"({g.layout}); GradGuard supports dense gradients only (e.g. nn.Embedding(sparse=False))")
+            if g.is_complex():
+                raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} is complex; "
+                                "GradGuard supports real floating-point gradients only")
+
+    # ---- parameters and names -----------------------------------------------------------------
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _names(self, params) -> list[str]:
+        if self._name_list is None or len(self._name_list) != len(params):
+            by_id = {}
+            if self.model is not None:
+                by_id = {id(p): n for n, p in self.model.named_parameters()}
+            for g in self.optimizer.param_groups:
+                for p, n in zip(g["params"], g.get("param_names", ())):
+                    by_id.setdefault(id(p), n)
+            explicit = self._explicit_names or []
+            self._name_list = [explicit[i] if i < len(explicit) else by_id.get(id(p), f"param[{i}]")
+                               for i, p in enumerate(params)]
+        return self._name_list
+
+    def _name_of(self, i, params) -> str:
+        return repr(self._names(params)[i])
+
+    def _layout(self, params, present, device):
+        """Names of the parameters that have a gradient, and the index tensor that places them
+        among all parameters (None when all have one), cached while the pattern holds."""
+        key = (len(params), tuple(present), device)
+        if self._layout_cache is None or self._layout_cache[0] != key:
+            names = self._names(params)
+            idx = None if len(present) == len(params) else torch.tensor(present, dtype=torch.int64, device=device)
+            self._layout_cache = (key, [names[i] for i in present], idx)
+        return self._layout_cache[1], self._layout_cache[2]
+
+    # ---- torch.optim.Optimizer interface --------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._check_params(self._params())
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return (f"GradGuard(max_norm={self.max_norm}, norm_type={self.norm_type}, on_nonfinite={self.on_nonfinite!r}, "
+                f"max_consecutive_skips={self.max_consecutive_skips}, spike={self.spike!r},\n{inner}\n)")
+
+    def add_step_hook(self, fn) -> RemovableHandle:
+        """Calls ``fn(guard, report)`` after every step (also a skipped or raising one), e.g. to
+        log ``report.as_dict()`` to TensorBoard. Reading the report syncs; the hook decides."""
+        if not callable(fn):
+            raise TypeError(f"gradguard.GradGuard.add_step_hook: `fn` must be callable, got {type(fn).__name__}")
+        handle = RemovableHandle(self._step_hooks)
+        self._step_hooks[handle.id] = fn
+        return handle
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def _fused_ready(self) -> bool:
+        """Whether the inner optimizer takes grad_scale/found_inf (the GradScaler contract) in
+        every group, with its first-step trap avoided."""
+        opt = self.optimizer
+        if not getattr(opt, "_step_supports_amp_scaling", False):
+            return False
+        if not all(g.get("fused") for g in opt.param_groups):
+            return False
+        if isinstance(opt, torch.optim.SGD):
+            # Fused SGD allocates momentum buffers with empty_like() on its first step; when that
+            # step is skipped through found_inf it keeps the uninitialized memory as momentum. So
+            # until every buffer exists, decide on the host and do not call it at all.
+            for g in opt.param_groups:
+                if g["momentum"] != 0 and any(
+                        p.grad is not None and "momentum_buffer" not in opt.state.get(p, {}) for p in g["params"]):
+                    return False
+        return True
+
+    def _ensure_state(self, device, count: int) -> None:
+        if self._totals is None:
+            self._totals = torch.zeros(3, dtype=torch.int64, device=device)
+            self._consecutive = torch.zeros((), dtype=torch.int64, device=device)
+            self._layer_nonfinite = torch.zeros(count, dtype=torch.int64, device=device)
+            self._layer_max_norm = torch.zeros(count, dtype=torch.float64, device=device)
+            return
+        if self._totals.device != device:
+            self._totals, self._consecutive, self._layer_nonfinite, self._layer_max_norm = (
+                t.to(device) for t in (self._totals, self._consecutive, self._layer_nonfinite, self._layer_max_norm))
+        grow = count - self._layer_nonfinite.numel()
+        if grow > 0:  # add_param_group
+            self._layer_nonfinite = torch.cat([self._layer_nonfinite, self._layer_nonfinite.new_zeros(grow)])
+            self._layer_max_norm = torch.cat([self._layer_max_norm, self._layer_max_norm.new_zeros(grow)])
+
+    def _check_hygiene(self, grads) -> None:
+        if not self.hygiene:
+            return
+        if "not_cleared" not in self._warned and self._tracker.never_cleared(grads):
+            self._warned.add("not_cleared")
+            warnings.warn(NOT_CLEARED, HygieneWarning, stacklevel=4)
+        if "eval" not in self._warned and self.model is not None and not self.model.training:
+            self._warned.add("eval")
+            warnings.warn(EVAL_MODE, HygieneWarning, stacklevel=4)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Evaluates ``closure`` (if given) once, checks the gradients, then clips and steps the
+        inner optimizer or skips it. Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Set by GradScaler.step(self): the loss scale still in the grads (None once unscale_()
+        # ran) and the scaler's found-inf flag (a sum over devices).
+        loss_scale = getattr(self, "grad_scale", None)
+        scaler_found = getattr(self, "found_inf", None)
+        amp = loss_scale is not None or scaler_found is not None
+
+        params = self._params()
+        present = [i for i, p in enumerate(params) if p.grad is not None]
+        grads = [params[i].grad for i in present]
+        self._check_grads(grads, present, params)
+        self._check_hygiene(grads)
+        if not grads:
+            self.optimizer.step(_replay(loss, closure))
+            return loss
+
+        p = self.norm_type
+        raw = raw_stats(grads, p)
+        stats = finalize(raw, p)
+        device = stats.total_norm.device
+        found = stats.found_inf
+        if scaler_found is not None:
+            found = torch.maximum(found, scaler_found.to(device=device, dtype=torch.float32).clamp(max=1.0))
+        finite = found == 0
+        mode = "skip" if amp else self.on_nonfinite
+
+        norms, total, amax = stats.norms, stats.total_norm, stats.amax
+        basis = total  # the norm the clip is computed from
+        if mode == "zero":
+            basis = (_root(raw.acc.max() if math.isinf(p) else raw.acc.sum(), p)).to(raw.out_dtype)
+        if loss_scale is not None:
+            inv = 1.0 / loss_scale.to(device=device, dtype=torch.float64)
+            norms, total, amax, basis = ((t * inv).to(t.dtype) for t in (norms, total, amax, basis))
+
+        clipping = self.max_norm is not None or self.spike is not None
+        if clipping:
+            limit = self.max_norm
+            if isinstance(limit, torch.Tensor):
+                limit = limit.to(device=device, dtype=basis.dtype)
+            if self.spike is not None:
+                spike_limit = self.spike.threshold(basis).to(basis.dtype)
+                if limit is None:
+                    limit = spike_limit
+                elif isinstance(limit, torch.Tensor):
+                    limit = torch.minimum(spike_limit, limit)
+                else:
+                    limit = torch.clamp(spike_limit, max=limit)
+            coef = clip_coefficient(basis, limit).to(basis.dtype)
+            if mode != "zero":
+                coef = torch.where(finite, coef, torch.ones_like(coef))
+            if self.spike is not None:
+                self.spike.update(basis, torch.minimum(basis, spike_limit), finite)
+        else:
+            coef = torch.ones((), dtype=basis.dtype, device=device)
+
+        skipped = ~finite if mode in ("skip", "raise") else torch.zeros((), dtype=torch.bool, device=device)
+        self._bookkeep(params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp)
+        report = self.last
+
+        fused = self._fused_ready()
+        host = None
+        if not fused or mode == "raise" or self.max_consecutive_skips is not None:
+            mult = coef if loss_scale is None else coef / loss_scale.to(device=device, dtype=coef.dtype)
+            # The one read of the step: flag, gradient multiplier, skip streak.
+            found_h, mult_h, streak_h = torch.stack([found.double(), mult.double(),
+                                                     self._consecutive.double()]).tolist()
+            host = (found_h != 0.0, mult, mult_h, int(streak_h))
+
+        if mode == "raise" and host[0]:
+            self._run_hooks(report)
+            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, stats.nan_count, stats.inf_count)
+            raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)", bad, report)
+
+        replay = _replay(loss, closure)
+        inner = self.optimizer
+        if fused and mode != "zero":
+            try:
+                if mode in ("skip", "raise"):
+                    inner.found_inf = found
+                if clipping or loss_scale is not None:
+                    # The fused kernels divide the grads by grad_scale: hand them scale / coef.
+                    divisor = (1.0 if loss_scale is None else loss_scale.to(device)) / coef
+                    inner.grad_scale = divisor.to(torch.float32)
+                inner.step(replay)
+            finally:
+                for attr in ("found_inf", "grad_scale"):
+                    if attr in inner.__dict__:
+                        delattr(inner, attr)
+        elif fused:  # "zero" without a read: one pass zeroes NaN/Inf and clips, then a plain step
+            scale_(grads, coef, zero_nonfinite=True)
+            inner.step(replay)
+        else:
+            is_bad, mult, mult_h, _ = host
+            if not (is_bad and mode in ("skip", "raise")):
+                if is_bad and mode == "zero":
+                    scale_(grads, mult, zero_nonfinite=True)
+                elif mult_h != 1.0:
+                    scale_(grads, mult)
+                inner.step(replay)
+
+        self._tracker.mark([params[i].grad for i in present if params[i].grad is not None])
+        self._run_hooks(report)
+        if self.max_consecutive_skips is not None and host[3] >= self.max_consecutive_skips:
+            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, stats.nan_count, stats.inf_count)
+            raise NonFiniteGradError(
+                f"gradguard.GradGuard: {host[3]} steps in a row were skipped "
+                f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}", bad, report)
+        return loss
+
+    def _bookkeep(self, params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp):
+        """Counters, per-parameter totals, the report and the history: device ops only."""
+        self._steps += 1
+        self._ensure_state(device, len(params))
+        names, idx = self._layout(params, present, device)
+        skipped_i = skipped.to(torch.int64)
+        self._consecutive.mul_(skipped_i).add_(skipped_i)
+        clipped = (coef < 1) & ~skipped
+        self._totals.add_(torch.stack([skipped_i, clipped.to(torch.int64), (found != 0).to(torch.int64)]))
+        bad = (stats.nan_count + stats.inf_count) > 0
+        finite_norms = torch.where(bad, 0.0, norms.double())
+        if idx is None:
+            self._layer_nonfinite.add_(bad.to(torch.int64))
+            torch.maximum(self._layer_max_norm, finite_norms, out=self._layer_max_norm)
+        else:
+            self._layer_nonfinite.index_add_(0, idx, bad.to(torch.int64))
+            self._layer_max_norm.index_reduce_(0, idx, finite_norms, "amax")
+        self.last = StepReport(step=self._steps, names=names, norms=norms, nan_count=stats.nan_count,
+                               inf_count=stats.inf_count, amax=amax, total_norm=total, clip_coef=coef,
+                               found_inf=found, skipped=skipped, mode=mode, amp=amp)
+        self.history.record(self._steps, total, coef, skipped)
+
+    def _run_hooks(self, report) -> None:
+        for fn in list(self._step_hooks.values()):
+            fn(self, report)
+
+    # ---- totals and checkpoints -----------------------------------------------------------------
+
+    def summary(self, k: int = 5) -> dict:
+        """Totals since construction (or the loaded checkpoint): ``steps``, ``skipped``,
+        ``clipped``, ``nonfinite_steps``, ``consecutive_skips``, and ``worst_layers``: the k
+        parameters most often non-finite, then with the largest gradient norm seen, as dicts of
+        ``name``, ``nonfinite_steps``, ``max_norm``. Reads the counters (a sync)."""
+        if self._totals is None:
+            return {"steps": self._steps, "skipped": 0, "clipped": 0, "nonfinite_steps": 0,
+                    "consecutive_skips": 0, "worst_layers": []}
+        skipped, clipped, nonfinite = self._totals.tolist()
+        names = self._names(self._params())
+        bad, peak = self._layer_nonfinite.tolist(), self._layer_max_norm.tolist()
+        order = sorted(range(len(bad)), key=lambda i: (-bad[i], -peak[i]))
+        worst = [{"name": names[i], "nonfinite_steps": bad[i], "max_norm": peak[i]} for i in order[:k]]
+        return {"steps": self._steps, "skipped": skipped, "clipped": clipped, "nonfinite_steps": nonfinite,
+                "consecutive_skips": int(self._consecutive), "worst_layers": worst}
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's state dict plus a ``"gradguard"`` entry: counters, per-parameter
+        totals, spike statistics and history (tensors cloned, so later steps do not change it)."""
+        sd = dict(self.optimizer.state_dict())
+
+        def clone(t):
+            return None if t is None else t.clone()
+
+        sd["gradguard"] = {
+            "version": 1,
+            "steps": self._steps,
+            "totals": clone(self._totals),
+            "consecutive": clone(self._consecutive),
+            "layer_nonfinite": clone(self._layer_nonfinite),
+            "layer_max_norm": clone(self._layer_max_norm),
+            "spike": None if self.spike is None else self.spike.state_dict(),
+            "history": self.history.state_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a ``state_dict()`` of a GradGuard (or a plain optimizer state dict, which leaves
+        the guard's own state as it is)."""
+        sd = dict(state_dict)
+        guard = sd.pop("gradguard", None)
+        if guard is not None:
+            if guard.get("version") != 1:
+                raise ValueError(f"gradguard.GradGuard.load_state_dict: unknown guard state version {guard.get('version')!r}")
+            if guard["spike"] is not None and self.spike is None:
+                raise ValueError("gradguard.GradGuard.load_state_dict: the checkpoint holds spike-policy state but this "
+                                 "GradGuard has spike=None; build it with the same policy")
+        self.optimizer.load_state_dict(sd)
+        if guard is None:
+            return
+        if self.spike is not None and guard["spike"] is not None:
+            self.spike.load_state_dict(guard["spike"])
+        self.history.load_state_dict(guard["history"])
+        self._steps = int(guard["steps"])
+        self._totals, self._consecutive, self._layer_nonfinite, self._layer_max_norm = (
+            None if guard[k] is None else guard[k].clone()
+            for k in ("totals", "consecutive", "layer_nonfinite", "layer_max_norm"))
+        self._tracker = ClearTracker()

@@ -1,0 +1,157 @@
+"""What GradGuard tells you about a step: the StepReport of one step and the History of the last N.
+
+Both hold device tensors only. Nothing here reads a value back to the host until a host view
+(``nonfinite_layers``, ``worst_layers``, ``as_dict``) is asked for; that read is the only sync.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class StepReport:
+    """One guarded step (``opt.last``).
+
+    Device tensors: ``skipped`` (0-dim bool), ``found_inf`` (0-dim float32, exactly 0 or 1),
+    ``total_norm`` and ``clip_coef`` (0-dim), and per gradient, in parameter order, ``norms``,
+    ``nan_count``, ``inf_count``, ``amax``. Norms are those of the gradients as they came in
+    (divided by the loss scale under a GradScaler). ``clip_coef`` is the factor the step applied
+    (1 when it did not clip or was skipped). ``names`` are the parameters' names (``param[i]``
+    without ``model=``/``names=``); ``step`` counts guarded steps from 1 (a host int).
+    """
+
+    def __init__(self, *, step: int, names: list[str], norms, nan_count, inf_count, amax,
+                 total_norm, clip_coef, found_inf, skipped, mode: str, amp: bool):
+        self.step = step
+        self.names = names
+        self.norms = norms
+        self.nan_count = nan_count
+        self.inf_count = inf_count
+        self.amax = amax
+        self.total_norm = total_norm
+        self.clip_coef = clip_coef
+        self.found_inf = found_inf
+        self.skipped = skipped
+        self.mode = mode
+        self.amp = amp
+        self._host = None
+
+    def _fetch(self) -> dict:
+        # One transfer for everything the host views need, done once per report.
+        if self._host is None:
+            self._host = {
+                "norms": self.norms.tolist(),
+                "bad": (self.nan_count + self.inf_count).tolist(),
+                "nan": self.nan_count.tolist(),
+                "inf": self.inf_count.tolist(),
+                "amax": self.amax.tolist(),
+                "scalars": torch.stack([self.total_norm.double(), self.clip_coef.double(),
+                                        self.found_inf.double(), self.skipped.double()]).tolist(),
+            }
+        return self._host
+
+    @property
+    def nonfinite_layers(self) -> list[str]:
+        """Names of the parameters whose gradient held a NaN or an Inf (reads the counts)."""
+        bad = self._fetch()["bad"]
+        return [n for n, b in zip(self.names, bad) if b]
+
+    def worst_layers(self, k: int = 5) -> list[tuple[str, float]]:
+        """The k parameters with the largest gradient norm, non-finite ones first, as
+        (name, norm) pairs (reads the norms)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"gradguard.StepReport.worst_layers: `k` must be a non-negative int, got {k!r}")
+        norms = self._fetch()["norms"]
+        order = sorted(range(len(norms)),
+                       key=lambda i: (0, 0.0) if not math.isfinite(norms[i]) else (1, -norms[i]))
+        return [(self.names[i], norms[i]) for i in order[:k]]
+
+    def as_dict(self, layers: bool = False) -> dict:
+        """Plain Python values, for logs. ``layers=True`` adds every parameter's norm, NaN and Inf
+        counts and finite amax under ``"layers"``."""
+        h = self._fetch()
+        total, coef, found, skipped = h["scalars"]
+        out = {
+            "step": self.step,
+            "skipped": bool(skipped),
+            "found_inf": bool(found),
+            "total_norm": total,
+            "clip_coef": coef,
+            "clipped": bool(coef < 1.0 and not skipped),
+            "nonfinite_layers": self.nonfinite_layers,
+            "worst_layers": self.worst_layers(5),
+            "on_nonfinite": self.mode,
+            "amp": self.amp,
+        }
+        if layers:
+            out["layers"] = {n: {"norm": a, "nan": b, "inf": c, "amax": d}
+                             for n, a, b, c, d in zip(self.names, h["norms"], h["nan"], h["inf"], h["amax"])}
+        return out
+
+    def __repr__(self) -> str:
+        return f"StepReport(step={self.step}, {len(self.names)} tensors; read .as_dict() for values)"
+
+
+class History:
+    """The last ``size`` steps' total norm, clip coefficient and skip flag, in a ring buffer on
+    the gradients' device (``opt.history``). Recording is two small device copies per step;
+    ``as_dict()`` reads the buffer back (a sync), oldest step first."""
+
+    _COLUMNS = ("total_norm", "clip_coef", "skipped")
+
+    def __init__(self, size: int):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"gradguard: `history_size` must be a positive int, got {size!r}")
+        self.size = size
+        self._values: torch.Tensor | None = None  # [size, 3] float64 on the device
+        self._steps: list[int] = []               # host-side step numbers, same ring order
+        self._count = 0
+
+    def __len__(self) -> int:
+        return min(self._count, self.size)
+
+    def record(self, step: int, total_norm, clip_coef, skipped) -> None:
+        dev = total_norm.device
+        if self._values is None:
+            self._values = torch.full((self.size, 3), math.nan, dtype=torch.float64, device=dev)
+        elif self._values.device != dev:
+            self._values = self._values.to(dev)
+        slot = self._count % self.size
+        self._values[slot].copy_(torch.stack([total_norm.double(), clip_coef.double(), skipped.double()]))
+        if slot < len(self._steps):
+            self._steps[slot] = step
+        else:
+            self._steps.append(step)
+        self._count += 1
+
+    def _order(self) -> list[int]:
+        n = len(self)
+        start = self._count % self.size if self._count > self.size else 0
+        return [(start + i) % self.size for i in range(n)]
+
+    def as_dict(self) -> dict[str, list]:
+        """``{"step": [...], "total_norm": [...], "clip_coef": [...], "skipped": [...]}``,
+        oldest first (one read of the buffer)."""
+        order = self._order()
+        if not order:
+            return {"step": [], **{c: [] for c in self._COLUMNS}}
+        rows = self._values.cpu().tolist()
+        return {
+            "step": [self._steps[i] for i in order],
+            "total_norm": [rows[i][0] for i in order],
+            "clip_coef": [rows[i][1] for i in order],
+            "skipped": [bool(rows[i][2]) for i in order],
+        }
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "count": self._count, "steps": list(self._steps),
+                "values": None if self._values is None else self._values.clone()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["size"] != self.size:
+            raise ValueError(f"gradguard: the checkpoint's history holds {sd['size']} steps but this "
+                             f"GradGuard was built with history_size={self.size}")
+        self._count = int(sd["count"])
+        self._steps = list(sd["steps"])
+        self._values = None if sd["values"] is None else sd["values"].clone()
