@@ -119,6 +119,8 @@ class GradGuard(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.history = History(history_size)
         self.hygiene = bool(hygiene)
+        self._name_list = None
+        self._layout_cache = None
         self._explicit_names = self._check_names(names)
         self._check_params(self._params())
 
@@ -140,8 +142,6 @@ class GradGuard(torch.optim.Optimizer):
         self._consecutive = None       # int64 0-dim: current streak of skipped steps
         self._layer_nonfinite = None   # int64 [P]: steps in which each parameter's grad was non-finite
         self._layer_max_norm = None    # float64 [P]: largest finite grad norm seen per parameter
-        self._name_list = None
-        self._layout_cache = None
         self._tracker = ClearTracker()
         self._warned = set()
 
@@ -430,7 +430,7 @@ class GradGuard(torch.optim.Optimizer):
             torch.maximum(self._layer_max_norm, finite_norms, out=self._layer_max_norm)
         else:
             self._layer_nonfinite.index_add_(0, idx, bad.to(torch.int64))
-            self._layer_max_norm.index_reduce_(0, idx, finite_norms, "amax")
+            self._layer_max_norm[idx] = torch.maximum(self._layer_max_norm[idx], finite_norms)
         self.last = StepReport(step=self._steps, names=names, norms=norms, nan_count=stats.nan_count,
                                inf_count=stats.inf_count, amax=amax, total_norm=total, clip_coef=coef,
                                found_inf=found, skipped=skipped, mode=mode, amp=amp)

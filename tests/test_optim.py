@@ -1,0 +1,330 @@
+"""GradGuard core: what a step does with finite and non-finite gradients, on every optimizer path."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gradguard
+from gradguard import GradGuard, NonFiniteGradError
+from optim_util import (OPTIMIZERS, SHAPES, TinyNet, assert_bit_identical, make_grads, make_params, poison,
+                        set_grads, snapshot)
+
+
+def test_is_an_optimizer_sharing_groups_and_state():
+    params = make_params()
+    inner = torch.optim.AdamW(params, lr=1e-3)
+    opt = GradGuard(inner, max_norm=1.0)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.optimizer is inner
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state
+    opt.param_groups[0]["lr"] = 0.5
+    assert inner.param_groups[0]["lr"] == 0.5
+    set_grads(params, make_grads(0))
+    opt.step()
+    assert len(inner.state) == len(params) and opt.state is inner.state
+    # The inner load_state_dict replaces its containers: the guard must follow.
+    inner.load_state_dict(inner.state_dict())
+    assert opt.state is inner.state and opt.param_groups is inner.param_groups
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first_step", "later_step"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_skipped_step_is_bit_identical(name, first):
+    params = make_params()
+    opt = GradGuard(OPTIMIZERS[name](params), max_norm=1.0)
+    ref_params = make_params()
+    ref = OPTIMIZERS[name](ref_params)
+    good_steps = 0 if first else 2
+    for i in range(good_steps):
+        set_grads(params, make_grads(i))
+        opt.step()
+        # Same clipping by hand for the reference run.
+        set_grads(ref_params, make_grads(i))
+        torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+        ref.step()
+
+    bad = poison(make_grads(99))
+    set_grads(params, bad)
+    before = snapshot(params, opt)
+    opt.step()
+    if not first:
+        assert_bit_identical(before, snapshot(params, opt))
+    else:
+        assert all(torch.equal(a, p) for a, p in zip(before[0], params))
+    assert bool(opt.last.skipped) and bool(opt.last.found_inf)
+    # The gradients are left as they were, for inspection.
+    for g, p in zip(bad, params):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+
+    # Afterwards the run continues exactly as if the bad step had never happened.
+    for i in range(good_steps, good_steps + 3):
+        set_grads(params, make_grads(i))
+        opt.step()
+        set_grads(ref_params, make_grads(i))
+        torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+        ref.step()
+    for p, q in zip(params, ref_params):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert opt.summary()["skipped"] == 1
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw_foreach", "adamw_fused", "sgd_momentum_fused", "adam"])
+def test_skip_without_clipping_matches_unguarded_run_bitwise(name):
+    params, ref_params = make_params(), make_params()
+    opt, ref = GradGuard(OPTIMIZERS[name](params)), OPTIMIZERS[name](ref_params)
+    for i in range(5):
+        set_grads(params, poison(make_grads(i)) if i == 2 else make_grads(i))
+        opt.step()
+        if i != 2:
+            set_grads(ref_params, make_grads(i))
+            ref.step()
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+    assert opt.history.as_dict()["skipped"] == [False, False, True, False, False]
+
+
+def test_fused_sgd_first_step_trap_is_avoided():
+    # Skipping fused SGD's first step through found_inf leaves uninitialised momentum (a PyTorch
+    # behaviour); the guard must not go that way.
+    params = make_params()
+    opt = GradGuard(torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True))
+    set_grads(params, poison(make_grads(0)))
+    opt.step()
+    assert len(opt.optimizer.state) == 0 or all("momentum_buffer" not in s for s in opt.optimizer.state.values())
+    for i in range(1, 4):
+        set_grads(params, make_grads(i))
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw_foreach", "adamw_fused", "sgd_momentum_fused", "rmsprop"])
+def test_matches_torch_clip_grad_norm_then_step(name, norm_type):
+    params, ref_params = make_params(), make_params()
+    opt, ref = GradGuard(OPTIMIZERS[name](params), max_norm=2.0, norm_type=norm_type), OPTIMIZERS[name](ref_params)
+    clipped = expected = 0
+    for i in range(6):
+        grads = make_grads(i, scale=0.05 if i % 2 else 3.0)  # alternately under and over the limit
+        set_grads(params, grads)
+        opt.step()
+        set_grads(ref_params, grads)
+        norm = torch.nn.utils.clip_grad_norm_(ref_params, 2.0, norm_type=norm_type)
+        ref.step()
+        torch.testing.assert_close(opt.last.total_norm, norm, rtol=1e-6, atol=0)
+        for g, q in zip([p.grad for p in params], ref_params):
+            torch.testing.assert_close(g, q.grad, rtol=1e-6, atol=1e-7)  # the grads are clipped in place too
+        clipped += float(opt.last.clip_coef) < 1.0
+        expected += float(norm) > 2.0
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert clipped == expected >= 3 and opt.summary()["clipped"] == expected
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused", "adamw_foreach"])
+def test_zero_mode_zeroes_nonfinite_and_clips_by_the_rest(name):
+    params, ref_params = make_params(), make_params()
+    opt, ref = GradGuard(OPTIMIZERS[name](params), max_norm=1.0, on_nonfinite="zero"), OPTIMIZERS[name](ref_params)
+    bad = poison(make_grads(0))
+    set_grads(params, bad)
+    opt.step()
+    cleaned = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in bad]
+    set_grads(ref_params, cleaned)
+    torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+    ref.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not bool(opt.last.skipped) and bool(opt.last.found_inf)
+    assert set(opt.last.nonfinite_layers) == {"param[0]", "param[2]"}
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused"])
+def test_raise_mode_raises_with_the_report_and_does_not_step(name):
+    model = TinyNet()
+    opt = GradGuard(OPTIMIZERS[name](model.parameters()), on_nonfinite="raise", model=model)
+    model(torch.randn(4, 8)).sum().backward()
+    model.fc2.weight.grad[0, 3] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteGradError, match=r"fc2\.weight \(1 NaN, 0 Inf\)") as info:
+        opt.step()
+    assert info.value.names == ["fc2.weight"]
+    assert info.value.report is opt.last and info.value.report.nonfinite_layers == ["fc2.weight"]
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert opt.summary()["skipped"] == 1
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused", "adamw_foreach"])
+def test_ignore_mode_steps_as_if_unguarded(name):
+    params, ref_params = make_params(), make_params()
+    opt, ref = GradGuard(OPTIMIZERS[name](params), max_norm=1.0, on_nonfinite="ignore"), OPTIMIZERS[name](ref_params)
+    bad = poison(make_grads(0))
+    set_grads(params, bad)
+    opt.step()
+    set_grads(ref_params, bad)
+    ref.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True)
+    assert not bool(opt.last.skipped) and opt.last.nonfinite_layers == ["param[0]", "param[2]"]
+    assert not all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused"])
+def test_max_consecutive_skips(name):
+    params = make_params()
+    opt = GradGuard(OPTIMIZERS[name](params), max_consecutive_skips=3)
+    pattern = [1, 1, 0, 1, 1]  # a good step in between resets the streak
+    for i, bad in enumerate(pattern):
+        set_grads(params, poison(make_grads(i)) if bad else make_grads(i))
+        opt.step()
+    assert opt.summary()["consecutive_skips"] == 2
+    set_grads(params, poison(make_grads(9)))
+    before = snapshot(params, opt)
+    with pytest.raises(NonFiniteGradError, match="3 steps in a row were skipped") as info:
+        opt.step()
+    assert_bit_identical(before, snapshot(params, opt))
+    assert info.value.report is opt.last and info.value.names == ["param[0]", "param[2]"]
+    assert opt.summary()["skipped"] == 5
+
+
+def test_closure_is_evaluated_once_and_its_loss_returned():
+    model = TinyNet()
+    opt = GradGuard(torch.optim.Adam(model.parameters(), lr=1e-2), max_norm=1.0)
+    x, calls = torch.randn(8, 8), []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert len(calls) == 1 and torch.isfinite(loss) and opt.last is not None
+
+
+def test_lbfgs_closure_reevaluations_work():
+    target = torch.tensor([3.0, -2.0])
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = GradGuard(torch.optim.LBFGS([w], lr=1.0, max_iter=20))
+
+    def closure():
+        opt.zero_grad()
+        loss = (w - target).pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    torch.testing.assert_close(w.detach(), target, rtol=0, atol=1e-4)
+
+
+def test_add_param_group_and_params_without_grad():
+    a, b = make_params(0, [(3, 3)])[0], make_params(1, [(4,)])[0]
+    opt = GradGuard(torch.optim.SGD([a], lr=0.1), max_norm=1.0, names=["a"])
+    opt.add_param_group({"params": [b], "lr": 0.01})
+    assert len(opt.optimizer.param_groups) == 2
+    b.grad = torch.ones(4)          # a has no grad this step
+    opt.step()
+    assert opt.last.names == ["param[1]"]
+    torch.testing.assert_close(b.detach(), make_params(1, [(4,)])[0].detach() - 0.01 * 0.5, rtol=0, atol=1e-6)
+    a.grad = torch.full((3, 3), float("nan"))
+    b.grad = torch.ones(4)
+    opt.step()
+    assert opt.last.nonfinite_layers == ["a"] and bool(opt.last.skipped)
+    assert opt.summary()["worst_layers"][0] == {"name": "a", "nonfinite_steps": 1, "max_norm": 0.0}
+
+
+def test_fused_path_never_reads_the_device(monkeypatch):
+    params = make_params()
+    opt = GradGuard(torch.optim.AdamW(params, lr=1e-2, fused=True), max_norm=1.0, spike=gradguard.ZScoreClip(warmup=2))
+    set_grads(params, make_grads(0))
+    opt.step()  # first step: lazily created state
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host read in the fused path")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    for i in range(1, 4):
+        set_grads(params, poison(make_grads(i)) if i == 2 else make_grads(i))
+        opt.step()
+    monkeypatch.undo()
+    assert opt.history.as_dict()["skipped"] == [False, False, True, False]
+
+
+def test_zero_grad_delegates():
+    params = make_params()
+    opt = GradGuard(torch.optim.SGD(params, lr=0.1))
+    set_grads(params, make_grads(0))
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    set_grads(params, make_grads(0))
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+
+
+BAD_INPUT = [
+    (dict(optimizer=torch.nn.Linear(2, 2)), TypeError, "`optimizer` must be a torch.optim.Optimizer, got Linear"),
+    (dict(max_norm=-1.0), ValueError, "`max_norm` must be a non-negative number"),
+    (dict(max_norm=float("nan")), ValueError, "`max_norm`"),
+    (dict(max_norm="1"), ValueError, "`max_norm`"),
+    (dict(norm_type=0), ValueError, "`norm_type`"),
+    (dict(on_nonfinite="drop"), ValueError, r"`on_nonfinite` must be one of \('skip', 'zero', 'raise', 'ignore'\)"),
+    (dict(max_consecutive_skips=0), ValueError, "`max_consecutive_skips`"),
+    (dict(max_consecutive_skips=True), ValueError, "`max_consecutive_skips`"),
+    (dict(spike=0.9), TypeError, "`spike` must be None or a spike policy"),
+    (dict(model="net"), TypeError, "`model` must be an nn.Module"),
+    (dict(names=["only_one"]), ValueError, "`names` has 1 entries but the optimizer holds 3 parameters"),
+    (dict(history_size=0), ValueError, "`history_size`"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD_INPUT, ids=[next(iter(k)) + "=" + repr(v)[:20] for k, v, _ in
+                                                          [(k, next(iter(k.values())), m) for k, _, m in BAD_INPUT]])
+def test_bad_input_fails_at_construction(kwargs, exc, match):
+    kwargs = dict(kwargs)
+    optimizer = kwargs.pop("optimizer", None) or torch.optim.SGD(make_params(), lr=0.1)
+    with pytest.raises(exc, match=match):
+        GradGuard(optimizer, **kwargs)
+
+
+def test_wrapping_twice_is_refused():
+    opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1))
+    with pytest.raises(TypeError, match="already a GradGuard"):
+        GradGuard(opt)
+
+
+def test_complex_params_are_refused_at_construction():
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"parameter 'w' is complex"):
+        GradGuard(torch.optim.SGD([p], lr=0.1), names=["w"])
+
+
+def test_sparse_grads_are_refused_at_first_step():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = GradGuard(torch.optim.SGD(emb.parameters(), lr=0.1), model=emb)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match=r"the gradient of 'weight' is sparse"):
+        opt.step()
+
+
+def test_report_host_views():
+    model = TinyNet()
+    opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=0.5, model=model)
+    model(torch.randn(4, 8)).sum().backward()
+    model.fc1.bias.grad[2] = float("inf")
+    model.fc2.weight.grad.mul_(100.0)
+    opt.step()
+    rep = opt.last
+    assert rep.nonfinite_layers == ["fc1.bias"]
+    worst = rep.worst_layers(2)
+    assert worst[0] == ("fc1.bias", math.inf) and worst[1][0] == "fc2.weight"
+    d = rep.as_dict(layers=True)
+    assert d["skipped"] and d["found_inf"] and d["step"] == 1 and not d["clipped"]
+    assert d["layers"]["fc1.bias"]["inf"] == 1 and d["layers"]["fc2.weight"]["nan"] == 0
+    torch.testing.assert_close(torch.tensor(d["layers"]["fc2.weight"]["norm"]),
+                               model.fc2.weight.grad.norm(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="`k`"):
+        rep.worst_layers(-1)
