@@ -16,9 +16,15 @@ and then no warning is given.
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 import weakref
 
 import torch
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "gradguard" + os.sep,
+                  os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
 
 
 class HygieneWarning(UserWarning):
@@ -37,6 +43,15 @@ EVAL_MODE = (
     "gradguard: step() was called while the model is in eval() mode (dropout off, batch-norm "
     "statistics frozen). Call model.train() before training steps."
 )
+
+
+def warn(message: str) -> None:
+    """Warns at the user's frame: step() is reached through torch's hook and no_grad wrappers
+    (and an LR scheduler's), so a fixed stacklevel would point into torch."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, HygieneWarning, stacklevel=level)
 
 
 class ClearTracker:

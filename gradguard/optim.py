@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections import OrderedDict
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from gradguard.errors import NonFiniteGradError
-from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker, HygieneWarning
+from gradguard import hygiene as _hygiene
+from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker
 from gradguard.report import History, StepReport
 from gradguard.spike import SpikePolicy
 from gradguard.stats import (_root, check_max_norm, check_norm_type, clip_coefficient, finalize,
@@ -293,10 +293,10 @@ class GradGuard(torch.optim.Optimizer):
             return
         if "not_cleared" not in self._warned and self._tracker.never_cleared(grads):
             self._warned.add("not_cleared")
-            warnings.warn(NOT_CLEARED, HygieneWarning, stacklevel=4)
+            _hygiene.warn(NOT_CLEARED)
         if "eval" not in self._warned and self.model is not None and not self.model.training:
             self._warned.add("eval")
-            warnings.warn(EVAL_MODE, HygieneWarning, stacklevel=4)
+            _hygiene.warn(EVAL_MODE)
 
     @torch.no_grad()
     def step(self, closure=None):

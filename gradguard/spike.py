@@ -4,7 +4,8 @@ Everything is computed on the device with branch-free tensor math (no `.item()`)
 a handful of tiny kernels per step and no host sync. A policy sees only finite steps: a step
 with NaN/Inf gradients says nothing about the norm distribution and leaves its state unchanged.
 
-The guard calls ``threshold(norm)`` to get this step's limit (``inf``: do not clip), clips to
+The guard calls ``threshold(norm)`` to get this step's limit (``inf``: the norm is within it, do not
+clip), clips to
 ``min(max_norm, threshold)``, then calls ``update(norm, clipped_norm, finite)``.
 """
 from __future__ import annotations
@@ -73,7 +74,8 @@ class ZScoreClip(SpikePolicy):
     def threshold(self, norm: torch.Tensor) -> torch.Tensor:
         self._ensure(norm.device)
         limit = self._mean + self.z * self._var.sqrt()
-        return torch.where(self._count >= self.warmup, limit, math.inf)
+        # Only a norm above the limit is clipped: a norm on it (e.g. std 0) is left alone.
+        return torch.where((self._count >= self.warmup) & (norm > limit), limit, math.inf)
 
     def update(self, norm, clipped_norm, finite) -> None:
         self._ensure(norm.device)
@@ -130,7 +132,7 @@ class PercentileClip(SpikePolicy):
         self._ensure(norm.device)
         # Unfilled slots are NaN, so nanquantile sees exactly the recorded norms.
         limit = torch.nanquantile(self._buf, self.q)
-        return torch.where(self._count >= self.warmup, limit, math.inf)
+        return torch.where((self._count >= self.warmup) & (norm > limit), limit, math.inf)
 
     def update(self, norm, clipped_norm, finite) -> None:
         self._ensure(norm.device)

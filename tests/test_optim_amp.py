@@ -1,0 +1,107 @@
+"""GradGuard with the rest of torch's training loop: LR schedulers, GradScaler, autocast."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from gradguard import GradGuard
+from optim_util import TinyNet, make_grads, make_params, set_grads
+
+
+def test_lr_scheduler_drives_the_shared_groups_without_warnings():
+    params, ref_params = make_params(), make_params()
+    opt = GradGuard(torch.optim.SGD(params, lr=1.0, momentum=0.9), max_norm=1.0)
+    ref = torch.optim.SGD(ref_params, lr=1.0, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for i in range(6):
+            set_grads(params, make_grads(i))
+            opt.step()
+            sched.step()
+            set_grads(ref_params, make_grads(i))
+            torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+            ref.step()
+            ref_sched.step()
+            lrs.append(opt.optimizer.param_groups[0]["lr"])
+    assert lrs == [1.0, 0.5, 0.5, 0.25, 0.25, 0.125]
+    assert sched.get_last_lr() == ref_sched.get_last_lr()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # The scheduler's state round-trips next to the guard's.
+    sched.load_state_dict(sched.state_dict())
+
+
+def _amp_run(guarded: bool, fused: bool, *, dtype=torch.float16, overflow_at=(), clip=None, unscale_first=False,
+             steps=8, on_nonfinite="skip"):
+    torch.manual_seed(0)
+    model = TinyNet()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=None if fused else True)
+    opt = GradGuard(inner, max_norm=clip, model=model, on_nonfinite=on_nonfinite) if guarded else inner
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    gen = torch.Generator().manual_seed(1)
+    scales, losses = [], []
+    for i in range(steps):
+        x = torch.randn(16, 8, generator=gen)
+        y = torch.sin(x[:, :1]) + 0.5 * x[:, 1:2]  # a fixed teacher, so the loss can go down
+        with torch.autocast("cpu", dtype=dtype):
+            loss = (model(x) - y).pow(2).mean()
+        losses.append(float(loss.detach()))
+        if i in overflow_at:
+            loss = loss * float("inf")  # what an fp16 overflow in backward looks like to the scaler
+        scaler.scale(loss).backward()
+        if unscale_first or (clip is not None and not guarded):
+            scaler.unscale_(opt)
+            if not guarded:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        opt.zero_grad()
+    return model, opt, scales, losses
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_grad_scaler_overflow_is_one_skip_and_matches_the_unguarded_scaler(fused):
+    guarded, opt, scales, _ = _amp_run(True, fused, overflow_at=(3,))
+    bare, _, bare_scales, _ = _amp_run(False, fused, overflow_at=(3,))
+    # No clipping: the guard hands the scaler's own scale and flag to the step, so the run is
+    # bit-identical to the unguarded GradScaler loop, overflow included.
+    for p, q in zip(guarded.parameters(), bare.parameters()):
+        assert torch.equal(p, q)
+    assert scales == bare_scales and scales[3] == scales[2] / 2  # the scaler backed off once
+    assert opt.history.as_dict()["skipped"] == [i == 3 for i in range(8)]
+    assert opt.summary()["skipped"] == 1 and opt.summary()["nonfinite_steps"] == 1  # counted once
+    assert opt.last.amp and not bool(opt.last.skipped)
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scaled", "unscale_first"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_grad_scaler_with_clipping_matches_the_pytorch_recipe(fused, unscale_first):
+    guarded, opt, _, _ = _amp_run(True, fused, clip=0.5, unscale_first=unscale_first)
+    ref, _, _, _ = _amp_run(False, fused, clip=0.5)  # unscale_, clip_grad_norm_, step
+    for p, q in zip(guarded.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert opt.summary()["clipped"] == 8
+    # Reported norms are those of the unscaled gradients.
+    assert 0.5 < float(opt.last.total_norm) < 50.0
+
+
+def test_grad_scaler_overflow_skips_even_in_raise_and_zero_modes():
+    # An overflow is the scaler's business (it lowers the scale): the guard skips, never raises.
+    for mode in ("raise", "zero", "ignore"):
+        model, opt, scales, _ = _amp_run(True, True, overflow_at=(2,), on_nonfinite=mode, steps=4)
+        assert opt.history.as_dict()["skipped"] == [False, False, True, False], mode
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_loop_with_scaler_and_guard_trains(dtype):
+    model, opt, _, losses = _amp_run(True, True, dtype=dtype, clip=1.0, steps=40, overflow_at=(5, 17))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert opt.summary()["skipped"] == 2

@@ -1,0 +1,124 @@
+"""Training-hygiene warnings: forgotten zero_grad, eval mode; and silence under accumulation."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from gradguard import GradGuard, HygieneWarning
+from optim_util import TinyNet
+
+
+def _setup(**kw):
+    torch.manual_seed(0)
+    model = TinyNet()
+    return model, GradGuard(torch.optim.SGD(model.parameters(), lr=0.01), model=model, **kw)
+
+
+def _backward(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model(torch.randn(4, 8, generator=gen)).pow(2).mean().backward()
+
+
+def _hygiene_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [w for w in caught if issubclass(w.category, HygieneWarning)]
+
+
+def test_step_twice_without_zero_grad_warns_once_naming_zero_grad():
+    model, opt = _setup()
+
+    def loop():
+        for i in range(4):
+            _backward(model, i)
+            opt.step()  # never cleared
+
+    caught = _hygiene_warnings(loop)
+    assert len(caught) == 1
+    assert issubclass(caught[0].category, UserWarning)
+    assert "zero_grad()" in str(caught[0].message) and "step() was called twice" in str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the user's step() call
+
+
+def test_step_twice_with_no_backward_in_between_warns():
+    model, opt = _setup()
+    _backward(model)
+
+    def twice():
+        opt.step()
+        opt.step()
+
+    assert len(_hygiene_warnings(twice)) == 1
+
+
+@pytest.mark.parametrize("clear", ["opt", "opt_in_place", "model", "model_in_place", "set_none", "inner"])
+@pytest.mark.parametrize("micro_batches", [1, 4])
+def test_no_warning_when_cleared_between_steps(clear, micro_batches):
+    model, opt = _setup()
+
+    def loop():
+        for step in range(3):
+            for k in range(micro_batches):  # gradient accumulation
+                _backward(model, 10 * step + k)
+            opt.step()
+            if clear == "opt":
+                opt.zero_grad()
+            elif clear == "opt_in_place":
+                opt.zero_grad(set_to_none=False)
+            elif clear == "model":
+                model.zero_grad()
+            elif clear == "model_in_place":
+                model.zero_grad(set_to_none=False)
+            elif clear == "set_none":
+                for p in model.parameters():
+                    p.grad = None
+            else:
+                opt.optimizer.zero_grad()
+
+    assert _hygiene_warnings(loop) == []
+
+
+def test_eval_mode_warns_once_and_only_with_model():
+    model, opt = _setup()
+    model.eval()
+
+    def loop():
+        for i in range(3):
+            _backward(model, i)
+            opt.step()
+            opt.zero_grad()
+
+    caught = _hygiene_warnings(loop)
+    assert len(caught) == 1 and "eval()" in str(caught[0].message)
+    model.train()
+    _, unnamed = _setup()
+    bare = GradGuard(torch.optim.SGD(model.parameters(), lr=0.01))
+    model.eval()
+
+    def loop_without_model():
+        _backward(model)
+        bare.step()
+        bare.zero_grad()
+
+    assert _hygiene_warnings(loop_without_model) == []
+
+
+def test_warnings_are_silenceable():
+    model, opt = _setup(hygiene=False)
+
+    def loop():
+        model.eval()
+        for i in range(3):
+            _backward(model, i)
+            opt.step()
+
+    assert _hygiene_warnings(loop) == []
+    model, opt = _setup()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=HygieneWarning)
+        loop()
+    assert not [w for w in caught if issubclass(w.category, HygieneWarning)]

@@ -1,0 +1,136 @@
+"""GradGuard checkpoints, history and step hooks: a resumed run behaves as an uninterrupted one."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import gradguard
+from gradguard import GradGuard
+from optim_util import OPTIMIZERS, TinyNet, make_params
+
+POISONED = {3, 8}
+
+
+def _batch(i):
+    gen = torch.Generator().manual_seed(i)
+    x = torch.randn(16, 8, generator=gen)
+    if i in POISONED:
+        x[0, 0] = float("nan")
+    return x, torch.sin(x[:, :1])
+
+
+def _build(name, spike):
+    torch.manual_seed(0)
+    model = TinyNet()
+    policy = {"zscore": lambda: gradguard.ZScoreClip(z=1.0, warmup=3),
+              "percentile": lambda: gradguard.PercentileClip(q=0.5, window=4, warmup=3),
+              None: lambda: None}[spike]()
+    opt = GradGuard(OPTIMIZERS[name](model.parameters()), max_norm=5.0, spike=policy, model=model, history_size=6)
+    return model, opt
+
+
+def _train(model, opt, steps):
+    for i in steps:
+        x, y = _batch(i)
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+
+
+def _tensors_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+                and bool(((a == b) | (a.isnan() & b.isnan())).all()))  # NaN marks unfilled/poisoned slots
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("spike", ["zscore", "percentile", None])
+@pytest.mark.parametrize("name", ["adamw_fused", "adamw_foreach", "sgd_momentum"])
+def test_resume_equals_uninterrupted(name, spike):
+    model_a, opt_a = _build(name, spike)
+    _train(model_a, opt_a, range(12))
+
+    model_b, opt_b = _build(name, spike)
+    _train(model_b, opt_b, range(6))
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    _train(model_b, opt_b, range(6, 8))  # work after the checkpoint must not leak into it
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_c, opt_c = _build(name, spike)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    _train(model_c, opt_c, range(6, 12))
+
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(p, q)
+    assert opt_a.summary() == opt_c.summary()
+    assert repr(opt_a.history.as_dict()) == repr(opt_c.history.as_dict())  # repr: nan == nan
+    assert _tensors_equal(opt_a.state_dict(), opt_c.state_dict())
+    assert opt_a.summary()["skipped"] == 2
+
+
+def test_spike_state_is_in_the_state_dict_and_checked_on_load():
+    model, opt = _build("adamw_foreach", "zscore")
+    _train(model, opt, range(5))
+    sd = opt.state_dict()
+    spike = sd["gradguard"]["spike"]
+    assert spike["kind"] == "ZScoreClip" and int(spike["count"]) == 4  # one poisoned step not learned from
+    _, plain = _build("adamw_foreach", None)
+    with pytest.raises(ValueError, match="spike=None"):
+        plain.load_state_dict(sd)
+    _, other = _build("adamw_foreach", "percentile")
+    with pytest.raises(ValueError, match="not PercentileClip"):
+        other.load_state_dict(sd)
+    # A plain optimizer checkpoint loads into a guard (the guard keeps its own state).
+    _, fresh = _build("adamw_foreach", "zscore")
+    fresh.load_state_dict(opt.optimizer.state_dict())
+    assert fresh.optimizer.state_dict()["state"].keys() == opt.optimizer.state_dict()["state"].keys()
+
+
+def test_history_ring_buffer_keeps_the_last_n_steps_oldest_first():
+    model, opt = _build("sgd_momentum", None)
+    _train(model, opt, range(10))
+    h = opt.history.as_dict()
+    assert h["step"] == [5, 6, 7, 8, 9, 10] and len(opt.history) == 6
+    assert h["skipped"] == [False, False, False, False, True, False]  # batch 8 is step 9
+    assert all(c <= 1.0 for c in h["clip_coef"])
+    assert str(h["total_norm"][4]) == "nan" and all(n > 0 for i, n in enumerate(h["total_norm"]) if i != 4)
+    assert opt.history._values.device == model.fc1.weight.device
+
+
+def test_step_hooks_get_every_report_and_can_be_removed():
+    model, opt = _build("adamw_fused", None)
+    seen = []
+    handle = opt.add_step_hook(lambda guard, report: seen.append((guard is opt, report.as_dict())))
+    _train(model, opt, range(5))
+    assert [d["step"] for _, d in seen] == [1, 2, 3, 4, 5] and all(same for same, _ in seen)
+    assert [d["skipped"] for _, d in seen] == [False, False, False, True, False]
+    assert seen[3][1]["nonfinite_layers"] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    handle.remove()
+    _train(model, opt, range(5, 7))
+    assert len(seen) == 5
+    with pytest.raises(TypeError, match="`fn` must be callable"):
+        opt.add_step_hook("print")
+
+
+def test_summary_names_the_worst_layers():
+    params = make_params()
+    opt = GradGuard(torch.optim.SGD(params, lr=0.1), names=["a", "b", "c"])
+    for i in range(3):
+        for j, p in enumerate(params):
+            p.grad = torch.full_like(p, 1.0 + j)
+        if i < 2:
+            params[1].grad[0] = float("inf")
+        opt.step()
+    s = opt.summary(k=2)
+    assert s["steps"] == 3 and s["skipped"] == 2 and s["consecutive_skips"] == 0
+    assert [w["name"] for w in s["worst_layers"]] == ["b", "c"]
+    assert s["worst_layers"][0]["nonfinite_steps"] == 2
+    torch.testing.assert_close(s["worst_layers"][1]["max_norm"], 3.0 * 24 ** 0.5)

@@ -1,0 +1,116 @@
+"""Spike policies on a synthetic norm sequence, against plain-Python reimplementations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradguard
+from gradguard import GradGuard
+
+
+def _norm_sequence():
+    # Steady norms around 1 with some wobble, two spikes and a NaN step.
+    seq = [1.0 + 0.1 * math.sin(0.7 * i) for i in range(40)]
+    seq[30], seq[35] = 10.0, 6.0
+    seq[33] = math.nan
+    return seq
+
+
+def _drive(policy, seq, max_norm=None):
+    """Feeds the guard a gradient whose norm is each value of seq; returns the applied factors."""
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = GradGuard(torch.optim.SGD([w], lr=0.0), max_norm=max_norm, spike=policy)
+    coefs = []
+    for n in seq:
+        w.grad = torch.tensor([n, 0.0, 0.0, 0.0])
+        opt.step()
+        coefs.append(float(opt.last.clip_coef))
+    return coefs, opt
+
+
+def _zscore_reference(seq, z, alpha, warmup):
+    """ZClip as described: exact mean/var over the warm-up, then EMAs updated with the clipped norm."""
+    mean = var = 0.0
+    n = 0
+    limits = []
+    for x in seq:
+        if math.isnan(x):
+            limits.append(None)
+            continue
+        limit = mean + z * math.sqrt(var) if n >= warmup else math.inf
+        limits.append(limit)
+        c = min(x, limit)
+        if n < warmup:
+            new_mean = mean + (c - mean) / (n + 1)
+            var = var + ((c - mean) * (c - new_mean) - var) / (n + 1)
+        else:
+            new_mean = alpha * mean + (1 - alpha) * c
+            var = alpha * var + (1 - alpha) * (c - new_mean) ** 2
+        mean = new_mean
+        n += 1
+    return limits
+
+
+def test_zscore_clip_follows_the_reference():
+    seq = _norm_sequence()
+    coefs, opt = _drive(gradguard.ZScoreClip(z=2.5, alpha=0.97, warmup=25), seq)
+    limits = _zscore_reference(seq, 2.5, 0.97, 25)
+    for i, (x, c, lim) in enumerate(zip(seq, coefs, limits)):
+        if math.isnan(x):
+            assert c == 1.0
+            continue
+        expected = lim / (x + 1e-6) if x > lim else 1.0
+        assert c == pytest.approx(expected, rel=1e-5), i
+    assert coefs[30] < 0.2 and coefs[35] < 0.3      # both spikes clipped to mean + 2.5 std
+    assert sum(c < 1.0 for c in coefs) == 2          # and nothing else
+    assert all(c == 1.0 for c in coefs[:25])         # never during warm-up
+    assert opt.summary()["clipped"] == 2 and opt.summary()["skipped"] == 1
+
+
+def test_percentile_clip_follows_the_reference():
+    seq = _norm_sequence()
+    q, window, warmup = 0.9, 16, 10
+    coefs, _ = _drive(gradguard.PercentileClip(q=q, window=window, warmup=warmup), seq)
+    seen = []
+    for i, (x, c) in enumerate(zip(seq, coefs)):
+        if math.isnan(x):
+            assert c == 1.0
+            continue
+        if len(seen) >= warmup:
+            limit = float(np.quantile(np.array(seen[-window:]), q))
+            assert c == pytest.approx(limit / (x + 1e-6) if x > limit else 1.0, rel=1e-6), i
+        else:
+            assert c == 1.0, i
+        seen.append(x)  # raw norms, spikes included (AutoClip)
+    assert coefs[30] < 0.2
+
+
+def test_spike_limit_combines_with_max_norm():
+    seq = [1.0] * 10 + [5.0]
+    coefs, _ = _drive(gradguard.ZScoreClip(z=2.0, warmup=5), seq)
+    # Constant norms (std 0): a norm equal to the mean is not a spike; 5 is, and goes to the mean.
+    assert coefs[:10] == [1.0] * 10 and coefs[10] == pytest.approx(1.0 / (5.0 + 1e-6))
+    coefs, _ = _drive(gradguard.ZScoreClip(z=2.0, warmup=5), seq, max_norm=3.0)
+    assert coefs[:10] == [1.0] * 10 and coefs[10] == pytest.approx(1.0 / (5.0 + 1e-6))
+    coefs, _ = _drive(gradguard.ZScoreClip(z=2.0, warmup=5), seq, max_norm=0.5)
+    assert coefs[0] == pytest.approx(0.5 / (1.0 + 1e-6)) and coefs[10] == pytest.approx(0.5 / (5.0 + 1e-6))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(z=0.0), "`z`"), (dict(z=float("nan")), "`z`"), (dict(alpha=1.0), "`alpha`"),
+    (dict(alpha=0.0), "`alpha`"), (dict(warmup=0), "`warmup`"), (dict(warmup=2.5), "`warmup`"),
+])
+def test_zscore_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gradguard.ZScoreClip(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(q=0.0), "`q`"), (dict(q=1.5), "`q`"), (dict(window=0), "`window`"), (dict(warmup=True), "`warmup`"),
+])
+def test_percentile_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gradguard.PercentileClip(**kwargs)
