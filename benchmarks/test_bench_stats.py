@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gradguard
+from bench_fixtures import benchmarking, gpt2_grads  # noqa: F401  (fixtures)
 from gradguard.bench.stats_cases import _isfinite_per_tensor, _params_with
 
 

@@ -1,4 +1,5 @@
-"""Benchmark fixtures: full GPT-2-small-shaped gradients when benchmarking, a small model when
+"""Benchmark fixtures (imported by the benchmark files; not a conftest.py, whose module name would
+clash with tests/conftest.py): full GPT-2-small-shaped gradients when benchmarking, a small model when
 pytest-benchmark is disabled (CI runs every benchmark once, as a plain test)."""
 from __future__ import annotations
 
