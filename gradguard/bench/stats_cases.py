@@ -46,17 +46,30 @@ def stats_table(grads, label: str, device: str, repeats: int) -> Table:
     return tab
 
 
+class ShrinkingMaxNorm:
+    """max_norm for repeated clipping of the same grads: each call asks for 0.1% less than the
+    last result, so every call really scales every gradient (a fixed max_norm would be met after
+    the first call, and gradguard then writes nothing while PyTorch still multiplies by 1)."""
+
+    def __init__(self, norm: float):
+        self.value = norm
+
+    def __call__(self) -> float:
+        self.value *= 0.999
+        return self.value
+
+
 def clip_table(grads, label: str, device: str, repeats: int) -> Table:
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     ours_g, theirs_g = _params_with(grads), _params_with(grads)
     big = 1e9  # a max_norm no gradient reaches: nothing to scale
     t = lambda fn: median_ms(fn, device, repeats)  # noqa: E731
-    # With max_norm = 1e-3 * the norm, every call scales every gradient (read + write).
-    small = float(gradguard.grad_stats(grads).total_norm) * 1e-3
+    norm = float(gradguard.grad_stats(grads).total_norm)
+    m_theirs, m_ours = ShrinkingMaxNorm(norm), ShrinkingMaxNorm(norm)
     rows = [
         Row("torch clip_grad_norm_(foreach=True), clipping", t(lambda: torch.nn.utils.clip_grad_norm_(
-            theirs_g, small, foreach=True)), 3 * nbytes),
-        Row("gradguard.clip_grad_norm_, clipping", t(lambda: gradguard.clip_grad_norm_(ours_g, small)), 3 * nbytes),
+            theirs_g, m_theirs(), foreach=True)), 3 * nbytes),
+        Row("gradguard.clip_grad_norm_, clipping", t(lambda: gradguard.clip_grad_norm_(ours_g, m_ours())), 3 * nbytes),
         Row("torch clip_grad_norm_(foreach=True), norm below max_norm", t(lambda: torch.nn.utils.clip_grad_norm_(
             theirs_g, big, foreach=True)), nbytes),
         Row("gradguard.clip_grad_norm_, norm below max_norm (no write)",
@@ -85,8 +98,9 @@ def sweep_table(device: str, repeats: int) -> Table:
         pairs.append((size, ours, floor))
         del flat, grads
     tab = Table(f"grad_stats across GPT-2 sizes (fp32), {device}, {torch.get_num_threads()} threads", rows)
-    for size, ours, floor in pairs:
-        tab.check(f"{size}: grad_stats / read floor", tab.ms(ours) / tab.ms(floor), "<=", 1.2)
+    for size, ours, floor in pairs:  # how the cost grows; the issue's bar is the 124M table above
+        tab.checks.append(f"{size}: grad_stats / read floor = {tab.ms(ours) / tab.ms(floor):.2f}x, "
+                          f"_foreach_norm / grad_stats = {tab.ms(f'{size}: torch._foreach_norm') / tab.ms(ours):.2f}x")
     return tab
 
 
