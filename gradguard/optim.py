@@ -90,6 +90,12 @@ class GradGuard(torch.optim.Optimizer):
         hygiene: ``False`` turns the training-hygiene warnings off.
     """
 
+    # On the CPU a read is not a sync (there is no device queue to wait for), so there the guard
+    # always reads flag and factor: a skipped step never calls the inner step, and a fused step
+    # gets no grad_scale (whose write-back costs a pass over the grads) when it does not clip.
+    # Tests turn it off to run the device-decided path, the one every accelerator takes.
+    _decide_on_host_on_cpu = True
+
     def __init__(self, optimizer, max_norm=None, norm_type: float = 2.0, on_nonfinite: str = "skip",
                  max_consecutive_skips=None, spike=None, model=None, *, names=None,
                  history_size: int = 1000, hygiene: bool = True):
@@ -273,6 +279,22 @@ class GradGuard(torch.optim.Optimizer):
                     return False
         return True
 
+    def _fused_step(self, replay, found_inf, divisor) -> None:
+        """The inner fused step with the GradScaler contract: it skips on the device when
+        found_inf is 1, and divides the grads by grad_scale (writing them back to .grad), hence
+        the divisor loss_scale / clip_coef."""
+        inner = self.optimizer
+        try:
+            if found_inf is not None:
+                inner.found_inf = found_inf
+            if divisor is not None:
+                inner.grad_scale = divisor.to(torch.float32)
+            inner.step(replay)
+        finally:
+            for attr in ("found_inf", "grad_scale"):
+                if attr in inner.__dict__:
+                    delattr(inner, attr)
+
     def _ensure_state(self, device, count: int) -> None:
         if self._totals is None:
             self._totals = torch.zeros(3, dtype=torch.int64, device=device)
@@ -366,7 +388,8 @@ class GradGuard(torch.optim.Optimizer):
 
         fused = self._fused_ready()
         host = None
-        if not fused or mode == "raise" or self.max_consecutive_skips is not None:
+        if (not fused or mode == "raise" or self.max_consecutive_skips is not None
+                or (device.type == "cpu" and self._decide_on_host_on_cpu)):
             mult = coef if loss_scale is None else coef / loss_scale.to(device=device, dtype=coef.dtype)
             # The one read of the step: flag, gradient multiplier, skip streak.
             found_h, mult_h, streak_h = torch.stack([found.double(), mult.double(),
@@ -380,30 +403,28 @@ class GradGuard(torch.optim.Optimizer):
 
         replay = _replay(loss, closure)
         inner = self.optimizer
-        if fused and mode != "zero":
-            try:
-                if mode in ("skip", "raise"):
-                    inner.found_inf = found
-                if clipping or loss_scale is not None:
-                    # The fused kernels divide the grads by grad_scale: hand them scale / coef.
-                    divisor = (1.0 if loss_scale is None else loss_scale.to(device)) / coef
-                    inner.grad_scale = divisor.to(torch.float32)
+        if host is None:  # decided on the device: a fused optimizer, no read
+            if mode == "zero":  # one pass zeroes NaN/Inf and clips, then a plain step
+                scale_(grads, coef, zero_nonfinite=True)
                 inner.step(replay)
-            finally:
-                for attr in ("found_inf", "grad_scale"):
-                    if attr in inner.__dict__:
-                        delattr(inner, attr)
-        elif fused:  # "zero" without a read: one pass zeroes NaN/Inf and clips, then a plain step
-            scale_(grads, coef, zero_nonfinite=True)
-            inner.step(replay)
+            else:
+                divisor = None
+                if clipping or loss_scale is not None:
+                    divisor = (1.0 if loss_scale is None else loss_scale.to(device)) / coef
+                self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor)
         else:
             is_bad, mult, mult_h, _ = host
             if not (is_bad and mode in ("skip", "raise")):
-                if is_bad and mode == "zero":
-                    scale_(grads, mult, zero_nonfinite=True)
-                elif mult_h != 1.0:
-                    scale_(grads, mult)
-                inner.step(replay)
+                if fused and not is_bad and mult_h != 1.0:
+                    # The kernel unscales/clips while it reads the grads: no separate pass.
+                    divisor = (1.0 if loss_scale is None else loss_scale.to(device)) / coef
+                    self._fused_step(replay, None, divisor)
+                else:
+                    if is_bad and mode == "zero":
+                        scale_(grads, mult, zero_nonfinite=True)
+                    elif mult_h != 1.0:
+                        scale_(grads, mult)
+                    inner.step(replay)
 
         self._tracker.mark([params[i].grad for i in present if params[i].grad is not None])
         self._run_hooks(report)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
+
+from gradguard import GradGuard
 
 # name -> factory(params). Covers every code path of the guard: fused (found_inf/grad_scale),
 # foreach and for-loop (one host read), and the fused-SGD first-step trap.
@@ -74,3 +77,11 @@ class TinyNet(torch.nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.fixture(params=["host", "device"])
+def decide_on(request, monkeypatch):
+    """Runs a test both ways a fused step can be decided: with the flag read on the host (what
+    the CPU does) and on the device through found_inf/grad_scale (what every accelerator does)."""
+    monkeypatch.setattr(GradGuard, "_decide_on_host_on_cpu", request.param == "host")
+    return request.param

@@ -8,8 +8,8 @@ import torch
 
 import gradguard
 from gradguard import GradGuard, NonFiniteGradError
-from optim_util import (OPTIMIZERS, SHAPES, TinyNet, assert_bit_identical, make_grads, make_params, poison,
-                        set_grads, snapshot)
+from optim_util import (OPTIMIZERS, TinyNet, assert_bit_identical, decide_on, make_grads,  # noqa: F401
+                        make_params, poison, set_grads, snapshot)
 
 
 def test_is_an_optimizer_sharing_groups_and_state():
@@ -31,7 +31,7 @@ def test_is_an_optimizer_sharing_groups_and_state():
 
 @pytest.mark.parametrize("first", [True, False], ids=["first_step", "later_step"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_skipped_step_is_bit_identical(name, first):
+def test_skipped_step_is_bit_identical(name, first, decide_on):
     params = make_params()
     opt = GradGuard(OPTIMIZERS[name](params), max_norm=1.0)
     ref_params = make_params()
@@ -72,7 +72,7 @@ def test_skipped_step_is_bit_identical(name, first):
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw_foreach", "adamw_fused", "sgd_momentum_fused", "adam"])
-def test_skip_without_clipping_matches_unguarded_run_bitwise(name):
+def test_skip_without_clipping_matches_unguarded_run_bitwise(name, decide_on):
     params, ref_params = make_params(), make_params()
     opt, ref = GradGuard(OPTIMIZERS[name](params)), OPTIMIZERS[name](ref_params)
     for i in range(5):
@@ -102,7 +102,7 @@ def test_fused_sgd_first_step_trap_is_avoided():
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw_foreach", "adamw_fused", "sgd_momentum_fused", "rmsprop"])
-def test_matches_torch_clip_grad_norm_then_step(name, norm_type):
+def test_matches_torch_clip_grad_norm_then_step(name, norm_type, decide_on):
     params, ref_params = make_params(), make_params()
     opt, ref = GradGuard(OPTIMIZERS[name](params), max_norm=2.0, norm_type=norm_type), OPTIMIZERS[name](ref_params)
     clipped = expected = 0
@@ -124,7 +124,7 @@ def test_matches_torch_clip_grad_norm_then_step(name, norm_type):
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused", "adamw_foreach"])
-def test_zero_mode_zeroes_nonfinite_and_clips_by_the_rest(name):
+def test_zero_mode_zeroes_nonfinite_and_clips_by_the_rest(name, decide_on):
     params, ref_params = make_params(), make_params()
     opt, ref = GradGuard(OPTIMIZERS[name](params), max_norm=1.0, on_nonfinite="zero"), OPTIMIZERS[name](ref_params)
     bad = poison(make_grads(0))
@@ -141,7 +141,7 @@ def test_zero_mode_zeroes_nonfinite_and_clips_by_the_rest(name):
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused"])
-def test_raise_mode_raises_with_the_report_and_does_not_step(name):
+def test_raise_mode_raises_with_the_report_and_does_not_step(name, decide_on):
     model = TinyNet()
     opt = GradGuard(OPTIMIZERS[name](model.parameters()), on_nonfinite="raise", model=model)
     model(torch.randn(4, 8)).sum().backward()
@@ -156,7 +156,7 @@ def test_raise_mode_raises_with_the_report_and_does_not_step(name):
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused", "adamw_foreach"])
-def test_ignore_mode_steps_as_if_unguarded(name):
+def test_ignore_mode_steps_as_if_unguarded(name, decide_on):
     params, ref_params = make_params(), make_params()
     opt, ref = GradGuard(OPTIMIZERS[name](params), max_norm=1.0, on_nonfinite="ignore"), OPTIMIZERS[name](ref_params)
     bad = poison(make_grads(0))
@@ -171,7 +171,7 @@ def test_ignore_mode_steps_as_if_unguarded(name):
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused"])
-def test_max_consecutive_skips(name):
+def test_max_consecutive_skips(name, decide_on):
     params = make_params()
     opt = GradGuard(OPTIMIZERS[name](params), max_consecutive_skips=3)
     pattern = [1, 1, 0, 1, 1]  # a good step in between resets the streak
@@ -241,6 +241,7 @@ def test_fused_path_never_reads_the_device(monkeypatch):
     opt = GradGuard(torch.optim.AdamW(params, lr=1e-2, fused=True), max_norm=1.0, spike=gradguard.ZScoreClip(warmup=2))
     set_grads(params, make_grads(0))
     opt.step()  # first step: lazily created state
+    monkeypatch.setattr(GradGuard, "_decide_on_host_on_cpu", False)  # the accelerator path
 
     def no_sync(*args, **kwargs):
         raise AssertionError("host read in the fused path")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gradguard import GradGuard
-from optim_util import TinyNet, make_grads, make_params, set_grads
+from optim_util import TinyNet, decide_on, make_grads, make_params, set_grads  # noqa: F401
 
 
 def test_lr_scheduler_drives_the_shared_groups_without_warnings():
@@ -66,7 +66,7 @@ def _amp_run(guarded: bool, fused: bool, *, dtype=torch.float16, overflow_at=(),
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
-def test_grad_scaler_overflow_is_one_skip_and_matches_the_unguarded_scaler(fused):
+def test_grad_scaler_overflow_is_one_skip_and_matches_the_unguarded_scaler(fused, decide_on):
     guarded, opt, scales, _ = _amp_run(True, fused, overflow_at=(3,))
     bare, _, bare_scales, _ = _amp_run(False, fused, overflow_at=(3,))
     # No clipping: the guard hands the scaler's own scale and flag to the step, so the run is
@@ -81,7 +81,7 @@ def test_grad_scaler_overflow_is_one_skip_and_matches_the_unguarded_scaler(fused
 
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["scaled", "unscale_first"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
-def test_grad_scaler_with_clipping_matches_the_pytorch_recipe(fused, unscale_first):
+def test_grad_scaler_with_clipping_matches_the_pytorch_recipe(fused, unscale_first, decide_on):
     guarded, opt, _, _ = _amp_run(True, fused, clip=0.5, unscale_first=unscale_first)
     ref, _, _, _ = _amp_run(False, fused, clip=0.5)  # unscale_, clip_grad_norm_, step
     for p, q in zip(guarded.parameters(), ref.parameters()):
@@ -91,7 +91,7 @@ def test_grad_scaler_with_clipping_matches_the_pytorch_recipe(fused, unscale_fir
     assert 0.5 < float(opt.last.total_norm) < 50.0
 
 
-def test_grad_scaler_overflow_skips_even_in_raise_and_zero_modes():
+def test_grad_scaler_overflow_skips_even_in_raise_and_zero_modes(decide_on):
     # An overflow is the scaler's business (it lowers the scale): the guard skips, never raises.
     for mode in ("raise", "zero", "ignore"):
         model, opt, scales, _ = _amp_run(True, True, overflow_at=(2,), on_nonfinite=mode, steps=4)

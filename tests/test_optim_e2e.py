@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gradguard import GradGuard
+from optim_util import decide_on  # noqa: F401
 
 POISONED = {7, 19, 33}  # 0-based batch indices whose input holds a NaN
 
@@ -50,7 +51,7 @@ def _train(guarded: bool, fused: bool, steps: int = 60):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
-def test_guard_survives_nan_batches_and_names_them(fused):
+def test_guard_survives_nan_batches_and_names_them(fused, decide_on):
     bare, _, _, _ = _train(False, fused)
     assert any(torch.isnan(p).any() for p in bare.parameters())  # the unguarded run is destroyed
 

@@ -8,7 +8,7 @@ import torch
 
 import gradguard
 from gradguard import GradGuard
-from optim_util import OPTIMIZERS, TinyNet, make_params
+from optim_util import OPTIMIZERS, TinyNet, decide_on, make_params  # noqa: F401
 
 POISONED = {3, 8}
 
@@ -52,7 +52,7 @@ def _tensors_equal(a, b):
 
 @pytest.mark.parametrize("spike", ["zscore", "percentile", None])
 @pytest.mark.parametrize("name", ["adamw_fused", "adamw_foreach", "sgd_momentum"])
-def test_resume_equals_uninterrupted(name, spike):
+def test_resume_equals_uninterrupted(name, spike, decide_on):
     model_a, opt_a = _build(name, spike)
     _train(model_a, opt_a, range(12))
 

@@ -1,0 +1,152 @@
+"""Benchmark cases for GradGuard (issue bar: GPT-2-small-shaped 124M fp32 params, CPU).
+
+Two regimes for the fused optimizer: every step clips, and no step needs to. A clipping step
+costs the guard one read of the grads (its statistics) plus one write: PyTorch's fused kernels
+write the clipped grads back to .grad when given grad_scale. On the CPU the guard reads the
+decision (free there) and passes no grad_scale when it does not clip; the device-decided row is
+the path a GPU takes (found_inf and grad_scale always, no read).
+
+Every timed step really clips (the limit shrinks a little each call, see ``ShrinkingMaxNorm``)
+and every variant of a table steps the same parameters, gradients and optimizer, so the rows
+differ only in what wraps the step. The variants run interleaved, one call each per round, so
+that load from other processes on a shared machine falls on all of them alike.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import gradguard
+from gradguard.bench.shapes import GPT2_SIZES, gpt2_shapes, make_grads, numel
+from gradguard.bench.stats_cases import ShrinkingMaxNorm, _params_with
+from gradguard.bench.timing import Row, Table, sync
+
+BARE_FUSED = "torch AdamW(fused=True).step(), unprotected"
+GUARD_FUSED = "gradguard.GradGuard(AdamW(fused=True)).step()"
+TORCH_ERR = "torch clip_grad_norm_(error_if_nonfinite) + fused step"
+TORCH_SKIP = "torch get_total_norm, if finite: clip + fused step"
+GUARD_FUSED_DEVICE = "gradguard.GradGuard, device-decided (the GPU path)"
+STATS_ONLY = "gradguard.grad_stats alone (the extra read)"
+BARE_FOREACH = "torch AdamW(foreach=True).step(), unprotected"
+GUARD_FOREACH = "gradguard.GradGuard(AdamW(foreach=True)).step()"
+TORCH_FOREACH = "torch clip_grad_norm_(error_if_nonfinite) + foreach step"
+
+
+def interleaved_ms(cases: dict, device: str, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median ms of each callable, measured round-robin (rotating the order every round)."""
+    names = list(cases)
+    for _ in range(warmup):
+        for n in names:
+            cases[n]()
+    sync(device)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            cases[n]()
+            sync(device)
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
+
+
+def _torch_skip_step(params, grads, opt, max_norm):
+    # The PyTorch way to clip and skip (not raise) on a non-finite norm: one host read.
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if torch.isfinite(norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        opt.step()
+
+
+class _FixedLimit:
+    def __init__(self, value: float):
+        self.value = value
+
+    def __call__(self) -> float:
+        return self.value
+
+
+def _clip_limit(params, clip: bool):
+    """A limit under the grads' norm that shrinks every call (so every call really clips), or
+    one far above it (no call needs to clip)."""
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))
+    return ShrinkingMaxNorm(0.5 * norm) if clip else _FixedLimit(1e3 * norm)
+
+
+def fused_table(params, label: str, device: str, repeats: int, clip: bool) -> Table:
+    grads = [p.grad for p in params]
+    inner = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    guard = gradguard.GradGuard(inner, max_norm=1.0, hygiene=False)
+    on_device = gradguard.GradGuard(inner, max_norm=1.0, hygiene=False)
+    on_device._decide_on_host_on_cpu = False
+    limit = _clip_limit(params, clip)
+
+    def guarded(g=guard):
+        g.max_norm = limit()
+        g.step()
+
+    def torch_err():
+        torch.nn.utils.clip_grad_norm_(params, limit(), error_if_nonfinite=True, foreach=True)
+        inner.step()
+
+    cases = {
+        BARE_FUSED: inner.step,
+        GUARD_FUSED: guarded,
+        TORCH_ERR: torch_err,
+        TORCH_SKIP: lambda: _torch_skip_step(params, grads, inner, limit()),
+        STATS_ONLY: lambda: gradguard.grad_stats(grads),
+    }
+    if device == "cpu":
+        cases[GUARD_FUSED_DEVICE] = lambda: guarded(on_device)
+    ms = interleaved_ms(cases, device, repeats)
+    assert (float(guard.last.clip_coef) < 1.0) == clip and not bool(guard.last.skipped)
+    del inner, guard, on_device
+    step_bytes = 7 * 4 * numel(params)  # read p, g, m, v; write p, m, v
+    what = "every step clips" if clip else "no step needs clipping"
+    tab = Table(f"GradGuard + AdamW(fused=True), {what}, {label}, {device}, {torch.get_num_threads()} threads",
+                [Row(n, ms[n], step_bytes if n != STATS_ONLY else 4 * numel(params)) for n in ms],
+                floor=BARE_FUSED)
+    tab.check(f"guarded fused step / bare fused step ({what})", ms[GUARD_FUSED] / ms[BARE_FUSED], "<=", 1.3)
+    tab.check(f"PyTorch way (faster of the two) / guarded fused step ({what})",
+              min(ms[TORCH_ERR], ms[TORCH_SKIP]) / ms[GUARD_FUSED], ">=", 1.3)
+    return tab
+
+
+def foreach_table(params, label: str, device: str, repeats: int) -> Table:
+    inner = torch.optim.AdamW(params, lr=1e-6, foreach=True)
+    guard = gradguard.GradGuard(inner, max_norm=1.0, hygiene=False)
+    limit = _clip_limit(params, clip=True)
+
+    def guarded():
+        guard.max_norm = limit()
+        guard.step()
+
+    def torch_err():
+        torch.nn.utils.clip_grad_norm_(params, limit(), error_if_nonfinite=True, foreach=True)
+        inner.step()
+
+    ms = interleaved_ms({BARE_FOREACH: inner.step, GUARD_FOREACH: guarded, TORCH_FOREACH: torch_err},
+                        device, repeats)
+    assert float(guard.last.clip_coef) < 1.0
+    del inner, guard
+    step_bytes = 7 * 4 * numel(params)
+    tab = Table(f"GradGuard + AdamW(foreach=True), {label}, {device}, {torch.get_num_threads()} threads",
+                [Row(n, ms[n], step_bytes) for n in ms], floor=BARE_FOREACH)
+    tab.check("guarded foreach step / bare foreach step", ms[GUARD_FOREACH] / ms[BARE_FOREACH], "<=", 1.10)
+    return tab
+
+
+def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
+    cfg = GPT2_SIZES["10M"] if quick else GPT2_SIZES["124M"]
+    params = _params_with(make_grads(gpt2_shapes(**cfg), device=device))
+    size = "10M" if quick else "small"
+    label = (f"GPT-2 {size}-shaped ({len(params)} tensors, {numel(params) / 1e6:.1f}M fp32 params, "
+             f"{numel(params) * 4 / 1e6:.0f} MB of grads)")
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0.0, 0.02)
+    out = [fused_table(params, label, device, 3 if quick else 15, clip=True),
+           fused_table(params, label, device, 3 if quick else 15, clip=False)]
+    out.append(foreach_table(params, label, device, 3 if quick else 7))
+    return out
