@@ -481,7 +481,10 @@ class GradGuard(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """The inner optimizer's state dict plus a ``"gradguard"`` entry: counters, per-parameter
-        totals, spike statistics and history (tensors cloned, so later steps do not change it)."""
+        totals, spike statistics and history (tensors cloned, so later steps do not change it).
+        State-dict hooks registered on the guard run around it."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
         sd = dict(self.optimizer.state_dict())
 
         def clone(t):
@@ -497,27 +500,48 @@ class GradGuard(torch.optim.Optimizer):
             "spike": None if self.spike is None else self.spike.state_dict(),
             "history": self.history.state_dict(),
         }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a ``state_dict()`` of a GradGuard (or a plain optimizer state dict, which leaves
-        the guard's own state as it is)."""
+        the guard's own state as it is). A checkpoint that does not fit this guard is refused
+        before anything is loaded."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         sd = dict(state_dict)
         guard = sd.pop("gradguard", None)
         if guard is not None:
-            if guard.get("version") != 1:
-                raise ValueError(f"gradguard.GradGuard.load_state_dict: unknown guard state version {guard.get('version')!r}")
-            if guard["spike"] is not None and self.spike is None:
-                raise ValueError("gradguard.GradGuard.load_state_dict: the checkpoint holds spike-policy state but this "
-                                 "GradGuard has spike=None; build it with the same policy")
+            self._check_guard_state(guard)
         self.optimizer.load_state_dict(sd)
-        if guard is None:
-            return
-        if self.spike is not None and guard["spike"] is not None:
-            self.spike.load_state_dict(guard["spike"])
-        self.history.load_state_dict(guard["history"])
-        self._steps = int(guard["steps"])
-        self._totals, self._consecutive, self._layer_nonfinite, self._layer_max_norm = (
-            None if guard[k] is None else guard[k].clone()
-            for k in ("totals", "consecutive", "layer_nonfinite", "layer_max_norm"))
-        self._tracker = ClearTracker()
+        if guard is not None:
+            if self.spike is not None and guard["spike"] is not None:
+                self.spike.load_state_dict(guard["spike"])
+            self.history.load_state_dict(guard["history"])
+            self._steps = int(guard["steps"])
+            self._totals, self._consecutive, self._layer_nonfinite, self._layer_max_norm = (
+                None if guard[k] is None else guard[k].clone()
+                for k in ("totals", "consecutive", "layer_nonfinite", "layer_max_norm"))
+            self._tracker = ClearTracker()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_guard_state(self, guard: dict) -> None:
+        where = "gradguard.GradGuard.load_state_dict"
+        if guard.get("version") != 1:
+            raise ValueError(f"{where}: unknown guard state version {guard.get('version')!r}")
+        saved = guard["spike"]
+        if saved is not None and self.spike is None:
+            raise ValueError(f"{where}: the checkpoint holds {saved.get('kind')} state but this GradGuard has "
+                             "spike=None; build it with the same policy")
+        if saved is not None and saved.get("kind") != type(self.spike).__name__:
+            raise ValueError(f"{where}: the checkpoint holds {saved.get('kind')} spike state, not "
+                             f"{type(self.spike).__name__}")
+        if guard["history"]["size"] != self.history.size:
+            raise ValueError(f"{where}: the checkpoint's history holds {guard['history']['size']} steps but this "
+                             f"GradGuard was built with history_size={self.history.size}")

@@ -86,8 +86,20 @@ def test_spike_state_is_in_the_state_dict_and_checked_on_load():
     with pytest.raises(ValueError, match="spike=None"):
         plain.load_state_dict(sd)
     _, other = _build("adamw_foreach", "percentile")
-    with pytest.raises(ValueError, match="not PercentileClip"):
+    before = other.optimizer.state_dict()
+    with pytest.raises(ValueError, match="ZScoreClip spike state, not PercentileClip"):
         other.load_state_dict(sd)
+    assert other.optimizer.state_dict() == before  # refused before anything was loaded
+    torch.manual_seed(0)
+    small = TinyNet()
+    short = GradGuard(torch.optim.AdamW(small.parameters()), spike=gradguard.ZScoreClip(), history_size=3)
+    with pytest.raises(ValueError, match="history_size=3"):
+        short.load_state_dict(sd)
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, d: seen.append(sorted(d)))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("loaded"))
+    opt.load_state_dict(opt.state_dict())
+    assert seen == [["gradguard", "param_groups", "state"], "loaded"]
     # A plain optimizer checkpoint loads into a guard (the guard keeps its own state).
     _, fresh = _build("adamw_foreach", "zscore")
     fresh.load_state_dict(opt.optimizer.state_dict())
