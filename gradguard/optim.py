@@ -18,6 +18,12 @@ How a step decides, and what it costs:
 - ``on_nonfinite="raise"`` and ``max_consecutive_skips`` need that same one read on fused
   optimizers too; ``"zero"`` on a fused optimizer rewrites every gradient once (zeroing NaN/Inf
   and clipping in one pass) so that it needs no read.
+- On the CPU a read is no sync (nothing is queued), so there the guard always reads: a skipped
+  step never calls the inner step, and a fused step that does not clip gets no ``grad_scale``,
+  sparing the kernel's write-back of the grads. Every other device takes the read-free path.
+
+A skipped step is still a step for the loop around it: an LR scheduler stepped after it advances,
+as it does when GradScaler skips a step. ``opt.last.skipped`` tells which steps were skipped.
 
 With ``torch.amp.GradScaler``: the guard tells GradScaler it handles scaling itself
 (``_step_supports_amp_scaling``), so ``scaler.step(opt)`` hands it the loss scale and the
@@ -36,8 +42,8 @@ from collections import OrderedDict
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from gradguard.errors import NonFiniteGradError
 from gradguard import hygiene as _hygiene
+from gradguard.errors import NonFiniteGradError
 from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker
 from gradguard.report import History, StepReport
 from gradguard.spike import SpikePolicy
@@ -182,9 +188,12 @@ class GradGuard(torch.optim.Optimizer):
     def _check_names(self, names):
         if names is None:
             return None
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        try:
+            names = None if isinstance(names, str) else list(names)
+        except TypeError:
+            names = None
+        if names is None or not all(isinstance(n, str) for n in names):
             raise TypeError("gradguard.GradGuard: `names` must be a list of str, one per parameter")
-        names = list(names)
         count = len(self._params())
         if len(names) != count:
             raise ValueError(f"gradguard.GradGuard: `names` has {len(names)} entries but the optimizer holds {count} parameters")

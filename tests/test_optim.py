@@ -278,6 +278,7 @@ BAD_INPUT = [
     (dict(spike=0.9), TypeError, "`spike` must be None or a spike policy"),
     (dict(model="net"), TypeError, "`model` must be an nn.Module"),
     (dict(names=["only_one"]), ValueError, "`names` has 1 entries but the optimizer holds 3 parameters"),
+    (dict(names=3), TypeError, "`names` must be a list of str"),
     (dict(history_size=0), ValueError, "`history_size`"),
 ]
 

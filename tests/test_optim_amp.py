@@ -105,3 +105,22 @@ def test_autocast_loop_with_scaler_and_guard_trains(dtype):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sum(losses[-5:]) < sum(losses[:5])
     assert opt.summary()["skipped"] == 2
+
+
+def test_scaler_flag_summed_over_devices_is_clamped(decide_on):
+    # GradScaler hands over found_inf summed over devices (2.0 when two overflowed); the fused
+    # kernels skip only on exactly 1.0, so the guard must clamp, not pass it on.
+    params = make_params()
+    opt = GradGuard(torch.optim.AdamW(params, lr=1e-2, fused=True))
+    set_grads(params, make_grads(0))
+    opt.step()
+    set_grads(params, make_grads(1))
+    before = [p.detach().clone() for p in params]
+    opt.found_inf = torch.tensor(2.0)
+    opt.grad_scale = None
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf, opt.grad_scale
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert bool(opt.last.skipped) and float(opt.last.found_inf) == 1.0 and opt.last.amp
