@@ -196,7 +196,8 @@ class GradGuard(torch.optim.Optimizer):
             raise TypeError("gradguard.GradGuard: `names` must be a list of str, one per parameter")
         count = len(self._params())
         if len(names) != count:
-            raise ValueError(f"gradguard.GradGuard: `names` has {len(names)} entries but the optimizer holds {count} parameters")
+            raise ValueError(f"gradguard.GradGuard: `names` has {len(names)} entries but the optimizer holds "
+                             f"{count} parameters")
         return names
 
     def _check_params(self, params) -> None:
@@ -209,7 +210,8 @@ class GradGuard(torch.optim.Optimizer):
         for g, i in zip(grads, present):
             if g.layout != torch.strided:
                 raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} is sparse "
-                                f"({g.layout}); GradGuard supports dense gradients only (e.g. nn.Embedding(sparse=False))")
+                                f"({g.layout}); GradGuard supports dense gradients only "
+                                "(e.g. nn.Embedding(sparse=False))")
             if g.is_complex():
                 raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} is complex; "
                                 "GradGuard supports real floating-point gradients only")

@@ -100,7 +100,8 @@ class ZScoreClip(SpikePolicy):
         if sd.get("kind") != "ZScoreClip":
             raise ValueError(f"gradguard: the checkpoint holds {sd.get('kind')} spike state, not ZScoreClip")
         self.z, self.alpha, self.warmup = sd["z"], sd["alpha"], sd["warmup"]
-        self._mean, self._var, self._count = (None if sd[k] is None else sd[k].clone() for k in ("mean", "var", "count"))
+        self._mean, self._var, self._count = (None if sd[k] is None else sd[k].clone()
+                                              for k in ("mean", "var", "count"))
 
     def __repr__(self) -> str:
         return f"ZScoreClip(z={self.z}, alpha={self.alpha}, warmup={self.warmup})"
