@@ -17,6 +17,7 @@ import time
 import torch
 
 import gradguard
+from gradguard.bench import timing
 
 CASE_MODULES = {
     "stats": "gradguard.bench.stats_cases",
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of the ratios to the floor")
     args = ap.parse_args(argv)
 
+    timing.progress = True
     print(f"gradguard {gradguard.__version__} bench on {machine()}")
     print(f"backend: {json.dumps({k: v for k, v in gradguard.backend().items() if k != 'build'})}")
     names = args.only or [n for n in CASE_MODULES if n != "cuda" or torch.cuda.is_available()]
