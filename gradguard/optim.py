@@ -256,6 +256,19 @@ class GradGuard(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
         self._check_params(self._params())
 
+    # torch.optim.Optimizer pickles only defaults/state/param_groups, which here live in the inner
+    # optimizer: keep the whole guard instead (minus the weak references of the hygiene check).
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_tracker"] = None
+        state["_layout_cache"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tracker = ClearTracker()
+        self._patch_step_function()
+
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (f"GradGuard(max_norm={self.max_norm}, norm_type={self.norm_type}, on_nonfinite={self.on_nonfinite!r}, "

@@ -146,3 +146,15 @@ def test_summary_names_the_worst_layers():
     assert [w["name"] for w in s["worst_layers"]] == ["b", "c"]
     assert s["worst_layers"][0]["nonfinite_steps"] == 2
     torch.testing.assert_close(s["worst_layers"][1]["max_norm"], 3.0 * 24 ** 0.5)
+
+
+def test_deepcopy_and_pickle_keep_the_whole_guard():
+    import copy
+    import pickle
+
+    model, opt = _build("adamw_foreach", "zscore")
+    _train(model, opt, range(4))
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert isinstance(clone, GradGuard) and clone.optimizer is not opt.optimizer
+        assert clone.summary() == opt.summary()
+        assert _tensors_equal(clone.state_dict()["gradguard"], opt.state_dict()["gradguard"])
