@@ -23,7 +23,8 @@ import weakref
 
 import torch
 
-_INTERNAL_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "gradguard" + os.sep,
+# Frames in these packages are skipped when pointing a warning at the caller.
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
                   os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
 
 
