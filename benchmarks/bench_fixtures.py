@@ -10,7 +10,10 @@ from gradguard.bench.shapes import GPT2_SIZES, gpt2_shapes, make_grads
 
 @pytest.fixture(scope="session")
 def benchmarking(request) -> bool:
-    return not request.config.getoption("benchmark_disable")
+    # addopts carries --benchmark-disable, so --benchmark-enable on the command line is what says
+    # a real benchmark run was asked for.
+    cfg = request.config
+    return bool(cfg.getoption("benchmark_enable")) or not cfg.getoption("benchmark_disable")
 
 
 @pytest.fixture(scope="session")
