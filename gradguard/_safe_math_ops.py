@@ -21,31 +21,56 @@ from gradguard.reference import safe_math as ref
 _lib = torch.library.Library("gradguard", "FRAGMENT")
 
 _lib.define("safe_log(Tensor input, float eps, bool straight_through) -> Tensor")
-_lib.define("safe_log.out(Tensor input, float eps, bool straight_through, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("safe_log.out(Tensor input, float eps, bool straight_through, *, Tensor(a!) out) -> ()")
 _lib.define("safe_log_backward(Tensor grad, Tensor input, float eps, bool straight_through) -> Tensor")
 _lib.define("safe_exp(Tensor input, float max, bool straight_through) -> Tensor")
-_lib.define("safe_exp.out(Tensor input, float max, bool straight_through, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("safe_exp.out(Tensor input, float max, bool straight_through, *, Tensor(a!) out) -> ()")
 _lib.define("safe_exp_backward(Tensor grad, Tensor result, Tensor input, float max, bool straight_through) -> Tensor")
 _lib.define("safe_sqrt(Tensor input, float eps) -> Tensor")
-_lib.define("safe_sqrt.out(Tensor input, float eps, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("safe_sqrt.out(Tensor input, float eps, *, Tensor(a!) out) -> ()")
 _lib.define("safe_sqrt_backward(Tensor grad, Tensor input, float eps) -> Tensor")
 _lib.define("safe_div(Tensor input, Tensor other, float eps, float fill) -> Tensor")
-_lib.define("safe_div.out(Tensor input, Tensor other, float eps, float fill, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("safe_div.out(Tensor input, Tensor other, float eps, float fill, *, Tensor(a!) out) -> ()")
 _lib.define("safe_div_backward(Tensor grad, Tensor input, Tensor other, float eps) -> (Tensor, Tensor)")
+
+
+def _laid_out_like(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t with the strides the fake kernel promises (empty_like(like)); copies only if they differ.
+    The reference backward functions stay plain differentiable compositions for double backward."""
+    want = torch.empty_like(like)
+    return t if want.stride() == t.stride() else want.copy_(t)
+
+
+def _log_backward_default(grad, input, eps, straight_through):
+    return _laid_out_like(input, ref.safe_log_backward(grad, input, eps, straight_through))
+
+
+def _exp_backward_default(grad, result, input, max, straight_through):
+    return _laid_out_like(input, ref.safe_exp_backward(grad, result, input, max, straight_through))
+
+
+def _sqrt_backward_default(grad, input, eps):
+    return _laid_out_like(input, ref.safe_sqrt_backward(grad, input, eps))
+
+
+def _div_backward_default(grad, input, other, eps):
+    like = ref.empty_broadcast(input, other)
+    return tuple(_laid_out_like(like, t) for t in ref.safe_div_backward(grad, input, other, eps))
+
 
 _DEFAULTS = {
     "safe_log": ref.safe_log,
     "safe_log.out": ref.safe_log_out,
-    "safe_log_backward": ref.safe_log_backward,
+    "safe_log_backward": _log_backward_default,
     "safe_exp": ref.safe_exp,
     "safe_exp.out": ref.safe_exp_out,
-    "safe_exp_backward": ref.safe_exp_backward,
+    "safe_exp_backward": _exp_backward_default,
     "safe_sqrt": ref.safe_sqrt,
     "safe_sqrt.out": ref.safe_sqrt_out,
-    "safe_sqrt_backward": ref.safe_sqrt_backward,
+    "safe_sqrt_backward": _sqrt_backward_default,
     "safe_div": ref.safe_div,
     "safe_div.out": ref.safe_div_out,
-    "safe_div_backward": ref.safe_div_backward,
+    "safe_div_backward": _div_backward_default,
 }
 for _name, _fn in _DEFAULTS.items():
     torch.library.impl(f"gradguard::{_name}", "default", lib=_lib)(_fn)
@@ -70,17 +95,7 @@ def _unary_fake(op):
 def _unary_out_fake(op):
     def fake(input, *args, out):
         _check_float(input, op)
-        return out
     return fake
-
-
-def empty_broadcast(a, b):
-    shape = torch.broadcast_shapes(a.shape, b.shape)
-    if a.shape == shape:
-        return torch.empty_like(a)
-    if b.shape == shape:
-        return torch.empty_like(b)
-    return a.new_empty(shape)
 
 
 for _op in ("safe_log", "safe_exp", "safe_sqrt"):
@@ -115,19 +130,18 @@ def _check_div(input, other, op):
 @torch.library.register_fake("gradguard::safe_div", lib=_lib)
 def _safe_div_fake(input, other, eps, fill):
     _check_div(input, other, "safe_div")
-    return empty_broadcast(input, other)
+    return ref.empty_broadcast(input, other)
 
 
 @torch.library.register_fake("gradguard::safe_div.out", lib=_lib)
 def _safe_div_out_fake(input, other, eps, fill, *, out):
     _check_div(input, other, "safe_div")
-    return out
 
 
 @torch.library.register_fake("gradguard::safe_div_backward", lib=_lib)
 def _safe_div_backward_fake(grad, input, other, eps):
     _check_div(input, other, "safe_div_backward")
-    return empty_broadcast(input, other), empty_broadcast(input, other)
+    return ref.empty_broadcast(input, other), ref.empty_broadcast(input, other)
 
 
 # ---- autograd ---------------------------------------------------------------------------------

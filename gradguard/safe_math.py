@@ -24,6 +24,7 @@ import numbers
 import torch
 
 from gradguard import _safe_math_ops  # noqa: F401  (defines torch.ops.gradguard.safe_*)
+from gradguard.reference.safe_math import resize_out
 
 __all__ = ["safe_div", "safe_exp", "safe_log", "safe_sqrt"]
 
@@ -75,12 +76,42 @@ def _straight_through(grad, op: str) -> bool:
     return grad == "straight_through"
 
 
-def _check_out(out, op: str, *inputs: torch.Tensor) -> None:
+def _check_out(out, op: str, shape, *inputs: torch.Tensor) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"gradguard.{op}: `out` must be a tensor, got {type(out).__name__}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs + (out,)):
         raise RuntimeError(f"gradguard.{op}(): functions with out=... arguments don't support automatic "
                            "differentiation, but one of the arguments requires grad.")
+    resize_out(out, shape, op)
+
+
+_FLOAT_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _promote_floats(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    if a == b:
+        return a
+    if _FLOAT_RANK[a] == _FLOAT_RANK[b]:  # float16 with bfloat16
+        return torch.float32
+    return a if _FLOAT_RANK[a] > _FLOAT_RANK[b] else b
+
+
+def _div_dtype(input: torch.Tensor, other) -> torch.dtype:
+    """torch.div's result dtype (torch.result_type, then integers to the default dtype), written
+    out because torch.compile cannot trace torch.result_type."""
+    default = torch.get_default_dtype()
+    if not isinstance(other, torch.Tensor):  # a Python number never widens a float tensor
+        return input.dtype if input.is_floating_point() else default
+    fa, fb = input.is_floating_point(), other.is_floating_point()
+    if (input.dim() == 0) == (other.dim() == 0):
+        if fa and fb:
+            return _promote_floats(input.dtype, other.dtype)
+        return input.dtype if fa else other.dtype if fb else default
+    # A 0-dim tensor only decides the dtype when its category (float) is above the other's.
+    dimmed, zero = (input, other) if other.dim() == 0 else (other, input)
+    if dimmed.is_floating_point():
+        return dimmed.dtype
+    return zero.dtype if zero.is_floating_point() else default
 
 
 def safe_log(input: torch.Tensor, eps=None, *, grad: str = "clamp", out: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,8 +128,9 @@ def safe_log(input: torch.Tensor, eps=None, *, grad: str = "clamp", out: torch.T
     st = _straight_through(grad, "safe_log")
     e = torch.finfo(x.dtype).tiny if eps is None else _number(eps, "eps", "safe_log", nonneg=True)
     if out is not None:
-        _check_out(out, "safe_log", x)
-        return torch.ops.gradguard.safe_log.out(x, e, st, out=out)
+        _check_out(out, "safe_log", x.shape, x)
+        torch.ops.gradguard.safe_log.out(x, e, st, out=out)
+        return out
     return torch.ops.gradguard.safe_log(x, e, st)
 
 
@@ -117,8 +149,9 @@ def safe_exp(input: torch.Tensor, max=None, *, grad: str = "clamp", out: torch.T
     st = _straight_through(grad, "safe_exp")
     m = EXP_MAX[x.dtype] if max is None else _number(max, "max", "safe_exp", nonneg=False)
     if out is not None:
-        _check_out(out, "safe_exp", x)
-        return torch.ops.gradguard.safe_exp.out(x, m, st, out=out)
+        _check_out(out, "safe_exp", x.shape, x)
+        torch.ops.gradguard.safe_exp.out(x, m, st, out=out)
+        return out
     return torch.ops.gradguard.safe_exp(x, m, st)
 
 
@@ -132,8 +165,9 @@ def safe_sqrt(input: torch.Tensor, eps=0.0, *, out: torch.Tensor | None = None) 
     x = _float_input(input, "safe_sqrt")
     e = _number(eps, "eps", "safe_sqrt", nonneg=True)
     if out is not None:
-        _check_out(out, "safe_sqrt", x)
-        return torch.ops.gradguard.safe_sqrt.out(x, e, out=out)
+        _check_out(out, "safe_sqrt", x.shape, x)
+        torch.ops.gradguard.safe_sqrt.out(x, e, out=out)
+        return out
     return torch.ops.gradguard.safe_sqrt(x, e)
 
 
@@ -152,12 +186,7 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
             raise TypeError(f"gradguard.safe_div: `other` is complex ({other.dtype}); only real tensors are supported")
     elif isinstance(other, bool) or not isinstance(other, numbers.Real):
         raise TypeError(f"gradguard.safe_div: `other` must be a tensor or a real number, got {type(other).__name__}")
-    dtype = torch.result_type(input, other)
-    if not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"gradguard.safe_div: the operands promote to {dtype}; supported: float16, bfloat16, "
-                        "float32, float64")
+    dtype = _div_dtype(input, other)
     x = x.to(dtype)
     if isinstance(other, torch.Tensor):
         y = other.to(dtype=dtype, device=x.device) if other.dim() == 0 else other.to(dtype)
@@ -166,6 +195,7 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     e = 0.0 if eps is None else _number(eps, "eps", "safe_div", nonneg=True)
     f = _number(fill, "fill", "safe_div", nonneg=False, allow_nan=True)
     if out is not None:
-        _check_out(out, "safe_div", x, y)
-        return torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
+        _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), x, y)
+        torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
+        return out
     return torch.ops.gradguard.safe_div(x, y, e, f)

@@ -243,12 +243,11 @@ at::Tensor safe_log_cpu(const at::Tensor& input, double eps, bool straight_throu
   return out;
 }
 
-at::Tensor& safe_log_out_cpu(const at::Tensor& input, double eps, bool straight_through, at::Tensor& out) {
+void safe_log_out_cpu(const at::Tensor& input, double eps, bool straight_through, at::Tensor& out) {
   check_float(input, "safe_log", "input");
   check_param(eps, "safe_log", "eps", true);
   prepare_out(out, input, input.sizes(), "safe_log");
   clamped_math_kernel(out, input, Math::Log, eps, true);
-  return out;
 }
 
 at::Tensor safe_exp_cpu(const at::Tensor& input, double max, bool straight_through) {
@@ -259,12 +258,11 @@ at::Tensor safe_exp_cpu(const at::Tensor& input, double max, bool straight_throu
   return out;
 }
 
-at::Tensor& safe_exp_out_cpu(const at::Tensor& input, double max, bool straight_through, at::Tensor& out) {
+void safe_exp_out_cpu(const at::Tensor& input, double max, bool straight_through, at::Tensor& out) {
   check_float(input, "safe_exp", "input");
   check_param(max, "safe_exp", "max", false);
   prepare_out(out, input, input.sizes(), "safe_exp");
   clamped_math_kernel(out, input, Math::Exp, max, false);
-  return out;
 }
 
 at::Tensor safe_sqrt_cpu(const at::Tensor& input, double eps) {
@@ -275,12 +273,11 @@ at::Tensor safe_sqrt_cpu(const at::Tensor& input, double eps) {
   return out;
 }
 
-at::Tensor& safe_sqrt_out_cpu(const at::Tensor& input, double eps, at::Tensor& out) {
+void safe_sqrt_out_cpu(const at::Tensor& input, double eps, at::Tensor& out) {
   check_float(input, "safe_sqrt", "input");
   check_param(eps, "safe_sqrt", "eps", true);
   prepare_out(out, input, input.sizes(), "safe_sqrt");
   clamped_math_kernel(out, input, Math::Sqrt, 0.0, true);
-  return out;
 }
 
 // ---- backward: log, exp, sqrt ------------------------------------------------------------------
@@ -393,11 +390,10 @@ at::Tensor safe_div_cpu(const at::Tensor& input, const at::Tensor& other, double
   return out;
 }
 
-at::Tensor& safe_div_out_cpu(const at::Tensor& input, const at::Tensor& other, double eps, double fill, at::Tensor& out) {
+void safe_div_out_cpu(const at::Tensor& input, const at::Tensor& other, double eps, double fill, at::Tensor& out) {
   check_div_args(input, other, eps, "safe_div");
   prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div");
   div_kernel(out, input, other, eps, fill);
-  return out;
 }
 
 // Both gradients at the broadcast shape, in one pass; autograd reduces them to each operand's
