@@ -1,4 +1,5 @@
-# The two commands a newcomer runs (see README): `make bench` and `make test`.
+# The two commands a newcomer runs (see README): `make demo` and `make test`; `make bench` is the
+# overhead report.
 # Each creates .venv if missing, installs the pinned dev requirements, builds the extension
 # without build isolation (it must compile against the torch it will run with), then runs.
 PY ?= python3
@@ -30,6 +31,9 @@ test-noext: build
 
 bench: build
 	$(VPY) -m gradguard.bench
+
+demo: build
+	$(VPY) -m gradguard.demo
 
 clean:
 	rm -rf build *.egg-info gradguard/_C*.so gradguard/_build_info.json $(VENV)

@@ -24,9 +24,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join(ROOT, "gradguard", "_build_info.json")
 
 
-def write_build_info(info):
-    with open(BUILD_INFO, "w") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
+def write_build_info(info, package_dir=None):
+    """Writes the record next to the package's sources and, for a wheel or a non-editable
+    install, next to the built extension (the build folder the wheel is packed from)."""
+    targets = {BUILD_INFO}
+    if package_dir:
+        targets.add(os.path.join(package_dir, "_build_info.json"))
+    for path in targets:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(info, f, indent=1, sort_keys=True)
 
 
 def base_info():
@@ -113,6 +120,7 @@ else:
         """Builds the kernels; a compiler failure becomes a warning and a build record."""
 
         def run(self):
+            package_dir = os.path.dirname(self.get_ext_fullpath("gradguard._C"))
             try:
                 super().run()
             except Exception as exc:
@@ -120,9 +128,9 @@ else:
                     raise
                 warnings.warn(f"gradguard: building the compiled kernels failed; installing the pure-PyTorch "
                               f"package (gradguard.backend() will say why): {exc}")
-                write_build_info({**base_info(), "error": f"build failed: {type(exc).__name__}: {exc}"})
+                write_build_info({**base_info(), "error": f"build failed: {type(exc).__name__}: {exc}"}, package_dir)
                 return
-            write_build_info({**base_info(), **_ext_info})
+            write_build_info({**base_info(), **_ext_info}, package_dir)
 
     cmdclass = {"build_ext": GuardedBuild.with_options(use_ninja=True)}
 

@@ -16,11 +16,15 @@ _lib = torch.library.Library("gradguard", "DEF")
 # All tensors of one call share a device and a dtype (the Python API groups them). Outputs are
 # float64 sums, int64 counts, float64 amax, each of shape [len(tensors)], on tensors[0]'s device.
 _lib.define("multi_tensor_stats(Tensor[] tensors, float norm_type) -> (Tensor, Tensor, Tensor, Tensor)")
-# Mutates every tensor of the list in place; `scale` is a 0-dim tensor on their device, so the
-# factor never visits the host.
+# Both mutate every tensor of the list in place; `scale` is a 0-dim tensor on their device, so the
+# factor never visits the host. maybe_scale_ writes nothing when scale is exactly 1 (an unclipped
+# or skipped step leaves the grads' bits untouched); zero_nonfinite_and_scale_ also sets NaN/Inf
+# elements to 0 in the same pass.
+_lib.define("maybe_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()")
 _lib.define("zero_nonfinite_and_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()")
 
 torch.library.impl("gradguard::multi_tensor_stats", "default", lib=_lib)(reference.multi_tensor_stats)
+torch.library.impl("gradguard::maybe_scale_", "default", lib=_lib)(reference.maybe_scale_)
 torch.library.impl("gradguard::zero_nonfinite_and_scale_", "default", lib=_lib)(
     reference.zero_nonfinite_and_scale_
 )
@@ -37,6 +41,11 @@ def _multi_tensor_stats_fake(tensors, norm_type):
         t0.new_empty((n,), dtype=torch.int64),
         t0.new_empty((n,), dtype=torch.float64),
     )
+
+
+@torch.library.register_fake("gradguard::maybe_scale_", lib=_lib)
+def _maybe_scale_fake(tensors, scale):
+    return None
 
 
 @torch.library.register_fake("gradguard::zero_nonfinite_and_scale_", lib=_lib)

@@ -215,14 +215,15 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm) -> torch.Tensor:
 
 def scale_(grads: list[torch.Tensor], coef: torch.Tensor, zero_nonfinite: bool = False) -> None:
     """Multiplies every grad in place by the 0-dim device tensor `coef` (one pass per
-    (device, dtype) group); with `zero_nonfinite`, NaN/Inf elements become 0 in that same pass."""
+    (device, dtype) group, none where coef is exactly 1); with `zero_nonfinite`, NaN/Inf elements
+    become 0 in that same pass."""
     for idx in _grouped(grads):
         group = [grads[i] for i in idx]
         c = coef.to(group[0].device)
         if zero_nonfinite:
             torch.ops.gradguard.zero_nonfinite_and_scale_(group, c.to(torch.float32) if c.dtype != torch.float64 else c)
         else:
-            torch._foreach_mul_(group, c)
+            torch.ops.gradguard.maybe_scale_(group, c)
 
 
 def nonfinite_message(where: str, names, nan_count, inf_count) -> tuple[str, list[str]]:

@@ -1,6 +1,9 @@
-// In-place scaling of a list of same-dtype CPU tensors by a 0-dim factor, with every non-finite
-// element replaced by 0 in the same pass (clip_grad_norm_(nonfinite="zero")): one read and one
-// write instead of nan_to_num_ followed by mul_.
+// In-place scaling of a list of same-dtype CPU tensors by a 0-dim factor, for clipping:
+// - maybe_scale_: x *= scale, except that a scale of exactly 1 writes nothing, so an unclipped
+//   or skipped step leaves every bit of the grads as it was (a multiply by 1 would still rewrite
+//   them, and canonicalizes NaN payloads in float16/bfloat16);
+// - zero_nonfinite_and_scale_: NaN/Inf become 0 and the rest is scaled, in the same single pass
+//   (instead of nan_to_num_ followed by mul_).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
@@ -19,57 +22,83 @@ namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
 
-template <typename T>
-void zero_nonfinite_scale_row(T* x, int64_t n, int64_t stride, float scale_f, double scale_d) {
+template <typename T, bool kZeroNonfinite>
+void scale_row(T* x, int64_t n, int64_t stride, double scale) {
   using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  const acc_t s = std::is_same_v<T, double> ? static_cast<acc_t>(scale_d) : static_cast<acc_t>(scale_f);
+  const acc_t s = static_cast<acc_t>(scale);
   const acc_t big = std::numeric_limits<acc_t>::max();
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const acc_t v = static_cast<acc_t>(x[j * stride]);
-    x[j * stride] = static_cast<T>(std::abs(v) <= big ? v * s : acc_t(0));
+    if (kZeroNonfinite) {
+      x[j * stride] = static_cast<T>(std::abs(v) <= big ? v * s : acc_t(0));
+    } else {
+      x[j * stride] = static_cast<T>(v * s);
+    }
   }
 }
 
-void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
-  TORCH_CHECK(scale.numel() == 1, "gradguard.zero_nonfinite_and_scale_: `scale` must hold one element, got shape ",
-              scale.sizes());
-  TORCH_CHECK(scale.device().is_cpu(), "gradguard.zero_nonfinite_and_scale_ (CPU kernel): `scale` is on ",
-              scale.device(), "; it must be on the CPU with the tensors");
+struct WorkItem {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+template <bool kZeroNonfinite>
+void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1, op, ": `scale` must hold one element, got shape ", scale.sizes());
+  TORCH_CHECK(scale.device().is_cpu(), op, " (CPU kernel): `scale` is on ", scale.device(),
+              "; it must be on the CPU with the tensors");
   if (tensors.empty()) return;
-  const double scale_d = scale.to(at::kDouble).item<double>();  // CPU tensor: no device sync
+  const double s = scale.to(at::kDouble).item<double>();  // a CPU tensor: no device sync
+  if (!kZeroNonfinite && s == 1.0) return;
   const auto dtype = tensors[0].scalar_type();
+  std::vector<StridedWalk> walks;
+  std::vector<WorkItem> work;
   for (const auto i : c10::irange(tensors.size())) {
-    TORCH_CHECK(tensors[i].device().is_cpu(), "gradguard.zero_nonfinite_and_scale_: tensors[", i, "] is on ",
-                tensors[i].device(), "; every tensor of one call must be on the CPU");
-    TORCH_CHECK(tensors[i].scalar_type() == dtype, "gradguard.zero_nonfinite_and_scale_: tensors[", i,
-                "] has dtype ", tensors[i].scalar_type(), " but tensors[0] has ", dtype);
+    const auto& t = tensors[i];
+    TORCH_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] is on ", t.device(),
+                "; every tensor of one call must be on the CPU");
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": tensors[", i, "] has dtype ", t.scalar_type(),
+                " but tensors[0] has ", dtype);
+    // Writing through a view whose elements alias each other would scale them twice: refuse it
+    // with the same check (and message) as torch's own in-place ops.
+    at::assert_no_internal_overlap(t);
+    walks.emplace_back(t);
+    for (int64_t b = 0; b < t.numel(); b += kChunk) {
+      work.push_back({static_cast<int64_t>(i), b, std::min(t.numel(), b + kChunk)});
+    }
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_zero_nonfinite_and_scale_cpu", [&] {
-    for (const auto& t : tensors) {
-      if (t.numel() == 0) continue;
-      StridedWalk walk(t);
-      // Writing through a view whose elements alias each other would scale them twice: refuse
-      // it with the same check (and message) as torch's own in-place ops.
-      at::assert_no_internal_overlap(t);
-      scalar_t* base = static_cast<scalar_t*>(walk.data);
-      const int64_t numel = t.numel();
-      at::parallel_for(0, numel, kChunk, [&](int64_t lo, int64_t hi) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_scale_cpu", [&] {
+    at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t w = lo; w < hi; ++w) {
+        const WorkItem& item = work[w];
+        const StridedWalk& walk = walks[item.tensor];
+        scalar_t* base = static_cast<scalar_t*>(walk.data);
         if (walk.dense) {
-          zero_nonfinite_scale_row<scalar_t>(base + lo, hi - lo, 1, static_cast<float>(scale_d), scale_d);
+          scale_row<scalar_t, kZeroNonfinite>(base + item.begin, item.end - item.begin, 1, s);
         } else {
-          walk.for_each_row(lo, hi, [&](int64_t off, int64_t len, int64_t stride) {
-            zero_nonfinite_scale_row<scalar_t>(base + off, len, stride, static_cast<float>(scale_d), scale_d);
+          walk.for_each_row(item.begin, item.end, [&](int64_t off, int64_t len, int64_t stride) {
+            scale_row<scalar_t, kZeroNonfinite>(base + off, len, stride, s);
           });
         }
-      });
-    }
+      }
+    });
   });
+}
+
+void maybe_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
+  scale_list<false>("gradguard.maybe_scale_", tensors, scale);
+}
+
+void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
+  scale_list<true>("gradguard.zero_nonfinite_and_scale_", tensors, scale);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradguard, CPU, m) {
+  m.impl("maybe_scale_", &maybe_scale_cpu);
   m.impl("zero_nonfinite_and_scale_", &zero_nonfinite_and_scale_cpu);
 }
 

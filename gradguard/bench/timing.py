@@ -7,11 +7,16 @@ floor) and the target checks derived from them.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+
+# Set by `python -m gradguard.bench`: print a line to stderr as each case finishes.
+progress = False
 
 
 def sync(device) -> None:
@@ -38,6 +43,10 @@ class Row:
     name: str
     ms: float
     bytes: int | None = None  # bytes the operation must move at least (for GB/s)
+
+    def __post_init__(self):
+        if progress:
+            print(f"  measured {self.name}: {self.ms:.2f} ms", file=sys.stderr, flush=True)
 
     @property
     def gbps(self) -> float | None:

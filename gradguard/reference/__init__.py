@@ -14,9 +14,10 @@ from gradguard.reference.safe_math import (
     safe_sqrt,
     safe_sqrt_backward,
 )
-from gradguard.reference.stats import multi_tensor_stats, zero_nonfinite_and_scale_
+from gradguard.reference.stats import maybe_scale_, multi_tensor_stats, zero_nonfinite_and_scale_
 
 __all__ = [
+    "maybe_scale_",
     "multi_tensor_stats",
     "safe_div",
     "safe_div_backward",

@@ -44,3 +44,17 @@ def zero_nonfinite_and_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) 
     """In place: every non-finite element becomes 0, every other one is multiplied by `scale`."""
     for t in tensors:
         t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(scale.to(t.device))
+
+
+def maybe_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
+    """In place: every tensor times `scale`; nothing is written when `scale` is exactly 1.
+
+    On the CPU the check is free. On a GPU, reading `scale` would be a host sync, so there the
+    reference always multiplies (x * 1 keeps every value, though float16/bfloat16 NaN payloads may
+    come back canonicalized); the compiled CUDA kernel makes the check on the device.
+    """
+    if not tensors:
+        return
+    if scale.device.type == "cpu" and scale.item() == 1.0:
+        return
+    torch._foreach_mul_(tensors, scale.to(tensors[0].device))

@@ -1,0 +1,106 @@
+"""`python -m gradguard.bench`: every benchmark of the project, one table per case family.
+
+Each row is a median over repeats, measured in the same run as its baselines and the bandwidth
+floor; each table ends with its targets, met or not. Options: --quick (small sizes, few
+repeats), --only NAME (a case module: stats, safe_math, optim, cuda), --device, --json FILE,
+--plot FILE (PNG bar chart of the ratios to the floor).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+
+import torch
+
+import gradguard
+from gradguard.bench import timing
+
+CASE_MODULES = {
+    "stats": "gradguard.bench.stats_cases",
+    "safe_math": "gradguard.bench.safe_math_cases",
+    "optim": "gradguard.bench.optim_cases",
+    "cuda": "gradguard.bench.cuda_cases",
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}"
+
+
+def plot(tables, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_floor = [t for t in tables if t.floor]
+    fig, axes = plt.subplots(len(with_floor), 1, figsize=(10, 2.2 + 0.45 * sum(len(t.rows) for t in with_floor)),
+                             squeeze=False)
+    for ax, t in zip(axes[:, 0], with_floor):
+        floor = t.ms(t.floor)
+        names = [r.name for r in t.rows][::-1]
+        ratios = [r.ms / floor for r in t.rows][::-1]
+        colors = ["tab:green" if n.startswith("gradguard") else "tab:gray" for n in names]
+        ax.barh(names, ratios, color=colors)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xlabel("time / bandwidth floor (lower is better)")
+        ax.set_title(t.title, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gradguard.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
+    ap.add_argument("--only", action="append", choices=sorted(CASE_MODULES), help="run only these case families")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cpu, plus cuda cases when a GPU is present)")
+    ap.add_argument("--json", metavar="FILE", help="write every table as JSON")
+    ap.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of the ratios to the floor")
+    args = ap.parse_args(argv)
+
+    timing.progress = True
+    print(f"gradguard {gradguard.__version__} bench on {machine()}")
+    print(f"backend: {json.dumps({k: v for k, v in gradguard.backend().items() if k != 'build'})}")
+    names = args.only or [n for n in CASE_MODULES if n != "cuda" or torch.cuda.is_available()]
+    all_tables, missing = [], []
+    for name in names:
+        try:
+            mod = importlib.import_module(CASE_MODULES[name])
+        except ModuleNotFoundError as exc:
+            missing.append(f"{name}: {exc}")
+            continue
+        device = args.device or ("cuda" if name == "cuda" else "cpu")
+        t0 = time.perf_counter()
+        print(f"[{name}] running on {device}{' (quick)' if args.quick else ''} ...", flush=True)
+        tables = mod.tables(device=device, quick=args.quick)
+        for t in tables:
+            print()
+            print(t.format(), flush=True)
+        print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+        all_tables += tables
+    for m in missing:
+        print(f"skipped {m}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                       "tables": [t.as_dict() for t in all_tables]}, f, indent=1)
+    if args.plot and all_tables:
+        plot(all_tables, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""backend(), the env switches and the build record."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gradguard
+from gradguard import _extension
+
+
+def run_py(code: str, **env):
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+
+
+def test_backend_reports_every_device_and_reason():
+    b = gradguard.backend()
+    assert set(b) >= {"cpu", "cuda", "extension_loaded", "reason", "build"}
+    assert b["cpu"] in ("extension", "reference") and b["cuda"] in ("extension", "reference")
+    if b["extension_loaded"]:
+        assert b["reason"] is None and b["cpu"] == "extension"
+        assert b["build"]["torch"] == torch.__version__
+    else:
+        assert isinstance(b["reason"], str) and b["reason"]
+
+
+def test_disable_switch_forces_reference_and_says_so():
+    r = run_py("import gradguard, json; print(json.dumps(gradguard.backend()))", GRADGUARD_DISABLE_EXT="1")
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout.strip().splitlines()[-1])
+    assert b["cpu"] == "reference" and b["cuda"] == "reference" and not b["extension_loaded"]
+    assert "GRADGUARD_DISABLE_EXT" in b["reason"]
+
+
+def test_require_switch_turns_missing_extension_into_import_error():
+    r = run_py("import gradguard", GRADGUARD_DISABLE_EXT="1", GRADGUARD_REQUIRE_EXT="1")
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and "GRADGUARD_REQUIRE_EXT" in r.stderr
+
+
+def test_build_record_with_other_torch_version_is_refused_with_a_sentence(tmp_path, monkeypatch):
+    record = tmp_path / "_build_info.json"
+    record.write_text(json.dumps({"torch": "1.0.0"}))
+    monkeypatch.setattr(_extension, "_BUILD_INFO_PATH", record)
+    monkeypatch.delenv("GRADGUARD_DISABLE_EXT", raising=False)
+    reason = _extension._try_load()
+    assert "torch version mismatch" in reason and "1.0.0" in reason and torch.__version__ in reason
+
+
+def test_missing_or_failed_build_record_is_reported(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRADGUARD_DISABLE_EXT", raising=False)
+    monkeypatch.setattr(_extension, "_BUILD_INFO_PATH", tmp_path / "absent.json")
+    assert _extension._try_load().startswith("not built: no build record")
+    failed = tmp_path / "failed.json"
+    failed.write_text(json.dumps({"torch": torch.__version__, "error": "build failed: CompileError: boom"}))
+    monkeypatch.setattr(_extension, "_BUILD_INFO_PATH", failed)
+    assert _extension._try_load() == "not built: build failed: CompileError: boom"
+
+
+@pytest.mark.skipif(not gradguard.backend()["extension_loaded"], reason="extension not loaded")
+def test_cpu_kernel_is_registered_under_the_cpu_key():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("gradguard::multi_tensor_stats", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("gradguard::zero_nonfinite_and_scale_", "CPU")

@@ -1,0 +1,387 @@
+"""grad_stats / all_finite / the multi_tensor_stats op: kernels vs reference vs float64 math."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradguard
+from gradguard import reference
+from conftest import EXT_LOADED, FLOAT_DTYPES, needs_ext, stats_paths
+
+NAN, INF = math.nan, math.inf
+CHUNK = 1 << 16  # the CPU kernel's chunk; NaN/Inf are planted around it
+NORM_TYPES = [1.0, 2.0, INF, 0.5, 3.0]
+
+
+def math_stats(tensors, p):
+    """Independent float64 math: (norms, nan, inf, amax, total, found_inf) as Python lists/floats."""
+    norms, nans, infs, amaxs, finite_parts = [], [], [], [], []
+    for t in tensors:
+        x = t.detach().double().reshape(-1)
+        fin = x[torch.isfinite(x)].abs()
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        norm = float(torch.linalg.vector_norm(fin, ord=p)) if fin.numel() else 0.0
+        finite_parts.append(fin)
+        norms.append(NAN if n_nan else INF if n_inf else norm)
+        nans.append(n_nan)
+        infs.append(n_inf)
+        amaxs.append(float(fin.max()) if fin.numel() else 0.0)
+    allfin = torch.cat(finite_parts) if finite_parts else torch.zeros(0, dtype=torch.float64)
+    total = float(torch.linalg.vector_norm(allfin, ord=p)) if allfin.numel() else 0.0
+    total = NAN if sum(nans) else INF if sum(infs) else total
+    return norms, nans, infs, amaxs, total, float(sum(nans) + sum(infs) > 0)
+
+
+def assert_matches_math(stats, tensors, p, rtol=1e-6):
+    norms, nans, infs, amaxs, total, found = math_stats(tensors, p)
+    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    assert stats.norms.dtype == out_dtype and stats.amax.dtype == out_dtype and stats.total_norm.dtype == out_dtype
+    assert stats.nan_count.dtype == torch.int64 and stats.inf_count.dtype == torch.int64
+    assert stats.found_inf.dtype == torch.float32 and stats.found_inf.dim() == 0 and stats.total_norm.dim() == 0
+    f64 = dict(dtype=torch.float64)
+    torch.testing.assert_close(stats.norms.double(), torch.tensor(norms, **f64), rtol=rtol, atol=0, equal_nan=True)
+    torch.testing.assert_close(stats.amax.double(), torch.tensor(amaxs, **f64), rtol=1e-7, atol=0)
+    assert stats.nan_count.tolist() == nans
+    assert stats.inf_count.tolist() == infs
+    torch.testing.assert_close(stats.total_norm.double(), torch.tensor(total, **f64), rtol=rtol, atol=0, equal_nan=True)
+    assert stats.found_inf.item() == found
+
+
+def layouts(dtype, n=1000, seed=0):
+    """Contiguous, transposed, strided, offset, 0-d, empty and odd-sized tensors of `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).to(dtype)
+    m = torch.randn(37, 29, generator=g).to(dtype)
+    cube = torch.randn(6, 7, 9, generator=g).to(dtype)
+    return {
+        "contiguous": base,
+        "transposed": m.t(),
+        "step2": base[::2],
+        "offset_odd": base[3:700],
+        "column": m[:, 5],
+        "permuted": cube.permute(2, 0, 1),
+        "sliced3d": cube[1:5, ::2, 3:],
+        "expanded": torch.randn(1, 13, generator=g).to(dtype).expand(17, 13),
+        "zero_dim": torch.tensor(-2.5, dtype=dtype),
+        "empty": torch.zeros(0, 3, dtype=dtype),
+        "tail7": torch.randn(7, generator=g).to(dtype),
+        "tail257": torch.randn(257, generator=g).to(dtype),
+    }
+
+
+TOL = {torch.float16: 1e-6, torch.bfloat16: 1e-6, torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_grad_stats_matches_float64_math_over_layouts(dtype, p):
+    ts = list(layouts(dtype).values())
+    assert_matches_math(gradguard.grad_stats(ts, p), ts, p, rtol=TOL[dtype] * (10 if p not in (1.0, 2.0, INF) else 1))
+
+
+@pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", list(layouts(torch.float32).keys()))
+def test_each_kernel_matches_reference_per_layout(path, dtype, layout):
+    fn = dict(stats_paths())[path]
+    t = layouts(dtype)[layout]
+    for p in NORM_TYPES:
+        got = fn([t], p)
+        want = reference.multi_tensor_stats([t.contiguous()], p)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+        for g, w in zip(got[1:], want[1:]):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def planted(dtype, value, where, n=3 * CHUNK + 300):
+    """A tensor of n random values with `value` written at position `where` (may be a list)."""
+    t = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for w in (where if isinstance(where, list) else [where]):
+        t[w] = value
+    return t
+
+
+POSITIONS = {
+    "first": 0,
+    "vector_lane": 3,
+    "block_edge": 255,
+    "chunk_last": CHUNK - 1,
+    "chunk_first": CHUNK,
+    "remainder_tail": 3 * CHUNK + 299,
+}
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("pos", list(POSITIONS))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nonfinite_planted_anywhere_is_counted(dtype, pos, value):
+    t = planted(dtype, value, POSITIONS[pos])
+    other = torch.randn(5, dtype=dtype)
+    ts = [other, t, t[::3], other]
+    s = gradguard.grad_stats(ts)
+    assert_matches_math(s, ts, 2.0)
+    assert s.found_inf.item() == 1.0
+    assert not gradguard.all_finite(ts).item()
+    expect = torch.tensor([False, True, POSITIONS[pos] % 3 == 0, False])
+    assert torch.equal(s.nan_count > 0, expect if math.isnan(value) else torch.zeros(4, dtype=torch.bool))
+    assert torch.equal(s.inf_count > 0, expect if math.isinf(value) else torch.zeros(4, dtype=torch.bool))
+
+
+def test_nonfinite_in_last_element_of_last_tensor():
+    ts = [torch.randn(100) for _ in range(5)]
+    ts[-1][-1] = NAN
+    s = gradguard.grad_stats(ts)
+    assert s.nan_count.tolist() == [0, 0, 0, 0, 1] and s.found_inf.item() == 1.0 and math.isnan(s.total_norm.item())
+
+
+def test_nan_wins_over_inf_and_counts_are_exact():
+    t = torch.tensor([1.0, NAN, INF, -INF, NAN, 2.0])
+    s = gradguard.grad_stats([t, torch.tensor([INF, 3.0])])
+    assert s.nan_count.tolist() == [2, 0] and s.inf_count.tolist() == [2, 1]
+    assert math.isnan(s.norms[0].item()) and s.norms[1].item() == INF
+    assert s.amax.tolist() == [2.0, 3.0]
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, INF])
+def test_huge_finite_float32_does_not_overflow(p):
+    t = torch.tensor([1e20, -1e20, 3.0e38, 1.0], dtype=torch.float32)
+    s = gradguard.grad_stats([t], p)
+    assert s.found_inf.item() == 0.0 and s.nan_count.sum() == 0 and s.inf_count.sum() == 0
+    assert_matches_math(s, [t], p)
+    s1 = gradguard.grad_stats([torch.full((1000,), 1e20)])
+    torch.testing.assert_close(s1.total_norm, torch.tensor(1e20 * math.sqrt(1000)), rtol=1e-6, atol=0)
+
+
+# float64 input is summed in float64 like the math it is compared with: squares below ~1e-308
+# underflow there too, which the API documents; narrower dtypes must not lose anything.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_denormals_and_tiny_values_keep_relative_precision(dtype):
+    tiny = torch.finfo(dtype).tiny
+    t = torch.full((3000,), tiny / 4, dtype=dtype)  # subnormal
+    t[::7] = tiny * 3
+    s = gradguard.grad_stats([t])
+    assert s.total_norm.item() > 0
+    assert_matches_math(s, [t], 2.0, rtol=1e-5 if dtype == torch.float16 else 1e-6)
+
+
+def test_negative_zero_and_all_zero():
+    s = gradguard.grad_stats([torch.tensor([-0.0, 0.0, -0.0]), torch.zeros(10)])
+    assert s.norms.tolist() == [0.0, 0.0] and s.amax.tolist() == [0.0, 0.0] and s.total_norm.item() == 0.0
+    assert s.found_inf.item() == 0.0
+
+
+def test_mixed_dtypes_keep_input_order_and_widen_to_float64():
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(50, generator=g).half(), torch.randn(40, generator=g, dtype=torch.float64),
+          torch.randn(30, generator=g), torch.randn(20, generator=g).bfloat16(), torch.randn(10, generator=g).half(),
+          torch.randn(5, generator=g)]
+    s = gradguard.grad_stats(ts)
+    assert s.norms.dtype == torch.float64
+    assert_matches_math(s, ts, 2.0)
+    s32 = gradguard.grad_stats([ts[0], ts[2], ts[3]])
+    assert s32.norms.dtype == torch.float32
+    assert_matches_math(s32, [ts[0], ts[2], ts[3]], 2.0)
+
+
+def test_one_kernel_call_per_device_dtype_group(monkeypatch):
+    calls = []
+    real = torch.ops.gradguard.multi_tensor_stats
+
+    class Spy:
+        def __call__(self, tensors, p):
+            calls.append((tensors[0].dtype, len(tensors)))
+            return real(tensors, p)
+
+    monkeypatch.setattr(torch.ops.gradguard, "multi_tensor_stats", Spy())
+    ts = [torch.randn(3), torch.randn(3).half(), torch.randn(3), torch.randn(3).half(), torch.randn(3)]
+    gradguard.grad_stats(ts)
+    assert calls == [(torch.float32, 3), (torch.float16, 2)]
+
+
+def test_empty_iterable():
+    s = gradguard.grad_stats(iter([]))
+    assert s.norms.shape == (0,) and s.nan_count.shape == (0,) and s.amax.shape == (0,)
+    assert s.total_norm.item() == 0.0 and s.found_inf.item() == 0.0 and s.found_inf.dtype == torch.float32
+    assert gradguard.all_finite([]).item() is True
+
+
+def test_single_tensor_and_generator_inputs():
+    t = torch.randn(10)
+    a = gradguard.grad_stats(t)
+    b = gradguard.grad_stats(x for x in [t])
+    assert torch.equal(a.norms, b.norms) and a.norms.shape == (1,)
+
+
+def test_sparse_coo_uses_coalesced_values_and_complex_uses_abs():
+    i = torch.tensor([[0, 1, 1, 3], [2, 0, 0, 1]])
+    v = torch.tensor([3.0, 1.0, 2.0, -4.0])
+    sp = torch.sparse_coo_tensor(i, v, (4, 3))  # duplicate (1, 0) sums to 3
+    dense = sp.to_dense()
+    s = gradguard.grad_stats([sp])
+    torch.testing.assert_close(s.norms, torch.linalg.vector_norm(dense).reshape(1))
+    z = torch.tensor([3 + 4j, -1j, 0j], dtype=torch.complex64)
+    sz = gradguard.grad_stats([z], 1.0)
+    torch.testing.assert_close(sz.norms, torch.tensor([6.0]))
+    assert sz.amax.item() == 5.0
+
+
+@pytest.mark.parametrize("bad, kind", [
+    (None, "NoneType"), (3.0, "float"), ("x", "str"),
+])
+def test_non_tensor_entries_raise_type_error_naming_position(bad, kind):
+    with pytest.raises(TypeError, match=rf"tensors\[1\] is a {kind}"):
+        gradguard.grad_stats([torch.randn(2), bad])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_and_bool_tensors_raise_type_error(dtype):
+    with pytest.raises(TypeError, match=rf"tensors\[0\] has dtype {dtype}"):
+        gradguard.all_finite([torch.zeros(3, dtype=dtype)])
+
+
+@pytest.mark.parametrize("p", [0, -1.0, NAN, "2", None, True])
+def test_bad_norm_type_raises_value_error(p):
+    with pytest.raises(ValueError, match="norm_type"):
+        gradguard.grad_stats([torch.randn(3)], p)
+
+
+@needs_ext
+def test_cpu_kernel_is_deterministic_across_thread_counts():
+    ts = [torch.randn(5 * CHUNK + 17), torch.randn(300, 301).t(), torch.randn(CHUNK * 2)[::2]]
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.gradguard.multi_tensor_stats(ts, 2.0))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b)
+
+
+def test_float32_precision_on_2_to_28_elements():
+    n = 1 << 28
+    t = torch.empty(n, dtype=torch.float32).uniform_(-1, 1, generator=torch.Generator().manual_seed(5))
+    s = gradguard.grad_stats([t, t[: n // 3]])
+    want = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64),
+                        torch.linalg.vector_norm(t[: n // 3], dtype=torch.float64)])
+    torch.testing.assert_close(s.norms.double(), want, rtol=1e-6, atol=0)
+
+
+@needs_ext
+def test_more_than_2_to_31_elements_expanded_view():
+    n = (1 << 31) + 7
+    ones = torch.ones(1).expand(n)
+    s = gradguard.grad_stats([ones])
+    torch.testing.assert_close(s.norms, torch.tensor([math.sqrt(n)]), rtol=1e-6, atol=0)
+    nans = torch.full((1,), NAN).expand(n)
+    s2 = gradguard.grad_stats([nans], 1.0)
+    assert s2.nan_count.item() == n and s2.inf_count.item() == 0  # counts past int32
+
+
+@pytest.mark.slow
+@needs_ext
+def test_more_than_2_to_31_elements_real_float16_tensor():
+    n = (1 << 31) + 9
+    t = torch.zeros(n, dtype=torch.float16)
+    t[-1] = NAN
+    t[(1 << 31) + 1] = 2.0
+    t[5] = -INF
+    t[(1 << 31) - 1] = 3.0
+    s = gradguard.grad_stats([t])
+    assert s.nan_count.item() == 1 and s.inf_count.item() == 1
+    assert s.amax.item() == 3.0
+    raw = torch.ops.gradguard.multi_tensor_stats([t], 2.0)
+    assert raw[0].item() == 13.0
+    del t
+
+
+def test_opcheck_multi_tensor_stats():
+    ts = [torch.randn(100), torch.randn(5, 7).t(), torch.tensor(2.0)]
+    torch.library.opcheck(torch.ops.gradguard.multi_tensor_stats.default, (ts, 2.0))
+    torch.library.opcheck(torch.ops.gradguard.multi_tensor_stats.default, ([torch.randn(9).half()], INF))
+
+
+def test_opcheck_zero_nonfinite_and_scale():
+    ts = [torch.tensor([1.0, NAN, -INF, 4.0]), torch.randn(5, 7).t()]
+    torch.library.opcheck(torch.ops.gradguard.zero_nonfinite_and_scale_.default, (ts, torch.tensor(0.5)))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def f(xs):
+        s = gradguard.grad_stats(xs)
+        return s.total_norm * 2, s.found_inf, gradguard.all_finite(xs)
+
+    ts = [torch.randn(100), torch.randn(5, 7).t(), torch.randn(10).half()]
+    total2, found, ok = f(ts)
+    torch.testing.assert_close(total2, gradguard.grad_stats(ts).total_norm * 2)
+    assert found.item() == 0.0 and ok.item()
+    ts[0][3] = NAN
+    total2, found, ok = f(ts)
+    assert math.isnan(total2.item()) and found.item() == 1.0 and not ok.item()
+
+
+@pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
+def test_zero_nonfinite_and_scale_op(path):
+    fn = {"reference": reference.zero_nonfinite_and_scale_,
+          "dispatcher": torch.ops.gradguard.zero_nonfinite_and_scale_}[path]
+    for dtype in FLOAT_DTYPES:
+        src = layouts(dtype, seed=4)
+        src["contiguous"][[0, 10, 999]] = torch.tensor([NAN, INF, -INF], dtype=dtype)
+        ts = [v.clone() if k != "expanded" else v.contiguous() for k, v in src.items()]
+        views = [ts[0], ts[1].t().t(), ts[2]]
+        want = [torch.where(torch.isfinite(t), t * torch.tensor(0.25, dtype=dtype), torch.zeros((), dtype=dtype))
+                for t in ts]
+        fn(ts, torch.tensor(0.25))
+        for got, w in zip(ts, want):
+            torch.testing.assert_close(got, w, rtol=0, atol=0)
+        assert views[0].data_ptr() == ts[0].data_ptr()
+        m = torch.randn(8, 6, dtype=dtype)
+        mv = m[:, ::2]  # non-dense view: only its elements change
+        before = m.clone()
+        fn([mv], torch.tensor(2.0))
+        torch.testing.assert_close(m[:, ::2], before[:, ::2] * 2, rtol=0, atol=0)
+        torch.testing.assert_close(m[:, 1::2], before[:, 1::2], rtol=0, atol=0)
+
+
+@needs_ext
+def test_zero_nonfinite_and_scale_refuses_overlapping_views():
+    with pytest.raises(RuntimeError, match="more than one element"):
+        torch.ops.gradguard.zero_nonfinite_and_scale_([torch.ones(1).expand(4)], torch.tensor(2.0))
+
+
+shape_st = st.lists(st.integers(0, 40), min_size=0, max_size=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(shape_st, min_size=1, max_size=5),
+    dtype_idx=st.lists(st.integers(0, 3), min_size=5, max_size=5),
+    specials=st.lists(st.sampled_from([NAN, INF, -INF, 1e30, -0.0, 5e-39]), max_size=4),
+    p=st.sampled_from(NORM_TYPES),
+    seed=st.integers(0, 2**16),
+    transpose=st.booleans(),
+)
+def test_hypothesis_random_lists_match_math(shapes, dtype_idx, specials, p, seed, transpose):
+    g = torch.Generator().manual_seed(seed)
+    ts = []
+    for k, shape in enumerate(shapes):
+        dtype = FLOAT_DTYPES[dtype_idx[k]]
+        t = torch.randn(shape, generator=g).to(dtype)
+        if t.numel():
+            for j, v in enumerate(specials):
+                t.view(-1)[(seed + 7 * j) % t.numel()] = v
+        if transpose and t.dim() >= 2:
+            t = t.transpose(0, -1)
+        ts.append(t)
+    s = gradguard.grad_stats(ts, p)
+    assert_matches_math(s, ts, p, rtol=1e-5 if p not in (1.0, 2.0, INF) else 1e-6)
