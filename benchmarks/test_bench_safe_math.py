@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import gradguard
-from bench_fixtures import benchmarking  # noqa: F401  (fixture)
 from gradguard.bench.safe_math_cases import FULL_N, _exp_input, _log_input
 from gradguard.safe_math import EXP_MAX
 
@@ -24,6 +23,12 @@ OPS = {
     "exp": (_exp_input, gradguard.safe_exp, lambda x: torch.exp(torch.clamp(x, max=MAX)), torch.exp),
 }
 _compiled: dict = {}
+
+
+@pytest.fixture(scope="session")
+def benchmarking(request) -> bool:
+    # pytest-benchmark's own rule: --benchmark-enable overrides the --benchmark-disable in addopts.
+    return not (request.config.getoption("benchmark_disable") and not request.config.getoption("benchmark_enable"))
 
 
 @pytest.fixture(scope="module")

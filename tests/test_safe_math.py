@@ -338,9 +338,20 @@ def test_out_preallocated_resized_and_refused_with_grad():
         gradguard.safe_log(x.requires_grad_(True), out=torch.empty(10, 20))
     with torch.no_grad():
         gradguard.safe_log(x, out=out)
-    o = x.detach().clone()
-    gradguard.safe_sqrt(o, out=o)  # in place
-    assert_same_bits(o, comp_sqrt(x.detach()))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n", [40, 70000])  # the staged path and the direct (long-row) path
+def test_out_in_place(dtype, n):
+    x = sample(dtype, n=n, scale=100.0)
+    for fn, comp in [(lambda t, **kw: gradguard.safe_log(t, 0.5, **kw), lambda t: comp_log(t, 0.5)),
+                     (lambda t, **kw: gradguard.safe_exp(t, 3.0, **kw), lambda t: comp_exp(t, 3.0)),
+                     (gradguard.safe_sqrt, comp_sqrt),
+                     (lambda t, **kw: gradguard.safe_div(t, t.flip(0), eps=0.5, **kw),
+                      lambda t: reference.safe_div(t, t.flip(0), 0.5, 0.0))]:
+        o = x.clone()
+        fn(o, out=o)
+        assert_same_bits(o, comp(x))
 
 
 # ---- arguments and errors --------------------------------------------------------------------------

@@ -5,10 +5,12 @@
 // Values must equal the eager composites bit for bit (torch.log(torch.clamp(x, min=eps)) etc.).
 // torch's CPU log/exp/sqrt are MKL VML (float32/64) or Sleef (float16/bfloat16) routines that
 // this library cannot call directly, and a different log (glibc, Sleef) differs from them in
-// the last bit for ~10% of inputs. So the transcendental step runs torch's own kernel on
-// cache-sized blocks: each block is clamped into a buffer (or straight into the output), the
-// math is applied in place while it is still in cache, and the epilogue writes the result. Main
-// memory still sees one read of each input and one write of each output.
+// the last bit for ~10% of inputs. So the transcendental step is torch's own kernel, called on
+// cache-sized blocks of the output: it computes math(x) straight from the input, then a pass
+// over the block while it is still in cache writes math(bound) where x is beyond the bound
+// (clamped_math_kernel). Main memory sees one read of the input and one write of the output,
+// as with the bare op; the backward kernels are plain fused loops (one read of each operand,
+// one write).
 //
 // Layouts come from TensorIterator (broadcasting, views, 0-d, empty); the arithmetic row
 // kernels (safe_math_loops.inc) are compiled for the default ISA and for avx2+fma and picked at
@@ -99,36 +101,33 @@ std::vector<char>& thread_buffer() {
   return buf;
 }
 
-// The staged loop: per block, stage(p, s, len, dst) writes the math's input into a thread-local
-// buffer (p: operand pointers, s: their byte strides along the row), the math runs on it while it
-// is in cache, and epilogue(p, s, len, src) consumes the result. Operand 0 is the output; when
-// `result_is_output` and the block lies in one contiguous output row, the math writes that row
-// directly and there is no epilogue. (Staging into the output row itself would cost a read of the
-// output from memory: torch's math kernel writes its output with streaming stores.)
+// The staged loop, for views and short rows: per block, stage(p, s, len, dst) writes the math's
+// input into a thread-local buffer (p: operand pointers, s: their byte strides along the row),
+// torch's math runs on it while it is in cache, and epilogue(p, s, len, src) consumes the result.
+// Operand 0 is the output; when `result_is_output` and the block lies in one contiguous output
+// row, the math writes that row directly and there is no epilogue.
 template <typename T, typename Stage, typename Epilogue>
 void staged_loop(char** data, const int64_t* strides, int64_t n0, int64_t n1, int nt, at::ScalarType dtype, Math math,
                  bool result_is_output, Stage stage, Epilogue epilogue) {
-  {
-    auto& storage = thread_buffer();
-    constexpr int64_t kBlock = kBlockBytes / sizeof(T);
-    storage.resize(kBlockBytes);
-    T* buf = reinterpret_cast<T*>(storage.data());
-    const int64_t total = n0 * n1;
-    for (int64_t b = 0; b < total; b += kBlock) {
-      const int64_t e = std::min(total, b + kBlock);
-      char* row_out = nullptr;
-      for_each_piece(data, strides, nt, n0, b, e, [&](char** p, int64_t len, int64_t k) {
-        if (k == 0) row_out = p[0];
-        stage(p, strides, len, buf + k);
-      });
-      const bool one_row = b / n0 == (e - 1) / n0;
-      if (result_is_output && one_row && strides[0] == static_cast<int64_t>(sizeof(T))) {
-        apply_math(math, row_out, buf, e - b, dtype);
-        continue;
-      }
-      apply_math(math, buf, buf, e - b, dtype);
-      for_each_piece(data, strides, nt, n0, b, e, [&](char** p, int64_t len, int64_t k) { epilogue(p, strides, len, buf + k); });
+  auto& storage = thread_buffer();
+  constexpr int64_t kBlock = kBlockBytes / sizeof(T);
+  storage.resize(kBlockBytes);
+  T* buf = reinterpret_cast<T*>(storage.data());
+  const int64_t total = n0 * n1;
+  for (int64_t b = 0; b < total; b += kBlock) {
+    const int64_t e = std::min(total, b + kBlock);
+    char* row_out = nullptr;
+    for_each_piece(data, strides, nt, n0, b, e, [&](char** p, int64_t len, int64_t k) {
+      if (k == 0) row_out = p[0];
+      stage(p, strides, len, buf + k);
+    });
+    const bool one_row = b / n0 == (e - 1) / n0;
+    if (result_is_output && one_row && strides[0] == static_cast<int64_t>(sizeof(T))) {
+      apply_math(math, row_out, buf, e - b, dtype);
+      continue;
     }
+    apply_math(math, buf, buf, e - b, dtype);
+    for_each_piece(data, strides, nt, n0, b, e, [&](char** p, int64_t len, int64_t k) { epilogue(p, strides, len, buf + k); });
   }
 }
 
@@ -206,7 +205,9 @@ void clamped_math_kernel(const at::Tensor& out, const at::Tensor& input, Math ma
     constexpr int64_t kElem = sizeof(scalar_t);
     constexpr int64_t kBlock = kBlockBytes / kElem;
     iter.for_each([&](char** data, const int64_t* strides, int64_t n0, int64_t n1) {
-      if (strides[0] == kElem && strides[1] == kElem && n0 >= kMinDirectRow) {
+      // In place (out is the input) the fix-up would compare math(x) against the bound: staged.
+      const bool in_place = data[0] == data[1];
+      if (strides[0] == kElem && strides[1] == kElem && n0 >= kMinDirectRow && !in_place) {
         for (int64_t j = 0; j < n1; ++j) {
           auto* o = reinterpret_cast<scalar_t*>(data[0] + j * strides[2]);
           auto* x = reinterpret_cast<scalar_t*>(data[1] + j * strides[3]);

@@ -11,6 +11,8 @@ A bound (eps, max, fill) is a Python float that torch rounds to the tensor's dty
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -18,8 +20,6 @@ def resize_out(out: torch.Tensor, shape, op: str) -> None:
     """torch's out= convention: a wrong-shaped `out` is resized (with a warning if it held data)."""
     if out.shape != torch.Size(shape):
         if out.numel() != 0:
-            import warnings
-
             warnings.warn(f"gradguard.{op}: an output with one or more elements was resized since it had shape "
                           f"{list(out.shape)}, which does not match the required output shape {list(shape)}. "
                           "Pass an output of the right shape, or of 0 elements.", UserWarning, stacklevel=4)
