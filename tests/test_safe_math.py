@@ -9,6 +9,9 @@ directly; both must equal the composite.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -526,3 +529,33 @@ def test_default_kernels_are_the_reference():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gradguard::{name}", "CompositeExplicitAutograd")
     if not EXT_LOADED:
         assert not torch._C._dispatch_has_kernel_for_dispatch_key("gradguard::safe_log", "CPU")
+
+
+_ISA_CHECK = """
+import torch, gradguard
+from test_safe_math import sample, assert_same_bits, comp_log, comp_exp, comp_sqrt, composite_grad
+for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    for x in (sample(dt, n=70000, scale=30.0), sample(dt, n=3000).reshape(60, 50)[:, ::3]):
+        g = torch.ones_like(x)
+        for fn, comp in ((lambda t: gradguard.safe_log(t, 0.5), lambda t: comp_log(t, 0.5)),
+                         (lambda t: gradguard.safe_exp(t, 3.0), lambda t: comp_exp(t, 3.0))):
+            xr = x.detach().requires_grad_(True)
+            y = fn(xr)
+            y.backward(g)
+            assert_same_bits(y.detach(), comp(x))
+            assert_same_bits(xr.grad, composite_grad(comp, x, g))
+        assert_same_bits(gradguard.safe_sqrt(x), comp_sqrt(x))
+        d = x.flip(0)
+        assert_same_bits(gradguard.safe_div(x, d, eps=0.5), gradguard.reference.safe_div(x, d, 0.5, 0.0))
+print("ok")
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_kernels_of_other_isas(isa):
+    # This CPU runs the widest copy; the portable and avx2 copies run here in a subprocess.
+    env = {**os.environ, "GRADGUARD_CPU_ISA": isa}
+    r = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(__file__))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

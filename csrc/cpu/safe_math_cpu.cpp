@@ -14,7 +14,8 @@
 //
 // Layouts come from TensorIterator (broadcasting, views, 0-d, empty); the arithmetic row
 // kernels (safe_math_loops.inc) are compiled for the default ISA and for avx2+fma and picked at
-// run time, as in grad_stats_cpu.cpp.
+// run time, as in grad_stats_cpu.cpp; the fix-up (safe_math_fixup.inc) also for avx512, where its
+// masked stores measured 3-4% of the forward time less than avx2's.
 //
 // Refused with an error: dtypes other than float16/bfloat16/float32/float64 (the Python API
 // promotes integers first), operands of different dtypes, an `out` of another dtype, and
@@ -29,23 +30,45 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace gradguard {
 namespace {
 
 namespace isa_default {
+#include "safe_math_fixup.inc"
 #include "safe_math_loops.inc"
 }  // namespace isa_default
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
+#include "safe_math_fixup.inc"
 #include "safe_math_loops.inc"
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+namespace isa_avx512 {
+#include "safe_math_fixup.inc"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+// GRADGUARD_CPU_ISA=default|avx2 caps the ISA, so the tests can run the copies this CPU would
+// not pick.
+bool isa_allowed(const char* isa) {
+  const char* cap = std::getenv("GRADGUARD_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return true;
+  if (std::strcmp(cap, "default") == 0) return false;
+  return std::strcmp(cap, "avx2") == 0 ? std::strcmp(isa, "avx2") == 0 : true;
+}
+
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && isa_allowed("avx2");
+const bool kHasAvx512 = kHasAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && isa_allowed("avx512");
 
 // Picks the ISA copy and the contiguous or strided instantiation of a row kernel.
 #define GG_ROW(kernel, T, contig, ...)                                   \
@@ -214,7 +237,8 @@ void clamped_math_kernel(const at::Tensor& out, const at::Tensor& input, Math ma
           for (int64_t b = 0; b < n0; b += kBlock) {
             const int64_t len = std::min(kBlock, n0 - b);
             apply_math(math, o + b, x + b, len, dtype);
-            if (kHasAvx2) isa_avx2::overwrite_beyond_bound(o + b, x + b, len, lim, lim_value, is_min);
+            if (kHasAvx512) isa_avx512::overwrite_beyond_bound(o + b, x + b, len, lim, lim_value, is_min);
+            else if (kHasAvx2) isa_avx2::overwrite_beyond_bound(o + b, x + b, len, lim, lim_value, is_min);
             else isa_default::overwrite_beyond_bound(o + b, x + b, len, lim, lim_value, is_min);
           }
         }
