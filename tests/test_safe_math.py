@@ -473,6 +473,27 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(xc.grad, xe.grad)
 
 
+def test_compile_fullgraph_out():
+    torch._dynamo.reset()
+
+    def f(x, y, o1, o2, o3, o4):
+        gradguard.safe_log(x, 1e-3, out=o1)
+        gradguard.safe_exp(x, 2.0, out=o2)
+        gradguard.safe_sqrt(x, out=o3)
+        gradguard.safe_div(x, y, out=o4)
+        return o1 + o2 + o3 + o4
+
+    x = torch.rand(64) * 4 - 1
+    y = torch.randn(64)
+    y[::4] = 0.0
+    outs = [torch.empty(64) for _ in range(4)]
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y, *outs)
+    want = [comp_log(x, 1e-3), comp_exp(x, 2.0), comp_sqrt(x), reference.safe_div(x, y, 0.0, 0.0)]
+    for o, w in zip(outs, want):
+        assert_same_bits(o, w)
+    torch.testing.assert_close(got, sum(want[1:], want[0]))
+
+
 def _away_from_kinks(n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(n, generator=g, dtype=torch.float64) * 3 + 0.5)  # in [0.5, 3.5]
