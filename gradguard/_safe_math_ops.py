@@ -123,8 +123,8 @@ def _safe_sqrt_backward_fake(grad, input, eps):
 
 def _check_div(input, other, op):
     _check_float(input, op)
-    torch._check(other.dtype == input.dtype,
-                 lambda: f"gradguard.{op}: `other` has dtype {other.dtype} but `input` has {input.dtype}; they must match")
+    torch._check(other.dtype == input.dtype, lambda: f"gradguard.{op}: `other` has dtype {other.dtype} but `input` "
+                 f"has {input.dtype}; they must match")
 
 
 @torch.library.register_fake("gradguard::safe_div", lib=_lib)

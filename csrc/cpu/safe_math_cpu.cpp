@@ -150,7 +150,8 @@ void staged_loop(char** data, const int64_t* strides, int64_t n0, int64_t n1, in
       continue;
     }
     apply_math(math, buf, buf, e - b, dtype);
-    for_each_piece(data, strides, nt, n0, b, e, [&](char** p, int64_t len, int64_t k) { epilogue(p, strides, len, buf + k); });
+    for_each_piece(data, strides, nt, n0, b, e,
+                   [&](char** p, int64_t len, int64_t k) { epilogue(p, strides, len, buf + k); });
   }
 }
 
@@ -189,7 +190,8 @@ void check_float(const at::Tensor& t, const char* op, const char* arg) {
               " (gradguard.", op, " promotes integer inputs; the op itself takes floating-point tensors)");
 }
 
-void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg) {
+void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
+                      const char* ref_arg) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "gradguard.", op, ": `", arg, "` has dtype ", t.scalar_type(),
               " but `", ref_arg, "` has ", ref.scalar_type(), "; they must match");
 }
@@ -358,7 +360,7 @@ at::Tensor safe_sqrt_backward_cpu(const at::Tensor& grad, const at::Tensor& inpu
   check_backward_operand(input, grad, "safe_sqrt_backward", "input");
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_sqrt_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_sqrt_bwd_cpu", [&] {
     const scalar_t e = static_cast<scalar_t>(eps);
     const scalar_t zero = static_cast<scalar_t>(0);
     // The forward's values are recomputed (same clamp, same torch sqrt) rather than saved.
