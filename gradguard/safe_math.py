@@ -18,7 +18,6 @@ Common rules:
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -63,7 +62,7 @@ def _number(value, name: str, op: str, *, nonneg: bool, allow_nan: bool = False)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim tensor, got {value!r}")
     v = float(value)
-    if math.isnan(v) and not allow_nan:
+    if v != v and not allow_nan:  # not math.isnan: that does not trace when torch.compile makes v symbolic
         raise ValueError(f"gradguard.{op}: `{name}` must not be NaN")
     if nonneg and v < 0.0:
         raise ValueError(f"gradguard.{op}: `{name}` must be >= 0, got {v}")

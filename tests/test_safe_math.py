@@ -473,6 +473,20 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(xc.grad, xe.grad)
 
 
+@pytest.mark.parametrize("dynamic", [False, True, None])
+def test_compile_fullgraph_bounds_as_arguments(dynamic):
+    # Bounds that change between calls: recompiled, or symbolic floats (dynamic), never a break.
+    def f(x, eps, m):
+        return (gradguard.safe_log(x, eps) + gradguard.safe_exp(x, m, grad="straight_through")
+                + gradguard.safe_sqrt(x, eps) + gradguard.safe_div(x, x.flip(0), eps=eps, fill=m))
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for n, eps, m in [(8, 1e-3, 2.0), (13, 1e-2, 3.0), (21, 0.5, 1.0)]:
+        x = torch.rand(n) * 4 - 1
+        assert_same_bits(cf(x, eps, m), f(x, eps, m))
+
+
 def test_compile_fullgraph_out():
     torch._dynamo.reset()
 
