@@ -3,6 +3,8 @@
 Public API:
 - ``grad_stats``, ``GradStats``, ``all_finite``, ``clip_grad_norm_``: one read pass over a list of
   gradients for per-tensor norms, NaN/Inf counts, the total norm and a found-inf flag.
+- ``safe_log``, ``safe_exp``, ``safe_sqrt``, ``safe_div``: clamped math in one fused pass, forward
+  and backward, equal to the eager composites.
 - ``backend()``: which kernels serve each device, and why the compiled extension is missing.
 - ``GradGuard``: the optimizer wrapper (check, clip, skip, report); ``StepReport``, ``History``;
   spike policies ``ZScoreClip``, ``PercentileClip``; ``HygieneWarning``.
@@ -12,11 +14,13 @@ Environment: ``GRADGUARD_DISABLE_EXT=1`` forces the pure-PyTorch kernels;
 ``GRADGUARD_REQUIRE_EXT=1`` makes a missing or broken extension an ImportError.
 """
 from gradguard import _extension, _ops  # noqa: F401  (_ops defines the ops before _C registers kernels)
+from gradguard import _safe_math_ops  # noqa: F401  (likewise for the safe math ops)
 
 _extension.load()
 
 from gradguard._extension import backend  # noqa: E402
 from gradguard.errors import NonFiniteGradError  # noqa: E402
+from gradguard.safe_math import safe_div, safe_exp, safe_log, safe_sqrt  # noqa: E402
 from gradguard.stats import GradStats, all_finite, clip_grad_norm_, grad_stats  # noqa: E402
 from gradguard.hygiene import HygieneWarning  # noqa: E402
 from gradguard.optim import GradGuard  # noqa: E402
@@ -38,4 +42,8 @@ __all__ = [
     "backend",
     "clip_grad_norm_",
     "grad_stats",
+    "safe_div",
+    "safe_exp",
+    "safe_log",
+    "safe_sqrt",
 ]

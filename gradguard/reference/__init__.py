@@ -4,6 +4,28 @@ They are registered as the default kernel of each dispatcher op (used wherever n
 is registered for the device, and everywhere under ``GRADGUARD_DISABLE_EXT=1``), and they are the
 test oracle: straightforward float64 code, written for clarity rather than speed.
 """
+from gradguard.reference.safe_math import (
+    safe_div,
+    safe_div_backward,
+    safe_exp,
+    safe_exp_backward,
+    safe_log,
+    safe_log_backward,
+    safe_sqrt,
+    safe_sqrt_backward,
+)
 from gradguard.reference.stats import maybe_scale_, multi_tensor_stats, zero_nonfinite_and_scale_
 
-__all__ = ["maybe_scale_", "multi_tensor_stats", "zero_nonfinite_and_scale_"]
+__all__ = [
+    "maybe_scale_",
+    "multi_tensor_stats",
+    "safe_div",
+    "safe_div_backward",
+    "safe_exp",
+    "safe_exp_backward",
+    "safe_log",
+    "safe_log_backward",
+    "safe_sqrt",
+    "safe_sqrt_backward",
+    "zero_nonfinite_and_scale_",
+]

@@ -1,0 +1,213 @@
+"""The safe math dispatcher ops: schemas, fake kernels, autograd, and the reference kernels
+registered as each op's default implementation (gradguard/_C registers the CPU kernels).
+
+Every forward op takes plain floats for its bounds (the Python API has already validated them
+and read a 0-dim tensor bound) and a tensor of one floating dtype; safe_div's two tensors share
+that dtype and broadcast. ``straight_through`` does not change a forward value: it is in the
+forward schema so that autograd knows which backward to run.
+
+Backward ops are ops of their own (one fused pass each). Their outputs are not differentiable
+by the dispatcher; when a second derivative is asked for (grad mode on inside backward), the
+autograd formulas below compose the backward from differentiable torch ops instead, with the
+same values.
+"""
+from __future__ import annotations
+
+import torch
+
+from gradguard import _ops  # noqa: F401  (the DEF library of the namespace must exist before a FRAGMENT)
+from gradguard.reference import safe_math as ref
+
+_lib = torch.library.Library("gradguard", "FRAGMENT")
+
+_lib.define("safe_log(Tensor input, float eps, bool straight_through) -> Tensor")
+_lib.define("safe_log.out(Tensor input, float eps, bool straight_through, *, Tensor(a!) out) -> ()")
+_lib.define("safe_log_backward(Tensor grad, Tensor input, float eps, bool straight_through) -> Tensor")
+_lib.define("safe_exp(Tensor input, float max, bool straight_through) -> Tensor")
+_lib.define("safe_exp.out(Tensor input, float max, bool straight_through, *, Tensor(a!) out) -> ()")
+_lib.define("safe_exp_backward(Tensor grad, Tensor result, Tensor input, float max, bool straight_through) -> Tensor")
+_lib.define("safe_sqrt(Tensor input, float eps) -> Tensor")
+_lib.define("safe_sqrt.out(Tensor input, float eps, *, Tensor(a!) out) -> ()")
+_lib.define("safe_sqrt_backward(Tensor grad, Tensor input, float eps) -> Tensor")
+_lib.define("safe_div(Tensor input, Tensor other, float eps, float fill) -> Tensor")
+_lib.define("safe_div.out(Tensor input, Tensor other, float eps, float fill, *, Tensor(a!) out) -> ()")
+_lib.define("safe_div_backward(Tensor grad, Tensor input, Tensor other, float eps) -> (Tensor, Tensor)")
+
+
+def _laid_out_like(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t with the strides the fake kernel promises (empty_like(like)); copies only if they differ.
+    The reference backward functions stay plain differentiable compositions for double backward."""
+    want = torch.empty_like(like)
+    return t if want.stride() == t.stride() else want.copy_(t)
+
+
+def _log_backward_default(grad, input, eps, straight_through):
+    return _laid_out_like(input, ref.safe_log_backward(grad, input, eps, straight_through))
+
+
+def _exp_backward_default(grad, result, input, max, straight_through):
+    return _laid_out_like(input, ref.safe_exp_backward(grad, result, input, max, straight_through))
+
+
+def _sqrt_backward_default(grad, input, eps):
+    return _laid_out_like(input, ref.safe_sqrt_backward(grad, input, eps))
+
+
+def _div_backward_default(grad, input, other, eps):
+    like = ref.empty_broadcast(input, other)
+    return tuple(_laid_out_like(like, t) for t in ref.safe_div_backward(grad, input, other, eps))
+
+
+_DEFAULTS = {
+    "safe_log": ref.safe_log,
+    "safe_log.out": ref.safe_log_out,
+    "safe_log_backward": _log_backward_default,
+    "safe_exp": ref.safe_exp,
+    "safe_exp.out": ref.safe_exp_out,
+    "safe_exp_backward": _exp_backward_default,
+    "safe_sqrt": ref.safe_sqrt,
+    "safe_sqrt.out": ref.safe_sqrt_out,
+    "safe_sqrt_backward": _sqrt_backward_default,
+    "safe_div": ref.safe_div,
+    "safe_div.out": ref.safe_div_out,
+    "safe_div_backward": _div_backward_default,
+}
+for _name, _fn in _DEFAULTS.items():
+    torch.library.impl(f"gradguard::{_name}", "default", lib=_lib)(_fn)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---- fake kernels: the same allocation rules as the CPU kernels ---------------------------------
+
+def _check_float(t, op, arg="input"):
+    torch._check(t.dtype in _FLOAT_DTYPES,
+                 lambda: f"gradguard.{op}: `{arg}` must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _unary_fake(op):
+    def fake(input, *args):
+        _check_float(input, op)
+        return torch.empty_like(input)
+    return fake
+
+
+def _unary_out_fake(op):
+    def fake(input, *args, out):
+        _check_float(input, op)
+    return fake
+
+
+for _op in ("safe_log", "safe_exp", "safe_sqrt"):
+    torch.library.register_fake(f"gradguard::{_op}", _unary_fake(_op), lib=_lib)
+    torch.library.register_fake(f"gradguard::{_op}.out", _unary_out_fake(_op), lib=_lib)
+
+
+@torch.library.register_fake("gradguard::safe_log_backward", lib=_lib)
+def _safe_log_backward_fake(grad, input, eps, straight_through):
+    _check_float(grad, "safe_log_backward", "grad")
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("gradguard::safe_exp_backward", lib=_lib)
+def _safe_exp_backward_fake(grad, result, input, max, straight_through):
+    _check_float(grad, "safe_exp_backward", "grad")
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("gradguard::safe_sqrt_backward", lib=_lib)
+def _safe_sqrt_backward_fake(grad, input, eps):
+    _check_float(grad, "safe_sqrt_backward", "grad")
+    return torch.empty_like(input)
+
+
+def _check_div(input, other, op):
+    _check_float(input, op)
+    torch._check(other.dtype == input.dtype, lambda: f"gradguard.{op}: `other` has dtype {other.dtype} but `input` "
+                 f"has {input.dtype}; they must match")
+
+
+@torch.library.register_fake("gradguard::safe_div", lib=_lib)
+def _safe_div_fake(input, other, eps, fill):
+    _check_div(input, other, "safe_div")
+    return ref.empty_broadcast(input, other)
+
+
+@torch.library.register_fake("gradguard::safe_div.out", lib=_lib)
+def _safe_div_out_fake(input, other, eps, fill, *, out):
+    _check_div(input, other, "safe_div")
+
+
+@torch.library.register_fake("gradguard::safe_div_backward", lib=_lib)
+def _safe_div_backward_fake(grad, input, other, eps):
+    _check_div(input, other, "safe_div_backward")
+    return ref.empty_broadcast(input, other), ref.empty_broadcast(input, other)
+
+
+# ---- autograd ---------------------------------------------------------------------------------
+
+def _log_setup(ctx, inputs, output):
+    input, eps, straight_through = inputs
+    ctx.save_for_backward(input)
+    ctx.eps, ctx.straight_through = eps, straight_through
+
+
+def _log_backward(ctx, grad):
+    (input,) = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        g = ref.safe_log_backward(grad, input, ctx.eps, ctx.straight_through)
+    else:
+        g = torch.ops.gradguard.safe_log_backward(grad, input, ctx.eps, ctx.straight_through)
+    return g, None, None
+
+
+def _exp_setup(ctx, inputs, output):
+    input, max, straight_through = inputs
+    ctx.save_for_backward(output, input)
+    ctx.max, ctx.straight_through = max, straight_through
+
+
+def _exp_backward(ctx, grad):
+    result, input = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        g = ref.safe_exp_backward(grad, result, input, ctx.max, ctx.straight_through)
+    else:
+        g = torch.ops.gradguard.safe_exp_backward(grad, result, input, ctx.max, ctx.straight_through)
+    return g, None, None
+
+
+def _sqrt_setup(ctx, inputs, output):
+    input, eps = inputs
+    ctx.save_for_backward(input)
+    ctx.eps = eps
+
+
+def _sqrt_backward(ctx, grad):
+    (input,) = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        g = ref.safe_sqrt_backward(grad, input, ctx.eps)
+    else:
+        g = torch.ops.gradguard.safe_sqrt_backward(grad, input, ctx.eps)
+    return g, None
+
+
+def _div_setup(ctx, inputs, output):
+    input, other, eps, fill = inputs
+    ctx.save_for_backward(input, other)
+    ctx.eps = eps
+
+
+def _div_backward(ctx, grad):
+    input, other = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        gi, go = ref.safe_div_backward(grad, input, other, ctx.eps)
+    else:
+        gi, go = torch.ops.gradguard.safe_div_backward(grad, input, other, ctx.eps)
+    # Broadcast operands get their gradient summed back to their own shape, as torch.div's do.
+    return gi.sum_to_size(input.shape), go.sum_to_size(other.shape), None, None
+
+
+torch.library.register_autograd("gradguard::safe_log", _log_backward, setup_context=_log_setup, lib=_lib)
+torch.library.register_autograd("gradguard::safe_exp", _exp_backward, setup_context=_exp_setup, lib=_lib)
+torch.library.register_autograd("gradguard::safe_sqrt", _sqrt_backward, setup_context=_sqrt_setup, lib=_lib)
+torch.library.register_autograd("gradguard::safe_div", _div_backward, setup_context=_div_setup, lib=_lib)

@@ -1,0 +1,143 @@
+"""Benchmark cases of the safe math ops (issue 3's bar).
+
+2^26 float32 elements, 2 threads, medians. For safe_log and safe_exp: forward and
+forward+backward, against the eager composite, the composite under torch.compile, and the bare
+torch.log / torch.exp (the practical floor: one read, one write, the math). Forward is timed with
+a fresh output (what a model does) and with a preallocated ``out=`` (allocation cost removed).
+
+Cases are timed round-robin (every case once per round) and each target is checked on the
+median of per-round ratios: on a shared machine the load changes between rounds, not within one.
+Targets on the forward with a fresh output are the issue's bar; the out= line is the same bar
+with allocation (page faults of a fresh 256 MB tensor, most of the time here) taken out.
+
+Inputs: safe_log gets uniform [0, 1) with one exact zero per 1024 elements (log of
+probabilities); safe_exp gets N(0, 30^2) logits, so ~0.3% of elements are above the default max.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import gradguard
+from gradguard.bench.timing import Row, Table, sync
+from gradguard.safe_math import EXP_MAX
+
+FULL_N = 1 << 26
+QUICK_N = 1 << 20
+
+
+def _log_input(n, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, generator=g)
+    x[::1024] = 0.0
+    return x.to(device)
+
+
+def _exp_input(n, device):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, generator=g) * 30.0).to(device)
+
+
+def _fwd_bwd(fn, x, g):
+    def run():
+        x.grad = None
+        fn(x).backward(g)
+    return run
+
+
+def _interleaved(fns: dict, device, rounds: int, warmup: int = 1) -> dict:
+    """Times every case once per round, round after round, so that load from other processes on
+    a shared machine falls on all cases alike; returns each case's times (ms) by round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _ratio(times, a, b) -> float:
+    """Median over rounds of a's time / b's time in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def _table(title, fns, nbytes, floor, device, rounds):
+    times = _interleaved(fns, device, rounds)
+    rows = [Row(name, statistics.median(ts), nbytes) for name, ts in times.items()]
+    return Table(title, rows, floor=floor), times
+
+
+def _op_tables(name, fused, composite, bare, bare_out, x, device, rounds, bwd_bytes):
+    n = x.numel()
+    elem = x.element_size()
+    compiled = torch.compile(composite)
+    out = torch.empty_like(x)
+    fwd_bytes = 2 * n * elem
+    threads = torch.get_num_threads()
+    op = name[len("safe_"):]
+    BARE, OURS = f"torch.{op} (bare)", f"gradguard.{name}"
+    EAGER, COMPILED = f"eager composite {op}(clamp(x))", "composite under torch.compile"
+    BARE_OUT, OURS_OUT = f"torch.{op}(out=) (bare, preallocated)", f"gradguard.{name}(out=) (preallocated)"
+
+    fwd, t = _table(f"{name} forward, {n} float32, {device}, {threads} threads", {
+        BARE: lambda: bare(x),
+        OURS: lambda: fused(x),
+        EAGER: lambda: composite(x),
+        COMPILED: lambda: compiled(x),
+        BARE_OUT: lambda: bare_out(x, out),
+        OURS_OUT: lambda: fused(x, out=out),
+    }, fwd_bytes, BARE, device, rounds)
+    fwd.check(f"{name} / bare {op}", _ratio(t, OURS, BARE), "<=", 1.1)
+    fwd.check(f"{name} / compiled composite", _ratio(t, OURS, COMPILED), "<=", 1.0)
+    fwd.check(f"eager composite / {name} (speed-up)", _ratio(t, EAGER, OURS), ">=", 1.5)
+    fwd.check(f"{name}(out=) / bare {op}(out=)", _ratio(t, OURS_OUT, BARE_OUT), "<=", 1.1)
+
+    xg = x.clone().requires_grad_(True)
+    g = torch.ones_like(x)
+    fb, t = _table(f"{name} forward+backward, {n} float32, {device}, {threads} threads", {
+        BARE: _fwd_bwd(bare, xg, g),
+        OURS: _fwd_bwd(fused, xg, g),
+        EAGER: _fwd_bwd(composite, xg, g),
+        COMPILED: _fwd_bwd(compiled, xg, g),
+    }, fwd_bytes + bwd_bytes, BARE, device, rounds)
+    fb.check(f"eager composite / {name} (speed-up)", _ratio(t, EAGER, OURS), ">=", 1.5)
+    fb.check(f"{name} / compiled composite", _ratio(t, OURS, COMPILED), "<=", 1.0)
+    return [fwd, fb]
+
+
+def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
+    n = QUICK_N if quick else FULL_N
+    rounds = 3 if quick else 11
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(2)
+    try:
+        eps = torch.finfo(torch.float32).tiny
+        m = EXP_MAX[torch.float32]
+        out = _op_tables(
+            "safe_log", gradguard.safe_log, lambda x: torch.log(torch.clamp(x, min=eps)), torch.log,
+            lambda x, o: torch.log(x, out=o), _log_input(n, device), device, rounds,
+            bwd_bytes=3 * n * 4)  # backward reads grad and input, writes the gradient
+        out += _op_tables(
+            "safe_exp", gradguard.safe_exp, lambda x: torch.exp(torch.clamp(x, max=m)), torch.exp,
+            lambda x, o: torch.exp(x, out=o), _exp_input(n, device), device, rounds,
+            bwd_bytes=4 * n * 4)  # backward reads grad, result and input, writes the gradient
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    for table in tables(quick="--quick" in sys.argv):
+        print(table.format())
+        print()

@@ -1,0 +1,200 @@
+"""Safe math: log, exp, sqrt and division that clamp and compute in one pass, with autograd.
+
+Drop-in for the composites people write by hand (``torch.log(torch.clamp(x, min=eps))``): with
+the defaults, values and gradients equal those composites bit for bit, forward and backward run
+as one fused kernel each (CPU extension; the pure-PyTorch composite elsewhere), and a NaN that
+was already in the input always comes out as NaN.
+
+Common rules:
+- ``input`` is a tensor of any shape and layout. Integer and bool tensors are promoted to the
+  default dtype, as ``torch.log`` does; complex tensors are refused (TypeError).
+- Bounds (``eps``, ``max``, ``fill``) are Python numbers or 0-dim tensors; a tensor bound is read
+  once on the host (a device sync for a CUDA tensor, and a graph break under torch.compile) and
+  gets no gradient. They are rounded to the input's dtype, as ``torch.clamp`` rounds its bound.
+  NaN or out-of-range bounds raise ValueError naming the argument.
+- ``out=`` (as ``torch.log(..., out=)``) writes into a preallocated tensor of the result's dtype,
+  resizing it if its shape differs; like torch's out= functions it refuses inputs that require
+  grad while grad mode is on.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from gradguard import _safe_math_ops  # noqa: F401  (defines torch.ops.gradguard.safe_*)
+from gradguard.reference.safe_math import resize_out
+
+__all__ = ["safe_div", "safe_exp", "safe_log", "safe_sqrt"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_GRAD_MODES = ("clamp", "straight_through")
+
+# The largest value of each dtype whose exp, rounded to the dtype, is finite: the largest
+# representable value <= log(finfo(dtype).max). exp of the next value up is inf (tested).
+EXP_MAX = {
+    torch.float16: 11.0859375,
+    torch.bfloat16: 88.5,
+    torch.float32: 88.72283172607422,
+    torch.float64: 709.782712893384,
+}
+
+
+def _float_input(input, op: str, arg: str = "input") -> torch.Tensor:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"gradguard.{op}: `{arg}` must be a tensor, got {type(input).__name__}")
+    if input.is_complex():
+        raise TypeError(f"gradguard.{op}: `{arg}` is complex ({input.dtype}); only real tensors are supported")
+    if not input.is_floating_point():
+        return input.to(torch.get_default_dtype())
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"gradguard.{op}: `{arg}` has dtype {input.dtype}; supported: float16, bfloat16, "
+                        "float32, float64 (and integer types, promoted)")
+    return input
+
+
+def _number(value, name: str, op: str, *, nonneg: bool, allow_nan: bool = False) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex():
+            raise ValueError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim real tensor, got a "
+                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim tensor, got {value!r}")
+    v = float(value)
+    if v != v and not allow_nan:  # not math.isnan: that does not trace when torch.compile makes v symbolic
+        raise ValueError(f"gradguard.{op}: `{name}` must not be NaN")
+    if nonneg and v < 0.0:
+        raise ValueError(f"gradguard.{op}: `{name}` must be >= 0, got {v}")
+    return v
+
+
+def _straight_through(grad, op: str) -> bool:
+    if grad not in _GRAD_MODES:
+        raise ValueError(f"gradguard.{op}: `grad` must be 'clamp' or 'straight_through', got {grad!r}")
+    return grad == "straight_through"
+
+
+def _check_out(out, op: str, shape, *inputs: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"gradguard.{op}: `out` must be a tensor, got {type(out).__name__}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs + (out,)):
+        raise RuntimeError(f"gradguard.{op}(): functions with out=... arguments don't support automatic "
+                           "differentiation, but one of the arguments requires grad.")
+    resize_out(out, shape, op)
+
+
+_FLOAT_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _promote_floats(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    if a == b:
+        return a
+    if _FLOAT_RANK[a] == _FLOAT_RANK[b]:  # float16 with bfloat16
+        return torch.float32
+    return a if _FLOAT_RANK[a] > _FLOAT_RANK[b] else b
+
+
+def _div_dtype(input: torch.Tensor, other) -> torch.dtype:
+    """torch.div's result dtype (torch.result_type, then integers to the default dtype), written
+    out because torch.compile cannot trace torch.result_type."""
+    default = torch.get_default_dtype()
+    if not isinstance(other, torch.Tensor):  # a Python number never widens a float tensor
+        return input.dtype if input.is_floating_point() else default
+    fa, fb = input.is_floating_point(), other.is_floating_point()
+    if (input.dim() == 0) == (other.dim() == 0):
+        if fa and fb:
+            return _promote_floats(input.dtype, other.dtype)
+        return input.dtype if fa else other.dtype if fb else default
+    # A 0-dim tensor only decides the dtype when its category (float) is above the other's.
+    dimmed, zero = (input, other) if other.dim() == 0 else (other, input)
+    if dimmed.is_floating_point():
+        return dimmed.dtype
+    return zero.dtype if zero.is_floating_point() else default
+
+
+def safe_log(input: torch.Tensor, eps=None, *, grad: str = "clamp", out: torch.Tensor | None = None) -> torch.Tensor:
+    """``log(max(input, eps))``.
+
+    ``eps`` defaults to ``torch.finfo(dtype).tiny`` (the smallest normal number), so the result
+    is finite for finite or +inf input; it must be >= 0. NaN stays NaN, +inf gives +inf.
+
+    Gradient: with ``grad="clamp"``, that of ``torch.log(torch.clamp(input, min=eps))``:
+    ``grad / input`` where ``input >= eps``, 0 below eps and at NaN. With
+    ``grad="straight_through"``, ``grad / max(input, eps)`` everywhere (NaN at NaN input).
+    """
+    x = _float_input(input, "safe_log")
+    st = _straight_through(grad, "safe_log")
+    e = torch.finfo(x.dtype).tiny if eps is None else _number(eps, "eps", "safe_log", nonneg=True)
+    if out is not None:
+        _check_out(out, "safe_log", x.shape, x)
+        torch.ops.gradguard.safe_log.out(x, e, st, out=out)
+        return out
+    return torch.ops.gradguard.safe_log(x, e, st)
+
+
+def safe_exp(input: torch.Tensor, max=None, *, grad: str = "clamp", out: torch.Tensor | None = None) -> torch.Tensor:
+    """``exp(min(input, max))``.
+
+    ``max`` defaults to the largest value whose exp is finite in the dtype (``EXP_MAX``: 11.0859375
+    for float16, 88.5 for bfloat16, 88.72283172607422 for float32, 709.782712893384 for float64).
+    NaN stays NaN, -inf gives 0.
+
+    Gradient: with ``grad="clamp"``, that of ``torch.exp(torch.clamp(input, max=max))``:
+    ``grad * result`` where ``input <= max``, 0 above and at NaN. With ``grad="straight_through"``,
+    ``grad * result`` everywhere.
+    """
+    x = _float_input(input, "safe_exp")
+    st = _straight_through(grad, "safe_exp")
+    m = EXP_MAX[x.dtype] if max is None else _number(max, "max", "safe_exp", nonneg=False)
+    if out is not None:
+        _check_out(out, "safe_exp", x.shape, x)
+        torch.ops.gradguard.safe_exp.out(x, m, st, out=out)
+        return out
+    return torch.ops.gradguard.safe_exp(x, m, st)
+
+
+def safe_sqrt(input: torch.Tensor, eps=0.0, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sqrt(max(input, 0))``, equal to ``torch.sqrt(torch.clamp(input, min=0))``.
+
+    Gradient: ``grad / (2 sqrt(input))`` where ``input > eps`` (that of the composite), and 0 at
+    and below ``eps`` (>= 0): never the composite's inf at 0, the NaN source in norms and
+    distances. NaN input gives NaN and a zero gradient.
+    """
+    x = _float_input(input, "safe_sqrt")
+    e = _number(eps, "eps", "safe_sqrt", nonneg=True)
+    if out is not None:
+        _check_out(out, "safe_sqrt", x.shape, x)
+        torch.ops.gradguard.safe_sqrt.out(x, e, out=out)
+        return out
+    return torch.ops.gradguard.safe_sqrt(x, e)
+
+
+def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``input / other``, but ``fill`` where ``|other| <= eps`` (default: where ``other == 0``).
+
+    TensorFlow's ``divide_no_nan`` with an eps, except that a NaN ``input`` stays NaN (a guard
+    never hides a NaN that was already there). ``other`` is a tensor or a number; the two
+    broadcast and promote as in ``torch.div`` (integers to the default dtype). Guarded elements
+    get zero gradients for both operands; the others get ``torch.div``'s gradients exactly.
+    ``fill`` may be any number, NaN or inf included.
+    """
+    x = _float_input(input, "safe_div")
+    if isinstance(other, torch.Tensor):
+        if other.is_complex():
+            raise TypeError(f"gradguard.safe_div: `other` is complex ({other.dtype}); only real tensors are supported")
+    elif isinstance(other, bool) or not isinstance(other, numbers.Real):
+        raise TypeError(f"gradguard.safe_div: `other` must be a tensor or a real number, got {type(other).__name__}")
+    dtype = _div_dtype(input, other)
+    x = x.to(dtype)
+    if isinstance(other, torch.Tensor):
+        y = other.to(dtype=dtype, device=x.device) if other.dim() == 0 else other.to(dtype)
+    else:
+        y = torch.tensor(other, dtype=dtype, device=x.device)
+    e = 0.0 if eps is None else _number(eps, "eps", "safe_div", nonneg=True)
+    f = _number(fill, "fill", "safe_div", nonneg=False, allow_nan=True)
+    if out is not None:
+        _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), x, y)
+        torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
+        return out
+    return torch.ops.gradguard.safe_div(x, y, e, f)

@@ -1,0 +1,599 @@
+"""Safe math: values and gradients against the eager composites (bit for bit) and float64 math,
+boundaries and special values, every dtype and layout, both kernel paths, out=, errors, opcheck,
+torch.compile and gradcheck.
+
+"Both paths": each op is called through the public API (the dispatcher: the C++ kernel when
+the extension is loaded, the reference otherwise) and the reference kernels are called
+directly; both must equal the composite.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import EXT_LOADED, FLOAT_DTYPES, needs_ext
+
+import gradguard
+from gradguard import reference
+from gradguard.safe_math import EXP_MAX
+
+ops = torch.ops.gradguard
+TINY = {dt: torch.finfo(dt).tiny for dt in FLOAT_DTYPES}
+INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor):
+    """Equal dtype and shape, NaN at the same places, every other element bit-identical (so
+    -0.0 != 0.0)."""
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), "NaN positions differ"
+    iv = INT_VIEW[got.element_size()]
+    g = got.contiguous().view(iv)[~nan]
+    w = want.contiguous().view(iv)[~nan]
+    if not torch.equal(g, w):
+        bad = (g != w).nonzero()[:5].flatten()
+        raise AssertionError(f"{(g != w).sum().item()} of {g.numel()} elements differ; first: "
+                             f"got {got[~nan][bad].tolist()} want {want[~nan][bad].tolist()}")
+
+
+def sample(dtype, n=3000, scale=30.0, seed=0, specials=True):
+    """Random values of both signs and wide magnitude, plus zeros, -0.0, +-inf, NaN, tiny,
+    denormals, and values at the default bounds."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if specials:
+        fi = torch.finfo(dtype)
+        sub = fi.tiny * 2 ** -3 if dtype != torch.bfloat16 else fi.tiny / 8
+        vals = [0.0, -0.0, math.inf, -math.inf, math.nan, fi.tiny, -fi.tiny, sub, fi.smallest_normal / 2,
+                EXP_MAX[dtype], -EXP_MAX[dtype], 1e-3, 0.5, 3.0, fi.max, -fi.max]
+        v = torch.tensor(vals, dtype=torch.float64).to(dtype)
+        x[: v.numel()] = v
+        x[v.numel()::97] = 0.0
+    return x
+
+
+# ---- composites: the definition of the semantics --------------------------------------------------
+
+def comp_log(x, eps):
+    return torch.log(torch.clamp(x, min=eps))
+
+
+def comp_exp(x, m):
+    return torch.exp(torch.clamp(x, max=m))
+
+
+def comp_sqrt(x):
+    return torch.sqrt(torch.clamp(x, min=0.0))
+
+
+def composite_grad(fn, x, g, *args):
+    x = x.detach().requires_grad_(True)
+    fn(x, *args).backward(g)
+    return x.grad
+
+
+def api_grad(fn, x, g, **kw):
+    x = x.detach().requires_grad_(True)
+    y = fn(x, **kw)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+# ---- values and gradients vs the composites --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("eps", [None, 1e-3, 0.5, 0.0])
+def test_log_matches_composite(dtype, eps):
+    x = sample(dtype)
+    e = TINY[dtype] if eps is None else eps
+    want = comp_log(x, e)
+    assert_same_bits(gradguard.safe_log(x, eps), want)
+    assert_same_bits(reference.safe_log(x, e, False), want)
+    g = sample(dtype, seed=1, specials=False)
+    y, gx = api_grad(gradguard.safe_log, x, g, eps=eps)
+    assert_same_bits(gx, composite_grad(comp_log, x, g, e))
+    assert_same_bits(reference.safe_log_backward(g, x, e, False), gx)
+    # straight-through: grad / max(x, eps) everywhere
+    _, gst = api_grad(gradguard.safe_log, x, g, eps=eps, grad="straight_through")
+    assert_same_bits(gst, g / torch.clamp(x, min=e))
+    assert_same_bits(reference.safe_log_backward(g, x, e, True), gst)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m", [None, 3.0, -1.5])
+def test_exp_matches_composite(dtype, m):
+    x = sample(dtype, scale=10.0)
+    mm = EXP_MAX[dtype] if m is None else m
+    want = comp_exp(x, mm)
+    assert_same_bits(gradguard.safe_exp(x, m), want)
+    assert_same_bits(reference.safe_exp(x, mm, False), want)
+    g = sample(dtype, seed=1, specials=False)
+    y, gx = api_grad(gradguard.safe_exp, x, g, max=m)
+    assert_same_bits(gx, composite_grad(comp_exp, x, g, mm))
+    assert_same_bits(reference.safe_exp_backward(g, want, x, mm, False), gx)
+    _, gst = api_grad(gradguard.safe_exp, x, g, max=m, grad="straight_through")
+    assert_same_bits(gst, g * want)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("eps", [0.0, 1e-2])
+def test_sqrt_matches_composite_with_finite_gradient(dtype, eps):
+    x = sample(dtype, scale=5.0)
+    want = comp_sqrt(x)
+    assert_same_bits(gradguard.safe_sqrt(x, eps), want)
+    assert_same_bits(reference.safe_sqrt(x, eps), want)
+    g = sample(dtype, seed=1, specials=False)
+    _, gx = api_grad(gradguard.safe_sqrt, x, g, eps=eps)
+    e = torch.tensor(eps, dtype=torch.float64).to(dtype)
+    above = x > e
+    assert_same_bits(gx[above], composite_grad(lambda t: comp_sqrt(t), x, g)[above])
+    assert torch.all(gx[~above] == 0), "zero gradient at and below eps (and at NaN)"
+    assert torch.isfinite(gx[torch.isfinite(x)]).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("eps,fill", [(None, 0.0), (1e-2, -7.0), (0.5, math.nan)])
+def test_div_matches_torch_div_outside_the_guard(dtype, eps, fill):
+    a = sample(dtype, seed=2)
+    b = sample(dtype, seed=3, scale=2.0)
+    b[::5] = 0.0
+    b[1::10] = -0.0
+    a[5] = math.nan          # NaN numerator over 0: stays NaN
+    b[5] = 0.0
+    e = 0.0 if eps is None else eps
+    ec = torch.tensor(e, dtype=torch.float64).to(dtype)
+    guard = b.abs() <= ec
+    want = torch.where(guard & ~a.isnan(), torch.tensor(fill, dtype=dtype), a / b)
+    got = gradguard.safe_div(a, b, eps=eps, fill=fill)
+    assert_same_bits(got, want)
+    assert_same_bits(reference.safe_div(a, b, e, fill), want)
+    assert torch.isnan(got[5])
+    g = sample(dtype, seed=4, specials=False)
+    aa, bb = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+    gradguard.safe_div(aa, bb, eps=eps, fill=fill).backward(g)
+    ta, tb = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+    (ta / tb).backward(g)
+    assert_same_bits(aa.grad[~guard], ta.grad[~guard])
+    assert_same_bits(bb.grad[~guard], tb.grad[~guard])
+    assert torch.all(aa.grad[guard] == 0) and torch.all(bb.grad[guard] == 0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_close_to_float64_math(dtype):
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 2e-7, torch.float64: 1e-15}[dtype]
+    x = torch.rand(5000, dtype=torch.float64).mul(20).sub(5).to(dtype)
+    x64 = x.double()
+    for got, want in [
+        (gradguard.safe_log(x, 0.25), torch.log(x64.clamp(min=0.25))),
+        (gradguard.safe_exp(x, 4.0), torch.exp(x64.clamp(max=4.0))),
+        (gradguard.safe_sqrt(x), torch.sqrt(x64.clamp(min=0.0))),
+        (gradguard.safe_div(x, x.flip(0).abs() + 1), x64 / (x.flip(0).abs() + 1).double()),
+    ]:
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+# ---- boundaries and special values ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_boundaries_and_special_values(dtype):
+    inf, nan = math.inf, math.nan
+    t = lambda *v: torch.tensor(v, dtype=dtype)  # noqa: E731
+    # log: exactly eps passes the gradient (clamp's >=), below gets 0; +inf -> +inf; NaN -> NaN
+    x = t(0.5, 0.25, 0.0, -0.0, inf, nan, -inf).requires_grad_(True)
+    y = gradguard.safe_log(x, 0.5)
+    y.backward(torch.ones_like(y))
+    assert y[0] == math.log(0.5) and y[1] == y[0] and y[2] == y[0] and y[3] == y[0] and y[6] == y[0]
+    assert y[4] == inf and torch.isnan(y[5])
+    assert x.grad.tolist()[:1] == [2.0] and x.grad.tolist()[1:] == [0.0] * 6
+    # default eps: finite for every finite input, the denormals and zeros included
+    z = gradguard.safe_log(t(0.0, -0.0, -1.0, TINY[dtype] / 4, -inf))
+    assert torch.isfinite(z).all()
+    assert torch.all(z == math.log(TINY[dtype]))  # log(tiny) is exact enough in every dtype to be one value
+    # exp: exactly max passes the gradient, above gets 0; -inf -> 0; NaN -> NaN; default never inf
+    x = t(3.0, 4.0, -inf, nan, inf).requires_grad_(True)
+    y = gradguard.safe_exp(x, 3.0)
+    y.backward(torch.ones_like(y))
+    assert y[1] == y[0] and y[2] == 0 and torch.isnan(y[3]) and y[4] == y[0]
+    assert x.grad[0] == y[0] and x.grad[1:].eq(0).all()
+    assert torch.isfinite(gradguard.safe_exp(t(inf, 1e4, EXP_MAX[dtype]))).all()
+    # sqrt: value of the composite, zero gradient at and below eps
+    x = t(0.0, -0.0, -1.0, 4.0, 0.01, nan).requires_grad_(True)
+    y = gradguard.safe_sqrt(x)
+    y.backward(torch.ones_like(y))
+    assert torch.signbit(y[1]) and y[0] == 0 and y[2] == 0 and torch.isnan(y[5])
+    assert x.grad.tolist()[:3] == [0.0, 0.0, 0.0] and x.grad[3] == 0.25 and torch.isfinite(x.grad).all()
+    # div: |other| <= eps is guarded, other values divide; NaN other propagates
+    a, b = t(1.0, nan, 1.0, 1.0, 1.0, 0.0), t(0.0, 0.0, -0.0, 0.25, nan, 0.0)
+    assert_same_bits(gradguard.safe_div(a, b, fill=9.0), t(9.0, nan, 9.0, 4.0, nan, 9.0))
+    assert_same_bits(gradguard.safe_div(a, b, eps=0.25), t(0.0, nan, 0.0, 0.0, nan, 0.0))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_default_exp_max_is_the_largest_finite(dtype):
+    m = torch.tensor(EXP_MAX[dtype], dtype=dtype)
+    assert m.item() == EXP_MAX[dtype], "representable in the dtype"
+    assert torch.isfinite(torch.exp(m))
+    assert torch.isinf(torch.exp(torch.nextafter(m, torch.tensor(math.inf, dtype=dtype))))
+
+
+# ---- layouts, broadcasting, out= ------------------------------------------------------------------
+
+def layouts(dtype):
+    base = sample(dtype, n=6 * 40 * 50, scale=4.0).reshape(6, 40, 50)
+    return {
+        "contiguous": base,
+        "transposed": base.transpose(0, 2),
+        "strided": base[:, ::3, 1::2],
+        "short_rows": base[..., :3],
+        "expanded": base[:, :1, :].expand(6, 40, 50),
+        "channels_last": base.reshape(3, 2, 40, 50).contiguous(memory_format=torch.channels_last),
+        "0-d": base[1, 2, 3],
+        "empty": base[:, :0],
+        "large": sample(dtype, n=(1 << 18) + 33, scale=4.0),  # several blocks and both threads
+    }
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", list(layouts(torch.float32)))
+def test_layouts(dtype, layout):
+    x = layouts(dtype)[layout]
+    g = torch.ones_like(x)
+    for fn, comp, kw in [
+        (gradguard.safe_log, lambda t: comp_log(t, 0.5), {"eps": 0.5}),
+        (gradguard.safe_exp, lambda t: comp_exp(t, 2.0), {"max": 2.0}),
+        (gradguard.safe_sqrt, comp_sqrt, {"eps": 0.0}),
+    ]:
+        y, gx = api_grad(fn, x, g, **kw)
+        assert_same_bits(y, comp(x))
+        want_g = composite_grad(comp, x, g)
+        if fn is gradguard.safe_sqrt:
+            want_g = torch.where(x > 0, want_g, 0.0)
+        assert_same_bits(gx, want_g)
+        # the result is laid out like the input, as the fake kernel says (torch.empty_like)
+        assert y.stride() == torch.empty_like(x).stride()
+        # an out= whose layout differs from the input's (its last two dims swapped in memory)
+        out = torch.empty_like(x.mT).mT if x.dim() >= 2 else torch.empty_like(x)
+        assert_same_bits(fn(x, **kw, out=out), comp(x))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shapes", [((3, 1, 5), (4, 1)), ((7,), ()), ((), (2, 3)), ((4, 5), (4, 5))])
+def test_div_broadcasting(dtype, shapes):
+    sa, sb = shapes
+    a = torch.randn(sa, dtype=torch.float64).to(dtype)
+    b = torch.randn(sb, dtype=torch.float64).to(dtype)
+    if b.numel() > 1:
+        b.view(-1)[::2] = 0.0
+    aa, bb = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    y = gradguard.safe_div(aa, bb, fill=1.5)
+    guard = torch.broadcast_to(b == 0, y.shape)
+    want = torch.where(guard, torch.tensor(1.5, dtype=dtype), a / b)
+    assert_same_bits(y.detach(), want)
+    g = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    y.backward(g)
+    assert aa.grad.shape == a.shape and bb.grad.shape == b.shape
+    # torch.div's gradients with the guarded elements' contributions zeroed, summed by autograd
+    ta, tb = a.clone().requires_grad_(True), b.where(b != 0, torch.ones_like(b)).requires_grad_(True)
+    (ta / tb).backward(g.masked_fill(guard, 0))
+    torch.testing.assert_close(aa.grad, ta.grad, rtol=0, atol=0)
+    torch.testing.assert_close(bb.grad.masked_fill(b == 0, 0), tb.grad.masked_fill(b == 0, 0), rtol=0, atol=0)
+    assert torch.all(bb.grad[b == 0] == 0)
+
+
+def test_div_promotes_like_torch_div():
+    dts = [torch.bool, torch.uint8, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    for da in dts:
+        for db in dts:
+            for shape_a, shape_b in [((3,), (3,)), ((3,), ()), ((), (3,)), ((), ())]:
+                a, b = torch.ones(shape_a, dtype=da), torch.ones(shape_b, dtype=db)
+                assert gradguard.safe_div(a, b).dtype == torch.div(a, b).dtype, (da, db, shape_a, shape_b)
+        for number in (2, 2.5):
+            a = torch.ones(3, dtype=da)
+            assert gradguard.safe_div(a, number).dtype == torch.div(a, number).dtype, (da, number)
+
+
+def test_div_scalar_other_and_promotion():
+    a = torch.arange(6, dtype=torch.int64)
+    r = gradguard.safe_div(a, 0)
+    assert r.dtype == torch.get_default_dtype() and torch.all(r == 0)
+    assert_same_bits(gradguard.safe_div(a, 2), a / 2)
+    h = torch.randn(5, dtype=torch.float16)
+    assert gradguard.safe_div(h, torch.tensor(2.0)).dtype == torch.float16   # 0-dim does not promote
+    assert gradguard.safe_div(h, torch.ones(5)).dtype == torch.float32
+    assert_same_bits(gradguard.safe_div(h, 2.0), h / 2.0)
+
+
+@pytest.mark.parametrize("fn", [gradguard.safe_log, gradguard.safe_exp, gradguard.safe_sqrt])
+def test_integer_inputs_promote_like_torch_log(fn):
+    for dt in (torch.int32, torch.int64, torch.uint8, torch.bool):
+        x = torch.tensor([0, 1, 2, 5]).to(dt)
+        y = fn(x)
+        assert y.dtype == torch.log(x).dtype == torch.get_default_dtype()
+        assert_same_bits(y, fn(x.to(y.dtype)))
+
+
+def test_out_preallocated_resized_and_refused_with_grad():
+    x = torch.rand(10, 20) + 0.1
+    out = torch.empty(10, 20)
+    r = gradguard.safe_log(x, out=out)
+    assert r is out or r.data_ptr() == out.data_ptr()
+    assert_same_bits(out, comp_log(x, TINY[torch.float32]))
+    for fn in (gradguard.safe_exp, gradguard.safe_sqrt):
+        o = torch.empty(10, 20)
+        fn(x, out=o)
+        assert_same_bits(o, fn(x))
+    o = torch.empty(10, 20)
+    gradguard.safe_div(x, x.t().contiguous().t(), out=o)
+    assert_same_bits(o, gradguard.safe_div(x, x))
+    o = torch.empty(0)
+    gradguard.safe_log(x, out=o)  # resized silently from empty
+    assert o.shape == x.shape
+    o = torch.empty(3)
+    with pytest.warns(UserWarning, match="resized"):
+        gradguard.safe_exp(x, out=o)
+    assert o.shape == x.shape
+    with pytest.raises(RuntimeError, match="out"):
+        gradguard.safe_log(x, out=torch.empty(10, 20, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="automatic differentiation"):
+        gradguard.safe_log(x.requires_grad_(True), out=torch.empty(10, 20))
+    with torch.no_grad():
+        gradguard.safe_log(x, out=out)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n", [40, 70000])  # the staged path and the direct (long-row) path
+def test_out_in_place(dtype, n):
+    x = sample(dtype, n=n, scale=100.0)
+    for fn, comp in [(lambda t, **kw: gradguard.safe_log(t, 0.5, **kw), lambda t: comp_log(t, 0.5)),
+                     (lambda t, **kw: gradguard.safe_exp(t, 3.0, **kw), lambda t: comp_exp(t, 3.0)),
+                     (gradguard.safe_sqrt, comp_sqrt),
+                     (lambda t, **kw: gradguard.safe_div(t, t.flip(0), eps=0.5, **kw),
+                      lambda t: reference.safe_div(t, t.flip(0), 0.5, 0.0))]:
+        o = x.clone()
+        fn(o, out=o)
+        assert_same_bits(o, comp(x))
+
+
+# ---- arguments and errors --------------------------------------------------------------------------
+
+def test_bounds_as_0dim_tensors_equal_numbers():
+    x = sample(torch.float32)
+    assert_same_bits(gradguard.safe_log(x, torch.tensor(1e-3)), gradguard.safe_log(x, 1e-3))
+    assert_same_bits(gradguard.safe_exp(x, torch.tensor(2.5, dtype=torch.float64)), gradguard.safe_exp(x, 2.5))
+    assert_same_bits(gradguard.safe_sqrt(x, torch.tensor(0.1)), gradguard.safe_sqrt(x, 0.1))
+    y = x.flip(0)
+    assert_same_bits(gradguard.safe_div(x, y, eps=torch.tensor(0.5), fill=torch.tensor(2.0)),
+                     gradguard.safe_div(x, y, eps=0.5, fill=2.0))
+    assert_same_bits(gradguard.safe_log(x, 1), gradguard.safe_log(x, 1.0))  # ints are fine
+
+
+@pytest.mark.parametrize("call,arg", [
+    (lambda x: gradguard.safe_log(x, -1e-3), "eps"),
+    (lambda x: gradguard.safe_log(x, math.nan), "eps"),
+    (lambda x: gradguard.safe_log(x, torch.tensor([1e-3, 1e-3])), "eps"),
+    (lambda x: gradguard.safe_log(x, "small"), "eps"),
+    (lambda x: gradguard.safe_log(x, True), "eps"),
+    (lambda x: gradguard.safe_log(x, grad="ste"), "grad"),
+    (lambda x: gradguard.safe_exp(x, math.nan), "max"),
+    (lambda x: gradguard.safe_exp(x, torch.tensor(math.nan)), "max"),
+    (lambda x: gradguard.safe_exp(x, grad=None), "grad"),
+    (lambda x: gradguard.safe_sqrt(x, -1.0), "eps"),
+    (lambda x: gradguard.safe_div(x, x, eps=-1.0), "eps"),
+    (lambda x: gradguard.safe_div(x, x, eps=math.nan), "eps"),
+    (lambda x: gradguard.safe_div(x, x, fill="zero"), "fill"),
+])
+def test_invalid_arguments_raise_value_error_naming_them(call, arg):
+    with pytest.raises(ValueError, match=f"`{arg}`"):
+        call(torch.ones(3))
+
+
+def test_refused_inputs():
+    with pytest.raises(TypeError, match="`input`"):
+        gradguard.safe_log(torch.ones(2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="`input`"):
+        gradguard.safe_exp([1.0, 2.0])
+    with pytest.raises(TypeError, match="`other`"):
+        gradguard.safe_div(torch.ones(2), torch.ones(2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="`other`"):
+        gradguard.safe_div(torch.ones(2), "2")
+    with pytest.raises(RuntimeError):
+        gradguard.safe_div(torch.ones(2), torch.ones(3))
+
+
+@needs_ext
+def test_cpu_kernel_refuses_what_it_cannot_serve():
+    with pytest.raises(RuntimeError, match="`input` must be float16, bfloat16, float32 or float64"):
+        ops.safe_log(torch.ones(3, dtype=torch.int32), 1e-3, False)
+    with pytest.raises(RuntimeError, match="`other` has dtype"):
+        ops.safe_div(torch.ones(3), torch.ones(3, dtype=torch.float64), 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="`eps` must be >= 0"):
+        ops.safe_log(torch.ones(3), -1.0, False)
+    with pytest.raises(RuntimeError, match="`out` has dtype"):
+        ops.safe_exp.out(torch.ones(3), 1.0, False, out=torch.empty(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="shape"):
+        ops.safe_log_backward(torch.ones(3), torch.ones(4), 1e-3, False)
+    x = torch.ones(10)
+    with pytest.raises(RuntimeError):  # partial overlap of output and input
+        ops.safe_log.out(x[1:], 1e-3, False, out=x[:-1])
+
+
+# ---- the dispatcher contract: opcheck, compile, gradcheck ----------------------------------------
+
+def _opcheck_cases():
+    x = torch.rand(4, 5, dtype=torch.float64) + 0.1
+    x[0, 0] = 0.0
+    g = torch.randn(4, 5, dtype=torch.float64)
+    o = torch.randn(5, dtype=torch.float64)
+    o[1] = 0.0
+    grad_x = x.detach().requires_grad_(True)
+    return [
+        (ops.safe_log.default, (grad_x, 1e-3, False)),
+        (ops.safe_log.default, (grad_x, 1e-3, True)),
+        (ops.safe_log.out, (x, 1e-3, False), {"out": torch.empty(4, 5, dtype=torch.float64)}),
+        (ops.safe_log_backward.default, (g, x, 1e-3, False)),
+        (ops.safe_exp.default, (grad_x, 1.0, False)),
+        (ops.safe_exp.out, (x, 1.0, True), {"out": torch.empty(4, 5, dtype=torch.float64)}),
+        (ops.safe_exp_backward.default, (g, x.exp(), x, 1.0, True)),
+        (ops.safe_sqrt.default, (grad_x, 0.0)),
+        (ops.safe_sqrt.out, (x, 0.0), {"out": torch.empty(4, 5, dtype=torch.float64)}),
+        (ops.safe_sqrt_backward.default, (g, x, 1e-2)),
+        (ops.safe_div.default, (grad_x, o.requires_grad_(True), 0.0, 0.0)),
+        (ops.safe_div.default, (x.t(), x.t().contiguous(), 0.5, 2.0)),
+        (ops.safe_div.out, (x, o.detach(), 0.0, 0.0), {"out": torch.empty(4, 5, dtype=torch.float64)}),
+        (ops.safe_div_backward.default, (g, x, o.detach(), 0.0)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    op, args, *kw = _opcheck_cases()[case]
+    torch.library.opcheck(op, args, kw[0] if kw else None)
+
+
+def _fwd_bwd(x, y):
+    return (gradguard.safe_log(x, 1e-3) + gradguard.safe_exp(x, 2.0, grad="straight_through")
+            + gradguard.safe_sqrt(x) + gradguard.safe_div(x, y, eps=1e-3)).sum()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x = torch.rand(64, dtype=torch.float32) * 4 - 1
+    y = torch.randn(64)
+    y[::4] = 0.0
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want = _fwd_bwd(xe, y)
+    want.backward()
+    got = torch.compile(_fwd_bwd, fullgraph=True, backend=backend)(xc, y)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(xc.grad, xe.grad)
+
+
+@pytest.mark.parametrize("dynamic", [False, True, None])
+def test_compile_fullgraph_bounds_as_arguments(dynamic):
+    # Bounds that change between calls: recompiled, or symbolic floats (dynamic), never a break.
+    def f(x, eps, m):
+        return (gradguard.safe_log(x, eps) + gradguard.safe_exp(x, m, grad="straight_through")
+                + gradguard.safe_sqrt(x, eps) + gradguard.safe_div(x, x.flip(0), eps=eps, fill=m))
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for n, eps, m in [(8, 1e-3, 2.0), (13, 1e-2, 3.0), (21, 0.5, 1.0)]:
+        x = torch.rand(n) * 4 - 1
+        assert_same_bits(cf(x, eps, m), f(x, eps, m))
+
+
+def test_compile_fullgraph_out():
+    torch._dynamo.reset()
+
+    def f(x, y, o1, o2, o3, o4):
+        gradguard.safe_log(x, 1e-3, out=o1)
+        gradguard.safe_exp(x, 2.0, out=o2)
+        gradguard.safe_sqrt(x, out=o3)
+        gradguard.safe_div(x, y, out=o4)
+        return o1 + o2 + o3 + o4
+
+    x = torch.rand(64) * 4 - 1
+    y = torch.randn(64)
+    y[::4] = 0.0
+    outs = [torch.empty(64) for _ in range(4)]
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y, *outs)
+    want = [comp_log(x, 1e-3), comp_exp(x, 2.0), comp_sqrt(x), reference.safe_div(x, y, 0.0, 0.0)]
+    for o, w in zip(outs, want):
+        assert_same_bits(o, w)
+    torch.testing.assert_close(got, sum(want[1:], want[0]))
+
+
+def _away_from_kinks(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=g, dtype=torch.float64) * 3 + 0.5)  # in [0.5, 3.5]
+
+
+@pytest.mark.parametrize("mode", ["clamp", "straight_through"])
+def test_gradcheck_and_gradgradcheck(mode):
+    x = _away_from_kinks()
+    # With clamp, the bounds put elements on each side, none within gradcheck's step of a kink.
+    # Straight-through is not the derivative inside the clamped region (by design), so there
+    # the bounds leave every element unclamped, where it is.
+    x[:3] = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    x[3:6] = torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64)
+    x = x.requires_grad_(True)
+    eps, m = (0.4, 3.8) if mode == "clamp" else (0.05, 7.0)
+    y = torch.linspace(-2, 2, 12, dtype=torch.float64)
+    y[[2, 7]] = 0.0
+    y = y.requires_grad_(True)
+    cases = [
+        (lambda t: gradguard.safe_log(t, eps, grad=mode), (x,)),
+        (lambda t: gradguard.safe_exp(t, m, grad=mode), (x,)),
+        # sqrt's zero gradient at and below eps is not the derivative either: keep x above it
+        (lambda t: gradguard.safe_sqrt(t, 0.05), (x,)),
+        # guarded divisors are exactly 0, so gradcheck's steps stay within eps of 0
+        (lambda a, b: gradguard.safe_div(a, b, eps=0.05, fill=3.0), (x, y)),
+        (lambda a, b: gradguard.safe_div(a, b, eps=0.05), (x.detach()[:1].clone().requires_grad_(True), y)),
+    ]
+    for fn, args in cases:
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_double_backward_first_order_equals_fused():
+    x = sample(torch.float32, specials=False).requires_grad_(True)
+    for fn in (lambda t: gradguard.safe_log(t, 0.5), lambda t: gradguard.safe_exp(t, 2.0),
+               gradguard.safe_sqrt, lambda t: gradguard.safe_div(t, t.detach().flip(0))):
+        (g1,) = torch.autograd.grad(fn(x).sum(), x)
+        (g2,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+        assert_same_bits(g1, g2.detach())
+
+
+# ---- the two paths are registered as they should be ----------------------------------------------
+
+@needs_ext
+def test_cpu_kernels_registered():
+    for name in ("safe_log", "safe_exp", "safe_sqrt", "safe_div"):
+        for op in (name, f"{name}.out", f"{name}_backward"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gradguard::{op}", "CPU"), op
+
+
+def test_default_kernels_are_the_reference():
+    # Under GRADGUARD_DISABLE_EXT=1 the dispatcher serves every op with these functions.
+    for name in ("safe_log", "safe_exp", "safe_sqrt", "safe_div"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gradguard::{name}", "CompositeExplicitAutograd")
+    if not EXT_LOADED:
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key("gradguard::safe_log", "CPU")
+
+
+_ISA_CHECK = """
+import torch, gradguard
+from test_safe_math import sample, assert_same_bits, comp_log, comp_exp, comp_sqrt, composite_grad
+for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    for x in (sample(dt, n=70000, scale=30.0), sample(dt, n=3000).reshape(60, 50)[:, ::3]):
+        g = torch.ones_like(x)
+        for fn, comp in ((lambda t: gradguard.safe_log(t, 0.5), lambda t: comp_log(t, 0.5)),
+                         (lambda t: gradguard.safe_exp(t, 3.0), lambda t: comp_exp(t, 3.0))):
+            xr = x.detach().requires_grad_(True)
+            y = fn(xr)
+            y.backward(g)
+            assert_same_bits(y.detach(), comp(x))
+            assert_same_bits(xr.grad, composite_grad(comp, x, g))
+        assert_same_bits(gradguard.safe_sqrt(x), comp_sqrt(x))
+        d = x.flip(0)
+        assert_same_bits(gradguard.safe_div(x, d, eps=0.5), gradguard.reference.safe_div(x, d, 0.5, 0.0))
+print("ok")
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_kernels_of_other_isas(isa):
+    # This CPU runs the widest copy; the portable and avx2 copies run here in a subprocess.
+    env = {**os.environ, "GRADGUARD_CPU_ISA": isa}
+    r = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(__file__))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
