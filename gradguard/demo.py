@@ -65,6 +65,7 @@ class Fault:
     start: int
     stop: int  # exclusive
     what: str
+    after: int = 0  # steps after the fault whose reports count too (its effect shows later)
 
     def active(self, step: int) -> bool:
         return self.start <= step < self.stop
@@ -76,7 +77,7 @@ def fault_schedule(steps: int) -> list[Fault]:
         Fault("nan_batch", at(0.20), at(0.20) + 1, "a batch containing NaN"),
         Fault("exp_overflow", at(0.35), at(0.35) + 1, "exp overflow in the loss (logits x 1000)"),
         Fault("log_zero", at(0.50), at(0.50) + 1, "log(0) in the loss (a probability underflows to 0)"),
-        Fault("lr_spike", at(0.65), at(0.65) + 3, f"learning rate x {LR_SPIKE:g} for 3 steps"),
+        Fault("lr_spike", at(0.65), at(0.65) + 3, f"learning rate x {LR_SPIKE:g} for 3 steps", after=3),
         Fault("no_zero_grad", at(0.80), at(0.80) + 10, "the loop forgets zero_grad() for 10 steps"),
     ]
 
@@ -163,7 +164,7 @@ def train(guarded: bool, steps: int, device, seed: int = 0) -> RunResult:
                 norms_per_step.append(opt.last.norms.detach().clone())
                 skipped_per_step.append(opt.last.skipped.clone())
             for f in faults:
-                if f.active(step):
+                if f.start <= step < f.stop + f.after:
                     res.events.setdefault(f.name, []).append(describe_step(step, loss, model, opt if guarded else None))
             progress(run, step, steps, res.losses[-1])
     res.warnings = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
@@ -175,20 +176,24 @@ def train(guarded: bool, steps: int, device, seed: int = 0) -> RunResult:
     return res
 
 
-def describe_step(step, loss, model, guard) -> str:
+def describe_step(step, loss, model, guard) -> tuple[float, str]:
+    """(severity, sentence) for one step: what the loss, the params and the guard did."""
     finite_params = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     text = f"step {step}: loss {float(loss):.4g}, params {'finite' if finite_params else 'NOT finite'}"
+    severity = 0.0 if math.isfinite(float(loss)) and finite_params else 3.0
     if guard is not None:
         rep = guard.last.as_dict()
         if rep["skipped"]:
             bad = rep["nonfinite_layers"]
+            severity = 3.0
             text += f"; SKIPPED, non-finite grads in {len(bad)} layers ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
         elif rep["clipped"]:
+            severity = 2.0 - rep["clip_coef"]
             worst = ", ".join(f"{n} ({v:.3g})" for n, v in rep["worst_layers"][:2])
             text += f"; clipped x{rep['clip_coef']:.3g} (norm {rep['total_norm']:.3g}; largest: {worst})"
         else:
             text += f"; grad norm {rep['total_norm']:.3g}, stepped normally"
-    return text
+    return severity, text
 
 
 def table(rows: list[list[str]]) -> str:
@@ -211,12 +216,14 @@ def nonfinite_steps(losses) -> str:
 
 def report(plain: RunResult, guard: RunResult, steps: int) -> str:
     faults = fault_schedule(steps)
-    out = ["", "What each fault did:"]
+    out = ["", "What each fault did (the most severe of its steps; for the LR spike, of the 3 after it too):"]
     for f in faults:
-        out.append(f"  {f.name} ({f.what}), steps {f.start}-{f.stop - 1}:")
+        out.append(f"  {f.name} ({f.what}), step{'s' if f.stop - f.start > 1 else ''} "
+                   f"{f.start}{f'-{f.stop - 1}' if f.stop - f.start > 1 else ''}:")
         for r, label in ((plain, "unguarded"), (guard, "guarded")):
             ev = r.events.get(f.name, [])
-            out.append(f"    {label:<9}: {ev[0] if ev else '-'}" + (f"  (+{len(ev) - 1} more steps)" if len(ev) > 1 else ""))
+            worst = max(ev, key=lambda e: e[0])[1] if ev else "-"  # max() keeps the first of ties
+            out.append(f"    {label:<9}: {worst}")
     zero_grad_warnings = [w for w in guard.warnings if "zero_grad" in w]
     out.append(f"  hygiene warning from the guard: {zero_grad_warnings[0] if zero_grad_warnings else 'none'}")
 
@@ -262,7 +269,8 @@ def plot(plain: RunResult, guard: RunResult, steps: int, path: str) -> None:
                  color="tab:red", fontsize=8, va="top")
     for f in faults:
         ax1.axvspan(f.start - 0.5, f.stop - 0.5, color="orange", alpha=0.3)
-        ax1.text(f.start, ax1.get_ylim()[0], f.name, rotation=90, fontsize=7, va="bottom")
+        ax1.text(f.start, 0.03, f" {f.name}", transform=ax1.get_xaxis_transform(), rotation=90, fontsize=7,
+                 va="bottom", ha="right")
     ax1.set_yscale("log")
     ax1.set_ylabel("training loss")
     ax1.set_title("Same seed, same faults: unguarded run vs gradguard")
@@ -270,9 +278,14 @@ def plot(plain: RunResult, guard: RunResult, steps: int, path: str) -> None:
 
     norms = guard.layer_norms.clone()
     norms[~torch.isfinite(norms)] = float("nan")
-    img = torch.log10(norms.clamp_min(1e-12)).T.numpy()
-    im = ax2.imshow(img, aspect="auto", interpolation="nearest", cmap="viridis", extent=(0.5, steps + 0.5,
-                    len(guard.layer_names) - 0.5, -0.5))
+    img = torch.log10(norms.clamp_min(1e-12)).T
+    finite = img[torch.isfinite(img)]
+    # Colour range from the bulk of the run: one step whose gradient vanished (all clamped by
+    # safe_exp) would otherwise squash every other step into one colour.
+    lo = float(finite.quantile(0.01)) if finite.numel() else -12.0
+    hi = float(finite.max()) if finite.numel() else 0.0
+    im = ax2.imshow(img.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=lo, vmax=hi,
+                    extent=(0.5, steps + 0.5, len(guard.layer_names) - 0.5, -0.5))
     ax2.set_yticks(range(len(guard.layer_names)))
     ax2.set_yticklabels(guard.layer_names, fontsize=6)
     skipped = [i + 1 for i, s in enumerate(guard.skipped) if s]

@@ -1,0 +1,28 @@
+"""`python -m gradguard.demo`, shortened: the guarded run survives every fault, the unguarded one
+dies, the report names what happened, and the picture is written."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_short_run(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gradguard.demo", "--steps", "60", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "Result: guarded run ends finite; unguarded run shows the failure." in out
+    # The NaN batch: the guard skipped the step and named layers; the unguarded params went NaN.
+    assert "SKIPPED, non-finite grads in" in out and "embed.weight" in out
+    assert "params NOT finite" in out
+    # The forgotten zero_grad(): the hygiene warning names it.
+    assert "hygiene warning from the guard: gradguard: step() was called twice with no zero_grad()" in out
+    assert "Guard overhead per step:" in out
+    png = tmp_path / "gradguard_demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_rejects_too_few_steps():
+    r = subprocess.run([sys.executable, "-m", "gradguard.demo", "--steps", "5", "--no-plot"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--steps must be at least 20" in r.stderr
