@@ -22,19 +22,15 @@ namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
 
-template <typename T, bool kZeroNonfinite>
-void scale_row(T* x, int64_t n, int64_t stride, double scale) {
+template <typename T>
+void zero_nonfinite_scale_row(T* x, int64_t n, int64_t stride, double scale) {
   using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const acc_t s = static_cast<acc_t>(scale);
   const acc_t big = std::numeric_limits<acc_t>::max();
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const acc_t v = static_cast<acc_t>(x[j * stride]);
-    if (kZeroNonfinite) {
-      x[j * stride] = static_cast<T>(std::abs(v) <= big ? v * s : acc_t(0));
-    } else {
-      x[j * stride] = static_cast<T>(v * s);
-    }
+    x[j * stride] = static_cast<T>(std::abs(v) <= big ? v * s : acc_t(0));
   }
 }
 
@@ -44,42 +40,52 @@ struct WorkItem {
   int64_t end;
 };
 
-template <bool kZeroNonfinite>
-void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale) {
+void check_scale(const char* op, const at::Tensor& scale) {
   TORCH_CHECK(scale.numel() == 1, op, ": `scale` must hold one element, got shape ", scale.sizes());
   TORCH_CHECK(scale.device().is_cpu(), op, " (CPU kernel): `scale` is on ", scale.device(),
               "; it must be on the CPU with the tensors");
+}
+
+void check_tensors(const char* op, at::TensorList tensors) {
+  for (const auto i : c10::irange(tensors.size())) {
+    const auto& t = tensors[i];
+    TORCH_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] is on ", t.device(),
+                "; every tensor of one call must be on the CPU");
+    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(), op, ": tensors[", i, "] has dtype ", t.scalar_type(),
+                " but tensors[0] has ", tensors[0].scalar_type());
+    // Writing through a view whose elements alias each other would scale them twice: refuse it
+    // with the same check (and message) as torch's own in-place ops.
+    at::assert_no_internal_overlap(t);
+  }
+}
+
+void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
+  const char* op = "gradguard.zero_nonfinite_and_scale_";
+  check_scale(op, scale);
+  check_tensors(op, tensors);
   if (tensors.empty()) return;
   const double s = scale.to(at::kDouble).item<double>();  // a CPU tensor: no device sync
-  if (!kZeroNonfinite && s == 1.0) return;
   const auto dtype = tensors[0].scalar_type();
   std::vector<StridedWalk> walks;
   std::vector<WorkItem> work;
   for (const auto i : c10::irange(tensors.size())) {
     const auto& t = tensors[i];
-    TORCH_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] is on ", t.device(),
-                "; every tensor of one call must be on the CPU");
-    TORCH_CHECK(t.scalar_type() == dtype, op, ": tensors[", i, "] has dtype ", t.scalar_type(),
-                " but tensors[0] has ", dtype);
-    // Writing through a view whose elements alias each other would scale them twice: refuse it
-    // with the same check (and message) as torch's own in-place ops.
-    at::assert_no_internal_overlap(t);
     walks.emplace_back(t);
     for (int64_t b = 0; b < t.numel(); b += kChunk) {
       work.push_back({static_cast<int64_t>(i), b, std::min(t.numel(), b + kChunk)});
     }
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_scale_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_zero_nonfinite_and_scale_cpu", [&] {
     at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t w = lo; w < hi; ++w) {
         const WorkItem& item = work[w];
         const StridedWalk& walk = walks[item.tensor];
         scalar_t* base = static_cast<scalar_t*>(walk.data);
         if (walk.dense) {
-          scale_row<scalar_t, kZeroNonfinite>(base + item.begin, item.end - item.begin, 1, s);
+          zero_nonfinite_scale_row<scalar_t>(base + item.begin, item.end - item.begin, 1, s);
         } else {
           walk.for_each_row(item.begin, item.end, [&](int64_t off, int64_t len, int64_t stride) {
-            scale_row<scalar_t, kZeroNonfinite>(base + off, len, stride, s);
+            zero_nonfinite_scale_row<scalar_t>(base + off, len, stride, s);
           });
         }
       }
@@ -88,11 +94,12 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
 }
 
 void maybe_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
-  scale_list<false>("gradguard.maybe_scale_", tensors, scale);
-}
-
-void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
-  scale_list<true>("gradguard.zero_nonfinite_and_scale_", tensors, scale);
+  check_scale("gradguard.maybe_scale_", scale);
+  check_tensors("gradguard.maybe_scale_", tensors);
+  if (tensors.empty() || scale.to(at::kDouble).item<double>() == 1.0) return;  // CPU tensor: no sync
+  // The multiply itself is torch's own foreach kernel: it is compiled for this CPU's widest ISA
+  // (AVX-512 here), which a plain loop at the portable flags does not match for a read+write pass.
+  at::_foreach_mul_(tensors, scale);
 }
 
 }  // namespace
