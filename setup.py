@@ -73,8 +73,10 @@ def extensions():
     # -fopenmp on both compile and link, or at::parallel_for silently runs on one thread;
     # -g0 keeps the .so small and the build fast; -fno-trapping-math lets gcc if-convert the
     # "finite ? x*x : 0" select in the stats loop (we never rely on FP exceptions), which is the
-    # difference between a scalar loop and a vectorized one (4x).
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-g0", "-std=c++17"]
+    # difference between a scalar loop and a vectorized one (4x). No -std flag: torch's build
+    # helper adds the standard its own headers need (C++17 up to torch 2.13, C++20 from 2.14,
+    # whose ATen.h refuses anything older; nvcc accepts only one -std).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-g0"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cpu")]
     want_cuda, why_not = cuda_wanted()
     if not want_cuda:
@@ -87,7 +89,7 @@ def extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     # torch's nvidia wheels ship the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h needs
     # when the system toolkit is a minimal one.
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     for site in sys.path:
         inc = os.path.join(site, "nvidia", "cu13", "include")
         if os.path.isdir(inc):

@@ -1,0 +1,170 @@
+// gradguard::zero_nonfinite_and_scale_ on CUDA: in place over a list of same-dtype tensors, NaN
+// and +-Inf become 0 and every other element is multiplied by a 0-dim factor, in one read and one
+// write per element (clip_grad_norm_(nonfinite="zero")).
+//
+// The factor is read by the kernel from device memory, so a norm-derived coefficient never
+// visits the host and the op is graph-capturable. A CPU factor is read on the host (no device
+// sync) and passed by value.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "multi_tensor_apply.cuh"
+#include "strided_walk.h"
+
+namespace gradguard {
+namespace cuda {
+namespace {
+
+template <typename T, typename opmath_t>
+__device__ __forceinline__ T zero_or_scale(T x, opmath_t s) {
+  const opmath_t v = static_cast<opmath_t>(x);
+  const bool finite = (v < 0 ? -v : v) <= std::numeric_limits<opmath_t>::max();  // false for NaN
+  return static_cast<T>(finite ? v * s : opmath_t(0));
+}
+
+template <typename opmath_t>
+__device__ __forceinline__ opmath_t load_scale(const opmath_t* ptr, opmath_t value) {
+  return ptr != nullptr ? *ptr : value;
+}
+
+template <typename T, typename opmath_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    scale_flat_kernel(const __grid_constant__ ChunkTable tab, const opmath_t* scale_ptr, opmath_t scale_value) {
+  constexpr int V = Vec16<T>::kSize;
+  constexpr int kUnroll = 4;
+  int slot;
+  int64_t chunk;
+  locate_chunk(tab, blockIdx.x, slot, chunk);
+  const int64_t begin = chunk * kChunk;
+  const int n = static_cast<int>(::min(kChunk, tab.numel[slot] - begin));
+  T* x = static_cast<T*>(const_cast<void*>(tab.addr[slot])) + begin;
+  const opmath_t s = load_scale(scale_ptr, scale_value);
+  const int tid = threadIdx.x;
+  const int head = head_elements(x, n);
+  for (int i = tid; i < head; i += kBlockThreads) x[i] = zero_or_scale(x[i], s);
+  auto* xv = reinterpret_cast<Vec16<T>*>(x + head);
+  const int nv = (n - head) / V;
+  for (int base = tid; base < nv; base += kBlockThreads * kUnroll) {
+    Vec16<T> buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kBlockThreads;
+      if (i < nv) buf[u] = xv[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kBlockThreads;
+      if (i < nv) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) buf[u].v[k] = zero_or_scale(buf[u].v[k], s);
+        xv[i] = buf[u];
+      }
+    }
+  }
+  for (int i = head + nv * V + tid; i < n; i += kBlockThreads) x[i] = zero_or_scale(x[i], s);
+}
+
+template <typename T, typename opmath_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    scale_strided_kernel(T* base, const __grid_constant__ StridedLayout layout, int64_t numel,
+                         const opmath_t* scale_ptr, opmath_t scale_value) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int n = static_cast<int>(::min(kChunk, numel - begin));
+  const opmath_t s = load_scale(scale_ptr, scale_value);
+  for (int i = threadIdx.x; i < n; i += kBlockThreads) {
+    T* p = base + strided_offset(layout, begin + i);
+    *p = zero_or_scale(*p, s);
+  }
+}
+
+void zero_nonfinite_and_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1, "gradguard.zero_nonfinite_and_scale_: `scale` must hold one element, got shape ",
+              scale.sizes());
+  if (tensors.empty()) return;
+  const at::Device device = tensors[0].device();
+  const auto dtype = tensors[0].scalar_type();
+  TORCH_CHECK(scale.is_cpu() || scale.device() == device, "gradguard.zero_nonfinite_and_scale_: `scale` is on ",
+              scale.device(), " but the tensors are on ", device);
+  for (const auto i : c10::irange(tensors.size())) {
+    const auto& t = tensors[i];
+    TORCH_CHECK(t.device() == device, "gradguard.zero_nonfinite_and_scale_ (CUDA kernel): tensors[", i, "] is on ",
+                t.device(), " but tensors[0] is on ", device, "; every tensor of one call must be on one device");
+    TORCH_CHECK(t.scalar_type() == dtype, "gradguard.zero_nonfinite_and_scale_: tensors[", i, "] has dtype ",
+                t.scalar_type(), " but tensors[0] has ", dtype);
+    TORCH_CHECK(t.layout() == at::kStrided, "gradguard.zero_nonfinite_and_scale_: tensors[", i,
+                "] is not a strided (dense) tensor");
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_zero_nonfinite_and_scale_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    at::Tensor scale_dev;
+    const opmath_t* scale_ptr = nullptr;
+    opmath_t scale_value = 0;
+    if (scale.is_cpu()) {
+      scale_value = static_cast<opmath_t>(scale.to(at::kDouble).item<double>());  // host memory: no sync
+    } else {
+      // A device-side cast (no-op when the dtype already matches): the value stays on the GPU.
+      scale_dev = scale.reshape({}).to(c10::CppTypeToScalarType<opmath_t>::value);
+      scale_ptr = scale_dev.const_data_ptr<opmath_t>();
+    }
+    std::vector<FlatItem> flat;
+    std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (view, contiguous copy)
+    for (const auto i : c10::irange(tensors.size())) {
+      const at::Tensor& t = tensors[i];
+      const int64_t numel = t.numel();
+      if (numel == 0) continue;
+      // Writing through a view whose elements alias each other would scale them twice: refuse
+      // it with the same check (and message) as torch's own in-place ops.
+      at::assert_no_internal_overlap(t);
+      if (t.is_non_overlapping_and_dense()) {
+        flat.push_back({t.data_ptr(), numel, chunks_of(numel), static_cast<int32_t>(i)});
+        continue;
+      }
+      const StridedWalk walk(t);
+      if (walk.sizes.size() <= static_cast<size_t>(kMaxDims)) {
+        StridedLayout layout{};
+        layout.ndim = static_cast<int32_t>(walk.sizes.size());
+        for (const auto d : c10::irange(walk.sizes.size())) {
+          layout.sizes[d] = walk.sizes[d];
+          layout.strides[d] = walk.strides[d];
+        }
+        scale_strided_kernel<scalar_t, opmath_t>
+            <<<static_cast<unsigned>(chunks_of(numel)), kBlockThreads, 0, stream>>>(
+                static_cast<scalar_t*>(t.data_ptr()), layout, numel, scale_ptr, scale_value);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        // More than 25 non-mergeable dims: scale a device copy and copy it back (no host sync).
+        at::Tensor c = t.contiguous();
+        flat.push_back({c.data_ptr(), numel, chunks_of(numel), static_cast<int32_t>(i)});
+        write_back.emplace_back(t, c);
+      }
+    }
+    for_each_launch(flat, [&](const ChunkTable& tab, int64_t nblocks) {
+      scale_flat_kernel<scalar_t, opmath_t>
+          <<<static_cast<unsigned>(nblocks), kBlockThreads, 0, stream>>>(tab, scale_ptr, scale_value);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    for (auto& [view, copy] : write_back) view.copy_(copy);
+  });
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(gradguard, CUDA, m) {
+  m.impl("zero_nonfinite_and_scale_", &cuda::zero_nonfinite_and_scale_cuda);
+}
+
+}  // namespace gradguard
