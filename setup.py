@@ -89,7 +89,9 @@ def extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     # torch's nvidia wheels ship the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h needs
     # when the system toolkit is a minimal one.
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    # --extended-lambda: ATen/native/cuda/Loops.cuh (gpu_kernel, used by the safe math kernels)
+    # has __host__ __device__ lambdas of its own.
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--extended-lambda"]
     for site in sys.path:
         inc = os.path.join(site, "nvidia", "cu13", "include")
         if os.path.isdir(inc):

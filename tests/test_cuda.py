@@ -360,3 +360,150 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert float(stats.found_inf) == 0.0 and bool(finite)
+
+
+# --- safe math (ops defined by gradguard/_safe_math_ops.py) -------------------------------------
+
+HAS_SAFE_MATH = hasattr(torch.ops.gradguard, "safe_log")
+needs_safe_math = pytest.mark.skipif(not (HAS_GPU and HAS_SAFE_MATH),
+                                     reason="needs a CUDA GPU and the safe math ops")
+
+
+def _special(dtype, n=4099, seed=0):
+    """Random values over many magnitudes plus the edge cases: NaN, +-inf, +-0, the bounds."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * 4)
+    edge = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-6, -1e-6, 1e-12, 1.0, -1.0, 88.0, 89.0, 11.0,
+                         12.0, 709.0, 710.0, 1e-30, 65504.0, 3e38], dtype=torch.float64)
+    x[: edge.numel()] = edge
+    return x.to(dtype).cuda()
+
+
+def _bits_equal(got, want, what):
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _ref_ops():
+    from gradguard.reference import safe_math as ref
+    return ref
+
+
+SAFE_UNARY = [  # (op, reference, bound, straight_through argument?)
+    ("safe_log", "safe_log", 1e-6, True),
+    ("safe_exp", "safe_exp", 80.0, True),
+    ("safe_sqrt", "safe_sqrt", 1e-6, False),
+]
+
+
+@needs_safe_math
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("name,refname,bound,has_st", SAFE_UNARY)
+def test_safe_unary_forward_bitwise(name, refname, bound, has_st, dtype):
+    ref = _ref_ops()
+    x = _special(dtype)
+    args = (bound, False) if has_st else (bound,)
+    op = getattr(torch.ops.gradguard, name)
+    got = op(x, *args)
+    _bits_equal(got, getattr(ref, refname)(x, *args), f"{name} vs the composite on CUDA")
+    # and against the CPU kernel: CPU log/exp are other libm routines (MKL, Sleef), so they agree
+    # to an ulp or so (absolute in the subnormal range); sqrt is correctly rounded everywhere
+    cpu = op(x.cpu(), *args)
+    if name == "safe_sqrt":
+        _bits_equal(got.cpu(), cpu, f"{name} CUDA vs CPU")
+    else:
+        tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 3e-7, torch.float64: 1e-15}[dtype]
+        torch.testing.assert_close(got.cpu(), cpu, rtol=tol, atol=torch.finfo(dtype).tiny, equal_nan=True)
+    # out= variant, views, empty and 0-dim inputs
+    out = torch.empty(0, dtype=dtype, device="cuda")
+    getattr(torch.ops.gradguard, name).out(x, *args, out=out)
+    _bits_equal(out, got, f"{name}.out")
+    view = x.view(-1)[1:].as_strided((40, 50), (1, 80))
+    _bits_equal(op(view, *args), getattr(ref, refname)(view, *args), f"{name} on a strided view")
+    assert op(x[:0], *args).shape == (0,)
+    _bits_equal(op(x[7], *args), getattr(ref, refname)(x[7], *args), f"{name} 0-dim")
+
+
+@needs_safe_math
+@pytest.mark.parametrize("straight_through", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_safe_unary_backward_bitwise(dtype, straight_through):
+    ref = _ref_ops()
+    x = _special(dtype).abs_()  # the backward edge cases live around the lower bound
+    x[30:60] = _special(dtype, 30, seed=5)
+    g = _special(dtype, x.numel(), seed=7)
+    ops = torch.ops.gradguard
+    for eps in (1e-6, 0.0, 0.5):
+        _bits_equal(ops.safe_log_backward(g, x, eps, straight_through),
+                    ref.safe_log_backward(g, x, eps, straight_through), f"safe_log_backward eps={eps}")
+        _bits_equal(ops.safe_sqrt_backward(g, x, eps), ref.safe_sqrt_backward(g, x, eps),
+                    f"safe_sqrt_backward eps={eps}")
+    for m in (10.0, 88.0):
+        r = ops.safe_exp(x, m, straight_through)
+        _bits_equal(ops.safe_exp_backward(g, r, x, m, straight_through),
+                    ref.safe_exp_backward(g, r, x, m, straight_through), f"safe_exp_backward max={m}")
+
+
+@needs_safe_math
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_safe_div_forward_backward_bitwise(dtype):
+    ref = _ref_ops()
+    a = _special(dtype).view(1, -1)[:, :4096].reshape(64, 64)
+    b = _special(dtype, seed=3)[:4096].reshape(64, 64)
+    b[::7] = 0.0
+    b[1, 1] = -0.0
+    b[2, :5] = 1e-7
+    ops = torch.ops.gradguard
+    for other in (b, b[:1], b[:, :1], b.t()):  # same shape, broadcast rows/columns, a transposed view
+        for eps, fill in ((1e-6, 0.0), (0.0, 1.0), (0.1, -3.0)):
+            _bits_equal(ops.safe_div(a, other, eps, fill), ref.safe_div(a, other, eps, fill), "safe_div")
+            out = torch.empty(0, dtype=dtype, device="cuda")
+            ops.safe_div.out(a, other, eps, fill, out=out)
+            _bits_equal(out, ref.safe_div(a, other, eps, fill), "safe_div.out")
+            g = _special(dtype, 4096, seed=11).reshape(64, 64)
+            gi, go = ops.safe_div_backward(g, a, other, eps)
+            ri, ro = ref.safe_div_backward(g, a, other, eps)
+            _bits_equal(gi, ri, "safe_div_backward grad_input")
+            _bits_equal(go, ro, "safe_div_backward grad_other")
+
+
+@needs_safe_math
+def test_safe_math_autograd_and_gradcheck():
+    ops = torch.ops.gradguard
+    x = (torch.rand(257, dtype=torch.float64, device="cuda") + 0.1).requires_grad_()
+    y = (torch.rand(257, dtype=torch.float64, device="cuda") + 0.5).requires_grad_()
+    torch.autograd.gradcheck(lambda t: ops.safe_log(t, 1e-6, False), (x,))
+    torch.autograd.gradcheck(lambda t: ops.safe_exp(t, 5.0, False), (x,))
+    torch.autograd.gradcheck(lambda t: ops.safe_sqrt(t, 1e-6), (x,))
+    torch.autograd.gradcheck(lambda s, t: ops.safe_div(s, t, 1e-6, 0.0), (x, y))
+    # gradients through the ops equal the composites' gradients, bit for bit
+    x32 = _special(torch.float32).abs_().requires_grad_()
+    g = torch.randn_like(x32)
+    (gx,) = torch.autograd.grad(ops.safe_log(x32, 1e-6, False), x32, g)
+    (want,) = torch.autograd.grad(torch.log(torch.clamp(x32, min=1e-6)), x32, g)
+    _bits_equal(gx, want, "safe_log autograd")
+
+
+@needs_safe_math
+def test_safe_math_opcheck():
+    x = _special(torch.float32, 300).abs_()
+    b = _special(torch.float32, 300, seed=2)
+    ops = torch.ops.gradguard
+    torch.library.opcheck(ops.safe_log, (x, 1e-6, False))
+    torch.library.opcheck(ops.safe_exp, (x, 20.0, True))
+    torch.library.opcheck(ops.safe_sqrt, (x, 1e-6))
+    torch.library.opcheck(ops.safe_div, (x, b, 1e-6, 0.0))
+    torch.library.opcheck(ops.safe_div_backward, (x, x, b, 1e-6))
+
+
+@needs_safe_math
+def test_safe_math_refuses_what_cpu_refuses():
+    ops = torch.ops.gradguard
+    x = torch.ones(4, device="cuda")
+    with pytest.raises(RuntimeError, match="must be float16, bfloat16, float32 or float64"):
+        ops.safe_log(torch.ones(4, dtype=torch.int32, device="cuda"), 1e-6, False)
+    with pytest.raises(RuntimeError, match="must not be NaN"):
+        ops.safe_log(x, math.nan, False)
+    with pytest.raises(RuntimeError, match="they must match"):
+        ops.safe_div(x, x.double(), 1e-6, 0.0)
+    with pytest.raises(RuntimeError, match="`out` has dtype"):
+        ops.safe_exp.out(x, 1.0, False, out=torch.empty(4, dtype=torch.float64, device="cuda"))

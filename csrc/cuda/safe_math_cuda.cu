@@ -1,0 +1,366 @@
+// CUDA kernels of the safe math ops (schemas and semantics: gradguard/_safe_math_ops.py and
+// gradguard/reference/safe_math.py): clamp and math fused into one elementwise pass, forward and
+// backward, float16/bfloat16 (computed in float, as torch does), float32 and float64.
+//
+// Values equal the eager composites on CUDA bit for bit: the bound is rounded to the dtype as
+// torch.clamp rounds its scalar, the math is the same CUDA libm call torch's log/exp/sqrt kernels
+// make (logf/expf/sqrtf on the float value for half/bfloat16/float32, log/exp/sqrt for float64,
+// no fast-math), and every intermediate the composite stores in a tensor is rounded to the dtype
+// here too (the static_cast<T>(...) steps). Nothing has the a*b+c shape, so fma contraction
+// cannot change a result.
+//
+// Layouts, broadcasting, 64-bit indexing and vectorized loads come from TensorIterator and
+// gpu_kernel, on the current stream under a device guard. Argument checks match the CPU
+// kernels' (csrc/cpu/safe_math_cpu.cpp) so both devices refuse the same calls.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ExpandUtils.h>
+#include <ATen/OpMathType.h>
+#include <ATen/TensorIterator.h>
+#include <ATen/native/Resize.h>
+#include <ATen/native/cuda/Loops.cuh>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <thrust/tuple.h>
+
+#include <cmath>
+#include <type_traits>
+
+namespace gradguard {
+namespace cuda {
+namespace {
+
+enum class Math { Log, Exp, Sqrt };
+
+template <Math M, typename A>
+__host__ __device__ __forceinline__ A apply_math(A v) {
+  if constexpr (std::is_same_v<A, double>) {
+    if constexpr (M == Math::Log) return ::log(v);
+    if constexpr (M == Math::Exp) return ::exp(v);
+    if constexpr (M == Math::Sqrt) return ::sqrt(v);
+  } else {
+    if constexpr (M == Math::Log) return ::logf(v);
+    if constexpr (M == Math::Exp) return ::expf(v);
+    if constexpr (M == Math::Sqrt) return ::sqrtf(v);
+  }
+}
+
+// out = math(clamp(x, min=bound)) or math(clamp(x, max=bound)). NaN compares false and passes
+// through the clamp; -0.0 < 0 is false, so -0.0 stays -0.0 as in torch.clamp.
+template <typename T, Math M, bool kMin>
+struct ClampedMath {
+  T bound;
+  __host__ __device__ T operator()(T x) const {
+    using acc_t = at::opmath_type<T>;
+    const acc_t v = static_cast<acc_t>(x), b = static_cast<acc_t>(bound);
+    const T c = (kMin ? v < b : v > b) ? bound : x;
+    return static_cast<T>(apply_math<M>(static_cast<acc_t>(c)));
+  }
+};
+
+// where(x >= eps, g / clamp(x, min=eps), 0); straight-through drops the where.
+template <typename T>
+struct LogBackward {
+  T eps;
+  bool straight_through;
+  __host__ __device__ T operator()(T g, T x) const {
+    using acc_t = at::opmath_type<T>;
+    const acc_t xv = static_cast<acc_t>(x), e = static_cast<acc_t>(eps);
+    const acc_t q = static_cast<acc_t>(g) / (xv < e ? e : xv);
+    return static_cast<T>(straight_through || xv >= e ? q : acc_t(0));
+  }
+};
+
+// where(x <= max, g * result, 0).
+template <typename T>
+struct ExpBackward {
+  T max;
+  bool straight_through;
+  __host__ __device__ T operator()(T g, T r, T x) const {
+    using acc_t = at::opmath_type<T>;
+    const acc_t q = static_cast<acc_t>(g) * static_cast<acc_t>(r);
+    return static_cast<T>(straight_through || static_cast<acc_t>(x) <= static_cast<acc_t>(max) ? q : acc_t(0));
+  }
+};
+
+// where(x > eps, g / (2 * sqrt(clamp(x, min=0))), 0), with the composite's roundings: the root
+// and the doubled root are tensors there, so both are rounded to T.
+template <typename T>
+struct SqrtBackward {
+  T eps;
+  __host__ __device__ T operator()(T g, T x) const {
+    using acc_t = at::opmath_type<T>;
+    const acc_t xv = static_cast<acc_t>(x);
+    const T clamped = xv < acc_t(0) ? static_cast<T>(0) : x;
+    const T root = static_cast<T>(apply_math<Math::Sqrt>(static_cast<acc_t>(clamped)));
+    const T twice = static_cast<T>(acc_t(2) * static_cast<acc_t>(root));
+    const acc_t q = static_cast<acc_t>(g) / static_cast<acc_t>(twice);
+    return static_cast<T>(xv > static_cast<acc_t>(eps) ? q : acc_t(0));
+  }
+};
+
+// where(|b| <= eps and a is not NaN, fill, a / b): the guard never replaces a NaN numerator.
+template <typename T>
+struct Div {
+  T eps;
+  T fill;
+  __host__ __device__ T operator()(T a, T b) const {
+    using acc_t = at::opmath_type<T>;
+    const acc_t av = static_cast<acc_t>(a), bv = static_cast<acc_t>(b);
+    const bool guard = (bv < 0 ? -bv : bv) <= static_cast<acc_t>(eps) && av == av;
+    return guard ? fill : static_cast<T>(av / bv);
+  }
+};
+
+// Guarded elements get zero gradients, the others torch.div's formulas grad / b and
+// -grad * ((a / b) / b), with the composite's roundings of a / b and (a / b) / b.
+template <typename T>
+struct DivBackward {
+  T eps;
+  __host__ __device__ thrust::tuple<T, T> operator()(T g, T a, T b) const {
+    using acc_t = at::opmath_type<T>;
+    const acc_t gv = static_cast<acc_t>(g), av = static_cast<acc_t>(a), bv = static_cast<acc_t>(b);
+    const bool guard = (bv < 0 ? -bv : bv) <= static_cast<acc_t>(eps);
+    const acc_t q1 = static_cast<acc_t>(static_cast<T>(av / bv));
+    const acc_t q2 = static_cast<acc_t>(static_cast<T>(q1 / bv));
+    return thrust::make_tuple(static_cast<T>(guard ? acc_t(0) : gv / bv), static_cast<T>(guard ? acc_t(0) : -gv * q2));
+  }
+};
+
+}  // namespace
+
+// gpu_kernel_multiple_outputs takes only a __host__ __device__ lambda, and nvcc allows those only
+// in functions with external linkage: hence this one function outside the anonymous namespace.
+void safe_div_backward_kernel(at::TensorIteratorBase& iter, double eps) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, iter.common_dtype(), "gradguard_safe_div_backward_cuda", [&] {
+    const DivBackward<scalar_t> f{static_cast<scalar_t>(eps)};
+    at::native::gpu_kernel_multiple_outputs(
+        iter, [f] GPU_LAMBDA(scalar_t g, scalar_t a, scalar_t b) -> thrust::tuple<scalar_t, scalar_t> { return f(g, a, b); });
+  });
+}
+
+namespace {
+
+// ---- argument checks (the CPU kernels' rules and messages) -----------------------------------
+
+void check_float(const at::Tensor& t, const char* op, const char* arg) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, "gradguard.", op,
+              ": `", arg, "` must be float16, bfloat16, float32 or float64, got ", dt,
+              " (gradguard.", op, " promotes integer inputs; the op itself takes floating-point tensors)");
+}
+
+void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
+                      const char* ref_arg) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "gradguard.", op, ": `", arg, "` has dtype ", t.scalar_type(),
+              " but `", ref_arg, "` has ", ref.scalar_type(), "; they must match");
+}
+
+void check_param(double v, const char* op, const char* arg, bool nonneg) {
+  TORCH_CHECK(!std::isnan(v), "gradguard.", op, ": `", arg, "` must not be NaN");
+  TORCH_CHECK(!nonneg || v >= 0.0, "gradguard.", op, ": `", arg, "` must be >= 0, got ", v);
+}
+
+void check_backward_operand(const at::Tensor& t, const at::Tensor& grad, const char* op, const char* arg) {
+  check_same_dtype(t, grad, op, arg, "grad");
+  TORCH_CHECK(t.sizes() == grad.sizes(), "gradguard.", op, ": `", arg, "` has shape ", t.sizes(), " but `grad` has ",
+              grad.sizes(), "; they must match");
+}
+
+void prepare_out(at::Tensor& out, const at::Tensor& like, at::IntArrayRef shape, const char* op) {
+  TORCH_CHECK(out.scalar_type() == like.scalar_type(), "gradguard.", op, ": `out` has dtype ", out.scalar_type(),
+              " but the result has dtype ", like.scalar_type(), "; pass an `out` of the result's dtype");
+  at::native::resize_output(out, shape);
+}
+
+// The broadcast result is laid out like whichever operand already has the result's shape (as
+// the fake and CPU kernels do), else contiguous.
+at::Tensor empty_broadcast(const at::Tensor& a, const at::Tensor& b) {
+  const auto shape = at::infer_size(a.sizes(), b.sizes());
+  if (a.sizes() == at::IntArrayRef(shape)) return at::empty_like(a);
+  if (b.sizes() == at::IntArrayRef(shape)) return at::empty_like(b);
+  return at::empty(shape, a.options());
+}
+
+// ---- forward: log, exp, sqrt -----------------------------------------------------------------
+
+template <Math M, bool kMin>
+void clamped_math(const at::Tensor& out, const at::Tensor& input, double bound) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(input).check_all_same_dtype(true).build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gradguard_safe_unary_cuda", [&] {
+    // Rounded to the dtype first, as torch.clamp does with its scalar bound.
+    at::native::gpu_kernel(iter, ClampedMath<scalar_t, M, kMin>{static_cast<scalar_t>(bound)});
+  });
+}
+
+at::Tensor safe_log_cuda(const at::Tensor& input, double eps, bool straight_through) {
+  check_float(input, "safe_log", "input");
+  check_param(eps, "safe_log", "eps", true);
+  at::Tensor out = at::empty_like(input);
+  clamped_math<Math::Log, true>(out, input, eps);
+  return out;
+}
+
+at::Tensor& safe_log_out_cuda(const at::Tensor& input, double eps, bool straight_through, at::Tensor& out) {
+  check_float(input, "safe_log", "input");
+  check_param(eps, "safe_log", "eps", true);
+  prepare_out(out, input, input.sizes(), "safe_log");
+  clamped_math<Math::Log, true>(out, input, eps);
+  return out;
+}
+
+at::Tensor safe_exp_cuda(const at::Tensor& input, double max, bool straight_through) {
+  check_float(input, "safe_exp", "input");
+  check_param(max, "safe_exp", "max", false);
+  at::Tensor out = at::empty_like(input);
+  clamped_math<Math::Exp, false>(out, input, max);
+  return out;
+}
+
+at::Tensor& safe_exp_out_cuda(const at::Tensor& input, double max, bool straight_through, at::Tensor& out) {
+  check_float(input, "safe_exp", "input");
+  check_param(max, "safe_exp", "max", false);
+  prepare_out(out, input, input.sizes(), "safe_exp");
+  clamped_math<Math::Exp, false>(out, input, max);
+  return out;
+}
+
+// safe_sqrt's forward clamps at 0 whatever eps is; eps only bounds the backward.
+at::Tensor safe_sqrt_cuda(const at::Tensor& input, double eps) {
+  check_float(input, "safe_sqrt", "input");
+  check_param(eps, "safe_sqrt", "eps", true);
+  at::Tensor out = at::empty_like(input);
+  clamped_math<Math::Sqrt, true>(out, input, 0.0);
+  return out;
+}
+
+at::Tensor& safe_sqrt_out_cuda(const at::Tensor& input, double eps, at::Tensor& out) {
+  check_float(input, "safe_sqrt", "input");
+  check_param(eps, "safe_sqrt", "eps", true);
+  prepare_out(out, input, input.sizes(), "safe_sqrt");
+  clamped_math<Math::Sqrt, true>(out, input, 0.0);
+  return out;
+}
+
+// ---- backward: log, exp, sqrt ----------------------------------------------------------------
+
+at::Tensor safe_log_backward_cuda(const at::Tensor& grad, const at::Tensor& input, double eps, bool straight_through) {
+  check_float(grad, "safe_log_backward", "grad");
+  check_backward_operand(input, grad, "safe_log_backward", "input");
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty_like(input);
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_log_backward_cuda", [&] {
+    at::native::gpu_kernel(iter, LogBackward<scalar_t>{static_cast<scalar_t>(eps), straight_through});
+  });
+  return out;
+}
+
+at::Tensor safe_exp_backward_cuda(const at::Tensor& grad, const at::Tensor& result, const at::Tensor& input,
+                                  double max, bool straight_through) {
+  check_float(grad, "safe_exp_backward", "grad");
+  check_backward_operand(result, grad, "safe_exp_backward", "result");
+  check_backward_operand(input, grad, "safe_exp_backward", "input");
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty_like(input);
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(out)
+                  .add_const_input(grad)
+                  .add_const_input(result)
+                  .add_const_input(input)
+                  .build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_exp_backward_cuda", [&] {
+    at::native::gpu_kernel(iter, ExpBackward<scalar_t>{static_cast<scalar_t>(max), straight_through});
+  });
+  return out;
+}
+
+at::Tensor safe_sqrt_backward_cuda(const at::Tensor& grad, const at::Tensor& input, double eps) {
+  check_float(grad, "safe_sqrt_backward", "grad");
+  check_backward_operand(input, grad, "safe_sqrt_backward", "input");
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty_like(input);
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_sqrt_backward_cuda", [&] {
+    at::native::gpu_kernel(iter, SqrtBackward<scalar_t>{static_cast<scalar_t>(eps)});
+  });
+  return out;
+}
+
+// ---- div -------------------------------------------------------------------------------------
+
+void check_div_args(const at::Tensor& input, const at::Tensor& other, double eps, const char* op) {
+  check_float(input, op, "input");
+  check_same_dtype(other, input, op, "other", "input");
+  check_param(eps, op, "eps", true);
+}
+
+void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(input).add_const_input(other).build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gradguard_safe_div_cuda", [&] {
+    at::native::gpu_kernel(iter, Div<scalar_t>{static_cast<scalar_t>(eps), static_cast<scalar_t>(fill)});
+  });
+}
+
+at::Tensor safe_div_cuda(const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
+  check_div_args(input, other, eps, "safe_div");
+  at::Tensor out = empty_broadcast(input, other);
+  div_kernel(out, input, other, eps, fill);
+  return out;
+}
+
+at::Tensor& safe_div_out_cuda(const at::Tensor& input, const at::Tensor& other, double eps, double fill,
+                              at::Tensor& out) {
+  check_div_args(input, other, eps, "safe_div");
+  prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div");
+  div_kernel(out, input, other, eps, fill);
+  return out;
+}
+
+// Both gradients at the broadcast shape in one pass; autograd reduces them to each operand's
+// shape (sum_to_size), as it does for torch.div.
+std::tuple<at::Tensor, at::Tensor> safe_div_backward_cuda(const at::Tensor& grad, const at::Tensor& input,
+                                                          const at::Tensor& other, double eps) {
+  check_div_args(input, other, eps, "safe_div_backward");
+  check_same_dtype(grad, input, "safe_div_backward", "grad", "input");
+  const auto shape = at::infer_size(input.sizes(), other.sizes());
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(shape), "gradguard.safe_div_backward: `grad` has shape ", grad.sizes(),
+              " but input and other broadcast to ", at::IntArrayRef(shape));
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor grad_input = empty_broadcast(input, other);
+  at::Tensor grad_other = empty_broadcast(input, other);
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(grad_input)
+                  .add_output(grad_other)
+                  .add_const_input(grad)
+                  .add_const_input(input)
+                  .add_const_input(other)
+                  .build();
+  safe_div_backward_kernel(iter, eps);
+  return {grad_input, grad_other};
+}
+
+}  // namespace
+}  // namespace cuda
+
+// The schemas are defined in Python (gradguard/_safe_math_ops.py); a build of this file without
+// them is harmless: the dispatcher keeps an impl for a not-yet-defined op until its def arrives.
+TORCH_LIBRARY_IMPL(gradguard, CUDA, m) {
+  m.impl("safe_log", &cuda::safe_log_cuda);
+  m.impl("safe_log.out", &cuda::safe_log_out_cuda);
+  m.impl("safe_log_backward", &cuda::safe_log_backward_cuda);
+  m.impl("safe_exp", &cuda::safe_exp_cuda);
+  m.impl("safe_exp.out", &cuda::safe_exp_out_cuda);
+  m.impl("safe_exp_backward", &cuda::safe_exp_backward_cuda);
+  m.impl("safe_sqrt", &cuda::safe_sqrt_cuda);
+  m.impl("safe_sqrt.out", &cuda::safe_sqrt_out_cuda);
+  m.impl("safe_sqrt_backward", &cuda::safe_sqrt_backward_cuda);
+  m.impl("safe_div", &cuda::safe_div_cuda);
+  m.impl("safe_div.out", &cuda::safe_div_out_cuda);
+  m.impl("safe_div_backward", &cuda::safe_div_backward_cuda);
+}
+
+}  // namespace gradguard
