@@ -53,7 +53,7 @@ import gradguard, json, torch
 b = gradguard.backend()
 print(json.dumps(b, indent=1))
 assert b['cuda'] == 'extension', 'the CUDA kernels are not registered'
-for op in ('multi_tensor_stats', 'zero_nonfinite_and_scale_'):
+for op in ('multi_tensor_stats', 'maybe_scale_', 'zero_nonfinite_and_scale_'):
     assert torch._C._dispatch_has_kernel_for_dispatch_key('gradguard::' + op, 'CUDA'), op
 " 2>&1 | tee -a "$OUT/build.log" || exit 1
 

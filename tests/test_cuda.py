@@ -27,6 +27,7 @@ CHUNK = 1 << 16
 
 stats_op = torch.ops.gradguard.multi_tensor_stats
 scale_op = torch.ops.gradguard.zero_nonfinite_and_scale_
+maybe_scale_op = torch.ops.gradguard.maybe_scale_
 
 
 # --- the build record (runs without a GPU) ----------------------------------------------------
@@ -42,7 +43,7 @@ def test_cuda_build_registers_cuda_kernels():
         pytest.skip(f"not a CUDA build: {BUILD.get('cuda_skipped')}")
     assert BUILD["torch_cuda"] == torch.version.cuda
     assert BUILD["cuda_arch_list"]
-    for op in ("gradguard::multi_tensor_stats", "gradguard::zero_nonfinite_and_scale_"):
+    for op in ("gradguard::multi_tensor_stats", "gradguard::maybe_scale_", "gradguard::zero_nonfinite_and_scale_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
     assert BACKEND["cuda"] == "extension"
 
@@ -278,9 +279,40 @@ def test_scale_many_tensors_and_internal_overlap():
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_maybe_scale_matches_cpu_and_leaves_bits_at_one(dtype):
+    ts = planted(SIZES, dtype, "cuda")
+    base = planted([2 * CHUNK + 37], dtype, "cuda", seed=9)[0]
+    views = [base[1:CHUNK + 5], base[CHUNK + 7:].view(-1)[::3]]
+    lists = ts + views
+    for scale in (torch.tensor(0.37, device="cuda"), torch.tensor(0.37, dtype=torch.float64, device="cuda"),
+                  torch.tensor(0.37)):
+        want = [t.cpu().clone() for t in lists]
+        if BACKEND["cpu"] == "extension":
+            maybe_scale_op(want, scale.cpu())
+        else:
+            for w in want:
+                w.mul_(scale.to(torch.float32 if dtype != torch.float64 else torch.float64))
+        maybe_scale_op(lists, scale)
+        for got, w in zip(lists, want):
+            torch.testing.assert_close(got.cpu(), w, rtol=_SCALE_TOL[dtype], atol=0, equal_nan=True)
+    # scale exactly 1, on the device or on the host: not one bit rewritten, NaN payloads included
+    x = torch.randn(CHUNK + 9, device="cuda").to(dtype)
+    bits_view = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+                 torch.float64: torch.int64}[dtype]
+    payload_nan = {torch.int16: 0x7E01, torch.int32: 0x7FC00001, torch.int64: 0x7FF8000000000001}[bits_view]
+    x.view(bits_view)[3] = payload_nan
+    before = x.view(bits_view).clone()
+    for one in (torch.tensor(1.0, device="cuda"), torch.tensor(1.0)):
+        maybe_scale_op([x, x[1::2]], one)
+        assert torch.equal(x.view(bits_view), before)
+
+
+@needs_gpu
 def test_scale_opcheck():
     ts = planted([100, CHUNK + 1], torch.float32, "cuda")
     torch.library.opcheck(scale_op, (ts, torch.tensor(0.5, device="cuda")))
+    torch.library.opcheck(maybe_scale_op, (ts, torch.tensor(0.5, device="cuda")))
 
 
 # --- no host sync, CUDA graphs ----------------------------------------------------------------

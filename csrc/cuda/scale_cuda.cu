@@ -1,9 +1,14 @@
-// gradguard::zero_nonfinite_and_scale_ on CUDA: in place over a list of same-dtype tensors, NaN
-// and +-Inf become 0 and every other element is multiplied by a 0-dim factor, in one read and one
-// write per element (clip_grad_norm_(nonfinite="zero")).
+// In-place scaling of a list of same-dtype CUDA tensors by a 0-dim factor, for clipping, in one
+// read and one write per element:
+// - maybe_scale_: x *= scale, except that a scale of exactly 1 writes nothing (an unclipped or
+//   skipped step leaves every bit of the grads as it was; a multiply by 1 would still rewrite
+//   them and canonicalize float16/bfloat16 NaN payloads). Each block reads the factor and
+//   returns at once when it is 1, so the check costs no host sync;
+// - zero_nonfinite_and_scale_: NaN and +-Inf become 0 and the rest is scaled
+//   (clip_grad_norm_(nonfinite="zero")).
 //
 // The factor is read by the kernel from device memory, so a norm-derived coefficient never
-// visits the host and the op is graph-capturable. A CPU factor is read on the host (no device
+// visits the host and the ops are graph-capturable. A CPU factor is read on the host (no device
 // sync) and passed by value.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,11 +30,15 @@ namespace gradguard {
 namespace cuda {
 namespace {
 
-template <typename T, typename opmath_t>
-__device__ __forceinline__ T zero_or_scale(T x, opmath_t s) {
+template <bool kZeroNonfinite, typename T, typename opmath_t>
+__device__ __forceinline__ T scaled(T x, opmath_t s) {
   const opmath_t v = static_cast<opmath_t>(x);
-  const bool finite = (v < 0 ? -v : v) <= std::numeric_limits<opmath_t>::max();  // false for NaN
-  return static_cast<T>(finite ? v * s : opmath_t(0));
+  if constexpr (kZeroNonfinite) {
+    const bool finite = (v < 0 ? -v : v) <= std::numeric_limits<opmath_t>::max();  // false for NaN
+    return static_cast<T>(finite ? v * s : opmath_t(0));
+  } else {
+    return static_cast<T>(v * s);
+  }
 }
 
 template <typename opmath_t>
@@ -37,7 +46,7 @@ __device__ __forceinline__ opmath_t load_scale(const opmath_t* ptr, opmath_t val
   return ptr != nullptr ? *ptr : value;
 }
 
-template <typename T, typename opmath_t>
+template <bool kZeroNonfinite, typename T, typename opmath_t>
 __global__ void __launch_bounds__(kBlockThreads)
     scale_flat_kernel(const __grid_constant__ ChunkTable tab, const opmath_t* scale_ptr, opmath_t scale_value) {
   constexpr int V = Vec16<T>::kSize;
@@ -49,9 +58,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int n = static_cast<int>(::min(kChunk, tab.numel[slot] - begin));
   T* x = static_cast<T*>(const_cast<void*>(tab.addr[slot])) + begin;
   const opmath_t s = load_scale(scale_ptr, scale_value);
+  if (!kZeroNonfinite && s == opmath_t(1)) return;
   const int tid = threadIdx.x;
   const int head = head_elements(x, n);
-  for (int i = tid; i < head; i += kBlockThreads) x[i] = zero_or_scale(x[i], s);
+  for (int i = tid; i < head; i += kBlockThreads) x[i] = scaled<kZeroNonfinite>(x[i], s);
   auto* xv = reinterpret_cast<Vec16<T>*>(x + head);
   const int nv = (n - head) / V;
   for (int base = tid; base < nv; base += kBlockThreads * kUnroll) {
@@ -66,54 +76,56 @@ __global__ void __launch_bounds__(kBlockThreads)
       const int i = base + u * kBlockThreads;
       if (i < nv) {
 #pragma unroll
-        for (int k = 0; k < V; ++k) buf[u].v[k] = zero_or_scale(buf[u].v[k], s);
+        for (int k = 0; k < V; ++k) buf[u].v[k] = scaled<kZeroNonfinite>(buf[u].v[k], s);
         xv[i] = buf[u];
       }
     }
   }
-  for (int i = head + nv * V + tid; i < n; i += kBlockThreads) x[i] = zero_or_scale(x[i], s);
+  for (int i = head + nv * V + tid; i < n; i += kBlockThreads) x[i] = scaled<kZeroNonfinite>(x[i], s);
 }
 
-template <typename T, typename opmath_t>
+template <bool kZeroNonfinite, typename T, typename opmath_t>
 __global__ void __launch_bounds__(kBlockThreads)
     scale_strided_kernel(T* base, const __grid_constant__ StridedLayout layout, int64_t numel,
                          const opmath_t* scale_ptr, opmath_t scale_value) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
   const int n = static_cast<int>(::min(kChunk, numel - begin));
   const opmath_t s = load_scale(scale_ptr, scale_value);
+  if (!kZeroNonfinite && s == opmath_t(1)) return;
   for (int i = threadIdx.x; i < n; i += kBlockThreads) {
     T* p = base + strided_offset(layout, begin + i);
-    *p = zero_or_scale(*p, s);
+    *p = scaled<kZeroNonfinite>(*p, s);
   }
 }
 
-void zero_nonfinite_and_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
-  TORCH_CHECK(scale.numel() == 1, "gradguard.zero_nonfinite_and_scale_: `scale` must hold one element, got shape ",
-              scale.sizes());
+template <bool kZeroNonfinite>
+void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1, op, ": `scale` must hold one element, got shape ", scale.sizes());
   if (tensors.empty()) return;
   const at::Device device = tensors[0].device();
   const auto dtype = tensors[0].scalar_type();
-  TORCH_CHECK(scale.is_cpu() || scale.device() == device, "gradguard.zero_nonfinite_and_scale_: `scale` is on ",
-              scale.device(), " but the tensors are on ", device);
+  TORCH_CHECK(scale.is_cpu() || scale.device() == device, op, ": `scale` is on ", scale.device(),
+              " but the tensors are on ", device);
   for (const auto i : c10::irange(tensors.size())) {
     const auto& t = tensors[i];
-    TORCH_CHECK(t.device() == device, "gradguard.zero_nonfinite_and_scale_ (CUDA kernel): tensors[", i, "] is on ",
-                t.device(), " but tensors[0] is on ", device, "; every tensor of one call must be on one device");
-    TORCH_CHECK(t.scalar_type() == dtype, "gradguard.zero_nonfinite_and_scale_: tensors[", i, "] has dtype ",
-                t.scalar_type(), " but tensors[0] has ", dtype);
-    TORCH_CHECK(t.layout() == at::kStrided, "gradguard.zero_nonfinite_and_scale_: tensors[", i,
-                "] is not a strided (dense) tensor");
+    TORCH_CHECK(t.device() == device, op, " (CUDA kernel): tensors[", i, "] is on ", t.device(),
+                " but tensors[0] is on ", device, "; every tensor of one call must be on one device");
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": tensors[", i, "] has dtype ", t.scalar_type(),
+                " but tensors[0] has ", dtype);
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] is not a strided (dense) tensor");
   }
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_zero_nonfinite_and_scale_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_scale_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     at::Tensor scale_dev;
     const opmath_t* scale_ptr = nullptr;
     opmath_t scale_value = 0;
     if (scale.is_cpu()) {
-      scale_value = static_cast<opmath_t>(scale.to(at::kDouble).item<double>());  // host memory: no sync
+      const double s = scale.to(at::kDouble).item<double>();  // host memory: no sync
+      if (!kZeroNonfinite && s == 1.0) return;
+      scale_value = static_cast<opmath_t>(s);
     } else {
       // A device-side cast (no-op when the dtype already matches): the value stays on the GPU.
       scale_dev = scale.reshape({}).to(c10::CppTypeToScalarType<opmath_t>::value);
@@ -140,7 +152,7 @@ void zero_nonfinite_and_scale_cuda(at::TensorList tensors, const at::Tensor& sca
           layout.sizes[d] = walk.sizes[d];
           layout.strides[d] = walk.strides[d];
         }
-        scale_strided_kernel<scalar_t, opmath_t>
+        scale_strided_kernel<kZeroNonfinite, scalar_t, opmath_t>
             <<<static_cast<unsigned>(chunks_of(numel)), kBlockThreads, 0, stream>>>(
                 static_cast<scalar_t*>(t.data_ptr()), layout, numel, scale_ptr, scale_value);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -152,7 +164,7 @@ void zero_nonfinite_and_scale_cuda(at::TensorList tensors, const at::Tensor& sca
       }
     }
     for_each_launch(flat, [&](const ChunkTable& tab, int64_t nblocks) {
-      scale_flat_kernel<scalar_t, opmath_t>
+      scale_flat_kernel<kZeroNonfinite, scalar_t, opmath_t>
           <<<static_cast<unsigned>(nblocks), kBlockThreads, 0, stream>>>(tab, scale_ptr, scale_value);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -160,10 +172,19 @@ void zero_nonfinite_and_scale_cuda(at::TensorList tensors, const at::Tensor& sca
   });
 }
 
+void maybe_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
+  scale_list<false>("gradguard.maybe_scale_", tensors, scale);
+}
+
+void zero_nonfinite_and_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
+  scale_list<true>("gradguard.zero_nonfinite_and_scale_", tensors, scale);
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(gradguard, CUDA, m) {
+  m.impl("maybe_scale_", &cuda::maybe_scale_cuda);
   m.impl("zero_nonfinite_and_scale_", &cuda::zero_nonfinite_and_scale_cuda);
 }
 
