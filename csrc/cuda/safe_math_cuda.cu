@@ -195,6 +195,7 @@ void clamped_math(const at::Tensor& out, const at::Tensor& input, double bound) 
   });
 }
 
+// The .out overloads return nothing (schema `-> ()`), so torch.compile can functionalize them.
 at::Tensor safe_log_cuda(const at::Tensor& input, double eps, bool straight_through) {
   check_float(input, "safe_log", "input");
   check_param(eps, "safe_log", "eps", true);
@@ -203,12 +204,11 @@ at::Tensor safe_log_cuda(const at::Tensor& input, double eps, bool straight_thro
   return out;
 }
 
-at::Tensor& safe_log_out_cuda(const at::Tensor& input, double eps, bool straight_through, at::Tensor& out) {
+void safe_log_out_cuda(const at::Tensor& input, double eps, bool straight_through, at::Tensor& out) {
   check_float(input, "safe_log", "input");
   check_param(eps, "safe_log", "eps", true);
   prepare_out(out, input, input.sizes(), "safe_log");
   clamped_math<Math::Log, true>(out, input, eps);
-  return out;
 }
 
 at::Tensor safe_exp_cuda(const at::Tensor& input, double max, bool straight_through) {
@@ -219,12 +219,11 @@ at::Tensor safe_exp_cuda(const at::Tensor& input, double max, bool straight_thro
   return out;
 }
 
-at::Tensor& safe_exp_out_cuda(const at::Tensor& input, double max, bool straight_through, at::Tensor& out) {
+void safe_exp_out_cuda(const at::Tensor& input, double max, bool straight_through, at::Tensor& out) {
   check_float(input, "safe_exp", "input");
   check_param(max, "safe_exp", "max", false);
   prepare_out(out, input, input.sizes(), "safe_exp");
   clamped_math<Math::Exp, false>(out, input, max);
-  return out;
 }
 
 // safe_sqrt's forward clamps at 0 whatever eps is; eps only bounds the backward.
@@ -236,12 +235,11 @@ at::Tensor safe_sqrt_cuda(const at::Tensor& input, double eps) {
   return out;
 }
 
-at::Tensor& safe_sqrt_out_cuda(const at::Tensor& input, double eps, at::Tensor& out) {
+void safe_sqrt_out_cuda(const at::Tensor& input, double eps, at::Tensor& out) {
   check_float(input, "safe_sqrt", "input");
   check_param(eps, "safe_sqrt", "eps", true);
   prepare_out(out, input, input.sizes(), "safe_sqrt");
   clamped_math<Math::Sqrt, true>(out, input, 0.0);
-  return out;
 }
 
 // ---- backward: log, exp, sqrt ----------------------------------------------------------------
@@ -312,12 +310,11 @@ at::Tensor safe_div_cuda(const at::Tensor& input, const at::Tensor& other, doubl
   return out;
 }
 
-at::Tensor& safe_div_out_cuda(const at::Tensor& input, const at::Tensor& other, double eps, double fill,
+void safe_div_out_cuda(const at::Tensor& input, const at::Tensor& other, double eps, double fill,
                               at::Tensor& out) {
   check_div_args(input, other, eps, "safe_div");
   prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div");
   div_kernel(out, input, other, eps, fill);
-  return out;
 }
 
 // Both gradients at the broadcast shape in one pass; autograd reduces them to each operand's
