@@ -90,7 +90,7 @@ except OSError:
     print("benchmarks: no results (see bench.log)")
     sys.exit(0)
 print(f"card: {bench['card']}, torch {bench['torch']}")
-keep = ("read floor", "gradguard multi_tensor_stats", "  same, replayed", "_foreach_norm + _amp")
+keep = ("read floor", "gradguard multi_tensor_stats", "  same, replayed", "_foreach_norm + _amp", "gradguard safe_", "torch.log (bare", "torch.exp (bare", "safe_")
 print(f"{'case':<62} {'ms':>8} {'GB/s':>7}")
 for t in bench["tables"]:
     print(t["title"])

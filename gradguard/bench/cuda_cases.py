@@ -86,6 +86,47 @@ def stats_table(name, grads, device, repeats):
     return table
 
 
+def safe_math_table(device, repeats, n):
+    """safe_log/safe_exp on CUDA: forward against bare torch.log/torch.exp, forward+backward
+    against the eager composites (the ops through autograd, as users call them)."""
+    ops = torch.ops.gradguard
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, generator=g, device=device).abs_()
+    x[::1000] = 0.0  # some elements below the bound, as in real use
+    grad = torch.randn(n, generator=g, device=device)
+    nbytes = 2 * n * x.element_size()  # one read, one write
+    rows = [Row("torch.log (bare, no clamp)", median_ms(lambda: torch.log(x), device, repeats), nbytes),
+            Row("gradguard safe_log forward", median_ms(lambda: ops.safe_log(x, 1e-6, False), device, repeats), nbytes),
+            Row("torch.log(torch.clamp(x, min=eps)) (composite)",
+                median_ms(lambda: torch.log(torch.clamp(x, min=1e-6)), device, repeats), nbytes),
+            Row("torch.exp (bare, no clamp)", median_ms(lambda: torch.exp(x), device, repeats), nbytes),
+            Row("gradguard safe_exp forward", median_ms(lambda: ops.safe_exp(x, 80.0, False), device, repeats), nbytes),
+            Row("torch.exp(torch.clamp(x, max=m)) (composite)",
+                median_ms(lambda: torch.exp(torch.clamp(x, max=80.0)), device, repeats), nbytes)]
+    xr = x.clone().requires_grad_()
+
+    def fwd_bwd(f):
+        def run():
+            xr.grad = None
+            f(xr).backward(grad)
+        return run
+
+    rows += [Row("safe_log forward+backward (gradguard)",
+                 median_ms(fwd_bwd(lambda t: ops.safe_log(t, 1e-6, False)), device, repeats)),
+             Row("safe_log forward+backward (eager composite)",
+                 median_ms(fwd_bwd(lambda t: torch.log(torch.clamp(t, min=1e-6))), device, repeats)),
+             Row("safe_exp forward+backward (gradguard)",
+                 median_ms(fwd_bwd(lambda t: ops.safe_exp(t, 80.0, False)), device, repeats)),
+             Row("safe_exp forward+backward (eager composite)",
+                 median_ms(fwd_bwd(lambda t: torch.exp(torch.clamp(t, max=80.0))), device, repeats))]
+    t = Table(f"safe math, {n / 2**20:.0f}M fp32 elements", rows)
+    for op, bare in (("safe_log", "torch.log (bare, no clamp)"), ("safe_exp", "torch.exp (bare, no clamp)")):
+        t.check(f"{op} forward / {bare.split()[0]}", t.ms(f"gradguard {op} forward") / t.ms(bare), "<=", 1.1)
+        t.check(f"{op} composite fwd+bwd / gradguard fwd+bwd",
+                t.ms(f"{op} forward+backward (eager composite)") / t.ms(f"{op} forward+backward (gradguard)"), ">=", 1.5)
+    return t
+
+
 def _copy_ms(device, repeats):
     src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
@@ -93,7 +134,8 @@ def _copy_ms(device, repeats):
 
 
 def tables(device: str = "cuda", quick: bool = False) -> list[Table]:
-    """The GPU tables of issue 4 (grad_stats over GPT-2-XL and over 2,000 small tensors)."""
+    """The GPU tables of issue 4: grad_stats over GPT-2-XL and over 2,000 small tensors, and
+    safe_log/safe_exp where the safe math ops exist."""
     if not torch.cuda.is_available():
         raise RuntimeError("gradguard.bench.cuda_cases needs a CUDA GPU")
     device = torch.device(device)
@@ -113,6 +155,11 @@ def tables(device: str = "cuda", quick: bool = False) -> list[Table]:
     t = stats_table("2,000 small fp32 tensors", grads, device, repeats)
     t.title = f"{t.title} [{card}, {stamp}]"
     out.append(t)
+    del grads
+    if hasattr(torch.ops.gradguard, "safe_log"):  # the safe math ops (issue 3) are defined
+        t = safe_math_table(device, repeats, 2**22 if quick else 2**26)
+        t.title = f"{t.title} [{card}, {stamp}]"
+        out.append(t)
     return out
 
 
