@@ -3,7 +3,9 @@
 Drop-in for the composites people write by hand (``torch.log(torch.clamp(x, min=eps))``): with
 the defaults, values and gradients equal those composites bit for bit, forward and backward run
 as one fused kernel each (CPU extension; the pure-PyTorch composite elsewhere), and a NaN that
-was already in the input always comes out as NaN.
+was already in the input always comes out as NaN. One point differs by torch version: exactly at
+the bound (x == eps for log, x == max for exp) the gradient passes, as torch.clamp's did up to
+torch 2.13; torch 2.14's clamp gives 0 there. gradguard keeps the same gradient on every torch.
 
 Common rules:
 - ``input`` is a tensor of any shape and layout. Integer and bool tensors are promoted to the
