@@ -24,6 +24,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join(ROOT, "gradguard", "_build_info.json")
 
 
+def flag(name: str) -> bool:
+    """The env switches are on for any value but empty and "0" (as gradguard/_extension.py reads them)."""
+    return os.environ.get(name, "") not in ("", "0")
+
+
 def write_build_info(info, package_dir=None):
     """Writes the record next to the package's sources and, for a wheel or a non-editable
     install, next to the built extension (the build folder the wheel is packed from)."""
@@ -116,6 +121,8 @@ else:
     try:
         ext_modules, _ext_info = extensions()
     except Exception as exc:  # configuration error: fall back, but say why
+        if os.environ.get("GRADGUARD_BUILD_CUDA") == "1" or flag("GRADGUARD_REQUIRE_EXT"):
+            raise
         ext_modules, _ext_info = [], {}
         warnings.warn(f"gradguard: not building the extension: {exc}")
         write_build_info({**base_info(), "error": f"configuration failed: {exc}"})
@@ -128,7 +135,7 @@ else:
             try:
                 super().run()
             except Exception as exc:
-                if os.environ.get("GRADGUARD_BUILD_CUDA") == "1" or os.environ.get("GRADGUARD_REQUIRE_EXT") == "1":
+                if os.environ.get("GRADGUARD_BUILD_CUDA") == "1" or flag("GRADGUARD_REQUIRE_EXT"):
                     raise
                 warnings.warn(f"gradguard: building the compiled kernels failed; installing the pure-PyTorch "
                               f"package (gradguard.backend() will say why): {exc}")

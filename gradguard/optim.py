@@ -35,7 +35,6 @@ that skip once, in its own counters.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections import OrderedDict
 
@@ -47,7 +46,7 @@ from gradguard.errors import NonFiniteGradError
 from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker
 from gradguard.report import History, StepReport
 from gradguard.spike import SpikePolicy
-from gradguard.stats import (_root, check_max_norm, check_norm_type, clip_coefficient, finalize,
+from gradguard.stats import (check_max_norm, check_norm_type, clip_coefficient, finalize, finite_norm,
                              nonfinite_message, raw_stats, scale_)
 
 ON_NONFINITE = ("skip", "zero", "raise", "ignore")
@@ -380,7 +379,7 @@ class GradGuard(torch.optim.Optimizer):
         norms, total, amax = stats.norms, stats.total_norm, stats.amax
         basis = total  # the norm the clip is computed from
         if mode == "zero":
-            basis = (_root(raw.acc.max() if math.isinf(p) else raw.acc.sum(), p)).to(raw.out_dtype)
+            basis = finite_norm(raw, p)
         if loss_scale is not None:
             inv = 1.0 / loss_scale.to(device=device, dtype=torch.float64)
             norms, total, amax, basis = ((t * inv).to(t.dtype) for t in (norms, total, amax, basis))

@@ -1,7 +1,9 @@
 """Multi-tensor gradient statistics: grad_stats, all_finite, clip_grad_norm_.
 
 Everything here returns device tensors and never reads a value back to the host (the one
-exception: ``clip_grad_norm_(nonfinite="raise")``, which must look at the flag to raise).
+exception: ``clip_grad_norm_(nonfinite="raise")``, which must look at the flag to raise). Results
+gather on the first tensor's device: a list that mixes CUDA tensors into a CPU-first list copies
+their small per-tensor results to the host, which waits for the GPU; put a CUDA tensor first.
 """
 from __future__ import annotations
 
@@ -131,6 +133,11 @@ def _mark_nonfinite(value: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor) -
     return torch.where(nan > 0, math.nan, value)
 
 
+def finite_norm(raw: _Raw, p: float) -> torch.Tensor:
+    """The total p-norm of the finite elements only: what is left once NaN/Inf are zeroed."""
+    return _root(raw.acc.max() if math.isinf(p) else raw.acc.sum(), p).to(raw.out_dtype)
+
+
 def finalize(raw: _Raw, p: float) -> GradStats:
     norms = _mark_nonfinite(_root(raw.acc, p), raw.nan_count, raw.inf_count)
     if math.isinf(p):
@@ -193,6 +200,10 @@ def _params_and_names(parameters):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"gradguard.clip_grad_norm_: parameters[{i}] is a {type(p).__name__}, expected a tensor")
         if p.grad is not None:
+            g = p.grad
+            if not (g.is_floating_point() or g.is_complex()) or g.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"gradguard.clip_grad_norm_: the gradient of {name} has dtype {g.dtype}, "
+                                "expected float16, bfloat16, float32 or float64")
             params.append(p)
             names.append(name)
     return params, names
@@ -272,6 +283,5 @@ def clip_grad_norm_(parameters, max_norm, norm_type: float = 2.0, error_if_nonfi
         coef = torch.where(stats.found_inf > 0, 1.0, clip_coefficient(stats.total_norm, max_norm))
         scale_(grads, coef)
     else:  # "zero": clip by the norm of what is left once the non-finite elements are gone
-        finite_norm = _root(raw.acc.sum() if not math.isinf(p) else raw.acc.max(), p).to(raw.out_dtype)
-        scale_(grads, clip_coefficient(finite_norm, max_norm), zero_nonfinite=True)
+        scale_(grads, clip_coefficient(finite_norm(raw, p), max_norm), zero_nonfinite=True)
     return stats.total_norm

@@ -195,3 +195,12 @@ def test_maybe_scale_multiplies_and_writes_nothing_for_one(path, dtype):
     for t, b in zip(ts, before):
         torch.testing.assert_close(t, b * 0.25, rtol=0, atol=0, equal_nan=True)
     torch.library.opcheck(torch.ops.gradguard.maybe_scale_.default, ([t.clone() for t in ts], torch.tensor(0.5)))
+
+
+def test_integer_grad_is_named_by_its_parameter():
+    model = torch.nn.Linear(2, 2)
+    model(torch.randn(3, 2)).sum().backward()
+    model.bias.grad_dtype = None  # torch refuses a grad of another dtype unless told to allow it
+    model.bias.grad = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"the gradient of bias has dtype torch.int64"):
+        gradguard.clip_grad_norm_(model.named_parameters(), 1.0)

@@ -74,13 +74,9 @@ def main(argv=None) -> int:
     print(f"gradguard {gradguard.__version__} bench on {machine()}")
     print(f"backend: {json.dumps({k: v for k, v in gradguard.backend().items() if k != 'build'})}")
     names = args.only or [n for n in CASE_MODULES if n != "cuda" or torch.cuda.is_available()]
-    all_tables, missing = [], []
+    all_tables = []
     for name in names:
-        try:
-            mod = importlib.import_module(CASE_MODULES[name])
-        except ModuleNotFoundError as exc:
-            missing.append(f"{name}: {exc}")
-            continue
+        mod = importlib.import_module(CASE_MODULES[name])
         device = args.device or ("cuda" if name == "cuda" else "cpu")
         t0 = time.perf_counter()
         print(f"[{name}] running on {device}{' (quick)' if args.quick else ''} ...", flush=True)
@@ -90,8 +86,6 @@ def main(argv=None) -> int:
             print(t.format(), flush=True)
         print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
         all_tables += tables
-    for m in missing:
-        print(f"skipped {m}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
