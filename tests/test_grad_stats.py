@@ -385,3 +385,35 @@ def test_hypothesis_random_lists_match_math(shapes, dtype_idx, specials, p, seed
         ts.append(t)
     s = gradguard.grad_stats(ts, p)
     assert_matches_math(s, ts, p, rtol=1e-5 if p not in (1.0, 2.0, INF) else 1e-6)
+
+
+_ISA_CHECK = """
+import math, torch, gradguard
+from gradguard import reference
+from test_grad_stats import layouts, NORM_TYPES
+assert gradguard.backend()["cpu"] == "extension"
+for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    ts = list(layouts(dtype).values()) + [torch.tensor([1e20, math.nan, -math.inf, 2.0]).to(dtype),
+                                          torch.full((3000,), 1e-30).to(dtype)]
+    for p in NORM_TYPES:
+        got = torch.ops.gradguard.multi_tensor_stats(ts, p)
+        want = reference.multi_tensor_stats([t.contiguous() for t in ts], p)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+        for g, w in zip(got[1:], want[1:]):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+print("ok")
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_stats_kernel_copies_of_other_isas(isa):
+    # This CPU runs its widest copy; the portable (and AVX2) copies run here in a subprocess.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GRADGUARD_CPU_ISA": isa}
+    r = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(__file__))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

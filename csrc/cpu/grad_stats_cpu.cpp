@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "strided_walk.h"
 
 namespace gradguard {
@@ -45,7 +46,7 @@ namespace isa_avx2 {
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+const bool kHasAvx2 = cpu_has_avx2();
 
 template <typename T, Norm N>
 inline void segment_stats(const T* x, int64_t n, int64_t stride, double p, Partial& out) {

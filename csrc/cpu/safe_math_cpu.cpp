@@ -28,6 +28,8 @@
 #include <ATen/native/Resize.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -57,18 +59,8 @@ namespace isa_avx512 {
 }  // namespace isa_avx512
 #pragma GCC pop_options
 
-// GRADGUARD_CPU_ISA=default|avx2 caps the ISA, so the tests can run the copies this CPU would
-// not pick.
-bool isa_allowed(const char* isa) {
-  const char* cap = std::getenv("GRADGUARD_CPU_ISA");
-  if (cap == nullptr || *cap == '\0') return true;
-  if (std::strcmp(cap, "default") == 0) return false;
-  return std::strcmp(cap, "avx2") == 0 ? std::strcmp(isa, "avx2") == 0 : true;
-}
-
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && isa_allowed("avx2");
-const bool kHasAvx512 = kHasAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && isa_allowed("avx512");
+const bool kHasAvx2 = cpu_has_avx2();
+const bool kHasAvx512 = cpu_has_avx512();
 
 // Picks the ISA copy and the contiguous or strided instantiation of a row kernel.
 #define GG_ROW(kernel, T, contig, ...)                                   \
