@@ -25,6 +25,18 @@ def stats_paths():
     return paths
 
 
+def run_under_isa(code: str, isa: str) -> None:
+    """Runs `code` in a subprocess with GRADGUARD_CPU_ISA=isa (the CPU kernels' copy for that ISA
+    instead of the widest this CPU supports); it must print "ok"."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GRADGUARD_CPU_ISA": isa}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(__file__))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
 def pytest_report_header(config):
     b = gradguard.backend()
     return [f"gradguard backend: cpu={b['cpu']} cuda={b['cuda']} reason={b['reason']}",

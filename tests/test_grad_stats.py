@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import gradguard
 from gradguard import reference
-from conftest import EXT_LOADED, FLOAT_DTYPES, needs_ext, stats_paths
+from conftest import EXT_LOADED, FLOAT_DTYPES, needs_ext, run_under_isa, stats_paths
 
 NAN, INF = math.nan, math.inf
 CHUNK = 1 << 16  # the CPU kernel's chunk; NaN/Inf are planted around it
@@ -409,11 +409,4 @@ print("ok")
 @pytest.mark.parametrize("isa", ["default", "avx2"])
 def test_stats_kernel_copies_of_other_isas(isa):
     # This CPU runs its widest copy; the portable (and AVX2) copies run here in a subprocess.
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "GRADGUARD_CPU_ISA": isa}
-    r = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=os.path.dirname(__file__))
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    run_under_isa(_ISA_CHECK, isa)

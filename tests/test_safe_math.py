@@ -9,13 +9,10 @@ directly; both must equal the composite.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import EXT_LOADED, FLOAT_DTYPES, needs_ext
+from conftest import EXT_LOADED, FLOAT_DTYPES, needs_ext, run_under_isa
 
 import gradguard
 from gradguard import reference
@@ -598,7 +595,4 @@ print("ok")
 @pytest.mark.parametrize("isa", ["default", "avx2"])
 def test_kernels_of_other_isas(isa):
     # This CPU runs the widest copy; the portable and avx2 copies run here in a subprocess.
-    env = {**os.environ, "GRADGUARD_CPU_ISA": isa}
-    r = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=os.path.dirname(__file__))
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    run_under_isa(_ISA_CHECK, isa)

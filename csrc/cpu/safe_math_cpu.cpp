@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include "cpu_isa.h"
+#include "safe_math_args.h"
 
 #include <algorithm>
 #include <cmath>
@@ -38,6 +39,8 @@
 
 namespace gradguard {
 namespace {
+
+using namespace safe_math_args;  // NOLINT: the shared argument rules
 
 namespace isa_default {
 #include "safe_math_fixup.inc"
@@ -173,32 +176,6 @@ inline bool contiguous(const int64_t* strides, int n) {
   return true;
 }
 
-// ---- argument checks -------------------------------------------------------------------------
-
-void check_float(const at::Tensor& t, const char* op, const char* arg) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, "gradguard.", op,
-              ": `", arg, "` must be float16, bfloat16, float32 or float64, got ", dt,
-              " (gradguard.", op, " promotes integer inputs; the op itself takes floating-point tensors)");
-}
-
-void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
-                      const char* ref_arg) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "gradguard.", op, ": `", arg, "` has dtype ", t.scalar_type(),
-              " but `", ref_arg, "` has ", ref.scalar_type(), "; they must match");
-}
-
-void check_param(double v, const char* op, const char* arg, bool nonneg) {
-  TORCH_CHECK(!std::isnan(v), "gradguard.", op, ": `", arg, "` must not be NaN");
-  TORCH_CHECK(!nonneg || v >= 0.0, "gradguard.", op, ": `", arg, "` must be >= 0, got ", v);
-}
-
-void prepare_out(at::Tensor& out, const at::Tensor& like, at::IntArrayRef shape, const char* op) {
-  TORCH_CHECK(out.scalar_type() == like.scalar_type(), "gradguard.", op, ": `out` has dtype ", out.scalar_type(),
-              " but the result has dtype ", like.scalar_type(), "; pass an `out` of the result's dtype");
-  at::native::resize_output(out, shape);
-}
-
 at::TensorIterator unary_iter(const at::Tensor& out, const at::Tensor& in) {
   return at::TensorIteratorConfig().add_output(out).add_const_input(in).check_all_same_dtype(true).build();
 }
@@ -301,12 +278,6 @@ void safe_sqrt_out_cpu(const at::Tensor& input, double eps, at::Tensor& out) {
 
 // ---- backward: log, exp, sqrt ------------------------------------------------------------------
 
-void check_backward_operand(const at::Tensor& t, const at::Tensor& grad, const char* op, const char* arg) {
-  check_same_dtype(t, grad, op, arg, "grad");
-  TORCH_CHECK(t.sizes() == grad.sizes(), "gradguard.", op, ": `", arg, "` has shape ", t.sizes(), " but `grad` has ",
-              grad.sizes(), "; they must match");
-}
-
 at::Tensor safe_log_backward_cpu(const at::Tensor& grad, const at::Tensor& input, double eps, bool straight_through) {
   check_float(grad, "safe_log_backward", "grad");
   check_backward_operand(input, grad, "safe_log_backward", "input");
@@ -375,15 +346,6 @@ at::Tensor safe_sqrt_backward_cpu(const at::Tensor& grad, const at::Tensor& inpu
 
 // ---- div ---------------------------------------------------------------------------------------
 
-// The broadcast result is laid out like whichever operand already has the result's shape (as
-// the fake kernel does), else contiguous.
-at::Tensor empty_broadcast(const at::Tensor& a, const at::Tensor& b) {
-  const auto shape = at::infer_size(a.sizes(), b.sizes());
-  if (a.sizes() == at::IntArrayRef(shape)) return at::empty_like(a);
-  if (b.sizes() == at::IntArrayRef(shape)) return at::empty_like(b);
-  return at::empty(shape, a.options());
-}
-
 void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(input).add_const_input(other).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gradguard_safe_div_cpu", [&] {
@@ -394,12 +356,6 @@ void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor
              elems<scalar_t>(s[2]), n, e, f);
     });
   });
-}
-
-void check_div_args(const at::Tensor& input, const at::Tensor& other, double eps, const char* op) {
-  check_float(input, op, "input");
-  check_same_dtype(other, input, op, "other", "input");
-  check_param(eps, op, "eps", true);
 }
 
 at::Tensor safe_div_cpu(const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
