@@ -32,6 +32,13 @@ combines both flags with a max (never a sum, which the fused kernels' ``found_in
 would miss), and always skips an overflowed step whatever ``on_nonfinite`` says: an overflow is
 the scaler's signal to lower the scale, and the scaler's ``update()`` counts it. The guard counts
 that skip once, in its own counters.
+
+Distributed (see gradguard.distributed): DTensor gradients (FSDP2, tensor parallel), FSDP1
+shards (``model=`` the FSDP module, or ``process_group=``) and an inner ZeroRedundancyOptimizer
+add ONE collective per step, so that every rank sees the same global norms, clip coefficient and
+skip decision. DDP gradients are identical on every rank already: no collective. With DTensor
+parameters a fused optimizer takes the read path (its kernel does not take plain-tensor flags
+beside DTensor parameters).
 """
 from __future__ import annotations
 
@@ -41,13 +48,14 @@ from collections import OrderedDict
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gradguard import distributed as _distributed
 from gradguard import hygiene as _hygiene
 from gradguard.errors import NonFiniteGradError
 from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker
 from gradguard.report import History, StepReport
 from gradguard.spike import SpikePolicy
 from gradguard.stats import (check_max_norm, check_norm_type, clip_coefficient, finalize, finite_norm,
-                             nonfinite_message, raw_stats, scale_)
+                             global_raw_stats, grad_or_empty, nonfinite_message, refuse_unreduced_fsdp1, scale_)
 
 ON_NONFINITE = ("skip", "zero", "raise", "ignore")
 
@@ -93,6 +101,15 @@ class GradGuard(torch.optim.Optimizer):
             ``model``).
         history_size: how many steps ``opt.history`` keeps.
         hygiene: ``False`` turns the training-hygiene warnings off.
+        process_group: every gradient is a shard whose statistics are summed over this group
+            (hand-rolled sharding, FSDP1). Not needed for DTensor gradients (FSDP2, tensor
+            parallel: their mesh says it), for ``model=`` an FSDP1 module (its process group is
+            used for its flat parameters), or for DDP.
+
+    Distributed: the guard adds one collective per step where statistics must be reduced
+    (DTensor shards, FSDP1, an inner ``ZeroRedundancyOptimizer``, whose skip decision is made
+    collective so that no rank skips a step another takes) and none under DDP. Every rank must
+    call ``step()``; the norms, clip coefficient, skip and report are then the same on all.
     """
 
     # On the CPU a read is not a sync (there is no device queue to wait for), so there the guard
@@ -103,7 +120,7 @@ class GradGuard(torch.optim.Optimizer):
 
     def __init__(self, optimizer, max_norm=None, norm_type: float = 2.0, on_nonfinite: str = "skip",
                  max_consecutive_skips=None, spike=None, model=None, *, names=None,
-                 history_size: int = 1000, hygiene: bool = True):
+                 history_size: int = 1000, hygiene: bool = True, process_group=None):
         if isinstance(optimizer, GradGuard):
             raise TypeError("gradguard.GradGuard: `optimizer` is already a GradGuard; wrap the inner optimizer once")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -128,6 +145,11 @@ class GradGuard(torch.optim.Optimizer):
             raise TypeError(f"gradguard.GradGuard: `model` must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.optimizer = optimizer
+        self.process_group = process_group
+        # Found once: which group shards FSDP1's flat parameters, and ZeRO's group, whose ranks
+        # must all take (or all skip) every step.
+        self._fsdp_group = _distributed.fsdp1_group(model) if model is not None and process_group is None else None
+        self._decide_group = _distributed.zero_group(optimizer)
         self.history = History(history_size)
         self.hygiene = bool(hygiene)
         self._name_list = None
@@ -224,7 +246,8 @@ class GradGuard(torch.optim.Optimizer):
         if self._name_list is None or len(self._name_list) != len(params):
             by_id = {}
             if self.model is not None:
-                by_id = {id(p): n for n, p in self.model.named_parameters()}
+                # FSDP1 keeps its wrapper's prefix in named_parameters(); the user's names lack it.
+                by_id = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in self.model.named_parameters()}
             for g in self.optimizer.param_groups:
                 for p, n in zip(g["params"], g.get("param_names", ())):
                     by_id.setdefault(id(p), n)
@@ -358,8 +381,12 @@ class GradGuard(torch.optim.Optimizer):
         amp = loss_scale is not None or scaler_found is not None
 
         params = self._params()
-        present = [i for i, p in enumerate(params) if p.grad is not None]
-        grads = [params[i].grad for i in present]
+        # An FSDP1 shard that is empty on this rank has no .grad here but one on other ranks: it
+        # enters as an empty gradient, so that every rank packs the same statistics.
+        keep = self.process_group is not None or self._fsdp_group is not None
+        present = [i for i, p in enumerate(params)
+                   if p.grad is not None or (keep and _distributed.is_fsdp1_sharded(p))]
+        grads = [grad_or_empty(params[i]) for i in present]
         self._check_grads(grads, present, params)
         self._check_hygiene(grads)
         if not grads:
@@ -367,7 +394,7 @@ class GradGuard(torch.optim.Optimizer):
             return loss
 
         p = self.norm_type
-        raw = raw_stats(grads, p)
+        raw, grads = self._global_raw(params, present, grads)
         stats = finalize(raw, p)
         device = stats.total_norm.device
         found = stats.found_inf
@@ -409,7 +436,7 @@ class GradGuard(torch.optim.Optimizer):
         self._bookkeep(params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp)
         report = self.last
 
-        fused = self._fused_ready()
+        fused = self._fused_ready() and not self._dtensor_grads
         host = None
         if (not fused or mode == "raise" or self.max_consecutive_skips is not None
                 or (device.type == "cpu" and self._decide_on_host_on_cpu)):
@@ -457,6 +484,25 @@ class GradGuard(torch.optim.Optimizer):
                 f"gradguard.GradGuard: {host[3]} steps in a row were skipped "
                 f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}", bad, report)
         return loss
+
+    def _global_raw(self, params, present, grads):
+        """The gradients' statistics, made global across ranks when they are sharded (one
+        collective), and the local tensors that the clip scales."""
+        sharded = [_distributed.is_fsdp1_sharded(params[i]) for i in present]
+        groups = None
+        if self.process_group is not None:
+            groups = [self.process_group] * len(present)
+        elif any(sharded):
+            if self._fsdp_group is None:
+                names = self._names(params)
+                refuse_unreduced_fsdp1([params[i] for i in present], [names[i] for i in present], "gradguard.GradGuard")
+            groups = [self._fsdp_group if s else None for s in sharded]
+        self._dtensor_grads = any(_distributed.is_dtensor(g) for g in grads)
+        names = None
+        if self._dtensor_grads:
+            all_names = self._names(params)
+            names = [all_names[i] for i in present]
+        return global_raw_stats(grads, self.norm_type, groups=groups, decide_group=self._decide_group, names=names)
 
     def _bookkeep(self, params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp):
         """Counters, per-parameter totals, the report and the history: device ops only."""

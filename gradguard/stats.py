@@ -14,6 +14,7 @@ from typing import Iterable, NamedTuple
 import torch
 
 from gradguard import _ops  # noqa: F401  (defines torch.ops.gradguard.*)
+from gradguard import distributed as _distributed
 from gradguard.errors import NonFiniteGradError
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -120,6 +121,17 @@ def raw_stats(tensors, norm_type: float) -> _Raw:
     return _Raw(acc, nan, inf, amax, out_dtype, device)
 
 
+def global_raw_stats(tensors: list[torch.Tensor], norm_type: float, *, process_group=None, groups=None,
+                     decide_group=None, names=None):
+    """raw_stats of the local parts of `tensors`, made global across ranks where they are sharded
+    (DTensor placements, `process_group` for every plain tensor or `groups` per tensor) by one
+    collective (see gradguard.distributed). Returns (raw, local tensors)."""
+    if process_group is not None and groups is None:
+        groups = [process_group] * len(tensors)
+    local, plan = _distributed.localize(tensors, groups=groups, decide_group=decide_group, names=names)
+    return _distributed.reduce_raw(raw_stats(local, norm_type), plan, norm_type), local
+
+
 def _root(acc: torch.Tensor, p: float) -> torch.Tensor:
     if math.isinf(p) or p == 1.0:
         return acc
@@ -157,7 +169,7 @@ def finalize(raw: _Raw, p: float) -> GradStats:
     )
 
 
-def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> GradStats:
+def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, *, process_group=None) -> GradStats:
     """One read pass over `tensors`: per-tensor p-norm, NaN and Inf counts and largest finite
     magnitude, plus the total p-norm and a found-inf flag. No host sync.
 
@@ -172,23 +184,31 @@ def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> GradS
     Floating results are float64 if any input is float64, float32 otherwise. Sums are
     accumulated in float64, so a float32 gradient of 1e20 has norm 1e20, not inf. Sparse
     tensors count their stored values, complex ones |z|.
+
+    Distributed: DTensor inputs (FSDP2, tensor parallel) give the statistics of the full
+    tensors, reduced over the mesh dimensions that shard them and not over those that replicate
+    them; ``process_group`` says that every plain tensor is a shard summed over that group
+    (FSDP1 flat parameters, hand-rolled sharding). Either costs one collective, which every rank
+    of the group must join with the same number of tensors.
     """
     p = check_norm_type(norm_type)
-    return finalize(raw_stats(as_tensor_list(tensors), p), p)
+    return finalize(global_raw_stats(as_tensor_list(tensors), p, process_group=process_group)[0], p)
 
 
-def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """0-dim bool device tensor: True when no element of any tensor is NaN or +-Inf. No sync."""
-    raw = raw_stats(as_tensor_list(tensors), math.inf)
+def all_finite(tensors: Iterable[torch.Tensor], *, process_group=None) -> torch.Tensor:
+    """0-dim bool device tensor: True when no element of any tensor is NaN or +-Inf. No sync.
+    DTensors and ``process_group`` as in :func:`grad_stats`: the answer is then global."""
+    raw = global_raw_stats(as_tensor_list(tensors), math.inf, process_group=process_group)[0]
     return (raw.nan_count.sum() + raw.inf_count.sum()) == 0
 
 
 _NONFINITE_MODES = ("skip", "raise", "zero")
 
 
-def _params_and_names(parameters):
+def _params_and_names(parameters, keep_gradless=False):
     """Accepts a tensor, an iterable of tensors, or of (name, tensor) pairs
-    (``model.named_parameters()``); returns the tensors that have a .grad, and their names."""
+    (``model.named_parameters()``); returns the tensors that have a .grad (and, with
+    `keep_gradless`, the FSDP1 shards that have none), and their names."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     params, names = [], []
@@ -199,7 +219,10 @@ def _params_and_names(parameters):
             name, p = f"param[{i}]", item
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"gradguard.clip_grad_norm_: parameters[{i}] is a {type(p).__name__}, expected a tensor")
-        if p.grad is not None:
+        if p.grad is None and keep_gradless and _distributed.is_fsdp1_sharded(p):
+            params.append(p)
+            names.append(name)
+        elif p.grad is not None:
             g = p.grad
             if not (g.is_floating_point() or g.is_complex()) or g.dtype not in _FLOAT_DTYPES:
                 raise TypeError(f"gradguard.clip_grad_norm_: the gradient of {name} has dtype {g.dtype}, "
@@ -247,8 +270,21 @@ def nonfinite_message(where: str, names, nan_count, inf_count) -> tuple[str, lis
             [n for n, _, _ in bad])
 
 
+def grad_or_empty(p: torch.Tensor) -> torch.Tensor:
+    return p.grad if p.grad is not None else p.detach().new_empty(0)
+
+
+def refuse_unreduced_fsdp1(params, names, where: str) -> None:
+    """FSDP1 shards are plain tensors: without a group to sum over, a norm would be this rank's."""
+    for p, n in zip(params, names):
+        if _distributed.is_fsdp1_sharded(p):
+            raise ValueError(f"{where}: parameter {n!r} is an FSDP1 (FullyShardedDataParallel) shard, so this rank "
+                             "holds only part of its gradient; pass process_group=<the FSDP module's "
+                             "process_group> (GradGuard also takes model=<the FSDP module>)")
+
+
 def clip_grad_norm_(parameters, max_norm, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                    foreach=None, *, nonfinite: str = "skip") -> torch.Tensor:
+                    foreach=None, *, nonfinite: str = "skip", process_group=None) -> torch.Tensor:
     """Drop-in for ``torch.nn.utils.clip_grad_norm_`` with one statistics pass, one scaling pass,
     no host sync, and gradients that survive a non-finite norm.
 
@@ -259,6 +295,11 @@ def clip_grad_norm_(parameters, max_norm, norm_type: float = 2.0, error_if_nonfi
     ``error_if_nonfinite=True`` means ``nonfinite="raise"``; ``foreach`` is accepted for
     compatibility and ignored. ``parameters`` may also be ``model.named_parameters()``, so errors
     name the layers.
+
+    Distributed: DTensor gradients (FSDP2, tensor parallel) are clipped by their global norm, the
+    same on every rank; ``process_group`` sums the statistics of plain gradients over that group
+    (FSDP1: the FSDP module's ``process_group``; without it an FSDP1 shard is refused). One
+    collective, which every rank of the group must join.
     """
     if nonfinite not in _NONFINITE_MODES:
         raise ValueError(f"gradguard.clip_grad_norm_: `nonfinite` must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
@@ -266,13 +307,17 @@ def clip_grad_norm_(parameters, max_norm, norm_type: float = 2.0, error_if_nonfi
         nonfinite = "raise"
     max_norm = check_max_norm(max_norm)
     p = check_norm_type(norm_type)
-    params, names = _params_and_names(parameters)
-    grads = as_tensor_list([q.grad for q in params], what="grads")
+    # Every rank must pack the same entries: an FSDP1 parameter whose shard is empty on this rank
+    # has no .grad here but one elsewhere, so it enters as an empty gradient.
+    params, names = _params_and_names(parameters, keep_gradless=process_group is not None)
+    if process_group is None:
+        refuse_unreduced_fsdp1(params, names, "gradguard.clip_grad_norm_")
+    grads = as_tensor_list([grad_or_empty(q) for q in params], what="grads")
     if not grads:
         return torch.tensor(0.0)
     if any(g.is_complex() or g.layout != torch.strided for g in (q.grad for q in params)):
         raise TypeError("gradguard.clip_grad_norm_: sparse and complex gradients are not supported for clipping")
-    raw = raw_stats(grads, p)
+    raw, grads = global_raw_stats(grads, p, process_group=process_group, names=names)
     stats = finalize(raw, p)
     if nonfinite == "raise":
         if bool(stats.found_inf):

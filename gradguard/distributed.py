@@ -1,0 +1,253 @@
+"""Global gradient statistics across ranks: DTensor (FSDP2, tensor parallel), FSDP1 flat shards,
+any hand-rolled sharding (``process_group=``), and the collective skip decision of ZeRO.
+
+Each gradient entry is reduced in one of three ways:
+
+- ``local``: nothing to reduce (a plain tensor, a ``Replicate`` DTensor, a DDP gradient);
+- ``sum`` over the ranks that hold the other shards of the same tensor (the ``Shard`` mesh
+  dimensions of a DTensor, the ranks of ``process_group``): p-sums and NaN/Inf counts add up,
+  amax takes the max. ``Replicate`` mesh dimensions are not reduced (no double counting);
+- ``max`` over a group whose ranks hold full but possibly different gradients (an inner
+  ``ZeroRedundancyOptimizer``): every statistic takes the max, so that a NaN on one rank makes
+  every rank skip (ZeRO's step broadcasts; a rank that skips alone pairs the broadcasts wrongly).
+
+The collective: ONE ``all_gather_into_tensor`` of a small float64 tensor per rank (per gradient:
+p-sum, NaN count, Inf count, amax), followed by a local masked sum/max. Why a gather and not an
+``all_reduce``: the statistics need SUM (p-sums, counts) and MAX (amax, the inf-norm, ZeRO's
+flag), which one ``all_reduce`` cannot do; and a model that mixes placements (FSDP2 + tensor
+parallel on a 2-D mesh) needs each entry reduced over a different subgroup. Gathering once over a
+group that covers every subgroup and combining locally does all of it in one call, without a host
+sync (with NCCL the gather is queued on the device like any collective). The price is
+world_size x 4 x n float64 values received per rank (n = number of gradients): 3 MB for 100 ranks
+and 1000 gradients, small next to the gradients themselves, but it grows with the group size.
+Counts travel as float64, exact up to 2**53 elements.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+LOCAL, SUM, MAX = "local", "sum", "max"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+class Plan(NamedTuple):
+    """How to make the local statistics of each entry global: the group gathered over (None:
+    nothing to reduce), and per entry its kind and the ranks (global) it is reduced over."""
+
+    group: object
+    entries: tuple
+
+
+_NOTHING = Plan(None, ())
+
+
+def _group_ranks(group) -> tuple[int, ...]:
+    dist = _dist()
+    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+
+
+_mesh_cache: dict = {}
+
+
+def _dtensor_ranks(t, where: str) -> tuple[tuple[int, ...] | None, list]:
+    """The global ranks holding the other shards of DTensor `t` (None if it is replicated on
+    every mesh dimension) and the mesh-dimension groups that cover them."""
+    mesh, placements = t.device_mesh, tuple(t.placements)
+    key = (id(mesh), placements)
+    hit = _mesh_cache.get(key)
+    if hit is not None and hit[0] is mesh:
+        return hit[1], hit[2]
+    shard_dims = []
+    for d, pl in enumerate(placements):
+        if pl.is_shard():
+            shard_dims.append(d)
+        elif not pl.is_replicate():
+            raise ValueError(f"{where} is a DTensor with placement {pl} on mesh dimension {d}: its statistics "
+                             "cannot be made global without reducing the values first; redistribute it to "
+                             "Shard or Replicate placements (e.g. grad.redistribute(placements=[Replicate()]))")
+    ranks = None
+    groups = []
+    if shard_dims:
+        coord = mesh.get_coordinate()
+        if coord is None:
+            raise ValueError(f"{where} is a DTensor on a mesh this rank is not part of")
+        ranks = shard_ranks(mesh.mesh, coord, shard_dims)
+        groups = [mesh.get_group(d) for d in shard_dims]
+    _mesh_cache[key] = (mesh, ranks, groups)
+    return ranks, groups
+
+
+def shard_ranks(mesh_ranks: torch.Tensor, coord: Sequence[int], shard_dims: Sequence[int]) -> tuple[int, ...]:
+    """The global ranks of `mesh_ranks` (a device mesh's rank array) that share this rank's
+    coordinate on every dimension not in `shard_dims`: the holders of the other shards."""
+    index = tuple(slice(None) if d in shard_dims else c for d, c in enumerate(coord))
+    return tuple(int(r) for r in mesh_ranks[index].flatten().tolist())
+
+
+def localize(tensors: list, *, groups: Sequence | None = None, decide_group=None, names: Sequence[str] | None = None):
+    """Splits `tensors` into their local parts and the Plan that makes their statistics global.
+
+    `groups[i]` (optional) is the process group plain tensor i is sharded over (None: not
+    sharded); DTensors carry their own. `decide_group`: entries that are otherwise local are
+    max-reduced over it (ZeRO). Returns (local tensors, Plan)."""
+    local, entries, candidates = [], [], []
+    needed = set()
+    for i, t in enumerate(tensors):
+        where = f"the gradient of {names[i]!r}" if names is not None else f"tensors[{i}]"
+        kind, ranks = LOCAL, None
+        if is_dtensor(t):
+            ranks, mesh_groups = _dtensor_ranks(t, where)
+            candidates += mesh_groups
+            t = t.to_local()
+            if ranks is not None and len(ranks) > 1:
+                kind = SUM
+        elif groups is not None and groups[i] is not None:
+            candidates.append(groups[i])
+            ranks = _group_ranks(groups[i])
+            kind = SUM if len(ranks) > 1 else LOCAL
+        if kind == LOCAL and decide_group is not None:
+            ranks = _group_ranks(decide_group)
+            kind = MAX if len(ranks) > 1 else LOCAL
+        if kind != LOCAL:
+            needed.update(ranks)
+        local.append(t)
+        entries.append((kind, ranks if kind != LOCAL else None))
+    if not needed:
+        return local, _NOTHING
+    if decide_group is not None:
+        candidates.append(decide_group)
+    return local, Plan(_covering_group(needed, candidates), tuple(entries))
+
+
+def _covering_group(needed: set, candidates: list):
+    """The smallest known group whose ranks include every rank some entry is reduced over."""
+    dist = _dist()
+    best, best_size = None, None
+    for g in candidates + [dist.group.WORLD]:
+        ranks = set(_group_ranks(g))
+        if needed <= ranks and (best_size is None or len(ranks) < best_size):
+            best, best_size = g, len(ranks)
+    if best is None:
+        raise ValueError(f"gradguard: the gradients are sharded over ranks {sorted(needed)}, which no single "
+                         "process group covers; pass process_group= a group that spans them")
+    return best
+
+
+_mask_cache: dict = {}
+
+
+def _masks(plan: Plan, device):
+    """[W, n] bool (rank w's values enter entry j) and [n] bool (entry j is max-reduced), cached:
+    built on the host and copied to the device once per layout."""
+    key = (id(plan.group), plan.entries, device)
+    hit = _mask_cache.get(key)
+    if hit is not None:
+        return hit
+    dist = _dist()
+    ranks = _group_ranks(plan.group)
+    me = dist.get_rank()
+    pos = {r: w for w, r in enumerate(ranks)}
+    contrib = torch.zeros(len(ranks), len(plan.entries), dtype=torch.bool)
+    is_max = torch.zeros(len(plan.entries), dtype=torch.bool)
+    for j, (kind, entry_ranks) in enumerate(plan.entries):
+        for r in (entry_ranks if kind != LOCAL else (me,)):
+            contrib[pos[r], j] = True
+        is_max[j] = kind == MAX
+    hit = (contrib.to(device), is_max.to(device))
+    if len(_mask_cache) > 64:
+        _mask_cache.clear()
+    _mask_cache[key] = hit
+    return hit
+
+
+def combine(gathered: torch.Tensor, contrib: torch.Tensor, is_max: torch.Tensor, p: float):
+    """The combine math, in one place: `gathered` [W, 4, n] float64 holds every rank's
+    (acc, nan_count, inf_count, amax); returns the global (acc, nan, inf, amax).
+
+    Today's meaning of acc: the sum of |x|^p over the finite elements (their max for p = inf),
+    so shards add (or max for p = inf); counts add; amax maxes. Max-reduced entries (ZeRO) take
+    the max of everything. If acc changes meaning, this is the function to adapt."""
+    m = contrib.unsqueeze(1)  # [W, 1, n]
+    zero = gathered.new_zeros(())
+    masked = torch.where(m, gathered, zero)  # every statistic is >= 0, so 0 is neutral for max too
+    summed, maxed = masked.sum(0), masked.amax(0)  # [4, n]
+    use_max = is_max.unsqueeze(0).expand(4, -1).clone()
+    use_max[3] = True  # amax
+    if math.isinf(p):
+        use_max[0] = True
+    return torch.where(use_max, maxed, summed)
+
+
+def reduce_raw(raw, plan: Plan, p: float):
+    """The local raw statistics (a ``stats._Raw``) made global by one collective, or `raw` itself
+    when the plan needs no reduction. Every rank of ``plan.group`` must call it."""
+    if plan.group is None:
+        return raw
+    dist = _dist()
+    packed = torch.stack([raw.acc.double(), raw.nan_count.double(), raw.inf_count.double(), raw.amax.double()])
+    world = len(_group_ranks(plan.group))
+    # Rank-major along dim 0 ([W * 4, n]), the shape every backend accepts (gloo refuses [W, 4, n]).
+    gathered = packed.new_empty((world * packed.shape[0], packed.shape[1]))
+    dist.all_gather_into_tensor(gathered, packed.contiguous(), group=plan.group)
+    gathered = gathered.view(world, *packed.shape)
+    contrib, is_max = _masks(plan, packed.device)
+    acc, nan, inf, amax = combine(gathered, contrib, is_max, p)
+    return raw._replace(acc=acc, nan_count=nan.to(torch.int64), inf_count=inf.to(torch.int64), amax=amax)
+
+
+# ---- what a module or optimizer tells about its sharding ------------------------------------------
+
+def is_fsdp1_sharded(p) -> bool:
+    """True for FSDP1's flat parameters and the original parameters viewing into them
+    (``use_orig_params=True``): each rank holds only a shard of their gradient."""
+    if getattr(p, "_fsdp_flattened", False):
+        return True
+    try:
+        from torch.distributed.fsdp._flat_param import FlatParameter
+    except ImportError:
+        return False
+    return isinstance(p, FlatParameter)
+
+
+def fsdp1_group(model):
+    """The process group an FSDP1 ``model`` shards over (None when `model` holds no FSDP1
+    module, or shards nothing). Refuses nested FSDP1 modules sharding over different groups."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+    except ImportError:
+        return None
+    modules = [m for m in FSDP.fsdp_modules(model) if m.sharding_strategy != ShardingStrategy.NO_SHARD]
+    if not modules:
+        return None
+    found = {_group_ranks(m.process_group): m.process_group for m in modules}
+    if len(found) > 1:
+        raise ValueError(f"gradguard.GradGuard: the FSDP modules of `model` shard over different process groups "
+                         f"(ranks {sorted(found)}); pass process_group= the group to sum the statistics over")
+    return next(iter(found.values()))
+
+
+def zero_group(optimizer):
+    """The process group of a ``ZeroRedundancyOptimizer`` (None for any other optimizer)."""
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:
+        return None
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        return optimizer.process_group
+    return None

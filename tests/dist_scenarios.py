@@ -1,0 +1,292 @@
+"""The distributed scenarios, run on every rank of one spawned gloo group (tests/dist_spawn.py),
+and the single-process reference they are compared with (tests/test_distributed.py).
+
+Every scenario trains the same float64 MLP for STEPS guarded steps with clipping, with a NaN in
+one rank's gradient (or data, for DDP) at the steps in NAN_STEPS, and returns per step the
+guard's total norm, clip coefficient and skip flag and the collectives the guard issued, then the
+full parameters and the optimizer step counts."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+import gradguard
+
+STEPS = 5
+MAX_NORM = 0.05
+NAN_STEPS = {1: 0, 3: 1}  # step -> the rank whose gradient gets a NaN
+IN_F, HIDDEN, OUT_F, ROWS = 6, 8, 3, 8
+
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast", "reduce_scatter_tensor",
+               "reduce", "gather", "scatter", "all_to_all_single", "all_to_all", "barrier", "all_gather_object",
+               "broadcast_object_list", "reduce_scatter")
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives issued inside guard.step() but outside the inner
+    optimizer's step (ZeRO's step broadcasts by design): the ones the guard adds."""
+
+    def __init__(self):
+        self.in_guard = self.in_inner = False
+        self.count = 0
+        for name in COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is not None and not getattr(fn, "_counted", False):
+                setattr(dist, name, self._wrap(fn))
+
+    def _wrap(self, fn):
+        def counted(*a, **k):
+            if self.in_guard and not self.in_inner:
+                self.count += 1
+            return fn(*a, **k)
+
+        counted._counted = True
+        return counted
+
+    def guarded_step(self, guard):
+        inner = guard.optimizer
+        step = type(inner).step.__get__(inner)
+
+        def inner_step(*a, **k):
+            self.in_inner = True
+            try:
+                return step(*a, **k)
+            finally:
+                self.in_inner = False
+
+        inner.step = inner_step
+        self.in_guard, before = True, self.count
+        try:
+            guard.step()
+        finally:
+            self.in_guard = False
+            del inner.step
+        return self.count - before
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(IN_F, HIDDEN), torch.nn.Tanh(),
+                               torch.nn.Linear(HIDDEN, OUT_F)).double()
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(ROWS, IN_F, generator=g, dtype=torch.float64),
+            torch.randn(ROWS, OUT_F, generator=g, dtype=torch.float64))
+
+
+def loss_of(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def local_of(t):
+    return t.to_local() if gradguard.distributed.is_dtensor(t) else t
+
+
+def plant_nan(params):
+    """A NaN in the first element this rank holds of the first gradient it holds any of."""
+    for p in params:
+        if p.grad is not None and local_of(p.grad).numel():
+            local_of(p.grad).view(-1)[0] = math.nan
+            return
+    raise AssertionError("this rank holds no gradient element")
+
+
+def clean(name: str) -> str:
+    for prefix in ("module.", "_fsdp_wrapped_module."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def reference() -> dict:
+    """The single-process run on the concatenated data."""
+    model = make_model()
+    guard = gradguard.GradGuard(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=MAX_NORM, model=model)
+    norms, taken = [], 0
+    for step in range(STEPS):
+        x, y = batch(step)
+        guard.zero_grad()
+        loss_of(model, x, y).backward()
+        if step in NAN_STEPS:
+            plant_nan(list(model.parameters()))
+        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+        guard.step()
+        taken += not bool(guard.last.skipped)
+    return {"norms": norms, "taken": taken, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "names": [n for n, _ in model.named_parameters()]}
+
+
+def _train(rank, world, counter, model, guard, params, *, shard_data=True, nan_in_data=False, after_backward=None):
+    out = {"norms": [], "coefs": [], "skipped": [], "collectives": []}
+    rows = ROWS // world
+    for step in range(STEPS):
+        x, y = batch(step)
+        if shard_data:
+            x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+        if nan_in_data and NAN_STEPS.get(step) == rank:
+            x = x.clone()
+            x[0, 0] = math.nan
+        guard.zero_grad()
+        loss_of(model, x, y).backward()
+        if after_backward is not None:
+            after_backward()
+        if not nan_in_data and NAN_STEPS.get(step) == rank:
+            plant_nan(params)
+        out["collectives"].append(counter.guarded_step(guard))
+        rep = guard.last.as_dict()
+        out["norms"].append(rep["total_norm"])
+        out["coefs"].append(rep["clip_coef"])
+        out["skipped"].append(rep["skipped"])
+    out["names"] = list(guard.last.names)
+    return out
+
+
+def _steps(state) -> list[int]:
+    return [int(local_of(s["step"]).item()) for s in state.values() if "step" in s]
+
+
+def direct_api(model, mesh_sharded: bool) -> dict:
+    """grad_stats / all_finite / clip_grad_norm_ on this model's DTensor gradients, against
+    torch's answers on the full gradients."""
+    x, y = batch(0)
+    model.zero_grad()
+    loss_of(model, x, y).backward()
+    grads = [p.grad for p in model.parameters()]
+    full = [g.full_tensor().clone() for g in grads]  # a Replicate grad's full_tensor() is itself
+    out = {}
+    st = gradguard.grad_stats(grads)
+    out["total"] = (float(st.total_norm), float(torch.nn.utils.get_total_norm(full)))
+    out["norms"] = (st.norms.tolist(), [float(f.norm()) for f in full])
+    out["amax"] = (st.amax.tolist(), [float(f.abs().max()) for f in full])
+    st_inf = gradguard.grad_stats(grads, norm_type=math.inf)
+    out["total_inf"] = (float(st_inf.total_norm), float(torch.nn.utils.get_total_norm(full, norm_type=math.inf)))
+    out["finite"] = bool(gradguard.all_finite(grads))
+    expected_coef = min(MAX_NORM / (out["total"][1] + 1e-6), 1.0)
+    total = gradguard.clip_grad_norm_(list(model.parameters()), MAX_NORM)
+    out["clip"] = (float(total), [(g.full_tensor() - f * expected_coef).abs().max().item() for g, f in zip(grads, full)])
+    if dist.get_rank() == 0:
+        local_of(grads[0]).view(-1)[0] = math.nan
+    out["finite_after_nan"] = bool(gradguard.all_finite(grads))
+    out["nan_counts"] = gradguard.grad_stats(grads).nan_count.tolist()
+    return out
+
+
+def scenario_ddp(rank, world, counter):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_model())
+    guard = gradguard.GradGuard(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=MAX_NORM, model=model)
+    out = _train(rank, world, counter, model, guard, list(model.parameters()), nan_in_data=True)
+    out["params"] = {clean(n): p.detach().clone() for n, p in model.named_parameters()}
+    out["steps"] = _steps(guard.state)
+    return out
+
+
+def scenario_fsdp2(rank, world, counter):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    guard = gradguard.GradGuard(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=MAX_NORM, model=model)
+    out = _train(rank, world, counter, model, guard, list(model.parameters()))
+    out["params"] = {clean(n): p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    out["steps"] = _steps(guard.state)
+    out["direct"] = direct_api(model, True)
+    return out
+
+
+def scenario_fsdp1(rank, world, counter, use_orig_params):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = FSDP(make_model(), device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    out = {}
+    # Refused without model=/process_group=: the guard would see this rank's shard only.
+    x, y = batch(0)
+    loss_of(model, x[:1], y[:1]).backward()
+    try:
+        gradguard.GradGuard(opt, max_norm=MAX_NORM).step()
+    except ValueError as e:
+        out["refusal"] = str(e)
+    try:
+        gradguard.clip_grad_norm_(model.parameters(), MAX_NORM)
+    except ValueError as e:
+        out["clip_refusal"] = str(e)
+    grads = [p.grad if p.grad is not None else p.new_empty(0) for p in model.parameters()]
+    pg_total = gradguard.grad_stats(grads, process_group=model.process_group)
+    # The full gradient's norm from every rank's shard (FSDP1's own clip_grad_norm_ refuses
+    # float64, summon_full_params(with_grads=True) flat parameters).
+    sq = torch.stack([(g.double() ** 2).sum() for g in grads]).sum()
+    dist.all_reduce(sq)
+    full_total = sq.sqrt()
+    out["pg_total"] = (float(pg_total.total_norm), float(full_total))
+    guard = gradguard.GradGuard(opt, max_norm=MAX_NORM, model=model)
+    out.update(_train(rank, world, counter, model, guard, list(model.parameters())))
+    with FSDP.summon_full_params(model):
+        out["params"] = {clean(n): p.detach().clone() for n, p in model.named_parameters()}
+    out["steps"] = _steps(guard.state)
+    return out
+
+
+def scenario_zero(rank, world, counter, with_ddp):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    base = make_model()
+    model = DDP(base) if with_ddp else base
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=0.05)
+    guard = gradguard.GradGuard(zero, max_norm=MAX_NORM, model=model)
+
+    def average_grads():  # what DDP would have done
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+    out = _train(rank, world, counter, model, guard, list(model.parameters()),
+                 after_backward=None if with_ddp else average_grads)
+    out["params"] = {clean(n): p.detach().clone() for n, p in model.named_parameters()}
+    out["steps"] = _steps(zero.optim.state)
+    return out
+
+
+def scenario_tp(rank, world, counter):
+    """Tensor parallel: Shard(0) and Shard(1) weights, a Shard(0) and a Replicate() bias; every
+    rank sees the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = parallelize_module(make_model(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    guard = gradguard.GradGuard(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=MAX_NORM, model=model)
+    out = _train(rank, world, counter, model, guard, list(model.parameters()), shard_data=False)
+    out["placements"] = [str(p.grad.placements) for p in model.parameters()]
+    out["params"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    out["steps"] = _steps(guard.state)
+    out["direct"] = direct_api(model, True)
+    partial = DTensor.from_local(torch.ones(3, dtype=torch.float64), mesh, [Partial()])
+    try:
+        gradguard.grad_stats([partial])
+    except ValueError as e:
+        out["partial_refusal"] = str(e)
+    return out
+
+
+def run_all(rank, world) -> dict:
+    counter = CollectiveCounter()
+    results = {
+        "ddp": scenario_ddp(rank, world, counter),
+        "fsdp2": scenario_fsdp2(rank, world, counter),
+        "fsdp1_flat": scenario_fsdp1(rank, world, counter, use_orig_params=False),
+        "fsdp1_orig": scenario_fsdp1(rank, world, counter, use_orig_params=True),
+        "zero_ddp": scenario_zero(rank, world, counter, with_ddp=True),
+        "zero_plain": scenario_zero(rank, world, counter, with_ddp=False),
+        "tp": scenario_tp(rank, world, counter),
+    }
+    return results

@@ -1,0 +1,144 @@
+"""Distributed guarding: one spawned 2-process gloo group on 127.0.0.1 runs every scenario
+(tests/dist_scenarios.py) once; each test below checks one property of its results against the
+single-process reference run on the concatenated data (float64, so tolerances are tight).
+The in-process tests check the rank arithmetic and the combine math on their own."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dist_scenarios
+import dist_spawn
+from gradguard import distributed as gd
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+SCENARIOS = ["ddp", "fsdp2", "fsdp1_flat", "fsdp1_orig", "zero_ddp", "zero_plain", "tp"]
+TOL = dict(rtol=1e-12, atol=1e-14)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    ranks = dist_spawn.run(dist_scenarios.run_all, world_size=2, timeout=240)
+    return ranks, dist_scenarios.reference()
+
+
+def _same(a: list[float], b: list[float]) -> None:
+    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                               equal_nan=True, **TOL)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_total_norm_is_torchs_norm_of_the_full_gradients(runs, name):
+    ranks, ref = runs
+    for r in ranks:
+        _same(r[name]["norms"], ref["norms"])  # ref: torch.nn.utils.get_total_norm, one process
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_one_decision_on_every_rank(runs, name):
+    ranks, _ = runs
+    a, b = (r[name] for r in ranks)
+    assert a["skipped"] == b["skipped"] == [s in dist_scenarios.NAN_STEPS for s in range(dist_scenarios.STEPS)]
+    _same(a["coefs"], b["coefs"])
+    assert all(c < 1.0 for c, s in zip(a["coefs"], a["skipped"]) if not s)  # every finite step clipped
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_full_params_and_step_counts_match_the_single_process_run(runs, name):
+    ranks, ref = runs
+    for r in ranks:
+        got = r[name]["params"]
+        assert sorted(got) == sorted(ref["params"])
+        for k, v in ref["params"].items():
+            torch.testing.assert_close(got[k], v, **TOL)
+        assert r[name]["steps"] and all(s == ref["taken"] for s in r[name]["steps"]), r[name]["steps"]
+
+
+@pytest.mark.parametrize("name,expected", [("ddp", 0), ("fsdp2", 1), ("fsdp1_flat", 1), ("fsdp1_orig", 1),
+                                           ("zero_ddp", 1), ("zero_plain", 1), ("tp", 1)])
+def test_collectives_added_per_step(runs, name, expected):
+    for r in runs[0]:
+        assert r[name]["collectives"] == [expected] * dist_scenarios.STEPS
+
+
+def test_names(runs):
+    ranks, ref = runs
+    for r in ranks:
+        assert r["fsdp2"]["names"] == ref["names"] == r["tp"]["names"] == r["fsdp1_orig"]["names"]
+        assert r["fsdp1_flat"]["names"] == ["_flat_param"]
+        assert r["ddp"]["names"] == ["module." + n for n in ref["names"]]
+
+
+def test_tp_mixes_shard_and_replicate(runs):
+    assert runs[0][0]["tp"]["placements"] == ["(Shard(dim=0),)", "(Shard(dim=0),)", "(Shard(dim=1),)",
+                                              "(Replicate(),)"]
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "tp"])
+def test_functional_api_on_dtensor_grads(runs, name):
+    for r in runs[0]:
+        d = r[name]["direct"]
+        for key in ("total", "total_inf"):
+            _same([d[key][0]], [d[key][1]])
+        _same(*d["norms"])
+        _same(*d["amax"])
+        assert d["finite"] is True
+        _same([d["clip"][0]], [d["total"][1]])
+        assert max(d["clip"][1]) < 1e-14  # every full grad scaled by torch's clip coefficient
+        assert d["finite_after_nan"] is False  # a NaN in rank 0's shard, seen by both ranks
+        assert d["nan_counts"] == [1, 0, 0, 0]
+
+
+def test_fsdp1_refusals_and_process_group(runs):
+    for r in runs[0]:
+        for key in ("fsdp1_flat", "fsdp1_orig"):
+            d = r[key]
+            assert "FSDP1" in d["refusal"] and "process_group=" in d["refusal"] and "model=" in d["refusal"]
+            assert "gradguard.clip_grad_norm_" in d["clip_refusal"] and "process_group=" in d["clip_refusal"]
+            _same([d["pg_total"][0]], [d["pg_total"][1]])
+
+
+def test_partial_dtensor_refused(runs):
+    for r in runs[0]:
+        msg = r["tp"]["partial_refusal"]
+        assert "Partial" in msg or "P(sum)" in msg
+        assert "redistribute" in msg
+
+
+# ---- in-process: the rank arithmetic and the combine math ----------------------------------------
+
+def test_shard_ranks_on_a_2x2_mesh():
+    mesh = torch.tensor([[0, 1], [2, 3]])
+    # rank 3 sits at (1, 1): sharded on dim 0 -> the column {1, 3}; on dim 1 -> the row {2, 3}
+    assert gd.shard_ranks(mesh, (1, 1), [0]) == (1, 3)
+    assert gd.shard_ranks(mesh, (1, 1), [1]) == (2, 3)
+    assert gd.shard_ranks(mesh, (1, 1), [0, 1]) == (0, 1, 2, 3)
+    assert gd.shard_ranks(mesh, (0, 1), [1]) == (0, 1)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf])
+def test_combine_sums_shards_maxes_amax_and_zero_entries(p):
+    # 3 ranks, 3 entries: entry 0 sharded over ranks {0, 2}, entry 1 local (rank 1's own),
+    # entry 2 max-reduced over all (ZeRO).
+    g = torch.rand(3, 4, 3, dtype=torch.float64)
+    g[:, 1:3] = torch.randint(0, 5, (3, 2, 3)).double()
+    contrib = torch.tensor([[True, False, True], [False, True, True], [True, False, True]])
+    is_max = torch.tensor([False, False, True])
+    acc, nan, inf, amax = gd.combine(g, contrib, is_max, p)
+    s = g[0] + g[2]
+    torch.testing.assert_close(acc[0], torch.maximum(g[0, 0, 0], g[2, 0, 0]) if math.isinf(p) else s[0, 0])
+    torch.testing.assert_close(nan[0], s[1, 0])
+    torch.testing.assert_close(inf[0], s[2, 0])
+    torch.testing.assert_close(amax[0], torch.maximum(g[0, 3, 0], g[2, 3, 0]))
+    torch.testing.assert_close(torch.stack([acc[1], nan[1], inf[1], amax[1]]), g[1, :, 1])
+    torch.testing.assert_close(torch.stack([acc[2], nan[2], inf[2], amax[2]]), g[:, :, 2].amax(0))
+
+
+def test_no_reduction_without_sharding():
+    local, plan = gd.localize([torch.ones(3), torch.ones(2)])
+    assert plan.group is None and len(local) == 2
