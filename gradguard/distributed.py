@@ -32,18 +32,23 @@ import torch
 LOCAL, SUM, MAX = "local", "sum", "max"
 
 
-def _dist():
+try:
     import torch.distributed as dist
-
-    return dist
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed: nothing here is ever sharded
+    dist = None
+    DTensor = ()
 
 
 def is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
     return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # The local shard itself (the clip scales it in place); _local_tensor skips to_local()'s
+    # autograd Function, which costs more than the statistics of a small tensor.
+    local = getattr(t, "_local_tensor", None)
+    return (local if local is not None else t.to_local()).detach()
 
 
 class Plan(NamedTuple):
@@ -57,9 +62,16 @@ class Plan(NamedTuple):
 _NOTHING = Plan(None, ())
 
 
+_ranks_cache: dict = {}
+
+
 def _group_ranks(group) -> tuple[int, ...]:
-    dist = _dist()
-    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+    group = group if group is not None else dist.group.WORLD
+    hit = _ranks_cache.get(id(group))
+    if hit is None or hit[0] is not group:
+        hit = (group, tuple(dist.get_process_group_ranks(group)))
+        _ranks_cache[id(group)] = hit
+    return hit[1]
 
 
 _mesh_cache: dict = {}
@@ -114,7 +126,7 @@ def localize(tensors: list, *, groups: Sequence | None = None, decide_group=None
         if is_dtensor(t):
             ranks, mesh_groups = _dtensor_ranks(t, where)
             candidates += mesh_groups
-            t = t.to_local()
+            t = _local(t)
             if ranks is not None and len(ranks) > 1:
                 kind = SUM
         elif groups is not None and groups[i] is not None:
@@ -137,9 +149,9 @@ def localize(tensors: list, *, groups: Sequence | None = None, decide_group=None
 
 def _covering_group(needed: set, candidates: list):
     """The smallest known group whose ranks include every rank some entry is reduced over."""
-    dist = _dist()
     best, best_size = None, None
-    for g in candidates + [dist.group.WORLD]:
+    unique = {id(g): g for g in candidates + [dist.group.WORLD]}
+    for g in unique.values():
         ranks = set(_group_ranks(g))
         if needed <= ranks and (best_size is None or len(ranks) < best_size):
             best, best_size = g, len(ranks)
@@ -159,7 +171,6 @@ def _masks(plan: Plan, device):
     hit = _mask_cache.get(key)
     if hit is not None:
         return hit
-    dist = _dist()
     ranks = _group_ranks(plan.group)
     me = dist.get_rank()
     pos = {r: w for w, r in enumerate(ranks)}
@@ -199,7 +210,6 @@ def reduce_raw(raw, plan: Plan, p: float):
     when the plan needs no reduction. Every rank of ``plan.group`` must call it."""
     if plan.group is None:
         return raw
-    dist = _dist()
     packed = torch.stack([raw.acc.double(), raw.nan_count.double(), raw.inf_count.double(), raw.amax.double()])
     world = len(_group_ranks(plan.group))
     # Rank-major along dim 0 ([W * 4, n]), the shape every backend accepts (gloo refuses [W, 4, n]).

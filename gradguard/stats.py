@@ -68,7 +68,9 @@ def as_tensor_list(tensors, what: str = "tensors") -> list[torch.Tensor]:
             t = t.abs()
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"gradguard: {what}[{i}] has dtype {t.dtype}, expected a floating-point or complex tensor")
-        out.append(t.detach())
+        # A DTensor is detached as its local shard, in gradguard.distributed (DTensor.detach()
+        # costs more than the statistics of a small tensor).
+        out.append(t if _distributed.is_dtensor(t) else t.detach())
     return out
 
 

@@ -2,7 +2,8 @@
 
 Each row is a median over repeats, measured in the same run as its baselines and the bandwidth
 floor; each table ends with its targets, met or not. Options: --quick (small sizes, few
-repeats), --only NAME (a case module: stats, safe_math, optim, cuda), --device, --json FILE,
+repeats), --only NAME (a case module: stats, safe_math, optim, cuda,
+distributed), --device, --json FILE,
 --plot FILE (PNG bar chart of the ratios to the floor).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ CASE_MODULES = {
     "safe_math": "gradguard.bench.safe_math_cases",
     "optim": "gradguard.bench.optim_cases",
     "cuda": "gradguard.bench.cuda_cases",
+    "distributed": "gradguard.bench.distributed_cases",
 }
 
 
@@ -73,7 +75,9 @@ def main(argv=None) -> int:
     timing.progress = True
     print(f"gradguard {gradguard.__version__} bench on {machine()}")
     print(f"backend: {json.dumps({k: v for k, v in gradguard.backend().items() if k != 'build'})}")
-    names = args.only or [n for n in CASE_MODULES if n != "cuda" or torch.cuda.is_available()]
+    # The distributed cases spawn their own process group: only when asked for.
+    names = args.only or [n for n in CASE_MODULES
+                          if n != "distributed" and (n != "cuda" or torch.cuda.is_available())]
     all_tables = []
     for name in names:
         mod = importlib.import_module(CASE_MODULES[name])
