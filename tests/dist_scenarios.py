@@ -113,9 +113,10 @@ def reference() -> dict:
         if step in NAN_STEPS:
             plant_nan(list(model.parameters()))
         norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+        layer_norms = [float(p.grad.norm()) for p in model.parameters()]
         guard.step()
         taken += not bool(guard.last.skipped)
-    return {"norms": norms, "taken": taken, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    return {"norms": norms, "taken": taken, "layer_norms": layer_norms, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "names": [n for n, _ in model.named_parameters()]}
 
 
@@ -141,6 +142,7 @@ def _train(rank, world, counter, model, guard, params, *, shard_data=True, nan_i
         out["coefs"].append(rep["clip_coef"])
         out["skipped"].append(rep["skipped"])
     out["names"] = list(guard.last.names)
+    out["layer_norms"] = [v["norm"] for v in guard.last.as_dict(layers=True)["layers"].values()]
     return out
 
 
@@ -278,6 +280,24 @@ def scenario_tp(rank, world, counter):
     return out
 
 
+def scenario_fsdp2_tp_2d(rank, world, counter):
+    """FSDP2 over mesh dimension "dp" beside tensor parallel over "tp" on one 2-D mesh
+    (world x 1): every parameter a 2-D DTensor, Shard on dp, Shard(0)/Shard(1)/Replicate on tp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))
+    model = parallelize_module(make_model(), mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    guard = gradguard.GradGuard(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=MAX_NORM, model=model)
+    out = _train(rank, world, counter, model, guard, list(model.parameters()))
+    out["placements"] = [str(p.grad.placements) for p in model.parameters()]
+    out["params"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    out["steps"] = _steps(guard.state)
+    return out
+
+
 def run_all(rank, world) -> dict:
     counter = CollectiveCounter()
     results = {
@@ -288,5 +308,6 @@ def run_all(rank, world) -> dict:
         "zero_ddp": scenario_zero(rank, world, counter, with_ddp=True),
         "zero_plain": scenario_zero(rank, world, counter, with_ddp=False),
         "tp": scenario_tp(rank, world, counter),
+        "fsdp2_tp_2d": scenario_fsdp2_tp_2d(rank, world, counter),
     }
     return results

@@ -17,7 +17,7 @@ from gradguard import distributed as gd
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-SCENARIOS = ["ddp", "fsdp2", "fsdp1_flat", "fsdp1_orig", "zero_ddp", "zero_plain", "tp"]
+SCENARIOS = ["ddp", "fsdp2", "fsdp1_flat", "fsdp1_orig", "zero_ddp", "zero_plain", "tp", "fsdp2_tp_2d"]
 TOL = dict(rtol=1e-12, atol=1e-14)
 
 
@@ -60,16 +60,28 @@ def test_full_params_and_step_counts_match_the_single_process_run(runs, name):
 
 
 @pytest.mark.parametrize("name,expected", [("ddp", 0), ("fsdp2", 1), ("fsdp1_flat", 1), ("fsdp1_orig", 1),
-                                           ("zero_ddp", 1), ("zero_plain", 1), ("tp", 1)])
+                                           ("zero_ddp", 1), ("zero_plain", 1), ("tp", 1), ("fsdp2_tp_2d", 1)])
 def test_collectives_added_per_step(runs, name, expected):
     for r in runs[0]:
         assert r[name]["collectives"] == [expected] * dist_scenarios.STEPS
 
 
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_report_layer_norms_are_the_full_gradients_norms(runs, name):
+    ranks, ref = runs
+    for r in ranks:
+        got = r[name]["layer_norms"]
+        if name == "fsdp1_flat":  # one flat parameter holds every gradient
+            _same([math.hypot(*got)], [math.hypot(*ref["layer_norms"])])
+        else:
+            _same(got, ref["layer_norms"])
+
+
 def test_names(runs):
     ranks, ref = runs
     for r in ranks:
-        assert r["fsdp2"]["names"] == ref["names"] == r["tp"]["names"] == r["fsdp1_orig"]["names"]
+        assert (r["fsdp2"]["names"] == ref["names"] == r["tp"]["names"] == r["fsdp1_orig"]["names"]
+                == r["fsdp2_tp_2d"]["names"])
         assert r["fsdp1_flat"]["names"] == ["_flat_param"]
         assert r["ddp"]["names"] == ["module." + n for n in ref["names"]]
 
@@ -77,6 +89,10 @@ def test_names(runs):
 def test_tp_mixes_shard_and_replicate(runs):
     assert runs[0][0]["tp"]["placements"] == ["(Shard(dim=0),)", "(Shard(dim=0),)", "(Shard(dim=1),)",
                                               "(Replicate(),)"]
+    # FSDP2 on mesh dimension "dp" beside tensor parallel on "tp", one 2-D mesh
+    assert runs[0][0]["fsdp2_tp_2d"]["placements"] == [
+        "(Shard(dim=0), Shard(dim=0))", "(Shard(dim=0), Shard(dim=0))", "(Shard(dim=0), Shard(dim=1))",
+        "(Shard(dim=0), Replicate())"]
 
 
 @pytest.mark.parametrize("name", ["fsdp2", "tp"])
