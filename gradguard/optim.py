@@ -55,9 +55,14 @@ from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker
 from gradguard.report import History, StepReport
 from gradguard.spike import SpikePolicy
 from gradguard.stats import (check_max_norm, check_norm_type, clip_coefficient, finalize, finite_norm,
-                             global_raw_stats, grad_or_empty, nonfinite_message, refuse_unreduced_fsdp1, scale_)
+                             global_raw_stats, grad_or_empty, max_norm_ok, nonfinite_message, refuse_unreduced_fsdp1, scale_)
 
 ON_NONFINITE = ("skip", "zero", "raise", "ignore")
+_GUARD_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_norm", "spike", "history")
+
+
+def _hook_note(err) -> str:
+    return "" if err is None else f" (a step hook also raised {type(err).__name__}: {err})"
 
 
 def _replay(loss, closure):
@@ -151,7 +156,9 @@ class GradGuard(torch.optim.Optimizer):
         self._fsdp_group = _distributed.fsdp1_group(model) if model is not None and process_group is None else None
         self._decide_group = _distributed.zero_group(optimizer)
         self.history = History(history_size)
-        self.hygiene = bool(hygiene)
+        if not isinstance(hygiene, bool):
+            raise TypeError(f"gradguard.GradGuard: `hygiene` must be True or False, got {hygiene!r}")
+        self.hygiene = hygiene
         self._name_list = None
         self._layout_cache = None
         self._explicit_names = self._check_names(names)
@@ -370,6 +377,23 @@ class GradGuard(torch.optim.Optimizer):
     def step(self, closure=None):
         """Evaluates ``closure`` (if given) once, checks the gradients, then clips and steps the
         inner optimizer or skips it. Returns the closure's loss."""
+        try:
+            # The guard's counters and the inner optimizer's state must be normal tensors even
+            # when a step runs under torch.inference_mode(): inference tensors created there
+            # would make every later (normal) step raise.
+            with torch.inference_mode(False):
+                return self._step(closure)
+        except BaseException:
+            # GradScaler.step sets these before calling us and deletes them only after a step
+            # that returns: left behind, the next step would reuse a stale scale and flag.
+            self._drop_scaler_attrs()
+            raise
+
+    def _drop_scaler_attrs(self) -> None:
+        for attr in ("grad_scale", "found_inf"):
+            self.__dict__.pop(attr, None)
+
+    def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -398,8 +422,16 @@ class GradGuard(torch.optim.Optimizer):
         stats = finalize(raw, p)
         device = stats.total_norm.device
         found = stats.found_inf
+        # A loss-scale overflow is the scaler's calibration signal, not a bad step of the model:
+        # it is skipped but does not count toward max_consecutive_skips.
+        amp_overflow = None
         if scaler_found is not None:
-            found = torch.maximum(found, scaler_found.to(device=device, dtype=torch.float32).clamp(max=1.0))
+            amp_overflow = scaler_found.to(device=device, dtype=torch.float32).clamp(max=1.0)
+            found = torch.maximum(found, amp_overflow)
+            amp_overflow = amp_overflow > 0
+        limit_ok = max_norm_ok(self.max_norm)
+        if limit_ok is not None:  # a negative or NaN max_norm on an accelerator: skip, no sync
+            found = torch.maximum(found, (~limit_ok.to(device)).to(torch.float32))
         finite = found == 0
         mode = "skip" if amp else self.on_nonfinite
 
@@ -433,7 +465,8 @@ class GradGuard(torch.optim.Optimizer):
             coef = torch.ones((), dtype=basis.dtype, device=device)
 
         skipped = ~finite if mode in ("skip", "raise") else torch.zeros((), dtype=torch.bool, device=device)
-        self._bookkeep(params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp)
+        self._bookkeep(params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp,
+                       amp_overflow)
         report = self.last
 
         fused = self._fused_ready() and not self._dtensor_grads
@@ -447,9 +480,10 @@ class GradGuard(torch.optim.Optimizer):
             host = (found_h != 0.0, mult, mult_h, int(streak_h))
 
         if mode == "raise" and host[0]:
-            self._run_hooks(report)
+            hook_error = self._run_hooks(report, keep_going=True)
             msg, bad = nonfinite_message("gradguard.GradGuard", report.names, stats.nan_count, stats.inf_count)
-            raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)", bad, report)
+            raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)" + _hook_note(hook_error),
+                                     bad, report) from hook_error
 
         replay = _replay(loss, closure)
         inner = self.optimizer
@@ -477,12 +511,14 @@ class GradGuard(torch.optim.Optimizer):
                     inner.step(replay)
 
         self._tracker.mark([params[i].grad for i in present if params[i].grad is not None])
-        self._run_hooks(report)
-        if self.max_consecutive_skips is not None and host[3] >= self.max_consecutive_skips:
+        giving_up = self.max_consecutive_skips is not None and host[3] >= self.max_consecutive_skips
+        hook_error = self._run_hooks(report, keep_going=giving_up)
+        if giving_up:
             msg, bad = nonfinite_message("gradguard.GradGuard", report.names, stats.nan_count, stats.inf_count)
             raise NonFiniteGradError(
                 f"gradguard.GradGuard: {host[3]} steps in a row were skipped "
-                f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}", bad, report)
+                f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}" + _hook_note(hook_error),
+                bad, report) from hook_error
         return loss
 
     def _global_raw(self, params, present, grads):
@@ -504,13 +540,18 @@ class GradGuard(torch.optim.Optimizer):
             names = [all_names[i] for i in present]
         return global_raw_stats(grads, self.norm_type, groups=groups, decide_group=self._decide_group, names=names)
 
-    def _bookkeep(self, params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp):
+    def _bookkeep(self, params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp,
+                  amp_overflow=None):
         """Counters, per-parameter totals, the report and the history: device ops only."""
         self._steps += 1
         self._ensure_state(device, len(params))
         names, idx = self._layout(params, present, device)
         skipped_i = skipped.to(torch.int64)
-        self._consecutive.mul_(skipped_i).add_(skipped_i)
+        if amp_overflow is None:
+            self._consecutive.mul_(skipped_i).add_(skipped_i)
+        else:  # an overflow step leaves the streak as it was
+            streak = self._consecutive * skipped_i + skipped_i
+            self._consecutive.copy_(torch.where(amp_overflow, self._consecutive, streak))
         clipped = (coef < 1) & ~skipped
         self._totals.add_(torch.stack([skipped_i, clipped.to(torch.int64), (found != 0).to(torch.int64)]))
         bad = (stats.nan_count + stats.inf_count) > 0
@@ -523,12 +564,23 @@ class GradGuard(torch.optim.Optimizer):
             self._layer_max_norm[idx] = torch.maximum(self._layer_max_norm[idx], finite_norms)
         self.last = StepReport(step=self._steps, names=names, norms=norms, nan_count=stats.nan_count,
                                inf_count=stats.inf_count, amax=amax, total_norm=total, clip_coef=coef,
-                               found_inf=found, skipped=skipped, mode=mode, amp=amp)
+                               found_inf=found, skipped=skipped, mode=mode, amp=amp,
+                               amp_overflow=amp_overflow if amp_overflow is not None else torch.zeros(
+                                   (), dtype=torch.bool, device=device))
         self.history.record(self._steps, total, coef, skipped)
 
-    def _run_hooks(self, report) -> None:
+    def _run_hooks(self, report, keep_going: bool = False):
+        """Runs the step hooks. With `keep_going` (the step is about to raise its own
+        NonFiniteGradError) a hook's exception is returned, to be chained, not raised."""
         for fn in list(self._step_hooks.values()):
-            fn(self, report)
+            if not keep_going:
+                fn(self, report)
+                continue
+            try:
+                fn(self, report)
+            except Exception as e:  # noqa: BLE001  (chained onto the guard's own error)
+                return e
+        return None
 
     # ---- totals and checkpoints -----------------------------------------------------------------
 
@@ -537,6 +589,8 @@ class GradGuard(torch.optim.Optimizer):
         ``clipped``, ``nonfinite_steps``, ``consecutive_skips``, and ``worst_layers``: the k
         parameters most often non-finite, then with the largest gradient norm seen, as dicts of
         ``name``, ``nonfinite_steps``, ``max_norm``. Reads the counters (a sync)."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"gradguard.GradGuard.summary: `k` must be a non-negative int, got {k!r}")
         if self._totals is None:
             return {"steps": self._steps, "skipped": 0, "clipped": 0, "nonfinite_steps": 0,
                     "consecutive_skips": 0, "worst_layers": []}
@@ -585,6 +639,7 @@ class GradGuard(torch.optim.Optimizer):
                 state_dict = result
         sd = dict(state_dict)
         guard = sd.pop("gradguard", None)
+        self._drop_scaler_attrs()  # a scale and flag from before the checkpoint mean nothing now
         if guard is not None:
             self._check_guard_state(guard)
         self.optimizer.load_state_dict(sd)
@@ -602,8 +657,19 @@ class GradGuard(torch.optim.Optimizer):
 
     def _check_guard_state(self, guard: dict) -> None:
         where = "gradguard.GradGuard.load_state_dict"
+        if not isinstance(guard, dict):
+            raise ValueError(f"{where}: state_dict['gradguard'] must be a dict, got {type(guard).__name__}")
         if guard.get("version") != 1:
             raise ValueError(f"{where}: unknown guard state version {guard.get('version')!r}")
+        missing = [k for k in _GUARD_KEYS if k not in guard]
+        history = guard.get("history")
+        if isinstance(history, dict):
+            missing += [f"history.{k}" for k in ("size", "count", "steps", "values") if k not in history]
+        elif "history" not in missing:
+            missing.append("history")
+        if missing:
+            raise ValueError(f"{where}: state_dict['gradguard'] is incomplete (missing {', '.join(missing)}); "
+                             "it is not a GradGuard.state_dict() of this version")
         saved = guard["spike"]
         if saved is not None and self.spike is None:
             raise ValueError(f"{where}: the checkpoint holds {saved.get('kind')} state but this GradGuard has "
@@ -614,3 +680,12 @@ class GradGuard(torch.optim.Optimizer):
         if guard["history"]["size"] != self.history.size:
             raise ValueError(f"{where}: the checkpoint's history holds {guard['history']['size']} steps but this "
                              f"GradGuard was built with history_size={self.history.size}")
+        if saved is not None:
+            # Hyperparameters are the constructor's to set; a checkpoint must not change them quietly.
+            mine = self.spike.state_dict()
+            differ = [f"{k}={saved[k]!r} (this guard: {mine[k]!r})" for k, v in mine.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k in saved and saved[k] != v]
+            if differ:
+                raise ValueError(f"{where}: the checkpoint's {saved['kind']} was built with {', '.join(differ)}; "
+                                 "build the policy with the checkpoint's values, or set "
+                                 "state_dict['gradguard']['spike'] = None to start its statistics afresh")

@@ -19,10 +19,12 @@ class StepReport:
     (divided by the loss scale under a GradScaler). ``clip_coef`` is the factor the step applied
     (1 when it did not clip or was skipped). ``names`` are the parameters' names (``param[i]``
     without ``model=``/``names=``); ``step`` counts guarded steps from 1 (a host int).
+    ``amp_overflow`` (0-dim bool): GradScaler reported a loss-scale overflow; the step was
+    skipped, and it does not count toward ``max_consecutive_skips``.
     """
 
     def __init__(self, *, step: int, names: list[str], norms, nan_count, inf_count, amax,
-                 total_norm, clip_coef, found_inf, skipped, mode: str, amp: bool):
+                 total_norm, clip_coef, found_inf, skipped, mode: str, amp: bool, amp_overflow=None):
         self.step = step
         self.names = names
         self.norms = norms
@@ -35,6 +37,7 @@ class StepReport:
         self.skipped = skipped
         self.mode = mode
         self.amp = amp
+        self.amp_overflow = amp_overflow if amp_overflow is not None else torch.zeros((), dtype=torch.bool)
         self._host = None
 
     def _fetch(self) -> dict:
@@ -47,7 +50,8 @@ class StepReport:
                 "inf": self.inf_count.tolist(),
                 "amax": self.amax.tolist(),
                 "scalars": torch.stack([self.total_norm.double(), self.clip_coef.double(),
-                                        self.found_inf.double(), self.skipped.double()]).tolist(),
+                                        self.found_inf.double(), self.skipped.double(),
+                                        self.amp_overflow.to(self.total_norm.device).double()]).tolist(),
             }
         return self._host
 
@@ -71,7 +75,7 @@ class StepReport:
         """Plain Python values, for logs. ``layers=True`` adds every parameter's norm, NaN and Inf
         counts and finite amax under ``"layers"``."""
         h = self._fetch()
-        total, coef, found, skipped = h["scalars"]
+        total, coef, found, skipped, overflow = h["scalars"]
         out = {
             "step": self.step,
             "skipped": bool(skipped),
@@ -83,6 +87,7 @@ class StepReport:
             "worst_layers": self.worst_layers(5),
             "on_nonfinite": self.mode,
             "amp": self.amp,
+            "amp_overflow": bool(overflow),
         }
         if layers:
             out["layers"] = {n: {"norm": a, "nan": b, "inf": c, "amax": d}
@@ -93,6 +98,9 @@ class StepReport:
         return f"StepReport(step={self.step}, {len(self.names)} tensors; read .as_dict() for values)"
 
 
+MAX_HISTORY = 10_000_000  # 240 MB of device memory
+
+
 class History:
     """The last ``size`` steps' total norm, clip coefficient and skip flag, in a ring buffer on
     the gradients' device (``opt.history``). Recording is two small device copies per step;
@@ -101,8 +109,9 @@ class History:
     _COLUMNS = ("total_norm", "clip_coef", "skipped")
 
     def __init__(self, size: int):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"gradguard: `history_size` must be a positive int, got {size!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size > MAX_HISTORY:
+            raise ValueError(f"gradguard: `history_size` must be an int in [1, {MAX_HISTORY}] (the ring buffer "
+                             f"takes 24 bytes per step on the device), got {size!r}")
         self.size = size
         self._values: torch.Tensor | None = None  # [size, 3] float64 on the device
         self._steps: list[int] = []               # host-side step numbers, same ring order

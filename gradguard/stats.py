@@ -235,13 +235,32 @@ def _params_and_names(parameters, keep_gradless=False):
 
 
 def check_max_norm(max_norm):
+    """A number, or a one-element tensor (returned 0-dim). A CPU tensor's value is checked here
+    (reading it costs nothing); an accelerator tensor's is not, since that read would sync: the
+    guard checks it on the device (``max_norm_ok``) and skips a step whose limit is bad."""
     if isinstance(max_norm, torch.Tensor):
-        return max_norm  # validating it would read it back to the host
+        if max_norm.numel() != 1 or not (max_norm.is_floating_point() or max_norm.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"gradguard: `max_norm` must be a number or a one-element real tensor, got a tensor of "
+                             f"shape {tuple(max_norm.shape)} and dtype {max_norm.dtype}")
+        max_norm = max_norm.detach().reshape(())
+        if max_norm.device.type == "cpu":
+            v = float(max_norm)
+            if math.isnan(v) or v < 0:
+                raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got tensor({v})")
+        return max_norm
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
         raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got {max_norm!r}")
     if math.isnan(max_norm) or max_norm < 0:
         raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got {max_norm!r}")
     return float(max_norm)
+
+
+def max_norm_ok(max_norm):
+    """None when `max_norm` was checked on the host; else a 0-dim device bool: is it >= 0
+    (NaN is not)."""
+    if isinstance(max_norm, torch.Tensor) and max_norm.device.type != "cpu":
+        return max_norm >= 0
+    return None
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm) -> torch.Tensor:
@@ -328,6 +347,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type: float = 2.0, error_if_nonfi
         scale_(grads, clip_coefficient(stats.total_norm, max_norm))
     elif nonfinite == "skip":
         coef = torch.where(stats.found_inf > 0, 1.0, clip_coefficient(stats.total_norm, max_norm))
+        ok = max_norm_ok(max_norm)
+        if ok is not None:  # a negative or NaN device max_norm: leave the grads untouched
+            coef = torch.where(ok.to(coef.device), coef, 1.0)
         scale_(grads, coef)
     else:  # "zero": clip by the norm of what is left once the non-finite elements are gone
         scale_(grads, clip_coefficient(finite_norm(raw, p), max_norm), zero_nonfinite=True)
