@@ -42,6 +42,7 @@ beside DTensor parameters).
 """
 from __future__ import annotations
 
+import copy
 import numbers
 from collections import OrderedDict
 
@@ -63,6 +64,35 @@ _GUARD_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_n
 
 def _hook_note(err) -> str:
     return "" if err is None else f" (a step hook also raised {type(err).__name__}: {err})"
+
+
+class _BadEvaluation(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def _checked_replay(loss, closure, params):
+    """_replay for LBFGS: every evaluation after the first is checked (loss and gradients; one
+    host read each, as LBFGS itself reads the loss) and aborts the step when not finite."""
+    from gradguard.stats import all_finite  # noqa: PLC0415  (stats imports nothing from here)
+
+    calls = [0]
+
+    def replay():
+        calls[0] += 1
+        if calls[0] == 1:
+            return loss
+        with torch.enable_grad():
+            value = closure()
+        grads = [q.grad for q in params if q.grad is not None]
+        ok = bool(all_finite(grads + ([value.detach()] if isinstance(value, torch.Tensor) else [])))
+        if not ok:
+            raise _BadEvaluation(f"gradguard.GradGuard: evaluation {calls[0]} of the closure inside "
+                                 "LBFGS.step() gave a non-finite loss or gradients")
+        return value
+
+    return replay
 
 
 def _replay(loss, closure):
@@ -236,10 +266,9 @@ class GradGuard(torch.optim.Optimizer):
 
     def _check_grads(self, grads, present, params) -> None:
         for g, i in zip(grads, present):
-            if g.layout != torch.strided:
-                raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} is sparse "
-                                f"({g.layout}); GradGuard supports dense gradients only "
-                                "(e.g. nn.Embedding(sparse=False))")
+            if g.layout not in (torch.strided, torch.sparse_coo):
+                raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} has layout "
+                                f"{g.layout}; GradGuard supports dense and sparse COO gradients")
             if g.is_complex():
                 raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} is complex; "
                                 "GradGuard supports real floating-point gradients only")
@@ -418,7 +447,13 @@ class GradGuard(torch.optim.Optimizer):
             return loss
 
         p = self.norm_type
-        raw, grads = self._global_raw(params, present, grads)
+        # A sparse COO gradient is judged by its coalesced values (duplicates summed, as the
+        # optimizer will see them) and scaled through its stored values (scaling distributes over
+        # duplicates), so the clip needs no coalesced copy written back.
+        sparse = [g.layout == torch.sparse_coo for g in grads]
+        stat_grads = [g.coalesce().values() if s else g for g, s in zip(grads, sparse)]
+        raw, local = self._global_raw(params, present, stat_grads)
+        grads = [g._values() if s else t for g, s, t in zip(grads, sparse, local)]
         stats = finalize(raw, p)
         device = stats.total_norm.device
         found = stats.found_inf
@@ -485,8 +520,16 @@ class GradGuard(torch.optim.Optimizer):
             raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)" + _hook_note(hook_error),
                                      bad, report) from hook_error
 
-        replay = _replay(loss, closure)
         inner = self.optimizer
+        snapshot = None
+        if closure is not None and isinstance(inner, torch.optim.LBFGS) and mode in ("skip", "raise"):
+            # LBFGS evaluates the closure again inside its step and moves the parameters between
+            # evaluations: each later evaluation is checked too, and a non-finite one rolls the
+            # parameters and state back to before the step.
+            snapshot = ([q.detach().clone() for q in params], {k: copy.deepcopy(v) for k, v in inner.state.items()})
+            replay = _checked_replay(loss, closure, params)
+        else:
+            replay = _replay(loss, closure)
         if host is None:  # decided on the device: a fused optimizer, no read
             if mode == "zero":  # one pass zeroes NaN/Inf and clips, then a plain step
                 scale_(grads, coef, zero_nonfinite=True)
@@ -498,7 +541,9 @@ class GradGuard(torch.optim.Optimizer):
                 self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor)
         else:
             is_bad, mult, mult_h, _ = host
-            if not (is_bad and mode in ("skip", "raise")):
+            if snapshot is not None and not is_bad:
+                self._lbfgs_step(inner, replay, mult, mult_h, grads, params, snapshot, report, mode)
+            elif not (is_bad and mode in ("skip", "raise")):
                 if fused and not is_bad and mult_h != 1.0:
                     # The kernel unscales/clips while it reads the grads: no separate pass.
                     divisor = (1.0 if loss_scale is None else loss_scale.to(device)) / coef
@@ -520,6 +565,32 @@ class GradGuard(torch.optim.Optimizer):
                 f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}" + _hook_note(hook_error),
                 bad, report) from hook_error
         return loss
+
+    def _lbfgs_step(self, inner, replay, mult, mult_h, grads, params, snapshot, report, mode) -> None:
+        if mult_h != 1.0:
+            scale_(grads, mult)
+        try:
+            inner.step(replay)
+            return
+        except _BadEvaluation as bad:
+            saved_params, saved_state = snapshot
+            with torch.no_grad():  # grad mode here is whatever the failed inner step left
+                for q, s in zip(params, saved_params):
+                    q.copy_(s)
+            inner.state.clear()
+            inner.state.update(saved_state)
+            message = bad.message
+        # Booked as a skipped non-finite step after all (the first evaluation was finite).
+        one = torch.ones((), dtype=torch.bool, device=report.skipped.device)
+        report.skipped = one
+        report.found_inf = torch.ones_like(report.found_inf)
+        report.clip_coef = torch.ones_like(report.clip_coef)
+        was_clipped = self.history.last_clipped().to(torch.int64)
+        self._totals.add_(torch.stack([torch.ones_like(was_clipped), -was_clipped, torch.ones_like(was_clipped)]))
+        self._consecutive.add_(1)
+        self.history.mark_last_skipped()
+        if mode == "raise":
+            raise NonFiniteGradError(message + " (on_nonfinite='raise'; the step was rolled back)", [], report)
 
     def _global_raw(self, params, present, grads):
         """The gradients' statistics, made global across ranks when they are sharded (one

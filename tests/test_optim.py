@@ -1,6 +1,8 @@
 """GradGuard core: what a step does with finite and non-finite gradients, on every optimizer path."""
 from __future__ import annotations
 
+import copy
+
 import math
 
 import pytest
@@ -304,12 +306,71 @@ def test_complex_params_are_refused_at_construction():
         GradGuard(torch.optim.SGD([p], lr=0.1), names=["w"])
 
 
-def test_sparse_grads_are_refused_at_first_step():
-    emb = torch.nn.Embedding(10, 4, sparse=True)
-    opt = GradGuard(torch.optim.SGD(emb.parameters(), lr=0.1), model=emb)
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(TypeError, match=r"the gradient of 'weight' is sparse"):
-        opt.step()
+def _sparse_pair(optimizer):
+    torch.manual_seed(0)
+    a = torch.nn.Embedding(10, 4, sparse=True)
+    b = copy.deepcopy(a)
+    return a, b, optimizer(a.parameters()), optimizer(b.parameters())
+
+
+@pytest.mark.parametrize("optimizer", [lambda ps: torch.optim.SGD(ps, lr=0.5),
+                                       lambda ps: torch.optim.SparseAdam(list(ps), lr=0.1)], ids=["sgd", "sparse_adam"])
+def test_sparse_grads_are_checked_and_clipped(optimizer):
+    a, b, inner_a, ref = _sparse_pair(optimizer)
+    opt = GradGuard(inner_a, max_norm=0.5, model=a)
+    idx = torch.tensor([1, 2, 2, 7])  # a duplicate index: the grad is uncoalesced
+    for m in (a, b):
+        (m(idx) * torch.arange(16.0).view(4, 4)).sum().backward()
+    assert not a.weight.grad.is_coalesced()
+    dense = b.weight.grad.to_dense().double()
+    total = dense.norm()
+    torch.testing.assert_close(opt.last.total_norm.double() if opt.last else total, total)
+    opt.step()
+    torch.testing.assert_close(opt.last.total_norm.double(), total)
+    coef = min(0.5 / (float(total) + 1e-6), 1.0)
+    b.weight.grad = b.weight.grad * coef
+    ref.step()
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-7)
+    assert float(opt.last.clip_coef) < 1.0
+
+
+def test_sparse_nonfinite_grad_skips_the_step():
+    a, _, inner, _ = _sparse_pair(lambda ps: torch.optim.SGD(ps, lr=0.5))
+    opt = GradGuard(inner, model=a)
+    a(torch.tensor([3])).sum().backward()
+    a.weight.grad._values()[0, 1] = float("nan")
+    before = a.weight.detach().clone()
+    opt.step()
+    assert bool(opt.last.skipped) and opt.last.nonfinite_layers == ["weight"]
+    assert torch.equal(a.weight, before)
+
+
+def test_lbfgs_checks_every_closure_evaluation():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, -1.0, 0.5]))
+    opt = GradGuard(torch.optim.LBFGS([w], lr=1.0, max_iter=5), names=["w"])
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        calls[0] += 1
+        loss = (w ** 2).sum()
+        if calls[0] == 2:  # the second evaluation, inside LBFGS.step()
+            loss = loss * float("nan")
+        loss.backward()
+        return loss
+
+    before = w.detach().clone()
+    state_before = len(opt.optimizer.state)
+    opt.step(closure)
+    assert calls[0] == 2
+    assert torch.equal(w.detach(), before)  # rolled back, not [nan, ...]
+    assert len(opt.optimizer.state) == state_before
+    assert bool(opt.last.skipped) and opt.summary()["skipped"] == 1
+    assert opt.history.as_dict()["skipped"] == [True]
+    # A clean closure afterwards steps normally.
+    calls[0] = 10
+    opt.step(closure)
+    assert not bool(opt.last.skipped) and float(w.detach().abs().max()) < float(before.abs().max())
 
 
 def test_report_host_views():
