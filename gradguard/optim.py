@@ -22,6 +22,13 @@ How a step decides, and what it costs:
   step never calls the inner step, and a fused step that does not clip gets no ``grad_scale``,
   sparing the kernel's write-back of the grads. Every other device takes the read-free path.
 
+Sparse COO gradients (``nn.Embedding(sparse=True)``, ``SparseAdam``) are judged by their
+coalesced values and clipped through their stored values. With ``LBFGS`` and a closure, every
+closure evaluation inside its step is checked (one read each; LBFGS reads the loss anyway), and a
+non-finite one rolls the parameters and LBFGS state back to before the step, which counts as
+skipped. A step under ``torch.inference_mode()`` creates normal tensors (the guard's state and
+the inner optimizer's), so later steps outside it work.
+
 A skipped step is still a step for the loop around it: an LR scheduler stepped after it advances,
 as it does when GradScaler skips a step. ``opt.last.skipped`` tells which steps were skipped.
 
@@ -31,7 +38,10 @@ scaler's own found-inf flag. The guard measures the scaled gradients, divides no
 combines both flags with a max (never a sum, which the fused kernels' ``found_inf == 1`` test
 would miss), and always skips an overflowed step whatever ``on_nonfinite`` says: an overflow is
 the scaler's signal to lower the scale, and the scaler's ``update()`` counts it. The guard counts
-that skip once, in its own counters.
+that skip once, in its own counters, marks it ``report.amp_overflow``, and does not count it
+toward ``max_consecutive_skips`` (a calibrating scaler overflows several steps in a row). If the
+step raises, the scale and flag GradScaler left on the guard are removed (GradScaler removes
+them only after a step that returns).
 
 Distributed (see gradguard.distributed): DTensor gradients (FSDP2, tensor parallel), FSDP1
 shards (``model=`` the FSDP module, or ``process_group=``) and an inner ZeroRedundancyOptimizer
