@@ -188,3 +188,13 @@ def test_16_mixed_with_grad_scaler(tmp_path, fused):
     assert cb.guard.last.amp
     # The guard's norms are divided by the loss scale (a power of two): equal to the reference.
     _check_run(trainer, cb, model, 5)
+
+
+def test_warns_when_the_module_clips_itself(tmp_path):
+    class ClipsItself(Tiny):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            pass
+
+    model = ClipsItself()
+    with pytest.warns(UserWarning, match="overrides configure_gradient_clipping"):
+        _trainer(tmp_path, GradGuardCallback(max_norm=1.0), max_steps=2).fit(model, _loader())

@@ -152,6 +152,7 @@ def _hf_run(steps: int, warmup: int, guard: bool) -> float:
         callbacks = ([GradGuardCallback(max_norm=1.0)] if guard else []) + [timer]
         trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(8 * steps, 1024, 64),
                                        callbacks=callbacks)
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # its log lines, not timing
         trainer.train()
     return statistics.median(timer.times[warmup:])
 

@@ -40,6 +40,7 @@ from gradguard.integrations._common import BadStepLog, check_guard_kwargs, requi
 from gradguard.optim import GradGuard
 
 pl = require("lightning.pytorch", "lightning", "lightning")
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 
 
 class GradGuardCallback(pl.Callback):
@@ -88,6 +89,11 @@ class GradGuardCallback(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         kwargs = self._take_over_clipping(trainer, self.guard_kwargs)
+        if is_overridden("configure_gradient_clipping", pl_module):
+            warnings.warn("gradguard.integrations.lightning.GradGuardCallback: the module overrides "
+                          "configure_gradient_clipping, which Lightning runs before the guard sees the gradients "
+                          "(a NaN in one layer can then reach all of them); let the guard clip instead",
+                          UserWarning, stacklevel=2)
         guards = []
         for opt in trainer.strategy.optimizers:
             if isinstance(opt, GradGuard):

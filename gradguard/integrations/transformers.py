@@ -37,7 +37,7 @@ import sys
 
 import torch
 
-from gradguard.integrations._common import (BadStepLog, check_guard_kwargs, guard_state_json, load_guard_state_json,
+from gradguard.integrations._common import (BadStepLog, log, check_guard_kwargs, guard_state_json, load_guard_state_json,
                                             require)
 from gradguard.optim import GradGuard
 
@@ -90,8 +90,12 @@ class GradGuardCallback(transformers.TrainerCallback):
         acc_opt = trainer.optimizer
         inner = getattr(acc_opt, "optimizer", acc_opt)
         guard_kwargs = dict(self.guard_kwargs)
-        if args.max_grad_norm and args.max_grad_norm > 0 and guard_kwargs.get("max_norm") is None:
-            guard_kwargs["max_norm"] = float(args.max_grad_norm)
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            if guard_kwargs.get("max_norm") is None:
+                guard_kwargs["max_norm"] = float(args.max_grad_norm)
+            elif float(guard_kwargs["max_norm"]) != float(args.max_grad_norm):
+                log.info("gradguard: GradGuardCallback(max_norm=%s) clips; TrainingArguments.max_grad_norm=%s is "
+                         "not used", guard_kwargs["max_norm"], args.max_grad_norm)
         if isinstance(inner, GradGuard):  # a second train() on the same Trainer keeps its guard
             guard = inner
         else:
