@@ -8,7 +8,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 BUILD_STAMP := $(VENV)/.gradguard-built
 
-.PHONY: venv build test test-noext bench demo clean
+.PHONY: venv build test test-noext test-integrations bench demo clean
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt
@@ -28,6 +28,18 @@ test: build
 
 test-noext: build
 	GRADGUARD_DISABLE_EXT=1 $(VPY) -m pytest -q
+
+# The framework integrations against the real Lightning / HF Trainer / TensorBoard (pinned in
+# requirements-integrations.txt, installed into the same venv). One kernel path: the integrations
+# are Python over GradGuard's public API, whose two kernel paths the main suite covers (and with
+# these packages installed, `make test-noext` runs these tests on the reference kernels too).
+INTEG_STAMP := $(VENV)/.integrations-installed
+$(INTEG_STAMP): $(STAMP) requirements-integrations.txt
+	$(VPY) -m pip install -q -r requirements-integrations.txt
+	touch $@
+
+test-integrations: build $(INTEG_STAMP)
+	$(VPY) -m pytest -q -m integrations tests
 
 bench: build
 	$(VPY) -m gradguard.bench

@@ -2,8 +2,8 @@
 
 Each row is a median over repeats, measured in the same run as its baselines and the bandwidth
 floor; each table ends with its targets, met or not. Options: --quick (small sizes, few
-repeats), --only NAME (a case module: stats, safe_math, optim, cuda,
-distributed), --device, --json FILE,
+repeats), --only NAME (a case module: stats, safe_math, optim, cuda, distributed,
+integrations), --device, --json FILE,
 --plot FILE (PNG bar chart of the ratios to the floor).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ CASE_MODULES = {
     "optim": "gradguard.bench.optim_cases",
     "cuda": "gradguard.bench.cuda_cases",
     "distributed": "gradguard.bench.distributed_cases",
+    "integrations": "gradguard.bench.integrations_cases",
 }
 
 
@@ -75,9 +76,10 @@ def main(argv=None) -> int:
     timing.progress = True
     print(f"gradguard {gradguard.__version__} bench on {machine()}")
     print(f"backend: {json.dumps({k: v for k, v in gradguard.backend().items() if k != 'build'})}")
-    # The distributed cases spawn their own process group: only when asked for.
+    # The distributed cases spawn their own process group, and the integration cases train real
+    # Lightning/HF runs for minutes: only when asked for.
     names = args.only or [n for n in CASE_MODULES
-                          if n != "distributed" and (n != "cuda" or torch.cuda.is_available())]
+                          if n not in ("distributed", "integrations") and (n != "cuda" or torch.cuda.is_available())]
     all_tables = []
     for name in names:
         mod = importlib.import_module(CASE_MODULES[name])

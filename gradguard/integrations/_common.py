@@ -1,0 +1,113 @@
+"""What the framework callbacks share: the optional import, the guard's arguments, the guard's
+state as JSON (Hugging Face keeps callback state in trainer_state.json), and the deferred check
+for bad steps (a host read once per logged step, not once per step)."""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+
+import torch
+
+from gradguard.optim import GradGuard
+
+log = logging.getLogger("gradguard.integrations")
+
+# GradGuard arguments the callbacks fill in themselves.
+_OWNED = ("optimizer", "model", "names")
+
+
+def require(module: str, package: str, integration: str):
+    """Imports ``module`` or raises an ImportError saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"gradguard.integrations.{integration} needs the `{package}` package, which is not installed "
+            f"({e}); install it with `pip install {package}` (pinned versions: "
+            f"`pip install -r requirements-integrations.txt`)") from e
+
+
+def check_guard_kwargs(where: str, kwargs: dict) -> dict:
+    """Refuses the arguments the callback supplies, and bad values now rather than when fit starts
+    (by building a throwaway guard with them)."""
+    owned = [k for k in _OWNED if k in kwargs]
+    if owned:
+        raise TypeError(f"{where}: do not pass {', '.join(map(repr, owned))}; the callback wraps the "
+                        "framework's optimizer and takes the parameter names from the model")
+    probe = torch.nn.Parameter(torch.zeros(1))
+    GradGuard(torch.optim.SGD([probe], lr=0.0), **kwargs)
+    return dict(kwargs)
+
+
+def _encode(value):
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        return {"__tensor__": [_float(v) for v in t.reshape(-1).tolist()], "dtype": str(t.dtype).split(".")[-1],
+                "shape": list(t.shape)}
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, float):
+        return _float(value)
+    return value
+
+
+def _float(v):
+    # JSON has no NaN/Inf literal that every reader takes: strings round-trip exactly.
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    return v
+
+
+def _decode(value, device):
+    if isinstance(value, dict) and "__tensor__" in value:
+        data = [float(v) if isinstance(v, str) else v for v in value["__tensor__"]]
+        return torch.tensor(data, dtype=getattr(torch, value["dtype"])).reshape(value["shape"]).to(device)
+    if isinstance(value, dict):
+        return {k: _decode(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, device) for v in value]
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    return value
+
+
+def guard_state_json(guard: GradGuard) -> dict:
+    """The guard's own state (counters, per-layer totals, spike statistics, history) as JSON
+    values; the inner optimizer's state is the framework's to save."""
+    return _encode(guard.state_dict()["gradguard"])
+
+
+def load_guard_state_json(guard: GradGuard, saved: dict, device) -> None:
+    guard.load_state_dict({**guard.optimizer.state_dict(), "gradguard": _decode(saved, device)})
+
+
+class BadStepLog:
+    """Reports of steps not yet checked for NaN/Inf. ``flush()`` reads all their flags in one
+    transfer and returns the bad ones with their non-finite layer names."""
+
+    def __init__(self):
+        self.pending = []   # (framework step, StepReport)
+        self.bad_steps = []  # dicts: step, guard_step, layers
+
+    def add(self, step: int, report) -> None:
+        self.pending.append((step, report))
+
+    def flush(self) -> list[dict]:
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, []
+        flags = torch.stack([r.found_inf for _, r in pending]).double().tolist()
+        found = []
+        for (step, report), flag in zip(pending, flags):
+            if flag:
+                entry = {"step": step, "guard_step": report.step, "layers": report.nonfinite_layers,
+                         "skipped": bool(report.skipped)}
+                found.append(entry)
+                log.warning("gradguard: step %d had non-finite gradients in %s (%s)", step,
+                            ", ".join(entry["layers"]) or "(none named)",
+                            "skipped" if entry["skipped"] else f"on_nonfinite={report.mode!r}")
+        self.bad_steps += found
+        return found

@@ -1,0 +1,145 @@
+"""PyTorch Lightning: ``Trainer(callbacks=[GradGuardCallback(max_norm=1.0)])``.
+
+How it hooks in: Lightning builds the optimizers from ``configure_optimizers`` in
+``strategy.setup()``, then calls ``on_fit_start``, then restores a checkpoint's optimizer states.
+In ``on_fit_start`` the callback replaces each of ``trainer.strategy.optimizers`` by a
+``GradGuard`` around it (the strategy's setter rebuilds the ``LightningOptimizer`` wrappers), so
+``configure_optimizers`` stays as it is, the schedulers keep their optimizer (the guard shares its
+``param_groups``), and the checkpoint's optimizer state, guard state included, loads into the
+guard on ``fit(ckpt_path=...)``.
+
+Lightning runs the closure (forward, backward, ``on_before_optimizer_step``, its own clipping)
+inside ``optimizer.step(closure)``; the guard's step evaluates the closure first and then checks
+the gradients, so Lightning's clipping would run on the gradients before the guard sees them (a
+NaN in one layer would reach all of them). The callback therefore owns the clipping:
+``Trainer(gradient_clip_val=v)`` (clip by norm) becomes the guard's ``max_norm`` with a warning,
+and Lightning's own clipping is turned off for the fit; ``gradient_clip_algorithm="value"`` or a
+``gradient_clip_val`` different from the callback's ``max_norm`` is refused.
+
+Under ``precision="16-mixed"`` the guard tells GradScaler it unscales itself
+(``_step_supports_amp_scaling``): Lightning then skips its ``unscale_`` and ``scaler.step`` hands
+the guard the loss scale and the scaler's flag.
+
+Logged (through ``pl_module.log``, so every logger of the trainer gets them, every
+``log_every_n_steps``): ``grad/total_norm``, ``grad/clip_coef``, ``grad/skipped`` (this step),
+``grad/skipped_total``. These are device tensors: no host sync until Lightning logs them. Bad
+steps are found once per logged step by one read of the pending steps' flags; for each one every
+logger gets ``grad/nonfinite/<parameter name> = 1`` at that step (TensorBoard also the names as
+text), ``callback.bad_steps`` gets ``{"step", "guard_step", "layers", "skipped"}`` (``step``: the
+``trainer.global_step`` the bad step ran at, which is where Lightning logs it; ``guard_step``:
+the guard's 1-based count) and a warning is
+logged.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from gradguard.integrations._common import BadStepLog, check_guard_kwargs, require
+from gradguard.optim import GradGuard
+
+pl = require("lightning.pytorch", "lightning", "lightning")
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
+
+
+class GradGuardCallback(pl.Callback):
+    """Guards every optimizer of the fit with ``GradGuard(optimizer, model=pl_module,
+    **guard_kwargs)``. ``callback.guard`` (the first) and ``callback.guards`` exist once fit
+    starts."""
+
+    def __init__(self, **guard_kwargs):
+        super().__init__()
+        self.guard_kwargs = check_guard_kwargs("gradguard.integrations.lightning.GradGuardCallback", guard_kwargs)
+        self.guards: list[GradGuard] = []
+        self._log = BadStepLog()
+        self._new_report = None
+        self._skipped_total = None
+        self._taken_clip = None
+
+    @property
+    def guard(self) -> GradGuard | None:
+        return self.guards[0] if self.guards else None
+
+    @property
+    def bad_steps(self) -> list[dict]:
+        return self._log.bad_steps
+
+    def _take_over_clipping(self, trainer, kwargs: dict) -> dict:
+        val = trainer.gradient_clip_val
+        if not val:
+            return kwargs
+        algo = trainer.gradient_clip_algorithm or "norm"
+        where = "gradguard.integrations.lightning.GradGuardCallback"
+        if str(algo) not in ("norm", "GradClipAlgorithmType.NORM"):
+            raise ValueError(f"{where}: Trainer(gradient_clip_algorithm={str(algo)!r}) clips by value, which the "
+                             "guard does not do; remove gradient_clip_val/gradient_clip_algorithm from the Trainer "
+                             "and pass max_norm to the callback (it clips the total norm after checking the raw "
+                             "gradients)")
+        mine = kwargs.get("max_norm")
+        if mine is not None and float(mine) != float(val):
+            raise ValueError(f"{where}: Trainer(gradient_clip_val={val}) and GradGuardCallback(max_norm={mine}) "
+                             "disagree; the callback owns clipping: remove gradient_clip_val from the Trainer")
+        warnings.warn(f"{where} takes over Trainer(gradient_clip_val={val}): the guard clips the total norm to "
+                      f"{val} after checking the raw gradients, and Lightning's own clipping is off for this fit",
+                      UserWarning, stacklevel=2)
+        self._taken_clip = (val, trainer.gradient_clip_algorithm)
+        trainer.gradient_clip_val = None
+        return {**kwargs, "max_norm": val}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        kwargs = self._take_over_clipping(trainer, self.guard_kwargs)
+        if is_overridden("configure_gradient_clipping", pl_module):
+            warnings.warn("gradguard.integrations.lightning.GradGuardCallback: the module overrides "
+                          "configure_gradient_clipping, which Lightning runs before the guard sees the gradients "
+                          "(a NaN in one layer can then reach all of them); let the guard clip instead",
+                          UserWarning, stacklevel=2)
+        guards = []
+        for opt in trainer.strategy.optimizers:
+            if isinstance(opt, GradGuard):
+                raise ValueError("gradguard.integrations.lightning.GradGuardCallback: configure_optimizers already "
+                                 "returns a GradGuard; use either the callback or your own GradGuard, not both")
+            guard = GradGuard(opt, model=pl_module, **kwargs)
+            guard.add_step_hook(self._on_step)
+            guards.append(guard)
+        trainer.strategy.optimizers = guards
+        self.guards = guards
+        self._skipped_total = None
+
+    def _on_step(self, guard, report) -> None:
+        if guard is self.guards[0]:
+            self._new_report = report
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        report, self._new_report = self._new_report, None
+        if report is None:  # accumulating gradients: no optimizer step in this batch
+            return
+        skipped = report.skipped.to(torch.float32)
+        self._skipped_total = skipped.clone() if self._skipped_total is None else self._skipped_total + skipped
+        pl_module.log_dict({"grad/total_norm": report.total_norm.to(torch.float32),
+                            "grad/clip_coef": report.clip_coef.to(torch.float32),
+                            "grad/skipped": skipped, "grad/skipped_total": self._skipped_total},
+                           on_step=True, on_epoch=False, logger=True, batch_size=1)
+        # Lightning logs this batch's metrics at the step count before the step: so do we.
+        self._log.add(trainer.global_step - 1, report)
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self._flush(trainer)
+
+    def _flush(self, trainer) -> None:
+        for bad in self._log.flush():
+            for logger in trainer.loggers:
+                logger.log_metrics({f"grad/nonfinite/{name}": 1.0 for name in bad["layers"]}, step=bad["step"])
+                add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
+                if callable(add_text):
+                    add_text("grad/nonfinite_layers", ", ".join(bad["layers"]), bad["step"])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._flush(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._flush(trainer)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._taken_clip is not None:
+            trainer.gradient_clip_val, trainer.gradient_clip_algorithm = self._taken_clip
+            self._taken_clip = None

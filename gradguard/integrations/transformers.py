@@ -1,0 +1,188 @@
+"""Hugging Face ``Trainer`` (with Accelerate): ``Trainer(..., callbacks=[GradGuardCallback(max_norm=1.0)])``.
+
+Why a callback alone is not enough, and what it does about it (transformers 5.x): at every
+optimizer step ``Trainer`` calls ``accelerator.clip_grad_norm_(params, args.max_grad_norm)`` when
+``max_grad_norm > 0``, and otherwise ``accelerator.clip_grad_norm_(params, inf)`` to log the norm;
+both are ``torch.nn.utils.clip_grad_norm_``, which multiplies every gradient by NaN when one of
+them holds a NaN or an Inf (clip coefficient ``max_norm / NaN``). That runs before
+``on_pre_optimizer_step``, so a guard placed there would find all layers non-finite. So in
+``on_train_begin`` the callback (it finds its ``Trainer`` on the call stack: the callback API
+passes no trainer):
+
+- wraps the optimizer inside the ``AcceleratedOptimizer`` in a ``GradGuard`` with the model's
+  parameter names (re-pointing Accelerate's GradScaler step patch at the guard; under
+  ``fp16=True`` ``scaler.step`` hands the guard the loss scale and the scaler's flag);
+- takes over the clipping: ``args.max_grad_norm`` (HF's default is 1.0) becomes the guard's
+  ``max_norm`` unless the callback was given one, and is set to 0 for the run (restored at the
+  end);
+- replaces ``trainer.accelerator.clip_grad_norm_`` (this trainer's Accelerator instance only) by a
+  function that leaves the gradients alone and returns a 0-dim tensor the guard fills with its
+  total norm after the step, so Trainer's own ``grad_norm`` log is the guard's raw pre-clip norm
+  (read by Trainer at its logging steps only).
+
+Gradient accumulation needs nothing more: Trainer steps the optimizer once per accumulated step.
+The guard's state rides in ``trainer_state.json`` (``stateful_callbacks["gradguard"]``, written
+when a checkpoint is about to be saved) and is restored in ``on_train_begin`` when resuming; the
+optimizer.pt of a checkpoint holds it too. Logged at Trainer's logging steps, merged into the
+log Trainer writes there (``trainer.log`` of this trainer is wrapped for the run, so
+``state.log_history`` and every ``report_to`` integration get them next to ``loss`` and ``grad_norm``): ``grad/total_norm``,
+``grad/clip_coef``, ``grad/skipped``, ``grad/skipped_total`` and, for each bad step since the last
+log, ``grad/nonfinite/<parameter name> = 1`` (also in ``callback.bad_steps``). Refused: DeepSpeed,
+FSDP and XLA, whose clipping and optimizers are their own.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from gradguard.integrations._common import (BadStepLog, log, check_guard_kwargs, guard_state_json, load_guard_state_json,
+                                            require)
+from gradguard.optim import GradGuard
+
+transformers = require("transformers", "transformers", "transformers")
+require("accelerate", "accelerate", "transformers")
+from accelerate.optimizer import patch_optimizer_step  # noqa: E402
+
+STATE_KEY = "gradguard"
+_WHERE = "gradguard.integrations.transformers.GradGuardCallback"
+
+
+def _find_trainer():
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, transformers.Trainer):
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError(f"{_WHERE}: called outside transformers.Trainer.train(); pass it to "
+                       "Trainer(callbacks=[...])")
+
+
+class GradGuardCallback(transformers.TrainerCallback):
+    """Guards the Trainer's optimizer with ``GradGuard(optimizer, model=model, **guard_kwargs)``;
+    ``callback.guard`` exists once training starts."""
+
+    def __init__(self, **guard_kwargs):
+        self.guard_kwargs = check_guard_kwargs(_WHERE, guard_kwargs)
+        self.guard: GradGuard | None = None
+        self._log = BadStepLog()
+        self._trainer = None
+        self._restore = None
+        self._norm_out = None
+        self._skipped_total = None
+        self._last_report = None
+        self._pending_logs = None
+        self._trainer_log = None
+
+    @property
+    def bad_steps(self) -> list[dict]:
+        return self._log.bad_steps
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        trainer = _find_trainer()
+        accelerator = trainer.accelerator
+        kind = str(accelerator.distributed_type).split(".")[-1]
+        if kind in ("DEEPSPEED", "FSDP", "XLA"):
+            raise NotImplementedError(f"{_WHERE}: {kind} clips and steps with its own machinery; the guard supports "
+                                      "single-device and DDP training")
+        acc_opt = trainer.optimizer
+        inner = getattr(acc_opt, "optimizer", acc_opt)
+        guard_kwargs = dict(self.guard_kwargs)
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            if guard_kwargs.get("max_norm") is None:
+                guard_kwargs["max_norm"] = float(args.max_grad_norm)
+            elif float(guard_kwargs["max_norm"]) != float(args.max_grad_norm):
+                log.info("gradguard: GradGuardCallback(max_norm=%s) clips; TrainingArguments.max_grad_norm=%s is "
+                         "not used", guard_kwargs["max_norm"], args.max_grad_norm)
+        if isinstance(inner, GradGuard):  # a second train() on the same Trainer keeps its guard
+            guard = inner
+        else:
+            guard = GradGuard(inner, model=trainer.model, **guard_kwargs)
+            guard.add_step_hook(self._on_step)
+            if acc_opt is inner:
+                trainer.optimizer = guard
+            else:
+                acc_opt.optimizer = guard
+                if getattr(acc_opt, "scaler", None) is not None:
+                    # Accelerate patched the inner optimizer's bound step at prepare(): point it at the guard.
+                    acc_opt._optimizer_original_step_method = guard.step
+                    acc_opt._optimizer_patched_step_method = patch_optimizer_step(acc_opt, guard.step)
+            trainer.callback_handler.optimizer = trainer.optimizer
+        self.guard = guard
+        saved = state.stateful_callbacks.get(STATE_KEY) if state.stateful_callbacks else None
+        if saved is not None and state.global_step > 0:
+            device = next((p.device for p in trainer.model.parameters()), torch.device("cpu"))
+            load_guard_state_json(guard, saved, device)
+
+        self._trainer = trainer
+        self._restore = (args.max_grad_norm, accelerator.__dict__.get("clip_grad_norm_"))
+        args.max_grad_norm = 0.0
+        accelerator.clip_grad_norm_ = self._clip_grad_norm
+        self._trainer_log = trainer.log
+        trainer.log = self._log_with_guard
+
+    def _clip_grad_norm(self, parameters, max_norm, norm_type=2):
+        if max_norm is not None and math.isfinite(max_norm) and max_norm > 0:
+            raise RuntimeError(f"{_WHERE}: accelerator.clip_grad_norm_(max_norm={max_norm}) was called while the "
+                               "guard owns clipping; pass max_norm to GradGuardCallback instead")
+        # Trainer only wants the norm for its log: the guard's, once the step has run.
+        device = next((p.device for p in parameters), torch.device("cpu"))
+        self._norm_out = torch.full((), math.nan, dtype=torch.float32, device=device)
+        return self._norm_out
+
+    def _on_step(self, guard, report) -> None:
+        if self._norm_out is not None:
+            if self._norm_out.device != report.total_norm.device:
+                self._norm_out = self._norm_out.to(report.total_norm.device)
+            self._norm_out.copy_(report.total_norm)
+            self._norm_out = None
+        self._last_report = report
+
+    def on_step_end(self, args, state, control, **kwargs):
+        report, self._last_report = self._last_report, None
+        if report is None:
+            return
+        skipped = report.skipped.to(torch.float32)
+        self._skipped_total = skipped.clone() if self._skipped_total is None else self._skipped_total + skipped
+        self._log.add(state.global_step, report)
+        if control.should_log:
+            self._emit(report)
+        if control.should_save:
+            state.stateful_callbacks[STATE_KEY] = guard_state_json(self.guard)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save and self.guard is not None:
+            state.stateful_callbacks[STATE_KEY] = guard_state_json(self.guard)
+
+    def _emit(self, report) -> None:
+        # One read for the four scalars; a second only when a pending step was bad.
+        total, coef, skipped, skipped_total = torch.stack([
+            report.total_norm.double(), report.clip_coef.double(), report.skipped.double(),
+            self._skipped_total.to(report.total_norm.device).double()]).tolist()
+        logs = {"grad/total_norm": total, "grad/clip_coef": coef, "grad/skipped": skipped,
+                "grad/skipped_total": skipped_total}
+        for bad in self._log.flush():
+            logs.update({f"grad/nonfinite/{name}": 1.0 for name in bad["layers"]})
+        self._pending_logs = {**(self._pending_logs or {}), **logs}
+
+    def _log_with_guard(self, logs, *args, **kwargs):
+        # Trainer.log: the guard's metrics join the log Trainer writes at this step, so they reach
+        # state.log_history and every report_to integration with Trainer's own loss and grad_norm.
+        if self._pending_logs:
+            logs = {**logs, **self._pending_logs}
+            self._pending_logs = None
+        return self._trainer_log(logs, *args, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._log.flush()
+        if self._trainer is not None:
+            max_grad_norm, clip = self._restore
+            args.max_grad_norm = max_grad_norm
+            if clip is None:
+                self._trainer.accelerator.__dict__.pop("clip_grad_norm_", None)
+            else:
+                self._trainer.accelerator.clip_grad_norm_ = clip
+            self._trainer.__dict__.pop("log", None)
+            self._trainer = None

@@ -1,0 +1,200 @@
+"""gradguard.integrations.lightning with the real Lightning Trainer (CPU, tiny model)."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from gradguard import GradGuard  # noqa: E402
+from gradguard.integrations.lightning import GradGuardCallback  # noqa: E402
+from integration_fixtures import (assert_identical, assert_state_identical, optimizer_state_snapshot,  # noqa: E402
+                                  plant_nan, ref_clip_coef, ref_total_norm, regression_data, snapshot)
+
+pytestmark = pytest.mark.integrations
+
+BAD = 3  # trainer.global_step while the bad step runs: the step Lightning logs it at
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, bad_step=BAD, lr=1e-2, fused=False):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.bad_step, self.lr, self.fused = bad_step, lr, fused
+        self.ref_norms = {}  # global_step (as logged) -> float64 norm of the raw grads
+        self.before_bad = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x).float(), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.trainer.global_step == self.bad_step:
+            plant_nan(self.net[2].weight.grad)
+            self.before_bad = (snapshot(self), optimizer_state_snapshot(optimizer.optimizer))
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        scale = 1.0
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scale = float(scaler.get_scale())
+        self.ref_norms[self.trainer.global_step] = ref_total_norm(grads) / scale
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.trainer.global_step == self.bad_step + 1 and self.before_bad is not None:
+            params, state = self.before_bad
+            assert_identical(params, self)
+            assert_state_identical(state, self.trainer.strategy.optimizers[0].optimizer)
+            self.before_bad = "checked"
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, fused=self.fused or None)
+
+
+def _trainer(tmp_path, callback, max_steps, name="run", **kw):
+    kw.setdefault("accelerator", "cpu")
+    return pl.Trainer(max_steps=max_steps, callbacks=[callback], logger=CSVLogger(str(tmp_path), name=name),
+                      log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, **kw)
+
+
+def _loader():
+    return torch.utils.data.DataLoader(regression_data(), batch_size=8)
+
+
+def _csv_metrics(trainer) -> dict[int, dict[str, float]]:
+    rows = {}
+    with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            rows.setdefault(step, {}).update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return rows
+
+
+def _check_run(trainer, cb, model, steps, max_norm=1.0, rtol=1e-5):
+    assert model.before_bad == "checked"
+    assert cb.bad_steps == [{"step": BAD, "guard_step": BAD + 1, "layers": ["net.2.weight"], "skipped": True}]
+    rows = _csv_metrics(trainer)
+    assert sorted(rows) == list(range(steps))
+    for step in range(steps):
+        row = rows[step]
+        ref = model.ref_norms[step]
+        if step == BAD:
+            assert row["grad/skipped"] == 1.0 and math.isnan(row["grad/total_norm"])
+            assert row["grad/clip_coef"] == 1.0
+            assert row["grad/nonfinite/net.2.weight"] == 1.0
+        else:
+            assert row["grad/skipped"] == 0.0
+            assert "grad/nonfinite/net.2.weight" not in row
+            assert row["grad/total_norm"] == pytest.approx(ref, rel=rtol)
+            assert row["grad/clip_coef"] == pytest.approx(ref_clip_coef(ref, max_norm), rel=rtol)
+        assert row["grad/skipped_total"] == float(step >= BAD)
+    assert [k for k in rows[BAD] if k.startswith("grad/nonfinite/")] == ["grad/nonfinite/net.2.weight"]
+
+
+def test_nan_step_skipped_named_logged_and_params_untouched(tmp_path):
+    model, cb = Tiny(), GradGuardCallback(max_norm=1.0)
+    trainer = _trainer(tmp_path, cb, max_steps=6)
+    trainer.fit(model, _loader())
+    assert isinstance(cb.guard, GradGuard) and trainer.strategy.optimizers[0] is cb.guard
+    assert cb.guard.last.names == [n for n, _ in model.named_parameters()]
+    s = cb.guard.summary()
+    assert (s["steps"], s["skipped"], s["nonfinite_steps"]) == (6, 1, 1)
+    assert s["worst_layers"][0]["name"] == "net.2.weight" and s["worst_layers"][0]["nonfinite_steps"] == 1
+    _check_run(trainer, cb, model, 6)
+
+
+def test_takes_over_gradient_clip_val(tmp_path):
+    # Lightning's clipping would see the raw gradients first and spread the NaN to every layer.
+    model, cb = Tiny(), GradGuardCallback()
+    trainer = _trainer(tmp_path, cb, max_steps=5, gradient_clip_val=0.5)
+    with pytest.warns(UserWarning, match=r"takes over Trainer\(gradient_clip_val=0.5\)"):
+        trainer.fit(model, _loader())
+    assert cb.guard.max_norm == 0.5
+    assert trainer.gradient_clip_val == 0.5  # given back after the fit
+    _check_run(trainer, cb, model, 5, max_norm=0.5)
+
+
+@pytest.mark.parametrize("trainer_kw, match", [
+    ({"gradient_clip_val": 1.0, "gradient_clip_algorithm": "value"}, "clips by value"),
+    ({"gradient_clip_val": 2.0}, "disagree"),
+])
+def test_refuses_conflicting_clipping(tmp_path, trainer_kw, match):
+    trainer = _trainer(tmp_path, GradGuardCallback(max_norm=1.0), max_steps=2, **trainer_kw)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(Tiny(), _loader())
+
+
+def test_refuses_guard_from_configure_optimizers(tmp_path):
+    class Guarded(Tiny):
+        def configure_optimizers(self):
+            return GradGuard(torch.optim.SGD(self.parameters(), lr=0.1))
+
+    with pytest.raises(ValueError, match="already returns a GradGuard"):
+        _trainer(tmp_path, GradGuardCallback(), max_steps=2).fit(Guarded(), _loader())
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        GradGuardCallback(on_nonfinite="explode")
+    with pytest.raises(TypeError, match="'model'"):
+        GradGuardCallback(model=torch.nn.Linear(1, 1))
+
+
+def test_resume_restores_the_guard(tmp_path):
+    model, cb = Tiny(), GradGuardCallback(max_norm=1.0)
+    trainer = _trainer(tmp_path, cb, max_steps=5)
+    trainer.fit(model, _loader())
+    ckpt = str(tmp_path / "five.ckpt")
+    trainer.save_checkpoint(ckpt)
+    first = cb.guard.summary()
+    history = cb.guard.history.as_dict()
+
+    model2, cb2 = Tiny(bad_step=-1), GradGuardCallback(max_norm=1.0)
+    trainer2 = _trainer(tmp_path, cb2, max_steps=8, name="resumed")
+    trainer2.fit(model2, _loader(), ckpt_path=ckpt)
+    s = cb2.guard.summary()
+    assert (s["steps"], s["skipped"], s["nonfinite_steps"]) == (8, 1, 1)
+    assert s["clipped"] >= first["clipped"]
+    assert s["worst_layers"][0] == {**first["worst_layers"][0], "max_norm": s["worst_layers"][0]["max_norm"]}
+    resumed = cb2.guard.history.as_dict()
+    assert resumed["step"] == list(range(1, 9))
+    assert resumed["skipped"][:5] == history["skipped"]
+    rows = _csv_metrics(trainer2)
+    assert sorted(rows) == [5, 6, 7] and all(rows[k]["grad/skipped"] == 0.0 for k in rows)
+
+
+def test_bf16_mixed(tmp_path):
+    model, cb = Tiny(), GradGuardCallback(max_norm=1.0)
+    trainer = _trainer(tmp_path, cb, max_steps=5, precision="bf16-mixed")
+    trainer.fit(model, _loader())
+    _check_run(trainer, cb, model, 5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_16_mixed_with_grad_scaler(tmp_path, fused):
+    # Trainer(precision="16-mixed") on the CPU is turned into bf16-mixed by Lightning; the plugin
+    # itself runs fp16 autocast with a real GradScaler on the CPU.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
+    model, cb = Tiny(fused=fused), GradGuardCallback(max_norm=1.0)
+    trainer = _trainer(tmp_path, cb, max_steps=5, plugins=[plugin])
+    trainer.fit(model, _loader())
+    assert cb.guard.last.amp
+    # The guard's norms are divided by the loss scale (a power of two): equal to the reference.
+    _check_run(trainer, cb, model, 5)
+
+
+def test_warns_when_the_module_clips_itself(tmp_path):
+    class ClipsItself(Tiny):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            pass
+
+    model = ClipsItself()
+    with pytest.warns(UserWarning, match="overrides configure_gradient_clipping"):
+        _trainer(tmp_path, GradGuardCallback(max_norm=1.0), max_steps=2).fit(model, _loader())

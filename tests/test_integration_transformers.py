@@ -1,0 +1,185 @@
+"""gradguard.integrations.transformers with the real Hugging Face Trainer and Accelerate (CPU,
+a 2-layer GPT-2 built from a config: no download)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from gradguard import GradGuard  # noqa: E402
+from gradguard.integrations.transformers import STATE_KEY, GradGuardCallback  # noqa: E402
+from integration_fixtures import (assert_identical, assert_state_identical, optimizer_state_snapshot,  # noqa: E402
+                                  ref_clip_coef, ref_total_norm, snapshot)
+
+pytestmark = pytest.mark.integrations
+
+BAD = 2  # state.global_step while the bad step runs; Trainer logs it at BAD + 1
+CULPRIT = "transformer.wpe.weight"
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+class Plant(transformers.TrainerCallback):
+    """Puts a NaN into wpe's gradient (in backward, through a tensor hook) during step `bad`, and
+    records the float64 norm of the raw gradients, the parameters and the optimizer state there."""
+
+    def __init__(self, model, bad):
+        self.bad, self.step, self.ref_norms, self.before = bad, -1, {}, None
+        self.model = model
+        model.transformer.wpe.weight.register_hook(self._hook)
+
+    def _hook(self, grad):
+        if self.step == self.bad:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("nan")
+        return grad
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.step = state.global_step
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.ref_norms[state.global_step + 1] = ref_total_norm(grads)
+        if state.global_step == self.bad:
+            self.before = (snapshot(self.model), optimizer_state_snapshot(self.trainer.optimizer.optimizer.optimizer))
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        if state.global_step == self.bad:
+            params, opt_state = self.before
+            assert_identical(params, self.model)
+            assert_state_identical(opt_state, self.trainer.optimizer.optimizer.optimizer)
+            self.before = "checked"
+
+
+def run(tmp_path, max_steps, bad=BAD, resume=None, cb=None, scaler=None, **args_kw):
+    model = tiny_gpt2()
+    plant = Plant(model, bad)
+    cb = cb or GradGuardCallback(max_norm=1.0)
+    args_kw.setdefault("max_grad_norm", 1.0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1,
+        report_to=[], use_cpu=True, save_strategy="steps", save_steps=4, disable_tqdm=True, learning_rate=1e-3,
+        **args_kw)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[plant, cb])
+    plant.trainer = trainer
+    if scaler is not None:
+        trainer.accelerator.scaler = scaler
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, cb, plant
+
+
+def train_logs(trainer) -> dict[int, dict]:
+    return {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+
+
+def check_run(trainer, cb, plant, steps, first=1, rtol=1e-5):
+    assert plant.before == "checked"
+    assert cb.bad_steps == [{"step": BAD + 1, "guard_step": BAD + 1, "layers": [CULPRIT], "skipped": True}]
+    logs = train_logs(trainer)
+    assert sorted(logs) == list(range(first, steps + 1))
+    for step, e in logs.items():
+        ref = plant.ref_norms[step]
+        if step == BAD + 1:
+            assert e["grad/skipped"] == 1.0 and math.isnan(e["grad/total_norm"]) and math.isnan(e["grad_norm"])
+            assert e[f"grad/nonfinite/{CULPRIT}"] == 1.0
+            assert [k for k in e if k.startswith("grad/nonfinite/")] == [f"grad/nonfinite/{CULPRIT}"]
+        else:
+            assert e["grad/skipped"] == 0.0 and not any(k.startswith("grad/nonfinite/") for k in e)
+            # Trainer's own grad_norm is the guard's raw, pre-clip norm.
+            assert e["grad/total_norm"] == pytest.approx(ref, rel=rtol)
+            assert e["grad_norm"] == e["grad/total_norm"]
+            assert e["grad/clip_coef"] == pytest.approx(ref_clip_coef(ref, 1.0), rel=rtol)
+        assert e["grad/skipped_total"] == float(step > BAD)
+
+
+def test_nan_in_wpe_is_named_alone_and_skipped(tmp_path):
+    trainer, cb, plant = run(tmp_path, max_steps=5)
+    assert isinstance(cb.guard, GradGuard) and trainer.optimizer.optimizer is cb.guard
+    assert len(cb.guard.last.names) == len(list(trainer.model.parameters()))
+    s = cb.guard.summary()
+    assert (s["steps"], s["skipped"], s["nonfinite_steps"]) == (5, 1, 1)
+    assert s["worst_layers"][0]["name"] == CULPRIT
+    assert trainer.args.max_grad_norm == 1.0  # given back after the run
+    check_run(trainer, cb, plant, 5)
+
+
+def test_max_grad_norm_becomes_the_guards_max_norm(tmp_path):
+    trainer, cb, plant = run(tmp_path, max_steps=4, cb=GradGuardCallback(), max_grad_norm=0.25)
+    assert cb.guard.max_norm == 0.25
+    for step, e in train_logs(trainer).items():
+        if step != BAD + 1:
+            assert e["grad/clip_coef"] == pytest.approx(ref_clip_coef(plant.ref_norms[step], 0.25), rel=1e-5)
+
+
+def test_gradient_accumulation(tmp_path):
+    trainer, cb, plant = run(tmp_path, max_steps=4, gradient_accumulation_steps=2)
+    check_run(trainer, cb, plant, 4)
+
+
+def test_bf16(tmp_path):
+    trainer, cb, plant = run(tmp_path, max_steps=4, bf16=True)
+    check_run(trainer, cb, plant, 4)
+
+
+def test_fp16_grad_scaler(tmp_path):
+    # Accelerate makes no GradScaler on the CPU (fp16=True then runs without loss scaling); the
+    # scaler path is the GPU one, so the test hands Accelerate a CPU GradScaler before training:
+    # accelerator.backward scales the loss, AcceleratedOptimizer.step runs scaler.step(guard).
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    trainer, cb, plant = run(tmp_path, max_steps=5, fp16=True, scaler=scaler)
+    assert trainer.optimizer.scaler is scaler and cb.guard.last.amp
+    assert cb.bad_steps == [{"step": BAD + 1, "guard_step": BAD + 1, "layers": [CULPRIT], "skipped": True}]
+    logs = train_logs(trainer)
+    assert logs[BAD + 1]["grad/skipped"] == 1.0
+    # The scaler backs off once (the NaN step), from 256 to 128: the reference saw scaled grads.
+    assert float(scaler.get_scale()) == 128.0
+    for step in (1, 2):
+        assert logs[step]["grad/total_norm"] == pytest.approx(plant.ref_norms[step] / 256.0, rel=1e-5)
+    for step in (4, 5):
+        assert logs[step]["grad/total_norm"] == pytest.approx(plant.ref_norms[step] / 128.0, rel=1e-5)
+
+
+def test_fp16_on_the_cpu_without_scaler(tmp_path):
+    trainer, cb, plant = run(tmp_path, max_steps=4, fp16=True)
+    assert trainer.accelerator.scaler is None
+    check_run(trainer, cb, plant, 4)
+
+
+def test_resume_restores_the_guard(tmp_path):
+    trainer, cb, _ = run(tmp_path, max_steps=4)
+    saved = trainer.state.stateful_callbacks[STATE_KEY]
+    assert saved["steps"] == 4
+    first = cb.guard.summary()
+    trainer2, cb2, plant2 = run(tmp_path, max_steps=6, bad=-1, resume=str(tmp_path / "out" / "checkpoint-4"))
+    s = cb2.guard.summary()
+    assert (s["steps"], s["skipped"], s["nonfinite_steps"]) == (6, 1, 1)
+    assert s["worst_layers"][0]["name"] == CULPRIT and s["worst_layers"][0]["nonfinite_steps"] == 1
+    assert cb2.guard.history.as_dict()["skipped"][:4] == [False, False, True, False]
+    logs = train_logs(trainer2)
+    assert [e["grad/skipped_total"] for _, e in sorted(logs.items()) if _ > 4] == [0.0, 0.0]
+    assert first["skipped"] == 1
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="max_norm"):
+        GradGuardCallback(max_norm=-1.0)
+    with pytest.raises(TypeError, match="'optimizer'"):
+        GradGuardCallback(optimizer=None)
