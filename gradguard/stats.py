@@ -46,17 +46,17 @@ class _Raw(NamedTuple):
     device: torch.device
 
 
-def check_norm_type(norm_type, *, allow_nonpositive: bool = False) -> float:
-    """The p of a p-norm as a float, read as torch's clip does (``float(norm_type)``): a number,
-    a numeric string such as ``"inf"``, or a one-element real tensor (read on the host).
-    ``grad_stats`` and ``GradGuard`` take p > 0 or inf; the clip functions also take torch's other
-    orders (``allow_nonpositive``): 0 (the count of nonzero elements), negative p and -inf."""
-    if isinstance(norm_type, torch.Tensor):
+def check_norm_type(norm_type, *, torch_compat: bool = False) -> float:
+    """The p of a p-norm as a float. ``grad_stats`` and ``GradGuard`` take a number, p > 0 or inf.
+    The clip functions (``torch_compat``) read it as torch's clip does, ``float(norm_type)``: also
+    a numeric string such as ``"inf"``, a one-element real tensor (read on the host), and torch's
+    other orders 0 (nonzero count), negative p and -inf."""
+    if torch_compat and isinstance(norm_type, torch.Tensor):
         if norm_type.numel() != 1 or norm_type.is_complex() or norm_type.dtype == torch.bool:
             raise ValueError(f"gradguard: `norm_type` must be a real number, a numeric string or a one-element real "
                              f"tensor, got a {norm_type.dtype} tensor of shape {tuple(norm_type.shape)}")
         norm_type = norm_type.item()
-    if isinstance(norm_type, str):
+    if torch_compat and isinstance(norm_type, str):
         try:
             p = float(norm_type)
         except ValueError:
@@ -68,7 +68,7 @@ def check_norm_type(norm_type, *, allow_nonpositive: bool = False) -> float:
         p = float(norm_type)
     if math.isnan(p):
         raise ValueError(f"gradguard: `norm_type` must not be NaN, got {norm_type!r}")
-    if p <= 0.0 and not allow_nonpositive:
+    if p <= 0.0 and not torch_compat:
         raise ValueError(f"gradguard: `norm_type` must be > 0 (or inf), got {norm_type!r}")
     return p
 
@@ -336,7 +336,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite: bool = False, for
     No tensors: ``tensor(0.)``.
     """
     _check_foreach(foreach, "gradguard.get_total_norm")
-    p = check_norm_type(norm_type, allow_nonpositive=True)
+    p = check_norm_type(norm_type, torch_compat=True)
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     tensors = list(tensors)
@@ -414,7 +414,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
         raise ValueError(f"{where}: `nonfinite` must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
     _check_foreach(foreach, where)
     max_norm = check_max_norm(max_norm)
-    p = check_norm_type(norm_type, allow_nonpositive=True)
+    p = check_norm_type(norm_type, torch_compat=True)
     params, names = _params_and_names(parameters, where)
     grads = as_tensor_list([q.grad for q in params], what="grads")
     if not grads:
