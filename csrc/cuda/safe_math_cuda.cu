@@ -321,12 +321,13 @@ std::tuple<at::Tensor, at::Tensor> safe_div_backward_cuda(const at::Tensor& grad
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor grad_input = empty_broadcast(input, other);
   at::Tensor grad_other = empty_broadcast(input, other);
+  const at::Tensor input_d = on_device(input, device), other_d = on_device(other, device);
   auto iter = at::TensorIteratorConfig()
                   .add_output(grad_input)
                   .add_output(grad_other)
                   .add_const_input(grad)
-                  .add_const_input(on_device(input, device))
-                  .add_const_input(on_device(other, device))
+                  .add_const_input(input_d)
+                  .add_const_input(other_d)
                   .build();
   safe_div_backward_kernel(iter, eps);
   return {grad_input, grad_other};
