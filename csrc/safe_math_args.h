@@ -3,10 +3,15 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/OpMathType.h>
 #include <ATen/native/Resize.h>
 
 #include <cmath>
+#include <initializer_list>
+#include <limits>
+#include <utility>
 
 namespace gradguard {
 namespace safe_math_args {
@@ -29,31 +34,106 @@ inline void check_param(double v, const char* op, const char* arg, bool nonneg) 
   TORCH_CHECK(!nonneg || v >= 0.0, "gradguard.", op, ": `", arg, "` must be >= 0, got ", v);
 }
 
+// A bound the tensor's dtype cannot hold is refused rather than rounded into something else in
+// kind: a finite one beyond the dtype's largest finite value (eps=1e300 on float32, fill=1e10 on
+// float16: inf), or, with `keep_nonzero`, a positive one below its smallest positive value
+// (eps=1e-8 on float16: 0, and log would give -inf). Strict limits, not rounding thresholds:
+// torch casts a double bound through float for float16/bfloat16, so values just past a limit
+// round differently by path, and torch's own checked conversion already refuses past float's max.
+// gradguard/reference/safe_math.py applies the same rule.
+inline void check_bound_fits(double v, at::ScalarType dtype, const char* op, const char* arg, bool keep_nonzero) {
+  if (!std::isfinite(v)) return;
+  double mx = 0.0, smallest = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_check_bound", [&] {
+    using limits = std::numeric_limits<scalar_t>;
+    using acc = at::opmath_type<scalar_t>;
+    mx = static_cast<double>(static_cast<acc>(limits::max()));
+    smallest = static_cast<double>(static_cast<acc>(limits::min())) * static_cast<double>(static_cast<acc>(limits::epsilon()));
+  });
+  const double a = std::fabs(v);
+  TORCH_CHECK_VALUE(a <= mx, "gradguard.", op, ": `", arg, "`=", v, " overflows to ", v > 0 ? "inf" : "-inf", " in ",
+                    dtype, " (largest finite value ", mx, "); pass a value the input's dtype can hold");
+  TORCH_CHECK_VALUE(!keep_nonzero || a == 0.0 || a >= smallest, "gradguard.", op, ": `", arg, "`=", v,
+                    " rounds to 0 in ", dtype, " (smallest positive value ", smallest,
+                    "); pass at least that, or 0 to mean no bound");
+}
+
+// Tensors of one call live on one device, as torch.div requires; the exception is torch's: a
+// 0-dim CPU tensor operand (`scalar_ok`) goes with a tensor on any device. Without this a meta
+// or other-device operand would be read as if it were memory of this device.
+inline void check_device(const at::Tensor& t, c10::Device device, const char* op, const char* arg, bool scalar_ok) {
+  if (t.device() == device) return;
+  if (scalar_ok && t.dim() == 0 && t.device().is_cpu()) return;
+  TORCH_CHECK(false, "gradguard.", op, ": expected all tensors to be on the same device, but `", arg, "` is on ",
+              t.device(), " and the result on ", device, " (only a 0-dim CPU tensor operand may differ, as in torch.div)");
+}
+
+// The device a safe_div call computes on: torch's rule, where a 0-dim CPU operand does not decide.
+inline c10::Device div_device(const at::Tensor& input, const at::Tensor& other) {
+  if (input.dim() == 0 && input.device().is_cpu()) return other.device();
+  return input.device();
+}
+
 inline void check_backward_operand(const at::Tensor& t, const at::Tensor& grad, const char* op, const char* arg) {
   check_same_dtype(t, grad, op, arg, "grad");
   TORCH_CHECK(t.sizes() == grad.sizes(), "gradguard.", op, ": `", arg, "` has shape ", t.sizes(), " but `grad` has ",
               grad.sizes(), "; they must match");
 }
 
-inline void check_div_args(const at::Tensor& input, const at::Tensor& other, double eps, const char* op) {
+// `kernel_device` is the device type of the kernel running the call: a call that dispatched here
+// with its result elsewhere (a meta or other-device operand) is refused.
+inline void check_div_args(const at::Tensor& input, const at::Tensor& other, double eps, const char* op,
+                           c10::DeviceType kernel_device) {
   check_float(input, op, "input");
   check_same_dtype(other, input, op, "other", "input");
   check_param(eps, op, "eps", true);
+  check_bound_fits(eps, input.scalar_type(), op, "eps", true);
+  const auto device = div_device(input, other);
+  TORCH_CHECK(device.type() == kernel_device, "gradguard.", op, ": expected all tensors to be on the same device, "
+              "but `input` is on ", input.device(), " and `other` on ", other.device());
+  check_device(input, device, op, "input", true);
+  check_device(other, device, op, "other", true);
 }
 
-inline void prepare_out(at::Tensor& out, const at::Tensor& like, at::IntArrayRef shape, const char* op) {
+// The unary ops and the backward ops: every tensor on the kernel's device, the first one's.
+inline c10::Device check_on_kernel_device(std::initializer_list<std::pair<const at::Tensor*, const char*>> ts,
+                                          const char* op, c10::DeviceType kernel_device) {
+  const auto device = ts.begin()->first->device();
+  for (const auto& [t, arg] : ts) {
+    TORCH_CHECK(t->device().type() == kernel_device && t->device() == device, "gradguard.", op,
+                ": expected all tensors to be on the same device, but `", arg, "` is on ", t->device(), " and `",
+                ts.begin()->second, "` on ", device);
+  }
+  return device;
+}
+
+// `out` must be on the result's device, of its dtype; a wrong shape is resized as torch's out=
+// functions do, except when `out` is one of the operands (`safe_div(a(2,3), b(3), out=b)`):
+// resizing would rewrite the operand before it is read, and torch.div refuses that too.
+inline void prepare_out(at::Tensor& out, const at::Tensor& like, at::IntArrayRef shape, const char* op,
+                        c10::Device device, std::initializer_list<at::Tensor> operands) {
+  TORCH_CHECK(out.device() == device, "gradguard.", op, ": `out` is on ", out.device(), " but the result is on ",
+              device, "; pass an `out` on the result's device");
   TORCH_CHECK(out.scalar_type() == like.scalar_type(), "gradguard.", op, ": `out` has dtype ", out.scalar_type(),
               " but the result has dtype ", like.scalar_type(), "; pass an `out` of the result's dtype");
+  if (out.sizes() != shape) {
+    for (const auto& t : operands) {
+      TORCH_CHECK(!out.is_alias_of(t), "gradguard.", op, ": `out` with shape ", out.sizes(),
+                  " is also an operand and doesn't match the broadcast shape ", shape,
+                  " (it would be resized before it is read); pass an `out` of the broadcast shape");
+    }
+  }
   at::native::resize_output(out, shape);
 }
 
-// The broadcast result is laid out like whichever operand already has the result's shape (as
-// the fake kernel does), else contiguous.
+// The broadcast result is laid out like whichever operand already has the result's shape and
+// is on the result's device (as the fake kernel does), else contiguous.
 inline at::Tensor empty_broadcast(const at::Tensor& a, const at::Tensor& b) {
   const auto shape = at::infer_size(a.sizes(), b.sizes());
-  if (a.sizes() == at::IntArrayRef(shape)) return at::empty_like(a);
-  if (b.sizes() == at::IntArrayRef(shape)) return at::empty_like(b);
-  return at::empty(shape, a.options());
+  const auto device = div_device(a, b);
+  if (a.sizes() == at::IntArrayRef(shape) && a.device() == device) return at::empty_like(a);
+  if (b.sizes() == at::IntArrayRef(shape) && b.device() == device) return at::empty_like(b);
+  return at::empty(shape, a.options().device(device));
 }
 
 }  // namespace safe_math_args

@@ -2,7 +2,8 @@
 
 Public API:
 - ``grad_stats``, ``GradStats``, ``all_finite``, ``clip_grad_norm_``: one read pass over a list of
-  gradients for per-tensor norms, NaN/Inf counts, the total norm and a found-inf flag.
+  gradients for per-tensor norms, NaN/Inf counts, the total norm and a found-inf flag;
+  ``get_total_norm`` and ``clip_grads_with_norm_``: torch's split clip API, one pass each.
 - ``safe_log``, ``safe_exp``, ``safe_sqrt``, ``safe_div``: clamped math in one fused pass, forward
   and backward, equal to the eager composites.
 - ``backend()``: which kernels serve each device, and why the compiled extension is missing.
@@ -11,7 +12,9 @@ Public API:
 - ``NonFiniteGradError``.
 
 Environment: ``GRADGUARD_DISABLE_EXT=1`` forces the pure-PyTorch kernels;
-``GRADGUARD_REQUIRE_EXT=1`` makes a missing or broken extension an ImportError.
+``GRADGUARD_REQUIRE_EXT=1`` makes a missing or broken extension an ImportError. Both are switches:
+``1/true/yes/on`` turn them on, ``0/false/no/off`` or empty/unset leave them off (any case), and
+any other value is a ValueError at import naming the variable.
 """
 from gradguard import _extension, _ops  # noqa: F401  (_ops defines the ops before _C registers kernels)
 from gradguard import _safe_math_ops  # noqa: F401  (likewise for the safe math ops)
@@ -22,6 +25,7 @@ from gradguard._extension import backend  # noqa: E402
 from gradguard.errors import NonFiniteGradError  # noqa: E402
 from gradguard.safe_math import safe_div, safe_exp, safe_log, safe_sqrt  # noqa: E402
 from gradguard.stats import GradStats, all_finite, clip_grad_norm_, grad_stats  # noqa: E402
+from gradguard.stats import clip_grads_with_norm_, get_total_norm  # noqa: E402
 from gradguard.hygiene import HygieneWarning  # noqa: E402
 from gradguard.optim import GradGuard  # noqa: E402
 from gradguard.report import History, StepReport  # noqa: E402
@@ -41,6 +45,8 @@ __all__ = [
     "all_finite",
     "backend",
     "clip_grad_norm_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
     "grad_stats",
     "safe_div",
     "safe_exp",

@@ -17,6 +17,23 @@ _BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
 
 _state: dict = {"loaded": False, "reason": None, "build": None}
 
+_ON = ("1", "true", "yes", "on")
+_OFF = ("", "0", "false", "no", "off")
+
+
+def env_switch(name: str) -> bool:
+    """An on/off environment switch: 1/true/yes/on is on, 0/false/no/off or unset/empty is off
+    (case and surrounding blanks ignored). Anything else is an error: a typo must not silently
+    pick a kernel path."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise ValueError(f"gradguard: environment variable {name}={raw!r} is not a switch value; use one of "
+                     f"1/true/yes/on to turn it on or 0/false/no/off (or unset it) to turn it off")
+
 
 def _read_build_info():
     try:
@@ -29,7 +46,7 @@ def _read_build_info():
 
 def _try_load() -> str | None:
     """Imports gradguard._C; returns None on success, else the reason it was not loaded."""
-    if os.environ.get("GRADGUARD_DISABLE_EXT", "") not in ("", "0"):
+    if env_switch("GRADGUARD_DISABLE_EXT"):
         return "disabled by GRADGUARD_DISABLE_EXT"
     build = _read_build_info()
     _state["build"] = build
@@ -50,10 +67,11 @@ def _try_load() -> str | None:
 
 
 def load() -> None:
+    require = env_switch("GRADGUARD_REQUIRE_EXT")  # read first: a bad value fails before any loading
     reason = _try_load()
     _state["loaded"] = reason is None
     _state["reason"] = reason
-    if reason is not None and os.environ.get("GRADGUARD_REQUIRE_EXT", "") not in ("", "0"):
+    if reason is not None and require:
         raise ImportError(f"gradguard: GRADGUARD_REQUIRE_EXT is set but the compiled extension is unavailable: {reason}")
 
 

@@ -85,16 +85,22 @@ def _check_float(t, op, arg="input"):
                  lambda: f"gradguard.{op}: `{arg}` must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+_BOUND_ARG = {"safe_log": ("eps", True), "safe_exp": ("max", False), "safe_sqrt": ("eps", True)}
+
+
 def _unary_fake(op):
-    def fake(input, *args):
+    def fake(input, bound, *args):
         _check_float(input, op)
+        ref.check_bound_fits(bound, input.dtype, op, *_BOUND_ARG[op])
         return torch.empty_like(input)
     return fake
 
 
 def _unary_out_fake(op):
-    def fake(input, *args, out):
+    def fake(input, bound, *args, out):
         _check_float(input, op)
+        ref.check_bound_fits(bound, input.dtype, op, *_BOUND_ARG[op])
+        ref.check_devices(op, input.device, out=out)
     return fake
 
 
@@ -106,41 +112,47 @@ for _op in ("safe_log", "safe_exp", "safe_sqrt"):
 @torch.library.register_fake("gradguard::safe_log_backward", lib=_lib)
 def _safe_log_backward_fake(grad, input, eps, straight_through):
     _check_float(grad, "safe_log_backward", "grad")
+    ref.check_devices("safe_log_backward", grad.device, input=input)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("gradguard::safe_exp_backward", lib=_lib)
 def _safe_exp_backward_fake(grad, result, input, max, straight_through):
     _check_float(grad, "safe_exp_backward", "grad")
+    ref.check_devices("safe_exp_backward", grad.device, result=result, input=input)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("gradguard::safe_sqrt_backward", lib=_lib)
 def _safe_sqrt_backward_fake(grad, input, eps):
     _check_float(grad, "safe_sqrt_backward", "grad")
+    ref.check_devices("safe_sqrt_backward", grad.device, input=input)
     return torch.empty_like(input)
 
 
-def _check_div(input, other, op):
+def _check_div(input, other, op, eps, fill=None):
     _check_float(input, op)
     torch._check(other.dtype == input.dtype, lambda: f"gradguard.{op}: `other` has dtype {other.dtype} but `input` "
                  f"has {input.dtype}; they must match")
+    ref.check_div_args(op, input, other, eps, fill)
 
 
 @torch.library.register_fake("gradguard::safe_div", lib=_lib)
 def _safe_div_fake(input, other, eps, fill):
-    _check_div(input, other, "safe_div")
+    _check_div(input, other, "safe_div", eps, fill)
     return ref.empty_broadcast(input, other)
 
 
 @torch.library.register_fake("gradguard::safe_div.out", lib=_lib)
 def _safe_div_out_fake(input, other, eps, fill, *, out):
-    _check_div(input, other, "safe_div")
+    _check_div(input, other, "safe_div", eps, fill)
+    ref.check_devices("safe_div", ref.div_device(input, other), out=out)
 
 
 @torch.library.register_fake("gradguard::safe_div_backward", lib=_lib)
 def _safe_div_backward_fake(grad, input, other, eps):
-    _check_div(input, other, "safe_div_backward")
+    _check_div(input, other, "safe_div_backward", eps)
+    ref.check_devices("safe_div_backward", ref.div_device(input, other), grad=grad)
     return ref.empty_broadcast(input, other), ref.empty_broadcast(input, other)
 
 

@@ -8,15 +8,23 @@ the bound (x == eps for log, x == max for exp) the gradient passes, as torch.cla
 torch 2.13; torch 2.14's clamp gives 0 there. gradguard keeps the same gradient on every torch.
 
 Common rules:
-- ``input`` is a tensor of any shape and layout. Integer and bool tensors are promoted to the
-  default dtype, as ``torch.log`` does; complex tensors are refused (TypeError).
+- ``input`` is a dense tensor of any shape and strides. Integer and bool tensors are promoted to
+  the default dtype, as ``torch.log`` does; complex, sparse and nested tensors are refused
+  (TypeError naming the argument). Tensors of one call share a device, as in ``torch.div``
+  (``safe_div`` also takes a 0-dim CPU tensor operand with a tensor on another device, as
+  ``torch.div`` does); a meta or other-device operand is a RuntimeError.
 - Bounds (``eps``, ``max``, ``fill``) are Python numbers or 0-dim tensors; a tensor bound is read
   once on the host (a device sync for a CUDA tensor, and a graph break under torch.compile) and
-  gets no gradient. They are rounded to the input's dtype, as ``torch.clamp`` rounds its bound.
-  NaN or out-of-range bounds raise ValueError naming the argument.
-- ``out=`` (as ``torch.log(..., out=)``) writes into a preallocated tensor of the result's dtype,
-  resizing it if its shape differs; like torch's out= functions it refuses inputs that require
-  grad while grad mode is on.
+  gets no gradient. They are rounded to the input's dtype, as ``torch.clamp`` rounds its bound;
+  a bound that rounding would change in kind is a ValueError naming the argument, on every
+  kernel path alike: a finite value that overflows the dtype (``eps=1e300`` on float32,
+  ``fill=1e10`` on float16) and a positive ``eps`` that rounds to 0 (``eps=1e-8`` on float16).
+  ``safe_exp``'s ``max`` must also be at most ``EXP_MAX[dtype]`` (``max=100`` on float16 would
+  give inf). NaN or negative bounds where they must be >= 0 raise ValueError too.
+- ``out=`` (as ``torch.log(..., out=)``) writes into a preallocated tensor of the result's dtype
+  and device, resizing it if its shape differs, unless it is also an operand (``safe_div(a(2,3),
+  b(3), out=b)`` raises, as ``torch.div`` does); like torch's out= functions it refuses inputs
+  that require grad while grad mode is on.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import numbers
 import torch
 
 from gradguard import _safe_math_ops  # noqa: F401  (defines torch.ops.gradguard.safe_*)
-from gradguard.reference.safe_math import resize_out
+from gradguard.reference.safe_math import check_devices, div_device, resize_out
 
 __all__ = ["safe_div", "safe_exp", "safe_log", "safe_sqrt"]
 
@@ -45,6 +53,7 @@ EXP_MAX = {
 def _float_input(input, op: str, arg: str = "input") -> torch.Tensor:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"gradguard.{op}: `{arg}` must be a tensor, got {type(input).__name__}")
+    _dense(input, op, arg)
     if input.is_complex():
         raise TypeError(f"gradguard.{op}: `{arg}` is complex ({input.dtype}); only real tensors are supported")
     if not input.is_floating_point():
@@ -53,6 +62,15 @@ def _float_input(input, op: str, arg: str = "input") -> torch.Tensor:
         raise TypeError(f"gradguard.{op}: `{arg}` has dtype {input.dtype}; supported: float16, bfloat16, "
                         "float32, float64 (and integer types, promoted)")
     return input
+
+
+def _dense(t: torch.Tensor, op: str, arg: str) -> None:
+    if t.is_nested:
+        raise TypeError(f"gradguard.{op}: `{arg}` is a nested tensor; safe math takes dense (strided) tensors "
+                        "(apply it to each component, or to the padded tensor)")
+    if t.layout != torch.strided:
+        raise TypeError(f"gradguard.{op}: `{arg}` is a sparse tensor ({t.layout}); safe math takes dense (strided) "
+                        "tensors (apply it to .values(), or pass .to_dense())")
 
 
 def _number(value, name: str, op: str, *, nonneg: bool, allow_nan: bool = False) -> float:
@@ -77,13 +95,15 @@ def _straight_through(grad, op: str) -> bool:
     return grad == "straight_through"
 
 
-def _check_out(out, op: str, shape, *inputs: torch.Tensor) -> None:
+def _check_out(out, op: str, shape, device, *inputs: torch.Tensor) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"gradguard.{op}: `out` must be a tensor, got {type(out).__name__}")
+    _dense(out, op, "out")
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs + (out,)):
         raise RuntimeError(f"gradguard.{op}(): functions with out=... arguments don't support automatic "
                            "differentiation, but one of the arguments requires grad.")
-    resize_out(out, shape, op)
+    check_devices(op, device, out=out)  # before resizing: a refused call leaves `out` as it was
+    resize_out(out, shape, op, inputs)
 
 
 _FLOAT_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -129,7 +149,7 @@ def safe_log(input: torch.Tensor, eps=None, *, grad: str = "clamp", out: torch.T
     st = _straight_through(grad, "safe_log")
     e = torch.finfo(x.dtype).tiny if eps is None else _number(eps, "eps", "safe_log", nonneg=True)
     if out is not None:
-        _check_out(out, "safe_log", x.shape, x)
+        _check_out(out, "safe_log", x.shape, x.device, x)
         torch.ops.gradguard.safe_log.out(x, e, st, out=out)
         return out
     return torch.ops.gradguard.safe_log(x, e, st)
@@ -139,7 +159,8 @@ def safe_exp(input: torch.Tensor, max=None, *, grad: str = "clamp", out: torch.T
     """``exp(min(input, max))``.
 
     ``max`` defaults to the largest value whose exp is finite in the dtype (``EXP_MAX``: 11.0859375
-    for float16, 88.5 for bfloat16, 88.72283172607422 for float32, 709.782712893384 for float64).
+    for float16, 88.5 for bfloat16, 88.72283172607422 for float32, 709.782712893384 for float64);
+    a larger ``max`` is a ValueError (the result would not be safe).
     NaN stays NaN, -inf gives 0.
 
     Gradient: with ``grad="clamp"``, that of ``torch.exp(torch.clamp(input, max=max))``:
@@ -149,8 +170,12 @@ def safe_exp(input: torch.Tensor, max=None, *, grad: str = "clamp", out: torch.T
     x = _float_input(input, "safe_exp")
     st = _straight_through(grad, "safe_exp")
     m = EXP_MAX[x.dtype] if max is None else _number(max, "max", "safe_exp", nonneg=False)
+    if m > EXP_MAX[x.dtype]:
+        raise ValueError(f"gradguard.safe_exp: `max`={m!r} is above {EXP_MAX[x.dtype]!r}, the largest {x.dtype} "
+                         "value whose exp is finite, so the result could be inf; pass a smaller max, or none "
+                         "for that limit")
     if out is not None:
-        _check_out(out, "safe_exp", x.shape, x)
+        _check_out(out, "safe_exp", x.shape, x.device, x)
         torch.ops.gradguard.safe_exp.out(x, m, st, out=out)
         return out
     return torch.ops.gradguard.safe_exp(x, m, st)
@@ -166,7 +191,7 @@ def safe_sqrt(input: torch.Tensor, eps=0.0, *, out: torch.Tensor | None = None) 
     x = _float_input(input, "safe_sqrt")
     e = _number(eps, "eps", "safe_sqrt", nonneg=True)
     if out is not None:
-        _check_out(out, "safe_sqrt", x.shape, x)
+        _check_out(out, "safe_sqrt", x.shape, x.device, x)
         torch.ops.gradguard.safe_sqrt.out(x, e, out=out)
         return out
     return torch.ops.gradguard.safe_sqrt(x, e)
@@ -183,6 +208,7 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     """
     x = _float_input(input, "safe_div")
     if isinstance(other, torch.Tensor):
+        _dense(other, "safe_div", "other")
         if other.is_complex():
             raise TypeError(f"gradguard.safe_div: `other` is complex ({other.dtype}); only real tensors are supported")
     elif isinstance(other, bool) or not isinstance(other, numbers.Real):
@@ -190,13 +216,17 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     dtype = _div_dtype(input, other)
     x = x.to(dtype)
     if isinstance(other, torch.Tensor):
-        y = other.to(dtype=dtype, device=x.device) if other.dim() == 0 else other.to(dtype)
+        # Devices are not moved: the op takes a 0-dim CPU operand with a tensor anywhere (as
+        # torch.div does) and refuses other mixes, naming the operand.
+        y = other.to(dtype)
     else:
-        y = torch.tensor(other, dtype=dtype, device=x.device)
+        # A fill on the device (the value is the fill kernel's argument): torch.tensor(number,
+        # device=cuda) would be a blocking host-to-device copy on every call.
+        y = torch.full((), other, dtype=dtype, device=x.device)
     e = 0.0 if eps is None else _number(eps, "eps", "safe_div", nonneg=True)
     f = _number(fill, "fill", "safe_div", nonneg=False, allow_nan=True)
     if out is not None:
-        _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), x, y)
+        _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), div_device(x, y), x, y)
         torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
         return out
     return torch.ops.gradguard.safe_div(x, y, e, f)

@@ -1,14 +1,19 @@
-"""Multi-tensor gradient statistics: grad_stats, all_finite, clip_grad_norm_.
+"""Multi-tensor gradient statistics: grad_stats, all_finite, clip_grad_norm_, get_total_norm,
+clip_grads_with_norm_.
 
-Everything here returns device tensors and never reads a value back to the host (the one
-exception: ``clip_grad_norm_(nonfinite="raise")``, which must look at the flag to raise). Results
+Everything here returns device tensors and never reads a value back to the host (the
+exceptions: ``nonfinite="raise"`` and ``error_if_nonfinite=True``, which must look at the flag or
+the norm to raise, and a tensor ``norm_type``, read as torch reads it). Results
 gather on the first tensor's device: a list that mixes CUDA tensors into a CPU-first list copies
 their small per-tensor results to the host, which waits for the GPU; put a CUDA tensor first.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import types
+import warnings
 from typing import Iterable, NamedTuple
 
 import torch
@@ -42,11 +47,29 @@ class _Raw(NamedTuple):
     device: torch.device
 
 
-def check_norm_type(norm_type) -> float:
-    if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
+def check_norm_type(norm_type, *, torch_compat: bool = False) -> float:
+    """The p of a p-norm as a float. ``grad_stats`` and ``GradGuard`` take a number, p > 0 or inf.
+    The clip functions (``torch_compat``) read it as torch's clip does, ``float(norm_type)``: also
+    a numeric string such as ``"inf"``, a one-element real tensor (read on the host), and torch's
+    other orders 0 (nonzero count), negative p and -inf."""
+    if torch_compat and isinstance(norm_type, torch.Tensor):
+        if norm_type.numel() != 1 or norm_type.is_complex() or norm_type.dtype == torch.bool:
+            raise ValueError(f"gradguard: `norm_type` must be a real number, a numeric string or a one-element real "
+                             f"tensor, got a {norm_type.dtype} tensor of shape {tuple(norm_type.shape)}")
+        norm_type = norm_type.item()
+    if torch_compat and isinstance(norm_type, str):
+        try:
+            p = float(norm_type)
+        except ValueError:
+            raise ValueError(f"gradguard: `norm_type` must be a number or a numeric string such as 'inf', "
+                             f"got {norm_type!r}") from None
+    elif isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
         raise ValueError(f"gradguard: `norm_type` must be a positive number or inf, got {norm_type!r}")
-    p = float(norm_type)
-    if math.isnan(p) or p <= 0.0:
+    else:
+        p = float(norm_type)
+    if math.isnan(p):
+        raise ValueError(f"gradguard: `norm_type` must not be NaN, got {norm_type!r}")
+    if p <= 0.0 and not torch_compat:
         raise ValueError(f"gradguard: `norm_type` must be > 0 (or inf), got {norm_type!r}")
     return p
 
@@ -207,12 +230,18 @@ def all_finite(tensors: Iterable[torch.Tensor], *, process_group=None) -> torch.
 _NONFINITE_MODES = ("skip", "raise", "zero")
 
 
-def _params_and_names(parameters, keep_gradless=False):
+def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep_gradless: bool = False):
     """Accepts a tensor, an iterable of tensors, or of (name, tensor) pairs
     (``model.named_parameters()``); returns the tensors that have a .grad (and, with
-    `keep_gradless`, the FSDP1 shards that have none), and their names."""
+    `keep_gradless`, the FSDP1 shards that have none), and their names.
+    An exhausted (empty) generator warns as torch's clip does: it is almost always a
+    ``model.parameters()`` consumed earlier, and clipping nothing silently hides that."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
+    elif isinstance(parameters, types.GeneratorType):
+        parameters = list(parameters)
+        if not parameters:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     params, names = [], []
     for i, item in enumerate(parameters):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
@@ -220,14 +249,14 @@ def _params_and_names(parameters, keep_gradless=False):
         else:
             name, p = f"param[{i}]", item
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"gradguard.clip_grad_norm_: parameters[{i}] is a {type(p).__name__}, expected a tensor")
+            raise TypeError(f"{where}: parameters[{i}] is a {type(p).__name__}, expected a tensor")
         if p.grad is None and keep_gradless and _distributed.is_fsdp1_sharded(p):
             params.append(p)
             names.append(name)
         elif p.grad is not None:
             g = p.grad
             if not (g.is_floating_point() or g.is_complex()) or g.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"gradguard.clip_grad_norm_: the gradient of {name} has dtype {g.dtype}, "
+                raise TypeError(f"{where}: the gradient of {name} has dtype {g.dtype}, "
                                 "expected float16, bfloat16, float32 or float64")
             params.append(p)
             names.append(name)
@@ -261,6 +290,12 @@ def max_norm_ok(max_norm):
     if isinstance(max_norm, torch.Tensor) and max_norm.device.type != "cpu":
         return max_norm >= 0
     return None
+
+
+def _check_foreach(foreach, where: str) -> None:
+    # Accepted for torch's signature; gradguard's kernels are multi-tensor whatever its value.
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(f"{where}: `foreach` must be None, True or False, got {foreach!r}")
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm) -> torch.Tensor:
@@ -304,53 +339,175 @@ def refuse_unreduced_fsdp1(params, names, where: str) -> None:
                              "process_group> (GradGuard also takes model=<the FSDP module>)")
 
 
-def clip_grad_norm_(parameters, max_norm, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    # torch's clip returns its stacked per-tensor norms' dtype: the promotion of the grads' dtypes.
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
+class _Total(NamedTuple):
+    norm: torch.Tensor        # the total norm at full precision (float32, or float64 with a float64 grad)
+    found_inf: torch.Tensor   # 0-dim float32: 1.0 if any element is NaN or Inf
+    raw: _Raw
+    stats: GradStats | None   # per-tensor statistics (p > 0 only)
+
+
+def _total_norm(grads: list[torch.Tensor], p: float, *, process_group=None, names=None) -> tuple[_Total, list]:
+    """One read pass for p > 0 or inf. torch's other orders (0, negative, -inf) are not sums of
+    finite |x|^p the stats kernel keeps (0 counts nonzeros, a zero element makes a negative
+    order's sum inf): they take torch.linalg.vector_norm per tensor in float64, plus the stats
+    pass for the NaN/Inf flag. Returns it with the local parts of `grads` (DTensor shards), which
+    the clip scales."""
+    if p > 0:
+        raw, local = global_raw_stats(grads, p, process_group=process_group, names=names)
+        stats = finalize(raw, p)
+        return _Total(stats.total_norm, stats.found_inf, raw, stats), local
+    if process_group is not None or any(_distributed.is_dtensor(g) for g in grads):
+        raise ValueError(f"gradguard: `norm_type` {p} (0, a negative order or -inf) is not supported for sharded "
+                         "gradients (DTensor or process_group=); use a positive order or inf")
+    raw = raw_stats(grads, math.inf)
+    device = grads[0].device
+    norms = torch.stack([torch.linalg.vector_norm(g, p, dtype=torch.float64).to(device) for g in grads])
+    total = torch.linalg.vector_norm(norms, p).to(raw.out_dtype)
+    found_inf = ((raw.nan_count.sum() + raw.inf_count.sum()) > 0).to(torch.float32)
+    return _Total(total, found_inf, raw, None), grads
+
+
+def _raise_if_total_nonfinite(tot: _Total, p: float, names, where: str) -> None:
+    """torch's error_if_nonfinite: raise when the total norm is NaN or +-inf (a host read), with
+    torch's message first (code greps for it), then the tensors that hold NaN/Inf."""
+    if bool(torch.isfinite(tot.norm)):
+        return
+    msg = (f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be clipped. "
+           "To disable this error and leave such gradients untouched (gradguard never scales them by a "
+           "non-finite norm), set `error_if_nonfinite=False`")
+    detail, bad = nonfinite_message(where, names, tot.raw.nan_count, tot.raw.inf_count)
+    raise NonFiniteGradError(f"{msg}. {detail}", bad, tot.stats)
+
+
+def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite: bool = False, foreach=None) -> torch.Tensor:
+    """Drop-in for ``torch.nn.utils.get_total_norm``: the p-norm of ``tensors`` taken together,
+    in one read pass (p > 0 or inf; 0, negative orders and -inf are computed as torch does), no
+    host sync unless ``error_if_nonfinite``.
+
+    ``norm_type`` is a number, ``"inf"`` or a one-element tensor. The result is a 0-dim tensor on
+    the first tensor's device, of the tensors' promoted dtype as torch returns it (float16 grads
+    give a float16 norm); it is computed in float32 or float64 and only then cast.
+    ``error_if_nonfinite=True`` raises :class:`NonFiniteGradError` (a ``RuntimeError`` with
+    torch's message) when the norm is NaN or inf. ``foreach`` is accepted and changes nothing.
+    No tensors: ``tensor(0.)``.
+    """
+    _check_foreach(foreach, "gradguard.get_total_norm")
+    p = check_norm_type(norm_type, torch_compat=True)
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    tensors = list(tensors)
+    if not tensors:
+        return torch.tensor(0.0)
+    grads = as_tensor_list(tensors)
+    tot, _ = _total_norm(grads, p)
+    if error_if_nonfinite:
+        _raise_if_total_nonfinite(tot, p, [f"tensors[{i}]" for i in range(len(grads))], "gradguard.get_total_norm")
+    return tot.norm.to(_result_dtype(grads))
+
+
+def _check_total_norm(total_norm, where: str) -> torch.Tensor:
+    if isinstance(total_norm, torch.Tensor):
+        if total_norm.numel() != 1 or not total_norm.is_floating_point():
+            raise ValueError(f"{where}: `total_norm` must be a one-element floating-point tensor, got a "
+                             f"{total_norm.dtype} tensor of shape {tuple(total_norm.shape)}")
+        return total_norm.reshape(())
+    if isinstance(total_norm, bool) or not isinstance(total_norm, numbers.Real):
+        raise ValueError(f"{where}: `total_norm` must be a tensor (as get_total_norm returns) or a number, "
+                         f"got {total_norm!r}")
+    return torch.tensor(float(total_norm), dtype=torch.float64)
+
+
+def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> None:
+    """Drop-in for ``torch.nn.utils.clip_grads_with_norm_``: multiplies every gradient by
+    ``min(max_norm / (total_norm + 1e-6), 1)`` in one pass, no host sync, nothing written when the
+    factor is exactly 1.
+
+    Unlike torch, a NaN or infinite ``total_norm`` leaves the gradients untouched (torch multiplies
+    them by NaN or 0). ``foreach`` is accepted and changes nothing.
+    """
+    where = "gradguard.clip_grads_with_norm_"
+    _check_foreach(foreach, where)
+    max_norm = check_max_norm(max_norm)
+    total = _check_total_norm(total_norm, where)
+    params, _ = _params_and_names(parameters, where)
+    grads = [q.grad for q in params]
+    if not grads:
+        return
+    if any(g.is_complex() or g.layout != torch.strided for g in grads):
+        raise TypeError(f"{where}: sparse and complex gradients are not supported for clipping")
+    if total.dtype not in (torch.float32, torch.float64):
+        total = total.to(torch.float32)  # a float16 norm's 1e-6 and quotient would round in float16
+    coef = torch.where(torch.isfinite(total), clip_coefficient(total, max_norm), 1.0)
+    # DTensor grads are scaled through their local shards (the factor is the same on every rank).
+    scale_([_distributed._local(g) if _distributed.is_dtensor(g) else g.detach() for g in grads], coef)
+
+
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: bool = False,
                     foreach=None, *, nonfinite: str = "skip", process_group=None) -> torch.Tensor:
     """Drop-in for ``torch.nn.utils.clip_grad_norm_`` with one statistics pass, one scaling pass,
     no host sync, and gradients that survive a non-finite norm.
 
-    Returns the total norm of the gradients as they came in (NaN or inf if any element was).
-    ``nonfinite`` says what happens then: ``"skip"`` leaves every gradient untouched; ``"raise"``
-    raises :class:`NonFiniteGradError` naming the parameters (a host sync); ``"zero"`` sets the
-    non-finite elements to 0 and clips the rest by the norm of the finite ones.
-    ``error_if_nonfinite=True`` means ``nonfinite="raise"``; ``foreach`` is accepted for
-    compatibility and ignored. ``parameters`` may also be ``model.named_parameters()``, so errors
-    name the layers.
+    Returns the total norm of the gradients as they came in (NaN or inf if any element was, for
+    p > 0), as a 0-dim tensor of the grads' promoted dtype, as torch returns it. ``norm_type``
+    takes what torch's takes: a number (0, negative orders and -inf included), ``"inf"``, a
+    one-element tensor. ``nonfinite`` says what happens when any gradient element is NaN/Inf:
+    ``"skip"`` leaves every gradient untouched; ``"raise"`` raises :class:`NonFiniteGradError`
+    naming the parameters (a host sync); ``"zero"`` sets the non-finite elements to 0 and clips
+    the rest by the norm of the finite ones.
+
+    ``error_if_nonfinite=True`` raises exactly where torch's does, when the total norm is NaN or
+    inf (a host sync), as a :class:`NonFiniteGradError` (a ``RuntimeError``) whose message starts
+    with torch's ("The total norm of order ... is non-finite, so it cannot be clipped") and then
+    names the parameters; otherwise ``nonfinite`` applies. ``foreach`` is accepted and changes
+    nothing. ``parameters`` may also be ``model.named_parameters()``, so errors name the layers;
+    an exhausted generator warns as torch's does.
+
+    Same as ``get_total_norm`` then ``clip_grads_with_norm_``, but in one call the clip factor
+    uses the full-precision norm (a float16 grad list whose norm exceeds 65504 is clipped by its
+    true norm; the returned float16 value is inf, as torch's).
 
     Distributed: DTensor gradients (FSDP2, tensor parallel) are clipped by their global norm, the
     same on every rank; ``process_group`` sums the statistics of plain gradients over that group
     (FSDP1: the FSDP module's ``process_group``; without it an FSDP1 shard is refused). One
     collective, which every rank of the group must join.
     """
+    where = "gradguard.clip_grad_norm_"
     if nonfinite not in _NONFINITE_MODES:
-        raise ValueError(f"gradguard.clip_grad_norm_: `nonfinite` must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
-    if error_if_nonfinite:
-        nonfinite = "raise"
+        raise ValueError(f"{where}: `nonfinite` must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
+    _check_foreach(foreach, where)
     max_norm = check_max_norm(max_norm)
-    p = check_norm_type(norm_type)
+    p = check_norm_type(norm_type, torch_compat=True)
     # Every rank must pack the same entries: an FSDP1 parameter whose shard is empty on this rank
     # has no .grad here but one elsewhere, so it enters as an empty gradient.
-    params, names = _params_and_names(parameters, keep_gradless=process_group is not None)
+    params, names = _params_and_names(parameters, where, keep_gradless=process_group is not None)
     if process_group is None:
-        refuse_unreduced_fsdp1(params, names, "gradguard.clip_grad_norm_")
+        refuse_unreduced_fsdp1(params, names, where)
     grads = as_tensor_list([grad_or_empty(q) for q in params], what="grads")
     if not grads:
         return torch.tensor(0.0)
-    if any(g.is_complex() or g.layout != torch.strided for g in (q.grad for q in params)):
-        raise TypeError("gradguard.clip_grad_norm_: sparse and complex gradients are not supported for clipping")
-    raw, grads = global_raw_stats(grads, p, process_group=process_group, names=names)
-    stats = finalize(raw, p)
+    if any(g.is_complex() or g.layout != torch.strided for g in (q.grad for q in params if q.grad is not None)):
+        raise TypeError(f"{where}: sparse and complex gradients are not supported for clipping")
+    tot, grads = _total_norm(grads, p, process_group=process_group, names=names)
+    if error_if_nonfinite:
+        _raise_if_total_nonfinite(tot, p, names, where)
     if nonfinite == "raise":
-        if bool(stats.found_inf):
-            msg, bad = nonfinite_message("gradguard.clip_grad_norm_", names, stats.nan_count, stats.inf_count)
-            raise NonFiniteGradError(msg, bad, stats)
-        scale_(grads, clip_coefficient(stats.total_norm, max_norm))
+        if bool(tot.found_inf):
+            msg, bad = nonfinite_message(where, names, tot.raw.nan_count, tot.raw.inf_count)
+            raise NonFiniteGradError(msg, bad, tot.stats)
+        scale_(grads, clip_coefficient(tot.norm, max_norm))
     elif nonfinite == "skip":
-        coef = torch.where(stats.found_inf > 0, 1.0, clip_coefficient(stats.total_norm, max_norm))
+        coef = torch.where(tot.found_inf > 0, 1.0, clip_coefficient(tot.norm, max_norm))
         ok = max_norm_ok(max_norm)
         if ok is not None:  # a negative or NaN device max_norm: leave the grads untouched
             coef = torch.where(ok.to(coef.device), coef, 1.0)
         scale_(grads, coef)
     else:  # "zero": clip by the norm of what is left once the non-finite elements are gone
-        scale_(grads, clip_coefficient(finite_norm(raw, p), max_norm), zero_nonfinite=True)
-    return stats.total_norm
+        finite = finite_norm(tot.raw, p) if p > 0 else _total_norm(
+            [g.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) for g in grads], p)[0].norm
+        scale_(grads, clip_coefficient(finite, max_norm), zero_nonfinite=True)
+    return tot.norm.to(_result_dtype(grads))

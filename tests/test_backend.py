@@ -66,3 +66,71 @@ def test_missing_or_failed_build_record_is_reported(tmp_path, monkeypatch):
 def test_cpu_kernel_is_registered_under_the_cpu_key():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("gradguard::multi_tensor_stats", "CPU")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("gradguard::zero_nonfinite_and_scale_", "CPU")
+
+
+def test_disable_switch_set_to_false_keeps_the_extension():
+    r = run_py("import gradguard, json; print(json.dumps(gradguard.backend()))", GRADGUARD_DISABLE_EXT="false")
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "GRADGUARD_DISABLE_EXT" not in str(b["reason"])
+    built = _extension._read_build_info()
+    if built is not None and not built.get("error") and built.get("torch") == torch.__version__:
+        assert b["extension_loaded"] and b["cpu"] == "extension"
+
+
+def test_unknown_switch_value_fails_the_import_naming_the_variable():
+    r = run_py("import gradguard", GRADGUARD_DISABLE_EXT="nope")
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and "GRADGUARD_DISABLE_EXT='nope'" in r.stderr
+
+
+# In-process from here: _try_load returns before importing gradguard._C when disabled, and a bad
+# value raises before anything is loaded, so this process's kernels are never changed; load()'s
+# record of what was loaded is put back by monkeypatch.
+
+@pytest.mark.parametrize("value", ["0", "no", "off", "", "FALSE", " Off "])
+def test_disable_switch_off_values_do_not_disable(value, monkeypatch):
+    monkeypatch.setenv("GRADGUARD_DISABLE_EXT", value)
+    monkeypatch.setattr(_extension, "_BUILD_INFO_PATH", _extension._BUILD_INFO_PATH.with_name("absent.json"))
+    assert _extension._try_load().startswith("not built")  # got past the switch
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "on", "TRUE", " On "])
+def test_disable_switch_on_values_disable(value, monkeypatch):
+    monkeypatch.setenv("GRADGUARD_DISABLE_EXT", value)
+    assert _extension._try_load() == "disabled by GRADGUARD_DISABLE_EXT"
+
+
+@pytest.mark.parametrize("name", ["GRADGUARD_DISABLE_EXT", "GRADGUARD_REQUIRE_EXT"])
+@pytest.mark.parametrize("value", ["2", "disable", "1.0"])
+def test_unknown_switch_values_are_errors_naming_the_variable(name, value, monkeypatch):
+    monkeypatch.setattr(_extension, "_state", dict(_extension._state))
+    monkeypatch.setenv("GRADGUARD_DISABLE_EXT", "1")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}={value!r}"):
+        _extension.load()
+
+
+@pytest.mark.parametrize("value", ["0", "false", "no", "off", ""])
+def test_require_switch_off_values_do_not_require(value, monkeypatch):
+    monkeypatch.setattr(_extension, "_state", dict(_extension._state))
+    monkeypatch.setenv("GRADGUARD_DISABLE_EXT", "1")
+    monkeypatch.setenv("GRADGUARD_REQUIRE_EXT", value)
+    _extension.load()
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "on"])
+def test_require_switch_on_values_require(value, monkeypatch):
+    monkeypatch.setattr(_extension, "_state", dict(_extension._state))
+    monkeypatch.setenv("GRADGUARD_DISABLE_EXT", "1")
+    monkeypatch.setenv("GRADGUARD_REQUIRE_EXT", value)
+    with pytest.raises(ImportError, match="GRADGUARD_REQUIRE_EXT"):
+        _extension.load()
+
+
+def test_env_switch_rule(monkeypatch):
+    monkeypatch.delenv("GG_TEST_SWITCH", raising=False)
+    assert _extension.env_switch("GG_TEST_SWITCH") is False
+    monkeypatch.setenv("GG_TEST_SWITCH", "enable")
+    with pytest.raises(ValueError, match=r"GG_TEST_SWITCH='enable'.*1/true/yes/on.*0/false/no/off"):
+        _extension.env_switch("GG_TEST_SWITCH")

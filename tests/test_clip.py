@@ -155,8 +155,13 @@ def test_bad_max_norm(max_norm):
 def test_bad_nonfinite_mode_and_norm_type():
     with pytest.raises(ValueError, match="nonfinite"):
         gradguard.clip_grad_norm_(make_params(), 1.0, nonfinite="ignore")
+    for bad in (NAN, "two", None, True, torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="norm_type"):
+            gradguard.clip_grad_norm_(make_params(), 1.0, norm_type=bad)
+    with pytest.raises(ValueError, match="foreach"):
+        gradguard.clip_grad_norm_(make_params(), 1.0, foreach="yes")
     with pytest.raises(ValueError, match="norm_type"):
-        gradguard.clip_grad_norm_(make_params(), 1.0, norm_type=-2)
+        gradguard.grad_stats([torch.ones(3)], norm_type=-2)  # grad_stats keeps p > 0
     with pytest.raises(TypeError, match=r"parameters\[1\] is a str"):
         gradguard.clip_grad_norm_([make_params()[0], "w"], 1.0)
 

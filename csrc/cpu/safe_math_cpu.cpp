@@ -234,6 +234,8 @@ void clamped_math_kernel(const at::Tensor& out, const at::Tensor& input, Math ma
 at::Tensor safe_log_cpu(const at::Tensor& input, double eps, bool straight_through) {
   check_float(input, "safe_log", "input");
   check_param(eps, "safe_log", "eps", true);
+  check_bound_fits(eps, input.scalar_type(), "safe_log", "eps", true);
+  check_on_kernel_device({{&input, "input"}}, "safe_log", at::kCPU);
   at::Tensor out = at::empty_like(input);
   clamped_math_kernel(out, input, Math::Log, eps, true);
   return out;
@@ -242,13 +244,17 @@ at::Tensor safe_log_cpu(const at::Tensor& input, double eps, bool straight_throu
 void safe_log_out_cpu(const at::Tensor& input, double eps, bool straight_through, at::Tensor& out) {
   check_float(input, "safe_log", "input");
   check_param(eps, "safe_log", "eps", true);
-  prepare_out(out, input, input.sizes(), "safe_log");
+  check_bound_fits(eps, input.scalar_type(), "safe_log", "eps", true);
+  const auto device = check_on_kernel_device({{&input, "input"}}, "safe_log", at::kCPU);
+  prepare_out(out, input, input.sizes(), "safe_log", device, {input});
   clamped_math_kernel(out, input, Math::Log, eps, true);
 }
 
 at::Tensor safe_exp_cpu(const at::Tensor& input, double max, bool straight_through) {
   check_float(input, "safe_exp", "input");
   check_param(max, "safe_exp", "max", false);
+  check_bound_fits(max, input.scalar_type(), "safe_exp", "max", false);
+  check_on_kernel_device({{&input, "input"}}, "safe_exp", at::kCPU);
   at::Tensor out = at::empty_like(input);
   clamped_math_kernel(out, input, Math::Exp, max, false);
   return out;
@@ -257,13 +263,17 @@ at::Tensor safe_exp_cpu(const at::Tensor& input, double max, bool straight_throu
 void safe_exp_out_cpu(const at::Tensor& input, double max, bool straight_through, at::Tensor& out) {
   check_float(input, "safe_exp", "input");
   check_param(max, "safe_exp", "max", false);
-  prepare_out(out, input, input.sizes(), "safe_exp");
+  check_bound_fits(max, input.scalar_type(), "safe_exp", "max", false);
+  const auto device = check_on_kernel_device({{&input, "input"}}, "safe_exp", at::kCPU);
+  prepare_out(out, input, input.sizes(), "safe_exp", device, {input});
   clamped_math_kernel(out, input, Math::Exp, max, false);
 }
 
 at::Tensor safe_sqrt_cpu(const at::Tensor& input, double eps) {
   check_float(input, "safe_sqrt", "input");
   check_param(eps, "safe_sqrt", "eps", true);
+  check_bound_fits(eps, input.scalar_type(), "safe_sqrt", "eps", true);
+  check_on_kernel_device({{&input, "input"}}, "safe_sqrt", at::kCPU);
   at::Tensor out = at::empty_like(input);
   clamped_math_kernel(out, input, Math::Sqrt, 0.0, true);
   return out;
@@ -272,7 +282,9 @@ at::Tensor safe_sqrt_cpu(const at::Tensor& input, double eps) {
 void safe_sqrt_out_cpu(const at::Tensor& input, double eps, at::Tensor& out) {
   check_float(input, "safe_sqrt", "input");
   check_param(eps, "safe_sqrt", "eps", true);
-  prepare_out(out, input, input.sizes(), "safe_sqrt");
+  check_bound_fits(eps, input.scalar_type(), "safe_sqrt", "eps", true);
+  const auto device = check_on_kernel_device({{&input, "input"}}, "safe_sqrt", at::kCPU);
+  prepare_out(out, input, input.sizes(), "safe_sqrt", device, {input});
   clamped_math_kernel(out, input, Math::Sqrt, 0.0, true);
 }
 
@@ -281,6 +293,7 @@ void safe_sqrt_out_cpu(const at::Tensor& input, double eps, at::Tensor& out) {
 at::Tensor safe_log_backward_cpu(const at::Tensor& grad, const at::Tensor& input, double eps, bool straight_through) {
   check_float(grad, "safe_log_backward", "grad");
   check_backward_operand(input, grad, "safe_log_backward", "input");
+  check_on_kernel_device({{&grad, "grad"}, {&input, "input"}}, "safe_log_backward", at::kCPU);
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_log_backward_cpu", [&] {
@@ -299,6 +312,7 @@ at::Tensor safe_exp_backward_cpu(const at::Tensor& grad, const at::Tensor& resul
   check_float(grad, "safe_exp_backward", "grad");
   check_backward_operand(result, grad, "safe_exp_backward", "result");
   check_backward_operand(input, grad, "safe_exp_backward", "input");
+  check_on_kernel_device({{&grad, "grad"}, {&result, "result"}, {&input, "input"}}, "safe_exp_backward", at::kCPU);
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig()
                   .add_output(out)
@@ -321,6 +335,7 @@ at::Tensor safe_exp_backward_cpu(const at::Tensor& grad, const at::Tensor& resul
 at::Tensor safe_sqrt_backward_cpu(const at::Tensor& grad, const at::Tensor& input, double eps) {
   check_float(grad, "safe_sqrt_backward", "grad");
   check_backward_operand(input, grad, "safe_sqrt_backward", "input");
+  check_on_kernel_device({{&grad, "grad"}, {&input, "input"}}, "safe_sqrt_backward", at::kCPU);
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_sqrt_bwd_cpu", [&] {
@@ -359,15 +374,18 @@ void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor
 }
 
 at::Tensor safe_div_cpu(const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
-  check_div_args(input, other, eps, "safe_div");
+  check_div_args(input, other, eps, "safe_div", at::kCPU);
+  check_bound_fits(fill, input.scalar_type(), "safe_div", "fill", false);
   at::Tensor out = empty_broadcast(input, other);
   div_kernel(out, input, other, eps, fill);
   return out;
 }
 
 void safe_div_out_cpu(const at::Tensor& input, const at::Tensor& other, double eps, double fill, at::Tensor& out) {
-  check_div_args(input, other, eps, "safe_div");
-  prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div");
+  check_div_args(input, other, eps, "safe_div", at::kCPU);
+  check_bound_fits(fill, input.scalar_type(), "safe_div", "fill", false);
+  prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div", div_device(input, other),
+              {input, other});
   div_kernel(out, input, other, eps, fill);
 }
 
@@ -375,7 +393,8 @@ void safe_div_out_cpu(const at::Tensor& input, const at::Tensor& other, double e
 // shape (sum_to_size), exactly as it does for torch.div.
 std::tuple<at::Tensor, at::Tensor> safe_div_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
                                                          const at::Tensor& other, double eps) {
-  check_div_args(input, other, eps, "safe_div_backward");
+  check_div_args(input, other, eps, "safe_div_backward", at::kCPU);
+  check_device(grad, div_device(input, other), "safe_div_backward", "grad", false);
   check_same_dtype(grad, input, "safe_div_backward", "grad", "input");
   const auto shape = at::infer_size(input.sizes(), other.sizes());
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(shape), "gradguard.safe_div_backward: `grad` has shape ", grad.sizes(),

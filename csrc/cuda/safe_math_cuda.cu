@@ -161,6 +161,8 @@ void clamped_math(const at::Tensor& out, const at::Tensor& input, double bound) 
 at::Tensor safe_log_cuda(const at::Tensor& input, double eps, bool straight_through) {
   check_float(input, "safe_log", "input");
   check_param(eps, "safe_log", "eps", true);
+  check_bound_fits(eps, input.scalar_type(), "safe_log", "eps", true);
+  check_on_kernel_device({{&input, "input"}}, "safe_log", at::kCUDA);
   at::Tensor out = at::empty_like(input);
   clamped_math<Math::Log, true>(out, input, eps);
   return out;
@@ -169,13 +171,17 @@ at::Tensor safe_log_cuda(const at::Tensor& input, double eps, bool straight_thro
 void safe_log_out_cuda(const at::Tensor& input, double eps, bool straight_through, at::Tensor& out) {
   check_float(input, "safe_log", "input");
   check_param(eps, "safe_log", "eps", true);
-  prepare_out(out, input, input.sizes(), "safe_log");
+  check_bound_fits(eps, input.scalar_type(), "safe_log", "eps", true);
+  const auto device = check_on_kernel_device({{&input, "input"}}, "safe_log", at::kCUDA);
+  prepare_out(out, input, input.sizes(), "safe_log", device, {input});
   clamped_math<Math::Log, true>(out, input, eps);
 }
 
 at::Tensor safe_exp_cuda(const at::Tensor& input, double max, bool straight_through) {
   check_float(input, "safe_exp", "input");
   check_param(max, "safe_exp", "max", false);
+  check_bound_fits(max, input.scalar_type(), "safe_exp", "max", false);
+  check_on_kernel_device({{&input, "input"}}, "safe_exp", at::kCUDA);
   at::Tensor out = at::empty_like(input);
   clamped_math<Math::Exp, false>(out, input, max);
   return out;
@@ -184,7 +190,9 @@ at::Tensor safe_exp_cuda(const at::Tensor& input, double max, bool straight_thro
 void safe_exp_out_cuda(const at::Tensor& input, double max, bool straight_through, at::Tensor& out) {
   check_float(input, "safe_exp", "input");
   check_param(max, "safe_exp", "max", false);
-  prepare_out(out, input, input.sizes(), "safe_exp");
+  check_bound_fits(max, input.scalar_type(), "safe_exp", "max", false);
+  const auto device = check_on_kernel_device({{&input, "input"}}, "safe_exp", at::kCUDA);
+  prepare_out(out, input, input.sizes(), "safe_exp", device, {input});
   clamped_math<Math::Exp, false>(out, input, max);
 }
 
@@ -192,6 +200,8 @@ void safe_exp_out_cuda(const at::Tensor& input, double max, bool straight_throug
 at::Tensor safe_sqrt_cuda(const at::Tensor& input, double eps) {
   check_float(input, "safe_sqrt", "input");
   check_param(eps, "safe_sqrt", "eps", true);
+  check_bound_fits(eps, input.scalar_type(), "safe_sqrt", "eps", true);
+  check_on_kernel_device({{&input, "input"}}, "safe_sqrt", at::kCUDA);
   at::Tensor out = at::empty_like(input);
   clamped_math<Math::Sqrt, true>(out, input, 0.0);
   return out;
@@ -200,7 +210,9 @@ at::Tensor safe_sqrt_cuda(const at::Tensor& input, double eps) {
 void safe_sqrt_out_cuda(const at::Tensor& input, double eps, at::Tensor& out) {
   check_float(input, "safe_sqrt", "input");
   check_param(eps, "safe_sqrt", "eps", true);
-  prepare_out(out, input, input.sizes(), "safe_sqrt");
+  check_bound_fits(eps, input.scalar_type(), "safe_sqrt", "eps", true);
+  const auto device = check_on_kernel_device({{&input, "input"}}, "safe_sqrt", at::kCUDA);
+  prepare_out(out, input, input.sizes(), "safe_sqrt", device, {input});
   clamped_math<Math::Sqrt, true>(out, input, 0.0);
 }
 
@@ -209,6 +221,7 @@ void safe_sqrt_out_cuda(const at::Tensor& input, double eps, at::Tensor& out) {
 at::Tensor safe_log_backward_cuda(const at::Tensor& grad, const at::Tensor& input, double eps, bool straight_through) {
   check_float(grad, "safe_log_backward", "grad");
   check_backward_operand(input, grad, "safe_log_backward", "input");
+  check_on_kernel_device({{&grad, "grad"}, {&input, "input"}}, "safe_log_backward", at::kCUDA);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
@@ -223,6 +236,7 @@ at::Tensor safe_exp_backward_cuda(const at::Tensor& grad, const at::Tensor& resu
   check_float(grad, "safe_exp_backward", "grad");
   check_backward_operand(result, grad, "safe_exp_backward", "result");
   check_backward_operand(input, grad, "safe_exp_backward", "input");
+  check_on_kernel_device({{&grad, "grad"}, {&result, "result"}, {&input, "input"}}, "safe_exp_backward", at::kCUDA);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig()
@@ -240,6 +254,7 @@ at::Tensor safe_exp_backward_cuda(const at::Tensor& grad, const at::Tensor& resu
 at::Tensor safe_sqrt_backward_cuda(const at::Tensor& grad, const at::Tensor& input, double eps) {
   check_float(grad, "safe_sqrt_backward", "grad");
   check_backward_operand(input, grad, "safe_sqrt_backward", "input");
+  check_on_kernel_device({{&grad, "grad"}, {&input, "input"}}, "safe_sqrt_backward", at::kCUDA);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
@@ -251,16 +266,33 @@ at::Tensor safe_sqrt_backward_cuda(const at::Tensor& grad, const at::Tensor& inp
 
 // ---- div -------------------------------------------------------------------------------------
 
+// A 0-dim CPU operand (torch.div accepts one, and autograd saves it as it came) is read on the host
+// and passed to the kernel as a value (gpu_kernel_with_scalars), as torch's binary ops do: no
+// host-to-device copy, and the guard is on the result's device, never the CPU operand's.
 void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(input).add_const_input(other).build();
+  const c10::cuda::CUDAGuard guard(out.device());
+  auto iter = at::TensorIteratorConfig()
+                  .allow_cpu_scalars(true)
+                  .add_output(out)
+                  .add_const_input(input)
+                  .add_const_input(other)
+                  .build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gradguard_safe_div_cuda", [&] {
-    at::native::gpu_kernel(iter, Div<scalar_t>{static_cast<scalar_t>(eps), static_cast<scalar_t>(fill)});
+    at::native::gpu_kernel_with_scalars(iter, Div<scalar_t>{static_cast<scalar_t>(eps), static_cast<scalar_t>(fill)});
   });
 }
 
+// The backward's multi-output kernel takes device tensors only: a 0-dim CPU operand becomes a
+// 0-dim device tensor filled with its value (a fill kernel with the value as its argument, no
+// host-to-device copy and no sync; reading a CPU tensor is not a device sync either).
+at::Tensor on_device(const at::Tensor& t, c10::Device device) {
+  if (t.device() == device) return t;
+  return at::scalar_tensor(t.item(), t.options().device(device));
+}
+
 at::Tensor safe_div_cuda(const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
-  check_div_args(input, other, eps, "safe_div");
+  check_div_args(input, other, eps, "safe_div", at::kCUDA);
+  check_bound_fits(fill, input.scalar_type(), "safe_div", "fill", false);
   at::Tensor out = empty_broadcast(input, other);
   div_kernel(out, input, other, eps, fill);
   return out;
@@ -268,8 +300,10 @@ at::Tensor safe_div_cuda(const at::Tensor& input, const at::Tensor& other, doubl
 
 void safe_div_out_cuda(const at::Tensor& input, const at::Tensor& other, double eps, double fill,
                               at::Tensor& out) {
-  check_div_args(input, other, eps, "safe_div");
-  prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div");
+  check_div_args(input, other, eps, "safe_div", at::kCUDA);
+  check_bound_fits(fill, input.scalar_type(), "safe_div", "fill", false);
+  prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div", div_device(input, other),
+              {input, other});
   div_kernel(out, input, other, eps, fill);
 }
 
@@ -277,20 +311,23 @@ void safe_div_out_cuda(const at::Tensor& input, const at::Tensor& other, double 
 // shape (sum_to_size), as it does for torch.div.
 std::tuple<at::Tensor, at::Tensor> safe_div_backward_cuda(const at::Tensor& grad, const at::Tensor& input,
                                                           const at::Tensor& other, double eps) {
-  check_div_args(input, other, eps, "safe_div_backward");
+  check_div_args(input, other, eps, "safe_div_backward", at::kCUDA);
+  check_device(grad, div_device(input, other), "safe_div_backward", "grad", false);
   check_same_dtype(grad, input, "safe_div_backward", "grad", "input");
   const auto shape = at::infer_size(input.sizes(), other.sizes());
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(shape), "gradguard.safe_div_backward: `grad` has shape ", grad.sizes(),
               " but input and other broadcast to ", at::IntArrayRef(shape));
-  const c10::cuda::CUDAGuard guard(input.device());
+  const auto device = div_device(input, other);
+  const c10::cuda::CUDAGuard guard(device);
   at::Tensor grad_input = empty_broadcast(input, other);
   at::Tensor grad_other = empty_broadcast(input, other);
+  const at::Tensor input_d = on_device(input, device), other_d = on_device(other, device);
   auto iter = at::TensorIteratorConfig()
                   .add_output(grad_input)
                   .add_output(grad_other)
                   .add_const_input(grad)
-                  .add_const_input(input)
-                  .add_const_input(other)
+                  .add_const_input(input_d)
+                  .add_const_input(other_d)
                   .build();
   safe_div_backward_kernel(iter, eps);
   return {grad_input, grad_other};

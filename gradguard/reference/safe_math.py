@@ -6,24 +6,76 @@ kernel is registered. The backward functions are also what autograd uses when a 
 derivative is needed: every op here is differentiable.
 
 A bound (eps, max, fill) is a Python float that torch rounds to the tensor's dtype, exactly as
-``torch.clamp(x, min=eps)`` does. Forward results are allocated as the fake kernels promise
+``torch.clamp(x, min=eps)`` does; one the dtype cannot hold is refused (check_bound_fits), and
+operands on other devices too (check_devices), as the compiled kernels refuse them. Forward results are allocated as the fake kernels promise
 (``torch.empty_like(input)``, or ``empty_broadcast``) and written with ``out=``.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
 
-def resize_out(out: torch.Tensor, shape, op: str) -> None:
-    """torch's out= convention: a wrong-shaped `out` is resized (with a warning if it held data)."""
+def resize_out(out: torch.Tensor, shape, op: str, operands=()) -> None:
+    """torch's out= convention: a wrong-shaped `out` is resized (with a warning if it held data),
+    except when `out` is also an operand: resizing it would rewrite the operand before it is read
+    (``safe_div(a(2,3), b(3), out=b)``), and torch.div refuses that too."""
     if out.shape != torch.Size(shape):
+        for t in operands:
+            if _aliases(out, t):
+                raise RuntimeError(f"gradguard.{op}: `out` with shape {list(out.shape)} is also an operand and "
+                                   f"doesn't match the broadcast shape {list(shape)} (it would be resized before "
+                                   "it is read); pass an `out` of the broadcast shape")
         if out.numel() != 0:
             warnings.warn(f"gradguard.{op}: an output with one or more elements was resized since it had shape "
                           f"{list(out.shape)}, which does not match the required output shape {list(shape)}. "
                           "Pass an output of the right shape, or of 0 elements.", UserWarning, stacklevel=4)
         out.resize_(shape)
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or a.device.type == "meta":
+        return a is b
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.untyped_storage().nbytes() > 0
+
+
+def div_device(input: torch.Tensor, other: torch.Tensor) -> torch.device:
+    """The device safe_div computes on: torch's rule, where a 0-dim CPU operand does not decide."""
+    if input.dim() == 0 and input.device.type == "cpu":
+        return other.device
+    return input.device
+
+
+def check_devices(op: str, device: torch.device, scalar_ok=(), **tensors: torch.Tensor) -> None:
+    """Every tensor on `device` (torch.div's rule; the names in `scalar_ok` may also be 0-dim CPU
+    tensors). Checked by every kernel of the op, so a meta or other-device operand is refused
+    instead of being read as memory of this device."""
+    for name, t in tensors.items():
+        if t.device == device or (name in scalar_ok and t.dim() == 0 and t.device.type == "cpu"):
+            continue
+        raise RuntimeError(f"gradguard.{op}: expected all tensors to be on the same device, but `{name}` is on "
+                           f"{t.device} and the result on {device} (only a 0-dim CPU tensor operand may differ, "
+                           "as in torch.div)")
+
+
+def check_bound_fits(v: float, dtype: torch.dtype, op: str, arg: str, keep_nonzero: bool) -> None:
+    """A bound the tensor's dtype cannot hold is refused rather than rounded into something else in
+    kind: a finite one beyond the dtype's largest finite value (eps=1e300 on float32, fill=1e10 on
+    float16), or, with `keep_nonzero`, a positive one below its smallest positive value (eps=1e-8
+    on float16, where log would give -inf). Strict limits, the same as csrc/safe_math_args.h's."""
+    if v != v or v in (math.inf, -math.inf):
+        return
+    fi = torch.finfo(dtype)
+    a = abs(v)
+    if a > fi.max:
+        raise ValueError(f"gradguard.{op}: `{arg}`={v!r} overflows to {'inf' if v > 0 else '-inf'} in {dtype} "
+                         f"(largest finite value {fi.max!r}); pass a value the input's dtype can hold")
+    smallest = fi.tiny * fi.eps
+    if keep_nonzero and 0.0 < a < smallest:
+        raise ValueError(f"gradguard.{op}: `{arg}`={v!r} rounds to 0 in {dtype} (smallest positive value "
+                         f"{smallest!r}); pass at least that, or 0 to mean no bound")
 
 
 def _check_out_dtype(out: torch.Tensor, dtype: torch.dtype, op: str) -> None:
@@ -33,26 +85,37 @@ def _check_out_dtype(out: torch.Tensor, dtype: torch.dtype, op: str) -> None:
 
 
 def empty_broadcast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """safe_div's result: laid out like whichever operand already has the broadcast shape."""
+    """safe_div's result: laid out like whichever operand already has the broadcast shape and is
+    on the result's device."""
     shape = torch.broadcast_shapes(a.shape, b.shape)
-    if a.shape == shape:
+    device = div_device(a, b)
+    if a.shape == shape and a.device == device:
         return torch.empty_like(a)
-    if b.shape == shape:
+    if b.shape == shape and b.device == device:
         return torch.empty_like(b)
-    return a.new_empty(shape)
+    return a.new_empty(shape, device=device)
+
+
+def _check_unary(op: str, input: torch.Tensor, arg: str, bound: float, keep_nonzero: bool, out=None) -> None:
+    check_bound_fits(bound, input.dtype, op, arg, keep_nonzero)
+    if out is not None:
+        check_devices(op, input.device, out=out)
 
 
 def safe_log(input: torch.Tensor, eps: float, straight_through: bool) -> torch.Tensor:
+    _check_unary("safe_log", input, "eps", eps, True)
     return torch.log(torch.clamp(input, min=eps), out=torch.empty_like(input))
 
 
 def safe_log_out(input: torch.Tensor, eps: float, straight_through: bool, *, out: torch.Tensor) -> None:
+    _check_unary("safe_log", input, "eps", eps, True, out)
     _check_out_dtype(out, input.dtype, "safe_log")
-    resize_out(out, input.shape, "safe_log")
+    resize_out(out, input.shape, "safe_log", (input,))
     torch.log(torch.clamp(input, min=eps), out=out)
 
 
 def safe_log_backward(grad: torch.Tensor, input: torch.Tensor, eps: float, straight_through: bool) -> torch.Tensor:
+    check_devices("safe_log_backward", grad.device, input=input)
     # torch's log backward (grad / x) applied to the clamped x, then clamp's backward (pass where
     # input >= eps, including the boundary) unless the gradient goes straight through.
     c = torch.clamp(input, min=eps)
@@ -65,32 +128,38 @@ def safe_log_backward(grad: torch.Tensor, input: torch.Tensor, eps: float, strai
 
 
 def safe_exp(input: torch.Tensor, max: float, straight_through: bool) -> torch.Tensor:
+    _check_unary("safe_exp", input, "max", max, False)
     return torch.exp(torch.clamp(input, max=max), out=torch.empty_like(input))
 
 
 def safe_exp_out(input: torch.Tensor, max: float, straight_through: bool, *, out: torch.Tensor) -> None:
+    _check_unary("safe_exp", input, "max", max, False, out)
     _check_out_dtype(out, input.dtype, "safe_exp")
-    resize_out(out, input.shape, "safe_exp")
+    resize_out(out, input.shape, "safe_exp", (input,))
     torch.exp(torch.clamp(input, max=max), out=out)
 
 
 def safe_exp_backward(grad: torch.Tensor, result: torch.Tensor, input: torch.Tensor, max: float,
                       straight_through: bool) -> torch.Tensor:
+    check_devices("safe_exp_backward", grad.device, result=result, input=input)
     g = grad * result
     return g if straight_through else torch.where(input <= max, g, 0.0)
 
 
 def safe_sqrt(input: torch.Tensor, eps: float) -> torch.Tensor:
+    _check_unary("safe_sqrt", input, "eps", eps, True)
     return torch.sqrt(torch.clamp(input, min=0.0), out=torch.empty_like(input))
 
 
 def safe_sqrt_out(input: torch.Tensor, eps: float, *, out: torch.Tensor) -> None:
+    _check_unary("safe_sqrt", input, "eps", eps, True, out)
     _check_out_dtype(out, input.dtype, "safe_sqrt")
-    resize_out(out, input.shape, "safe_sqrt")
+    resize_out(out, input.shape, "safe_sqrt", (input,))
     torch.sqrt(torch.clamp(input, min=0.0), out=out)
 
 
 def safe_sqrt_backward(grad: torch.Tensor, input: torch.Tensor, eps: float) -> torch.Tensor:
+    check_devices("safe_sqrt_backward", grad.device, input=input)
     # torch's sqrt backward (grad / (2 sqrt(x))) where x > eps; zero at and below eps, where it
     # would be inf (x = 0) or huge. Above eps the clamp is the identity, so sqrt of the masked
     # input has the forward's values, and a second derivative never sees sqrt'(0).
@@ -99,21 +168,33 @@ def safe_sqrt_backward(grad: torch.Tensor, input: torch.Tensor, eps: float) -> t
     return torch.where(keep, grad / (2 * root), 0.0)
 
 
+def check_div_args(op: str, input: torch.Tensor, other: torch.Tensor, eps: float, fill: float | None = None) -> None:
+    check_devices(op, div_device(input, other), ("input", "other"), input=input, other=other)
+    check_bound_fits(eps, input.dtype, op, "eps", True)
+    if fill is not None:
+        check_bound_fits(fill, input.dtype, op, "fill", False)
+
+
 def _div_guard(other: torch.Tensor, eps: float) -> torch.Tensor:
     return other.abs() <= eps
 
 
 def safe_div(input: torch.Tensor, other: torch.Tensor, eps: float, fill: float) -> torch.Tensor:
+    check_div_args("safe_div", input, other, eps, fill)
     # A NaN numerator is never replaced by `fill`: the guard only hides a division by ~0.
     guard = _div_guard(other, eps) & ~torch.isnan(input)
-    fill_t = torch.tensor(fill, dtype=input.dtype, device=input.device)
-    return torch.where(guard, fill_t, input / other, out=empty_broadcast(input, other))
+    result = empty_broadcast(input, other)
+    # A fill on the result's device: no host-to-device copy of the value.
+    fill_t = torch.full((), fill, dtype=input.dtype, device=result.device)
+    return torch.where(guard, fill_t, input / other, out=result)
 
 
 def safe_div_out(input: torch.Tensor, other: torch.Tensor, eps: float, fill: float, *,
                  out: torch.Tensor) -> None:
+    check_div_args("safe_div", input, other, eps, fill)
+    check_devices("safe_div", div_device(input, other), out=out)
     _check_out_dtype(out, input.dtype, "safe_div")
-    resize_out(out, torch.broadcast_shapes(input.shape, other.shape), "safe_div")
+    resize_out(out, torch.broadcast_shapes(input.shape, other.shape), "safe_div", (input, other))
     out.copy_(safe_div(input, other, eps, fill))
 
 
@@ -121,6 +202,8 @@ def safe_div_backward(grad: torch.Tensor, input: torch.Tensor, other: torch.Tens
     """Both gradients at the broadcast shape (the caller reduces them to each operand's shape):
     torch.div's formulas, zero where |other| <= eps. Guarded divisors are replaced by 1 before
     dividing, so a second derivative has no 0 * inf either."""
+    check_div_args("safe_div_backward", input, other, eps)
+    check_devices("safe_div_backward", div_device(input, other), grad=grad)
     guard = _div_guard(other, eps)
     b = torch.where(guard, 1.0, other)
     grad_input = torch.where(guard, 0.0, grad / b)
