@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import gradguard
-from conftest import FLOAT_DTYPES, stats_paths
+from conftest import DEVICES, FLOAT_DTYPES, stats_paths
 from gradguard import reference
 from gradguard.optim import GradGuard
 from gradguard.spike import ZScoreClip
@@ -36,31 +36,34 @@ def _true_norm(values, p):
                                           (torch.float32, 8e37), (torch.float32, 1e-44),
                                           (torch.bfloat16, 8e37), (torch.float16, 6e4)])
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, INF])
-def test_finite_norm_of_large_and_tiny_values(dtype, value, p):
+@pytest.mark.parametrize("device", DEVICES)
+def test_finite_norm_of_large_and_tiny_values(dtype, value, p, device):
     """4 elements of `value`: the norm is representable in the result dtype, so it is returned
     exactly, and the step is not flagged."""
-    t = torch.full((4,), value, dtype=dtype)
+    t = torch.full((4,), value, dtype=dtype, device=device)
     v = float(t[0])
     expected = v * 4 ** (1.0 / p) if not math.isinf(p) else v
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     s = gradguard.grad_stats([t], norm_type=p)
     assert s.found_inf.item() == 0.0
-    torch.testing.assert_close(s.total_norm, torch.tensor(expected, dtype=out_dtype), rtol=1e-12, atol=0)
-    torch.testing.assert_close(s.norms, torch.tensor([expected], dtype=out_dtype), rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.total_norm.cpu(), torch.tensor(expected, dtype=out_dtype), rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.norms.cpu(), torch.tensor([expected], dtype=out_dtype), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_large_p_on_small_values(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_p_on_small_values(dtype, device):
     """norm_type=1e6 on [3, -4] is 4 (4^1e6 overflows float64; the scaled sum does not)."""
-    s = gradguard.grad_stats([torch.tensor([3.0, -4.0], dtype=dtype)], norm_type=1e6)
+    s = gradguard.grad_stats([torch.tensor([3.0, -4.0], dtype=dtype, device=device)], norm_type=1e6)
     assert s.found_inf.item() == 0.0
     assert s.total_norm.item() == pytest.approx(4.0, rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype, value", [(torch.float32, 3e38), (torch.bfloat16, 3e38), (torch.float64, 1e308)])
-def test_unrepresentable_norm_is_flagged(dtype, value):
+@pytest.mark.parametrize("device", DEVICES)
+def test_unrepresentable_norm_is_flagged(dtype, value, device):
     """4 x 3e38 has norm 6e38, above float32's max: inf with found_inf = 1 (never inf with 0)."""
-    s = gradguard.grad_stats([torch.full((4,), value, dtype=dtype)])
+    s = gradguard.grad_stats([torch.full((4,), value, dtype=dtype, device=device)])
     assert s.nan_count.item() == 0 and s.inf_count.item() == 0
     assert math.isinf(s.total_norm.item())
     assert s.found_inf.item() == 1.0

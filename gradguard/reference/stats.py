@@ -11,8 +11,10 @@ import math
 
 import torch
 
-# 64K float64 = 512 KB: the buffer stays in the core's cache across the few ops per piece.
-CHUNK = 1 << 16
+# 32K float64 = 256 KB: the buffer stays in the core's cache across the few ops per piece, and
+# torch runs an op this small inline (its parallel grain is 32K), without waking other threads
+# (on a loaded machine a parallel region on a small piece costs milliseconds of waiting).
+CHUNK = 1 << 15
 # A piece takes the quick path (one dot or sum, one aminmax) when amax^p stays at least this far
 # above the float64 underflow range; the terms that underflow then weigh < 2^-90 of the sum.
 _MIN_LOG2_AMAX_P = -960.0
@@ -71,6 +73,66 @@ def _exact_piece(x: torch.Tensor, p: float):
     return acc, m, nan, inf
 
 
+def _cpu_pieces(pieces, buf: torch.Tensor, p: float):
+    """Per piece (acc normalized by amax, amax, NaN count, Inf count) as Python numbers: on the
+    CPU, reading a result is free. Quick path: one cast into the buffer, one aminmax (NaN for any
+    NaN, inf for any inf), one norm or sum; a piece where that is not exact is redone exactly."""
+    acc, amax, nan, inf = [], [], [], []
+    lo, hi = buf.new_empty(()), buf.new_empty(())
+    for piece in pieces:
+        x = buf[:piece.numel()].view(piece.shape)
+        x.copy_(piece)
+        torch.aminmax(x, out=(lo, hi))
+        m = max(-lo.item(), hi.item())
+        lm = p * math.log2(m) if 0.0 < m < math.inf else 0.0
+        if math.isfinite(m) and _MIN_LOG2_AMAX_P <= lm <= 1000.0:
+            if m == 0.0:
+                a = 0.0
+            elif math.isinf(p):
+                a = 1.0
+            elif p == 2.0:
+                a = (torch.linalg.vector_norm(x).item() / m) ** 2
+            elif p == 1.0:
+                a = x.abs_().sum().item() / m
+            else:
+                a = x.abs_().div_(m).pow_(p).sum().item()
+            acc.append(a)
+            amax.append(m)
+            nan.append(0)
+            inf.append(0)
+        else:  # a NaN/Inf element, or x^p outside float64's range: scale by amax first
+            r = _exact_piece(x.reshape(-1), p)
+            acc.append(r[0].item())
+            amax.append(r[1].item())
+            nan.append(int(r[2]))
+            inf.append(int(r[3]))
+    return acc, amax, nan, inf
+
+
+_pool = None
+
+
+def _cpu_pieces_parallel(pieces, size: int, p: float):
+    """_cpu_pieces over contiguous groups of pieces, one group (and one buffer) per intra-op
+    thread: each op on a piece is too small for torch to parallelize, and torch releases the GIL
+    while it runs, so Python threads use the cores. Results come back in piece order."""
+    global _pool
+    workers = max(1, min(torch.get_num_threads(), len(pieces) // 8))
+    if workers == 1:
+        return _cpu_pieces(pieces, torch.empty(size, dtype=torch.float64), p)
+    if _pool is None or _pool._max_workers < workers:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gradguard-ref")
+    cuts = [len(pieces) * k // workers for k in range(workers + 1)]
+    futures = [_pool.submit(_cpu_pieces, pieces[cuts[k]:cuts[k + 1]], torch.empty(size, dtype=torch.float64), p)
+               for k in range(workers)]
+    out = ([], [], [], [])
+    for f in futures:
+        for lst, part in zip(out, f.result()):
+            lst.extend(part)
+    return out
+
+
 def multi_tensor_stats(tensors: list[torch.Tensor], norm_type: float):
     """Per tensor: acc = sum over finite elements of (|x| / amax)^p (0 when amax is 0; for
     p = inf, 1 when amax > 0), NaN count, Inf count, and amax, the largest finite |x|. Returns
@@ -99,49 +161,26 @@ def multi_tensor_stats(tensors: list[torch.Tensor], norm_type: float):
             pieces.append(piece)
             owner.append(i)
     f64 = dict(dtype=torch.float64, device=device)
-    k = len(pieces)
-    acc = torch.zeros(k, **f64)
-    amax = torch.zeros(k, **f64)
-    nan = torch.zeros(k, dtype=torch.int64, device=device)
-    inf = torch.zeros(k, dtype=torch.int64, device=device)
-    buf = torch.empty(min(CHUNK, max((q.numel() for q in pieces), default=0)), **f64)
-    # On the CPU the quick path's validity is read on the host for free; elsewhere that read
-    # would be a sync, so every piece takes the exact path there.
-    quick = device.type == "cpu"
-    redo = []
-    lo, hi = torch.empty((), **f64), torch.empty((), **f64)
-    for j, piece in enumerate(pieces):
-        x = buf[:piece.numel()].view(piece.shape)
-        x.copy_(piece)
-        if quick:
-            torch.aminmax(x, out=(lo, hi))
-            m = max(-lo.item(), hi.item())  # NaN for any NaN, inf for any inf
-            if not math.isfinite(m):
-                redo.append(j)
-                continue
-            if m == 0.0:
-                continue
-            if math.isinf(p):
-                acc[j], amax[j] = 1.0, m
-                continue
-            if p * math.log2(m) < _MIN_LOG2_AMAX_P or p * math.log2(m) > 1000.0:
-                redo.append(j)  # x^p leaves float64's range: scale by m first
-                continue
-            if p == 2.0:
-                s = torch.dot(x.view(-1), x.view(-1)).item() if x.is_contiguous() else (x * x).sum().item()
-                acc[j] = s / (m * m)
-            elif p == 1.0:
-                acc[j] = x.abs_().sum().item() / m
-            else:
-                acc[j] = x.abs_().div_(m).pow_(p).sum()
-            amax[j] = m
+    size = min(CHUNK, max((q.numel() for q in pieces), default=0))
+    if device.type == "cpu":
+        acc, amax, nan, inf = _cpu_pieces_parallel(pieces, size, p)
+        acc, amax = torch.tensor(acc, **f64), torch.tensor(amax, **f64)
+        nan = torch.tensor(nan, dtype=torch.int64, device=device)
+        inf = torch.tensor(inf, dtype=torch.int64, device=device)
+    else:
+        # Reading anything back here would be a host sync: every piece takes the exact path,
+        # and the results stay on the device.
+        buf = torch.empty(size, **f64)
+        res = []
+        for piece in pieces:
+            x = buf[:piece.numel()].view(piece.shape)
+            x.copy_(piece)
+            res.append(_exact_piece(x.reshape(-1), p))
+        if res:
+            acc, amax, nan, inf = (torch.stack([r[i] for r in res]) for i in range(4))
         else:
-            acc[j], amax[j], nan[j], inf[j] = _exact_piece(x.reshape(-1), p)
-    for j in redo:
-        piece = pieces[j]
-        x = buf[:piece.numel()].view(piece.shape)
-        x.copy_(piece)
-        acc[j], amax[j], nan[j], inf[j] = _exact_piece(x.reshape(-1), p)
+            acc = amax = torch.zeros(0, **f64)
+            nan = inf = torch.zeros(0, dtype=torch.int64, device=device)
     index = torch.tensor(owner, dtype=torch.int64, device=device)
     out_acc, out_max = merge_scaled(acc, amax, index, n, p)
     nan_count = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, index, nan)
