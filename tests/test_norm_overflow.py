@@ -192,7 +192,7 @@ def test_reference_peak_memory_is_bounded():
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "acc, nan, inf, amax = reference.multi_tensor_stats([t], 2.0)\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "assert nan.item() == 1 and amax.item() == 1.0 and acc.item() == 128 * 2**20 - 1, (acc, nan, amax)\n"
+        "assert nan.item() == 1 and amax.item() == 1.0 and abs(acc.item() - (128 * 2**20 - 1)) < 1e-3, (acc, nan, amax)\n"
         "print((after - before) // 1024)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
