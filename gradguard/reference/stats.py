@@ -76,14 +76,18 @@ def _exact_piece(x: torch.Tensor, p: float):
 def _cpu_pieces(pieces, buf: torch.Tensor, p: float):
     """Per piece (acc normalized by amax, amax, NaN count, Inf count) as Python numbers: on the
     CPU, reading a result is free. Quick path: one cast into the buffer, one aminmax (NaN for any
-    NaN, inf for any inf), one norm or sum; a piece where that is not exact is redone exactly."""
+    NaN, inf for any inf), one norm or sum; a piece where that is not exact is redone exactly.
+    Results land in a small CPU tensor read through a numpy view of the same memory: reading CPU
+    memory is not a device sync, and no Tensor-to-Python conversion runs per piece."""
     acc, amax, nan, inf = [], [], [], []
-    lo, hi = buf.new_empty(()), buf.new_empty(())
+    slots = buf.new_zeros(6)
+    view = slots.numpy()
+    lo, hi, res = slots[0], slots[1], slots[2]
     for piece in pieces:
         x = buf[:piece.numel()].view(piece.shape)
         x.copy_(piece)
         torch.aminmax(x, out=(lo, hi))
-        m = max(-lo.item(), hi.item())
+        m = max(-float(view[0]), float(view[1]))
         lm = p * math.log2(m) if 0.0 < m < math.inf else 0.0
         if math.isfinite(m) and _MIN_LOG2_AMAX_P <= lm <= 1000.0:
             if m == 0.0:
@@ -91,21 +95,25 @@ def _cpu_pieces(pieces, buf: torch.Tensor, p: float):
             elif math.isinf(p):
                 a = 1.0
             elif p == 2.0:
-                a = (torch.linalg.vector_norm(x).item() / m) ** 2
+                torch.linalg.vector_norm(x, out=res)
+                a = (float(view[2]) / m) ** 2
             elif p == 1.0:
-                a = x.abs_().sum().item() / m
+                res.copy_(x.abs_().sum())
+                a = float(view[2]) / m
             else:
-                a = x.abs_().div_(m).pow_(p).sum().item()
+                res.copy_(x.abs_().div_(m).pow_(p).sum())
+                a = float(view[2])
             acc.append(a)
             amax.append(m)
             nan.append(0)
             inf.append(0)
         else:  # a NaN/Inf element, or x^p outside float64's range: scale by amax first
             r = _exact_piece(x.reshape(-1), p)
-            acc.append(r[0].item())
-            amax.append(r[1].item())
-            nan.append(int(r[2]))
-            inf.append(int(r[3]))
+            torch.stack([r[0], r[1], r[2].double(), r[3].double()], out=slots[2:6])
+            acc.append(float(view[2]))
+            amax.append(float(view[3]))
+            nan.append(int(view[4]))
+            inf.append(int(view[5]))
     return acc, amax, nan, inf
 
 
