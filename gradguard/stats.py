@@ -37,8 +37,8 @@ class GradStats(NamedTuple):
 
 
 class _Raw(NamedTuple):
-    # Per tensor, in input order, on the output device: float64 sum of |x|^p over finite elements
-    # (max for p = inf), int64 NaN and Inf counts, float64 finite amax.
+    # Per tensor, in input order, on the output device: what multi_tensor_stats returns (float64
+    # sum of (|x| / amax)^p over finite elements, int64 NaN and Inf counts, float64 finite amax).
     acc: torch.Tensor
     nan_count: torch.Tensor
     inf_count: torch.Tensor
@@ -170,26 +170,70 @@ def _mark_nonfinite(value: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor) -
     return torch.where(nan > 0, math.nan, value)
 
 
+def _norms64(acc: torch.Tensor, amax: torch.Tensor, p: float) -> torch.Tensor:
+    # acc is normalized by amax (see the op's schema in gradguard._ops): norm = amax * acc^(1/p),
+    # a float64 product that overflows only when the norm itself is above float64's range.
+    return amax * _root(acc, p)
+
+
+def _total64(acc: torch.Tensor, amax: torch.Tensor, p: float) -> torch.Tensor:
+    """The float64 p-norm of all finite elements together, from per-tensor (acc, amax)."""
+    if acc.numel() == 0:
+        return acc.new_zeros(())
+    m = amax.max()
+    if math.isinf(p):
+        return m
+    w = amax / torch.where(m > 0, m, 1.0)
+    return m * _root((acc * (w if p == 1.0 else w.pow(p))).sum(), p)
+
+
+def merge_shard_stats(acc: torch.Tensor, nan_count: torch.Tensor, inf_count: torch.Tensor, amax: torch.Tensor,
+                      norm_type: float):
+    """Merges the raw ``multi_tensor_stats`` results of K shards of the same n tensors (each
+    argument of shape [K, n], e.g. gathered from K ranks) into the results of the whole tensors
+    (shape [n]): counts add, amax is the max, and each shard's normalized sum is rescaled to the
+    merged amax (a factor <= 1, so nothing overflows). Device ops only, no host sync."""
+    p = check_norm_type(norm_type)
+    for name, t in (("acc", acc), ("nan_count", nan_count), ("inf_count", inf_count), ("amax", amax)):
+        if t.dim() != 2 or t.shape != acc.shape:
+            raise ValueError(f"gradguard.merge_shard_stats: `{name}` must have shape [K, n] like `acc` "
+                             f"{tuple(acc.shape)}, got {tuple(t.shape)}")
+    m = amax.max(dim=0).values if amax.shape[0] else amax.new_zeros(amax.shape[1:])
+    if math.isinf(p):
+        merged = (m > 0).to(torch.float64)
+    else:
+        w = amax / torch.where(m > 0, m, 1.0)
+        merged = (acc * (w if p == 1.0 else w.pow(p))).sum(dim=0)
+    return merged, nan_count.sum(dim=0), inf_count.sum(dim=0), m
+
+
+def _overflows(value64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """True where a norm of finite elements has no finite value in `dtype`."""
+    return torch.isinf(value64.to(dtype))
+
+
 def finite_norm(raw: _Raw, p: float) -> torch.Tensor:
-    """The total p-norm of the finite elements only: what is left once NaN/Inf are zeroed."""
-    return _root(raw.acc.max() if math.isinf(p) else raw.acc.sum(), p).to(raw.out_dtype)
+    """The total p-norm of the finite elements only: what is left once NaN/Inf are zeroed.
+    float64 (not the grads' dtype), so that a norm above the grads' range still gives the right,
+    representable clip factor."""
+    return _total64(raw.acc, raw.amax, p)
 
 
 def finalize(raw: _Raw, p: float) -> GradStats:
-    norms = _mark_nonfinite(_root(raw.acc, p), raw.nan_count, raw.inf_count)
-    if math.isinf(p):
-        tot = raw.acc.max() if raw.acc.numel() else raw.acc.new_zeros(())
-    else:
-        tot = _root(raw.acc.sum(), p)
+    """Norms in the result dtype. A norm of finite elements that this dtype cannot hold is inf
+    and sets found_inf, exactly like a NaN/Inf element: a caller must never clip by it (the
+    factor would be 0 and zero every gradient) or step with it."""
+    norms = _mark_nonfinite(_norms64(raw.acc, raw.amax, p), raw.nan_count, raw.inf_count)
+    tot = _total64(raw.acc, raw.amax, p)
     nan_total, inf_total = raw.nan_count.sum(), raw.inf_count.sum()
-    total = _mark_nonfinite(tot, nan_total, inf_total)
-    found_inf = ((nan_total + inf_total) > 0).to(torch.float32)
+    total = _mark_nonfinite(tot, nan_total, inf_total).to(raw.out_dtype)
+    found_inf = (((nan_total + inf_total) > 0) | _overflows(tot, raw.out_dtype)).to(torch.float32)
     return GradStats(
         norms=norms.to(raw.out_dtype),
         nan_count=raw.nan_count,
         inf_count=raw.inf_count,
         amax=raw.amax.to(raw.out_dtype),
-        total_norm=total.to(raw.out_dtype),
+        total_norm=total,
         found_inf=found_inf,
     )
 
@@ -204,7 +248,9 @@ def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, *, proce
     - ``nan_count``, ``inf_count`` [n] int64;
     - ``amax`` [n]: the largest finite |x| (0 if none);
     - ``total_norm`` (0-dim): the p-norm over all tensors together;
-    - ``found_inf`` (0-dim float32): exactly 1.0 if any element is NaN or +-Inf, else 0.0.
+    - ``found_inf`` (0-dim float32): exactly 1.0 if any element is NaN or +-Inf, or if the total
+      norm of the finite elements is too large for the result dtype (then ``total_norm`` is inf),
+      else 0.0.
 
     Floating results are float64 if any input is float64, float32 otherwise. Sums are
     accumulated in float64, so a float32 gradient of 1e20 has norm 1e20, not inf. Sparse

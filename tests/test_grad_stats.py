@@ -298,7 +298,7 @@ def test_more_than_2_to_31_elements_real_float16_tensor():
     assert s.nan_count.item() == 1 and s.inf_count.item() == 1
     assert s.amax.item() == 3.0
     raw = torch.ops.gradguard.multi_tensor_stats([t], 2.0)
-    assert raw[0].item() == 13.0
+    assert raw[0].item() == 13.0 / 9.0  # normalized by amax (see the schema in gradguard._ops)
     del t
 
 

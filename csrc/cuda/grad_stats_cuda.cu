@@ -1,6 +1,6 @@
 // gradguard::multi_tensor_stats on CUDA: one read pass over a list of same-dtype tensors giving,
-// per tensor, the sum of |x|^p over the finite elements (their max for p = inf), the NaN and Inf
-// counts and the largest finite |x|.
+// per tensor, the sum of (|x| / amax)^p over the finite elements (the contract is in
+// gradguard/_ops.py), the NaN and Inf counts and the largest finite |x|.
 //
 // Two kernels, both on the current stream, no host sync and nothing copied from the host, so
 // the op can be captured in a CUDA graph:
@@ -13,6 +13,10 @@
 // whose float sum overflowed or went below where float squares lose precision is summed again
 // in double (a float32 gradient of 1e20 has norm 1e20). float64 input and generic p use double.
 // Finiteness is decided per element (|x| <= max), never from an overflowed sum.
+// Normalization: each chunk's raw sum is divided by the chunk's amax^p; where the raw sum left
+// double's safe range (float64 input above ~1e154 or below ~1e-140, or a large p), the chunk is
+// summed again as (|x| / amax)^p, which cannot overflow. The finishing kernel rescales each
+// chunk's sum to the tensor's amax by (chunk amax / amax)^p <= 1.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -116,15 +120,17 @@ struct Lanes {
   }
 };
 
-template <typename T, typename acc_t, Norm N>
-__device__ Stats flat_thread_stats(const T* x, int n, acc_t p) {
+// kDivide: every element is divided by `div` (the chunk's amax) before it is summed.
+template <typename T, typename acc_t, Norm N, bool kDivide = false>
+__device__ Stats flat_thread_stats(const T* x, int n, acc_t p, acc_t div = acc_t(1)) {
   constexpr int V = Vec16<T>::kSize;
   constexpr int L = V < 4 ? V : 4;
   constexpr int kUnroll = 4;  // 4 x 16-byte loads in flight per thread
   Lanes<acc_t, N, L> acc;
   const int tid = threadIdx.x;
   const int head = head_elements(x, n);
-  for (int i = tid; i < head; i += kBlockThreads) acc.add(0, static_cast<acc_t>(x[i]), p);
+  const auto load = [&](T v) { return kDivide ? static_cast<acc_t>(v) / div : static_cast<acc_t>(v); };
+  for (int i = tid; i < head; i += kBlockThreads) acc.add(0, load(x[i]), p);
   const auto* xv = reinterpret_cast<const Vec16<T>*>(x + head);
   const int nv = (n - head) / V;
   for (int base = tid; base < nv; base += kBlockThreads * kUnroll) {
@@ -138,20 +144,21 @@ __device__ Stats flat_thread_stats(const T* x, int n, acc_t p) {
     for (int u = 0; u < kUnroll; ++u) {
       if (base + u * kBlockThreads < nv) {
 #pragma unroll
-        for (int k = 0; k < V; ++k) acc.add(k % L, static_cast<acc_t>(buf[u].v[k]), p);
+        for (int k = 0; k < V; ++k) acc.add(k % L, load(buf[u].v[k]), p);
       }
     }
   }
-  for (int i = head + nv * V + tid; i < n; i += kBlockThreads) acc.add(0, static_cast<acc_t>(x[i]), p);
+  for (int i = head + nv * V + tid; i < n; i += kBlockThreads) acc.add(0, load(x[i]), p);
   return acc.merge();
 }
 
-template <typename T, typename acc_t, Norm N>
+template <typename T, typename acc_t, Norm N, bool kDivide = false>
 __device__ Stats strided_thread_stats(const T* base, const StridedLayout& layout, int64_t begin, int n,
-                                      acc_t p) {
+                                      acc_t p, acc_t div = acc_t(1)) {
   Lanes<acc_t, N, 1> acc;
   for (int i = threadIdx.x; i < n; i += kBlockThreads) {
-    acc.add(0, static_cast<acc_t>(base[strided_offset(layout, begin + i)]), p);
+    const acc_t v = static_cast<acc_t>(base[strided_offset(layout, begin + i)]);
+    acc.add(0, kDivide ? v / div : v, p);
   }
   return acc.merge();
 }
@@ -208,6 +215,36 @@ __device__ __noinline__ double flat_chunk_sum_double(const T* x, int n, double p
   return block_reduce<kBlockThreads>(flat_thread_stats<T, double, N>(x, n, p), smem).s;
 }
 
+template <Norm N>
+__device__ __forceinline__ double ratio_pow(double r, double p) {
+  if constexpr (N == Norm::L1) {
+    return r;
+  } else if constexpr (N == Norm::L2) {
+    return r * r;
+  } else {
+    return ::pow(r, p);
+  }
+}
+
+// A raw double sum s >= amax^p that is finite and above 1e-280 divides by amax^p exactly to
+// rounding, and what underflowed in it (< 65536 terms below 2.3e-308) weighs < 1e-22 of it.
+template <Norm N>
+__device__ __forceinline__ bool raw_sum_normalizes(double s, double m) {
+  return N == Norm::Inf || m == 0.0 || (s <= 1.7976931348623157e308 && s >= 1e-280);
+}
+
+// The rare pass that sums (|x| / amax)^p directly, out of line like the double pass above.
+template <typename T, Norm N>
+__device__ __noinline__ double flat_chunk_sum_scaled(const T* x, int n, double p, double m, Stats* smem) {
+  return block_reduce<kBlockThreads>(flat_thread_stats<T, double, N, true>(x, n, p, m), smem).s;
+}
+
+template <Norm N>
+__device__ __forceinline__ double normalized(double s, double m, double p) {
+  if (N == Norm::Inf) return m > 0.0 ? 1.0 : 0.0;
+  return m > 0.0 ? s / ratio_pow<N>(m, p) : 0.0;
+}
+
 __device__ __forceinline__ void write_partial(const Stats& r, int64_t global_chunk, int64_t chunk, int64_t nchunks,
                                               int32_t index, Partial* parts, Span* spans) {
   if (threadIdx.x != 0) return;
@@ -231,6 +268,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   if (needs_double<acc_t, N>(r)) {  // block-uniform: every thread holds the same r
     r.s = flat_chunk_sum_double<T, N>(x, n, p, smem);
   }
+  r.s = raw_sum_normalizes<N>(r.s, r.m) ? normalized<N>(r.s, r.m, p) : flat_chunk_sum_scaled<T, N>(x, n, p, r.m, smem);
   const int64_t nchunks = tab.chunk_end[slot] - (slot == 0 ? 0 : tab.chunk_end[slot - 1]);
   write_partial(r, tab.first_chunk + blockIdx.x, chunk, nchunks, tab.index[slot], parts, spans);
 }
@@ -249,25 +287,42 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (needs_double<acc_t, N>(r)) {
     r.s = block_reduce<kBlockThreads>(strided_thread_stats<T, double, N>(base, layout, begin, n, p), smem).s;
   }
+  if (raw_sum_normalizes<N>(r.s, r.m)) {
+    r.s = normalized<N>(r.s, r.m, p);
+  } else {
+    r.s = block_reduce<kBlockThreads>(strided_thread_stats<T, double, N, true>(base, layout, begin, n, p, r.m),
+                                      smem).s;
+  }
   write_partial(r, first_chunk + chunk, chunk, gridDim.x, index, parts, spans);
 }
 
 constexpr int kFinishThreads = 256;
 
-template <bool kMaxNorm>
+// Two fixed-order passes over a tensor's partials: the amax and counts, then each chunk's
+// normalized sum rescaled to that amax.
+template <Norm N>
 __global__ void __launch_bounds__(kFinishThreads)
-    stats_finish_kernel(const Partial* parts, const Span* spans, double* acc, long long* nan_count,
+    stats_finish_kernel(const Partial* parts, const Span* spans, double p, double* acc, long long* nan_count,
                         long long* inf_count, double* amax) {
   __shared__ Stats smem[kFinishThreads / 32];
   const Span sp = spans[blockIdx.x];
   Stats r{0.0, 0.0, 0, 0};
   for (long long j = threadIdx.x; j < sp.count; j += kFinishThreads) {
     const Partial q = parts[sp.first + j];
-    r = combine(r, Stats{q.acc, q.amax, q.nan, q.nonfinite});
+    r = combine(r, Stats{0.0, q.amax, q.nan, q.nonfinite});
   }
   r = block_reduce<kFinishThreads>(r, smem);
+  const double m = r.m;
+  Stats t{0.0, 0.0, 0, 0};
+  if (N != Norm::Inf && m > 0.0) {
+    for (long long j = threadIdx.x; j < sp.count; j += kFinishThreads) {
+      const Partial q = parts[sp.first + j];
+      if (q.amax > 0.0) t.s += q.acc * ratio_pow<N>(q.amax / m, p);
+    }
+  }
+  t = block_reduce<kFinishThreads>(t, smem);
   if (threadIdx.x == 0) {
-    acc[blockIdx.x] = kMaxNorm ? r.m : r.s;
+    acc[blockIdx.x] = N == Norm::Inf ? (m > 0.0 ? 1.0 : 0.0) : t.s;
     amax[blockIdx.x] = r.m;
     nan_count[blockIdx.x] = r.nan;
     inf_count[blockIdx.x] = r.nonfinite - r.nan;
@@ -303,13 +358,8 @@ void launch_stats(const std::vector<FlatItem>& flat, const std::vector<StridedIt
   auto* amax_p = amax.mutable_data_ptr<double>();
   auto* nan_p = reinterpret_cast<long long*>(nan_count.mutable_data_ptr<int64_t>());
   auto* inf_p = reinterpret_cast<long long*>(inf_count.mutable_data_ptr<int64_t>());
-  if (N == Norm::Inf) {
-    stats_finish_kernel<true><<<static_cast<unsigned>(n), kFinishThreads, 0, stream>>>(parts, spans, acc_p, nan_p,
-                                                                                       inf_p, amax_p);
-  } else {
-    stats_finish_kernel<false><<<static_cast<unsigned>(n), kFinishThreads, 0, stream>>>(parts, spans, acc_p, nan_p,
-                                                                                        inf_p, amax_p);
-  }
+  stats_finish_kernel<N><<<static_cast<unsigned>(n), kFinishThreads, 0, stream>>>(parts, spans, p, acc_p, nan_p,
+                                                                                    inf_p, amax_p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -15,14 +15,13 @@ that load from other processes on a shared machine falls on all of them alike.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 import gradguard
 from gradguard.bench.shapes import GPT2_SIZES, gpt2_shapes, make_grads, numel
 from gradguard.bench.stats_cases import ShrinkingMaxNorm, _params_with
-from gradguard.bench.timing import Row, Table, sync
+from gradguard.bench.timing import Row, Table, fastest_ratio, interleaved_times, ratio
 
 BARE_FUSED = "torch AdamW(fused=True).step(), unprotected"
 GUARD_FUSED = "gradguard.GradGuard(AdamW(fused=True)).step()"
@@ -33,35 +32,6 @@ STATS_ONLY = "gradguard.grad_stats alone (the extra read)"
 BARE_FOREACH = "torch AdamW(foreach=True).step(), unprotected"
 GUARD_FOREACH = "gradguard.GradGuard(AdamW(foreach=True)).step()"
 TORCH_FOREACH = "torch clip_grad_norm_(error_if_nonfinite) + foreach step"
-
-
-def interleaved_times(cases: dict, device: str, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Per-round ms of each callable, measured round-robin (rotating the order every round)."""
-    names = list(cases)
-    for _ in range(warmup):
-        for n in names:
-            cases[n]()
-    sync(device)
-    times = {n: [0.0] * repeats for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            cases[n]()
-            sync(device)
-            times[n][r] = (time.perf_counter() - t0) * 1e3
-    return times
-
-
-def ratio(times: dict, a: str, b: str) -> float:
-    """Median over rounds of a's time / b's time in the same round: steadier than a ratio of
-    medians when the load from other processes changes during the run."""
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
-
-
-def fastest_ratio(times: dict, a: str, b: str) -> float:
-    """a's fastest round / b's fastest round: what an idle machine would show when the noise
-    from other processes only ever adds time."""
-    return min(times[a]) / min(times[b])
 
 
 def _torch_skip_step(params, grads, opt, max_norm):
@@ -121,7 +91,7 @@ def fused_table(params, label: str, device: str, repeats: int, clip: bool) -> Ta
     tab = Table(f"GradGuard + AdamW(fused=True), {what}, {label}, {device}, {torch.get_num_threads()} threads",
                 [Row(n, ms[n], step_bytes if n != STATS_ONLY else 4 * numel(params)) for n in ms],
                 floor=BARE_FUSED)
-    tab.check(f"guarded / bare fused step ({what})", ratio(times, GUARD_FUSED, BARE_FUSED), "<=", 1.3)
+    tab.check(f"guarded / bare fused step ({what})", ratio(times, GUARD_FUSED, BARE_FUSED), "<=", 1.2)
     tab.check(f"PyTorch way (faster of two) / guarded fused step ({what})",
               min(ratio(times, TORCH_ERR, GUARD_FUSED), ratio(times, TORCH_SKIP, GUARD_FUSED)), ">=", 1.3)
     vs_torch = min(fastest_ratio(times, TORCH_ERR, GUARD_FUSED), fastest_ratio(times, TORCH_SKIP, GUARD_FUSED))

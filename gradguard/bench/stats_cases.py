@@ -1,11 +1,13 @@
 """Benchmark cases for grad_stats, all_finite and clip_grad_norm_ (issue bar: GPT-2 small, fp32)."""
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 import gradguard
 from gradguard.bench.shapes import GPT2_SIZES, gpt2_shapes, make_grads, numel
-from gradguard.bench.timing import Row, Table, median_ms
+from gradguard.bench.timing import Row, Table, interleaved_times, median_ms, ratio
 
 
 def _isfinite_per_tensor(grads):
@@ -23,26 +25,138 @@ def _params_with(grads):
     return params
 
 
-def stats_table(grads, label: str, device: str, repeats: int) -> Table:
+READ_FLOOR = "read floor: gradguard_bench.read_floor, best of 1/4/8 streams"
+TORCH_SUM = "torch.sum over one flat buffer, same bytes (reference)"
+GRAD_STATS = "gradguard.grad_stats (norms, NaN/Inf counts, amax, total)"
+FOREACH_NORM = "torch._foreach_norm (norms only, no finiteness check)"
+STREAMS = (1, 4, 8)
+
+
+def have_floor() -> bool:
+    """The floors are C++ loops in the extension (csrc/cpu/bandwidth_floor.cpp)."""
+    try:
+        torch.ops.gradguard_bench.read_floor
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _as_words(flat: torch.Tensor) -> torch.Tensor:
+    """The buffer's bytes as a contiguous tensor whose size is a multiple of 8 bytes."""
+    b = flat.reshape(-1).view(torch.uint8)
+    return b[: b.numel() // 8 * 8]
+
+
+def read_floor_cases(flat: torch.Tensor) -> dict:
+    words = _as_words(flat)
+    return {f"read floor, {k} stream(s) per thread": (lambda k=k: torch.ops.gradguard_bench.read_floor(words, k))
+            for k in STREAMS}
+
+
+def add_best(times: dict, name: str, parts: list[str]) -> None:
+    """A row that is, in every round, the fastest of `parts` (the floor is what the best walk
+    achieves); the parts stay in the table."""
+    times[name] = [min(vals) for vals in zip(*(times[p] for p in parts))]
+
+
+def stats_table(grads, label: str, device: str, repeats: int, target: float = 0.9) -> Table:
+    """grad_stats against the read floor of the same bytes, all cases interleaved round by round.
+    `target` is the share of the floor's speed the kernel must reach."""
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     flat = torch.cat([g.reshape(-1) for g in grads])
-    t = lambda fn: median_ms(fn, device, repeats)  # noqa: E731
-    rows = [
-        Row("read floor: torch.sum over one flat buffer, same bytes", t(lambda: flat.sum()), nbytes),
-        Row("gradguard.grad_stats (norms, NaN/Inf counts, amax, total)", t(lambda: gradguard.grad_stats(grads)), nbytes),
-        Row("gradguard.all_finite", t(lambda: gradguard.all_finite(grads)), nbytes),
-        Row("torch._foreach_norm (norms only, no finiteness check)", t(lambda: torch._foreach_norm(grads)), nbytes),
-        Row("per-tensor torch.isfinite(t).all(), stacked", t(lambda: _isfinite_per_tensor(grads)), nbytes),
-    ]
+    cases = {
+        TORCH_SUM: lambda: flat.sum(),
+        GRAD_STATS: lambda: gradguard.grad_stats(grads),
+        "gradguard.all_finite": lambda: gradguard.all_finite(grads),
+        FOREACH_NORM: lambda: torch._foreach_norm(grads),
+    }
+    floor_parts = []
+    if have_floor() and device == "cpu":
+        floor_cases = read_floor_cases(flat)
+        floor_parts = list(floor_cases)
+        cases.update(floor_cases)
+    times = interleaved_times(cases, device, repeats)
+    floor = TORCH_SUM
+    if floor_parts:
+        add_best(times, READ_FLOOR, floor_parts)
+        floor = READ_FLOOR
+    slow = median_ms(lambda: _isfinite_per_tensor(grads), device, max(3, repeats // 4))
     del flat
-    tab = Table(f"grad_stats, {label}, {device}, {torch.get_num_threads()} threads", rows,
-                floor="read floor: torch.sum over one flat buffer, same bytes")
-    ours = tab.ms("gradguard.grad_stats (norms, NaN/Inf counts, amax, total)")
-    tab.check("grad_stats / read floor", ours / tab.ms(tab.floor), "<=", 1.2)
-    tab.check("_foreach_norm / grad_stats (speed-up)",
-              tab.ms("torch._foreach_norm (norms only, no finiteness check)") / ours, ">=", 1.3)
-    tab.check("per-tensor isfinite / grad_stats (speed-up)",
-              tab.ms("per-tensor torch.isfinite(t).all(), stacked") / ours, ">=", 10.0)
+    rows = [Row(n, statistics.median(v), nbytes) for n, v in times.items()]
+    rows.append(Row("per-tensor torch.isfinite(t).all(), stacked (measured apart)", slow, nbytes))
+    tab = Table(f"grad_stats, {label}, {device}, {torch.get_num_threads()} threads", rows, floor=floor)
+    tab.check(f"grad_stats / {'read floor' if floor_parts else 'torch.sum (no read floor built)'}",
+              ratio(times, GRAD_STATS, floor), "<=", round(1.0 / target, 2))
+    tab.check("grad_stats / torch.sum", ratio(times, GRAD_STATS, TORCH_SUM), "<=", 1.0)
+    tab.check("_foreach_norm / grad_stats (speed-up)", ratio(times, FOREACH_NORM, GRAD_STATS), ">=", 1.3)
+    tab.check("per-tensor isfinite / grad_stats (speed-up)", slow / tab.ms(GRAD_STATS), ">=", 10.0)
+    return tab
+
+
+def dtype_table(shapes, label: str, device: str, repeats: int) -> Table:
+    """grad_stats on the same shapes in every dtype, each against the read floor of its own
+    bytes (float16/bfloat16 read half the bytes of float32, float64 twice)."""
+    rows, pairs, all_times = [], [], {}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        grads = make_grads(shapes, dtype=dtype, device=device)
+        nbytes = sum(g.numel() * g.element_size() for g in grads)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        name = str(dtype).replace("torch.", "")
+        cases = {f"{name}: gradguard.grad_stats": lambda g=grads: gradguard.grad_stats(g)}
+        floor_cases = read_floor_cases(flat)
+        cases.update({f"{name}: {k}": f for k, f in floor_cases.items()})
+        times = interleaved_times(cases, device, repeats)
+        add_best(times, f"{name}: {READ_FLOOR}", [f"{name}: {k}" for k in floor_cases])
+        for n in (f"{name}: {READ_FLOOR}", f"{name}: gradguard.grad_stats"):
+            rows.append(Row(n, statistics.median(times[n]), nbytes))
+        pairs.append((name, ratio(times, f"{name}: gradguard.grad_stats", f"{name}: {READ_FLOOR}")))
+        all_times.update(times)
+        del grads, flat
+    tab = Table(f"grad_stats per dtype, {label}, {device}, {torch.get_num_threads()} threads", rows)
+    for name, r in pairs:
+        tab.check(f"{name}: grad_stats / read floor", r, "<=", 1.11)
+    return tab
+
+
+COPY_FLOOR = "copy floor: gradguard_bench.copy_floor, best of 1/4 streams"
+
+
+def scale_table(grads, label: str, device: str, repeats: int) -> Table:
+    """The read+write kernels (clipping's scale pass) against a copy of the same bytes."""
+    nbytes = sum(g.numel() * g.element_size() for g in grads)
+    work = [g.clone() for g in grads]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    src, dst = _as_words(flat), torch.empty_like(_as_words(flat))
+    # Alternating factors: every call really writes, and the values stay put over the rounds.
+    flip = {"s": 1.0}
+
+    def factor():
+        flip["s"] = 0.5 if flip["s"] != 0.5 else 2.0
+        return torch.tensor(flip["s"])
+
+    cases = {
+        "torch dst.copy_(src), same bytes (reference)": lambda: dst.copy_(src),
+        "gradguard maybe_scale_ (x *= c, c != 1)": lambda: torch.ops.gradguard.maybe_scale_(work, factor()),
+        "gradguard zero_nonfinite_and_scale_": lambda: torch.ops.gradguard.zero_nonfinite_and_scale_(work, factor()),
+        "torch._foreach_mul_ (same grads)": lambda: torch._foreach_mul_(work, factor()),
+    }
+    parts = []
+    if have_floor() and device == "cpu":
+        for k in (1, 4):
+            name = f"copy floor, {k} stream(s) per thread"
+            cases[name] = lambda k=k: torch.ops.gradguard_bench.copy_floor(dst, src, k)
+            parts.append(name)
+    times = interleaved_times(cases, device, repeats)
+    floor = "torch dst.copy_(src), same bytes (reference)"
+    if parts:
+        add_best(times, COPY_FLOOR, parts)
+        floor = COPY_FLOOR
+    del work, flat, src, dst
+    tab = Table(f"scale kernels (read + write), {label}, {device}, {torch.get_num_threads()} threads",
+                [Row(n, statistics.median(v), 2 * nbytes) for n, v in times.items()], floor=floor)
+    tab.check("maybe_scale_ / copy floor", ratio(times, "gradguard maybe_scale_ (x *= c, c != 1)", floor), "<=", 1.11)
+    tab.check("zero_nonfinite_and_scale_ / copy floor",
+              ratio(times, "gradguard zero_nonfinite_and_scale_", floor), "<=", 1.11)
     return tab
 
 
@@ -105,14 +219,22 @@ def sweep_table(device: str, repeats: int) -> Table:
 
 
 def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
+    small = gpt2_shapes(**GPT2_SIZES["10M"])
     if quick:  # a smoke run: small model, few repeats (CI, tests)
-        grads = make_grads(gpt2_shapes(**GPT2_SIZES["10M"]), device=device)
+        grads = make_grads(small, device=device)
         label = f"GPT-2 10M-shaped ({len(grads)} tensors, {numel(grads) / 1e6:.1f}M fp32)"
-        return [stats_table(grads, label, device, 3), clip_table(grads, label, device, 3)]
+        return [stats_table(grads, label, device, 3, target=0.8), clip_table(grads, label, device, 3)]
     grads = make_grads(gpt2_shapes(), device=device)
     label = f"GPT-2 small-shaped ({len(grads)} tensors, {numel(grads) / 1e6:.1f}M fp32, " \
             f"{numel(grads) * 4 / 1e6:.0f} MB)"
-    out = [stats_table(grads, label, device, 21), clip_table(grads, label, device, 11)]
+    out = [stats_table(grads, label, device, 21), scale_table(grads, label, device, 11),
+           clip_table(grads, label, device, 11)]
     del grads
+    if have_floor() and device == "cpu":
+        out.append(dtype_table(gpt2_shapes(), "GPT-2 small-shaped", device, 9))
+    grads10 = make_grads(small, device=device)
+    out.append(stats_table(grads10, f"GPT-2 10M-shaped ({len(grads10)} tensors, {numel(grads10) / 1e6:.1f}M fp32)",
+                           device, 41, target=0.8))
+    del grads10
     out.append(sweep_table(device, 11))
     return out

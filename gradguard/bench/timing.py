@@ -88,3 +88,32 @@ class Table:
     def as_dict(self) -> dict:
         return {"title": self.title, "floor": self.floor, "checks": self.checks,
                 "rows": [{"name": r.name, "ms": r.ms, "bytes": r.bytes, "gbps": r.gbps} for r in self.rows]}
+
+
+def interleaved_times(cases: dict, device: str, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Per-round ms of each callable, measured round-robin (rotating the order every round)."""
+    names = list(cases)
+    for _ in range(warmup):
+        for n in names:
+            cases[n]()
+    sync(device)
+    times = {n: [0.0] * repeats for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            cases[n]()
+            sync(device)
+            times[n][r] = (time.perf_counter() - t0) * 1e3
+    return times
+
+
+def ratio(times: dict, a: str, b: str) -> float:
+    """Median over rounds of a's time / b's time in the same round: steadier than a ratio of
+    medians when the load from other processes changes during the run."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def fastest_ratio(times: dict, a: str, b: str) -> float:
+    """a's fastest round / b's fastest round: what an idle machine would show when the noise
+    from other processes only ever adds time."""
+    return min(times[a]) / min(times[b])

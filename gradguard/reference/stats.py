@@ -1,49 +1,216 @@
-"""Reference kernels of the multi-tensor statistics ops (float64 math, one tensor at a time)."""
+"""Reference kernels of the multi-tensor statistics ops (float64 math, bounded memory).
+
+This is also what every device without compiled kernels runs, so it must not copy whole tensors:
+each tensor is walked in pieces of at most ``CHUNK`` elements, each piece is cast into one
+reused float64 buffer (cache-sized, allocated once per call: fresh allocations page-fault and cost
+more than the math), and the per-piece results are merged like shards (see ``merge_scaled``).
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
+# 32K float64 = 256 KB: the buffer stays in the core's cache across the few ops per piece, and
+# torch runs an op this small inline (its parallel grain is 32K), without waking other threads
+# (on a loaded machine a parallel region on a small piece costs milliseconds of waiting).
+CHUNK = 1 << 15
+# A piece takes the quick path (one dot or sum, one aminmax) when amax^p stays at least this far
+# above the float64 underflow range; the terms that underflow then weigh < 2^-90 of the sum.
+_MIN_LOG2_AMAX_P = -960.0
+
+
+def _pieces(t: torch.Tensor, limit: int):
+    """Views of `t` of at most `limit` elements that cover every element exactly once."""
+    if t.numel() <= limit:
+        if t.numel():
+            yield t
+        return
+    if not t.is_contiguous():
+        order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+        permuted = t.permute(order)
+        if permuted.is_contiguous():  # a dense layout in another dim order: walk memory order
+            t = permuted
+    if t.is_contiguous():
+        flat = t.view(-1)
+        for b in range(0, flat.numel(), limit):
+            yield flat[b:b + limit]
+        return
+    d = max(range(t.dim()), key=lambda k: t.size(k))
+    row = t.numel() // t.size(d)
+    step = max(1, limit // row)
+    for b in range(0, t.size(d), step):
+        yield from _pieces(t.narrow(d, b, min(step, t.size(d) - b)), limit)
+
+
+def merge_scaled(acc: torch.Tensor, amax: torch.Tensor, index: torch.Tensor, n: int, p: float):
+    """Merges normalized partial sums: row k holds acc[k] = sum (|x| / amax[k])^p of one part of
+    tensor index[k]; returns (acc, amax) of shape [n] with the same meaning for the whole tensors.
+    Rescaling by (amax[k] / amax)^p <= 1 never overflows; what underflows weighs below 2^-1000."""
+    dev = acc.device
+    out_max = torch.zeros(n, dtype=torch.float64, device=dev).scatter_reduce_(0, index, amax, "amax")
+    if math.isinf(p):
+        out_acc = (out_max > 0).to(torch.float64)
+    else:
+        denom = torch.where(out_max[index] > 0, out_max[index], 1.0)
+        w = (amax / denom).pow(p) if p != 1.0 else amax / denom
+        out_acc = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, index, acc * w)
+    return out_acc, out_max
+
+
+def _exact_piece(x: torch.Tensor, p: float):
+    """(acc normalized by amax, amax, NaN count, Inf count) of one float64 piece, any values."""
+    fin = torch.isfinite(x)
+    nan = torch.isnan(x).sum()
+    inf = (~fin).sum() - nan
+    a = torch.where(fin, x.abs(), 0.0)
+    m = a.max()
+    if math.isinf(p):
+        acc = (m > 0).to(torch.float64)
+    else:
+        r = a / torch.where(m > 0, m, 1.0)
+        acc = r.sum() if p == 1.0 else (r * r).sum() if p == 2.0 else r.pow(p).sum()
+    return acc, m, nan, inf
+
+
+def _cpu_pieces(pieces, buf: torch.Tensor, p: float):
+    """Per piece (acc normalized by amax, amax, NaN count, Inf count) as Python numbers: on the
+    CPU, reading a result is free. Quick path: one cast into the buffer, one aminmax (NaN for any
+    NaN, inf for any inf), one norm or sum; a piece where that is not exact is redone exactly.
+    Results land in a small CPU tensor read through a numpy view of the same memory: reading CPU
+    memory is not a device sync, and no Tensor-to-Python conversion runs per piece."""
+    acc, amax, nan, inf = [], [], [], []
+    slots = buf.new_zeros(6)
+    view = slots.numpy()
+    lo, hi, res = slots[0], slots[1], slots[2]
+    for piece in pieces:
+        x = buf[:piece.numel()].view(piece.shape)
+        x.copy_(piece)
+        torch.aminmax(x, out=(lo, hi))
+        m = max(-float(view[0]), float(view[1]))
+        lm = p * math.log2(m) if 0.0 < m < math.inf else 0.0
+        if math.isfinite(m) and _MIN_LOG2_AMAX_P <= lm <= 1000.0:
+            if m == 0.0:
+                a = 0.0
+            elif math.isinf(p):
+                a = 1.0
+            elif p == 2.0:
+                torch.linalg.vector_norm(x, out=res)
+                a = (float(view[2]) / m) ** 2
+            elif p == 1.0:
+                res.copy_(x.abs_().sum())
+                a = float(view[2]) / m
+            else:
+                res.copy_(x.abs_().div_(m).pow_(p).sum())
+                a = float(view[2])
+            acc.append(a)
+            amax.append(m)
+            nan.append(0)
+            inf.append(0)
+        else:  # a NaN/Inf element, or x^p outside float64's range: scale by amax first
+            r = _exact_piece(x.reshape(-1), p)
+            torch.stack([r[0], r[1], r[2].double(), r[3].double()], out=slots[2:6])
+            acc.append(float(view[2]))
+            amax.append(float(view[3]))
+            nan.append(int(view[4]))
+            inf.append(int(view[5]))
+    return acc, amax, nan, inf
+
+
+_pool = None
+
+
+def _cpu_pieces_parallel(pieces, size: int, p: float):
+    """_cpu_pieces over contiguous groups of pieces, one group (and one buffer) per intra-op
+    thread: each op on a piece is too small for torch to parallelize, and torch releases the GIL
+    while it runs, so Python threads use the cores. Results come back in piece order."""
+    global _pool
+    workers = max(1, min(torch.get_num_threads(), len(pieces) // 8))
+    if workers == 1:
+        return _cpu_pieces(pieces, torch.empty(size, dtype=torch.float64), p)
+    if _pool is None or _pool._max_workers < workers:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gradguard-ref")
+    cuts = [len(pieces) * k // workers for k in range(workers + 1)]
+    futures = [_pool.submit(_cpu_pieces, pieces[cuts[k]:cuts[k + 1]], torch.empty(size, dtype=torch.float64), p)
+               for k in range(workers)]
+    out = ([], [], [], [])
+    for f in futures:
+        for lst, part in zip(out, f.result()):
+            lst.extend(part)
+    return out
+
 
 def multi_tensor_stats(tensors: list[torch.Tensor], norm_type: float):
-    """Per tensor: sum of |x|^p over finite elements (max |x| for p = inf), NaN count, Inf count,
-    and the largest finite |x|. Returns four tensors of shape [n] on tensors[0]'s device:
-    float64, int64, int64, float64.
+    """Per tensor: acc = sum over finite elements of (|x| / amax)^p (0 when amax is 0; for
+    p = inf, 1 when amax > 0), NaN count, Inf count, and amax, the largest finite |x|. Returns
+    four tensors of shape [n] on tensors[0]'s device: float64, int64, int64, float64.
     """
     if len(tensors) == 0:
         raise ValueError("gradguard.multi_tensor_stats: `tensors` must not be empty")
+    p = float(norm_type)
+    if not p > 0.0:
+        raise ValueError(f"gradguard.multi_tensor_stats: `norm_type` must be > 0, got {norm_type}")
     device = tensors[0].device
-    acc, nan_count, inf_count, amax = [], [], [], []
-    for t in tensors:
-        x = t.detach().to(torch.float64).reshape(-1)
-        finite = torch.isfinite(x)
-        a = torch.where(finite, x.abs(), torch.zeros((), dtype=torch.float64, device=x.device))
-        m = a.max() if a.numel() else torch.zeros((), dtype=torch.float64, device=x.device)
-        if math.isinf(norm_type):
-            s = m
-        elif norm_type == 1.0:
-            s = a.sum()
-        elif norm_type == 2.0:
-            s = (a * a).sum()
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise RuntimeError(f"gradguard.multi_tensor_stats: tensors[{i}] is on {t.device} but tensors[0] is on "
+                               f"{device}; every tensor of one call must be on the same device")
+        if t.dtype != tensors[0].dtype:
+            raise RuntimeError(f"gradguard.multi_tensor_stats: tensors[{i}] has dtype {t.dtype} but tensors[0] has "
+                               f"{tensors[0].dtype}; group tensors by dtype before calling the op")
+        if t.layout != torch.strided:
+            raise RuntimeError(f"gradguard.multi_tensor_stats: tensors[{i}] is not a strided (dense) tensor; "
+                               "pass the values of a sparse tensor instead")
+    n = len(tensors)
+    pieces, owner = [], []
+    for i, t in enumerate(tensors):
+        for piece in _pieces(t.detach(), CHUNK):
+            pieces.append(piece)
+            owner.append(i)
+    f64 = dict(dtype=torch.float64, device=device)
+    size = min(CHUNK, max((q.numel() for q in pieces), default=0))
+    if device.type == "cpu":
+        acc, amax, nan, inf = _cpu_pieces_parallel(pieces, size, p)
+        acc, amax = torch.tensor(acc, **f64), torch.tensor(amax, **f64)
+        nan = torch.tensor(nan, dtype=torch.int64, device=device)
+        inf = torch.tensor(inf, dtype=torch.int64, device=device)
+    else:
+        # Reading anything back here would be a host sync: every piece takes the exact path,
+        # and the results stay on the device.
+        buf = torch.empty(size, **f64)
+        res = []
+        for piece in pieces:
+            x = buf[:piece.numel()].view(piece.shape)
+            x.copy_(piece)
+            res.append(_exact_piece(x.reshape(-1), p))
+        if res:
+            acc, amax, nan, inf = (torch.stack([r[i] for r in res]) for i in range(4))
         else:
-            s = a.pow(norm_type).sum()
-        acc.append(s)
-        amax.append(m)
-        nan_count.append(torch.isnan(x).sum())
-        inf_count.append(torch.isinf(x).sum())
-    return (
-        torch.stack(acc).to(device),
-        torch.stack(nan_count).to(device=device, dtype=torch.int64),
-        torch.stack(inf_count).to(device=device, dtype=torch.int64),
-        torch.stack(amax).to(device),
-    )
+            acc = amax = torch.zeros(0, **f64)
+            nan = inf = torch.zeros(0, dtype=torch.int64, device=device)
+    index = torch.tensor(owner, dtype=torch.int64, device=device)
+    out_acc, out_max = merge_scaled(acc, amax, index, n, p)
+    nan_count = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, index, nan)
+    inf_count = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, index, inf)
+    return out_acc, nan_count, inf_count, out_max
 
 
 def zero_nonfinite_and_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
     """In place: every non-finite element becomes 0, every other one is multiplied by `scale`."""
+    _check_same_device("zero_nonfinite_and_scale_", tensors, scale)
     for t in tensors:
         t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(scale.to(t.device))
+
+
+def _check_same_device(op: str, tensors, scale) -> None:
+    # Meta tensors mixed with real ones would otherwise "succeed" without touching anything.
+    for i, t in enumerate(tensors):
+        if t.device != tensors[0].device:
+            raise RuntimeError(f"gradguard.{op}: tensors[{i}] is on {t.device} but tensors[0] is on "
+                               f"{tensors[0].device}; every tensor of one call must be on the same device")
+    if tensors and scale.device.type == "meta" and tensors[0].device.type != "meta":
+        raise RuntimeError(f"gradguard.{op}: `scale` is on {scale.device} but the tensors are on {tensors[0].device}")
 
 
 def maybe_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
@@ -55,6 +222,7 @@ def maybe_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
     """
     if not tensors:
         return
+    _check_same_device("maybe_scale_", tensors, scale)
     if scale.device.type == "cpu" and scale.item() == 1.0:
         return
     torch._foreach_mul_(tensors, scale.to(tensors[0].device))

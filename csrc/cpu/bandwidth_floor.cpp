@@ -1,0 +1,129 @@
+// Bandwidth floors for the bench (not part of the public API): how fast this machine can read,
+// and read+write, a buffer, so that the kernels are judged against the memory, not against
+// another kernel. torch.sum is not the floor: with one sequential stream per thread it leaves a
+// large share of the read bandwidth unused.
+//
+// - gradguard_bench::read_floor(Tensor x, int streams): an integer sum over every 8-byte word of
+//   x's bytes (no floating-point work that could be the bottleneck, whatever the dtype), each
+//   thread's range cut into `streams` contiguous parts walked together, kStep bytes from each in
+//   turn, so that the prefetchers track several sequential streams.
+// - gradguard_bench::copy_floor(Tensor dst, Tensor src, int streams): the same walk, copying.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_isa.h"
+
+namespace gradguard {
+namespace {
+
+constexpr int64_t kStepWords = 2048;  // 16 KB from one stream before moving to the next
+constexpr int kMaxStreams = 16;
+
+uint64_t sum_words_default(const uint64_t* x, int64_t n) {
+  uint64_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+uint64_t sum_words_avx2(const uint64_t* x, int64_t n) {
+  uint64_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+#pragma GCC pop_options
+#endif
+
+uint64_t sum_words(const uint64_t* x, int64_t n) {
+#if defined(__x86_64__)
+  if (cpu_has_avx2()) return sum_words_avx2(x, n);
+#endif
+  return sum_words_default(x, n);
+}
+
+// Calls f(stream, word offset, word count) for the steps of every stream of [lo, hi), streams
+// interleaved.
+template <typename F>
+void walk_streams(int64_t lo, int64_t hi, int streams, F&& f) {
+  int64_t pos[kMaxStreams], end[kMaxStreams];
+  for (int s = 0; s < streams; ++s) {
+    pos[s] = lo + (hi - lo) * s / streams;
+    end[s] = lo + (hi - lo) * (s + 1) / streams;
+  }
+  bool active = true;
+  while (active) {
+    active = false;
+    for (int s = 0; s < streams; ++s) {
+      if (pos[s] >= end[s]) continue;
+      active = true;
+      const int64_t len = std::min(kStepWords, end[s] - pos[s]);
+      f(s, pos[s], len);
+      pos[s] += len;
+    }
+  }
+}
+
+void check(const char* op, const at::Tensor& t, int64_t streams) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), op, ": needs a contiguous CPU tensor");
+  TORCH_CHECK(t.nbytes() % 8 == 0, op, ": the tensor's size in bytes must be a multiple of 8, got ", t.nbytes());
+  TORCH_CHECK(streams >= 1 && streams <= kMaxStreams, op, ": `streams` must be in [1, ", kMaxStreams, "], got ",
+              streams);
+}
+
+at::Tensor read_floor(const at::Tensor& x, int64_t streams) {
+  check("gradguard_bench.read_floor", x, streams);
+  const auto* w = static_cast<const uint64_t*>(x.const_data_ptr());
+  const int64_t n = static_cast<int64_t>(x.nbytes() / 8);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<uint64_t> sums(nthreads * kMaxStreams, 0);
+  at::parallel_for(0, nthreads, 1, [&](int64_t tlo, int64_t thi) {
+    for (int64_t t = tlo; t < thi; ++t) {
+      walk_streams(n * t / nthreads, n * (t + 1) / nthreads, static_cast<int>(streams),
+                   [&](int s, int64_t off, int64_t len) { sums[t * kMaxStreams + s] += sum_words(w + off, len); });
+    }
+  });
+  uint64_t total = 0;
+  for (uint64_t s : sums) total += s;
+  // Returned so the compiler cannot drop the reads.
+  return at::scalar_tensor(static_cast<int64_t>(total & 0x7fffffffffffffffULL), at::kLong);
+}
+
+void copy_floor(at::Tensor& dst, const at::Tensor& src, int64_t streams) {
+  check("gradguard_bench.copy_floor", src, streams);
+  check("gradguard_bench.copy_floor", dst, streams);
+  TORCH_CHECK(dst.nbytes() == src.nbytes(), "gradguard_bench.copy_floor: `dst` and `src` differ in size");
+  const auto* in = static_cast<const uint64_t*>(src.const_data_ptr());
+  auto* out = static_cast<uint64_t*>(dst.mutable_data_ptr());
+  const int64_t n = static_cast<int64_t>(src.nbytes() / 8);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, nthreads, 1, [&](int64_t tlo, int64_t thi) {
+    for (int64_t t = tlo; t < thi; ++t) {
+      walk_streams(n * t / nthreads, n * (t + 1) / nthreads, static_cast<int>(streams),
+                   [&](int, int64_t off, int64_t len) { std::memcpy(out + off, in + off, len * 8); });
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gradguard_bench, m) {
+  m.def("read_floor(Tensor x, int streams) -> Tensor");
+  m.def("copy_floor(Tensor(a!) dst, Tensor src, int streams) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gradguard_bench, CPU, m) {
+  m.impl("read_floor", &read_floor);
+  m.impl("copy_floor", &copy_floor);
+}
+
+}  // namespace gradguard
