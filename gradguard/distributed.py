@@ -191,18 +191,28 @@ def combine(gathered: torch.Tensor, contrib: torch.Tensor, is_max: torch.Tensor,
     """The combine math, in one place: `gathered` [W, 4, n] float64 holds every rank's
     (acc, nan_count, inf_count, amax); returns the global (acc, nan, inf, amax).
 
-    Today's meaning of acc: the sum of |x|^p over the finite elements (their max for p = inf),
-    so shards add (or max for p = inf); counts add; amax maxes. Max-reduced entries (ZeRO) take
-    the max of everything. If acc changes meaning, this is the function to adapt."""
+    acc is normalized by the rank's amax (the multi_tensor_stats contract: the sum of
+    (|x| / amax)^p over the finite elements, 1 or 0 for p = inf), so each rank's acc is rescaled
+    to the global amax M by (amax_r / M)^p, a factor <= 1 that cannot overflow, then the shards
+    add (stats.merge_shard_stats does the same for unmasked shards). Max-reduced entries (ZeRO:
+    full but different gradients on each rank) take the largest rescaled acc, i.e. the largest
+    rank's norm, and the largest counts, so a NaN on one rank is a NaN on all."""
     m = contrib.unsqueeze(1)  # [W, 1, n]
-    zero = gathered.new_zeros(())
-    masked = torch.where(m, gathered, zero)  # every statistic is >= 0, so 0 is neutral for max too
-    summed, maxed = masked.sum(0), masked.amax(0)  # [4, n]
-    use_max = is_max.unsqueeze(0).expand(4, -1).clone()
-    use_max[3] = True  # amax
+    masked = torch.where(m, gathered, gathered.new_zeros(()))  # every statistic is >= 0
+    acc, nan, inf, amax = masked.unbind(1)  # each [W, n]
+    top = amax.amax(0)  # [n]
     if math.isinf(p):
-        use_max[0] = True
-    return torch.where(use_max, maxed, summed)
+        scaled = (amax > 0).to(acc.dtype)
+    else:
+        w = amax / torch.where(top > 0, top, 1.0)
+        scaled = acc * (w if p == 1.0 else w.pow(p))
+    use_max = is_max  # [n]
+    acc_g = torch.where(use_max, scaled.amax(0), scaled.sum(0))
+    if math.isinf(p):
+        acc_g = (top > 0).to(acc.dtype)
+    nan_g = torch.where(use_max, nan.amax(0), nan.sum(0))
+    inf_g = torch.where(use_max, inf.amax(0), inf.sum(0))
+    return acc_g, nan_g, inf_g, top
 
 
 def reduce_raw(raw, plan: Plan, p: float):

@@ -137,22 +137,30 @@ def test_shard_ranks_on_a_2x2_mesh():
     assert gd.shard_ranks(mesh, (0, 1), [1]) == (0, 1)
 
 
-@pytest.mark.parametrize("p", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, math.inf])
 def test_combine_sums_shards_maxes_amax_and_zero_entries(p):
     # 3 ranks, 3 entries: entry 0 sharded over ranks {0, 2}, entry 1 local (rank 1's own),
-    # entry 2 max-reduced over all (ZeRO).
-    g = torch.rand(3, 4, 3, dtype=torch.float64)
-    g[:, 1:3] = torch.randint(0, 5, (3, 2, 3)).double()
+    # entry 2 max-reduced over all (ZeRO). Each rank's stats come from real data through the op,
+    # so acc has the op's meaning (normalized by amax); huge values check that nothing overflows.
+    gen = torch.Generator().manual_seed(0)
+    data = [[torch.randn(5, generator=gen, dtype=torch.float64) * scale for scale in (1e200, 1.0, 3.0)]
+            for _ in range(3)]
+    data[1][2][0] = math.nan
+    g = torch.stack([torch.stack(list(torch.ops.gradguard.multi_tensor_stats(d, p))).double() for d in data])
     contrib = torch.tensor([[True, False, True], [False, True, True], [True, False, True]])
     is_max = torch.tensor([False, False, True])
     acc, nan, inf, amax = gd.combine(g, contrib, is_max, p)
-    s = g[0] + g[2]
-    torch.testing.assert_close(acc[0], torch.maximum(g[0, 0, 0], g[2, 0, 0]) if math.isinf(p) else s[0, 0])
-    torch.testing.assert_close(nan[0], s[1, 0])
-    torch.testing.assert_close(inf[0], s[2, 0])
-    torch.testing.assert_close(amax[0], torch.maximum(g[0, 3, 0], g[2, 3, 0]))
-    torch.testing.assert_close(torch.stack([acc[1], nan[1], inf[1], amax[1]]), g[1, :, 1])
-    torch.testing.assert_close(torch.stack([acc[2], nan[2], inf[2], amax[2]]), g[:, :, 2].amax(0))
+    norm = amax * (acc if math.isinf(p) else acc.pow(1.0 / p))
+
+    def ref(t):
+        t = t[torch.isfinite(t)]
+        return torch.linalg.vector_norm(t / 1e200, p) * 1e200 if t.abs().max() > 1e100 else torch.linalg.vector_norm(t, p)
+
+    torch.testing.assert_close(norm[0] / 1e200, ref(torch.cat([data[0][0], data[2][0]])) / 1e200, rtol=1e-12, atol=0)
+    torch.testing.assert_close(norm[1], ref(data[1][1]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(norm[2], max(ref(d[2]) for d in data), rtol=1e-12, atol=0)
+    assert nan.tolist() == [0.0, 0.0, 1.0] and inf.tolist() == [0.0, 0.0, 0.0]
+    assert amax[0] == max(data[0][0].abs().max(), data[2][0].abs().max())
 
 
 def test_no_reduction_without_sharding():
