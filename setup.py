@@ -134,7 +134,6 @@ def cpu_extension():
 
 
 def cuda_extension():
-    import torch
     from torch.utils.cpp_extension import CUDAExtension
 
     sources = [os.path.join("csrc", "gradguard.cpp")] + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
