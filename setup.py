@@ -233,7 +233,7 @@ setup(
     packages=find_packages(include=["gradguard", "gradguard.*"]),
     package_data={"gradguard": ["_build_info.json"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.6"],
     extras_require={"demo": ["matplotlib>=3.5"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
