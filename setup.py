@@ -1,11 +1,18 @@
 """Build of gradguard: the pure-Python package always, the compiled kernels when they can be.
 
-- CPU kernels (csrc/cpu) are built whenever torch and a C++ compiler are there.
-- CUDA kernels (csrc/cuda) are added when the installed torch is a CUDA build and nvcc is found
-  (never decided by torch.cuda.is_available(): build machines have no GPU).
-  GRADGUARD_BUILD_CUDA=0 turns them off, =1 makes their absence an error.
-- A failed build never fails the install: it warns, and records the reason in
-  gradguard/_build_info.json, which gradguard.backend() reports.
+Two compiled modules, built and failing independently, so that losing one side never drops the
+other (an aarch64 host that cannot compile some CPU code still gets the CUDA kernels):
+- gradguard._C (csrc/cpu): the CPU kernels, whenever torch and a C++ compiler are there.
+- gradguard._C_cuda (csrc/cuda): the CUDA kernels, when the installed torch is a CUDA build and
+  nvcc is found (never decided by torch.cuda.is_available(): build machines have no GPU).
+
+Switches (booleans: 1/true/yes/on or 0/false/no/off/empty, case-insensitive; anything else is an
+error naming the variable):
+- GRADGUARD_BUILD_CUDA: unset = build the CUDA kernels when possible; false = never; true = their
+  absence or failure is an error.
+- GRADGUARD_REQUIRE_EXT: true = any kernel build failure is an error.
+A failed build otherwise never fails the install: it warns, and the build step records what was
+built and why not in gradguard/_build_info.json, which gradguard.backend() reports.
 
 Build without isolation (`pip install --no-build-isolation .`): the kernels must be compiled
 against the torch that will import them.
@@ -19,14 +26,27 @@ import time
 import warnings
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join(ROOT, "gradguard", "_build_info.json")
+CPU_MODULE, CUDA_MODULE = "gradguard._C", "gradguard._C_cuda"
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
-def flag(name: str) -> bool:
-    """The env switches are on for any value but empty and "0" (as gradguard/_extension.py reads them)."""
-    return os.environ.get(name, "") not in ("", "0")
+def env_switch(name, default=None):
+    """The boolean env switch `name`: True, False, or `default` when it is unset."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean switch: use one of 1/true/yes/on or 0/false/no/off "
+                     "(or leave it empty or unset)")
 
 
 def write_build_info(info, package_dir=None):
@@ -48,16 +68,18 @@ def base_info():
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "python": sys.version.split()[0],
+        "machine": os.uname().machine,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def cuda_wanted():
+def cuda_skip_reason():
+    """None when the CUDA kernels can be built, else why not (an error if they are required)."""
     import torch
 
-    flag = os.environ.get("GRADGUARD_BUILD_CUDA", "auto")
-    if flag == "0":
-        return False, "disabled by GRADGUARD_BUILD_CUDA=0"
+    build_cuda = env_switch("GRADGUARD_BUILD_CUDA")
+    if build_cuda is False:
+        return "disabled by GRADGUARD_BUILD_CUDA"
     if torch.version.cuda is None:
         reason = "torch is a CPU-only build"
     elif shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
@@ -65,47 +87,102 @@ def cuda_wanted():
     elif not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
         reason = "no CUDA sources"
     else:
-        return True, None
-    if flag == "1":
-        raise RuntimeError(f"GRADGUARD_BUILD_CUDA=1 but the CUDA kernels cannot be built: {reason}")
-    return False, reason
+        return None
+    if build_cuda:
+        raise RuntimeError(f"GRADGUARD_BUILD_CUDA is set but the CUDA kernels cannot be built: {reason}")
+    return reason
 
 
-def extensions():
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+def cuda_library_includes():
+    """The include folders of torch's nvidia-* wheels that hold the cuBLAS/cuSPARSE headers
+    ATen/cuda/CUDAContext.h needs: a minimal system toolkit (nvcc, cudart, CCCL) lacks them.
+    CUDA 13 wheels put every library under nvidia/cu13/include, CUDA 12 ones under
+    nvidia/<library>/include."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in list(getattr(nvidia, "__path__", [])):
+        for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            if any(os.path.exists(os.path.join(inc, h)) for h in ("cublas_v2.h", "cusparse.h")) and inc not in found:
+                found.append(inc)
+    return found
+
+
+def module_source(name):
+    """The module init (csrc/gradguard.cpp) compiled under the module's own name."""
+    return [("GRADGUARD_MODULE", name.rsplit(".", 1)[1])]
+
+
+# -fopenmp on both compile and link, or at::parallel_for silently runs on one thread;
+# -g0 keeps the .so small and the build fast; -fno-trapping-math lets gcc if-convert the
+# "finite ? x*x : 0" select in the stats loop (we never rely on FP exceptions), which is the
+# difference between a scalar loop and a vectorized one (4x). No -std flag: torch's build
+# helper adds the standard its own headers need (C++17 up to torch 2.13, C++20 from 2.14,
+# whose ATen.h refuses anything older; nvcc accepts only one -std).
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-g0"]
+INCLUDE_DIRS = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cpu")]
+
+
+def cpu_extension():
+    from torch.utils.cpp_extension import CppExtension
 
     sources = [os.path.join("csrc", "gradguard.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # -fopenmp on both compile and link, or at::parallel_for silently runs on one thread;
-    # -g0 keeps the .so small and the build fast; -fno-trapping-math lets gcc if-convert the
-    # "finite ? x*x : 0" select in the stats loop (we never rely on FP exceptions), which is the
-    # difference between a scalar loop and a vectorized one (4x). No -std flag: torch's build
-    # helper adds the standard its own headers need (C++17 up to torch 2.13, C++20 from 2.14,
-    # whose ATen.h refuses anything older; nvcc accepts only one -std).
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-g0"]
-    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cpu")]
-    want_cuda, why_not = cuda_wanted()
-    if not want_cuda:
-        ext = CppExtension("gradguard._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-        return [ext], {"cuda_kernels": False, "cuda_skipped": why_not}
-    import torch
+    return CppExtension(CPU_MODULE, sources, include_dirs=INCLUDE_DIRS, define_macros=module_source(CPU_MODULE),
+                        extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
 
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+
+def cuda_extension():
+    from torch.utils.cpp_extension import CUDAExtension
+
+    sources = [os.path.join("csrc", "gradguard.cpp")] + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    # torch's nvidia wheels ship the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h needs
-    # when the system toolkit is a minimal one.
     # --extended-lambda: ATen/native/cuda/Loops.cuh (gpu_kernel, used by the safe math kernels)
     # has __host__ __device__ lambdas of its own.
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--extended-lambda"]
-    for site in sys.path:
-        inc = os.path.join(site, "nvidia", "cu13", "include")
-        if os.path.isdir(inc):
-            nvcc += ["-isystem", inc]
-            break
-    ext = CUDAExtension("gradguard._C", sources, include_dirs=include_dirs + [os.path.join(ROOT, "csrc", "cuda")],
-                        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
-    return [ext], {"cuda_kernels": True, "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"],
-                   "torch_cuda": torch.version.cuda}
+    for inc in cuda_library_includes():
+        nvcc += ["-isystem", inc]
+    ext = CUDAExtension(CUDA_MODULE, sources, include_dirs=INCLUDE_DIRS + [os.path.join(ROOT, "csrc", "cuda")],
+                        define_macros=module_source(CUDA_MODULE),
+                        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+    return ext, {"cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"], "cuda_includes": cuda_library_includes()}
+
+
+def configure():
+    """The extensions to build and the record of what was left out at configuration and why."""
+    exts, info = [], {"cpu_kernels": False, "cuda_kernels": False}
+    try:
+        exts.append(cpu_extension())
+    except Exception as exc:
+        if env_switch("GRADGUARD_REQUIRE_EXT"):
+            raise
+        info["cpu_error"] = f"configuration failed: {type(exc).__name__}: {exc}"
+    skip = cuda_skip_reason()
+    if skip:
+        info["cuda_skipped"] = skip
+    else:
+        try:
+            ext, cuda_info = cuda_extension()
+            exts.append(ext)
+            info.update(cuda_info)
+        except Exception as exc:
+            if env_switch("GRADGUARD_BUILD_CUDA") or env_switch("GRADGUARD_REQUIRE_EXT"):
+                raise
+            info["cuda_error"] = f"configuration failed: {type(exc).__name__}: {exc}"
+    return exts, info
+
+
+class RecordNoTorch(build_py):
+    """torch was not importable when setup.py ran: the record says so at build time."""
+
+    reason = ""
+
+    def run(self):
+        super().run()
+        info = {"error": f"torch was not importable at build time ({self.reason})", "cpu_kernels": False,
+                "cuda_kernels": False, "python": sys.version.split()[0]}
+        write_build_info(info, os.path.join(self.build_lib, "gradguard") if not getattr(self, "editable_mode", False) else None)
 
 
 ext_modules, cmdclass = [], {}
@@ -115,33 +192,37 @@ try:
 except ImportError as exc:
     warnings.warn(f"gradguard: torch is not importable at build time ({exc}); installing the pure-PyTorch "
                   "package only. Install torch first and build with --no-build-isolation for the kernels.")
-    if os.path.exists(BUILD_INFO):
-        os.remove(BUILD_INFO)
+    RecordNoTorch.reason = str(exc)
+    cmdclass = {"build_py": RecordNoTorch}
 else:
-    try:
-        ext_modules, _ext_info = extensions()
-    except Exception as exc:  # configuration error: fall back, but say why
-        if os.environ.get("GRADGUARD_BUILD_CUDA") == "1" or flag("GRADGUARD_REQUIRE_EXT"):
-            raise
-        ext_modules, _ext_info = [], {}
-        warnings.warn(f"gradguard: not building the extension: {exc}")
-        write_build_info({**base_info(), "error": f"configuration failed: {exc}"})
+    ext_modules, config_info = configure()
 
     class GuardedBuild(BuildExtension):
-        """Builds the kernels; a compiler failure becomes a warning and a build record."""
+        """Builds each kernel module on its own; a failure becomes a warning and a line of the
+        build record (written here, at build time), unless a switch makes it an error."""
 
         def run(self):
-            package_dir = os.path.dirname(self.get_ext_fullpath("gradguard._C"))
+            self.info = {**base_info(), **config_info}
+            package_dir = os.path.dirname(self.get_ext_fullpath(CPU_MODULE))
+            super().run()
+            failures = [self.info.get(k) for k in ("cpu_error", "cuda_error") if self.info.get(k)]
+            if failures and not (self.info["cpu_kernels"] or self.info["cuda_kernels"]):
+                self.info["error"] = failures[0]
+            write_build_info(self.info, package_dir)
+
+        def build_extension(self, ext):
+            side = "cuda" if ext.name == CUDA_MODULE else "cpu"
             try:
-                super().run()
+                super().build_extension(ext)
             except Exception as exc:
-                if os.environ.get("GRADGUARD_BUILD_CUDA") == "1" or flag("GRADGUARD_REQUIRE_EXT"):
+                required = env_switch("GRADGUARD_REQUIRE_EXT") or (side == "cuda" and env_switch("GRADGUARD_BUILD_CUDA"))
+                if required:
                     raise
-                warnings.warn(f"gradguard: building the compiled kernels failed; installing the pure-PyTorch "
-                              f"package (gradguard.backend() will say why): {exc}")
-                write_build_info({**base_info(), "error": f"build failed: {type(exc).__name__}: {exc}"}, package_dir)
+                warnings.warn(f"gradguard: building the {side.upper()} kernels ({ext.name}) failed; the "
+                              f"{side.upper()} ops use the pure-PyTorch kernels (gradguard.backend() says why): {exc}")
+                self.info[f"{side}_error"] = f"build failed: {type(exc).__name__}: {exc}"
                 return
-            write_build_info({**base_info(), **_ext_info}, package_dir)
+            self.info[f"{side}_kernels"] = True
 
     cmdclass = {"build_ext": GuardedBuild.with_options(use_ninja=True)}
 
@@ -152,7 +233,8 @@ setup(
     packages=find_packages(include=["gradguard", "gradguard.*"]),
     package_data={"gradguard": ["_build_info.json"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.6"],
+    extras_require={"demo": ["matplotlib>=3.5"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

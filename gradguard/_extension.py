@@ -1,4 +1,7 @@
-"""Loading the compiled kernels (gradguard._C), and saying why they are or are not there.
+"""Loading the compiled kernels, and saying why they are or are not there.
+
+Two modules, built independently (see setup.py): gradguard._C (CPU kernels) and
+gradguard._C_cuda (CUDA kernels). Each loads if its build record entry says it was built.
 
 The build writes ``_build_info.json`` next to the package (torch version, CUDA, archs, or the
 build error). It is checked before the shared library is imported, so a library built against
@@ -15,7 +18,9 @@ import torch
 
 _BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
 
-_state: dict = {"loaded": False, "reason": None, "build": None}
+_MODULES = (("gradguard._C", "cpu"), ("gradguard._C_cuda", "cuda"))
+
+_state: dict = {"loaded": False, "reason": None, "build": None, "modules": [], "partial": None}
 
 _ON = ("1", "true", "yes", "on")
 _OFF = ("", "0", "false", "no", "off")
@@ -45,7 +50,8 @@ def _read_build_info():
 
 
 def _try_load() -> str | None:
-    """Imports gradguard._C; returns None on success, else the reason it was not loaded."""
+    """Imports the built kernel modules; returns None when at least one loaded, else the reason.
+    A side that failed while the other loaded is left in _state["partial"]."""
     if env_switch("GRADGUARD_DISABLE_EXT"):
         return "disabled by GRADGUARD_DISABLE_EXT"
     build = _read_build_info()
@@ -59,10 +65,22 @@ def _try_load() -> str | None:
     if built_torch != torch.__version__:
         return (f"torch version mismatch: the extension was built against torch {built_torch} but "
                 f"torch {torch.__version__} is installed; rebuild with `pip install --no-build-isolation .`")
-    try:
-        importlib.import_module("gradguard._C")
-    except Exception as exc:  # any failure of the shared library: keep the package usable
-        return f"failed to load: {type(exc).__name__}: {exc}"
+    problems = []
+    loaded = []
+    for module, side in _MODULES:
+        if not build.get(f"{side}_kernels", side == "cpu"):  # records from before the split: _C had both
+            if build.get(f"{side}_error"):
+                problems.append(f"{side.upper()} kernels not built: {build[f'{side}_error']}")
+            continue
+        try:
+            importlib.import_module(module)
+            loaded.append(module)
+        except Exception as exc:  # any failure of the shared library: keep the package usable
+            problems.append(f"{module} failed to load: {type(exc).__name__}: {exc}")
+    _state["modules"] = loaded
+    if not loaded:
+        return "; ".join(problems) if problems else "not built: the build record lists no compiled kernels"
+    _state["partial"] = "; ".join(problems) or None
     return None
 
 
@@ -70,9 +88,9 @@ def load() -> None:
     require = env_switch("GRADGUARD_REQUIRE_EXT")  # read first: a bad value fails before any loading
     reason = _try_load()
     _state["loaded"] = reason is None
-    _state["reason"] = reason
-    if reason is not None and require:
-        raise ImportError(f"gradguard: GRADGUARD_REQUIRE_EXT is set but the compiled extension is unavailable: {reason}")
+    _state["reason"] = reason if reason is not None else _state["partial"]
+    if _state["reason"] is not None and require:
+        raise ImportError(f"gradguard: GRADGUARD_REQUIRE_EXT is set but the compiled extension is unavailable: {_state['reason']}")
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -83,7 +101,9 @@ def backend() -> dict:
     """Which kernels serve each device, and why the extension is missing if it is.
 
     Returns a dict: ``{"cpu": "extension" | "reference", "cuda": ..., "extension_loaded": bool,
-    "reason": str | None, "build": dict | None}``. "reference" means the pure-PyTorch kernels.
+    "reason": str | None, "build": dict | None, "modules": [...]}``. "reference" means the
+    pure-PyTorch kernels; "reason" also names a side whose kernels failed to build or load while
+    the other side's loaded; "modules" lists the compiled modules imported.
     """
     op = "gradguard::multi_tensor_stats"
     return {
@@ -92,4 +112,5 @@ def backend() -> dict:
         "extension_loaded": _state["loaded"],
         "reason": _state["reason"],
         "build": _state["build"],
+        "modules": list(_state["modules"]),
     }

@@ -10,11 +10,22 @@ import gradguard
 from gradguard import reference
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+HAS_GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+# The `device` fixture's params: every test taking `device` runs on the CPU and, marked `cuda`
+# (benchmarks/gpu_check.sh selects them with -m cuda), on the GPU; without one that case is
+# collected and reported as skipped rather than silently absent.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_gpu])]
 EXT_LOADED = gradguard.backend()["extension_loaded"]
 
 needs_ext = pytest.mark.skipif(not EXT_LOADED, reason="compiled extension not loaded: "
                                + str(gradguard.backend()["reason"]))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """The device a test runs on: "cpu", then "cuda" (skipped without a GPU)."""
+    return request.param
 
 
 def stats_paths():

@@ -134,3 +134,72 @@ def test_env_switch_rule(monkeypatch):
     monkeypatch.setenv("GG_TEST_SWITCH", "enable")
     with pytest.raises(ValueError, match=r"GG_TEST_SWITCH='enable'.*1/true/yes/on.*0/false/no/off"):
         _extension.env_switch("GG_TEST_SWITCH")
+
+
+# --- the build record of the two kernel modules, and setup.py's switches -------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_record_of_a_failed_cpu_side_is_the_reason(tmp_path, monkeypatch):
+    # What an aarch64 host without the guards wrote: the CPU module failed, nothing else built.
+    record = tmp_path / "_build_info.json"
+    record.write_text(json.dumps({"torch": torch.__version__, "cpu_kernels": False, "cuda_kernels": False,
+                                  "cpu_error": "build failed: CompileError: target('avx2') is not valid"}))
+    monkeypatch.setattr(_extension, "_BUILD_INFO_PATH", record)
+    monkeypatch.setattr(_extension, "_state", dict(_extension._state))
+    monkeypatch.delenv("GRADGUARD_DISABLE_EXT", raising=False)
+    assert _extension._try_load() == "CPU kernels not built: build failed: CompileError: target('avx2') is not valid"
+
+
+@pytest.mark.skipif(_extension.env_switch("GRADGUARD_DISABLE_EXT") or not gradguard.backend()["extension_loaded"],
+                    reason="needs the CPU module loaded (importing it here would register its kernels)")
+def test_record_of_a_failed_cuda_side_keeps_the_cpu_kernels_and_says_why(tmp_path, monkeypatch):
+    record = tmp_path / "_build_info.json"
+    record.write_text(json.dumps({"torch": torch.__version__, "cpu_kernels": True, "cuda_kernels": False,
+                                  "cuda_error": "build failed: CompileError: nvcc boom"}))
+    monkeypatch.setattr(_extension, "_BUILD_INFO_PATH", record)
+    monkeypatch.setattr(_extension, "_state", dict(_extension._state))
+    assert _extension._try_load() is None
+    assert _extension._state["modules"] == ["gradguard._C"]
+    assert _extension._state["partial"] == "CUDA kernels not built: build failed: CompileError: nvcc boom"
+
+
+def test_build_record_names_what_was_built():
+    build = _extension._read_build_info()  # the file: other tests here swap the loaded record
+    if build is None or build.get("error"):
+        pytest.skip(f"no successful build here: {build}")
+    assert isinstance(build["cpu_kernels"], bool) and isinstance(build["cuda_kernels"], bool)
+    assert build["cuda_kernels"] or build.get("cuda_skipped") or build.get("cuda_error")
+    assert build["machine"] and build["torch"] == torch.__version__
+
+
+def _setup_py(*args, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("GRADGUARD_")}
+    return subprocess.run([sys.executable, "setup.py", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**full, **env}, timeout=300)
+
+
+@pytest.mark.parametrize("value", ["maybe"])
+def test_setup_py_refuses_a_switch_value_it_cannot_read(value):
+    r = _setup_py("--name", GRADGUARD_BUILD_CUDA=value)
+    assert r.returncode != 0
+    assert f"GRADGUARD_BUILD_CUDA={value!r} is not a boolean switch" in r.stderr
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
+@pytest.mark.parametrize("value", ["YES", "on"])
+def test_setup_py_build_cuda_true_without_cuda_torch_is_an_error(value):
+    r = _setup_py("--name", GRADGUARD_BUILD_CUDA=value)
+    assert r.returncode != 0 and "the CUDA kernels cannot be built: torch is a CPU-only build" in r.stderr
+
+
+@pytest.mark.parametrize("value", ["Off", ""])
+def test_setup_py_false_switch_configures_without_writing_a_record(value, tmp_path):
+    record = os.path.join(ROOT, "gradguard", "_build_info.json")
+    before = os.stat(record).st_mtime_ns if os.path.exists(record) else None
+    r = _setup_py("--name", GRADGUARD_BUILD_CUDA=value, GRADGUARD_REQUIRE_EXT=value)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "gradguard"
+    after = os.stat(record).st_mtime_ns if os.path.exists(record) else None
+    assert after == before  # the record is written by the build step, not by importing setup.py

@@ -20,7 +20,13 @@ BACKEND = gradguard.backend()
 BUILD = BACKEND["build"] or {}
 CUDA_KERNELS = BACKEND["cuda"] == "extension"
 
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+
+def needs_gpu(test):
+    """Skips without a GPU; marked `cuda` so benchmarks/gpu_check.sh can select it."""
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")(test))
+
+
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 NORMS = [2.0, 1.0, math.inf, 3.0, 0.5]
 CHUNK = 1 << 16
@@ -84,6 +90,35 @@ def planted(sizes, dtype, device="cpu", seed=0):
     return out
 
 
+# Integer views for bit comparisons, and a quiet NaN with a payload in each dtype (bfloat16's
+# exponent is 8 bits: 0x7E01 would be a finite number there).
+BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+PAYLOAD_NAN = {torch.float16: 0x7E01, torch.bfloat16: 0x7FC1, torch.float32: 0x7FC00001,
+               torch.float64: 0x7FF8000000000001}
+
+
+def assert_bits_equal(got, want, what=""):
+    """The same NaN positions and, everywhere else, the same bits (so -0.0 != 0.0, which
+    assert_close would accept). NaN payloads are not compared: kernels may quiet them."""
+    assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype}{tuple(got.shape)} vs " \
+        f"{want.dtype}{tuple(want.shape)}"
+    g, w = got.detach().cpu().reshape(-1), want.detach().cpu().reshape(-1)
+    nan_g, nan_w = torch.isnan(g), torch.isnan(w)
+    assert torch.equal(nan_g, nan_w), f"{what}: NaN at different positions ({int(nan_g.sum())} vs {int(nan_w.sum())})"
+    keep = ~nan_g
+    diff = (g.view(BITS[g.dtype])[keep] != w.view(BITS[w.dtype])[keep]).nonzero()
+    if diff.numel():
+        i = int(keep.nonzero()[int(diff[0])])
+        raise AssertionError(f"{what}: {diff.numel()} of {int(keep.sum())} non-NaN elements differ in their bits; "
+                             f"first at {i}: {g[i].item()!r} vs {w[i].item()!r}")
+
+
+def libm_rtol(dtype):
+    """CPU (Sleef, glibc) and CUDA (expf/logf) transcendentals agree to 2-3 ulp, not bit for bit;
+    the half types compute in float and round once, so they may land 1-2 ulp apart."""
+    return {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 4}[dtype] * torch.finfo(dtype).eps
+
+
 SIZES = [0, 1, 3, 7, 9, 17, 1000, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 12345]
 
 
@@ -96,37 +131,34 @@ def three_way(tensors_cuda, p):
 # --- multi_tensor_stats -----------------------------------------------------------------------
 
 
-@needs_gpu
 @pytest.mark.parametrize("p", NORMS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_stats_cuda_cpu_reference(dtype, p):
-    ts = planted(SIZES, dtype, "cuda")
+def test_stats_device_cpu_reference(dtype, p, device):
+    ts = planted(SIZES, dtype, device)
     got, cpu, ref = three_way(ts, p)
-    assert all(r.device.type == "cuda" for r in got)
+    assert all(r.device.type == device for r in got)
     assert [r.dtype for r in got] == [torch.float64, torch.int64, torch.int64, torch.float64]
-    assert_stats_close(got, ref, dtype, p, "cuda vs reference")
+    assert_stats_close(got, ref, dtype, p, f"{device} vs reference")
     assert_stats_close(cpu, ref, dtype, p, "cpu vs reference")
     assert int(got[1].sum() + got[2].sum()) > 0  # the planted values were seen
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_stats_more_tensors_than_one_launch(dtype):
+def test_stats_more_tensors_than_one_launch(dtype, device):
     # One launch takes at most 1000 tensors (32 KB of kernel arguments); 2,500 of mixed sizes,
     # empty ones included, span three.
     g = torch.Generator().manual_seed(1)
     sizes = torch.randint(0, 3000, (2500,), generator=g).tolist()
     sizes[1234] = 3 * CHUNK + 7
-    ts = planted(sizes, dtype, "cuda", seed=2)
+    ts = planted(sizes, dtype, device, seed=2)
     got, _, ref = three_way(ts, 2.0)
     assert_stats_close(got, ref, dtype, 2.0)
 
 
-@needs_gpu
 @pytest.mark.parametrize("offset", [1, 2, 3, 5])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_stats_misaligned_views(dtype, offset):
-    base = planted([4 * CHUNK + 41], dtype, "cuda", seed=offset)[0]
+def test_stats_misaligned_views(dtype, offset, device):
+    base = planted([4 * CHUNK + 41], dtype, device, seed=offset)[0]
     views = [base[offset:], base[offset:offset + CHUNK + 3], base[offset:-offset]]
     views[0][CHUNK - 1] = math.nan  # a chunk boundary as seen from the view
     for p in (2.0, math.inf):
@@ -134,10 +166,9 @@ def test_stats_misaligned_views(dtype, offset):
         assert_stats_close(got, ref, dtype, p, f"offset {offset}")
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_stats_noncontiguous_views(dtype):
-    base = planted([3 * CHUNK + 512 * 9], dtype, "cuda")[0][: 3 * CHUNK + 512 * 8].view(-1, 512)
+def test_stats_noncontiguous_views(dtype, device):
+    base = planted([3 * CHUNK + 512 * 9], dtype, device)[0][: 3 * CHUNK + 512 * 8].view(-1, 512)
     views = [
         base.t(),                      # dense but permuted: read as one span
         base[:, ::2],                  # gaps: strided kernel
@@ -150,26 +181,24 @@ def test_stats_noncontiguous_views(dtype):
         assert_stats_close(got, ref, dtype, p)
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stats_extreme_magnitudes_stay_finite(dtype):
+def test_stats_extreme_magnitudes_stay_finite(dtype, device):
     # 1e20^2 overflows float32 and 1e-25^2 underflows it: the kernel must sum such chunks in
     # double, so the norm is 1e20 (not inf) and tiny gradients keep their norm.
-    big = torch.full((CHUNK + 3,), 1e20, dtype=dtype, device="cuda")
-    tiny = torch.full((1000,), 1e-25, dtype=dtype, device="cuda")
-    mixed = torch.randn(CHUNK * 2, device="cuda").to(dtype)
+    big = torch.full((CHUNK + 3,), 1e20, dtype=dtype, device=device)
+    tiny = torch.full((1000,), 1e-25, dtype=dtype, device=device)
+    mixed = torch.randn(CHUNK * 2, device=device).to(dtype)
     mixed[7] = 3e19
     got, _, ref = three_way([big, tiny, mixed], 2.0)
     assert_stats_close(got, ref, dtype, 2.0)
     assert torch.isfinite(got[0]).all()
-    stats = gradguard.grad_stats([torch.full((4,), 1e20, device="cuda")])
+    stats = gradguard.grad_stats([torch.full((4,), 1e20, device=device)])
     torch.testing.assert_close(stats.total_norm.cpu(), torch.tensor(2e20), rtol=1e-6, atol=0)
     assert float(stats.found_inf) == 0.0
 
 
-@needs_gpu
-def test_stats_deterministic():
-    ts = planted([5 * CHUNK + 11, 77, 2 * CHUNK], torch.float32, "cuda")
+def test_stats_deterministic(device):
+    ts = planted([5 * CHUNK + 11, 77, 2 * CHUNK], torch.float32, device)
     first = stats_op(ts, 2.0)
     for _ in range(3):
         again = stats_op(ts, 2.0)
@@ -247,17 +276,16 @@ def _scale_atol(dtype):
     return torch.finfo(dtype).tiny if dtype in (torch.float16, torch.bfloat16) else 0.0
 
 
-@needs_gpu
-@pytest.mark.parametrize("scale_kind", ["cuda", "cuda64", "cpu"])
+@pytest.mark.parametrize("scale_kind", ["device", "device64", "cpu"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_scale_matches_cpu_and_reference(dtype, scale_kind):
-    ts = planted(SIZES, dtype, "cuda")
-    bases = planted([2 * CHUNK + 37] * 4, dtype, "cuda", seed=3)
+def test_scale_matches_cpu_and_reference(dtype, scale_kind, device):
+    ts = planted(SIZES, dtype, device)
+    bases = planted([2 * CHUNK + 37] * 4, dtype, device, seed=3)
     views = [bases[0][1:], bases[1][3:CHUNK + 9], bases[2][:2 * CHUNK].view(-1, 256)[:, ::3],
              bases[3][:4096].view(64, 64).t()]
     untouched = bases[1][:3].clone()
-    scale = {"cuda": torch.tensor(0.37, device="cuda"),
-             "cuda64": torch.tensor(0.37, dtype=torch.float64, device="cuda"),
+    scale = {"device": torch.tensor(0.37, device=device),
+             "device64": torch.tensor(0.37, dtype=torch.float64, device=device),
              "cpu": torch.tensor(0.37)}[scale_kind]
     ext, ref = _scaled_cpu(ts + views, scale)
     scale_op(ts + views, scale)
@@ -271,26 +299,24 @@ def test_scale_matches_cpu_and_reference(dtype, scale_kind):
     assert torch.equal(bases[1][:3], untouched)  # outside the view: not written
 
 
-@needs_gpu
-def test_scale_many_tensors_and_internal_overlap():
-    ts = planted(torch.randint(1, 500, (2100,)).tolist(), torch.float32, "cuda", seed=4)
-    scale = torch.tensor(2.0, device="cuda")
+def test_scale_many_tensors_and_internal_overlap(device):
+    ts = planted(torch.randint(1, 500, (2100,)).tolist(), torch.float32, device, seed=4)
+    scale = torch.tensor(2.0, device=device)
     _, want = _scaled_cpu(ts, scale)
     scale_op(ts, scale)
     for got, w in zip(ts, want):
         torch.testing.assert_close(got.cpu(), w, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="internal overlap|unsupported operation"):
-        scale_op([torch.zeros(1, device="cuda").expand(4)], scale)
+        scale_op([torch.zeros(1, device=device).expand(4)], scale)
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_maybe_scale_matches_cpu_and_leaves_bits_at_one(dtype):
-    ts = planted(SIZES, dtype, "cuda")
-    base = planted([2 * CHUNK + 37], dtype, "cuda", seed=9)[0]
+def test_maybe_scale_matches_cpu_and_leaves_bits_at_one(dtype, device):
+    ts = planted(SIZES, dtype, device)
+    base = planted([2 * CHUNK + 37], dtype, device, seed=9)[0]
     views = [base[1:CHUNK + 5], base[CHUNK + 7:].view(-1)[::3]]
     lists = ts + views
-    for scale in (torch.tensor(0.37, device="cuda"), torch.tensor(0.37, dtype=torch.float64, device="cuda"),
+    for scale in (torch.tensor(0.37, device=device), torch.tensor(0.37, dtype=torch.float64, device=device),
                   torch.tensor(0.37)):
         want = [t.cpu().clone() for t in lists]
         if BACKEND["cpu"] == "extension":
@@ -302,13 +328,13 @@ def test_maybe_scale_matches_cpu_and_leaves_bits_at_one(dtype):
         for got, w in zip(lists, want):
             torch.testing.assert_close(got.cpu(), w, rtol=_SCALE_TOL[dtype], atol=_scale_atol(dtype), equal_nan=True)
     # scale exactly 1, on the device or on the host: not one bit rewritten, NaN payloads included
-    x = torch.randn(CHUNK + 9, device="cuda").to(dtype)
-    bits_view = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-                 torch.float64: torch.int64}[dtype]
-    payload_nan = {torch.int16: 0x7E01, torch.int32: 0x7FC00001, torch.int64: 0x7FF8000000000001}[bits_view]
-    x.view(bits_view)[3] = payload_nan
+    x = torch.randn(CHUNK + 9, device=device).to(dtype)
+    bits_view = BITS[dtype]
+    x.view(bits_view)[3] = PAYLOAD_NAN[dtype]
+    x[5] = -0.0
+    assert torch.isnan(x[3]) and not torch.isnan(x[4]), "the payload NaN is not a NaN in this dtype"
     before = x.view(bits_view).clone()
-    for one in (torch.tensor(1.0, device="cuda"), torch.tensor(1.0)):
+    for one in (torch.tensor(1.0, device=device), torch.tensor(1.0)):
         maybe_scale_op([x, x[1::2]], one)
         assert torch.equal(x.view(bits_view), before)
 
@@ -417,7 +443,7 @@ def _special(dtype, n=4099, seed=0):
 
 
 def _bits_equal(got, want, what):
-    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    assert_bits_equal(got, want, what)
 
 
 def _ref_ops():
@@ -448,8 +474,7 @@ def test_safe_unary_forward_bitwise(name, refname, bound, has_st, dtype):
     if name == "safe_sqrt":
         _bits_equal(got.cpu(), cpu, f"{name} CUDA vs CPU")
     else:
-        tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 3e-7, torch.float64: 1e-15}[dtype]
-        torch.testing.assert_close(got.cpu(), cpu, rtol=tol, atol=torch.finfo(dtype).tiny, equal_nan=True)
+        torch.testing.assert_close(got.cpu(), cpu, rtol=libm_rtol(dtype), atol=torch.finfo(dtype).tiny, equal_nan=True)
     # out= variant, views, empty and 0-dim inputs
     out = torch.empty(0, dtype=dtype, device="cuda")
     getattr(torch.ops.gradguard, name).out(x, *args, out=out)
@@ -555,3 +580,368 @@ def test_safe_math_refuses_what_cpu_refuses():
         ops.safe_div(x, x.double(), 1e-6, 0.0)
     with pytest.raises(RuntimeError, match="`out` has dtype"):
         ops.safe_exp.out(x, 1.0, False, out=torch.empty(4, dtype=torch.float64, device="cuda"))
+
+
+# --- scale kernels: strided views over many blocks, > 25 dims, side streams --------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_scale_strided_views_over_many_blocks(dtype, device):
+    # Every earlier strided view has < 65,536 elements (one block); these span 16 and 12 blocks.
+    n = 3 * 2**20
+    base_a, base_b = planted([n + 7, n + 5], dtype, device, seed=21)
+    view_a = base_a[::3]                               # 1D, stride 3
+    view_b = base_b[:n].view(-1, 1024)[:, 1::2]        # 2D, odd columns
+    view_a[5 * CHUNK + 1] = math.nan
+    view_b[700, 300] = -math.inf
+    idx = torch.arange(n + 7)
+    outside_a = (idx % 3 != 0).to(device)
+    idx = torch.arange(n + 5)
+    outside_b = ((idx >= n) | (idx % 2 == 0)).to(device)
+    before_a, before_b = base_a[outside_a].clone(), base_b[outside_b].clone()
+    scale = torch.tensor(0.37, device=device)
+    ext_a, ref_a = _scaled_cpu([view_a], scale)
+    want_b = view_b.cpu()
+    if BACKEND["cpu"] == "extension":
+        maybe_scale_op([want_b], scale.cpu())
+    else:
+        want_b.mul_(scale.cpu().to(torch.float64 if dtype == torch.float64 else torch.float32))
+    scale_op([view_a], scale)
+    maybe_scale_op([view_b], scale)
+    torch.testing.assert_close(view_a.cpu(), ref_a[0], rtol=_SCALE_TOL[dtype], atol=_scale_atol(dtype))
+    torch.testing.assert_close(view_b.cpu(), want_b, rtol=_SCALE_TOL[dtype], atol=_scale_atol(dtype), equal_nan=True)
+    assert torch.isfinite(view_a).all()  # zero_nonfinite_and_scale_ zeroed the NaN
+    assert torch.isinf(view_b[700, 300])  # maybe_scale_ scales non-finite values as they are
+    if ext_a is not None:
+        assert_bits_equal(view_a, ext_a[0], "zero_nonfinite_and_scale_ on a strided view vs the CPU kernel")
+    assert_bits_equal(base_a[outside_a], before_a, "elements outside the stride-3 view")
+    assert_bits_equal(base_b[outside_b], before_b, "elements outside the odd-column view")
+
+
+def _over_25_dims(device, dtype=torch.float32):
+    """A view with 26 dims of size 2 that no two of which merge (strides 2^(k+1) - 1): what the
+    CUDA kernels' argument table cannot describe, so they take their copy fallback."""
+    strides = [2 ** (k + 1) - 1 for k in range(26)][::-1]
+    base = torch.randn(sum(strides) + 1, device=device, dtype=dtype)
+    view = base.as_strided([2] * 26, strides)
+    view[(1,) + (0,) * 25] = math.nan
+    view[(1,) * 26] = math.inf
+    view[(0,) * 25 + (1,)] = -0.0
+    return base, view
+
+
+@needs_gpu
+def test_stats_and_scale_views_over_25_dims():
+    base, view = _over_25_dims("cuda")
+    got, cpu, ref = three_way([view], 2.0)
+    assert_stats_close(got, ref, torch.float32, 2.0, "26-dim view")
+    assert int(got[1]) == 1 and int(got[2]) == 1
+    gap = base[2].clone()  # offset 2 is no sum of distinct strides 1, 3, 7, ...: not in the view
+    scale = torch.tensor(0.5, device="cuda")
+    ext, want = _scaled_cpu([view], scale)
+    scale_op([view], scale)
+    assert_bits_equal(view, want[0], "zero_nonfinite_and_scale_ on a 26-dim view")  # x 0.5 is exact
+    assert_bits_equal(base[2], gap, "storage outside the 26-dim view")
+    before = view.cpu()
+    maybe_scale_op([view], torch.tensor(2.0, device="cuda"))
+    assert_bits_equal(view, before * 2.0, "maybe_scale_ on a 26-dim view")
+
+
+@needs_gpu
+def test_scale_kernels_use_the_current_stream():
+    s = torch.cuda.Stream()
+    x = torch.randn(3 * CHUNK + 5, device="cuda")
+    y = torch.randn(2 * CHUNK, device="cuda")[::2]
+    want_x, want_y = (x.double() * 2.0 * 0.25).float(), (y.double() * 2.0 * 0.5).float()
+    scale_q, scale_h = torch.tensor(0.25, device="cuda"), torch.tensor(0.5, device="cuda")
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)  # a kernel on the default stream would run before the mul_
+        x.mul_(2.0)
+        y.mul_(2.0)
+        scale_op([x], scale_q)
+        maybe_scale_op([y], scale_h)
+    s.synchronize()
+    assert_bits_equal(x, want_x, "zero_nonfinite_and_scale_ on a side stream")
+    assert_bits_equal(y, want_y, "maybe_scale_ on a side stream")
+
+
+# --- CUDA graphs: many launches, a device scale of 1 --------------------------------------------
+
+
+def _warm_then_capture(fn):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs asks
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@needs_gpu
+def test_graph_capture_with_more_tensors_than_one_launch():
+    # 2,500 tensors: the stats kernel needs three launches (1000 tensors each), the scale kernel
+    # many more (140 each); all of them must be captured and replayed.
+    g = torch.Generator().manual_seed(5)
+    sizes = torch.randint(1, 4000, (2500,), generator=g).tolist()
+    ts = planted(sizes, torch.float32, "cuda", seed=6)
+    fresh = planted(sizes, torch.float32, "cuda", seed=7)
+    scale = torch.tensor(0.5, device="cuda")
+
+    def step():
+        out = stats_op(ts, 2.0)
+        scale_op(ts, scale)
+        return out
+
+    graph, out = _warm_then_capture(step)
+    for t, f in zip(ts, fresh):
+        t.copy_(f)
+    want_stats = reference.multi_tensor_stats([f.cpu() for f in fresh], 2.0)
+    _, want_scaled = _scaled_cpu(fresh, scale)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_stats_close(out, want_stats, torch.float32, 2.0, "replayed stats over 2,500 tensors")
+    for i, (t, w) in enumerate(zip(ts, want_scaled)):
+        assert_bits_equal(t, w, f"replayed scale, tensor {i}")  # x 0.5 is exact
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_device_scale_of_one_writes_nothing_inside_a_replay(dtype):
+    x = torch.randn(3 * CHUNK + 9, device="cuda").to(dtype)
+    x.view(BITS[dtype])[3] = PAYLOAD_NAN[dtype]
+    x[5] = -0.0
+    x[CHUNK + 1] = math.inf
+    y = torch.randn(2 * CHUNK + 3, device="cuda").to(dtype)[::2]  # a strided second entry
+    scale = torch.tensor(0.5, device="cuda")
+    graph, _ = _warm_then_capture(lambda: maybe_scale_op([x, y], scale))
+    x.view(BITS[dtype])[3] = PAYLOAD_NAN[dtype]  # the warm-up ran at 0.5: plant the payload again
+    before_x, before_y = x.view(BITS[dtype]).clone(), y.view(BITS[dtype]).clone()
+    scale.fill_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(x.view(BITS[dtype]), before_x), "a device scale of 1 rewrote bits inside the replay"
+    assert torch.equal(y.view(BITS[dtype]), before_y), "a device scale of 1 rewrote a strided tensor's bits"
+    scale.fill_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    # x 0.5 in float, rounded once to the dtype: what multiplying in the dtype gives too
+    assert_bits_equal(x, before_x.view(dtype) * 0.5, "replay at scale 0.5")
+    assert_bits_equal(y, before_y.view(dtype) * 0.5, "replay at scale 0.5, strided")
+
+
+# --- safe math through the public API on CUDA -----------------------------------------------------
+
+needs_gpu_safe_math = pytest.mark.skipif(not (HAS_GPU and HAS_SAFE_MATH), reason="needs a CUDA GPU and the safe math ops")
+
+
+@needs_gpu
+@needs_gpu_safe_math
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_safe_math_public_api_cuda_matches_cpu(dtype):
+    x = _special(dtype)
+    pos = x.abs()
+    for name, fn in (("safe_log", lambda t: gradguard.safe_log(t)), ("safe_exp", lambda t: gradguard.safe_exp(t)),
+                     ("safe_sqrt", lambda t: gradguard.safe_sqrt(t))):
+        for arg in (x, pos, x[::3], x[11]):
+            got, cpu = fn(arg), fn(arg.cpu())
+            assert got.device.type == "cuda" and got.dtype == cpu.dtype
+            if name == "safe_sqrt":  # correctly rounded on every device
+                assert_bits_equal(got, cpu, f"{name} CUDA vs CPU")
+            else:
+                torch.testing.assert_close(got.cpu(), cpu, rtol=libm_rtol(dtype), atol=torch.finfo(dtype).tiny,
+                                           equal_nan=True, msg=lambda m: f"{name}: {m}")
+    # other as a CUDA tensor, a CPU 0-dim tensor (as torch.div takes one), a number, broadcast
+    den = _special(dtype, seed=4)
+    den[::5] = 0.0
+    for other in (den, torch.tensor(0.0), torch.tensor(3.0), torch.tensor(3.0, dtype=torch.float64), 3.0, 0.0,
+                  den[:1], torch.tensor(2.5, device="cuda")):
+        got = gradguard.safe_div(x, other, fill=-1.0)
+        cpu_other = other.cpu() if isinstance(other, torch.Tensor) else other
+        want = gradguard.safe_div(x.cpu(), cpu_other, fill=-1.0)
+        what = f"safe_div by {type(other).__name__} {getattr(other, 'shape', other)}"
+        assert got.device.type == "cuda" and got.dtype == want.dtype, what
+        if other is den:  # tensor / tensor: IEEE division on both devices
+            assert_bits_equal(got, want, what)
+        else:  # torch's CUDA division by a scalar multiplies by its reciprocal: an ulp apart
+            torch.testing.assert_close(got.cpu(), want, rtol=2 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny,
+                                       equal_nan=True, msg=lambda m: f"{what}: {m}")
+    # gradients through autograd, CUDA vs CPU
+    xr = (x.abs() + 0.5).float().requires_grad_()
+    xc = xr.detach().cpu().requires_grad_()
+    for fn in (gradguard.safe_log, gradguard.safe_sqrt, lambda t: gradguard.safe_div(t, torch.tensor(0.0))):
+        (gg,) = torch.autograd.grad(fn(xr).sum(), xr)
+        (gc,) = torch.autograd.grad(fn(xc).sum(), xc)
+        torch.testing.assert_close(gg.cpu(), gc, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+
+
+@needs_gpu
+@needs_gpu_safe_math
+def test_safe_math_public_api_has_no_host_sync():
+    x = (torch.rand(4099, device="cuda") + 0.1).requires_grad_()
+    cpu_scalar = torch.tensor(2.0)  # torch.div takes a CPU 0-dim divisor as a kernel argument, no copy
+
+    def run():
+        y = gradguard.safe_log(x) + gradguard.safe_exp(x) + gradguard.safe_sqrt(x)
+        y = y + gradguard.safe_div(x, x - 0.5) + gradguard.safe_div(x, 2.0) + gradguard.safe_div(x, cpu_scalar)
+        y.sum().backward()
+
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_gpu
+@needs_gpu_safe_math
+def test_safe_math_public_api_under_graph_capture():
+    x = torch.rand(3 * CHUNK, device="cuda") + 0.1
+    d = torch.randn(3 * CHUNK, device="cuda")
+
+    def fn():
+        return (gradguard.safe_log(x), gradguard.safe_exp(x, 5.0), gradguard.safe_sqrt(x),
+                gradguard.safe_div(x, d, eps=1e-3, fill=7.0), gradguard.safe_div(x, 4.0))
+
+    graph, outs = _warm_then_capture(fn)
+    x.copy_(torch.rand(3 * CHUNK, device="cuda") * 10)
+    x[::97] = 0.0
+    d.copy_(torch.randn(3 * CHUNK, device="cuda"))
+    d[::13] = 0.0
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outs, fn()):
+        assert_bits_equal(got, want, "replayed safe math vs eager")
+
+
+# --- GradGuard on CUDA end to end -----------------------------------------------------------------
+
+from optim_util import TinyNet, assert_bit_identical, snapshot  # noqa: E402
+
+FUSED = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+}
+
+
+def _batch(i, device="cuda"):
+    g = torch.Generator().manual_seed(100 + i)
+    return torch.randn(64, 8, generator=g).to(device), torch.randn(64, 1, generator=g).to(device)
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_guard_fused_on_cuda_matches_clip_and_skips_bit_identically(name):
+    # The guard steps a fused optimizer through found_inf/grad_scale on the device; the
+    # reference is the same optimizer with torch's clip_grad_norm_ and the bad step left out.
+    torch.manual_seed(0)
+    model = TinyNet().cuda()
+    ref_model = TinyNet().cuda()
+    ref_model.load_state_dict(model.state_dict())
+    guard = gradguard.GradGuard(FUSED[name](model.parameters()), max_norm=0.5, model=model)
+    ref_opt = FUSED[name](ref_model.parameters())
+    reports = []
+    guard.add_step_hook(lambda g, rep: reports.append(rep))
+    poisoned = 2
+    for i in range(5):
+        x, y = _batch(i)
+        for m, opt in ((model, guard), (ref_model, ref_opt)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        if i == poisoned:
+            model.fc1.weight.grad[0, 0] = math.nan
+        before = snapshot(list(model.parameters()), guard.optimizer)
+        guard.step()
+        if i == poisoned:
+            assert_bit_identical(before, snapshot(list(model.parameters()), guard.optimizer))
+        else:
+            torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.5)
+            ref_opt.step()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert [bool(r.skipped) for r in reports] == [i == poisoned for i in range(5)]
+    assert reports[poisoned].as_dict()["nonfinite_layers"] == ["fc1.weight"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_guarded_fused_step_on_cuda_has_no_host_sync(name):
+    torch.manual_seed(0)
+    model = TinyNet().cuda()
+    guard = gradguard.GradGuard(FUSED[name](model.parameters()), max_norm=1.0, model=model)
+    batches = [_batch(i) for i in range(4)]  # host-to-device copies of pageable memory sync
+
+    def step(i):
+        x, y = batches[i]
+        guard.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if i == 2:
+            model.fc2.bias.grad.fill_(math.inf)
+        guard.step()
+
+    step(0)  # optimizer state and lazy CUDA initialisation outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in (1, 2, 3):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [bool(s) for s in guard.history.as_dict()["skipped"]] == [False, False, True, False]
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_guard_with_grad_scaler_and_fp16_autocast_on_cuda(name):
+    # No clipping: the guard hands GradScaler's scale and flag to the fused step, so the run
+    # follows the unguarded GradScaler loop, the overflow step (skipped, scale halved) included.
+    def run(guarded):
+        torch.manual_seed(0)
+        model = TinyNet().cuda()
+        inner = FUSED[name](model.parameters())
+        opt = gradguard.GradGuard(inner, model=model) if guarded else inner
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12)
+        scales, snaps = [], []
+        for i in range(6):
+            x, y = _batch(i)
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = torch.nn.functional.mse_loss(model(x).float(), y)
+            if i == 3:
+                loss = loss * math.inf  # an fp16 overflow in backward, as the scaler sees it
+            before = snapshot(list(model.parameters()), inner)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+            if i == 3:
+                assert_bit_identical(before, snapshot(list(model.parameters()), inner))
+            snaps.append([p.detach().clone() for p in model.parameters()])
+        return scales, snaps
+
+    scales, snaps = run(True)
+    bare_scales, bare_snaps = run(False)
+    assert scales == bare_scales and scales[3] == scales[2] / 2
+    for a, b in zip(snaps, bare_snaps):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# --- the benchmark entry point without a GPU ------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without a GPU")
+def test_bench_only_cuda_without_gpu_fails_with_one_clear_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gradguard.bench", "--only", "cuda", "--quick"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "--only cuda needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr

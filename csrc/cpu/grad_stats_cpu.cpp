@@ -72,7 +72,7 @@ namespace isa_default {
 }  // namespace isa_default
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+GG_TARGET_AVX2
 namespace isa_avx2 {
 #include "stats_loops.inc"
 }  // namespace isa_avx2

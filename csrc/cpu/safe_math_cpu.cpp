@@ -48,7 +48,7 @@ namespace isa_default {
 }  // namespace isa_default
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+GG_TARGET_AVX2
 namespace isa_avx2 {
 #include "safe_math_fixup.inc"
 #include "safe_math_loops.inc"
@@ -56,7 +56,7 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+GG_TARGET_AVX512
 namespace isa_avx512 {
 #include "safe_math_fixup.inc"
 }  // namespace isa_avx512

@@ -42,7 +42,11 @@ def machine() -> str:
 
 
 def plot(tables, path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("python -m gradguard.bench: --plot needs matplotlib (pip install 'gradguard[demo]' "
+                         "or pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -73,6 +77,10 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of the ratios to the floor")
     args = ap.parse_args(argv)
 
+    if "cuda" in (args.only or []) and not torch.cuda.is_available():
+        # A GPU check that silently benchmarked nothing would read as a pass.
+        ap.exit(2, "python -m gradguard.bench: error: --only cuda needs a CUDA GPU, and torch.cuda.is_available() "
+                   f"is False (torch {torch.__version__}, CUDA build: {torch.version.cuda})\n")
     timing.progress = True
     print(f"gradguard {gradguard.__version__} bench on {machine()}")
     print(f"backend: {json.dumps({k: v for k, v in gradguard.backend().items() if k != 'build'})}")
@@ -94,11 +102,16 @@ def main(argv=None) -> int:
         all_tables += tables
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                       "backend": {k: v for k, v in gradguard.backend().items() if k != "build"},
                        "tables": [t.as_dict() for t in all_tables]}, f, indent=1)
     if args.plot and all_tables:
         plot(all_tables, args.plot)
         print(f"wrote {args.plot}")
+    # A target not met is a finding to report, not a crash: the exit status stays 0.
+    missed = [c for t in all_tables for c in t.checks if "NOT met" in c]
+    print(f"\n{len(missed)} target(s) not met" if missed else "\nall targets met")
     return 0
 
 

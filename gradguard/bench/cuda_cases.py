@@ -1,13 +1,11 @@
 """GPU benchmark cases of issue 4: gradguard's CUDA statistics kernel against the read bandwidth
 measured in the same run and against PyTorch's best two-call equivalent.
 
-``python -m gradguard.bench.cuda_cases [--quick] [--json FILE]`` prints the tables; every figure
+Run with ``python -m gradguard.bench --only cuda [--quick] [--json FILE]``; every figure
 names the card it was measured on. Baselines are PyTorch's own ops, nothing re-implemented here.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
@@ -168,26 +166,11 @@ def tables(device: str = "cuda", quick: bool = False) -> list[Table]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--json", default=None, help="also write the tables as JSON here")
-    args = ap.parse_args(argv)
-    b = gradguard.backend()
-    print(f"gradguard backend: cuda={b['cuda']} build={b['build']}")
-    ts = tables(args.device, quick=args.quick)
-    for t in ts:
-        print()
-        print(t.format())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(args.device), "torch": torch.__version__,
-                       "tables": [t.as_dict() for t in ts]}, f, indent=1)
-    # A target not met is a finding to report, not a crash: the exit status stays 0.
-    missed = [c for t in ts for c in t.checks if "NOT met" in c]
-    print(f"\n{len(missed)} target(s) not met" if missed else "\nall targets met")
-    return 0
+    """The old entry point: the same as ``python -m gradguard.bench --only cuda``."""
+    from gradguard.bench.__main__ import main as bench_main
+
+    return bench_main(["--only", "cuda", *(argv or [])])
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(__import__("sys").argv[1:]))
