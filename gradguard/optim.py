@@ -93,6 +93,8 @@ class GradGuard(torch.optim.Optimizer):
             ``model``).
         history_size: how many steps ``opt.history`` keeps.
         hygiene: ``False`` turns the training-hygiene warnings off.
+        tracer: a :class:`~gradguard.NanTracer`; every step ends its record (``first_nonfinite()``
+            then answers for the step just taken) and starts the next one.
     """
 
     # On the CPU a read is not a sync (there is no device queue to wait for), so there the guard
@@ -103,7 +105,7 @@ class GradGuard(torch.optim.Optimizer):
 
     def __init__(self, optimizer, max_norm=None, norm_type: float = 2.0, on_nonfinite: str = "skip",
                  max_consecutive_skips=None, spike=None, model=None, *, names=None,
-                 history_size: int = 1000, hygiene: bool = True):
+                 history_size: int = 1000, hygiene: bool = True, tracer=None):
         if isinstance(optimizer, GradGuard):
             raise TypeError("gradguard.GradGuard: `optimizer` is already a GradGuard; wrap the inner optimizer once")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -130,6 +132,9 @@ class GradGuard(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.history = History(history_size)
         self.hygiene = bool(hygiene)
+        if tracer is not None and not callable(getattr(tracer, "_end_step", None)):
+            raise TypeError(f"gradguard.GradGuard: `tracer` must be a gradguard.NanTracer, got {type(tracer).__name__}")
+        self.tracer = tracer
         self._name_list = None
         self._layout_cache = None
         self._explicit_names = self._check_names(names)
@@ -408,6 +413,8 @@ class GradGuard(torch.optim.Optimizer):
         skipped = ~finite if mode in ("skip", "raise") else torch.zeros((), dtype=torch.bool, device=device)
         self._bookkeep(params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp)
         report = self.last
+        if self.tracer is not None:
+            self.tracer._end_step(found)
 
         fused = self._fused_ready()
         host = None
