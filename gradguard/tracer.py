@@ -309,9 +309,8 @@ class NanTracer:
                 todo.append(i)
         if not todo:
             return
-        with torch.no_grad():
-            flags = torch._foreach_norm([leaves[i].detach() for i in todo], _INF)
-        rec.flags.extend(flags)
+        # Detached inputs build no graph: no no_grad() context needed (it costs more than the op).
+        rec.flags.extend(torch._foreach_norm([leaves[i].detach() for i in todo], _INF))
         for i in todo:
             t = leaves[i]
             rec.meta.append((kind, frame, i, t if self._keep else weakref.ref(t), t._version, None))
@@ -343,8 +342,7 @@ class NanTracer:
                 return None
             if rec.first_backward is None:
                 rec.first_backward = len(rec.flags)
-            with torch.no_grad():
-                rec.flags.append(torch.linalg.vector_norm(grad.detach(), _INF))
+            rec.flags.append(torch.linalg.vector_norm(grad.detach(), _INF))
             rec.meta.append(("grad", None, None, grad if self._keep else None, None, site))
             return None
         return hook

@@ -2,7 +2,7 @@
 
 Each row is a median over repeats, measured in the same run as its baselines and the bandwidth
 floor; each table ends with its targets, met or not. Options: --quick (small sizes, few
-repeats), --only NAME (a case module: stats, safe_math, optim, cuda), --device, --json FILE,
+repeats), --only NAME (a case module: stats, safe_math, optim, cuda, tracer), --device, --json FILE,
 --plot FILE (PNG bar chart of the ratios to the floor).
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ CASE_MODULES = {
     "safe_math": "gradguard.bench.safe_math_cases",
     "optim": "gradguard.bench.optim_cases",
     "cuda": "gradguard.bench.cuda_cases",
+    "tracer": "gradguard.bench.tracer_cases",
 }
 
 
