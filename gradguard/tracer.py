@@ -69,6 +69,7 @@ class Origin:
     consumers: list = field(default_factory=list)
     bad_params: list = field(default_factory=list)  # own parameters that hold NaN/Inf
     max_param: float | None = None     # largest finite |parameter| of the module
+    distributed: bool = False          # several processes: a gradient may come from another rank
 
     def __str__(self) -> str:
         m = f"`{self.module}`"
@@ -93,8 +94,11 @@ class Origin:
             s = (f"the first non-finite value ({self.kind}) appeared in {where}, outside its submodules: the input "
                  f"of `{self.submodule}` (call {self.call} of the forward) was already non-finite")
         elif self.where == "parameter gradient":
-            s = (f"forward finite; the first non-finite gradient is that of parameter `{self.tensor}`, produced in "
-                 f"the backward of {m}")
+            s = (f"forward finite and every gradient between modules finite; the parameter gradients are not "
+                 f"(the first, in module order: `{self.tensor}`, produced in the backward of {m}")
+            if self.distributed:
+                s += " or received from another process by the gradient all-reduce"
+            s += ")"
         elif self.module == "":
             s = ("forward finite; the gradient of the model's output was already non-finite: it came from the "
                  "backward of the loss")
@@ -506,8 +510,10 @@ class NanTracer:
             for pname, p in mod.named_parameters(recurse=False):
                 if p.grad is not None and checkable(p.grad) and not bool(torch.isfinite(p.grad).all()):
                     full = f"{mname}.{pname}" if mname else pname
+                    dist = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                        torch.distributed.get_world_size() > 1
                     return self._finish(rec, Origin(phase="backward", module=mname, where="parameter gradient",
-                                                    kind=nonfinite_kind(p.grad), tensor=full))
+                                                    kind=nonfinite_kind(p.grad), tensor=full, distributed=dist))
         return None
 
     # ---- on_failure: replay a bad step -----------------------------------------------------------

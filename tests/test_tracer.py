@@ -197,6 +197,41 @@ def test_log_zero_in_the_loss():
     assert math.isinf(float(loss.detach()))
 
 
+def test_nan_only_in_a_parameter_gradient():
+    """The module's input gradient is finite, its weight's gradient is not."""
+
+    class NanWeightGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.full_like(g, math.nan)
+
+    class Odd(nn.Linear):
+        def forward(self, x):
+            return nn.functional.linear(x, NanWeightGrad.apply(self.weight), self.bias)
+
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.odd = nn.Linear(D, D), Odd(D, D)
+
+        def forward(self, x):
+            return self.odd(self.a(x))
+
+    torch.manual_seed(0)
+    model = Top()
+    tracer = gradguard.NanTracer(model)
+    model(torch.randn(B, D)).sum().backward()
+    assert torch.isfinite(model.a.weight.grad).all() and not torch.isfinite(model.odd.weight.grad).any()
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.module, origin.where, origin.tensor) == (
+        "backward", "odd", "parameter gradient", "odd.weight")
+    assert "the parameter gradients are not (the first, in module order: `odd.weight`" in str(origin)
+
+
 def test_code_between_submodules():
     """A NaN made by the parent's own code (not a submodule) is blamed on the parent."""
 
