@@ -355,6 +355,8 @@ class NanTracer:
         if self._quiet:
             self._stack.append(self._names.get(mod))
             return None
+        if mod is self.model:  # a new outermost call: frames left by a forward that raised are stale
+            self._stack = []
         if self._skip():
             self._stack.append(None)
             return None

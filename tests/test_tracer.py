@@ -372,6 +372,15 @@ def test_reset_and_remove():
     assert not model.embed._forward_hooks and not model.embed._forward_pre_hooks
 
 
+def test_a_forward_that_raised_leaves_no_stale_frames():
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(B, D + 1))  # shape error inside embed
+    model(plant_input(model, x)).sum().backward()
+    assert tracer.first_nonfinite().phase == "input"
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="`model` must be an nn.Module"):
         gradguard.NanTracer(object())
