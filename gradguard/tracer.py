@@ -1,11 +1,11 @@
 """NanTracer: where in the forward or backward pass the first NaN/Inf of a step was born.
 
 How it records (``mode="always"``): a forward pre-hook and a forward hook on every module, and a
-gradient hook on every tensor that enters or leaves a module. Each one launches at most one
-``torch._foreach_norm(tensors, inf)`` over the tensors it has not seen yet (a tensor that left one
-module unchanged and enters the next is checked once) and appends the 0-dim max-abs values to a
-list, in execution order. Max-abs is finite exactly when every element is finite (NaN
-propagates through max), so nothing is ever read back on a good step. ``first_nonfinite()``
+gradient hook on every tensor that enters or leaves a module. Each one launches one
+``torch.aminmax`` per tensor it has not seen yet (a tensor that left one module unchanged and
+enters the next is checked once) and appends the two 0-dim results to a list, in execution order.
+Both are finite exactly when every element is finite (NaN propagates through min and max), so
+nothing is ever read back on a good step. ``first_nonfinite()``
 stacks the list and reads one index: the first non-finite event. Its meaning:
 
 - the input of the outermost module call held NaN/Inf: the batch (phase ``"input"``);
@@ -313,11 +313,11 @@ class NanTracer:
                 todo.append(i)
         if not todo:
             return
-        # Detached inputs build no graph: no no_grad() context needed (it costs more than the op).
-        rec.flags.extend(torch._foreach_norm([leaves[i].detach() for i in todo], _INF))
         for i in todo:
             t = leaves[i]
-            rec.meta.append((kind, frame, i, t if self._keep else weakref.ref(t), t._version, None))
+            rec.flags.extend(_min_max(t))
+            meta = (kind, frame, i, t if self._keep else weakref.ref(t), t._version, None)
+            rec.meta += (meta, meta)
         if len(rec.flags) > _MANY_EVENTS and not self._warned_many:
             self._warned_many = True
             warnings.warn("gradguard.NanTracer: over a million events recorded since the last reset(); call "
@@ -346,8 +346,9 @@ class NanTracer:
                 return None
             if rec.first_backward is None:
                 rec.first_backward = len(rec.flags)
-            rec.flags.append(torch.linalg.vector_norm(grad.detach(), _INF))
-            rec.meta.append(("grad", None, None, grad if self._keep else None, None, site))
+            rec.flags.extend(_min_max(grad))
+            meta = ("grad", None, None, grad if self._keep else None, None, site)
+            rec.meta += (meta, meta)
             return None
         return hook
 
@@ -574,6 +575,17 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+def _min_max(t: torch.Tensor):
+    """Both are finite exactly when every element is (min and max propagate NaN; an Inf is an
+    extreme). One fast reduction op: max-abs (the inf-norm) is a slow path on the CPU, and a sum
+    would call a large finite tensor non-finite. Detached: builds no graph, needs no no_grad()
+    context (which costs more than the op)."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return torch.aminmax(t)
 
 
 def _first_bad(flags):
