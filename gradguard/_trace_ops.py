@@ -31,6 +31,12 @@ def bad_rows(t: torch.Tensor, batch_dim: int, batch_size: int | None):
     return bad.movedim(batch_dim, 0).reshape(batch_size, -1).any(dim=1).nonzero().flatten().tolist()
 
 
+# Their outputs are uninitialized memory, which may hold any bits, NaN included: never a culprit.
+_UNINITIALIZED = frozenset(f"aten.{n}" for n in (
+    "empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided", "resize_",
+    "resize_as_"))
+
+
 class FirstNonfiniteOp(TorchDispatchMode):
     """Runs every aten op as usual and keeps the first one whose output holds NaN/Inf: its name,
     whether its inputs were finite, and where it ran (``where()``: the innermost module then).
@@ -43,7 +49,7 @@ class FirstNonfiniteOp(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.found is not None:
+        if self.found is not None or str(func.overloadpacket) in _UNINITIALIZED:
             return func(*args, **kwargs)
         ins = [t for t in tree_leaves((args, kwargs)) if checkable(t)]
         # An in-place op overwrites its input: judge the inputs before it runs.

@@ -381,6 +381,23 @@ def test_a_forward_that_raised_leaves_no_stale_frames():
     assert tracer.first_nonfinite().phase == "input"
 
 
+def test_op_checker_ignores_uninitialized_outputs():
+    """empty_like's output is whatever the memory held before (here, most likely, the NaN bits of
+    a buffer just freed): never the culprit."""
+    from gradguard._trace_ops import FirstNonfiniteOp
+
+    n = 1 << 16
+    x = torch.randn(n)
+    checker = FirstNonfiniteOp()
+    buf = torch.full((n,), math.nan)
+    del buf
+    with checker:
+        e = torch.empty_like(x)
+        out = torch.exp(x * 1e4)
+    assert checker.found is not None and checker.found[0] == "aten.exp", (checker.found, bool(torch.isnan(e).any()))
+    del e, out
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="`model` must be an nn.Module"):
         gradguard.NanTracer(object())
