@@ -9,6 +9,7 @@ Public API:
 - ``backend()``: which kernels serve each device, and why the compiled extension is missing.
 - ``GradGuard``: the optimizer wrapper (check, clip, skip, report); ``StepReport``, ``History``;
   spike policies ``ZScoreClip``, ``PercentileClip``; ``HygieneWarning``.
+- ``NanTracer``, ``Origin``: where the first NaN/Inf of a step appeared.
 - ``NonFiniteGradError``.
 
 Environment: ``GRADGUARD_DISABLE_EXT=1`` forces the pure-PyTorch kernels;
@@ -30,6 +31,7 @@ from gradguard.hygiene import HygieneWarning  # noqa: E402
 from gradguard.optim import GradGuard  # noqa: E402
 from gradguard.report import History, StepReport  # noqa: E402
 from gradguard.spike import PercentileClip, ZScoreClip  # noqa: E402
+from gradguard.tracer import NanTracer, Origin  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -38,7 +40,9 @@ __all__ = [
     "GradStats",
     "History",
     "HygieneWarning",
+    "NanTracer",
     "NonFiniteGradError",
+    "Origin",
     "PercentileClip",
     "StepReport",
     "ZScoreClip",

@@ -11,9 +11,13 @@ the same faults injected at the same steps:
 
 The unguarded run uses plain ``torch.exp``/``torch.log`` and a bare fused ``SGD`` (momentum 0.9); the guarded run uses
 ``gradguard.safe_exp``/``gradguard.safe_log`` and wraps the same optimizer in ``GradGuard`` (clip,
-skip non-finite steps, spike clipping, hygiene warnings). The script prints what happened at each
-fault, a summary table, the guard's measured overhead per step, and saves a picture of the loss
-curves and a per-layer gradient-norm heatmap.
+skip non-finite steps, spike clipping, hygiene warnings). A third run answers "where did the NaN
+come from?": plain ``torch.exp``/``torch.log`` again, the guard only skipping bad steps (no clip),
+and a ``NanTracer(model, mode="always")`` attached; on every step the guard skipped, the tracer
+names the first non-finite value's origin and replays the step for the op. The script prints what
+happened at each fault, a summary table, each fault's traced origin, the guard's measured overhead
+per step, and saves a picture of the loss curves (with the traced origins marked) and a
+per-layer gradient-norm heatmap.
 
 Exit code 0 only when the guarded run ends finite and the unguarded run shows the failure.
 """
@@ -176,6 +180,64 @@ def train(guarded: bool, steps: int, device, seed: int = 0) -> RunResult:
     return res
 
 
+@dataclass
+class TraceResult:
+    origins: dict = field(default_factory=dict)  # fault name -> (step, str(origin), short label) of its first NaN/Inf
+    skipped: list = field(default_factory=list)
+    max_abs_param: list = field(default_factory=list)  # per step, after the update
+    clip_free_norms: list = field(default_factory=list)
+
+
+def trace_run(steps: int, device, seed: int = 0) -> TraceResult:
+    """The faults again, unprotected math, the guard only skipping (no clipping, so the LR spike
+    is unbounded): the tracer says where each first NaN/Inf appeared."""
+    torch.manual_seed(seed)
+    model = TinyTransformer().to(device)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9,
+                            fused=torch.device(device).type in ("cpu", "cuda"))
+    base_lr = inner.param_groups[0]["lr"]
+    faults = fault_schedule(steps)
+    tracer = gradguard.NanTracer(model, mode="always")
+    opt = gradguard.GradGuard(inner, on_nonfinite="skip", model=model, history_size=steps, hygiene=False,
+                              tracer=tracer)
+    res = TraceResult()
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(1, steps + 1):
+        x, y = make_batch(gen, device)
+        if any(f.name == "nan_batch" and f.active(step) for f in faults):
+            x[5, 3, 2] = math.nan
+        spike = any(f.name == "lr_spike" and f.active(step) for f in faults)
+        for group in inner.param_groups:
+            group["lr"] = base_lr * (LR_SPIKE if spike else 1.0)
+        if not any(f.name == "no_zero_grad" and f.active(step) for f in faults):
+            opt.zero_grad()
+        model.train()
+
+        def fwd_bwd(batch, step=step):
+            loss = loss_fn(model(batch[0]), batch[1], step, faults, torch.exp, torch.log)
+            loss.backward()
+            return loss
+
+        tracer.begin_step()  # the RNG state this step starts from (exact replays)
+        loss = fwd_bwd((x, y))
+        opt.step()
+        skipped = bool(opt.last.skipped)
+        res.skipped.append(skipped)
+        res.max_abs_param.append(max(float(p.detach().abs().max()) for p in model.parameters()))
+        if skipped:
+            # The guard skipped: params are as before the step, so a replay is exact.
+            origin = tracer.first_nonfinite(loss=loss)
+            if origin.op is None:
+                origin = tracer.replay(fwd_bwd, (x, y))
+            for f in faults:
+                window = f.stop + f.after + (10 if f.name in ("lr_spike", "no_zero_grad") else 0)
+                if f.start <= step < window and f.name not in res.origins:
+                    res.origins[f.name] = (step, str(origin), short_origin(origin))
+                    break
+    tracer.remove()
+    return res
+
+
 def describe_step(step, loss, model, guard) -> tuple[float, str]:
     """(severity, sentence) for one step: what the loss, the params and the guard did."""
     finite_params = all(bool(torch.isfinite(p).all()) for p in model.parameters())
@@ -214,6 +276,35 @@ def nonfinite_steps(losses) -> str:
     return f"{len(bad)} (first: step {bad[0]})"
 
 
+def short_origin(origin) -> str:
+    """A few words for the picture."""
+    op = f" ({origin.op})" if origin.op else ""
+    if origin.phase == "input":
+        return f"input batch, rows {origin.rows}"
+    if origin.phase == "loss":
+        return f"the loss{op}"
+    if origin.phase == "forward":
+        return f"forward of {origin.module}{op}"
+    return f"backward of {origin.module or 'the loss'}{op}"
+
+
+def trace_report(trace: TraceResult, steps: int) -> str:
+    out = ["", "Where did the NaN come from? (third run: torch.exp/log, the guard only skips, NanTracer attached)"]
+    for f in fault_schedule(steps):
+        when = f"step {f.start}" if f.stop - f.start == 1 else f"steps {f.start}-{f.stop - 1}"
+        if f.name in trace.origins:
+            step, text, _ = trace.origins[f.name]
+            later = "" if step < f.stop else " (after the fault: the grown parameters made it)"
+            out.append(f"  {f.name} ({when}): first NaN/Inf at step {step}{later}: {text}")
+        else:
+            lo, hi = max(1, f.start - 1), min(steps, f.stop + f.after + 10)
+            grow = max(trace.max_abs_param[lo - 1:hi]) / max(trace.max_abs_param[lo - 1], 1e-30)
+            out.append(f"  {f.name} ({when}): no NaN/Inf in steps {f.start}-{hi}, nothing for the tracer to "
+                       f"trace: the origin is the update itself (largest |parameter| grew x{grow:.3g} in those steps; "
+                       f"the guarded run's clipping bounds it)")
+    return "\n".join(out)
+
+
 def report(plain: RunResult, guard: RunResult, steps: int) -> str:
     faults = fault_schedule(steps)
     out = ["", "What each fault did (the most severe of its steps; for the LR spike, of the 3 after it too):"]
@@ -250,7 +341,7 @@ def report(plain: RunResult, guard: RunResult, steps: int) -> str:
     return "\n".join(out)
 
 
-def plot(plain: RunResult, guard: RunResult, steps: int, path: str) -> None:
+def plot(plain: RunResult, guard: RunResult, steps: int, path: str, trace: TraceResult | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,9 +362,16 @@ def plot(plain: RunResult, guard: RunResult, steps: int, path: str) -> None:
         ax1.axvspan(f.start - 0.5, f.stop - 0.5, color="orange", alpha=0.3)
         ax1.text(f.start, 0.03, f" {f.name}", transform=ax1.get_xaxis_transform(), rotation=90, fontsize=7,
                  va="bottom", ha="right")
+    if trace is not None:  # mark each traced origin where it happened
+        for name, (step, _, short) in trace.origins.items():
+            ax1.plot([step], [1.0], marker="*", ms=10, color="tab:purple", transform=ax1.get_xaxis_transform(),
+                     clip_on=False)
+            ax1.text(step + 0.3, 0.96, f"NaN from: {short}", transform=ax1.get_xaxis_transform(), rotation=90,
+                     fontsize=6, va="top", ha="left", color="tab:purple")
     ax1.set_yscale("log")
     ax1.set_ylabel("training loss")
-    ax1.set_title("Same seed, same faults: unguarded run vs gradguard")
+    ax1.set_title("Same seed, same faults: unguarded run vs gradguard (purple stars: where NanTracer found each "
+                  "first NaN/Inf)", fontsize=10)
     ax1.legend(loc="upper right", fontsize=8)
 
     norms = guard.layer_norms.clone()
@@ -316,11 +414,13 @@ def main(argv=None) -> int:
     print("Faults injected in both runs: " + "; ".join(f"{f.what} at step {f.start}" for f in fault_schedule(args.steps)))
     plain = train(False, args.steps, args.device)
     guard = train(True, args.steps, args.device)
+    trace = trace_run(args.steps, args.device)
     print(report(plain, guard, args.steps))
+    print(trace_report(trace, args.steps))
     if not args.no_plot:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "gradguard_demo.png")
-        plot(plain, guard, args.steps, path)
+        plot(plain, guard, args.steps, path, trace)
         print(f"\nSaved {path}")
     saved = guard.params_finite and math.isfinite(guard.losses[-1])
     failed = (not plain.params_finite) or not math.isfinite(plain.losses[-1])

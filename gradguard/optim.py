@@ -150,6 +150,8 @@ class GradGuard(torch.optim.Optimizer):
             (hand-rolled sharding, FSDP1). Not needed for DTensor gradients (FSDP2, tensor
             parallel: their mesh says it), for ``model=`` an FSDP1 module (its process group is
             used for its flat parameters), or for DDP.
+        tracer: a :class:`~gradguard.NanTracer`; every step ends its record (``first_nonfinite()``
+            then answers for the step just taken) and starts the next one.
 
     Distributed: the guard adds one collective per step where statistics must be reduced
     (DTensor shards, FSDP1, an inner ``ZeroRedundancyOptimizer``, whose skip decision is made
@@ -165,7 +167,7 @@ class GradGuard(torch.optim.Optimizer):
 
     def __init__(self, optimizer, max_norm=None, norm_type: float = 2.0, on_nonfinite: str = "skip",
                  max_consecutive_skips=None, spike=None, model=None, *, names=None,
-                 history_size: int = 1000, hygiene: bool = True, process_group=None):
+                 history_size: int = 1000, hygiene: bool = True, process_group=None, tracer=None):
         if isinstance(optimizer, GradGuard):
             raise TypeError("gradguard.GradGuard: `optimizer` is already a GradGuard; wrap the inner optimizer once")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -199,6 +201,9 @@ class GradGuard(torch.optim.Optimizer):
         if not isinstance(hygiene, bool):
             raise TypeError(f"gradguard.GradGuard: `hygiene` must be True or False, got {hygiene!r}")
         self.hygiene = hygiene
+        if tracer is not None and not callable(getattr(tracer, "_end_step", None)):
+            raise TypeError(f"gradguard.GradGuard: `tracer` must be a gradguard.NanTracer, got {type(tracer).__name__}")
+        self.tracer = tracer
         self._name_list = None
         self._layout_cache = None
         self._explicit_names = self._check_names(names)
@@ -513,6 +518,8 @@ class GradGuard(torch.optim.Optimizer):
         self._bookkeep(params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp,
                        amp_overflow)
         report = self.last
+        if self.tracer is not None:
+            self.tracer._end_step(found)
 
         fused = self._fused_ready() and not self._dtensor_grads
         host = None

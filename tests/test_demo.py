@@ -8,7 +8,7 @@ import sys
 
 def test_demo_short_run(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gradguard.demo", "--steps", "60", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "Result: guarded run ends finite; unguarded run shows the failure." in out
@@ -18,6 +18,15 @@ def test_demo_short_run(tmp_path):
     # The forgotten zero_grad(): the hygiene warning names it.
     assert "hygiene warning from the guard: gradguard: step() was called twice with no zero_grad()" in out
     assert "Guard overhead per step:" in out
+    # The tracer's run: each fault that makes a NaN/Inf is attributed to its true origin.
+    lines = {line.split(" (")[0].strip(): line for line in out.split("Where did the NaN come from?")[1].splitlines()[1:]
+             if line.startswith("  ")}
+    assert "the input batch already held NaN (input [0]); 1 of 64 rows: batch rows [5]" in lines["nan_batch"]
+    assert "the loss itself is NaN" in lines["exp_overflow"] and "first non-finite op: aten.exp" in lines["exp_overflow"]
+    assert "the loss itself is Inf" in lines["log_zero"] and "first non-finite op: aten.log" in lines["log_zero"]
+    for name in ("lr_spike", "no_zero_grad"):  # no NaN of their own, or one made later by the grown parameters
+        assert "nothing for the tracer to trace: the origin is the update itself" in lines[name] or \
+            "(after the fault: the grown parameters made it)" in lines[name]
     png = tmp_path / "gradguard_demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

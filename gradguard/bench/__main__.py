@@ -3,7 +3,7 @@
 Each row is a median over repeats, measured in the same run as its baselines and the bandwidth
 floor; each table ends with its targets, met or not. Options: --quick (small sizes, few
 repeats), --only NAME (a case module: stats, safe_math, optim, cuda, distributed,
-integrations), --device, --json FILE,
+integrations, tracer), --device, --json FILE,
 --plot FILE (PNG bar chart of the ratios to the floor).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ CASE_MODULES = {
     "cuda": "gradguard.bench.cuda_cases",
     "distributed": "gradguard.bench.distributed_cases",
     "integrations": "gradguard.bench.integrations_cases",
+    "tracer": "gradguard.bench.tracer_cases",
 }
 
 

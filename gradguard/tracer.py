@@ -1,0 +1,562 @@
+"""NanTracer: where in the forward or backward pass the first NaN/Inf of a step was born.
+
+How it records (``mode="always"``): a forward pre-hook and a forward hook on every module, and a
+gradient hook on every tensor that enters or leaves a module. Each one launches one
+``torch.aminmax`` per tensor it has not seen yet (a tensor that left one module unchanged and
+enters the next is checked once) and appends the two 0-dim results to a list, in execution order.
+Both are finite exactly when every element is finite (NaN propagates through min and max), so
+nothing is ever read back on a good step. ``first_nonfinite()``
+stacks the list and reads one index: the first non-finite event. Its meaning:
+
+- the input of the outermost module call held NaN/Inf: the batch (phase ``"input"``);
+- the output of module M: M produced it from finite inputs (phase ``"forward"``);
+- the input of module N that no module produced: the code of N's parent between its submodules;
+- the gradient of a tensor (phase ``"backward"``): the backward of the modules that consumed it,
+  or of the loss when it is the model's output.
+
+Only then, on the bad step, the report looks closer (syncs allowed): which batch rows, whether
+the module's own parameters are finite, and which aten op it was, by re-running that module on
+its recorded inputs under a dispatch mode that checks every op.
+
+``mode="on_failure"`` attaches nothing: ``begin_step()`` saves the RNG state, and on a bad step
+``replay(fn, *args)`` re-runs the step function with the hooks on, the op checker on, the saved
+RNG state (dropout draws the same masks), dynamo disabled (a compiled model runs eagerly), and
+the model's gradients and buffers restored afterwards.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+import weakref
+
+import torch
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
+
+from gradguard._trace_ops import FirstNonfiniteOp, bad_rows, checkable, nonfinite_kind
+from gradguard._trace_origin import Origin
+
+MODES = ("always", "on_failure")
+_INF = math.inf
+_MANY_EVENTS = 1_000_000
+
+
+class _Call:
+    """One module call: its name, numbers, enclosing call, and its inputs (weakly held unless the
+    tracer keeps tensors, for the per-module op replay)."""
+
+    __slots__ = ("name", "module", "call", "module_call", "parent", "leaves", "spec", "kw", "versions", "autocast")
+
+    def __init__(self, name, module, call, module_call, parent, leaves, spec, kw, keep):
+        self.name, self.module, self.call, self.module_call, self.parent = name, module, call, module_call, parent
+        self.spec, self.kw = spec, kw  # spec None: bare positional tensors; kw: leaves of (args, kwargs)
+        self.versions = [t._version if isinstance(t, torch.Tensor) else None for t in leaves]
+        self.leaves = leaves if keep else [weakref.ref(t) if isinstance(t, torch.Tensor) else t for t in leaves]
+        self.autocast = None
+        for dev in ("cuda", "cpu"):
+            if torch.is_autocast_enabled(dev):
+                self.autocast = (dev, torch.get_autocast_dtype(dev))
+                break
+
+    def inputs(self):
+        """(args, kwargs) as they were, or None when a tensor input died or was modified."""
+        out = []
+        for v, ver in zip(self.leaves, self.versions):
+            if isinstance(v, weakref.ref):
+                v = v()
+                if v is None:
+                    return None
+            if isinstance(v, torch.Tensor) and v._version != ver:
+                return None
+            out.append(v)
+        if self.spec is None:
+            return tuple(out), {}
+        value = tree_unflatten(out, self.spec)
+        return (tuple(value[0]), dict(value[1])) if self.kw else (tuple(value), {})
+
+
+class _Site:
+    """A tensor whose gradient is hooked: the module call that produced it (or None) and the
+    module calls that took it as input."""
+
+    __slots__ = ("producer", "consumers")
+
+    def __init__(self, producer=None):
+        self.producer = producer
+        self.consumers = []
+
+
+class _Record:
+    """The events of one step, in execution order: ``flags[i]`` is a 0-dim max-abs tensor,
+    ``meta[i]`` = (kind, call, leaf index, tensor or weakref, version, site)."""
+
+    def __init__(self):
+        self.flags: list[torch.Tensor] = []
+        self.meta: list[tuple] = []
+        self.first_backward: int | None = None
+        self.calls = 0
+        self.module_calls: dict = {}
+        self.seen: dict = {}   # id(tensor) -> (weakref, version): already checked
+        self.sites: dict = {}  # id(tensor) -> (weakref, _Site)
+        self.batch_size: int | None = None
+        self.found_inf = None  # the guard's flag for this step, when a GradGuard ended it
+        self.op = None         # set by a replay's op checker
+        self.origin = None     # the answer, once computed (without a loss)
+        self.param_names = None
+
+
+def _leaves(value):
+    """Leaves and spec of a hook's argument, with a fast path for the common bare tensor(s)."""
+    if isinstance(value, torch.Tensor):
+        return [value], None
+    return tree_flatten(value)
+
+
+class NanTracer:
+    """Finds the module, tensor and batch rows where the first NaN/Inf of a step appeared.
+
+    Args:
+        model: the ``nn.Module`` to trace (all its submodules are hooked).
+        mode: ``"always"`` (hooks on every step, device-side flags, no host sync) or
+            ``"on_failure"`` (nothing attached; ``replay(fn, *args)`` traces a bad step again).
+        batch_dim: the batch dimension of the model's first tensor input and of the tensors that
+            carry it (for ``origin.rows``).
+        check_ops: on a bad step, find the first non-finite aten op by re-running the offending
+            module (``"always"``) or the whole step (``replay``) under an op checker.
+        keep_tensors: hold every checked tensor until ``reset()`` (more memory: activations
+            outlive backward), so that ``rows`` and ``op`` are known in ``"always"`` mode.
+            Without it they are known only for tensors the caller still holds (the batch),
+            and always after ``replay()``: autograd keeps saved activations without their
+            Python objects, so weak references to them die after the forward.
+
+    ``first_nonfinite()`` answers for the current step, or, right after a
+    ``GradGuard(..., tracer=tracer)`` step (which resets the tracer), for that step.
+    """
+
+    def __init__(self, model, mode: str = "always", *, batch_dim: int = 0, check_ops: bool = True,
+                 keep_tensors: bool = False):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"gradguard.NanTracer: `model` must be an nn.Module, got {type(model).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"gradguard.NanTracer: `mode` must be one of {MODES}, got {mode!r}")
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, numbers.Integral) or batch_dim < 0:
+            raise ValueError(f"gradguard.NanTracer: `batch_dim` must be an int >= 0, got {batch_dim!r}")
+        self.model = model
+        self.mode = mode
+        self.batch_dim = int(batch_dim)
+        self.check_ops = bool(check_ops)
+        self._names = {}
+        for name, mod in model.named_modules():
+            self._names.setdefault(mod, name)
+        self._handles = []
+        self._rec = _Record()
+        self._last: _Record | None = None
+        self._stack: list = []
+        self.keep_tensors = bool(keep_tensors)
+        self._keep = self.keep_tensors  # hold tensors strongly (rows, op replay of any event)
+        self._quiet = False      # hooks only track the module stack (per-module op replay)
+        self._removed = False
+        self._warned_many = False
+        self._rng = self._rng_done = None
+        self._rec_op = None
+        self._ended = False
+        self.last_origin: Origin | None = None
+        if mode == "always":
+            self._attach()
+        self.begin_step()
+
+    # ---- attaching ------------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        if self._handles:
+            return
+        for mod in self._names:
+            self._handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(mod.register_forward_hook(self._post, with_kwargs=True))
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._stack = []
+
+    def remove(self) -> None:
+        """Detaches every hook and forgets the record; gradient hooks already placed on this
+        step's tensors do nothing."""
+        self._detach()
+        self.reset()
+        self._removed = True
+
+    def reset(self) -> None:
+        """Forgets the recorded events (call it before each step, unless a GradGuard does)."""
+        self._rec = _Record()
+        self._last = None
+        self._stack = []
+        self.last_origin = None
+
+    def begin_step(self) -> None:
+        """Saves the RNG state the next step starts from (for ``replay``; a few microseconds)."""
+        self._rng = _rng_state()
+        self._ended = False
+
+    def _end_step(self, found_inf=None) -> None:
+        """Called by ``GradGuard.step()``: keeps this step's events for ``first_nonfinite()``,
+        starts a fresh record and saves the RNG state for the next step."""
+        rec = self._rec
+        if rec.flags or rec.op is not None:
+            rec.found_inf = found_inf
+            self._last = rec
+            self._rec = _Record()
+        self._stack = []
+        self._rng_done = self._rng
+        self._rng = _rng_state()
+        self._ended = True
+
+    # ---- recording (hot path: no host sync, one small device op per hook at most) ---------------
+
+    def _skip(self) -> bool:
+        # Dynamo inlines hooks: inside a compiled region record nothing (the eager replay does).
+        # A forward run inside backward is a gradient-checkpoint recompute, already recorded.
+        return torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1
+
+    def _known(self, rec, t) -> bool:
+        hit = rec.seen.get(id(t))
+        return hit is not None and hit[0]() is t and hit[1] == t._version
+
+    def _check(self, rec, kind, frame, leaves, idx) -> None:
+        """One foreach max-abs over the leaves not checked yet; marks them checked."""
+        todo = []
+        for i in idx:
+            t = leaves[i]
+            if self._known(rec, t):
+                continue
+            rec.seen[id(t)] = (weakref.ref(t), t._version)
+            if checkable(t):
+                todo.append(i)
+        if not todo:
+            return
+        for i in todo:
+            t = leaves[i]
+            rec.flags.extend(_min_max(t))
+            meta = (kind, frame, i, t if self._keep else weakref.ref(t), t._version, None)
+            rec.meta += (meta, meta)
+        if len(rec.flags) > _MANY_EVENTS and not self._warned_many:
+            self._warned_many = True
+            warnings.warn("gradguard.NanTracer: over a million events recorded since the last reset(); call "
+                          "tracer.reset() every step, or pass tracer= to GradGuard", stacklevel=3)
+
+    def _hook_grads(self, rec, leaves, idx, frame, as_output) -> None:
+        for i in idx:
+            t = leaves[i]
+            if not (t.requires_grad and checkable(t)):
+                continue
+            hit = rec.sites.get(id(t))
+            if hit is not None and hit[0]() is t:
+                site = hit[1]
+            else:
+                site = _Site()
+                rec.sites[id(t)] = (weakref.ref(t), site)
+                t.register_hook(self._grad_hook(rec, site))
+            if as_output:
+                site.producer = site.producer or frame
+            else:
+                site.consumers.append(frame)
+
+    def _grad_hook(self, rec, site):
+        def hook(grad):
+            if self._removed or rec is not self._rec or not checkable(grad):
+                return None
+            if rec.first_backward is None:
+                rec.first_backward = len(rec.flags)
+            rec.flags.extend(_min_max(grad))
+            meta = ("grad", None, None, grad if self._keep else None, None, site)
+            rec.meta += (meta, meta)
+            return None
+        return hook
+
+    def _pre(self, mod, args, kwargs):
+        if self._quiet:
+            self._stack.append(self._names.get(mod))
+            return None
+        if mod is self.model:  # a new outermost call: frames left by a forward that raised are stale
+            self._stack = []
+        if self._skip():
+            self._stack.append(None)
+            return None
+        rec = self._rec
+        name = self._names.get(mod, type(mod).__name__)
+        rec.calls += 1
+        mc = rec.module_calls[name] = rec.module_calls.get(name, 0) + 1
+        parent = next((f for f in reversed(self._stack) if isinstance(f, _Call)), None)
+        if kwargs:
+            leaves, spec = tree_flatten((args, kwargs))
+        elif all(isinstance(a, torch.Tensor) for a in args):
+            leaves, spec = list(args), None
+        else:
+            leaves, spec = tree_flatten(args)
+        frame = _Call(name, mod, rec.calls, mc, parent, leaves, spec, bool(kwargs), self._keep)
+        idx = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        if parent is None and rec.batch_size is None and idx:
+            t0 = leaves[idx[0]]
+            if t0.dim() > self.batch_dim:
+                rec.batch_size = t0.shape[self.batch_dim]
+        self._check(rec, "input", frame, leaves, idx)
+        if torch.is_grad_enabled():
+            self._hook_grads(rec, leaves, idx, frame, as_output=False)
+        self._stack.append(frame)
+        return None
+
+    def _post(self, mod, args, kwargs, output):
+        frame = self._stack.pop() if self._stack else None
+        if not isinstance(frame, _Call):
+            return None
+        rec = self._rec
+        leaves, _ = _leaves(output)
+        idx = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        self._check(rec, "output", frame, leaves, idx)
+        if torch.is_grad_enabled():
+            self._hook_grads(rec, leaves, idx, frame, as_output=True)
+        return None
+
+    # ---- the answer -----------------------------------------------------------------------------
+
+    def first_nonfinite(self, loss=None) -> Origin | None:
+        """The first NaN/Inf of the step, or None when every recorded value was finite. Reads one
+        index from the device. ``loss``: the step's loss, to tell a non-finite loss computed from
+        finite model outputs (phase ``"loss"``) from the rest."""
+        rec = self._rec if (self._rec.flags or self._rec.op is not None or self._last is None) else self._last
+        if not rec.flags and loss is None:
+            return self.last_origin if self.mode == "on_failure" else None
+        if loss is None and rec.origin is not None:
+            return rec.origin
+        flags = list(rec.flags)
+        cut = rec.first_backward if rec.first_backward is not None else len(flags)
+        loss_at = None
+        if loss is not None:
+            if not isinstance(loss, torch.Tensor):
+                loss = torch.as_tensor(loss)
+            with torch.no_grad():
+                flags.insert(cut, torch.linalg.vector_norm(loss.detach().to(torch.float64), _INF)
+                             if loss.numel() else loss.new_zeros((), dtype=torch.float64))
+            loss_at = cut
+        i = _first_bad(flags)
+        if i is None:
+            return self._param_grad_origin(rec) if rec.first_backward is not None else None
+        if loss_at is not None:
+            if i == loss_at:
+                origin = Origin(phase="loss", module="", where="loss", kind=nonfinite_kind(loss.detach()))
+                return self._finish(rec, origin, cache=False)
+            if i > loss_at:
+                i -= 1
+        return self._finish(rec, self._describe(rec, i), cache=loss is None)
+
+    def _finish(self, rec, origin: Origin, cache: bool = True) -> Origin:
+        if rec.op is not None and origin.op is None and origin.phase != "input":
+            origin.op, origin.op_inputs_finite, origin.op_module = rec.op
+        if cache:
+            rec.origin = origin
+        self.last_origin = origin
+        return origin
+
+    def _describe(self, rec, i) -> Origin:
+        self._rec_op = rec.op  # a replay's whole-step op checker already answered
+        kind, frame, leaf, ref, version, site = rec.meta[i]
+        t = ref() if isinstance(ref, weakref.ref) else ref
+        if t is not None and version is not None and t._version != version:
+            t = None
+        what = nonfinite_kind(t) if t is not None else ("NaN" if math.isnan(float(rec.flags[i])) else "Inf")
+        rows = bad_rows(t, self.batch_dim, rec.batch_size) if t is not None else None
+        if kind == "grad":
+            consumers = [c.name for c in site.consumers]
+            if consumers:
+                module = consumers[0]
+            elif site.producer is not None and site.producer.parent is not None:
+                module = site.producer.parent.name
+            else:
+                module = ""
+            return Origin(phase="backward", module=module, where="gradient", kind=what, rows=rows,
+                          batch_size=rec.batch_size, consumers=consumers)
+        path = _leaf_path(frame, leaf) if kind == "input" else None
+        if kind == "input" and frame.parent is None:
+            return Origin(phase="input", module="", where="input", call=frame.call, kind=what, tensor=path,
+                          rows=rows, batch_size=rec.batch_size)
+        if kind == "input":
+            origin = Origin(phase="forward", module=frame.parent.name, where="code", call=frame.call, kind=what,
+                            rows=rows, batch_size=rec.batch_size, submodule=frame.name)
+            self._find_op(origin, frame.parent)
+            return origin
+        origin = Origin(phase="forward", module=frame.name, where="output", call=frame.call,
+                        module_call=frame.module_call, kind=what, rows=rows, batch_size=rec.batch_size)
+        bad, peak = [], None
+        for pname, p in frame.module.named_parameters(recurse=False):
+            if not checkable(p):
+                continue
+            if not bool(torch.isfinite(p).all()):
+                bad.append(f"`{pname}`")
+            else:
+                m = float(p.detach().abs().max())
+                peak = m if peak is None else max(peak, m)
+        origin.bad_params, origin.max_param = bad, peak
+        self._find_op(origin, frame)
+        return origin
+
+    def _find_op(self, origin: Origin, frame: _Call) -> None:
+        """Re-runs one module call on its recorded inputs under the op checker (bad step only)."""
+        if not self.check_ops or origin.op is not None or self._rec_op is not None:
+            return
+        inputs = frame.inputs()
+        if inputs is None:
+            return
+        args, kwargs = inputs
+        found = self._run_checked(lambda: frame.module(*args, **kwargs), frame)
+        if found is not None:
+            origin.op, origin.op_inputs_finite, origin.op_module = found
+
+    def _run_checked(self, fn, frame):
+        stack, quiet = self._stack, self._quiet
+        self._stack, self._quiet = [], True
+        checker = FirstNonfiniteOp(lambda: next((n for n in reversed(self._stack) if n), None))
+        state = _rng_state()
+        try:
+            ctx = torch.autocast(frame.autocast[0], dtype=frame.autocast[1]) if frame.autocast else _nullctx()
+            with torch.enable_grad(), ctx, checker:
+                fn()
+        except Exception:  # a best-effort look closer: the report stands without it
+            return None
+        finally:
+            _set_rng_state(state)
+            self._stack, self._quiet = stack, quiet
+        return checker.found
+
+    def _param_grad_origin(self, rec):
+        """Every hooked gradient was finite: look at the parameters' own gradients (bad step
+        only, or a step whose gradients the guard found bad)."""
+        for mod, mname in self._names.items():
+            for pname, p in mod.named_parameters(recurse=False):
+                if p.grad is not None and checkable(p.grad) and not bool(torch.isfinite(p.grad).all()):
+                    full = f"{mname}.{pname}" if mname else pname
+                    dist = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                        torch.distributed.get_world_size() > 1
+                    return self._finish(rec, Origin(phase="backward", module=mname, where="parameter gradient",
+                                                    kind=nonfinite_kind(p.grad), tensor=full, distributed=dist))
+        return None
+
+    # ---- on_failure: replay a bad step -----------------------------------------------------------
+
+    def replay(self, fn, *args, backward=None, **kwargs) -> Origin | None:
+        """Re-runs ``fn(*args, **kwargs)`` (the step's forward and backward, without the optimizer
+        step) traced, from the RNG state saved by ``begin_step()`` (or by the GradGuard step that
+        just ended), and returns ``first_nonfinite()`` for it. The model's ``.grad`` and buffers
+        (BatchNorm statistics) are restored afterwards; the RNG continues where it was.
+        ``backward``: call ``.backward()`` on the loss ``fn`` returns (a tensor, a dict with
+        ``"loss"`` or an object with ``.loss``); ``None``: only when ``fn`` did not run one."""
+        if not callable(fn):
+            raise TypeError(f"gradguard.NanTracer.replay: `fn` must be callable, got {type(fn).__name__}")
+        snap = self._rng_done if self._ended and self._rng_done is not None else self._rng
+        params = [p for p in self.model.parameters()]
+        grads = [p.grad for p in params]
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
+        current = _rng_state()
+        attached = bool(self._handles)
+        rec = self._rec = _Record()
+        self._stack, self._keep, self._removed = [], True, False
+        checker = FirstNonfiniteOp(lambda: next((f.name for f in reversed(self._stack) if isinstance(f, _Call)),
+                                                None)) if self.check_ops else _nullctx()
+        loss = None
+        try:
+            for p in params:
+                p.grad = None
+            _set_rng_state(snap)
+            self._attach()
+            with torch._dynamo.config.patch(disable=True), checker:
+                out = fn(*args, **kwargs)
+                loss = _loss_of(out)
+                do_backward = backward if backward is not None else rec.first_backward is None
+                if do_backward and loss is not None and loss.requires_grad:
+                    loss.backward()
+            if self.check_ops:
+                rec.op = checker.found
+            origin = self.first_nonfinite(loss=loss)
+        finally:
+            self._keep = self.keep_tensors
+            if not attached:
+                self._detach()
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for p, g in zip(params, grads):
+                p.grad = g
+            _set_rng_state(current)
+        self.last_origin = origin
+        return origin
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _min_max(t: torch.Tensor):
+    """Both are finite exactly when every element is (min and max propagate NaN; an Inf is an
+    extreme). One fast reduction op: max-abs (the inf-norm) is a slow path on the CPU, and a sum
+    would call a large finite tensor non-finite. Detached: builds no graph, needs no no_grad()
+    context (which costs more than the op)."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return torch.aminmax(t)
+
+
+def _first_bad(flags):
+    """Index of the first non-finite flag: one read from the device, or None."""
+    if not flags:
+        return None
+    by_device: dict = {}
+    for f in flags:
+        by_device.setdefault(f.device, []).append(f.reshape(()))
+    if len(by_device) == 1:
+        allf = torch.stack(flags)
+    else:  # a model split over devices: bring the flags together in one order
+        allf = torch.stack([f.to(flags[0].device, non_blocking=True).double() for f in flags])
+    bad = ~torch.isfinite(allf)
+    idx = torch.where(bad.any(), bad.to(torch.uint8).argmax(), -1)
+    i = int(idx)
+    return None if i < 0 else i
+
+
+def _leaf_path(frame, leaf) -> str | None:
+    """The input's name: ``[0]`` for the first positional argument, ``['mask']`` for a keyword."""
+    if frame.spec is None:
+        return f"[{leaf}]"
+    path = tree_flatten_with_path(tree_unflatten([0] * frame.spec.num_leaves, frame.spec))[0][leaf][0]
+    return keystr(path[1:] if frame.kw else path)
+
+
+def _loss_of(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) and isinstance(out.get("loss"), torch.Tensor):
+        return out["loss"]
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def _rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state) -> None:
+    if state is None:
+        return
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,570 @@
+"""NanTracer: planted faults are attributed to the right phase, module, rows and op, in both
+modes; good steps report None; the tracer detaches, resets and refuses bad arguments."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard
+
+B, D = 8, 6
+
+
+class Scaled(nn.Module):
+    """x * factor, then exp: an activation that overflows when factor is large."""
+
+    def __init__(self):
+        super().__init__()
+        self.factor = 1.0
+
+    def forward(self, x):
+        return torch.exp(x * self.factor)
+
+
+class NanInBackward(torch.autograd.Function):
+    """Identity forward; the backward turns the gradient of `row` into NaN."""
+
+    @staticmethod
+    def forward(ctx, x, row):
+        ctx.row = row
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[ctx.row] = math.nan
+        return g, None
+
+
+class BadGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.row = None
+
+    def forward(self, x):
+        return x if self.row is None else NanInBackward.apply(x, self.row)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.act = Scaled()
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x):
+        return self.norm(x + self.act(self.fc(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(D, D)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.bad_grad = BadGrad()
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(self.bad_grad(h))
+
+
+def make():
+    torch.manual_seed(0)
+    return Net(), torch.randn(B, D), torch.randint(0, 3, (B,))
+
+
+def step(model, x, y, log_zero=False):
+    logits = model(x)
+    p = torch.softmax(logits, dim=1)
+    if log_zero:
+        p = p * (torch.arange(B) != 2).unsqueeze(1)  # p = 0 for row 2
+    loss = -torch.log(p.gather(1, y.unsqueeze(1))).mean()
+    loss.backward()
+    return loss
+
+
+def reference_rows(t):
+    """Rows holding NaN/Inf, computed in float64."""
+    return (~torch.isfinite(t.double())).reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()
+
+
+# Each planted fault: (name, plant(model, x) -> x, phase, module, rows or None when unknowable)
+def plant_input(model, x):
+    x = x.clone()
+    x[3, 1] = math.nan
+    x[5, 0] = math.inf
+    return x
+
+
+def plant_weight(model, x):
+    with torch.no_grad():
+        model.blocks[1].fc.weight[2, 4] = math.nan
+    return x
+
+
+def plant_exp(model, x):
+    model.blocks[0].act.factor = 1e4  # exp(1e4 * z) overflows float32 wherever z > 0.009
+    return x
+
+
+def plant_backward(model, x):
+    model.bad_grad.row = 6
+    return x
+
+
+FAULTS = {
+    "nan_input": (plant_input, "input", ""),
+    "nan_weight": (plant_weight, "forward", "blocks.1.fc"),
+    "exp_overflow": (plant_exp, "forward", "blocks.0.act"),
+    "nan_in_backward": (plant_backward, "backward", "bad_grad"),
+}
+
+
+def test_good_step_is_none():
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model)
+    step(model, x, y)
+    assert tracer.first_nonfinite() is None
+    assert tracer.first_nonfinite(loss=torch.tensor(1.0)) is None
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_always_mode_names_the_planted_fault(fault, keep):
+    plant, phase, module = FAULTS[fault]
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model, keep_tensors=keep)
+    x = plant(model, x)
+    step(model, x, y)
+    origin = tracer.first_nonfinite()
+    assert origin is not None, fault
+    assert (origin.phase, origin.module) == (phase, module), str(origin)
+    if fault == "nan_input":
+        assert origin.rows == [3, 5] == reference_rows(x) and origin.kind == "NaN and Inf"
+        assert str(origin).startswith("the input batch already held NaN and Inf (input [0]); 2 of 8 rows: batch rows [3, 5]")
+    if fault == "nan_weight":
+        assert origin.bad_params == ["`weight`"]
+        assert "already held NaN/Inf" in str(origin)
+    if fault == "exp_overflow":
+        assert origin.where == "output" and origin.kind == "Inf"
+        assert "its inputs were finite" in str(origin)
+        if keep:  # the activations outlive backward: rows and op are known
+            h = model.blocks[0].fc(model.embed(x)).detach()
+            assert origin.rows == reference_rows(torch.exp(1e4 * h.double()).float())
+            assert origin.op == "aten.exp" and origin.op_inputs_finite
+    if fault == "nan_in_backward":
+        assert origin.where == "gradient" and str(origin).startswith(
+            "forward finite; the first non-finite gradient (NaN) appeared in the backward of `bad_grad`")
+        if keep:
+            assert origin.rows == [6]
+
+
+def test_without_keep_tensors_rows_and_op_come_from_a_replay():
+    """Autograd keeps saved activations without their Python objects, so after the forward the
+    tracer cannot look at them unless it kept them: the module, phase and kind are known, rows
+    and op are not; a replay knows all."""
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model)
+    plant_exp(model, x)
+    step(model, x, y)
+    origin = tracer.first_nonfinite()
+    assert (origin.module, origin.rows, origin.op) == ("blocks.0.act", None, None)
+    model.zero_grad()
+    origin = tracer.replay(lambda b: step(model, *b), (x, y))
+    h = model.blocks[0].fc(model.embed(x)).detach().double()
+    assert origin.rows == reference_rows(torch.exp(1e4 * h))
+    assert origin.op == "aten.exp" and origin.op_module == "blocks.0.act"
+    assert "first non-finite op: aten.exp (from finite inputs)" in str(origin)
+
+
+def test_log_zero_in_the_loss():
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model)
+    loss = step(model, x, y, log_zero=True)
+    # Without the loss: the model's forward was finite, its output's gradient was not.
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.module) == ("backward", "")
+    assert "it came from the backward of the loss" in str(origin)
+    # With the loss: the loss itself is inf.
+    origin = tracer.first_nonfinite(loss=loss)
+    assert (origin.phase, origin.module, origin.kind) == ("loss", "", "Inf")
+    assert math.isinf(float(loss.detach()))
+
+
+def test_nan_only_in_a_parameter_gradient():
+    """The module's input gradient is finite, its weight's gradient is not."""
+
+    class NanWeightGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.full_like(g, math.nan)
+
+    class Odd(nn.Linear):
+        def forward(self, x):
+            return nn.functional.linear(x, NanWeightGrad.apply(self.weight), self.bias)
+
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.odd = nn.Linear(D, D), Odd(D, D)
+
+        def forward(self, x):
+            return self.odd(self.a(x))
+
+    torch.manual_seed(0)
+    model = Top()
+    tracer = gradguard.NanTracer(model)
+    model(torch.randn(B, D)).sum().backward()
+    assert torch.isfinite(model.a.weight.grad).all() and not torch.isfinite(model.odd.weight.grad).any()
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.module, origin.where, origin.tensor) == (
+        "backward", "odd", "parameter gradient", "odd.weight")
+    assert "the parameter gradients are not (the first, in module order: `odd.weight`" in str(origin)
+
+
+def test_code_between_submodules():
+    """A NaN made by the parent's own code (not a submodule) is blamed on the parent."""
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+        def forward(self, x):
+            return self.b(torch.sqrt(self.a(x) - 100.0))  # sqrt of a negative: NaN
+
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Parent()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    model = Top()
+    tracer = gradguard.NanTracer(model)
+    x = torch.randn(B, D)
+    model(x).sum().backward()
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.module, origin.where, origin.submodule) == ("forward", "inner", "code", "inner.b")
+    assert "appeared in the forward of `inner`, outside its submodules: the input of `inner.b`" in str(origin)
+
+
+def test_autocast_bf16_fault():
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model, keep_tensors=True)
+    plant_exp(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.module) == ("forward", "blocks.0.act"), str(origin)
+    assert origin.op == "aten.exp"
+
+
+def test_nan_in_weight_under_autocast():
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model)
+    plant_weight(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().sum().backward()
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.module) == ("forward", "blocks.1.fc")
+
+
+def test_module_called_twice_names_the_call():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+            self.act = Scaled()
+
+        def forward(self, x):
+            h = self.act(self.fc(x))
+            self.act.factor = 1e4  # the second call overflows
+            return self.act(self.fc(h))
+
+    torch.manual_seed(0)
+    model = Twice()
+    tracer = gradguard.NanTracer(model)
+    model(torch.randn(B, D)).sum().backward()
+    origin = tracer.first_nonfinite()
+    assert (origin.module, origin.module_call) == ("act", 2)
+    assert "; call 2 of this module" in str(origin)
+
+
+def test_tuple_and_dict_outputs():
+    class Multi(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return {"ok": h, "bad": (h, torch.log(h - 100.0))}
+
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.multi, self.head = Multi(), nn.Linear(D, 1)
+
+        def forward(self, x):
+            out = self.multi(x)
+            return self.head(out["ok"]) + out["bad"][1].sum()
+
+    torch.manual_seed(0)
+    model = Top()
+    tracer = gradguard.NanTracer(model)
+    model(torch.randn(B, D)).sum().backward()
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.module, origin.where) == ("forward", "multi", "output")
+
+
+def test_gradient_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = Net()
+
+        def forward(self, x):
+            h = self.net.embed(x)
+            for b in self.net.blocks:
+                h = checkpoint(b, h, use_reentrant=False)
+            return self.net.head(self.net.bad_grad(h))
+
+    for plant, phase, module in (FAULTS["exp_overflow"], FAULTS["nan_in_backward"], FAULTS["nan_weight"]):
+        torch.manual_seed(0)
+        model = Ckpt()
+        tracer = gradguard.NanTracer(model)
+        x = plant(model.net, torch.randn(B, D))
+        model(x).sum().backward()
+        origin = tracer.first_nonfinite()
+        assert (origin.phase, origin.module) == (phase, "net." + module), str(origin)
+
+
+def test_reset_and_remove():
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model)
+    step(model, plant_input(model, x), y)
+    assert tracer.first_nonfinite().phase == "input"
+    tracer.reset()
+    model.zero_grad()
+    step(model, x, y)
+    assert tracer.first_nonfinite() is None
+    tracer.remove()
+    model.zero_grad()
+    step(model, plant_input(model, x), y)
+    assert tracer.first_nonfinite() is None  # nothing is recorded after remove()
+    assert not model.embed._forward_hooks and not model.embed._forward_pre_hooks
+
+
+def test_a_forward_that_raised_leaves_no_stale_frames():
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(B, D + 1))  # shape error inside embed
+    model(plant_input(model, x)).sum().backward()
+    assert tracer.first_nonfinite().phase == "input"
+
+
+def test_op_checker_ignores_uninitialized_outputs():
+    """empty_like's output is whatever the memory held before (here, most likely, the NaN bits of
+    a buffer just freed): never the culprit."""
+    from gradguard._trace_ops import FirstNonfiniteOp
+
+    n = 1 << 16
+    x = torch.randn(n)
+    checker = FirstNonfiniteOp()
+    buf = torch.full((n,), math.nan)
+    del buf
+    with checker:
+        e = torch.empty_like(x)
+        out = torch.exp(x * 1e4)
+    assert checker.found is not None and checker.found[0] == "aten.exp", (checker.found, bool(torch.isnan(e).any()))
+    del e, out
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="`model` must be an nn.Module"):
+        gradguard.NanTracer(object())
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        gradguard.NanTracer(nn.Linear(2, 2), mode="sometimes")
+    with pytest.raises(ValueError, match="`batch_dim` must be an int >= 0"):
+        gradguard.NanTracer(nn.Linear(2, 2), batch_dim=-1)
+    with pytest.raises(TypeError, match="`fn` must be callable"):
+        gradguard.NanTracer(nn.Linear(2, 2), mode="on_failure").replay(3)
+    with pytest.raises(TypeError, match="`tracer` must be a gradguard.NanTracer"):
+        gradguard.GradGuard(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), tracer=object())
+
+
+def test_on_failure_attaches_nothing_and_replays():
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model, mode="on_failure")
+    assert not model.embed._forward_hooks
+    for fault in sorted(FAULTS):
+        plant, phase, module = FAULTS[fault]
+        model, x, y = make()
+        tracer = gradguard.NanTracer(model, mode="on_failure")
+        xb = plant(model, x)
+        tracer.begin_step()
+        loss = step(model, xb, y)
+        grads = [p.grad.clone() for p in model.parameters()]
+        origin = tracer.replay(lambda b: step(model, *b), (xb, y))
+        assert (origin.phase, origin.module) == (phase, module), (fault, str(origin))
+        assert origin.op is not None or fault == "nan_input"
+        # The step's gradients are back, bit for bit, and no hook stays attached.
+        for p, g in zip(model.parameters(), grads):
+            assert torch.equal(p.grad.nan_to_num(), g.nan_to_num())
+        assert not model.embed._forward_hooks
+        assert tracer.first_nonfinite() == origin
+        del loss
+    # A fault in the backward: the replay knows its rows and the op.
+    assert origin.rows is not None or fault != "nan_in_backward"
+
+
+def test_replay_reproduces_dropout_and_restores_buffers():
+    class Drop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(D)
+            self.drop = nn.Dropout(0.5)
+            self.act = Scaled()
+
+        def forward(self, x):
+            return self.act(self.drop(self.bn(x)))
+
+    torch.manual_seed(0)
+    model = Drop()
+    model.act.factor = 30.0  # overflows only where dropout kept a large value: mask-dependent rows
+    tracer = gradguard.NanTracer(model, mode="on_failure")
+    x = torch.randn(64, D) * 3
+    tracer.begin_step()
+    out = model(x)
+    expected = reference_rows(out.detach())
+    out.sum().backward()
+    stats = (model.bn.running_mean.clone(), model.bn.running_var.clone(), model.bn.num_batches_tracked.clone())
+    torch.manual_seed(123)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    origin = tracer.replay(lambda b: model(b).sum(), x)
+    assert expected and origin.rows == expected
+    assert (origin.phase, origin.module, origin.op) == ("forward", "act", "aten.exp")
+    for a, b in zip(stats, (model.bn.running_mean, model.bn.running_var, model.bn.num_batches_tracked)):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.rand(3), after)  # the RNG continues where the user left it
+
+
+def test_replay_loss_in_dict_and_object():
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model, mode="on_failure")
+
+    def lightning_style(batch):
+        logits = model(batch[0])
+        return {"loss": -torch.log(torch.softmax(logits, 1) * 0).mean()}
+
+    origin = tracer.replay(lightning_style, (x, y))
+    assert origin.phase == "loss" and origin.op == "aten.log"
+
+    class Out:
+        def __init__(self, loss):
+            self.loss = loss
+
+    origin = tracer.replay(lambda b: Out(model(b[0]).sum() * math.inf), (x, y))
+    assert origin.phase == "loss"
+
+
+def test_gradguard_resets_the_tracer_each_step():
+    model, x, y = make()
+    tracer = gradguard.NanTracer(model)
+    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.01), model=model, tracer=tracer)
+    xb = plant_input(model, x)
+    step(model, xb, y)
+    opt.step()
+    assert bool(opt.last.skipped)
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.rows) == ("input", reference_rows(xb))
+    opt.zero_grad()
+    step(model, x, y)  # a good step: a fresh record
+    assert tracer.first_nonfinite() is None
+    opt.step()
+    assert tracer.first_nonfinite() is None and not bool(opt.last.skipped)
+
+
+def test_gradguard_on_failure_replays_the_skipped_step():
+    """The plain-loop recipe: the guard skips, the tracer replays that batch with the RNG state
+    the guard saved when the previous step ended."""
+
+    class DropNet(Net):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, x):
+            return super().forward(self.drop(x))
+
+    torch.manual_seed(0)
+    model = DropNet()
+    tracer = gradguard.NanTracer(model, mode="on_failure")
+    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.01), model=model, tracer=tracer)
+    for i in range(3):
+        x, y = torch.randn(B, D), torch.randint(0, 3, (B,))
+        if i == 2:
+            plant_weight(model, x)
+        tracer.begin_step()
+        step(model, x, y)
+        opt.step()
+        if bool(opt.last.skipped):
+            origin = tracer.replay(lambda b: step(model, *b), (x, y))
+            assert (origin.phase, origin.module) == ("forward", "blocks.1.fc")
+        opt.zero_grad()
+    assert opt.summary()["skipped"] == 1
+
+
+def test_compiled_model_on_failure_replays_eagerly():
+    """Inside a torch.compile'd region nothing is recorded (the hooks are no-ops there); the
+    replay runs eagerly with dynamo disabled and attributes the fault."""
+    model, x, y = make()
+    plant_exp(model, x)
+    compiled = torch.compile(model, backend="eager")
+    tracer = gradguard.NanTracer(model)
+    compiled(x).sum().backward()
+    assert tracer.first_nonfinite() is None  # the compiled region recorded nothing
+    origin = tracer.replay(lambda b: compiled(b).sum(), x)
+    assert (origin.phase, origin.module) == ("forward", "blocks.0.act")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (not run on the development machine)")
+def test_cuda_always_mode_good_step_never_syncs():
+    torch.manual_seed(0)
+    model = Net().cuda()
+    tracer = gradguard.NanTracer(model)
+    opt = gradguard.GradGuard(torch.optim.AdamW(model.parameters(), fused=True), model=model, tracer=tracer)
+    x, y = torch.randn(B, D, device="cuda"), torch.randint(0, 3, (B,), device="cuda")
+    for _ in range(2):  # warm-up (lazy inits may sync)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert tracer.first_nonfinite() is None
