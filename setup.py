@@ -204,7 +204,19 @@ else:
         def run(self):
             self.info = {**base_info(), **config_info}
             package_dir = os.path.dirname(self.get_ext_fullpath(CPU_MODULE))
-            super().run()
+            try:
+                super().run()
+            except Exception as exc:
+                # A failure before any module is built, e.g. torch's compiler ABI check when there
+                # is no working compiler: every module not yet built failed with it.
+                if env_switch("GRADGUARD_REQUIRE_EXT") or env_switch("GRADGUARD_BUILD_CUDA"):
+                    raise
+                warnings.warn(f"gradguard: building the kernels failed; every op uses the pure-PyTorch kernels "
+                              f"(gradguard.backend() says why): {exc}")
+                for ext in self.extensions:
+                    side = "cuda" if ext.name == CUDA_MODULE else "cpu"
+                    if not self.info.get(f"{side}_kernels") and not self.info.get(f"{side}_error"):
+                        self.info[f"{side}_error"] = f"build failed: {type(exc).__name__}: {exc}"
             failures = [self.info.get(k) for k in ("cpu_error", "cuda_error") if self.info.get(k)]
             if failures and not (self.info["cpu_kernels"] or self.info["cuda_kernels"]):
                 self.info["error"] = failures[0]
