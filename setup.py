@@ -222,6 +222,18 @@ else:
                 self.info["error"] = failures[0]
             write_build_info(self.info, package_dir)
 
+        def copy_extensions_to_source(self):
+            # `build_ext --inplace`: copy only the modules that were built; a failed one has no
+            # library to copy, and its failure is already in the record.
+            built = [e for e in self.extensions
+                     if self.info.get(("cuda" if e.name == CUDA_MODULE else "cpu") + "_kernels")]
+            every = self.extensions
+            self.extensions = built
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = every
+
         def build_extension(self, ext):
             side = "cuda" if ext.name == CUDA_MODULE else "cpu"
             try:
