@@ -82,9 +82,14 @@ class _BadEvaluation(Exception):
         self.message = message
 
 
-def _checked_replay(loss, closure, params):
-    """_replay for LBFGS: every evaluation after the first is checked (loss and gradients; one
-    host read each, as LBFGS itself reads the loss) and aborts the step when not finite."""
+def _replay(loss, closure, check_params=None):
+    """A closure for the inner optimizer that returns the loss the guard already computed on
+    its first call (so the gradients the guard checked are the ones stepped on) and re-evaluates
+    on later calls (LBFGS). With `check_params`, every evaluation after the first is checked
+    (loss and gradients; one host read each, as LBFGS itself reads the loss) and aborts the step
+    when not finite."""
+    if closure is None:
+        return None
     from gradguard.stats import all_finite  # noqa: PLC0415  (stats imports nothing from here)
 
     calls = [0]
@@ -95,30 +100,14 @@ def _checked_replay(loss, closure, params):
             return loss
         with torch.enable_grad():
             value = closure()
-        grads = [q.grad for q in params if q.grad is not None]
+        if check_params is None:
+            return value
+        grads = [q.grad for q in check_params if q.grad is not None]
         ok = bool(all_finite(grads + ([value.detach()] if isinstance(value, torch.Tensor) else [])))
         if not ok:
             raise _BadEvaluation(f"gradguard.GradGuard: evaluation {calls[0]} of the closure inside "
                                  "LBFGS.step() gave a non-finite loss or gradients")
         return value
-
-    return replay
-
-
-def _replay(loss, closure):
-    """A closure for the inner optimizer that returns the loss the guard already computed on
-    its first call (so the gradients the guard checked are the ones stepped on) and re-evaluates
-    on later calls (LBFGS)."""
-    if closure is None:
-        return None
-    calls = [0]
-
-    def replay():
-        calls[0] += 1
-        if calls[0] == 1:
-            return loss
-        with torch.enable_grad():
-            return closure()
 
     return replay
 
@@ -544,7 +533,7 @@ class GradGuard(torch.optim.Optimizer):
             # evaluations: each later evaluation is checked too, and a non-finite one rolls the
             # parameters and state back to before the step.
             snapshot = ([q.detach().clone() for q in params], {k: copy.deepcopy(v) for k, v in inner.state.items()})
-            replay = _checked_replay(loss, closure, params)
+            replay = _replay(loss, closure, params)
         else:
             replay = _replay(loss, closure)
         if host is None:  # decided on the device: a fused optimizer, no read
