@@ -286,3 +286,26 @@ def test_errors_compiled(case):
     torch._dynamo.reset()
     with pytest.raises(torch._dynamo.exc.Unsupported, match=msg):
         torch.compile(fn, backend="eager", fullgraph=True)(x)
+
+
+PROMOTION_CASES = [
+    lambda a, b, h, s: gradguard.safe_log(a),            # integers to the default dtype
+    lambda a, b, h, s: gradguard.safe_sqrt(a),
+    lambda a, b, h, s: gradguard.safe_div(a, 3),         # int / number
+    lambda a, b, h, s: gradguard.safe_div(h, b),         # float16 / float32 -> float32
+    lambda a, b, h, s: gradguard.safe_div(h, s),         # a 0-dim float64 does not widen float16
+    lambda a, b, h, s: gradguard.safe_div(s, a),         # 0-dim float64 / int tensor -> float64
+]
+
+
+def test_dtype_promotion_compiled():
+    a = torch.arange(-3, 5)
+    b = torch.tensor([0.0, 1.0, -2.0, 0.5, 4.0, 0.0, 3.0, 8.0])
+    h = torch.linspace(-2, 2, 8, dtype=torch.float16)
+    s = torch.tensor(0.25, dtype=torch.float64)
+    torch._dynamo.reset()
+    for fn in PROMOTION_CASES:
+        want = fn(a, b, h, s)
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(a, b, h, s)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, equal_nan=True)
