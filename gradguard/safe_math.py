@@ -21,6 +21,13 @@ Common rules:
   ``fill=1e10`` on float16) and a positive ``eps`` that rounds to 0 (``eps=1e-8`` on float16).
   ``safe_exp``'s ``max`` must also be at most ``EXP_MAX[dtype]`` (``max=100`` on float16 would
   give inf). NaN or negative bounds where they must be >= 0 raise ValueError too.
+- Under ``torch.compile`` (``torch.compiler.is_compiling()``) the functions take a composite of
+  aten ops instead of the custom ops (reference/safe_math.py's ``*_composite``: autograd Functions
+  whose backward is the defined gradient), so inductor fuses them with their neighbours instead
+  of calling an opaque kernel; eager keeps the fused kernels. Same definition, same checks
+  (with ``fullgraph=True`` an argument error surfaces as dynamo's ``Unsupported`` carrying the
+  same message); values differ from eager only by inductor's own log/exp/sqrt (README). A
+  wrong-shaped ``out=`` is resized in eager only (dynamo cannot trace the alias check).
 - ``out=`` (as ``torch.log(..., out=)``) writes into a preallocated tensor of the result's dtype
   and device, resizing it if its shape differs, unless it is also an operand (``safe_div(a(2,3),
   b(3), out=b)`` raises, as ``torch.div`` does); like torch's out= functions it refuses inputs
@@ -33,6 +40,7 @@ import numbers
 import torch
 
 from gradguard import _safe_math_ops  # noqa: F401  (defines torch.ops.gradguard.safe_*)
+from gradguard.reference import safe_math as _ref
 from gradguard.reference.safe_math import check_devices, div_device, resize_out
 
 __all__ = ["safe_div", "safe_exp", "safe_log", "safe_sqrt"]
@@ -150,8 +158,13 @@ def safe_log(input: torch.Tensor, eps=None, *, grad: str = "clamp", out: torch.T
     e = torch.finfo(x.dtype).tiny if eps is None else _number(eps, "eps", "safe_log", nonneg=True)
     if out is not None:
         _check_out(out, "safe_log", x.shape, x.device, x)
-        torch.ops.gradguard.safe_log.out(x, e, st, out=out)
+        if torch.compiler.is_compiling():
+            _ref.write_out(out, _ref.safe_log_composite(x, e, st), "safe_log")
+        else:
+            torch.ops.gradguard.safe_log.out(x, e, st, out=out)
         return out
+    if torch.compiler.is_compiling():
+        return _ref.safe_log_composite(x, e, st)
     return torch.ops.gradguard.safe_log(x, e, st)
 
 
@@ -176,8 +189,13 @@ def safe_exp(input: torch.Tensor, max=None, *, grad: str = "clamp", out: torch.T
                          "for that limit")
     if out is not None:
         _check_out(out, "safe_exp", x.shape, x.device, x)
-        torch.ops.gradguard.safe_exp.out(x, m, st, out=out)
+        if torch.compiler.is_compiling():
+            _ref.write_out(out, _ref.safe_exp_composite(x, m, st), "safe_exp")
+        else:
+            torch.ops.gradguard.safe_exp.out(x, m, st, out=out)
         return out
+    if torch.compiler.is_compiling():
+        return _ref.safe_exp_composite(x, m, st)
     return torch.ops.gradguard.safe_exp(x, m, st)
 
 
@@ -192,8 +210,13 @@ def safe_sqrt(input: torch.Tensor, eps=0.0, *, out: torch.Tensor | None = None) 
     e = _number(eps, "eps", "safe_sqrt", nonneg=True)
     if out is not None:
         _check_out(out, "safe_sqrt", x.shape, x.device, x)
-        torch.ops.gradguard.safe_sqrt.out(x, e, out=out)
+        if torch.compiler.is_compiling():
+            _ref.write_out(out, _ref.safe_sqrt_composite(x, e), "safe_sqrt")
+        else:
+            torch.ops.gradguard.safe_sqrt.out(x, e, out=out)
         return out
+    if torch.compiler.is_compiling():
+        return _ref.safe_sqrt_composite(x, e)
     return torch.ops.gradguard.safe_sqrt(x, e)
 
 
@@ -227,6 +250,11 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     f = _number(fill, "fill", "safe_div", nonneg=False, allow_nan=True)
     if out is not None:
         _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), div_device(x, y), x, y)
-        torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
+        if torch.compiler.is_compiling():
+            _ref.write_out(out, _ref.safe_div_composite(x, y, e, f), "safe_div")
+        else:
+            torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
         return out
+    if torch.compiler.is_compiling():
+        return _ref.safe_div_composite(x, y, e, f)
     return torch.ops.gradguard.safe_div(x, y, e, f)

@@ -209,3 +209,123 @@ def safe_div_backward(grad: torch.Tensor, input: torch.Tensor, other: torch.Tens
     grad_input = torch.where(guard, 0.0, grad / b)
     grad_other = torch.where(guard, 0.0, -grad * ((input / b) / b))
     return grad_input, grad_other
+
+
+# ---- the composite path taken under torch.compile --------------------------------------------------
+#
+# Under torch.compile the public functions call these instead of the custom ops: an opaque op is a
+# fusion barrier (one more full read and write of the tensor each way), while these are plain aten
+# ops that inductor fuses with their neighbours (softmax, the loss, the backward). Each is a
+# torch.autograd.Function whose forward is the eager definition above and whose backward is the
+# reference backward above, so the gradient is the defined one (straight-through, the gradient
+# exactly at the bound, zero at NaN) rather than whatever clamp's autograd gives on this torch.
+# Dynamo traces both into the graph (fullgraph=True works); the values differ from eager only by
+# inductor's own log/exp/sqrt (measured in the README).
+
+def _bound(x: torch.Tensor, v: float) -> torch.Tensor:
+    # The bound as a 0-dim tensor of x's dtype: rounded once, as torch.clamp(x, min=v) rounds it in
+    # eager. Inductor computes float16/bfloat16 in float32, where an unrounded Python-float bound
+    # would move the mask `x >= eps` off the clamp's own boundary.
+    return torch.full((), v, dtype=x.dtype, device=x.device)
+
+
+def _clamp_min(x: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    # Eager torch.clamp's values exactly, NaN and -0.0 included: inductor lowers clamp to a
+    # maximum that turns clamp(-0.0, min=0) into +0.0 (so sqrt(-0.0) and a gradient 1/-0.0 would
+    # change sign); a select keeps the input wherever it is not below the bound.
+    return torch.where(x < lo, lo, x)
+
+
+class _SafeLogComposite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, eps, straight_through):
+        ctx.save_for_backward(input)
+        ctx.eps, ctx.straight_through = eps, straight_through
+        return torch.log(_clamp_min(input, _bound(input, eps)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (input,) = ctx.saved_tensors
+        e = _bound(input, ctx.eps)
+        if ctx.straight_through:
+            return grad / _clamp_min(input, e), None, None
+        # Where the gradient passes the clamp is the identity: divide by the input itself.
+        keep = input >= e
+        return torch.where(keep, grad / torch.where(keep, input, 1.0), 0.0), None, None
+
+
+class _SafeExpComposite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, max, straight_through):
+        m = _bound(input, max)
+        result = torch.exp(torch.where(input > m, m, input))
+        ctx.save_for_backward(result, input)
+        ctx.max, ctx.straight_through = max, straight_through
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        result, input = ctx.saved_tensors
+        g = grad * result
+        if not ctx.straight_through:
+            g = torch.where(input <= _bound(input, ctx.max), g, 0.0)
+        return g, None, None
+
+
+class _SafeSqrtComposite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, eps):
+        ctx.save_for_backward(input)
+        ctx.eps = eps
+        return torch.sqrt(_clamp_min(input, _bound(input, 0.0)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (input,) = ctx.saved_tensors
+        keep = input > _bound(input, ctx.eps)
+        return torch.where(keep, grad / (2 * torch.sqrt(torch.where(keep, input, 1.0))), 0.0), None
+
+
+class _SafeDivComposite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, other, eps, fill):
+        ctx.save_for_backward(input, other)
+        ctx.eps = eps
+        guard = (other.abs() <= _bound(other, eps)) & ~torch.isnan(input)
+        return torch.where(guard, _bound(input, fill), input / other)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, other = ctx.saved_tensors
+        guard = other.abs() <= _bound(other, ctx.eps)
+        b = torch.where(guard, 1.0, other)
+        grad_input = torch.where(guard, 0.0, grad / b)
+        grad_other = torch.where(guard, 0.0, -grad * ((input / b) / b))
+        return grad_input.sum_to_size(input.shape), grad_other.sum_to_size(other.shape), None, None
+
+
+def safe_log_composite(input: torch.Tensor, eps: float, straight_through: bool) -> torch.Tensor:
+    _check_unary("safe_log", input, "eps", eps, True)
+    return _SafeLogComposite.apply(input, eps, straight_through)
+
+
+def safe_exp_composite(input: torch.Tensor, max: float, straight_through: bool) -> torch.Tensor:
+    _check_unary("safe_exp", input, "max", max, False)
+    return _SafeExpComposite.apply(input, max, straight_through)
+
+
+def safe_sqrt_composite(input: torch.Tensor, eps: float) -> torch.Tensor:
+    _check_unary("safe_sqrt", input, "eps", eps, True)
+    return _SafeSqrtComposite.apply(input, eps)
+
+
+def safe_div_composite(input: torch.Tensor, other: torch.Tensor, eps: float, fill: float) -> torch.Tensor:
+    check_div_args("safe_div", input, other, eps, fill)
+    return _SafeDivComposite.apply(input, other, eps, fill)
+
+
+def write_out(out: torch.Tensor, result: torch.Tensor, op: str) -> None:
+    """The out= variants under torch.compile: the composite's result copied into `out` (inductor
+    writes it there directly); `out` was checked and resized by the caller, as in eager."""
+    _check_out_dtype(out, result.dtype, op)
+    out.copy_(result)

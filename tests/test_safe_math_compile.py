@@ -1,0 +1,311 @@
+"""Safe math under torch.compile (inductor, fullgraph=True): the ops lower to aten code that
+inductor fuses (no gradguard custom op left in the graphs), with eager's values and gradients.
+
+Under compile the public functions take the composite path (gradguard.reference.safe_math's
+autograd Functions); eager keeps the custom ops (the C++ kernels, or the reference kernels with
+GRADGUARD_DISABLE_EXT=1: this file runs on both). Values are compared with eager and with float64
+math; they are not bit-identical, because inductor generates its own log/exp/sqrt (the README
+gives the measured ulp differences). What must be exact is structural: NaN, +-inf and zero at
+the same elements, and the gradient zero or passed at the same elements, the bound included.
+
+Compiling is the cost here (seconds per graph on 2 cores), so every case of every dtype is one
+graph compiled once per module, on small tensors.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import FLOAT_DTYPES
+from test_safe_math import sample
+
+import gradguard
+from gradguard import reference
+from gradguard.safe_math import EXP_MAX
+
+# (name, function of (x, y) -> tensor). Bounds hit and not hit: the samples hold values below,
+# at and above every bound (0.5 and 2.0 are put in explicitly; the default bounds are in
+# `sample`'s specials), NaN, +-inf, zeros and -0.0.
+CASES = [
+    ("log", lambda x, y: gradguard.safe_log(x)),
+    ("log eps=0.5", lambda x, y: gradguard.safe_log(x, 0.5)),
+    ("log eps=0", lambda x, y: gradguard.safe_log(x, 0.0)),
+    ("log straight_through", lambda x, y: gradguard.safe_log(x, 0.5, grad="straight_through")),
+    ("exp", lambda x, y: gradguard.safe_exp(x)),
+    ("exp max=2", lambda x, y: gradguard.safe_exp(x, 2.0)),
+    ("exp straight_through", lambda x, y: gradguard.safe_exp(x, 2.0, grad="straight_through")),
+    ("sqrt", lambda x, y: gradguard.safe_sqrt(x)),
+    ("sqrt eps=0.5", lambda x, y: gradguard.safe_sqrt(x, 0.5)),
+    ("div", lambda x, y: gradguard.safe_div(x, y)),
+    ("div eps=0.5 fill=-1", lambda x, y: gradguard.safe_div(x, y, eps=0.5, fill=-1.0)),
+    ("div broadcast", lambda x, y: gradguard.safe_div(x.view(8, -1), y.view(8, -1)[:1])),
+]
+N = 256
+
+
+def _inputs(dtype, case=""):
+    if case == "div broadcast":
+        # Moderate values: the gradient of the broadcast operand is a sum over rows, and where
+        # eager rounds each term to float16/bfloat16 (overflowing to inf), inductor keeps the
+        # float32 intermediate of the fused sum, so huge terms would give inf vs -inf vs NaN.
+        x = sample(dtype, n=N, scale=2.0, specials=False)
+        y = sample(dtype, n=N, seed=2, scale=2.0, specials=False)
+        y[::5] = 0.0
+        y[1::7] = 0.5
+        return x, y
+    x = sample(dtype, n=N)
+    x[40:44] = torch.tensor([0.5, 2.0, -0.5, 0.25], dtype=torch.float64).to(dtype)
+    y = sample(dtype, n=N, seed=2, scale=2.0)
+    y[::5] = 0.0
+    y[1::7] = 0.5
+    return x, y
+
+
+def _all_cases(xs, ys):
+    # Leaf k runs case k % len(CASES): every dtype's leaves run every case once.
+    return [CASES[k % len(CASES)][1](x, y) for k, (x, y) in enumerate(zip(xs, ys))]
+
+
+@pytest.fixture(scope="module")
+def compiled_and_eager():
+    """Each dtype's leaves (one per case, so that gradients do not mix), the eager and the
+    compiled outputs and gradients. One inductor graph for all of them."""
+    torch._dynamo.reset()
+    leaves = {}
+    for mode in ("eager", "compiled"):
+        xs, ys = [], []
+        for dt in FLOAT_DTYPES:
+            for name, _ in CASES:
+                x, y = _inputs(dt, name)
+                xs.append(x.clone().requires_grad_(True))
+                ys.append(y.clone().requires_grad_(True))
+        leaves[mode] = (xs, ys)
+    gs = [sample(x.dtype, n=N, seed=3, scale=1.0, specials=False) for x in leaves["eager"][0]]
+    got = {}
+    for mode, fn in (("eager", _all_cases), ("compiled", torch.compile(_all_cases, fullgraph=True))):
+        xs, ys = leaves[mode]
+        outs = fn(xs, ys)
+        torch.autograd.backward(outs, [g.view(o.shape) for g, o in zip(gs, outs)])
+        got[mode] = [(o.detach(), x.grad, y.grad) for o, x, y in zip(outs, xs, ys)]
+    return leaves["eager"], gs, got
+
+
+def _same_structure(got, want, what):
+    for name, mask in (("NaN", torch.isnan), ("+inf", lambda t: t == math.inf), ("-inf", lambda t: t == -math.inf),
+                       ("zero", lambda t: t == 0)):
+        bad = (mask(got) != mask(want)).nonzero().flatten()[:5]
+        assert bad.numel() == 0, f"{what}: {name} at other elements: {bad.tolist()} got {got.flatten()[bad].tolist()} " \
+                                 f"want {want.flatten()[bad].tolist()}"
+
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-6, torch.float64: 1e-13}
+
+
+def _close(got, want, dtype, what, atol=0.0):
+    # Both sides are rounded to `dtype`; a few ulps of the dtype apart (inductor's math functions
+    # are not eager's), never more. Subnormal results have a fixed ulp: there the bound is 4 of it
+    # (a product of two rounded factors, eager, vs one rounding, float64 or inductor's fused code).
+    fi = torch.finfo(dtype)
+    atol = max(atol, 4 * fi.tiny * fi.eps)
+    torch.testing.assert_close(got.double(), want.double(), rtol=TOL[dtype], atol=atol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _reduced_atol(name, part, t, dtype):
+    # The broadcast operand's gradient is a sum of 8 rows: eager rounds each term to the dtype
+    # before summing, inductor sums the float32 terms, so the bound scales with the terms' size.
+    if name == "div broadcast" and part == "grad other":
+        return 8 * TOL[dtype] * t.abs().max().item()
+    return 0.0
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_compiled_equals_eager(compiled_and_eager, dtype):
+    _, _, got = compiled_and_eager
+    k0 = FLOAT_DTYPES.index(dtype) * len(CASES)
+    for k, (name, _) in enumerate(CASES):
+        for part, c, e in zip(("value", "grad input", "grad other"), got["compiled"][k0 + k], got["eager"][k0 + k]):
+            if e is None:
+                assert c is None, (name, part)
+                continue
+            assert c.dtype == e.dtype == dtype and c.shape == e.shape, (name, part, c.dtype, c.shape, e.shape)
+            _same_structure(c, e, f"{dtype} {name} {part}")
+            _close(c, e, dtype, f"{dtype} {name} {part}", _reduced_atol(name, part, e, dtype))
+
+
+def _ref64(name, x, y, g):
+    """The definition in float64 (bounds rounded to x's dtype first, as clamp rounds them): value
+    and gradient(s) through the reference kernels, which compose plain torch ops."""
+    dt = x.dtype
+    r = lambda v: float(torch.tensor(v, dtype=dt))  # noqa: E731
+    x, y, g = x.detach().double(), y.detach().double(), g.double()
+    st = "straight_through" in name
+    if name.startswith("log"):
+        e = r(torch.finfo(dt).tiny if name == "log" else 0.0 if "eps=0" in name and "0.5" not in name else 0.5)
+        return reference.safe_log(x, e, st), reference.safe_log_backward(g, x, e, st), None
+    if name.startswith("exp"):
+        m = EXP_MAX[dt] if name == "exp" else 2.0
+        res = reference.safe_exp(x, m, st)
+        return res, reference.safe_exp_backward(g, res, x, m, st), None
+    if name.startswith("sqrt"):
+        e = 0.5 if "0.5" in name else 0.0
+        return reference.safe_sqrt(x, e), reference.safe_sqrt_backward(g, x, e), None
+    if name == "div broadcast":
+        x, y, g = x.view(8, -1), y.view(8, -1)[:1], g.view(8, -1)
+    e, f = (0.5, -1.0) if "0.5" in name else (0.0, 0.0)
+    gi, go = reference.safe_div_backward(g, x, y, e)
+    go = go.sum_to_size(y.shape)
+    if name == "div broadcast":  # the leaf `other` is the 256 elements of which row 0 is used
+        go = torch.cat([go.flatten(), torch.zeros(N - go.numel(), dtype=go.dtype)])
+    return reference.safe_div(x, y, e, f), gi.sum_to_size(x.shape), go
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_compiled_against_float64(compiled_and_eager, dtype):
+    (xs, ys), gs, got = compiled_and_eager
+    k0 = FLOAT_DTYPES.index(dtype) * len(CASES)
+    for k, (name, _) in enumerate(CASES):
+        want = _ref64(name, xs[k0 + k], ys[k0 + k], gs[k0 + k])
+        for part, c, w in zip(("value", "grad input", "grad other"), got["compiled"][k0 + k], want):
+            if w is None:
+                continue
+            # The float64 result rounded to the dtype: finite ones that overflow it become inf,
+            # as the dtype's own computation does.
+            w = w.to(dtype).reshape(c.shape)
+            _same_structure(c, w, f"{dtype} {name} {part} vs float64")
+            _close(c, w, dtype, f"{dtype} {name} {part} vs float64", _reduced_atol(name, part, w, dtype))
+
+
+def test_gradient_at_the_bound_and_at_nan_compiled():
+    # The defined gradient, exactly: passed at x == eps / x == max (on every torch: 2.14's clamp
+    # gives 0 there), zero below eps / above max and at NaN; straight-through passes everywhere.
+    x = torch.tensor([0.5, 0.25, 1.0, math.nan, 2.0, 3.0])
+
+    def f(a, b, c, d):  # one leaf per op: a compiled backward gets every output's tangent
+        return (gradguard.safe_log(a, 0.5), gradguard.safe_log(b, 0.5, grad="straight_through"),
+                gradguard.safe_exp(c, 2.0), gradguard.safe_sqrt(d, 0.5))
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        leaves = [x.clone().requires_grad_(True) for _ in range(4)]
+        torch.autograd.backward(fn(*leaves), [torch.ones(6)] * 4)
+        grads.append([leaf.grad for leaf in leaves])
+    for ge, gc in zip(*grads):
+        torch.testing.assert_close(gc, ge, equal_nan=True)
+    log_g, st_g, exp_g, sqrt_g = grads[1]
+    assert log_g.tolist()[:4] == [2.0, 0.0, 1.0, 0.0]
+    assert st_g[:3].tolist() == [2.0, 2.0, 1.0] and math.isnan(st_g[3])
+    assert exp_g[4] == pytest.approx(math.exp(2.0)) and exp_g[5] == 0.0 and exp_g[3] == 0.0
+    assert sqrt_g[0] == 0.0 and sqrt_g[2] == 0.5 and sqrt_g[3] == 0.0
+
+
+def _aot_recorder(graphs):
+    """A backend that keeps the forward and backward graphs AOTAutograd hands to a compiler
+    (the graphs inductor would get) and runs them as they are."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+def _gradguard_nodes(gm):
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "gradguard" in str(n.target)]
+
+
+def test_no_custom_op_in_compiled_graphs():
+    # Inductor can fuse only what it sees: neither the forward nor the backward graph may hold a
+    # gradguard op (an opaque kernel call is a fusion barrier).
+    def loss(logits, target, d):
+        p = torch.softmax(logits, dim=-1)
+        nll = -gradguard.safe_log(p).gather(-1, target[:, None]).mean()
+        return (nll + gradguard.safe_exp(logits, 3.0).mean() + gradguard.safe_sqrt(logits).mean()
+                + gradguard.safe_div(logits, d, eps=1e-3).mean())
+
+    graphs = []
+    torch._dynamo.reset()
+    cf = torch.compile(loss, fullgraph=True, backend=_aot_recorder(graphs))
+    logits = torch.randn(4, 10, requires_grad=True)
+    cf(logits, torch.tensor([1, 2, 3, 4]), torch.randn(10)).backward()
+    assert len(graphs) == 2, "expected a forward and a backward graph"
+    for gm in graphs:
+        assert _gradguard_nodes(gm) == [], gm.code
+    # Eager keeps the custom ops (the fused kernels): they are what a trace of an eager call records.
+    from torch.fx.experimental.proxy_tensor import make_fx
+    eager = make_fx(lambda x: gradguard.safe_log(x))(torch.rand(4))
+    assert _gradguard_nodes(eager) == ["gradguard.safe_log.default"]
+
+
+def test_out_compiled():
+    # out= of the result's shape. (Resizing a wrong-shaped `out` is eager-only: the operand-alias
+    # check before a resize reads storage pointers, which dynamo does not trace.)
+    def f(x, y, o1, o2, o3, o4):
+        gradguard.safe_log(x, 1e-3, out=o1)
+        gradguard.safe_exp(x, 2.0, out=o2)
+        gradguard.safe_sqrt(x, out=o3)
+        gradguard.safe_div(x, y, out=o4)
+
+    x, y = _inputs(torch.float32)
+    outs_e = [torch.empty(N) for _ in range(4)]
+    outs_c = [torch.empty(N) for _ in range(4)]
+    f(x, y, *outs_e)
+    torch.compile(f, fullgraph=True)(x, y, *outs_c)
+    for c, e in zip(outs_c, outs_e):
+        _same_structure(c, e, "out=")
+        _close(c, e, torch.float32, "out=")
+
+
+ERROR_CASES = [
+    (lambda x: gradguard.safe_log(x.half(), 1e-8), ValueError, "`eps`=1e-08 rounds to 0"),
+    (lambda x: gradguard.safe_exp(x.half(), 100.0), ValueError, "`max`=100.0 is above"),
+    (lambda x: gradguard.safe_sqrt(x, -1.0), ValueError, "`eps` must be >= 0"),
+    (lambda x: gradguard.safe_div(x.half(), x.half(), fill=1e10), ValueError, "`fill`=.* overflows"),
+    (lambda x: gradguard.safe_log(x, grad="pass"), ValueError, "must be 'clamp' or 'straight_through'"),
+    (lambda x: gradguard.safe_log(x, out=torch.empty(8, dtype=torch.float64)), RuntimeError,
+     "`out` has dtype"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(ERROR_CASES)))
+def test_errors_compiled(case):
+    # An error eager raises is raised compiled too: the checks are Python on the arguments and
+    # run while dynamo traces (backend="eager": the checks, not code generation, are under test).
+    # With fullgraph=True dynamo reports it as torch._dynamo.exc.Unsupported ("Observed
+    # exception") carrying the same message; without fullgraph the call falls back to eager and
+    # raises the error itself.
+    fn, exc, msg = ERROR_CASES[case]
+    x = torch.rand(8)
+    with pytest.raises(exc, match=msg):
+        fn(x)
+    torch._dynamo.reset()
+    with pytest.raises(exc, match=msg):
+        torch.compile(fn, backend="eager")(x)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=msg):
+        torch.compile(fn, backend="eager", fullgraph=True)(x)
+
+
+PROMOTION_CASES = [
+    lambda a, b, h, s: gradguard.safe_log(a),            # integers to the default dtype
+    lambda a, b, h, s: gradguard.safe_sqrt(a),
+    lambda a, b, h, s: gradguard.safe_div(a, 3),         # int / number
+    lambda a, b, h, s: gradguard.safe_div(h, b),         # float16 / float32 -> float32
+    lambda a, b, h, s: gradguard.safe_div(h, s),         # a 0-dim float64 does not widen float16
+    lambda a, b, h, s: gradguard.safe_div(s, a),         # 0-dim float64 / int tensor -> float64
+]
+
+
+def test_dtype_promotion_compiled():
+    a = torch.arange(-3, 5)
+    b = torch.tensor([0.0, 1.0, -2.0, 0.5, 4.0, 0.0, 3.0, 8.0])
+    h = torch.linspace(-2, 2, 8, dtype=torch.float16)
+    s = torch.tensor(0.25, dtype=torch.float64)
+    torch._dynamo.reset()
+    for fn in PROMOTION_CASES:
+        want = fn(a, b, h, s)
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(a, b, h, s)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, equal_nan=True)
