@@ -59,3 +59,14 @@ def test_op_count_does_not_regress(counts, path):
 @pytest.mark.xfail(strict=True, reason="issue 15 target (<= 4 ops per path) needs the guard_decide op: not built yet")
 def test_op_count_target(counts):
     assert max(len(counts[p]) for p in OP_PATHS) <= OP_COUNT_TARGET
+
+
+def test_host_overhead_table_measures_both_paths_and_sizes():
+    from gradguard.bench.optim_cases import HOST_TARGET_US, host_overhead_table
+
+    threads = torch.get_num_threads()
+    tab = host_overhead_table(repeats=3)
+    assert torch.get_num_threads() == threads
+    assert len(tab.rows) == 2 * len(HOST_TARGET_US) and len(tab.checks) == len(tab.rows)
+    for n in HOST_TARGET_US:
+        assert sum(f", {n} tensors:" in c for c in tab.checks) == 2

@@ -139,7 +139,7 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
            fused_table(params, label, device, 3 if quick else 21, clip=False)]
     out.append(foreach_table(params, label, device, 3 if quick else 9))
     if device == "cpu":
-        out.insert(0, op_count_table())
+        out[:0] = [op_count_table(), host_overhead_table(21 if quick else 101)]
     return out
 
 
@@ -202,9 +202,9 @@ def guard_ops(guard, run=None) -> list[str]:
                          outside=f"Optimizer.step#{type(guard.optimizer).__name__}.step")
 
 
-def _op_params(n: int = 52, seed: int = 0):
+def _op_params(n: int = 52, seed: int = 0, shape=(16, 8)):
     g = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(16, 8, generator=g)) for _ in range(n)]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for _ in range(n)]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g) * 1e-2
     return params
@@ -257,4 +257,44 @@ def op_count_table() -> Table:
             continue
         met = len(ops) <= OP_COUNT_TARGET
         tab.checks.append(f"{path}: {len(ops)} ops (target <= {OP_COUNT_TARGET}): {'met' if met else 'NOT met'}")
+    return tab
+
+
+# ---- host time of GradGuard.step() minus the inner step (issue 15 targets) --------------------
+
+HOST_TARGET_US = {52: 60.0, 1000: 150.0}
+
+
+def host_overhead_table(repeats: int = 101) -> Table:
+    """Median per-round difference between a guarded and a bare step of the same optimizer, on
+    tensors of 16 elements (so what is left is dispatch and Python, not memory traffic): the
+    guard's fixed host cost per step. Fused AdamW device-decided (the GPU path) and foreach SGD
+    (the one-read path). One thread, as the issue measures: on a shared machine a multi-threaded
+    kernel's thread wake-ups dominate a 16-element step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _host_overhead_table(repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _host_overhead_table(repeats: int) -> Table:
+    tab = Table(f"GradGuard.step() host time minus the inner step (16-element fp32 tensors, CPU, 1 thread, "
+                f"median of {repeats} interleaved rounds)", [])
+    for n, target in HOST_TARGET_US.items():
+        params = _op_params(n, shape=(2, 8))
+        fused = torch.optim.AdamW(params, lr=1e-9, fused=True)
+        device_decided = gradguard.GradGuard(fused, max_norm=1e3, hygiene=False)
+        device_decided._decide_on_host_on_cpu = False
+        sgd = torch.optim.SGD(params, lr=1e-9, foreach=True)
+        read_path = gradguard.GradGuard(sgd, max_norm=1e3, hygiene=False)
+        times = interleaved_times({"bare fused": fused.step, "guarded fused": device_decided.step,
+                                   "bare sgd": sgd.step, "guarded sgd": read_path.step}, "cpu", repeats, warmup=3)
+        for what, guarded, bare in (("AdamW(fused=True), device-decided", "guarded fused", "bare fused"),
+                                    ("SGD(foreach=True), one read", "guarded sgd", "bare sgd")):
+            us = 1e3 * statistics.median(g - b for g, b in zip(times[guarded], times[bare]))
+            tab.rows.append(Row(f"{what}, {n} tensors: guard overhead", us / 1e3))
+            tab.checks.append(f"{what}, {n} tensors: {us:.0f} us per step (target <= {target:.0f} us): "
+                              f"{'met' if us <= target else 'NOT met'}")
     return tab
