@@ -671,13 +671,17 @@ class GradGuard(torch.optim.Optimizer):
         if self._totals is None:
             return {"steps": self._steps, "skipped": 0, "clipped": 0, "nonfinite_steps": 0,
                     "consecutive_skips": 0, "worst_layers": []}
-        skipped, clipped, nonfinite = self._totals.tolist()
+        # One transfer: the int64 counters packed with the float64 peaks (exact below 2**53).
+        n = self._layer_nonfinite.numel()
+        flat = torch.cat([self._totals.to(torch.float64), self._consecutive.reshape(1).to(torch.float64),
+                          self._layer_nonfinite.to(torch.float64), self._layer_max_norm]).tolist()
+        skipped, clipped, nonfinite, streak = (int(v) for v in flat[:4])
         names = self._names(self._params())
-        bad, peak = self._layer_nonfinite.tolist(), self._layer_max_norm.tolist()
+        bad, peak = [int(v) for v in flat[4:4 + n]], flat[4 + n:]
         order = sorted(range(len(bad)), key=lambda i: (-bad[i], -peak[i]))
         worst = [{"name": names[i], "nonfinite_steps": bad[i], "max_norm": peak[i]} for i in order[:k]]
         return {"steps": self._steps, "skipped": skipped, "clipped": clipped, "nonfinite_steps": nonfinite,
-                "consecutive_skips": int(self._consecutive), "worst_layers": worst}
+                "consecutive_skips": streak, "worst_layers": worst}
 
     def state_dict(self) -> dict:
         """The inner optimizer's state dict plus a ``"gradguard"`` entry: counters, per-parameter

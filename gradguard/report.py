@@ -41,17 +41,26 @@ class StepReport:
         self._host = None
 
     def _fetch(self) -> dict:
-        # One transfer for everything the host views need, done once per report.
+        # One device-to-host copy of one packed float64 tensor for every host view, once per
+        # report (a sync on an accelerator). float64 holds the int64 counts exactly below 2**53
+        # and every float32/float16 norm exactly.
         if self._host is None:
+            n = self.norms.numel()
+            dev = self.norms.device
+            scalars = [t.reshape(1).to(device=dev, dtype=torch.float64) for t in
+                       (self.total_norm, self.clip_coef, self.found_inf, self.skipped, self.amp_overflow)]
+            packed = torch.cat([self.norms.to(torch.float64), self.nan_count.to(torch.float64),
+                                self.inf_count.to(torch.float64), self.amax.to(torch.float64), *scalars])
+            flat = packed.tolist()
+            nan = [int(v) for v in flat[n:2 * n]]
+            inf = [int(v) for v in flat[2 * n:3 * n]]
             self._host = {
-                "norms": self.norms.tolist(),
-                "bad": (self.nan_count + self.inf_count).tolist(),
-                "nan": self.nan_count.tolist(),
-                "inf": self.inf_count.tolist(),
-                "amax": self.amax.tolist(),
-                "scalars": torch.stack([self.total_norm.double(), self.clip_coef.double(),
-                                        self.found_inf.double(), self.skipped.double(),
-                                        self.amp_overflow.to(self.total_norm.device).double()]).tolist(),
+                "norms": flat[:n],
+                "bad": [a + b for a, b in zip(nan, inf)],
+                "nan": nan,
+                "inf": inf,
+                "amax": flat[3 * n:4 * n],
+                "scalars": flat[4 * n:],
             }
         return self._host
 

@@ -138,4 +138,163 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
     out = [fused_table(params, label, device, 3 if quick else 21, clip=True),
            fused_table(params, label, device, 3 if quick else 21, clip=False)]
     out.append(foreach_table(params, label, device, 3 if quick else 9))
+    if device == "cpu":
+        out[:0] = [op_count_table(), host_overhead_table(21 if quick else 101)]
     return out
+
+
+# ---- ops dispatched by GradGuard.step() beyond the inner optimizer's own (issue 15) -----------
+
+OP_COUNT_TARGET = 4
+OP_PATHS = ("fused AdamW (device-decided)", "fused AdamW (CPU host-decided)", "non-fused SGD", "skipped SGD",
+            "on_nonfinite='zero' SGD", "SGD + ZScoreClip", "GradScaler + SGD")
+
+
+def _is_op(name: str) -> bool:
+    return name.startswith("aten::") or name.startswith("gradguard::")
+
+
+def _counted(e) -> bool:
+    # A no-op `aten::to` (already the right dtype/device: it dispatches no copy) costs no kernel;
+    # `Tensor.tolist()` dispatches resolve_conj and resolve_neg, counted once, as one host read.
+    if e.name == "aten::to" and not e.cpu_children:
+        return False
+    return e.name != "aten::resolve_neg"
+
+
+def top_level_ops(events, inside: str | None = None, outside: str | None = None) -> list[str]:
+    """Names of the aten/gradguard ops among profiler `events` whose ancestors hold no other such
+    op (no-op `aten::to` left out, a `tolist()` read counted as one); with `inside`, only those under a record named so; with `outside`, none under one named so
+    (the inner optimizer's own step, which torch.optim records as ``Optimizer.step#Cls.step``)."""
+    out = []
+    for e in events:
+        if not _is_op(e.name) or not _counted(e):
+            continue
+        names = []
+        parent = e.cpu_parent
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        if any(_is_op(n) for n in names):
+            continue
+        if inside is not None and inside not in names:
+            continue
+        if outside is not None and outside in names:
+            continue
+        out.append(e.name)
+    return out
+
+
+def _profile(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.events()
+
+
+def guard_ops(guard, run=None) -> list[str]:
+    """The top-level ops one ``guard.step()`` (or ``run()``, which must call it) dispatches
+    beyond its inner optimizer's step. For a fused inner optimizer handed found_inf/grad_scale,
+    the ops PyTorch's fused step adds for them (``aten::to`` x2, ``_foreach_sub_``) are the inner
+    step's, not the guard's."""
+    run = run or guard.step
+    run()  # warm: lazily created state is no per-step cost
+    return top_level_ops(_profile(run), inside="Optimizer.step#GradGuard.step",
+                         outside=f"Optimizer.step#{type(guard.optimizer).__name__}.step")
+
+
+def _op_params(n: int = 52, seed: int = 0, shape=(16, 8)):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-2
+    return params
+
+
+def guard_op_counts(n_tensors: int = 52) -> dict[str, list[str]]:
+    """Path name -> the ops GradGuard.step() adds on it (see OP_PATHS), plus clip_grad_norm_'s
+    own top-level ops under "torch clip_grad_norm_", on `n_tensors` fp32 CPU gradients."""
+    out = {}
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=1e-3, foreach=True)
+
+    params = _op_params(n_tensors)
+    device_decided = gradguard.GradGuard(torch.optim.AdamW(params, lr=1e-3, fused=True), max_norm=1e-3,
+                                         hygiene=False)
+    device_decided._decide_on_host_on_cpu = False
+    out[OP_PATHS[0]] = guard_ops(device_decided)
+    out[OP_PATHS[1]] = guard_ops(gradguard.GradGuard(torch.optim.AdamW(params, lr=1e-3, fused=True),
+                                                     max_norm=1e-3, hygiene=False))
+    out[OP_PATHS[2]] = guard_ops(gradguard.GradGuard(sgd(params), max_norm=1e-3, hygiene=False))
+    bad = _op_params(n_tensors)
+    bad[3].grad[0, 0] = float("nan")
+    out[OP_PATHS[3]] = guard_ops(gradguard.GradGuard(sgd(bad), max_norm=1e-3, hygiene=False))
+    out[OP_PATHS[4]] = guard_ops(gradguard.GradGuard(sgd(bad), max_norm=1e-3, on_nonfinite="zero", hygiene=False))
+    out[OP_PATHS[5]] = guard_ops(gradguard.GradGuard(sgd(params), max_norm=1e-3, spike=gradguard.ZScoreClip(),
+                                                     hygiene=False))
+    guard = gradguard.GradGuard(sgd(params), max_norm=1e-3, hygiene=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+
+    def scaled():
+        scaler.scale(torch.ones(()))  # what scaler.scale(loss) sets up; outside the guard's step
+        scaler.step(guard)
+        scaler.update()
+
+    out[OP_PATHS[6]] = guard_ops(guard, scaled)
+    clip_params = _op_params(n_tensors)
+    out["torch clip_grad_norm_"] = top_level_ops(_profile(
+        lambda: torch.nn.utils.clip_grad_norm_(clip_params, 1e-3, foreach=True)))
+    return out
+
+
+def op_count_table() -> Table:
+    counts = guard_op_counts()
+    tab = Table(f"Ops GradGuard.step() dispatches beyond the inner step (torch.profiler, top-level aten/gradguard "
+                f"ops, 52 fp32 CPU tensors, max_norm set)", [])
+    for path, ops in counts.items():
+        if path == "torch clip_grad_norm_":
+            tab.checks.append(f"{path}: {len(ops)} ops (for comparison)")
+            continue
+        met = len(ops) <= OP_COUNT_TARGET
+        tab.checks.append(f"{path}: {len(ops)} ops (target <= {OP_COUNT_TARGET}): {'met' if met else 'NOT met'}")
+    return tab
+
+
+# ---- host time of GradGuard.step() minus the inner step (issue 15 targets) --------------------
+
+HOST_TARGET_US = {52: 60.0, 1000: 150.0}
+
+
+def host_overhead_table(repeats: int = 101) -> Table:
+    """Median per-round difference between a guarded and a bare step of the same optimizer, on
+    tensors of 16 elements (so what is left is dispatch and Python, not memory traffic): the
+    guard's fixed host cost per step. Fused AdamW device-decided (the GPU path) and foreach SGD
+    (the one-read path). One thread, as the issue measures: on a shared machine a multi-threaded
+    kernel's thread wake-ups dominate a 16-element step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _host_overhead_table(repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _host_overhead_table(repeats: int) -> Table:
+    tab = Table(f"GradGuard.step() host time minus the inner step (16-element fp32 tensors, CPU, 1 thread, "
+                f"median of {repeats} interleaved rounds)", [])
+    for n, target in HOST_TARGET_US.items():
+        params = _op_params(n, shape=(2, 8))
+        fused = torch.optim.AdamW(params, lr=1e-9, fused=True)
+        device_decided = gradguard.GradGuard(fused, max_norm=1e3, hygiene=False)
+        device_decided._decide_on_host_on_cpu = False
+        sgd = torch.optim.SGD(params, lr=1e-9, foreach=True)
+        read_path = gradguard.GradGuard(sgd, max_norm=1e3, hygiene=False)
+        times = interleaved_times({"bare fused": fused.step, "guarded fused": device_decided.step,
+                                   "bare sgd": sgd.step, "guarded sgd": read_path.step}, "cpu", repeats, warmup=3)
+        for what, guarded, bare in (("AdamW(fused=True), device-decided", "guarded fused", "bare fused"),
+                                    ("SGD(foreach=True), one read", "guarded sgd", "bare sgd")):
+            us = 1e3 * statistics.median(g - b for g, b in zip(times[guarded], times[bare]))
+            tab.rows.append(Row(f"{what}, {n} tensors: guard overhead", us / 1e3))
+            tab.checks.append(f"{what}, {n} tensors: {us:.0f} us per step (target <= {target:.0f} us): "
+                              f"{'met' if us <= target else 'NOT met'}")
+    return tab
