@@ -12,7 +12,7 @@ import torch
 
 import gradguard
 from bench_fixtures import benchmarking, gpt2_grads  # noqa: F401  (fixtures)
-from gradguard.bench.optim_cases import _torch_skip_step, tables
+from gradguard.bench.optim_cases import OP_PATHS, _torch_skip_step, tables
 from gradguard.bench.stats_cases import ShrinkingMaxNorm, _params_with
 
 
@@ -52,7 +52,12 @@ def test_optim_tables_quick(benchmarking):
     if benchmarking:
         pytest.skip("a smoke test of `python -m gradguard.bench --only optim` for CI")
     out = tables(quick=True)
-    assert len(out) == 3
-    for t in out:
+    # On the CPU: the op-count and host-time tables (issue 15), then the fused (clip, no clip)
+    # and foreach step tables.
+    assert len(out) == 5
+    assert out[0].title.startswith("Ops GradGuard.step() dispatches") and "host time" in out[1].title
+    counts, timed = out[0], out[1:]
+    assert not counts.rows and len(counts.checks) == len(OP_PATHS) + 1  # counts only, no timings
+    for t in timed:
         assert t.rows and all(r.ms > 0 for r in t.rows) and t.checks
         assert any(c.endswith(": met") or c.endswith(": NOT met") for c in t.checks)
