@@ -69,14 +69,14 @@ inline void merge_scaled(Partial& out, double r, double m, double p) {
 }
 
 namespace isa_default {
-constexpr bool kAvx512Copy = false;
+constexpr bool kSimdCopy = false;
 #include "stats_loops.inc"
 }  // namespace isa_default
 
 #pragma GCC push_options
 GG_TARGET_AVX2
 namespace isa_avx2 {
-constexpr bool kAvx512Copy = false;
+constexpr bool kSimdCopy = GG_CPU_X86 != 0;
 #include "stats_loops.inc"
 }  // namespace isa_avx2
 #pragma GCC pop_options
@@ -84,7 +84,7 @@ constexpr bool kAvx512Copy = false;
 #pragma GCC push_options
 GG_TARGET_AVX512
 namespace isa_avx512 {
-constexpr bool kAvx512Copy = GG_CPU_X86 != 0;
+constexpr bool kSimdCopy = GG_CPU_X86 != 0;
 #include "stats_loops.inc"
 }  // namespace isa_avx512
 #pragma GCC pop_options

@@ -1,4 +1,4 @@
-// The AVX-512 hot loop of the statistics kernel for float32/float16/bfloat16 with p = 1, 2 or inf:
+// The AVX2 hot loop of the statistics kernel for float32/float16/bfloat16 with p = 1, 2 or inf:
 // 32 elements per step, widened to float, then to double (vcvtps2pd), squared and summed with FMAs
 // into eight independent double accumulators. Written with intrinsics because gcc's
 // auto-vectorizer, given the same loop in C++, neither converts float16 with vcvtph2ps nor keeps
@@ -6,7 +6,9 @@
 // floor's time (README "Measured (CPU)"). Every square is still formed and summed in double, so
 // the README's "accumulated in float64" holds.
 //
-// Only the AVX-512 copy of stats_loops.inc calls this; on other targets the header is empty.
+// Compiled for AVX2+FMA+F16C only, so both the AVX2 and the AVX-512 copies of stats_loops.inc
+// inline it (gcc inlines a callee whose ISA is a subset of the caller's); on other targets the
+// header is empty.
 #pragma once
 
 #include "cpu_isa.h"
@@ -19,11 +21,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #pragma GCC push_options
-GG_TARGET_AVX512
+GG_TARGET_AVX2
 namespace gradguard {
-namespace avx512 {
+namespace simd {
 
 template <bool kSquares>
 inline __m256d accumulate(__m256d s, __m256d d) {
@@ -31,9 +34,8 @@ inline __m256d accumulate(__m256d s, __m256d d) {
   return _mm256_add_pd(s, _mm256_andnot_pd(_mm256_set1_pd(-0.0), d));
 }
 
-// 32 elements into 8 independent double accumulators (FMA latency x throughput). Measured on
-// cache-resident float32 (one thread, this project's Zen 4 VM): converting 4 floats straight from
-// memory with 256-bit vcvtps2pd ran 15.9 G elements/s, the 512-bit form with an extract 11.6.
+// 32 elements into 8 independent double accumulators (4 FMA latency x 2 per cycle), each fed
+// by a 256-bit vcvtps2pd of 4 floats.
 template <bool kSquares>
 inline void step32(const float* x, __m256d* s) {
   for (int k = 0; k < 8; ++k) s[k] = accumulate<kSquares>(s[k], _mm256_cvtps_pd(_mm_loadu_ps(x + 4 * k)));
@@ -63,26 +65,41 @@ inline void step32(const c10::BFloat16* x, __m256d* s) {
 
 // amax on the bit patterns with the sign cleared: for finite values the unsigned order of the
 // patterns is the order of the magnitudes (NaN/Inf segments never use this amax: their sum is
-// not finite), and 16-bit types take 32 elements per instruction.
-inline __m512i amax32(const float* x, __m512i m) {
-  const __m512i mag = _mm512_set1_epi32(0x7fffffff);
-  m = _mm512_max_epu32(m, _mm512_and_si512(mag, _mm512_loadu_si512(x)));
-  return _mm512_max_epu32(m, _mm512_and_si512(mag, _mm512_loadu_si512(x + 16)));
+// not finite), and 16-bit types take 16 elements per instruction. 256-bit AVX2 integer max, so
+// the AVX2 copy runs this loop too (the loop is memory-bound; 512-bit max gains nothing).
+inline __m256i amax32(const float* x, __m256i m) {
+  const __m256i mag = _mm256_set1_epi32(0x7fffffff);
+  for (int k = 0; k < 4; ++k) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 8 * k));
+    m = _mm256_max_epu32(m, _mm256_and_si256(mag, v));
+  }
+  return m;
 }
 
 template <typename T>
-inline __m512i amax32(const T* x, __m512i m) {
-  return _mm512_max_epu16(m, _mm512_and_si512(_mm512_set1_epi16(0x7fff), _mm512_loadu_si512(x)));
+inline __m256i amax32(const T* x, __m256i m) {
+  const __m256i mag = _mm256_set1_epi16(0x7fff);
+  for (int k = 0; k < 2; ++k) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * k));
+    m = _mm256_max_epu16(m, _mm256_and_si256(mag, v));
+  }
+  return m;
 }
 
-inline float amax_value(__m512i m, const float*) {
-  return _mm512_reduce_max_ps(_mm512_castsi512_ps(m));
+inline float amax_value(__m256i m, const float*) {
+  alignas(32) uint32_t w[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w), m);
+  uint32_t top = 0;
+  for (uint32_t v : w) top = v > top ? v : top;
+  float f;
+  std::memcpy(&f, &top, sizeof f);
+  return f;
 }
 
 template <typename T>
-inline float amax_value(__m512i m, const T*) {
-  alignas(64) uint16_t w[32];
-  _mm512_store_si512(w, m);
+inline float amax_value(__m256i m, const T*) {
+  alignas(32) uint16_t w[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w), m);
   uint16_t top = 0;
   for (uint16_t v : w) top = v > top ? v : top;
   return static_cast<float>(T(top, T::from_bits()));
@@ -97,7 +114,7 @@ template <typename T, bool kSquares>
 inline void sums(const T* x, int64_t n, double& sum, float& amax) {
   __m256d s[8];
   for (auto& v : s) v = _mm256_setzero_pd();
-  __m512i m = _mm512_setzero_si512();
+  __m256i m = _mm256_setzero_si256();
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
     _mm_prefetch(reinterpret_cast<const char*>(x + j + kPrefetch), _MM_HINT_T0);
@@ -122,7 +139,7 @@ inline void sums(const T* x, int64_t n, double& sum, float& amax) {
   amax = mv > mt ? mv : mt;
 }
 
-}  // namespace avx512
+}  // namespace simd
 }  // namespace gradguard
 #pragma GCC pop_options
 #endif
