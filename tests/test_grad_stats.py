@@ -406,7 +406,8 @@ print("ok")
 
 
 @needs_ext
-@pytest.mark.parametrize("isa", ["default", "avx2"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_stats_kernel_copies_of_other_isas(isa):
-    # This CPU runs its widest copy; the portable (and AVX2) copies run here in a subprocess.
+    # This CPU runs its widest copy; each copy (portable, AVX2, AVX-512 where the CPU has it: else
+    # the widest below it) runs here in a subprocess.
     run_under_isa(_ISA_CHECK, isa)

@@ -15,8 +15,8 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #define GG_CPU_X86 1
-#define GG_TARGET_AVX2 _Pragma("GCC target(\"avx2,fma\")")
-#define GG_TARGET_AVX512 _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx2,fma\")")
+#define GG_TARGET_AVX2 _Pragma("GCC target(\"avx2,fma,f16c\")")
+#define GG_TARGET_AVX512 _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx2,fma,f16c\")")
 #else
 #define GG_CPU_X86 0
 #define GG_TARGET_AVX2
@@ -34,7 +34,8 @@ inline bool cpu_isa_allowed(const char* isa) {
 
 inline bool cpu_has_avx2() {
 #if GG_CPU_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_isa_allowed("avx2");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c") && cpu_isa_allowed("avx2");
   return has;
 #else
   return false;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "stats_avx512.h"
 #include "strided_walk.h"
 
 namespace gradguard {
@@ -68,21 +69,34 @@ inline void merge_scaled(Partial& out, double r, double m, double p) {
 }
 
 namespace isa_default {
+constexpr bool kSimdCopy = false;
 #include "stats_loops.inc"
 }  // namespace isa_default
 
 #pragma GCC push_options
 GG_TARGET_AVX2
 namespace isa_avx2 {
+constexpr bool kSimdCopy = GG_CPU_X86 != 0;
 #include "stats_loops.inc"
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
+#pragma GCC push_options
+GG_TARGET_AVX512
+namespace isa_avx512 {
+constexpr bool kSimdCopy = GG_CPU_X86 != 0;
+#include "stats_loops.inc"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
 const bool kHasAvx2 = cpu_has_avx2();
+const bool kHasAvx512 = cpu_has_avx512();
 
 template <typename T, Norm N>
 inline void segment_stats(const T* x, int64_t n, int64_t stride, double p, Partial& out) {
-  if (kHasAvx2) {
+  if (kHasAvx512) {
+    isa_avx512::segment_stats<T, N>(x, n, stride, p, out);
+  } else if (kHasAvx2) {
     isa_avx2::segment_stats<T, N>(x, n, stride, p, out);
   } else {
     isa_default::segment_stats<T, N>(x, n, stride, p, out);
