@@ -31,6 +31,18 @@ _lib.define("multi_tensor_stats(Tensor[] tensors, float norm_type) -> (Tensor, T
 _lib.define("maybe_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()")
 _lib.define("zero_nonfinite_and_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()")
 
+# The whole decision of a guarded step in one op (see gradguard/reference/decide.py, the default
+# kernel and the specification): norms, flag, clip coefficient, skip, the multiplier and the
+# fused optimizers' grad_scale, and every counter, spike statistic and history slot updated in
+# place. Six outputs: norms, amax (result dtype, [n]), scalars (float64 [8], one transfer for the
+# host), found_inf (float32), multiplier, grad_scale (float32).
+_lib.define(
+    "guard_decide(Tensor acc, Tensor nan_count, Tensor inf_count, Tensor amax, Tensor? index, Tensor? max_norm, "
+    "Tensor? loss_scale, Tensor? scaler_found, Tensor(a!)? counters, Tensor(b!)? layer_nonfinite, "
+    "Tensor(c!)? layer_max_norm, Tensor(d!)? spike_state, Tensor(e!)? history, float norm_type, "
+    "float? max_norm_value, str mode, str spike, float[] spike_args, bool double_out) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
 torch.library.impl("gradguard::multi_tensor_stats", "default", lib=_lib)(reference.multi_tensor_stats)
 torch.library.impl("gradguard::maybe_scale_", "default", lib=_lib)(reference.maybe_scale_)
 torch.library.impl("gradguard::zero_nonfinite_and_scale_", "default", lib=_lib)(
@@ -74,3 +86,74 @@ def _maybe_scale_fake(tensors, scale):
 def _zero_nonfinite_and_scale_fake(tensors, scale):
     _check_one_device("zero_nonfinite_and_scale_", tensors, scale)
     return None
+
+
+def _check_decide_args(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, scaler_found, counters,
+                       layer_nonfinite, layer_max_norm, spike_state, history, norm_type, mode, spike, spike_args):
+    where = "gradguard.guard_decide"
+    n = acc.shape[0] if acc.dim() == 1 else -1
+    for name, t, dtype in (("acc", acc, torch.float64), ("nan_count", nan_count, torch.int64),
+                           ("inf_count", inf_count, torch.int64), ("amax", amax, torch.float64)):
+        torch._check(t.dim() == 1 and t.shape[0] == n and t.dtype == dtype, lambda: (
+            f"{where}: `{name}` must be a {dtype} tensor of shape [n] like `acc`, got {t.dtype} {tuple(t.shape)}"))
+    dev = acc.device
+    named = (("nan_count", nan_count), ("inf_count", inf_count), ("amax", amax), ("index", index),
+             ("max_norm", max_norm), ("loss_scale", loss_scale), ("scaler_found", scaler_found),
+             ("counters", counters), ("layer_nonfinite", layer_nonfinite), ("layer_max_norm", layer_max_norm),
+             ("spike_state", spike_state), ("history", history))
+    for name, t in named:
+        torch._check(t is None or t.device == dev, lambda: (
+            f"{where}: `{name}` is on {t.device} but `acc` is on {dev}; every tensor must be on one device"))
+    for name, t in (("max_norm", max_norm), ("loss_scale", loss_scale), ("scaler_found", scaler_found)):
+        torch._check(t is None or (t.numel() == 1 and t.is_floating_point()), lambda: (
+            f"{where}: `{name}` must be a one-element floating-point tensor"))
+    torch._check(counters is None or (counters.dtype == torch.int64 and tuple(counters.shape) == (5,)),
+                 lambda: f"{where}: `counters` must be an int64 tensor of shape [5]")
+    torch._check((layer_nonfinite is None) == (layer_max_norm is None),
+                 lambda: f"{where}: `layer_nonfinite` and `layer_max_norm` go together")
+    if layer_nonfinite is not None:
+        torch._check(layer_nonfinite.dtype == torch.int64 and layer_nonfinite.dim() == 1
+                     and layer_max_norm.dtype == torch.float64 and layer_max_norm.shape == layer_nonfinite.shape,
+                     lambda: f"{where}: `layer_nonfinite` (int64 [P]) and `layer_max_norm` (float64 [P]) disagree")
+        torch._check((layer_nonfinite.shape[0] == n) if index is None else True,
+                     lambda: f"{where}: without `index`, `layer_nonfinite` must have n = {n} entries")
+    if index is not None:
+        torch._check(index.dtype == torch.int64 and tuple(index.shape) == (n,),
+                     lambda: f"{where}: `index` must be an int64 tensor of shape [n] = [{n}]")
+        torch._check(layer_nonfinite is not None, lambda: f"{where}: `index` needs `layer_nonfinite`")
+    torch._check(history is None or (history.dtype == torch.float64 and history.dim() == 2
+                                     and history.shape[1] == 3 and history.shape[0] >= 1),
+                 lambda: f"{where}: `history` must be a float64 tensor of shape [H, 3], H >= 1")
+    torch._check(history is None or counters is not None, lambda: f"{where}: `history` needs `counters`")
+    torch._check(norm_type > 0, lambda: f"{where}: `norm_type` must be > 0 or inf, got {norm_type}")
+    torch._check(mode in reference.decide.MODES, lambda: f"{where}: `mode` must be one of {reference.decide.MODES}")
+    torch._check(spike in reference.decide.SPIKES, lambda: f"{where}: `spike` must be one of {reference.decide.SPIKES}")
+    if spike != "none":
+        torch._check(len(spike_args) == 3 and spike_state is not None and spike_state.dtype == torch.float64,
+                     lambda: f"{where}: spike {spike!r} needs 3 `spike_args` and a float64 `spike_state`")
+        size = 3 if spike == "zscore" else 1 + int(spike_args[1])
+        torch._check(tuple(spike_state.shape) == (size,),
+                     lambda: f"{where}: `spike_state` of {spike!r} must have shape [{size}]")
+
+
+@torch.library.register_fake("gradguard::guard_decide", lib=_lib)
+def _guard_decide_fake(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, scaler_found, counters,
+                       layer_nonfinite, layer_max_norm, spike_state, history, norm_type, max_norm_value, mode,
+                       spike, spike_args, double_out):
+    _check_decide_args(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, scaler_found, counters,
+                       layer_nonfinite, layer_max_norm, spike_state, history, norm_type, mode, spike, spike_args)
+    n = acc.shape[0]
+    amp = loss_scale is not None or scaler_found is not None
+    out = torch.float64 if double_out else torch.float32
+    basis = torch.float64 if (double_out or (mode == "zero" and not amp)) else torch.float32
+    return (acc.new_empty((n,), dtype=out), acc.new_empty((n,), dtype=out), acc.new_empty((8,), dtype=torch.float64),
+            acc.new_empty((), dtype=torch.float32), acc.new_empty((), dtype=basis),
+            acc.new_empty((), dtype=torch.float32))
+
+
+def _guard_decide_default(*args):
+    _check_decide_args(*args[:14], *args[15:18])
+    return reference.guard_decide(*args)
+
+
+torch.library.impl("gradguard::guard_decide", "default", lib=_lib)(_guard_decide_default)

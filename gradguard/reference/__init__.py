@@ -14,9 +14,13 @@ from gradguard.reference.safe_math import (
     safe_sqrt,
     safe_sqrt_backward,
 )
+from gradguard.reference import decide
+from gradguard.reference.decide import guard_decide
 from gradguard.reference.stats import maybe_scale_, multi_tensor_stats, zero_nonfinite_and_scale_
 
 __all__ = [
+    "decide",
+    "guard_decide",
     "maybe_scale_",
     "multi_tensor_stats",
     "safe_div",
