@@ -55,6 +55,9 @@ from __future__ import annotations
 import copy
 import numbers
 from collections import OrderedDict
+from itertools import repeat
+from operator import attrgetter, is_not
+from typing import NamedTuple
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -63,13 +66,38 @@ from gradguard import distributed as _distributed
 from gradguard import hygiene as _hygiene
 from gradguard.errors import NonFiniteGradError
 from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker
+from gradguard.guard_state import GuardState
 from gradguard.report import History, StepReport
 from gradguard.spike import SpikePolicy
-from gradguard.stats import (check_max_norm, check_norm_type, clip_coefficient, finalize, finite_norm,
-                             global_raw_stats, grad_or_empty, max_norm_ok, nonfinite_message, refuse_unreduced_fsdp1, scale_)
+from gradguard.stats import (_Raw, check_max_norm, check_norm_type, global_raw_stats, grad_or_empty, nonfinite_message,
+                             refuse_unreduced_fsdp1, scale_)
 
 ON_NONFINITE = ("skip", "zero", "raise", "ignore")
 _GUARD_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_norm", "spike", "history")
+
+
+_LAYOUT = attrgetter("layout")
+_STRIDED = {torch.strided}
+
+
+class _Plan(NamedTuple):
+    key: tuple
+    params: list
+    names: list
+    simple: bool            # one device and dtype, nothing distributed: the one-pass gather
+    device: torch.device | None
+    double: bool            # float64 parameters: float64 results
+
+
+def _scale(grads, mult, zero_nonfinite: bool, simple: bool) -> None:
+    """Multiplies the grads by `mult` (and zeroes NaN/Inf first): one op for a single device and
+    dtype, one per (device, dtype) group otherwise."""
+    if not simple:
+        scale_(grads, mult, zero_nonfinite=zero_nonfinite)
+    elif zero_nonfinite:
+        torch.ops.gradguard.zero_nonfinite_and_scale_(grads, mult)
+    else:
+        torch.ops.gradguard.maybe_scale_(grads, mult)
 
 
 def _hook_note(err) -> str:
@@ -173,9 +201,9 @@ class GradGuard(torch.optim.Optimizer):
             raise ValueError(f"gradguard.GradGuard: `max_consecutive_skips` must be None or an int >= 1, "
                              f"got {max_consecutive_skips!r}")
         self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
-        if spike is not None and not isinstance(spike, SpikePolicy):
+        if spike is not None and (not isinstance(spike, SpikePolicy) or spike.kind not in ("zscore", "percentile")):
             raise TypeError(f"gradguard.GradGuard: `spike` must be None or a spike policy such as "
-                            f"gradguard.ZScoreClip(), got {type(spike).__name__}")
+                            f"gradguard.ZScoreClip() or gradguard.PercentileClip(), got {type(spike).__name__}")
         self.spike = spike
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"gradguard.GradGuard: `model` must be an nn.Module, got {type(model).__name__}")
@@ -186,7 +214,7 @@ class GradGuard(torch.optim.Optimizer):
         # must all take (or all skip) every step.
         self._fsdp_group = _distributed.fsdp1_group(model) if model is not None and process_group is None else None
         self._decide_group = _distributed.zero_group(optimizer)
-        self.history = History(history_size)
+        self._state = GuardState(history_size)
         if not isinstance(hygiene, bool):
             raise TypeError(f"gradguard.GradGuard: `hygiene` must be True or False, got {hygiene!r}")
         self.hygiene = hygiene
@@ -211,13 +239,14 @@ class GradGuard(torch.optim.Optimizer):
 
         self.last: StepReport | None = None
         self._step_hooks: OrderedDict = OrderedDict()
-        self._steps = 0
-        self._totals = None            # int64 [3]: skipped, clipped, non-finite steps
-        self._consecutive = None       # int64 0-dim: current streak of skipped steps
-        self._layer_nonfinite = None   # int64 [P]: steps in which each parameter's grad was non-finite
-        self._layer_max_norm = None    # float64 [P]: largest finite grad norm seen per parameter
+        self._plan = None              # the parameters' layout, found once (see _current_plan)
         self._tracker = ClearTracker()
         self._warned = set()
+
+    @property
+    def history(self) -> History:
+        """The last ``history_size`` steps' total norm, clip coefficient and skip flag."""
+        return self._state.history
 
     # The inner optimizer owns these; properties (not copies) keep them shared even after the
     # inner load_state_dict() replaces its lists and dicts.
@@ -381,21 +410,6 @@ class GradGuard(torch.optim.Optimizer):
                 if attr in inner.__dict__:
                     delattr(inner, attr)
 
-    def _ensure_state(self, device, count: int) -> None:
-        if self._totals is None:
-            self._totals = torch.zeros(3, dtype=torch.int64, device=device)
-            self._consecutive = torch.zeros((), dtype=torch.int64, device=device)
-            self._layer_nonfinite = torch.zeros(count, dtype=torch.int64, device=device)
-            self._layer_max_norm = torch.zeros(count, dtype=torch.float64, device=device)
-            return
-        if self._totals.device != device:
-            self._totals, self._consecutive, self._layer_nonfinite, self._layer_max_norm = (
-                t.to(device) for t in (self._totals, self._consecutive, self._layer_nonfinite, self._layer_max_norm))
-        grow = count - self._layer_nonfinite.numel()
-        if grow > 0:  # add_param_group
-            self._layer_nonfinite = torch.cat([self._layer_nonfinite, self._layer_nonfinite.new_zeros(grow)])
-            self._layer_max_norm = torch.cat([self._layer_max_norm, self._layer_max_norm.new_zeros(grow)])
-
     def _check_hygiene(self, grads) -> None:
         if not self.hygiene:
             return
@@ -426,6 +440,60 @@ class GradGuard(torch.optim.Optimizer):
         for attr in ("grad_scale", "found_inf"):
             self.__dict__.pop(attr, None)
 
+    def _current_plan(self) -> _Plan:
+        """The parameter list and what is known of it without looking at the gradients, rebuilt
+        only when the parameter groups change (add_param_group, load_state_dict, an edited
+        list): the per-step cost is then one look at each gradient."""
+        groups = self.optimizer.param_groups
+        key = (id(groups), tuple((id(g["params"]), len(g["params"])) for g in groups))
+        plan = self._plan
+        if plan is not None and plan.key == key:
+            return plan
+        params = self._params()
+        kinds = {(q.device, q.dtype) for q in params}
+        simple = (len(kinds) == 1 and self.process_group is None and self._fsdp_group is None
+                  and self._decide_group is None
+                  and not any(_distributed.is_dtensor(q) or _distributed.is_fsdp1_sharded(q) for q in params))
+        device = params[0].device if simple else None
+        plan = _Plan(key, params, self._names(params), simple, device,
+                     simple and params[0].dtype == torch.float64)
+        self._plan = plan
+        return plan
+
+    def _gather(self, plan: _Plan):
+        """(gradients to scale, raw statistics, names, index of the present ones among all
+        parameters or None). Common case, one pass: every parameter has a dense gradient and
+        they share a device and dtype. Otherwise: missing grads, sparse ones, several dtypes,
+        distributed shards."""
+        grads = [q.grad for q in plan.params]
+        if (plan.simple and all(map(is_not, grads, repeat(None)))
+                and set(map(_LAYOUT, grads)) == _STRIDED):
+            self._check_hygiene(grads)
+            self._dtensor_grads = False
+            acc, nan, inf, amax = torch.ops.gradguard.multi_tensor_stats(grads, self.norm_type)
+            return grads, _Raw(acc, nan, inf, amax, torch.float64 if plan.double else torch.float32,
+                               plan.device), plan.names, None
+        params = plan.params
+        # An FSDP1 shard that is empty on this rank has no .grad here but one on other ranks: it
+        # enters as an empty gradient, so that every rank packs the same statistics.
+        keep = self.process_group is not None or self._fsdp_group is not None
+        present = [i for i, q in enumerate(params)
+                   if q.grad is not None or (keep and _distributed.is_fsdp1_sharded(q))]
+        grads = [grad_or_empty(params[i]) for i in present]
+        self._check_grads(grads, present, params)
+        self._check_hygiene(grads)
+        if not grads:
+            return grads, None, [], None
+        # A sparse COO gradient is judged by its coalesced values (duplicates summed, as the
+        # optimizer will see them) and scaled through its stored values (scaling distributes over
+        # duplicates), so the clip needs no coalesced copy written back.
+        sparse = [g.layout == torch.sparse_coo for g in grads]
+        stat_grads = [g.coalesce().values() if s else g for g, s in zip(grads, sparse)]
+        raw, local = self._global_raw(params, present, stat_grads)
+        grads = [g._values() if s else t for g, s, t in zip(grads, sparse, local)]
+        names, idx = self._layout(params, present, raw.device)
+        return grads, raw, names, idx
+
     def _step(self, closure):
         loss = None
         if closure is not None:
@@ -437,76 +505,34 @@ class GradGuard(torch.optim.Optimizer):
         scaler_found = getattr(self, "found_inf", None)
         amp = loss_scale is not None or scaler_found is not None
 
-        params = self._params()
-        # An FSDP1 shard that is empty on this rank has no .grad here but one on other ranks: it
-        # enters as an empty gradient, so that every rank packs the same statistics.
-        keep = self.process_group is not None or self._fsdp_group is not None
-        present = [i for i, p in enumerate(params)
-                   if p.grad is not None or (keep and _distributed.is_fsdp1_sharded(p))]
-        grads = [grad_or_empty(params[i]) for i in present]
-        self._check_grads(grads, present, params)
-        self._check_hygiene(grads)
-        if not grads:
+        plan = self._current_plan()
+        grads, raw, names, idx = self._gather(plan)
+        if raw is None:
             self.optimizer.step(_replay(loss, closure))
             return loss
-
-        p = self.norm_type
-        # A sparse COO gradient is judged by its coalesced values (duplicates summed, as the
-        # optimizer will see them) and scaled through its stored values (scaling distributes over
-        # duplicates), so the clip needs no coalesced copy written back.
-        sparse = [g.layout == torch.sparse_coo for g in grads]
-        stat_grads = [g.coalesce().values() if s else g for g, s in zip(grads, sparse)]
-        raw, local = self._global_raw(params, present, stat_grads)
-        grads = [g._values() if s else t for g, s, t in zip(grads, sparse, local)]
-        stats = finalize(raw, p)
-        device = stats.total_norm.device
-        found = stats.found_inf
-        # A loss-scale overflow is the scaler's calibration signal, not a bad step of the model:
-        # it is skipped but does not count toward max_consecutive_skips.
-        amp_overflow = None
-        if scaler_found is not None:
-            amp_overflow = scaler_found.to(device=device, dtype=torch.float32).clamp(max=1.0)
-            found = torch.maximum(found, amp_overflow)
-            amp_overflow = amp_overflow > 0
-        limit_ok = max_norm_ok(self.max_norm)
-        if limit_ok is not None:  # a negative or NaN max_norm on an accelerator: skip, no sync
-            found = torch.maximum(found, (~limit_ok.to(device)).to(torch.float32))
-        finite = found == 0
+        device = raw.device
         mode = "skip" if amp else self.on_nonfinite
-
-        norms, total, amax = stats.norms, stats.total_norm, stats.amax
-        basis = total  # the norm the clip is computed from
-        if mode == "zero":
-            basis = finite_norm(raw, p)
-        if loss_scale is not None:
-            inv = 1.0 / loss_scale.to(device=device, dtype=torch.float64)
-            norms, total, amax, basis = ((t * inv).to(t.dtype) for t in (norms, total, amax, basis))
-
-        clipping = self.max_norm is not None or self.spike is not None
-        if clipping:
-            limit = self.max_norm
-            if isinstance(limit, torch.Tensor):
-                limit = limit.to(device=device, dtype=basis.dtype)
-            if self.spike is not None:
-                spike_limit = self.spike.threshold(basis).to(basis.dtype)
-                if limit is None:
-                    limit = spike_limit
-                elif isinstance(limit, torch.Tensor):
-                    limit = torch.minimum(spike_limit, limit)
-                else:
-                    limit = torch.clamp(spike_limit, max=limit)
-            coef = clip_coefficient(basis, limit).to(basis.dtype)
-            if mode != "zero":
-                coef = torch.where(finite, coef, torch.ones_like(coef))
-            if self.spike is not None:
-                self.spike.update(basis, torch.minimum(basis, spike_limit), finite)
-        else:
-            coef = torch.ones((), dtype=basis.dtype, device=device)
-
-        skipped = ~finite if mode in ("skip", "raise") else torch.zeros((), dtype=torch.bool, device=device)
-        self._bookkeep(params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp,
-                       amp_overflow)
-        report = self.last
+        st = self._state
+        st.ensure(device, len(plan.params))
+        max_norm, spike = self.max_norm, self.spike
+        limit_t = None
+        if isinstance(max_norm, torch.Tensor):
+            limit_t, max_norm = (max_norm if max_norm.device == device else max_norm.to(device)), None
+        if loss_scale is not None and loss_scale.device != device:
+            loss_scale = loss_scale.to(device)
+        if scaler_found is not None and scaler_found.device != device:
+            scaler_found = scaler_found.to(device)
+        # The decision, the counters, the spike statistics and the history slot: one op.
+        norms, amax, scalars, found, mult, grad_scale = torch.ops.gradguard.guard_decide(
+            raw.acc, raw.nan_count, raw.inf_count, raw.amax, idx, limit_t, loss_scale, scaler_found,
+            st.counters, st.layer_nonfinite, st.layer_max_norm,
+            None if spike is None else spike.state_tensor(device), st.history.values(device),
+            self.norm_type, max_norm, mode, "none" if spike is None else spike.kind,
+            [] if spike is None else spike.args, raw.out_dtype == torch.float64)
+        st.recorded()
+        report = self.last = StepReport(step=st.steps, names=names, norms=norms, nan_count=raw.nan_count,
+                                        inf_count=raw.inf_count, amax=amax, scalars=scalars, found_inf=found,
+                                        mode=mode, amp=amp, total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
         if self.tracer is not None:
             self.tracer._end_step(found)
 
@@ -514,15 +540,13 @@ class GradGuard(torch.optim.Optimizer):
         host = None
         if (not fused or mode == "raise" or self.max_consecutive_skips is not None
                 or (device.type == "cpu" and self._decide_on_host_on_cpu)):
-            mult = coef if loss_scale is None else coef / loss_scale.to(device=device, dtype=coef.dtype)
-            # The one read of the step: flag, gradient multiplier, skip streak.
-            found_h, mult_h, streak_h = torch.stack([found.double(), mult.double(),
-                                                     self._consecutive.double()]).tolist()
-            host = (found_h != 0.0, mult, mult_h, int(streak_h))
+            # The one read of the step (flag, multiplier, skip streak): one transfer.
+            host = scalars.tolist()
+            found_h, streak_h, mult_h = host[2], int(host[5]), host[6]
 
-        if mode == "raise" and host[0]:
+        if mode == "raise" and host[2]:
             hook_error = self._run_hooks(report, keep_going=True)
-            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, stats.nan_count, stats.inf_count)
+            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count)
             raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)" + _hook_note(hook_error),
                                      bad, report) from hook_error
 
@@ -532,69 +556,63 @@ class GradGuard(torch.optim.Optimizer):
             # LBFGS evaluates the closure again inside its step and moves the parameters between
             # evaluations: each later evaluation is checked too, and a non-finite one rolls the
             # parameters and state back to before the step.
-            snapshot = ([q.detach().clone() for q in params], {k: copy.deepcopy(v) for k, v in inner.state.items()})
-            replay = _replay(loss, closure, params)
+            snapshot = ([q.detach().clone() for q in plan.params],
+                        {k: copy.deepcopy(v) for k, v in inner.state.items()})
+            replay = _replay(loss, closure, plan.params)
         else:
             replay = _replay(loss, closure)
+        clipping = max_norm is not None or limit_t is not None or spike is not None
         if host is None:  # decided on the device: a fused optimizer, no read
             if mode == "zero":  # one pass zeroes NaN/Inf and clips, then a plain step
-                scale_(grads, coef, zero_nonfinite=True)
+                _scale(grads, mult, True, plan.simple)
                 inner.step(replay)
             else:
-                divisor = None
-                if clipping or loss_scale is not None:
-                    divisor = (1.0 if loss_scale is None else loss_scale.to(device)) / coef
+                divisor = grad_scale if (clipping or loss_scale is not None) else None
                 self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor)
         else:
-            is_bad, mult, mult_h, _ = host
+            is_bad = found_h != 0.0
             if snapshot is not None and not is_bad:
-                self._lbfgs_step(inner, replay, mult, mult_h, grads, params, snapshot, report, mode)
+                self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode)
             elif not (is_bad and mode in ("skip", "raise")):
                 if fused and not is_bad and mult_h != 1.0:
                     # The kernel unscales/clips while it reads the grads: no separate pass.
-                    divisor = (1.0 if loss_scale is None else loss_scale.to(device)) / coef
-                    self._fused_step(replay, None, divisor)
+                    self._fused_step(replay, None, grad_scale)
                 else:
                     if is_bad and mode == "zero":
-                        scale_(grads, mult, zero_nonfinite=True)
+                        _scale(grads, mult, True, plan.simple)
                     elif mult_h != 1.0:
-                        scale_(grads, mult)
+                        _scale(grads, mult, False, plan.simple)
                     inner.step(replay)
 
-        self._tracker.mark([params[i].grad for i in present if params[i].grad is not None])
-        giving_up = self.max_consecutive_skips is not None and host[3] >= self.max_consecutive_skips
-        hook_error = self._run_hooks(report, keep_going=giving_up)
+        if self.hygiene:
+            self._tracker.mark([g for g in grads if g is not None])
+        giving_up = self.max_consecutive_skips is not None and streak_h >= self.max_consecutive_skips
+        hook_error = self._run_hooks(report, keep_going=giving_up) if self._step_hooks else None
         if giving_up:
-            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, stats.nan_count, stats.inf_count)
+            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count)
             raise NonFiniteGradError(
-                f"gradguard.GradGuard: {host[3]} steps in a row were skipped "
+                f"gradguard.GradGuard: {streak_h} steps in a row were skipped "
                 f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}" + _hook_note(hook_error),
                 bad, report) from hook_error
         return loss
 
-    def _lbfgs_step(self, inner, replay, mult, mult_h, grads, params, snapshot, report, mode) -> None:
+    def _lbfgs_step(self, inner, replay, mult, mult_h, grads, plan, snapshot, report, mode) -> None:
         if mult_h != 1.0:
-            scale_(grads, mult)
+            _scale(grads, mult, False, plan.simple)
         try:
             inner.step(replay)
             return
         except _BadEvaluation as bad:
             saved_params, saved_state = snapshot
             with torch.no_grad():  # grad mode here is whatever the failed inner step left
-                for q, s in zip(params, saved_params):
+                for q, s in zip(plan.params, saved_params):
                     q.copy_(s)
             inner.state.clear()
             inner.state.update(saved_state)
             message = bad.message
         # Booked as a skipped non-finite step after all (the first evaluation was finite).
-        one = torch.ones((), dtype=torch.bool, device=report.skipped.device)
-        report.skipped = one
-        report.found_inf = torch.ones_like(report.found_inf)
-        report.clip_coef = torch.ones_like(report.clip_coef)
-        was_clipped = self.history.last_clipped().to(torch.int64)
-        self._totals.add_(torch.stack([torch.ones_like(was_clipped), -was_clipped, torch.ones_like(was_clipped)]))
-        self._consecutive.add_(1)
-        self.history.mark_last_skipped()
+        report._mark_skipped()
+        self._state.mark_last_skipped()
         if mode == "raise":
             raise NonFiniteGradError(message + " (on_nonfinite='raise'; the step was rolled back)", [], report)
 
@@ -616,35 +634,6 @@ class GradGuard(torch.optim.Optimizer):
             all_names = self._names(params)
             names = [all_names[i] for i in present]
         return global_raw_stats(grads, self.norm_type, groups=groups, decide_group=self._decide_group, names=names)
-
-    def _bookkeep(self, params, present, device, stats, norms, total, amax, coef, found, skipped, mode, amp,
-                  amp_overflow=None):
-        """Counters, per-parameter totals, the report and the history: device ops only."""
-        self._steps += 1
-        self._ensure_state(device, len(params))
-        names, idx = self._layout(params, present, device)
-        skipped_i = skipped.to(torch.int64)
-        if amp_overflow is None:
-            self._consecutive.mul_(skipped_i).add_(skipped_i)
-        else:  # an overflow step leaves the streak as it was
-            streak = self._consecutive * skipped_i + skipped_i
-            self._consecutive.copy_(torch.where(amp_overflow, self._consecutive, streak))
-        clipped = (coef < 1) & ~skipped
-        self._totals.add_(torch.stack([skipped_i, clipped.to(torch.int64), (found != 0).to(torch.int64)]))
-        bad = (stats.nan_count + stats.inf_count) > 0
-        finite_norms = torch.where(bad, 0.0, norms.double())
-        if idx is None:
-            self._layer_nonfinite.add_(bad.to(torch.int64))
-            torch.maximum(self._layer_max_norm, finite_norms, out=self._layer_max_norm)
-        else:
-            self._layer_nonfinite.index_add_(0, idx, bad.to(torch.int64))
-            self._layer_max_norm[idx] = torch.maximum(self._layer_max_norm[idx], finite_norms)
-        self.last = StepReport(step=self._steps, names=names, norms=norms, nan_count=stats.nan_count,
-                               inf_count=stats.inf_count, amax=amax, total_norm=total, clip_coef=coef,
-                               found_inf=found, skipped=skipped, mode=mode, amp=amp,
-                               amp_overflow=amp_overflow if amp_overflow is not None else torch.zeros(
-                                   (), dtype=torch.bool, device=device))
-        self.history.record(self._steps, total, coef, skipped)
 
     def _run_hooks(self, report, keep_going: bool = False):
         """Runs the step hooks. With `keep_going` (the step is about to raise its own
@@ -668,20 +657,7 @@ class GradGuard(torch.optim.Optimizer):
         ``name``, ``nonfinite_steps``, ``max_norm``. Reads the counters (a sync)."""
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise ValueError(f"gradguard.GradGuard.summary: `k` must be a non-negative int, got {k!r}")
-        if self._totals is None:
-            return {"steps": self._steps, "skipped": 0, "clipped": 0, "nonfinite_steps": 0,
-                    "consecutive_skips": 0, "worst_layers": []}
-        # One transfer: the int64 counters packed with the float64 peaks (exact below 2**53).
-        n = self._layer_nonfinite.numel()
-        flat = torch.cat([self._totals.to(torch.float64), self._consecutive.reshape(1).to(torch.float64),
-                          self._layer_nonfinite.to(torch.float64), self._layer_max_norm]).tolist()
-        skipped, clipped, nonfinite, streak = (int(v) for v in flat[:4])
-        names = self._names(self._params())
-        bad, peak = [int(v) for v in flat[4:4 + n]], flat[4 + n:]
-        order = sorted(range(len(bad)), key=lambda i: (-bad[i], -peak[i]))
-        worst = [{"name": names[i], "nonfinite_steps": bad[i], "max_norm": peak[i]} for i in order[:k]]
-        return {"steps": self._steps, "skipped": skipped, "clipped": clipped, "nonfinite_steps": nonfinite,
-                "consecutive_skips": streak, "worst_layers": worst}
+        return self._state.summary(self._names(self._params()), k)
 
     def state_dict(self) -> dict:
         """The inner optimizer's state dict plus a ``"gradguard"`` entry: counters, per-parameter
@@ -691,19 +667,7 @@ class GradGuard(torch.optim.Optimizer):
             hook(self)
         sd = dict(self.optimizer.state_dict())
 
-        def clone(t):
-            return None if t is None else t.clone()
-
-        sd["gradguard"] = {
-            "version": 1,
-            "steps": self._steps,
-            "totals": clone(self._totals),
-            "consecutive": clone(self._consecutive),
-            "layer_nonfinite": clone(self._layer_nonfinite),
-            "layer_max_norm": clone(self._layer_max_norm),
-            "spike": None if self.spike is None else self.spike.state_dict(),
-            "history": self.history.state_dict(),
-        }
+        sd["gradguard"] = self._state.state_dict(self.spike)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -727,11 +691,7 @@ class GradGuard(torch.optim.Optimizer):
         if guard is not None:
             if self.spike is not None and guard["spike"] is not None:
                 self.spike.load_state_dict(guard["spike"])
-            self.history.load_state_dict(guard["history"])
-            self._steps = int(guard["steps"])
-            self._totals, self._consecutive, self._layer_nonfinite, self._layer_max_norm = (
-                None if guard[k] is None else guard[k].clone()
-                for k in ("totals", "consecutive", "layer_nonfinite", "layer_max_norm"))
+            self._state.load_state_dict(guard)
             self._tracker = ClearTracker()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -758,9 +718,9 @@ class GradGuard(torch.optim.Optimizer):
         if saved is not None and saved.get("kind") != type(self.spike).__name__:
             raise ValueError(f"{where}: the checkpoint holds {saved.get('kind')} spike state, not "
                              f"{type(self.spike).__name__}")
-        if guard["history"]["size"] != self.history.size:
+        if guard["history"]["size"] != self._state.history.size:
             raise ValueError(f"{where}: the checkpoint's history holds {guard['history']['size']} steps but this "
-                             f"GradGuard was built with history_size={self.history.size}")
+                             f"GradGuard was built with history_size={self._state.history.size}")
         if saved is not None:
             # Hyperparameters are the constructor's to set; a checkpoint must not change them quietly.
             mine = self.spike.state_dict()

@@ -21,23 +21,47 @@ class StepReport:
     without ``model=``/``names=``); ``step`` counts guarded steps from 1 (a host int).
     ``amp_overflow`` (0-dim bool): GradScaler reported a loss-scale overflow; the step was
     skipped, and it does not count toward ``max_consecutive_skips``.
+
+    The 0-dim values live in one packed float64 tensor (``scalars``, as ``guard_decide`` returns
+    it: total_norm, clip_coef, found_inf, skipped, amp_overflow, ...); the properties view it on
+    access, so building a report dispatches nothing.
     """
 
-    def __init__(self, *, step: int, names: list[str], norms, nan_count, inf_count, amax,
-                 total_norm, clip_coef, found_inf, skipped, mode: str, amp: bool, amp_overflow=None):
+    def __init__(self, *, step: int, names: list[str], norms, nan_count, inf_count, amax, scalars, found_inf,
+                 mode: str, amp: bool, total_dtype: torch.dtype, coef_dtype: torch.dtype):
         self.step = step
         self.names = names
         self.norms = norms
         self.nan_count = nan_count
         self.inf_count = inf_count
         self.amax = amax
-        self.total_norm = total_norm
-        self.clip_coef = clip_coef
+        self.scalars = scalars
         self.found_inf = found_inf
-        self.skipped = skipped
         self.mode = mode
         self.amp = amp
-        self.amp_overflow = amp_overflow if amp_overflow is not None else torch.zeros((), dtype=torch.bool)
+        self._dtypes = (total_dtype, coef_dtype)
+        self._host = None
+
+    @property
+    def total_norm(self) -> torch.Tensor:
+        return self.scalars[0].to(self._dtypes[0])
+
+    @property
+    def clip_coef(self) -> torch.Tensor:
+        return self.scalars[1].to(self._dtypes[1])
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        return self.scalars[3] != 0
+
+    @property
+    def amp_overflow(self) -> torch.Tensor:
+        return self.scalars[4] != 0
+
+    def _mark_skipped(self) -> None:
+        """The step turned out skipped after all (an LBFGS step rolled back): no clip, non-finite."""
+        self.scalars[1:4] = 1.0
+        self.found_inf.fill_(1.0)
         self._host = None
 
     def _fetch(self) -> dict:
@@ -46,11 +70,8 @@ class StepReport:
         # and every float32/float16 norm exactly.
         if self._host is None:
             n = self.norms.numel()
-            dev = self.norms.device
-            scalars = [t.reshape(1).to(device=dev, dtype=torch.float64) for t in
-                       (self.total_norm, self.clip_coef, self.found_inf, self.skipped, self.amp_overflow)]
             packed = torch.cat([self.norms.to(torch.float64), self.nan_count.to(torch.float64),
-                                self.inf_count.to(torch.float64), self.amax.to(torch.float64), *scalars])
+                                self.inf_count.to(torch.float64), self.amax.to(torch.float64), self.scalars[:5]])
             flat = packed.tolist()
             nan = [int(v) for v in flat[n:2 * n]]
             inf = [int(v) for v in flat[2 * n:3 * n]]
@@ -112,8 +133,9 @@ MAX_HISTORY = 10_000_000  # 240 MB of device memory
 
 class History:
     """The last ``size`` steps' total norm, clip coefficient and skip flag, in a ring buffer on
-    the gradients' device (``opt.history``). Recording is two small device copies per step;
-    ``as_dict()`` reads the buffer back (a sync), oldest step first."""
+    the gradients' device (``opt.history``). ``as_dict()`` reads the buffer back (a sync),
+    oldest step first. The decision op of each guarded step writes the row (no op of its own);
+    the host keeps the step numbers."""
 
     _COLUMNS = ("total_norm", "clip_coef", "skipped")
 
@@ -129,19 +151,28 @@ class History:
     def __len__(self) -> int:
         return min(self._count, self.size)
 
-    def record(self, step: int, total_norm, clip_coef, skipped) -> None:
-        dev = total_norm.device
+    def values(self, device) -> torch.Tensor:
+        """The [size, 3] ring on `device` (created on first use): ``guard_decide`` writes row
+        ``count % size`` of it on the device."""
         if self._values is None:
-            self._values = torch.full((self.size, 3), math.nan, dtype=torch.float64, device=dev)
-        elif self._values.device != dev:
-            self._values = self._values.to(dev)
+            self._values = torch.full((self.size, 3), math.nan, dtype=torch.float64, device=device)
+        elif self._values.device != device:
+            self._values = self._values.to(device)
+        return self._values
+
+    def note(self, step: int) -> None:
+        """The host side of a recorded step: its number, in the slot the op just wrote."""
         slot = self._count % self.size
-        self._values[slot].copy_(torch.stack([total_norm.double(), clip_coef.double(), skipped.double()]))
         if slot < len(self._steps):
             self._steps[slot] = step
         else:
             self._steps.append(step)
         self._count += 1
+
+    @property
+    def count(self) -> int:
+        """Steps recorded so far (also kept on the device, in the guard's counters)."""
+        return self._count
 
     def _last_slot(self) -> int:
         return (self._count - 1) % self.size

@@ -1,12 +1,13 @@
 """Adaptive spike clipping: a clip threshold learned from the recent gradient norms.
 
-Everything is computed on the device with branch-free tensor math (no `.item()`), so a policy adds
-a handful of tiny kernels per step and no host sync. A policy sees only finite steps: a step
-with NaN/Inf gradients says nothing about the norm distribution and leaves its state unchanged.
+A policy is a configuration plus one packed float64 state tensor on the gradients' device; the
+threshold and the update are computed by ``gradguard::guard_decide``, inside the one decision op
+of each guarded step (see gradguard/reference/decide.py for the math), so a policy adds no op
+and no host sync. A policy sees only finite steps: a step with NaN/Inf gradients says nothing
+about the norm distribution and leaves its state unchanged.
 
-The guard calls ``threshold(norm)`` to get this step's limit (``inf``: the norm is within it, do not
-clip), clips to
-``min(max_norm, threshold)``, then calls ``update(norm, clipped_norm, finite)``.
+The guard clips to ``min(max_norm, threshold)``, where the threshold is ``inf`` (do not clip)
+until the warm-up is over and whenever the norm is within the policy's limit.
 """
 from __future__ import annotations
 
@@ -34,19 +35,31 @@ def _check_real(name: str, value, low: float, high: float, low_open: bool, high_
 
 
 class SpikePolicy:
-    """Base class: state lives in device tensors created on first use."""
+    """Base class of the built-in policies (``ZScoreClip``, ``PercentileClip``): ``kind`` names
+    the policy for the decision op, ``args`` are its three numbers, ``_state`` its packed state."""
 
-    def threshold(self, norm: torch.Tensor) -> torch.Tensor:
+    kind = "none"
+
+    def __init__(self):
+        self._state: torch.Tensor | None = None
+
+    @property
+    def args(self) -> list[float]:
         raise NotImplementedError
 
-    def update(self, norm: torch.Tensor, clipped_norm: torch.Tensor, finite: torch.Tensor) -> None:
+    def _state_size(self) -> int:
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
-        raise NotImplementedError
+    def _initial_state(self, device) -> torch.Tensor:
+        return torch.zeros(self._state_size(), dtype=torch.float64, device=device)
 
-    def load_state_dict(self, sd: dict) -> None:
-        raise NotImplementedError
+    def state_tensor(self, device) -> torch.Tensor:
+        """The packed state on `device`, created on first use (the op updates it in place)."""
+        if self._state is None:
+            self._state = self._initial_state(device)
+        elif self._state.device != device:
+            self._state = self._state.to(device)
+        return self._state
 
 
 class ZScoreClip(SpikePolicy):
@@ -55,53 +68,40 @@ class ZScoreClip(SpikePolicy):
     The mean and variance of the norm are exact running statistics over the first ``warmup``
     finite steps (no clipping then), and exponential moving averages with factor ``alpha``
     afterwards, updated with the clipped norm so that a spike does not inflate them.
+    State: float64 [mean, var, count].
     """
 
+    kind = "zscore"
+
     def __init__(self, z: float = 2.5, alpha: float = 0.97, warmup: int = 25):
+        super().__init__()
         self.z = _check_real("z", z, 0.0, math.inf, True, True)
         self.alpha = _check_real("alpha", alpha, 0.0, 1.0, True, True)
         self.warmup = _check_int("warmup", warmup, 1)
-        self._mean = self._var = self._count = None
 
-    def _ensure(self, device) -> None:
-        if self._mean is None:
-            self._mean = torch.zeros((), dtype=torch.float64, device=device)
-            self._var = torch.zeros((), dtype=torch.float64, device=device)
-            self._count = torch.zeros((), dtype=torch.int64, device=device)
-        elif self._mean.device != device:
-            self._mean, self._var, self._count = (t.to(device) for t in (self._mean, self._var, self._count))
+    @property
+    def args(self) -> list[float]:
+        return [self.z, self.alpha, float(self.warmup)]
 
-    def threshold(self, norm: torch.Tensor) -> torch.Tensor:
-        self._ensure(norm.device)
-        limit = self._mean + self.z * self._var.sqrt()
-        # Only a norm above the limit is clipped: a norm on it (e.g. std 0) is left alone.
-        return torch.where((self._count >= self.warmup) & (norm > limit), limit, math.inf)
-
-    def update(self, norm, clipped_norm, finite) -> None:
-        self._ensure(norm.device)
-        x = clipped_norm.double()
-        warm = self._count < self.warmup
-        # Welford's update during warm-up (weight 1/(n+1)), an EMA after (weight 1 - alpha).
-        w = torch.where(warm, 1.0 / (self._count + 1).double(), 1.0 - self.alpha)
-        mean = self._mean + w * (x - self._mean)
-        term = torch.where(warm, (x - self._mean) * (x - mean), (x - mean) ** 2)
-        var = self._var + w * (term - self._var)
-        self._mean.copy_(torch.where(finite, mean, self._mean))
-        self._var.copy_(torch.where(finite, var, self._var))
-        self._count.add_(finite.to(torch.int64))
+    def _state_size(self) -> int:
+        return 3
 
     def state_dict(self) -> dict:
+        st = self._state
         return {"kind": "ZScoreClip", "z": self.z, "alpha": self.alpha, "warmup": self.warmup,
-                "mean": None if self._mean is None else self._mean.clone(),
-                "var": None if self._var is None else self._var.clone(),
-                "count": None if self._count is None else self._count.clone()}
+                "mean": None if st is None else st[0].clone(),
+                "var": None if st is None else st[1].clone(),
+                "count": None if st is None else st[2].to(torch.int64)}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("kind") != "ZScoreClip":
             raise ValueError(f"gradguard: the checkpoint holds {sd.get('kind')} spike state, not ZScoreClip")
         self.z, self.alpha, self.warmup = sd["z"], sd["alpha"], sd["warmup"]
-        self._mean, self._var, self._count = (None if sd[k] is None else sd[k].clone()
-                                              for k in ("mean", "var", "count"))
+        if sd["mean"] is None:
+            self._state = None
+        else:
+            self._state = torch.stack([sd["mean"].to(torch.float64).reshape(()), sd["var"].to(torch.float64).reshape(()),
+                                       sd["count"].to(sd["mean"].device, torch.float64).reshape(())])
 
     def __repr__(self) -> str:
         return f"ZScoreClip(z={self.z}, alpha={self.alpha}, warmup={self.warmup})"
@@ -111,48 +111,44 @@ class PercentileClip(SpikePolicy):
     """Clip the total norm to the ``q`` quantile of the last ``window`` finite norms (AutoClip).
 
     No clipping until ``warmup`` finite norms have been seen. The raw (unclipped) norms are
-    recorded, as AutoClip does.
+    recorded, as AutoClip does. State: float64 [count, window values (NaN: not filled yet)].
     """
 
+    kind = "percentile"
+
     def __init__(self, q: float = 0.9, window: int = 1000, warmup: int = 25):
+        super().__init__()
         self.q = _check_real("q", q, 0.0, 1.0, True, False)
         self.window = _check_int("window", window, 1)
         self.warmup = _check_int("warmup", warmup, 1)
-        self._buf = self._count = self._slots = None
 
-    def _ensure(self, device) -> None:
-        if self._buf is None:
-            self._buf = torch.full((self.window,), math.nan, dtype=torch.float64, device=device)
-            self._count = torch.zeros((), dtype=torch.int64, device=device)
-        elif self._buf.device != device:
-            self._buf, self._count = self._buf.to(device), self._count.to(device)
-        if self._slots is None or self._slots.device != self._buf.device:
-            self._slots = torch.arange(self.window, device=self._buf.device)
+    @property
+    def args(self) -> list[float]:
+        return [self.q, float(self.window), float(self.warmup)]
 
-    def threshold(self, norm: torch.Tensor) -> torch.Tensor:
-        self._ensure(norm.device)
-        # Unfilled slots are NaN, so nanquantile sees exactly the recorded norms.
-        limit = torch.nanquantile(self._buf, self.q)
-        return torch.where((self._count >= self.warmup) & (norm > limit), limit, math.inf)
+    def _state_size(self) -> int:
+        return 1 + self.window
 
-    def update(self, norm, clipped_norm, finite) -> None:
-        self._ensure(norm.device)
-        slot = self._count % self.window
-        self._buf.copy_(torch.where((self._slots == slot) & finite, norm.double(), self._buf))
-        self._count.add_(finite.to(torch.int64))
+    def _initial_state(self, device) -> torch.Tensor:
+        st = torch.full((1 + self.window,), math.nan, dtype=torch.float64, device=device)
+        st[0] = 0.0
+        return st
 
     def state_dict(self) -> dict:
+        st = self._state
         return {"kind": "PercentileClip", "q": self.q, "window": self.window, "warmup": self.warmup,
-                "buf": None if self._buf is None else self._buf.clone(),
-                "count": None if self._count is None else self._count.clone()}
+                "buf": None if st is None else st[1:].clone(),
+                "count": None if st is None else st[0].to(torch.int64)}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("kind") != "PercentileClip":
             raise ValueError(f"gradguard: the checkpoint holds {sd.get('kind')} spike state, not PercentileClip")
         self.q, self.window, self.warmup = sd["q"], sd["window"], sd["warmup"]
-        self._buf = None if sd["buf"] is None else sd["buf"].clone()
-        self._count = None if sd["count"] is None else sd["count"].clone()
-        self._slots = None
+        if sd["buf"] is None:
+            self._state = None
+        else:
+            buf = sd["buf"].to(torch.float64)
+            self._state = torch.cat([sd["count"].to(buf.device, torch.float64).reshape(1), buf])
 
     def __repr__(self) -> str:
         return f"PercentileClip(q={self.q}, window={self.window}, warmup={self.warmup})"

@@ -8,19 +8,6 @@ import torch
 
 from gradguard.bench.optim_cases import OP_COUNT_TARGET, OP_PATHS, guard_op_counts, top_level_ops
 
-# Measured on this branch (torch 2.13, CPU, both kernel paths): a regression bound until the
-# guard_decide op lands; the issue's target is OP_COUNT_TARGET on every path.
-TODAY = {
-    "fused AdamW (device-decided)": 66,
-    "fused AdamW (CPU host-decided)": 69,
-    "non-fused SGD": 69,
-    "skipped SGD": 69,
-    "on_nonfinite='zero' SGD": 75,
-    "SGD + ZScoreClip": 103,
-    "GradScaler + SGD": 83,
-}
-
-
 @pytest.fixture(scope="module")
 def counts():
     return guard_op_counts(52)
@@ -52,13 +39,16 @@ def test_op_count_does_not_grow_with_tensor_count(counts):
 
 
 @pytest.mark.parametrize("path", OP_PATHS)
-def test_op_count_does_not_regress(counts, path):
-    assert len(counts[path]) <= TODAY[path], counts[path]
+def test_op_count_target(counts, path):
+    # Before the guard_decide op these paths dispatched 66-103 ops.
+    ops = counts[path]
+    assert len(ops) <= OP_COUNT_TARGET, ops
+    assert ops[:2] == ["gradguard::multi_tensor_stats", "gradguard::guard_decide"], ops
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 target (<= 4 ops per path) needs the guard_decide op: not built yet")
-def test_op_count_target(counts):
-    assert max(len(counts[p]) for p in OP_PATHS) <= OP_COUNT_TARGET
+def test_device_decided_fused_step_is_two_ops_and_no_read(counts):
+    # The GPU path: stats, decide, then the fused kernel takes found_inf/grad_scale; no transfer.
+    assert counts[OP_PATHS[0]] == ["gradguard::multi_tensor_stats", "gradguard::guard_decide"]
 
 
 def test_host_overhead_table_measures_both_paths_and_sizes():

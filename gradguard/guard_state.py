@@ -1,0 +1,101 @@
+"""The guard's own state: step counters, per-parameter totals and the history ring, owned by one
+small class, on the gradients' device, updated in place by ``gradguard::guard_decide``.
+
+``counters`` (int64 [5]): skipped steps, clipped steps, non-finite steps, the current streak of
+skipped steps, and how many history rows were written (the op writes row ``count % size``). The
+checkpoint keeps the format of version 1 (``totals`` [3], ``consecutive``), so older checkpoints
+load and newer ones load into older code.
+"""
+from __future__ import annotations
+
+import torch
+
+from gradguard.report import History
+
+_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_norm", "spike", "history")
+
+
+class GuardState:
+    def __init__(self, history_size: int):
+        self.history = History(history_size)
+        self.steps = 0
+        self.counters: torch.Tensor | None = None         # int64 [5], see the module docstring
+        self.layer_nonfinite: torch.Tensor | None = None  # int64 [P]: steps each grad was non-finite
+        self.layer_max_norm: torch.Tensor | None = None   # float64 [P]: largest finite grad norm seen
+
+    def ensure(self, device, count: int) -> None:
+        """Creates the tensors on first use, follows the gradients to another device and grows
+        with add_param_group."""
+        if self.counters is None:
+            self.counters = torch.zeros(5, dtype=torch.int64, device=device)
+            self.counters[4] = self.history.count
+            self.layer_nonfinite = torch.zeros(count, dtype=torch.int64, device=device)
+            self.layer_max_norm = torch.zeros(count, dtype=torch.float64, device=device)
+            return
+        if self.counters.device != device:
+            self.counters, self.layer_nonfinite, self.layer_max_norm = (
+                t.to(device) for t in (self.counters, self.layer_nonfinite, self.layer_max_norm))
+        grow = count - self.layer_nonfinite.numel()
+        if grow > 0:
+            self.layer_nonfinite = torch.cat([self.layer_nonfinite, self.layer_nonfinite.new_zeros(grow)])
+            self.layer_max_norm = torch.cat([self.layer_max_norm, self.layer_max_norm.new_zeros(grow)])
+
+    def recorded(self) -> None:
+        """Host side of a step the op recorded."""
+        self.steps += 1
+        self.history.note(self.steps)
+
+    def mark_last_skipped(self) -> None:
+        """The last step turned out skipped after all (an LBFGS step rolled back after its first
+        evaluation): counted as skipped and non-finite, not clipped."""
+        row = self.history._values[(self.history.count - 1) % self.history.size]
+        was_clipped = ((row[1] < 1) & (row[2] == 0)).to(torch.int64)
+        one = torch.ones_like(was_clipped)
+        self.counters[:4] += torch.stack([one, -was_clipped, one, one])
+        row[1:] = 1.0
+
+    def summary(self, names: list[str], k: int) -> dict:
+        """See GradGuard.summary: one transfer of the counters packed with the peaks (float64 is
+        exact for counts below 2**53)."""
+        if self.counters is None:
+            return {"steps": self.steps, "skipped": 0, "clipped": 0, "nonfinite_steps": 0,
+                    "consecutive_skips": 0, "worst_layers": []}
+        n = self.layer_nonfinite.numel()
+        flat = torch.cat([self.counters[:4].to(torch.float64), self.layer_nonfinite.to(torch.float64),
+                          self.layer_max_norm]).tolist()
+        skipped, clipped, nonfinite, streak = (int(v) for v in flat[:4])
+        bad, peak = [int(v) for v in flat[4:4 + n]], flat[4 + n:]
+        order = sorted(range(len(bad)), key=lambda i: (-bad[i], -peak[i]))
+        worst = [{"name": names[i], "nonfinite_steps": bad[i], "max_norm": peak[i]} for i in order[:k]]
+        return {"steps": self.steps, "skipped": skipped, "clipped": clipped, "nonfinite_steps": nonfinite,
+                "consecutive_skips": streak, "worst_layers": worst}
+
+    def state_dict(self, spike) -> dict:
+        c = self.counters
+
+        def clone(t):
+            return None if t is None else t.clone()
+
+        return {
+            "version": 1,
+            "steps": self.steps,
+            "totals": None if c is None else c[:3].clone(),
+            "consecutive": None if c is None else c[3].clone(),
+            "layer_nonfinite": clone(self.layer_nonfinite),
+            "layer_max_norm": clone(self.layer_max_norm),
+            "spike": None if spike is None else spike.state_dict(),
+            "history": self.history.state_dict(),
+        }
+
+    def load_state_dict(self, guard: dict) -> None:
+        self.history.load_state_dict(guard["history"])
+        self.steps = int(guard["steps"])
+        if guard["totals"] is None:
+            self.counters = self.layer_nonfinite = self.layer_max_norm = None
+            return
+        totals = guard["totals"].to(torch.int64)
+        count = torch.full((1,), self.history.count, dtype=torch.int64, device=totals.device)
+        self.counters = torch.cat([totals.reshape(3), guard["consecutive"].to(totals.device, torch.int64).reshape(1),
+                                   count])
+        self.layer_nonfinite = guard["layer_nonfinite"].clone()
+        self.layer_max_norm = guard["layer_max_norm"].clone()
