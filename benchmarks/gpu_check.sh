@@ -5,8 +5,8 @@
 #   2. builds the CPU and CUDA kernels in place (setup.py build_ext --inplace: no pip), with
 #      ninja on every core, for this GPU's architecture only;
 #   3. stops with one line if no GPU is visible (everything above also runs without one);
-#   4. runs tests/test_cuda.py, then every other test marked `cuda` (the `device` fixture's
-#      CUDA cases);
+#   4. runs tests/test_cuda.py, tests/test_cuda_graphs.py (a guarded step captured in a CUDA
+#      graph), then every other test marked `cuda` (the `device` fixture's CUDA cases);
 #   5. runs `python -m gradguard.bench --only cuda` and prints a one-screen table.
 # Every step is time-boxed from one budget (TOTAL_CAP, default 480 s, well inside one 600 s call;
 # the build's own cap is BUILD_CAP, default 200 s);
@@ -108,8 +108,13 @@ step "CUDA tests (tests/test_cuda.py)" | tee "$OUT/test_cuda.log"
 timeout "$(cap 120)" "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee -a "$OUT/test_cuda.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "CUDA graphs: a whole guarded step captured and replayed (tests/test_cuda_graphs.py)" | tee "$OUT/test_graphs.log"
+timeout "$(cap 60)" "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tee -a "$OUT/test_graphs.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 step "every other test's CUDA case (-m cuda: the device fixture)" | tee "$OUT/test_device.log"
 timeout "$(cap 90)" "$PY" -m pytest -q -rfE -p no:cacheprovider -m "cuda and not slow" --ignore=tests/test_cuda.py \
+  --ignore=tests/test_cuda_graphs.py \
   tests 2>&1 | tee -a "$OUT/test_device.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || status=1  # 5: no test selected
@@ -133,6 +138,7 @@ def last_line(name):
     except OSError:
         return "(not run)"
 print(f"{'tests/test_cuda.py':<22} {last_line('test_cuda.log')}")
+print(f"{'tests/test_cuda_graphs':<22} {last_line('test_graphs.log')}")
 print(f"{'-m cuda, other files':<22} {last_line('test_device.log')}")
 try:
     bench = json.load(open(os.path.join(out, "bench.json")))

@@ -1,20 +1,27 @@
 """GradGuard: wrap any torch.optim optimizer so that every step is checked, clipped, and skipped
 when the gradients are not finite, for the price of one read pass over the gradients.
 
-How a step decides, and what it costs:
+How a step decides, and what it costs (``step()`` is stats -> decide -> apply):
 
 - One ``multi_tensor_stats`` pass over all gradients (one kernel per (device, dtype) group)
-  gives per-tensor norms, NaN/Inf counts and amax, the total norm and a 0-dim float32 found-inf
-  flag that is exactly 0 or 1. The clip coefficient (``max_norm`` and/or the spike policy), the
-  counters, the history and the spike statistics are then updated with small device ops.
+  gives per-tensor normalized sums, NaN/Inf counts and amax.
+- One ``guard_decide`` op (one kernel on a GPU) turns them into everything the step needs: norms,
+  the total norm, the 0-dim float32 found-inf flag (exactly 0 or 1), the clip coefficient
+  (``max_norm`` and/or the spike policy), the skip decision, the multiplier for the grads and
+  the fused optimizers' ``grad_scale``; and it updates the counters, the skip streak, the
+  per-parameter totals, the spike statistics and the history slot in place.
+- Then one of: nothing (a skipped step), one scaling op, the fused inner step handed
+  ``found_inf``/``grad_scale``, or the inner step. At most 4 ops of the guard's own per step,
+  whatever the path (see ``python -m gradguard.bench``).
 - Fused optimizers (``Adam``/``AdamW``/``SGD``/``Adagrad`` with ``fused=True``) are handed the
   flag as ``found_inf`` and the clip factor as ``grad_scale``: the fused kernel skips the whole
   update on the device when the flag is 1, so the step never syncs with the host. The kernel
   *divides* the gradients by ``grad_scale`` (and writes the result back to ``.grad``), so the
   guard passes the reciprocal of the clip coefficient (times the loss scale under a GradScaler).
-- Every other optimizer: the guard reads 24 bytes (flag, scale factor, skip streak) back once
-  per step to decide whether to call the inner ``step()``, and multiplies the gradients by the
-  clip factor only when it is not exactly 1.
+- Every other optimizer: the guard reads the decision's 8 scalars back once per step (one
+  transfer) to decide whether to call the inner ``step()``, and multiplies the gradients by the
+  clip factor only when it is not exactly 1. That read is why such a step cannot be captured in
+  a CUDA graph; a fused one (``fused=True, capturable=True``) can, whole.
 - ``on_nonfinite="raise"`` and ``max_consecutive_skips`` need that same one read on fused
   optimizers too; ``"zero"`` on a fused optimizer rewrites every gradient once (zeroing NaN/Inf
   and clipping in one pass) so that it needs no read.
@@ -540,6 +547,11 @@ class GradGuard(torch.optim.Optimizer):
         host = None
         if (not fused or mode == "raise" or self.max_consecutive_skips is not None
                 or (device.type == "cpu" and self._decide_on_host_on_cpu)):
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "gradguard.GradGuard: this step must read its decision on the host (the inner optimizer is not "
+                    "fused, or on_nonfinite='raise' / max_consecutive_skips is set), which a CUDA graph capture "
+                    "cannot hold; capture a fused optimizer (fused=True, capturable=True) without those options")
             # The one read of the step (flag, multiplier, skip streak): one transfer.
             host = scalars.tolist()
             found_h, streak_h, mult_h = host[2], int(host[5]), host[6]

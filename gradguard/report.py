@@ -174,19 +174,6 @@ class History:
         """Steps recorded so far (also kept on the device, in the guard's counters)."""
         return self._count
 
-    def _last_slot(self) -> int:
-        return (self._count - 1) % self.size
-
-    def last_clipped(self) -> torch.Tensor:
-        """0-dim bool: the last recorded step clipped (coef < 1 and not skipped)."""
-        row = self._values[self._last_slot()]
-        return (row[1] < 1) & (row[2] == 0)
-
-    def mark_last_skipped(self) -> None:
-        """The last recorded step turned out skipped after all (an LBFGS step rolled back)."""
-        self._values[self._last_slot(), 1] = 1.0
-        self._values[self._last_slot(), 2] = 1.0
-
     def _order(self) -> list[int]:
         n = len(self)
         start = self._count % self.size if self._count > self.size else 0

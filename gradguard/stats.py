@@ -212,13 +212,6 @@ def _overflows(value64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.isinf(value64.to(dtype))
 
 
-def finite_norm(raw: _Raw, p: float) -> torch.Tensor:
-    """The total p-norm of the finite elements only: what is left once NaN/Inf are zeroed.
-    float64 (not the grads' dtype), so that a norm above the grads' range still gives the right,
-    representable clip factor."""
-    return _total64(raw.acc, raw.amax, p)
-
-
 def finalize(raw: _Raw, p: float) -> GradStats:
     """Norms in the result dtype. A norm of finite elements that this dtype cannot hold is inf
     and sets found_inf, exactly like a NaN/Inf element: a caller must never clip by it (the
@@ -312,7 +305,7 @@ def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep
 def check_max_norm(max_norm):
     """A number, or a one-element tensor (returned 0-dim). A CPU tensor's value is checked here
     (reading it costs nothing); an accelerator tensor's is not, since that read would sync: the
-    guard checks it on the device (``max_norm_ok``) and skips a step whose limit is bad."""
+    guard checks it on the device (``guard_decide``) and skips a step whose limit is bad."""
     if isinstance(max_norm, torch.Tensor):
         if max_norm.numel() != 1 or not (max_norm.is_floating_point() or max_norm.dtype in (torch.int32, torch.int64)):
             raise ValueError(f"gradguard: `max_norm` must be a number or a one-element real tensor, got a tensor of "
@@ -488,7 +481,12 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> Non
         raise TypeError(f"{where}: sparse and complex gradients are not supported for clipping")
     if total.dtype not in (torch.float32, torch.float64):
         total = total.to(torch.float32)  # a float16 norm's 1e-6 and quotient would round in float16
-    coef = torch.where(torch.isfinite(total), clip_coefficient(total, max_norm), 1.0)
+    # Computed as guard_decide computes it (float64, rounded once), so that get_total_norm then
+    # clip_grads_with_norm_ scales exactly as clip_grad_norm_ does.
+    limit = (max_norm.to(total.device) if isinstance(max_norm, torch.Tensor)
+             else torch.tensor(max_norm, dtype=torch.float64, device=total.device)).double()
+    coef = torch.where(torch.isfinite(total), torch.clamp(limit / (total.double() + 1e-6), max=1.0), 1.0)
+    coef = coef.to(total.dtype)
     # DTensor grads are scaled through their local shards (the factor is the same on every rank).
     scale_([_distributed._local(g) if _distributed.is_dtensor(g) else g.detach() for g in grads], coef)
 
@@ -538,6 +536,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
         return torch.tensor(0.0)
     if any(g.is_complex() or g.layout != torch.strided for g in (q.grad for q in params if q.grad is not None)):
         raise TypeError(f"{where}: sparse and complex gradients are not supported for clipping")
+    if p > 0:
+        return _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_group, names, where)
     tot, grads = _total_norm(grads, p, process_group=process_group, names=names)
     if error_if_nonfinite:
         _raise_if_total_nonfinite(tot, p, names, where)
@@ -553,7 +553,30 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
             coef = torch.where(ok.to(coef.device), coef, 1.0)
         scale_(grads, coef)
     else:  # "zero": clip by the norm of what is left once the non-finite elements are gone
-        finite = finite_norm(tot.raw, p) if p > 0 else _total_norm(
-            [g.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) for g in grads], p)[0].norm
+        finite = _total_norm([g.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) for g in grads], p)[0].norm
         scale_(grads, clip_coefficient(finite, max_norm), zero_nonfinite=True)
     return tot.norm.to(_result_dtype(grads))
+
+
+def _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_group, names, where):
+    """p > 0: the stats pass, then the decision GradGuard's steps make (``guard_decide``, without
+    state): one place holds the skip/zero/raise and clip rules for both."""
+    raw, local = global_raw_stats(grads, p, process_group=process_group, names=names)
+    limit_t = None
+    if isinstance(max_norm, torch.Tensor):
+        limit_t, max_norm = max_norm.to(raw.device), None
+    _, _, scalars, found, mult, _ = torch.ops.gradguard.guard_decide(
+        raw.acc, raw.nan_count, raw.inf_count, raw.amax, None, limit_t, None, None, None, None, None, None, None,
+        p, max_norm, nonfinite, "none", [], raw.out_dtype == torch.float64)
+    total = scalars[0].to(raw.out_dtype)
+    if error_if_nonfinite or nonfinite == "raise":
+        tot = _Total(total, found, raw, finalize(raw, p))
+        if error_if_nonfinite:
+            _raise_if_total_nonfinite(tot, p, names, where)
+        if nonfinite == "raise" and bool(found):
+            msg, bad = nonfinite_message(where, names, raw.nan_count, raw.inf_count)
+            raise NonFiniteGradError(msg, bad, tot.stats)
+    # "skip": the multiplier is 1 for a non-finite step or a bad device max_norm (nothing written);
+    # "zero": the clip factor of the finite elements' norm, NaN/Inf zeroed in the same pass.
+    scale_(local, mult, zero_nonfinite=nonfinite == "zero")
+    return total.to(_result_dtype(local))
