@@ -1,0 +1,201 @@
+// gradguard::guard_decide on the CPU: the whole decision of a guarded step (the specification is
+// gradguard/reference/decide.py; the scalar math is csrc/guard_decide_math.h, shared with CUDA).
+//
+// A host-latency op: n is the number of gradient tensors (tens to a few thousand), so it is
+// plain loops over raw pointers, no OpenMP and no ATen op besides allocating the six outputs
+// (each ATen op costs microseconds of dispatch, the whole point of the fused op). Every argument
+// is checked before anything is written, so a bad call leaves the guard's state as it was.
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "guard_decide_args.h"
+#include "guard_decide_math.h"
+
+namespace gradguard {
+namespace {
+
+using decide::OptTensor;
+using decide::kWhere;
+using decide::Outputs;
+
+Outputs guard_decide_cpu(const at::Tensor& acc, const at::Tensor& nan_count, const at::Tensor& inf_count,
+                         const at::Tensor& amax, const OptTensor& index, const OptTensor& max_norm,
+                         const OptTensor& loss_scale, const OptTensor& scaler_found, const OptTensor& counters,
+                         const OptTensor& layer_nonfinite, const OptTensor& layer_max_norm,
+                         const OptTensor& spike_state, const OptTensor& history, double norm_type,
+                         std::optional<double> max_norm_value, c10::string_view mode, c10::string_view spike,
+                         at::ArrayRef<double> spike_args, bool double_out) {
+  decide::check_guard_decide_args(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, scaler_found, counters,
+                          layer_nonfinite, layer_max_norm, spike_state, history, norm_type, mode, spike, spike_args);
+  const int64_t n = acc.size(0);
+  const double* acc_p = acc.const_data_ptr<double>();
+  const int64_t* nan_p = nan_count.const_data_ptr<int64_t>();
+  const int64_t* inf_p = inf_count.const_data_ptr<int64_t>();
+  const double* amax_p = amax.const_data_ptr<double>();
+  const int64_t sa = acc.stride(0), sn = nan_count.stride(0), si = inf_count.stride(0), sm = amax.stride(0);
+
+  const int64_t* idx_p = index ? index->const_data_ptr<int64_t>() : nullptr;
+  const int64_t sx = index ? index->stride(0) : 0;
+  const int64_t layers = layer_nonfinite ? layer_nonfinite->size(0) : 0;
+  if (idx_p != nullptr) {
+    for (const auto i : c10::irange(n)) {
+      const int64_t j = idx_p[i * sx];
+      // IndexError, as the reference's index_add_ raises.
+      TORCH_CHECK_INDEX(j >= 0 && j < layers, kWhere, ": `index`[", i, "] = ", j, " is outside the ", layers,
+                  " entries of `layer_nonfinite`");
+    }
+  }
+
+  const bool amp = loss_scale.has_value() || scaler_found.has_value();
+  const decide::Config cfg = decide::make_guard_decide_config(amp, max_norm.has_value(), norm_type, max_norm_value, mode,
+                                                      spike, spike_args, double_out);
+  decide::Inputs in{};
+  in.has_max_norm = max_norm.has_value();
+  in.max_norm = in.has_max_norm ? decide::read_one_host(*max_norm, "max_norm") : 0.0;
+  in.has_loss_scale = loss_scale.has_value();
+  in.loss_scale = in.has_loss_scale ? decide::read_one_host(*loss_scale, "loss_scale") : 1.0;
+  in.has_scaler_found = scaler_found.has_value();
+  in.scaler_found = in.has_scaler_found ? decide::read_one_host(*scaler_found, "scaler_found") : 0.0;
+
+  const auto out_dtype = double_out ? at::kDouble : at::kFloat;
+  const auto opts = acc.options();
+  at::Tensor norms = at::empty({n}, opts.dtype(out_dtype));
+  at::Tensor amax_out = at::empty({n}, opts.dtype(out_dtype));
+  at::Tensor scalars = at::empty({8}, opts.dtype(at::kDouble));
+  at::Tensor found_inf = at::empty({}, opts.dtype(at::kFloat));
+  at::Tensor multiplier = at::empty({}, opts.dtype(cfg.basis_double ? at::kDouble : at::kFloat));
+  at::Tensor grad_scale = at::empty({}, opts.dtype(at::kFloat));
+
+  // Per tensor: the norms and the totals.
+  const double inv = decide::inverse_scale(in.has_loss_scale, in.loss_scale);
+  const double p = cfg.p;
+  int64_t* lnf_p = layer_nonfinite ? layer_nonfinite->mutable_data_ptr<int64_t>() : nullptr;
+  double* lmn_p = layer_max_norm ? layer_max_norm->mutable_data_ptr<double>() : nullptr;
+  const int64_t s_lnf = layer_nonfinite ? layer_nonfinite->stride(0) : 0;
+  const int64_t s_lmn = layer_max_norm ? layer_max_norm->stride(0) : 0;
+  double* norms_d = double_out ? norms.mutable_data_ptr<double>() : nullptr;
+  float* norms_f = double_out ? nullptr : norms.mutable_data_ptr<float>();
+  double* amax_d = double_out ? amax_out.mutable_data_ptr<double>() : nullptr;
+  float* amax_f = double_out ? nullptr : amax_out.mutable_data_ptr<float>();
+  int64_t nan_total = 0, inf_total = 0;
+  double m = -decide::inf();
+  for (const auto i : c10::irange(n)) {
+    const int64_t nc = nan_p[i * sn], ic = inf_p[i * si];
+    const double a = amax_p[i * sm];
+    nan_total += nc;
+    inf_total += ic;
+    m = decide::max_nan(m, a);
+    const double norm = decide::round_to(decide::mul(decide::tensor_norm(acc_p[i * sa], a, nc, ic, p), inv), double_out);
+    const double am = decide::round_to(decide::mul(a, inv), double_out);
+    if (double_out) {
+      norms_d[i] = norm;
+      amax_d[i] = am;
+    } else {
+      norms_f[i] = static_cast<float>(norm);
+      amax_f[i] = static_cast<float>(am);
+    }
+    if (lnf_p != nullptr) {
+      const bool bad = (nc + ic) > 0;
+      const int64_t j = idx_p != nullptr ? idx_p[i * sx] : i;
+      lnf_p[j * s_lnf] += bad ? 1 : 0;
+      lmn_p[j * s_lmn] = decide::max_nan(lmn_p[j * s_lmn], bad ? 0.0 : norm);
+    }
+  }
+  double sum = 0.0;
+  if (!std::isinf(p)) {
+    for (const auto i : c10::irange(n)) sum += decide::total_term(acc_p[i * sa], amax_p[i * sm], m, p);
+  }
+  in.nan_total = nan_total;
+  in.inf_total = inf_total;
+  in.finite_total = decide::finite_total(n, m, sum, p);
+
+  // The spike policy's limit from its state before this step.
+  double* sp = spike_state && cfg.spike != decide::kNone ? spike_state->mutable_data_ptr<double>() : nullptr;
+  const int64_t ss = sp != nullptr ? spike_state->stride(0) : 0;
+  if (cfg.spike == decide::kZScore) {
+    in.spike_raw_limit = decide::zscore_raw_limit(sp[0], sp[ss], cfg.spike_arg0);
+    in.spike_count = sp[2 * ss];
+  } else if (cfg.spike == decide::kPercentile) {
+    const int64_t window = static_cast<int64_t>(cfg.spike_arg1);
+    // Reused between calls: no allocation on the hot path once the window size was seen.
+    thread_local std::vector<double> values;
+    values.clear();
+    for (const auto k : c10::irange(window)) {
+      const double v = sp[(1 + k) * ss];
+      if (!decide::isnan_(v)) values.push_back(v);
+    }
+    const int64_t valid = static_cast<int64_t>(values.size());
+    double v_below = decide::nan(), v_above = decide::nan(), weight = 0.0;
+    if (valid > 0) {
+      const decide::QuantileRanks r = decide::quantile_ranks(cfg.spike_arg0, valid);
+      std::nth_element(values.begin(), values.begin() + r.below, values.end());
+      v_below = values[r.below];
+      // After nth_element everything past `below` is >= it: the next rank is their minimum.
+      v_above = r.above == r.below ? v_below : *std::min_element(values.begin() + r.below + 1, values.end());
+      weight = r.weight;
+    }
+    in.spike_raw_limit = decide::quantile_value(valid, v_below, v_above, weight);
+    in.spike_count = sp[0];
+  }
+
+  const decide::Decision d = decide::decide(cfg, in);
+  const bool finite = !d.found;
+  if (cfg.spike == decide::kZScore && finite) {
+    decide::zscore_update(sp[0], sp[ss], sp[2 * ss], decide::min_nan(d.basis, d.spike_limit), cfg.spike_arg1,
+                          cfg.spike_arg2);
+  } else if (cfg.spike == decide::kPercentile && finite) {
+    const int64_t slot = decide::percentile_slot(sp[0], cfg.spike_arg1);
+    if (slot >= 0) sp[(1 + slot) * ss] = d.basis;
+    sp[0] = decide::add(sp[0], 1.0);
+  }
+
+  int64_t streak = d.skipped ? 1 : 0;
+  if (counters) {
+    int64_t* c = counters->mutable_data_ptr<int64_t>();
+    const int64_t cs = counters->stride(0);
+    streak = decide::next_streak(c[3 * cs], d.skipped, d.overflow);
+    if (history) {
+      double* h = history->mutable_data_ptr<double>();
+      const int64_t h0 = history->stride(0), h1 = history->stride(1);
+      const int64_t row = decide::remainder_(c[4 * cs], history->size(0));
+      h[row * h0] = d.total;
+      h[row * h0 + h1] = d.coef;
+      h[row * h0 + 2 * h1] = d.skipped ? 1.0 : 0.0;
+    }
+    c[0] += d.skipped ? 1 : 0;
+    c[cs] += d.clipped ? 1 : 0;
+    c[2 * cs] += d.found ? 1 : 0;
+    c[3 * cs] = streak;
+    c[4 * cs] += 1;
+  }
+
+  double* out = scalars.mutable_data_ptr<double>();
+  out[0] = d.total;
+  out[1] = d.coef;
+  out[2] = d.found ? 1.0 : 0.0;
+  out[3] = d.skipped ? 1.0 : 0.0;
+  out[4] = d.overflow ? 1.0 : 0.0;
+  out[5] = static_cast<double>(streak);
+  out[6] = d.multiplier;
+  out[7] = d.clipped ? 1.0 : 0.0;
+  *found_inf.mutable_data_ptr<float>() = d.found ? 1.0f : 0.0f;
+  if (cfg.basis_double) {
+    *multiplier.mutable_data_ptr<double>() = d.multiplier;
+  } else {
+    *multiplier.mutable_data_ptr<float>() = static_cast<float>(d.multiplier);
+  }
+  *grad_scale.mutable_data_ptr<float>() = d.grad_scale;
+  return {norms, amax_out, scalars, found_inf, multiplier, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradguard, CPU, m) { m.impl("guard_decide", &guard_decide_cpu); }
+
+}  // namespace gradguard

@@ -1,0 +1,255 @@
+// The scalar math of gradguard::guard_decide, shared by the CPU and the CUDA kernel so that the
+// two cannot drift apart. gradguard/reference/decide.py is the specification: every function
+// here mirrors one step of it, in float64, with a value rounded to its result dtype (float32 and
+// back, `round_to`) exactly where the reference calls `_round`.
+//
+// Arithmetic goes through mul/add/sub/div: on the device they are the _rn intrinsics, which nvcc
+// never contracts into an FMA (it does contract a plain `a + w * b` by default), so the device
+// rounds each step as the reference's separate tensor ops do. Host builds at the default x86-64
+// flags have no FMA to contract into.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define GG_HD __host__ __device__ __forceinline__
+#else
+#define GG_HD inline
+#endif
+
+namespace gradguard {
+namespace decide {
+
+enum Mode : int { kSkip = 0, kZero = 1, kRaise = 2, kIgnore = 3 };
+enum Spike : int { kNone = 0, kZScore = 1, kPercentile = 2 };
+
+GG_HD double mul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+GG_HD double add(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+GG_HD double sub(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+GG_HD double div(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+GG_HD double inf() { return std::numeric_limits<double>::infinity(); }
+GG_HD double nan() { return std::numeric_limits<double>::quiet_NaN(); }
+GG_HD bool isnan_(double x) { return x != x; }
+GG_HD bool isinf_(double x) { return x == inf() || x == -inf(); }
+
+// torch.minimum / torch.maximum / torch.max: a NaN operand gives NaN.
+GG_HD double min_nan(double a, double b) { return isnan_(a) ? a : (isnan_(b) ? b : (b < a ? b : a)); }
+GG_HD double max_nan(double a, double b) { return isnan_(a) ? a : (isnan_(b) ? b : (b > a ? b : a)); }
+
+// The value a result of dtype float32 (or float64 when `as_double`) holds: `_round`.
+GG_HD double round_to(double x, bool as_double) { return as_double ? x : static_cast<double>(static_cast<float>(x)); }
+
+// Tensor.pow(e) for a scalar e as torch computes it: exponents 2 and 3 are products, 0.5 a
+// square root (the special cases of its pow kernel), anything else pow.
+GG_HD double pow_(double x, double e) {
+  if (e == 2.0) return mul(x, x);
+  if (e == 3.0) return mul(mul(x, x), x);
+  if (e == 0.5) return ::sqrt(x);
+  return ::pow(x, e);
+}
+
+// `_root`: acc^(1/p).
+GG_HD double root(double acc, double p) {
+  if (isinf_(p) || p == 1.0) return acc;
+  if (p == 2.0) return ::sqrt(acc);
+  return pow_(acc, div(1.0, p));
+}
+
+// One tensor's norm, NaN/inf marked (norms64 of the reference), before the loss-scale division.
+GG_HD double tensor_norm(double acc, double amax, int64_t nan_count, int64_t inf_count, double p) {
+  if (nan_count > 0) return nan();
+  if (inf_count > 0) return inf();
+  return mul(amax, root(acc, p));
+}
+
+// One term of `_total`'s sum: acc rescaled from the tensor's amax to the largest one, m.
+GG_HD double total_term(double acc, double amax, double m, double p) {
+  const double w = div(amax, m > 0 ? m : 1.0);
+  return mul(acc, p == 1.0 ? w : pow_(w, p));
+}
+
+// `_total` from the largest amax m and the sum of total_term (n: the number of tensors).
+GG_HD double finite_total(int64_t n, double m, double sum, double p) {
+  if (n == 0) return 0.0;
+  if (isinf_(p)) return m;
+  return mul(m, root(sum, p));
+}
+
+// torch.remainder of floats and of integers: the result has the divisor's sign.
+GG_HD double remainder_(double a, double b) {
+  double r = ::fmod(a, b);
+  if (r != 0 && ((b < 0) != (r < 0))) r = add(r, b);
+  return r;
+}
+GG_HD int64_t remainder_(int64_t a, int64_t b) {
+  int64_t r = a % b;
+  if (r != 0 && ((b < 0) != (r < 0))) r += b;
+  return r;
+}
+
+// torch.lerp(a, b, w) as torch's scalar kernel computes it.
+GG_HD double lerp_(double a, double b, double w) {
+  return (w < 0 ? -w : w) < 0.5 ? add(a, mul(w, sub(b, a))) : sub(b, mul(sub(b, a), sub(1.0, w)));
+}
+
+// torch.nanquantile(window, q) (linear): the ranks of the two values it interpolates, among the
+// `valid` non-NaN values sorted ascending, and the weight; valid == 0 gives NaN (see below).
+struct QuantileRanks {
+  int64_t below;
+  int64_t above;
+  double weight;
+};
+GG_HD QuantileRanks quantile_ranks(double q, int64_t valid) {
+  double rank = mul(q, static_cast<double>(valid - 1));
+  if (rank < 0) rank = 0;
+  const int64_t below = static_cast<int64_t>(rank);
+  return {below, static_cast<int64_t>(::ceil(rank)), sub(rank, static_cast<double>(below))};
+}
+GG_HD double quantile_value(int64_t valid, double v_below, double v_above, double weight) {
+  return valid == 0 ? nan() : lerp_(v_below, v_above, weight);
+}
+
+// ZScore's limit before the warm-up / basis gate: mean + z * std.
+GG_HD double zscore_raw_limit(double mean, double var, double z) { return add(mean, mul(z, ::sqrt(var))); }
+
+// The step's configuration: the op's non-tensor arguments, resolved once on the host.
+struct Config {
+  double p;
+  int mode;           // "skip" when a GradScaler is given (amp)
+  int spike;
+  bool out_double;    // double_out: norms and total in float64
+  bool basis_double;  // clip basis, coef and multiplier in float64 ("zero" mode or double_out)
+  bool clipping;      // any limit at all: max_norm, max_norm_value or a spike policy
+  bool has_max_norm_value;
+  double max_norm_value;
+  double spike_arg0;  // zscore: z;     percentile: q
+  double spike_arg1;  // zscore: alpha; percentile: window
+  double spike_arg2;  // warm-up steps
+};
+
+// The step's reduced inputs: totals over the tensors and the 0-dim tensors' values.
+struct Inputs {
+  int64_t nan_total;
+  int64_t inf_total;
+  double finite_total;
+  bool has_max_norm;
+  double max_norm;
+  bool has_loss_scale;
+  double loss_scale;
+  bool has_scaler_found;
+  double scaler_found;
+  double spike_raw_limit;  // zscore_raw_limit, or quantile_value of the window
+  double spike_count;      // the policy's count of absorbed steps (its state[2] or state[0])
+};
+
+struct Decision {
+  double total;        // total_norm as the result dtype holds it, divided by the loss scale
+  double basis;        // the clip basis (float64 finite-only norm in "zero" mode)
+  double spike_limit;  // the policy's limit for this step (inf while warming up or not exceeded)
+  double coef;
+  double multiplier;
+  float grad_scale;
+  bool found;
+  bool overflow;
+  bool skipped;
+  bool clipped;
+};
+
+GG_HD double inverse_scale(bool has_loss_scale, double loss_scale) {
+  return has_loss_scale ? div(1.0, loss_scale) : 1.0;
+}
+
+// The decision: found_inf, total, clip coefficient, skip, multiplier and grad_scale.
+GG_HD Decision decide(const Config& c, const Inputs& in) {
+  Decision d;
+  const double total64 = in.nan_total > 0 ? nan() : (in.inf_total > 0 ? inf() : in.finite_total);
+  // A finite norm too large for the result dtype is as bad as an Inf element.
+  d.found = (in.nan_total + in.inf_total) > 0 || isinf_(round_to(in.finite_total, c.out_double));
+  d.overflow = in.has_scaler_found && in.scaler_found > 0;
+  d.found = d.found || d.overflow;
+  if (in.has_max_norm) d.found = d.found || !(in.max_norm >= 0);
+  const bool finite = !d.found;
+
+  d.total = round_to(mul(total64, inverse_scale(in.has_loss_scale, in.loss_scale)), c.out_double);
+  d.basis = c.mode == kZero ? in.finite_total : d.total;
+
+  double limit = inf();
+  if (c.has_max_norm_value) limit = min_nan(limit, c.max_norm_value);
+  if (in.has_max_norm) limit = min_nan(limit, in.max_norm);
+  d.spike_limit = inf();
+  if (c.spike != kNone) {
+    // Only a norm above the limit is clipped: a norm on it (e.g. std 0) is left alone.
+    const bool active = in.spike_count >= c.spike_arg2 && d.basis > in.spike_raw_limit;
+    d.spike_limit = round_to(active ? in.spike_raw_limit : inf(), c.basis_double);
+    limit = min_nan(limit, d.spike_limit);
+  }
+  if (c.clipping) {
+    const double q = div(limit, add(d.basis, 1e-6));
+    d.coef = round_to(isnan_(q) ? q : (q < 1.0 ? q : 1.0), c.basis_double);
+    if (c.mode != kZero && !finite) d.coef = 1.0;
+  } else {
+    d.coef = 1.0;
+  }
+  d.skipped = (c.mode == kSkip || c.mode == kRaise) && !finite;
+  d.clipped = d.coef < 1.0 && !d.skipped;
+  const double ls = in.has_loss_scale ? in.loss_scale : 1.0;
+  d.multiplier = round_to(div(d.coef, ls), c.basis_double);
+  d.grad_scale = static_cast<float>(div(ls, d.coef));
+  return d;
+}
+
+// ZScore's state after a finite step: Welford's update during warm-up (weight 1/(n+1)), an EMA
+// after (weight 1 - alpha), of the clipped basis x.
+GG_HD void zscore_update(double& mean, double& var, double& count, double x, double alpha, double warmup) {
+  const bool warm = count < warmup;
+  const double w = warm ? div(1.0, add(count, 1.0)) : sub(1.0, alpha);
+  const double new_mean = add(mean, mul(w, sub(x, mean)));
+  const double term = warm ? mul(sub(x, mean), sub(x, new_mean)) : mul(sub(x, new_mean), sub(x, new_mean));
+  var = add(var, mul(w, sub(term, var)));
+  mean = new_mean;
+  count = add(count, 1.0);
+}
+
+// Percentile's ring slot for this step's basis: count % window, or -1 where that is no slot
+// (the reference's `arange == slot` then matches nothing).
+GG_HD int64_t percentile_slot(double count, double window) {
+  const double r = remainder_(count, window);
+  return (r >= 0 && r < window) ? static_cast<int64_t>(r) : -1;
+}
+
+// The streak after this step: reset by a taken step, grown by a skipped one, left as it is by a
+// GradScaler overflow.
+GG_HD int64_t next_streak(int64_t streak, bool skipped, bool overflow) {
+  if (overflow) return streak;
+  return skipped ? streak + 1 : 0;
+}
+
+}  // namespace decide
+}  // namespace gradguard
