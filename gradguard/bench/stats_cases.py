@@ -218,12 +218,40 @@ def sweep_table(device: str, repeats: int) -> Table:
     return tab
 
 
+FALLBACK_TARGET = 3.0
+
+
+def fallback_table(device: str, repeats: int, sizes=("10M", "124M")) -> Table:
+    """The pure-PyTorch fallback (the reference kernel of multi_tensor_stats, what every device
+    without compiled kernels runs) against torch._foreach_norm on the same list, interleaved;
+    issue 10's target: within 3x."""
+    from gradguard import reference  # noqa: PLC0415
+
+    rows, cases = [], []
+    times_all = {}
+    for size in sizes:
+        grads = make_grads(gpt2_shapes(**GPT2_SIZES[size]), device=device)
+        nbytes = sum(g.numel() * g.element_size() for g in grads)
+        ref, fe = f"{size} ({len(grads)} tensors): reference multi_tensor_stats", f"{size}: torch._foreach_norm"
+        times = interleaved_times({ref: lambda: reference.multi_tensor_stats(grads, 2.0),
+                                   fe: lambda: torch._foreach_norm(grads)}, device, repeats)
+        times_all[size] = (times, ref, fe)
+        rows += [Row(ref, statistics.median(times[ref]), nbytes), Row(fe, statistics.median(times[fe]), nbytes)]
+        del grads
+    tab = Table(f"The pure-PyTorch fallback vs torch._foreach_norm (fp32, p=2), {device}, "
+                f"{torch.get_num_threads()} threads, median of {repeats} interleaved rounds", rows)
+    for size, (times, ref, fe) in times_all.items():
+        tab.check(f"{size}: reference / _foreach_norm", ratio(times, ref, fe), "<=", FALLBACK_TARGET)
+    return tab
+
+
 def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
     small = gpt2_shapes(**GPT2_SIZES["10M"])
     if quick:  # a smoke run: small model, few repeats (CI, tests)
         grads = make_grads(small, device=device)
         label = f"GPT-2 10M-shaped ({len(grads)} tensors, {numel(grads) / 1e6:.1f}M fp32)"
-        return [stats_table(grads, label, device, 3, target=0.8), clip_table(grads, label, device, 3)]
+        return [stats_table(grads, label, device, 3, target=0.8), clip_table(grads, label, device, 3),
+                fallback_table(device, 3, sizes=("10M",))]
     grads = make_grads(gpt2_shapes(), device=device)
     label = f"GPT-2 small-shaped ({len(grads)} tensors, {numel(grads) / 1e6:.1f}M fp32, " \
             f"{numel(grads) * 4 / 1e6:.0f} MB)"
@@ -237,4 +265,5 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
                            device, 41, target=0.8))
     del grads10
     out.append(sweep_table(device, 11))
+    out.append(fallback_table(device, 11))
     return out
