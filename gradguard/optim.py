@@ -63,8 +63,6 @@ import copy
 import functools
 import numbers
 from collections import OrderedDict
-from itertools import repeat
-from operator import attrgetter, is_not
 from typing import NamedTuple
 
 import torch
@@ -82,10 +80,6 @@ from gradguard.stats import (_Raw, check_max_norm, check_norm_type, global_raw_s
 
 ON_NONFINITE = ("skip", "zero", "raise", "ignore")
 _GUARD_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_norm", "spike", "history")
-
-
-_LAYOUT = attrgetter("layout")
-_STRIDED = {torch.strided}
 
 
 class _Plan(NamedTuple):
@@ -505,14 +499,20 @@ class GradGuard(torch.optim.Optimizer):
         parameters or None). Common case, one pass: every parameter has a dense gradient and
         they share a device and dtype. Otherwise: missing grads, sparse ones, several dtypes,
         distributed shards."""
-        grads = [q.grad for q in plan.params]
-        if (plan.simple and all(map(is_not, grads, repeat(None)))
-                and set(map(_LAYOUT, grads)) == _STRIDED):
-            self._check_hygiene(grads)
-            self._dtensor_grads = False
-            acc, nan, inf, amax = torch.ops.gradguard.multi_tensor_stats(grads, self.norm_type)
-            return grads, _Raw(acc, nan, inf, amax, torch.float64 if plan.double else torch.float32,
-                               plan.device), plan.names, None
+        if plan.simple:
+            grads = [q.grad for q in plan.params]
+            try:
+                # The op itself refuses what this path cannot take (a missing grad: TypeError; a
+                # sparse one: RuntimeError) before it reads anything; the general path then
+                # handles it. No per-tensor check in Python here: it would cost as much as the op.
+                acc, nan, inf, amax = torch.ops.gradguard.multi_tensor_stats(grads, self.norm_type)
+            except (TypeError, RuntimeError):
+                pass
+            else:
+                self._check_hygiene(grads)
+                self._dtensor_grads = False
+                return grads, _Raw(acc, nan, inf, amax, torch.float64 if plan.double else torch.float32,
+                                   plan.device), plan.names, None
         params = plan.params
         # An FSDP1 shard that is empty on this rank has no .grad here but one on other ranks: it
         # enters as an empty gradient, so that every rank packs the same statistics.
