@@ -249,7 +249,13 @@ def guard_op_counts(n_tensors: int = 52) -> dict[str, list[str]]:
     bad = _op_params(n_tensors)
     bad[3].grad[0, 0] = float("nan")
     out[OP_PATHS[3]] = guard_ops(gradguard.GradGuard(sgd(bad), max_norm=1e-3, hygiene=False))
-    out[OP_PATHS[4]] = guard_ops(gradguard.GradGuard(sgd(bad), max_norm=1e-3, on_nonfinite="zero", hygiene=False))
+    zero = gradguard.GradGuard(sgd(bad), max_norm=1e-3, on_nonfinite="zero", hygiene=False)
+
+    def zero_step():
+        bad[3].grad[0, 0] = float("nan")  # "zero" cleared it last step; outside the guard's record
+        zero.step()
+
+    out[OP_PATHS[4]] = guard_ops(zero, zero_step)
     out[OP_PATHS[5]] = guard_ops(gradguard.GradGuard(sgd(params), max_norm=1e-3, spike=gradguard.ZScoreClip(),
                                                      hygiene=False))
     guard = gradguard.GradGuard(sgd(params), max_norm=1e-3, hygiene=False)
