@@ -51,12 +51,13 @@ def clone_state(state, device=None):
     return {k: (None if v is None else v.clone().to(device or v.device)) for k, v in state.items()}
 
 
-def random_stats(rng: random.Random, n: int, event: str):
-    """multi_tensor_stats-shaped results of one step: acc in [1, numel], amax around 1 (0 for an
-    all-zero grad), NaN/Inf counts or a huge or spiking tensor as `event` says."""
-    numel = [rng.randint(1, 500) for _ in range(n)]
-    amax = [rng.uniform(0.05, 1.0) for _ in range(n)]
-    acc = [1.0 + rng.random() * (k - 1) for k in numel]
+def random_stats(rng: random.Random, numel, event: str):
+    """multi_tensor_stats-shaped results of one step of grads of `numel` elements each: acc in
+    [1, numel], amax around 1 (0 for an all-zero grad), and NaN/Inf counts, a spike of every grad
+    or a huge tensor as `event` says."""
+    n = len(numel)
+    amax = [rng.uniform(0.5, 1.0) for _ in range(n)]
+    acc = [max(1.0, k * rng.uniform(0.2, 0.4)) for k in numel]
     nan = [0] * n
     inf = [0] * n
     k = rng.randrange(n)
@@ -64,7 +65,8 @@ def random_stats(rng: random.Random, n: int, event: str):
         j = rng.randrange(n)
         amax[j], acc[j] = 0.0, 0.0
     if event == "spike":
-        amax[k] *= rng.choice([5.0, 30.0, 400.0])
+        f = rng.choice([5.0, 30.0, 400.0])
+        amax = [a * f for a in amax]
     elif event == "nan":
         nan[k] = rng.randint(1, numel[k])
     elif event == "inf":
@@ -114,10 +116,11 @@ def run_sequence(seed, device, p, mode, spike, double_out, use_index, max_norm_k
     index = torch.randperm(layers, generator=torch.Generator().manual_seed(seed))[:N] if use_index else None
     op_state = new_state(spike, layers, device, stateful)
     ref_state = clone_state(op_state, "cpu")
-    seen = {"found": 0, "clipped": 0, "skipped": 0, "overflow": 0}
+    seen = {"found": 0, "clipped": 0, "skipped": 0, "overflow": 0, "spike_clipped": 0}
+    numel = [rng.randint(1, 500) for _ in range(N)]
     for step in range(STEPS):
         event = rng.choices(["normal", "spike", "nan", "inf", "nan_inf", "huge"], [10, 4, 2, 2, 1, 1])[0]
-        stats = random_stats(rng, N, event)
+        stats = random_stats(rng, numel, event)
         max_norm = max_norm_value = None
         if max_norm_kind in ("tensor", "both"):
             v = rng.choices([2.0, 0.7, -1.0, math.nan], [10, 5, 1, 1])[0]
@@ -149,6 +152,7 @@ def run_sequence(seed, device, p, mode, spike, double_out, use_index, max_norm_k
         seen["skipped"] += int(s[3])
         seen["overflow"] += int(s[4])
         seen["clipped"] += int(s[7])
+        seen["spike_clipped"] += int(s[7]) if max_norm_kind == "none" else 0
     return seen
 
 
@@ -170,7 +174,7 @@ def sequence_cases():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k, spike, mode, double_out", sequence_cases())
 def test_random_sequences_match_reference(device, k, spike, mode, double_out):
-    total = {"found": 0, "clipped": 0, "skipped": 0, "overflow": 0}
+    total = {"found": 0, "clipped": 0, "skipped": 0, "overflow": 0, "spike_clipped": 0}
     for j, p in enumerate(P_VALUES):
         seen = run_sequence(seed=1000 * k + j, device=device, p=p, mode=mode, spike=spike, double_out=double_out,
                             use_index=(j + k) % 2 == 1, max_norm_kind=MAX_NORM_KINDS[(j + k) % 4],
@@ -179,6 +183,7 @@ def test_random_sequences_match_reference(device, k, spike, mode, double_out):
             total[key] += seen[key]
     # The sequences reached the branches they are meant to compare.
     assert total["found"] > 0 and total["clipped"] > 0, total
+    assert (total["spike_clipped"] > 0) == (spike != "none"), total  # the policy's own limit was hit
     if mode in ("skip", "raise") or any(AMP_KINDS[(j + 2 * k) % 4] != "none" for j in range(4)):
         assert total["skipped"] > 0, total
 
