@@ -366,3 +366,41 @@ def test_bad_argument_kernel_only_checks(case):
         _call(args)
     for k, v in before.items():
         assert torch.equal(args[k], v), k
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_kernel_registered_and_graph_capturable():
+    # One launch, no host sync, no allocation beyond the outputs: the op can be captured in a CUDA
+    # graph, and each replay is one more step of the same sequence (state mutated in place).
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("gradguard::guard_decide", "CUDA")
+    rng = random.Random(5)
+    numel = [rng.randint(1, 500) for _ in range(N)]
+    spike = "zscore"
+    st_dev, st_ref = new_state(spike, N, "cuda"), new_state(spike, N, "cpu")
+    static = [t.cuda() for t in random_stats(rng, numel, "normal")]
+    max_norm = torch.tensor(2.0, device="cuda")
+    common = (2.0, None, "skip", spike, SPIKE_ARGS[spike], False)
+
+    def args(ts, mn, st):
+        return (*ts, None, mn, None, None, st["counters"], st["layer_nonfinite"], st["layer_max_norm"],
+                st["spike_state"], st["history"], *common)
+
+    warm_state = clone_state(st_dev)  # warm-up call on scratch state, outside the capture
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op(*args(static, max_norm, warm_state))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = op(*args(static, max_norm, st_dev))
+    for step in range(12):
+        event = ["normal", "spike", "nan", "normal"][step % 4]
+        fresh = random_stats(rng, numel, event)
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        want = reference.guard_decide(*args(fresh, max_norm.cpu(), st_ref))
+        compare(outs, want, st_dev, st_ref, False)
