@@ -51,12 +51,13 @@ def clone_state(state, device=None):
     return {k: (None if v is None else v.clone().to(device or v.device)) for k, v in state.items()}
 
 
-def random_stats(rng: random.Random, n: int, event: str):
-    """multi_tensor_stats-shaped results of one step: acc in [1, numel], amax around 1 (0 for an
-    all-zero grad), NaN/Inf counts or a huge or spiking tensor as `event` says."""
-    numel = [rng.randint(1, 500) for _ in range(n)]
-    amax = [rng.uniform(0.05, 1.0) for _ in range(n)]
-    acc = [1.0 + rng.random() * (k - 1) for k in numel]
+def random_stats(rng: random.Random, numel, event: str):
+    """multi_tensor_stats-shaped results of one step of grads of `numel` elements each: acc in
+    [1, numel], amax around 1 (0 for an all-zero grad), and NaN/Inf counts, a spike of every grad
+    or a huge tensor as `event` says."""
+    n = len(numel)
+    amax = [rng.uniform(0.5, 1.0) for _ in range(n)]
+    acc = [max(1.0, k * rng.uniform(0.2, 0.4)) for k in numel]
     nan = [0] * n
     inf = [0] * n
     k = rng.randrange(n)
@@ -64,7 +65,8 @@ def random_stats(rng: random.Random, n: int, event: str):
         j = rng.randrange(n)
         amax[j], acc[j] = 0.0, 0.0
     if event == "spike":
-        amax[k] *= rng.choice([5.0, 30.0, 400.0])
+        f = rng.choice([5.0, 30.0, 400.0])
+        amax = [a * f for a in amax]
     elif event == "nan":
         nan[k] = rng.randint(1, numel[k])
     elif event == "inf":
@@ -114,10 +116,11 @@ def run_sequence(seed, device, p, mode, spike, double_out, use_index, max_norm_k
     index = torch.randperm(layers, generator=torch.Generator().manual_seed(seed))[:N] if use_index else None
     op_state = new_state(spike, layers, device, stateful)
     ref_state = clone_state(op_state, "cpu")
-    seen = {"found": 0, "clipped": 0, "skipped": 0, "overflow": 0}
+    seen = {"found": 0, "clipped": 0, "skipped": 0, "overflow": 0, "spike_clipped": 0}
+    numel = [rng.randint(1, 500) for _ in range(N)]
     for step in range(STEPS):
         event = rng.choices(["normal", "spike", "nan", "inf", "nan_inf", "huge"], [10, 4, 2, 2, 1, 1])[0]
-        stats = random_stats(rng, N, event)
+        stats = random_stats(rng, numel, event)
         max_norm = max_norm_value = None
         if max_norm_kind in ("tensor", "both"):
             v = rng.choices([2.0, 0.7, -1.0, math.nan], [10, 5, 1, 1])[0]
@@ -149,6 +152,7 @@ def run_sequence(seed, device, p, mode, spike, double_out, use_index, max_norm_k
         seen["skipped"] += int(s[3])
         seen["overflow"] += int(s[4])
         seen["clipped"] += int(s[7])
+        seen["spike_clipped"] += int(s[7]) if max_norm_kind == "none" else 0
     return seen
 
 
@@ -170,7 +174,7 @@ def sequence_cases():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k, spike, mode, double_out", sequence_cases())
 def test_random_sequences_match_reference(device, k, spike, mode, double_out):
-    total = {"found": 0, "clipped": 0, "skipped": 0, "overflow": 0}
+    total = {"found": 0, "clipped": 0, "skipped": 0, "overflow": 0, "spike_clipped": 0}
     for j, p in enumerate(P_VALUES):
         seen = run_sequence(seed=1000 * k + j, device=device, p=p, mode=mode, spike=spike, double_out=double_out,
                             use_index=(j + k) % 2 == 1, max_norm_kind=MAX_NORM_KINDS[(j + k) % 4],
@@ -179,6 +183,7 @@ def test_random_sequences_match_reference(device, k, spike, mode, double_out):
             total[key] += seen[key]
     # The sequences reached the branches they are meant to compare.
     assert total["found"] > 0 and total["clipped"] > 0, total
+    assert (total["spike_clipped"] > 0) == (spike != "none"), total  # the policy's own limit was hit
     if mode in ("skip", "raise") or any(AMP_KINDS[(j + 2 * k) % 4] != "none" for j in range(4)):
         assert total["skipped"] > 0, total
 
@@ -361,3 +366,41 @@ def test_bad_argument_kernel_only_checks(case):
         _call(args)
     for k, v in before.items():
         assert torch.equal(args[k], v), k
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_kernel_registered_and_graph_capturable():
+    # One launch, no host sync, no allocation beyond the outputs: the op can be captured in a CUDA
+    # graph, and each replay is one more step of the same sequence (state mutated in place).
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("gradguard::guard_decide", "CUDA")
+    rng = random.Random(5)
+    numel = [rng.randint(1, 500) for _ in range(N)]
+    spike = "zscore"
+    st_dev, st_ref = new_state(spike, N, "cuda"), new_state(spike, N, "cpu")
+    static = [t.cuda() for t in random_stats(rng, numel, "normal")]
+    max_norm = torch.tensor(2.0, device="cuda")
+    common = (2.0, None, "skip", spike, SPIKE_ARGS[spike], False)
+
+    def args(ts, mn, st):
+        return (*ts, None, mn, None, None, st["counters"], st["layer_nonfinite"], st["layer_max_norm"],
+                st["spike_state"], st["history"], *common)
+
+    warm_state = clone_state(st_dev)  # warm-up call on scratch state, outside the capture
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op(*args(static, max_norm, warm_state))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = op(*args(static, max_norm, st_dev))
+    for step in range(12):
+        event = ["normal", "spike", "nan", "normal"][step % 4]
+        fresh = random_stats(rng, numel, event)
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        want = reference.guard_decide(*args(fresh, max_norm.cpu(), st_ref))
+        compare(outs, want, st_dev, st_ref, False)
