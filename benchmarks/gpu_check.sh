@@ -95,7 +95,7 @@ import gradguard, json, torch
 b = gradguard.backend()
 print(json.dumps(b, indent=1))
 assert b['cpu'] == 'extension' and b['cuda'] == 'extension', 'the compiled kernels are not both registered: ' + str(b['reason'])
-ops = ['multi_tensor_stats', 'maybe_scale_', 'zero_nonfinite_and_scale_', 'safe_log', 'safe_exp', 'safe_sqrt', 'safe_div']
+ops = ['multi_tensor_stats', 'guard_decide', 'maybe_scale_', 'zero_nonfinite_and_scale_', 'safe_log', 'safe_exp', 'safe_sqrt', 'safe_div']
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key('gradguard::' + op, 'CUDA')]
 assert not missing, f'no CUDA kernel for {missing}'
 " 2>&1 | tee -a "$OUT/build.log"

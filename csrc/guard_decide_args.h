@@ -127,7 +127,7 @@ inline void check_guard_decide_args(const at::Tensor& acc, const at::Tensor& nan
   TORCH_CHECK(!history || counters, kWhere, ": `history` needs `counters`");
   TORCH_CHECK(norm_type > 0, kWhere, ": `norm_type` must be > 0 or inf, got ", norm_type);
   TORCH_CHECK(mode == "skip" || mode == "zero" || mode == "raise" || mode == "ignore", kWhere,
-              ": `mode` must be one of ('skip', 'zero', 'raise', 'ignore')");
+              ": `nonfinite` must be one of ('skip', 'zero', 'raise', 'ignore')");
   TORCH_CHECK(spike == "none" || spike == "zscore" || spike == "percentile", kWhere,
               ": `spike` must be one of ('none', 'zscore', 'percentile')");
   if (spike != "none") {

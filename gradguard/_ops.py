@@ -40,7 +40,7 @@ _lib.define(
     "guard_decide(Tensor acc, Tensor nan_count, Tensor inf_count, Tensor amax, Tensor? index, Tensor? max_norm, "
     "Tensor? loss_scale, Tensor? scaler_found, Tensor(a!)? counters, Tensor(b!)? layer_nonfinite, "
     "Tensor(c!)? layer_max_norm, Tensor(d!)? spike_state, Tensor(e!)? history, float norm_type, "
-    "float? max_norm_value, str mode, str spike, float[] spike_args, bool double_out) "
+    "float? max_norm_value, str nonfinite, str spike, float[] spike_args, bool double_out) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 torch.library.impl("gradguard::multi_tensor_stats", "default", lib=_lib)(reference.multi_tensor_stats)
@@ -89,7 +89,7 @@ def _zero_nonfinite_and_scale_fake(tensors, scale):
 
 
 def _check_decide_args(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, scaler_found, counters,
-                       layer_nonfinite, layer_max_norm, spike_state, history, norm_type, mode, spike, spike_args):
+                       layer_nonfinite, layer_max_norm, spike_state, history, norm_type, nonfinite, spike, spike_args):
     where = "gradguard.guard_decide"
     n = acc.shape[0] if acc.dim() == 1 else -1
     for name, t, dtype in (("acc", acc, torch.float64), ("nan_count", nan_count, torch.int64),
@@ -126,7 +126,8 @@ def _check_decide_args(acc, nan_count, inf_count, amax, index, max_norm, loss_sc
                  lambda: f"{where}: `history` must be a float64 tensor of shape [H, 3], H >= 1")
     torch._check(history is None or counters is not None, lambda: f"{where}: `history` needs `counters`")
     torch._check(norm_type > 0, lambda: f"{where}: `norm_type` must be > 0 or inf, got {norm_type}")
-    torch._check(mode in reference.decide.MODES, lambda: f"{where}: `mode` must be one of {reference.decide.MODES}")
+    torch._check(nonfinite in reference.decide.MODES,
+                 lambda: f"{where}: `nonfinite` must be one of {reference.decide.MODES}")
     torch._check(spike in reference.decide.SPIKES, lambda: f"{where}: `spike` must be one of {reference.decide.SPIKES}")
     if spike != "none":
         torch._check(len(spike_args) == 3 and spike_state is not None and spike_state.dtype == torch.float64,
@@ -138,14 +139,14 @@ def _check_decide_args(acc, nan_count, inf_count, amax, index, max_norm, loss_sc
 
 @torch.library.register_fake("gradguard::guard_decide", lib=_lib)
 def _guard_decide_fake(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, scaler_found, counters,
-                       layer_nonfinite, layer_max_norm, spike_state, history, norm_type, max_norm_value, mode,
+                       layer_nonfinite, layer_max_norm, spike_state, history, norm_type, max_norm_value, nonfinite,
                        spike, spike_args, double_out):
     _check_decide_args(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, scaler_found, counters,
-                       layer_nonfinite, layer_max_norm, spike_state, history, norm_type, mode, spike, spike_args)
+                       layer_nonfinite, layer_max_norm, spike_state, history, norm_type, nonfinite, spike, spike_args)
     n = acc.shape[0]
     amp = loss_scale is not None or scaler_found is not None
     out = torch.float64 if double_out else torch.float32
-    basis = torch.float64 if (double_out or (mode == "zero" and not amp)) else torch.float32
+    basis = torch.float64 if (double_out or (nonfinite == "zero" and not amp)) else torch.float32
     return (acc.new_empty((n,), dtype=out), acc.new_empty((n,), dtype=out), acc.new_empty((8,), dtype=torch.float64),
             acc.new_empty((), dtype=torch.float32), acc.new_empty((), dtype=basis),
             acc.new_empty((), dtype=torch.float32))
@@ -153,6 +154,13 @@ def _guard_decide_fake(acc, nan_count, inf_count, amax, index, max_norm, loss_sc
 
 def _guard_decide_default(*args):
     _check_decide_args(*args[:14], *args[15:18])
+    index, layer_nonfinite = args[4], args[9]
+    if index is not None and index.device.type == "cpu" and index.numel():
+        # Checked before anything is written, as the compiled kernels do (free on the CPU; on
+        # another device reading it would sync, and index_add_ asserts there).
+        lo, hi = index.min().item(), index.max().item()
+        torch._check(lo >= 0 and hi < layer_nonfinite.numel(), lambda: (
+            f"gradguard.guard_decide: `index` holds {lo if lo < 0 else hi}, outside [0, {layer_nonfinite.numel()})"))
     return reference.guard_decide(*args)
 
 

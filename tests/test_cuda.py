@@ -49,7 +49,8 @@ def test_cuda_build_registers_cuda_kernels():
         pytest.skip(f"not a CUDA build: {BUILD.get('cuda_skipped')}")
     assert BUILD["torch_cuda"] == torch.version.cuda
     assert BUILD["cuda_arch_list"]
-    for op in ("gradguard::multi_tensor_stats", "gradguard::maybe_scale_", "gradguard::zero_nonfinite_and_scale_"):
+    for op in ("gradguard::multi_tensor_stats", "gradguard::guard_decide", "gradguard::maybe_scale_",
+               "gradguard::zero_nonfinite_and_scale_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
     assert BACKEND["cuda"] == "extension"
 

@@ -7,7 +7,8 @@ float64; a value is rounded to its result dtype once, at the end. Read it as the
 
 Inputs (all on one device; per-tensor ones of shape [n]):
     acc, nan_count, inf_count, amax: what multi_tensor_stats returns (made global across ranks).
-    index: int64 [n] positions of the n tensors among the guard's P parameters (None: n == P).
+    index: int64 [n] distinct positions of the n tensors among the guard's P parameters (None:
+        n == P).
     max_norm: 0-dim device tensor limit, or None.  max_norm_value: a number limit, or None.
     loss_scale: GradScaler's scale still in the grads (0-dim), or None.
     scaler_found: GradScaler's found-inf flag (0-dim, a sum over devices), or None.
@@ -19,7 +20,7 @@ Inputs (all on one device; per-tensor ones of shape [n]):
         percentile (q, window, warmup).
     history: float64 [H, 3] ring of (total_norm, clip_coef, skipped).
     Any of the five state tensors may be None (``clip_grad_norm_`` keeps no state).
-    norm_type: p > 0 or inf.  mode: "skip", "zero", "raise" or "ignore" (a GradScaler, i.e.
+    norm_type: p > 0 or inf.  nonfinite: "skip", "zero", "raise" or "ignore" (a GradScaler, i.e.
     loss_scale or scaler_found given, makes it "skip").  double_out: results in float64 (a
     float64 gradient), else float32.
 
@@ -119,8 +120,11 @@ def _spike_update(spike: str, args, state: torch.Tensor, basis, clipped_basis, f
 
 def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, scaler_found,
                  counters, layer_nonfinite, layer_max_norm, spike_state, history,
-                 norm_type, max_norm_value, mode, spike, spike_args, double_out):
+                 norm_type, max_norm_value, nonfinite, spike, spike_args, double_out):
     p = float(norm_type)
+    mode = nonfinite
+    max_norm, loss_scale, scaler_found = (None if t is None else t.reshape(())
+                                          for t in (max_norm, loss_scale, scaler_found))
     out_dtype = torch.float64 if double_out else torch.float32
     dev = acc.device
     acc, amax = acc.double(), amax.double()
