@@ -387,6 +387,7 @@ class GradGuard(torch.optim.Optimizer):
         state = self.__dict__.copy()
         state["_tracker"] = None
         state["_layout_cache"] = None
+        state["_plan"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
