@@ -21,6 +21,9 @@ import torch
 from gradguard import _ops  # noqa: F401  (defines torch.ops.gradguard.*)
 from gradguard import distributed as _distributed
 from gradguard.errors import NonFiniteGradError
+# The same float64 norm math as the decision op's reference kernel (one copy of it).
+from gradguard.reference.decide import _root
+from gradguard.reference.decide import _total as _total64
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -157,14 +160,6 @@ def global_raw_stats(tensors: list[torch.Tensor], norm_type: float, *, process_g
     return _distributed.reduce_raw(raw_stats(local, norm_type), plan, norm_type), local
 
 
-def _root(acc: torch.Tensor, p: float) -> torch.Tensor:
-    if math.isinf(p) or p == 1.0:
-        return acc
-    if p == 2.0:
-        return acc.sqrt()
-    return acc.pow(1.0 / p)
-
-
 def _mark_nonfinite(value: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor) -> torch.Tensor:
     value = torch.where(inf > 0, math.inf, value)
     return torch.where(nan > 0, math.nan, value)
@@ -174,17 +169,6 @@ def _norms64(acc: torch.Tensor, amax: torch.Tensor, p: float) -> torch.Tensor:
     # acc is normalized by amax (see the op's schema in gradguard._ops): norm = amax * acc^(1/p),
     # a float64 product that overflows only when the norm itself is above float64's range.
     return amax * _root(acc, p)
-
-
-def _total64(acc: torch.Tensor, amax: torch.Tensor, p: float) -> torch.Tensor:
-    """The float64 p-norm of all finite elements together, from per-tensor (acc, amax)."""
-    if acc.numel() == 0:
-        return acc.new_zeros(())
-    m = amax.max()
-    if math.isinf(p):
-        return m
-    w = amax / torch.where(m > 0, m, 1.0)
-    return m * _root((acc * (w if p == 1.0 else w.pow(p))).sum(), p)
 
 
 def merge_shard_stats(acc: torch.Tensor, nan_count: torch.Tensor, inf_count: torch.Tensor, amax: torch.Tensor,
