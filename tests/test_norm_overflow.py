@@ -249,6 +249,23 @@ def test_reference_row_path_meets_its_stated_bound(dtype):
         if k == 6:
             x = (x * big).clamp(-big, big)  # squares beyond float32 (except float16): redone
         tensors.append(x.to(dtype))
+    # Rows of the big-tensor path whose largest square is 0 or underflows float32: a row of zeros
+    # (acc 0) is told apart from a row of tiny values (redone exactly); a whole zero tensor.
+    rows = torch.randn(4, 32768, generator=g)
+    rows[1] = 0.0
+    rows[2] *= 1e-30
+    rows[3, 7] = -3e-45 if dtype == torch.float32 else 0.0
+    rows[3, :7] = 0.0
+    rows[3, 8:] = 0.0
+    tensors += [rows.reshape(-1).to(dtype), torch.zeros(2 * 32768, dtype=dtype)]
+    # amax is the square root of the largest square: a float32 x whose float32 torch.sqrt(x * x)
+    # is not |x| on this CPU build (if there is one) as the largest element of a row.
+    cand = torch.arange(0x3F800000, 0x3F800000 + (1 << 23), dtype=torch.int32).view(torch.float32)  # [1, 2)
+    off = cand[torch.sqrt(cand * cand) != cand]
+    row = torch.rand(32768, generator=g).to(dtype)
+    if dtype == torch.float32 and off.numel():
+        row[100] = -off[0] * 4
+    tensors.append(row)
     for p in (2.0, math.inf):
         acc, nan, inf, amax = reference.multi_tensor_stats(tensors, p)
         for i, t in enumerate(tensors):

@@ -4,12 +4,14 @@ This is also what every device without compiled kernels runs, so it must not cop
 and must not be slow:
 
 - On the CPU, a contiguous float16/bfloat16/float32 tensor with p = 2 or inf is reduced as rows
-  of ROW (32K) elements, up to BLOCK_ROWS rows per op: amax and amin per row, and for p = 2 the
-  sum of the squares in float32 by torch's cascade summation (measured within 1e-7 relative of
-  the exactly rounded norm; the test states 2e-7). Rows are merged in float64 (see
-  ``merge_scaled``); a row holding NaN/Inf, or whose amax^p leaves float32's safe range, is
-  redone exactly in float64. Small tensors are batched, one zero-padded row each. About 2-3x
-  ``torch._foreach_norm``'s time.
+  of ROW (32K) elements, up to BLOCK_ROWS rows per op. p = 2: the squares are formed in float32
+  once per block, and two reductions over them give each row's largest square (max |x| is its
+  square root, exactly) and their sum by torch's cascade summation (measured within 1e-7
+  relative of the exactly rounded norm; the test states 2e-7); p = inf: amax and amin per row.
+  Rows are merged in float64 (see ``merge_scaled``); a row holding NaN/Inf, or whose amax^p
+  leaves float32's safe range, is redone exactly in float64. Small tensors are batched, one
+  zero-padded row each. About 1.4-3.5x ``torch._foreach_norm``'s time, with the day's load
+  (README, Measured).
 - Everything else (float64, other p, non-contiguous layouts, other devices) is walked in pieces
   of at most ``CHUNK`` elements, each cast into one reused float64 buffer (cache-sized, allocated
   once per call: fresh allocations page-fault and cost more than the math) and merged like
@@ -17,6 +19,7 @@ and must not be slow:
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -109,38 +112,73 @@ def _small_blocks(tensors):
 
 
 def _row_parts(blocks, p: float, buf: torch.Tensor):
-    """(acc, amax, nan, inf) per row of the 2-D `blocks`, as lists: three reductions per block
-    (amax, amin: NaN for a NaN; and the float32 p-norm), each parallelized by torch over the
-    rows, instead of several small ops per piece from Python. Each row's float32 sum (torch's
-    reduction of <= 2^15 terms: within ~1e-7 relative, below one float32 ulp of the norm) is
-    merged in float64; a row with NaN/Inf or outside the safe range is redone exactly in
-    float64."""
-    acc, amax, nan, inf = [], [], [], []
+    """(acc, amax, nan, inf) per row of the 2-D `blocks`, as float64/int64 tensors. p = 2: two
+    reductions per block over the squares (formed in float32: exact for float16/bfloat16), their
+    max and their sum, each parallelized by torch over the rows: one read of the input. The sum
+    is torch's cascade summation of <= 2^15 terms (within ~1e-7 relative, below one float32 ulp
+    of the norm) merged in float64; max |x| is the square root of the largest square, taken in
+    float64 and rounded to float32, which gives |x| exactly while x * x is a normal float32 (the
+    rounding of x * x moves the root by less than half an ulp of x). p = inf: amax and amin
+    (NaN propagates), not the inf-norm, which torch does not vectorize (~15x slower). The row
+    checks run once over all rows; a row with NaN/Inf, or whose largest square leaves float32's
+    safe range, is redone exactly in float64 (a row of zeros, or of squares that underflow, is
+    told apart by one amax/amin of its block)."""
+    # Every allocation is made up front: the squares go into one buffer of the largest block,
+    # the per-row results into two tensors. A fresh square per block, freed after it, was not
+    # reused by the allocator once small results were allocated between them: peak memory grew
+    # with the tensor (511 MB more for a 256 MB float16 gradient; 17 MB now).
+    rows = sum(block.shape[0] for block in blocks)
+    top = torch.empty(rows, dtype=torch.float32)
+    sums = torch.empty(rows if not math.isinf(p) else 0, dtype=torch.float32)
+    sq_buf = torch.empty(0 if math.isinf(p) else max(block.numel() for block in blocks), dtype=torch.float32)
+    first = 0  # of this block's rows in top/sums
     for block in blocks:
-        # amax and amin (vectorized; NaN propagates), not the inf-norm, which torch does not
-        # vectorize (~15x slower).
-        hi = _host_list(torch.amax(block, dim=1))
-        lo = _host_list(torch.amin(block, dim=1))
-        maxes = [max(h, -q) if h == h and q == q else math.nan for h, q in zip(hi, lo)]
-        # p = 2: the squares' sum by torch's cascade summation (error growing with log n, not n
-        # as in its norm kernel's running sum); float16/bfloat16 squared in float32.
-        sums = maxes if math.isinf(p) else _host_list(
-            (block.square() if block.dtype == torch.float32 else block.float().square_()).sum(dim=1))
-        for j, (m, s) in enumerate(zip(maxes, sums)):
-            if m == 0.0 or (math.isfinite(m) and _F32_SAFE_LOG2[0] <= p * math.log2(m) <= _F32_SAFE_LOG2[1]):
-                a = 0.0 if m == 0.0 else 1.0 if math.isinf(p) else s / (m * m)
-                acc.append(a)
-                amax.append(m)
-                nan.append(0)
-                inf.append(0)
-                continue
+        rows_here = slice(first, first + block.shape[0])
+        if math.isinf(p):
+            torch.maximum(torch.amax(block, dim=1), torch.amin(block, dim=1).neg_(), out=top[rows_here])
+        else:
+            sq = sq_buf[:block.numel()].view(block.shape)
+            if block.dtype == torch.float32:
+                torch.mul(block, block, out=sq)
+            else:
+                sq.copy_(block).square_()
+            torch.amax(sq, dim=1, out=top[rows_here])
+            torch.sum(sq, dim=1, out=sums[rows_here])
+        first += block.shape[0]
+    lo, hi = 2.0 ** _F32_SAFE_LOG2[0], 2.0 ** _F32_SAFE_LOG2[1]  # float32's safe range of squares
+    if math.isinf(p):
+        m = top.double()
+        ok = torch.isfinite(top)  # a row of zeros included
+        acc = (m > 0).double()
+    else:
+        # float64 sqrt rounded to float32, not torch's float32 sqrt, which is not correctly
+        # rounded on every CPU build (1 ulp off |x| for some x here).
+        m = top.double().sqrt_().float().double()
+        ok = (top >= lo) & (top <= hi)  # a NaN fails both
+        acc = torch.where(ok, sums.double() / torch.where(ok, m * m, 1.0), 0.0)
+    amax = torch.where(ok, m, 0.0)
+    nan = torch.zeros(top.numel(), dtype=torch.int64)
+    inf = torch.zeros(top.numel(), dtype=torch.int64)
+    bad = _host_list(torch.nonzero(~ok).view(-1))
+    if bad:
+        # Row k of the concatenation is row k - start of its block.
+        starts = [0]
+        for block in blocks:
+            starts.append(starts[-1] + block.shape[0])
+        # numpy views share the tensors' memory: writing them fills the redone rows in place.
+        acc_h, amax_h, nan_h, inf_h = acc.numpy(), amax.numpy(), nan.numpy(), inf.numpy()
+        block_amax, tops_host = {}, top.numpy()  # block_amax: per-row max |x| of a block, exact
+        for k in bad:
+            b = bisect.bisect_right(starts, k) - 1
+            block, j = blocks[b], k - starts[b]
+            if not math.isinf(p) and b not in block_amax and tops_host[k] < lo:
+                block_amax[b] = _host_list(torch.maximum(torch.amax(block, dim=1), torch.amin(block, dim=1).neg_()))
+            if b in block_amax and block_amax[b][j] == 0.0:
+                continue  # a row of zeros: acc 0, amax 0
             x = buf[:block.shape[1]]
             x.copy_(block[j])
-            r = _host_list(torch.stack([t.double() for t in _exact_piece(x, p)]))
-            acc.append(r[0])
-            amax.append(r[1])
-            nan.append(int(r[2]))
-            inf.append(int(r[3]))
+            exact = _host_list(torch.stack([t.double() for t in _exact_piece(x, p)]))
+            acc_h[k], amax_h[k], nan_h[k], inf_h[k] = exact[0], exact[1], int(exact[2]), int(exact[3])
     return acc, amax, nan, inf
 
 
@@ -250,24 +288,24 @@ def multi_tensor_stats(tensors: list[torch.Tensor], norm_type: float):
                                "pass the values of a sparse tensor instead")
     n = len(tensors)
     f64 = dict(dtype=torch.float64, device=device)
-    rows = ([], [], [], [])
+    rows = None
     row_owner = []
     if device.type == "cpu" and tensors[0].dtype != torch.float64 and p in (2.0, math.inf):
         # Contiguous float16/bfloat16/float32 tensors take the row path (the small ones batched,
-        # one padded row each); the rest the pieces.
+        # one padded row each); the rest the pieces. One _row_parts call over every block: the
+        # row checks run once per call, not once per tensor.
         big = [i for i, t in enumerate(tensors) if t.is_contiguous() and t.numel() >= ROW]
         small = [i for i, t in enumerate(tensors) if t.is_contiguous() and 0 < t.numel() < ROW]
-        buf = torch.empty(ROW, dtype=torch.float64)
+        blocks = []
         for i in big:
-            part = _row_parts(_row_blocks(tensors[i].detach()), p, buf)
-            for lst, vals in zip(rows, part):
-                lst.extend(vals)
-            row_owner += [i] * len(part[0])
+            for block in _row_blocks(tensors[i].detach()):
+                blocks.append(block)
+                row_owner += [i] * block.shape[0]
         if small:
-            part = _row_parts(_small_blocks([tensors[i].detach() for i in small]), p, buf)
-            for lst, vals in zip(rows, part):
-                lst.extend(vals)
+            blocks += _small_blocks([tensors[i].detach() for i in small])
             row_owner += small
+        if blocks:
+            rows = _row_parts(blocks, p, torch.empty(ROW, dtype=torch.float64))
         done = set(row_owner)
         todo = [(i, t) for i, t in enumerate(tensors) if i not in done]
     else:
@@ -281,10 +319,11 @@ def multi_tensor_stats(tensors: list[torch.Tensor], norm_type: float):
     size = min(CHUNK, max((q.numel() for q in pieces), default=0))
     if device.type == "cpu":
         acc, amax, nan, inf = _cpu_pieces_parallel(pieces, size, p) if pieces else ([], [], [], [])
-        acc, amax, nan, inf = (r + q for r, q in zip(rows, (acc, amax, nan, inf)))
         acc, amax = torch.tensor(acc, **f64), torch.tensor(amax, **f64)
         nan = torch.tensor(nan, dtype=torch.int64, device=device)
         inf = torch.tensor(inf, dtype=torch.int64, device=device)
+        if rows is not None:
+            acc, amax, nan, inf = (torch.cat([r, q]) for r, q in zip(rows, (acc, amax, nan, inf)))
     else:
         # Reading anything back here would be a host sync: every piece takes the exact path,
         # and the results stay on the device.
