@@ -251,5 +251,70 @@ GG_HD int64_t next_streak(int64_t streak, bool skipped, bool overflow) {
   return skipped ? streak + 1 : 0;
 }
 
+// Where record() writes: the guard's state (null where the op got none) and the four scalar
+// outputs. Strides in elements.
+struct StateRefs {
+  double* spike;
+  int64_t s_spike;
+  int64_t* counters;
+  int64_t s_counters;
+  double* history;
+  int64_t s_hist0, s_hist1, hist_rows;
+};
+struct ScalarOuts {
+  double* scalars;  // [8]: total, coef, found, skipped, overflow, streak, multiplier, clipped
+  float* found_inf;
+  void* multiplier;  // double when c.basis_double, else float
+  float* grad_scale;
+};
+
+// Everything the step writes after its decision: the spike policy's state (a finite step only),
+// the counters and the history row, then the scalar outputs. One copy for the CPU kernel and
+// the CUDA kernel's thread 0.
+GG_HD void record(const Config& c, const Decision& d, const StateRefs& s, const ScalarOuts& o) {
+  double* sp = s.spike;
+  const int64_t ss = s.s_spike;
+  if (c.spike == kZScore && !d.found) {
+    zscore_update(sp[0], sp[ss], sp[2 * ss], min_nan(d.basis, d.spike_limit), c.spike_arg1, c.spike_arg2);
+  } else if (c.spike == kPercentile && !d.found) {
+    const int64_t slot = percentile_slot(sp[0], c.spike_arg1);
+    if (slot >= 0) sp[(1 + slot) * ss] = d.basis;
+    sp[0] = add(sp[0], 1.0);
+  }
+  int64_t streak = d.skipped ? 1 : 0;
+  if (s.counters != nullptr) {
+    int64_t* cn = s.counters;
+    const int64_t cs = s.s_counters;
+    streak = next_streak(cn[3 * cs], d.skipped, d.overflow);
+    if (s.history != nullptr) {
+      double* h = s.history + remainder_(cn[4 * cs], s.hist_rows) * s.s_hist0;
+      h[0] = d.total;
+      h[s.s_hist1] = d.coef;
+      h[2 * s.s_hist1] = d.skipped ? 1.0 : 0.0;
+    }
+    cn[0] += d.skipped ? 1 : 0;
+    cn[cs] += d.clipped ? 1 : 0;
+    cn[2 * cs] += d.found ? 1 : 0;
+    cn[3 * cs] = streak;
+    cn[4 * cs] += 1;
+  }
+  double* out = o.scalars;
+  out[0] = d.total;
+  out[1] = d.coef;
+  out[2] = d.found ? 1.0 : 0.0;
+  out[3] = d.skipped ? 1.0 : 0.0;
+  out[4] = d.overflow ? 1.0 : 0.0;
+  out[5] = static_cast<double>(streak);
+  out[6] = d.multiplier;
+  out[7] = d.clipped ? 1.0 : 0.0;
+  *o.found_inf = d.found ? 1.0f : 0.0f;
+  if (c.basis_double) {
+    *static_cast<double*>(o.multiplier) = d.multiplier;
+  } else {
+    *static_cast<float*>(o.multiplier) = static_cast<float>(d.multiplier);
+  }
+  *o.grad_scale = d.grad_scale;
+}
+
 }  // namespace decide
 }  // namespace gradguard

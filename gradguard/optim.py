@@ -438,7 +438,7 @@ class GradGuard(torch.optim.Optimizer):
             if found_inf is not None:
                 inner.found_inf = found_inf
             if divisor is not None:
-                inner.grad_scale = divisor.to(torch.float32)
+                inner.grad_scale = divisor  # guard_decide's grad_scale: float32 already
             inner.step(replay)
         finally:
             for attr in ("found_inf", "grad_scale"):

@@ -145,52 +145,20 @@ Outputs guard_decide_cpu(const at::Tensor& acc, const at::Tensor& nan_count, con
   }
 
   const decide::Decision d = decide::decide(cfg, in);
-  const bool finite = !d.found;
-  if (cfg.spike == decide::kZScore && finite) {
-    decide::zscore_update(sp[0], sp[ss], sp[2 * ss], decide::min_nan(d.basis, d.spike_limit), cfg.spike_arg1,
-                          cfg.spike_arg2);
-  } else if (cfg.spike == decide::kPercentile && finite) {
-    const int64_t slot = decide::percentile_slot(sp[0], cfg.spike_arg1);
-    if (slot >= 0) sp[(1 + slot) * ss] = d.basis;
-    sp[0] = decide::add(sp[0], 1.0);
-  }
-
-  int64_t streak = d.skipped ? 1 : 0;
+  decide::StateRefs refs{sp, ss, nullptr, 0, nullptr, 0, 0, 0};
   if (counters) {
-    int64_t* c = counters->mutable_data_ptr<int64_t>();
-    const int64_t cs = counters->stride(0);
-    streak = decide::next_streak(c[3 * cs], d.skipped, d.overflow);
-    if (history) {
-      double* h = history->mutable_data_ptr<double>();
-      const int64_t h0 = history->stride(0), h1 = history->stride(1);
-      const int64_t row = decide::remainder_(c[4 * cs], history->size(0));
-      h[row * h0] = d.total;
-      h[row * h0 + h1] = d.coef;
-      h[row * h0 + 2 * h1] = d.skipped ? 1.0 : 0.0;
-    }
-    c[0] += d.skipped ? 1 : 0;
-    c[cs] += d.clipped ? 1 : 0;
-    c[2 * cs] += d.found ? 1 : 0;
-    c[3 * cs] = streak;
-    c[4 * cs] += 1;
+    refs.counters = counters->mutable_data_ptr<int64_t>();
+    refs.s_counters = counters->stride(0);
   }
-
-  double* out = scalars.mutable_data_ptr<double>();
-  out[0] = d.total;
-  out[1] = d.coef;
-  out[2] = d.found ? 1.0 : 0.0;
-  out[3] = d.skipped ? 1.0 : 0.0;
-  out[4] = d.overflow ? 1.0 : 0.0;
-  out[5] = static_cast<double>(streak);
-  out[6] = d.multiplier;
-  out[7] = d.clipped ? 1.0 : 0.0;
-  *found_inf.mutable_data_ptr<float>() = d.found ? 1.0f : 0.0f;
-  if (cfg.basis_double) {
-    *multiplier.mutable_data_ptr<double>() = d.multiplier;
-  } else {
-    *multiplier.mutable_data_ptr<float>() = static_cast<float>(d.multiplier);
+  if (history) {
+    refs.history = history->mutable_data_ptr<double>();
+    refs.s_hist0 = history->stride(0);
+    refs.s_hist1 = history->stride(1);
+    refs.hist_rows = history->size(0);
   }
-  *grad_scale.mutable_data_ptr<float>() = d.grad_scale;
+  decide::record(cfg, d, refs,
+                 {scalars.mutable_data_ptr<double>(), found_inf.mutable_data_ptr<float>(),
+                  multiplier.mutable_data_ptr(), grad_scale.mutable_data_ptr<float>()});
   return {norms, amax_out, scalars, found_inf, multiplier, grad_scale};
 }
 

@@ -203,49 +203,8 @@ __global__ void __launch_bounds__(kDecideThreads) guard_decide_kernel(const Deci
     in.spike_count = sp[0];
   }
   const decide::Decision d = decide::decide(c, in);
-  const bool finite = !d.found;
-  if (c.spike == decide::kZScore && finite) {
-    decide::zscore_update(sp[0], sp[ss], sp[2 * ss], decide::min_nan(d.basis, d.spike_limit), c.spike_arg1,
-                          c.spike_arg2);
-  } else if (c.spike == decide::kPercentile && finite) {
-    const int64_t slot = decide::percentile_slot(sp[0], c.spike_arg1);
-    if (slot >= 0) sp[(1 + slot) * ss] = d.basis;
-    sp[0] = decide::add(sp[0], 1.0);
-  }
-  int64_t streak = d.skipped ? 1 : 0;
-  if (a.counters != nullptr) {
-    int64_t* cn = a.counters;
-    const int64_t cs = a.s_counters;
-    streak = decide::next_streak(cn[3 * cs], d.skipped, d.overflow);
-    if (a.history != nullptr) {
-      const int64_t row = decide::remainder_(cn[4 * cs], a.hist_rows);
-      double* h = a.history + row * a.s_hist0;
-      h[0] = d.total;
-      h[a.s_hist1] = d.coef;
-      h[2 * a.s_hist1] = d.skipped ? 1.0 : 0.0;
-    }
-    cn[0] += d.skipped ? 1 : 0;
-    cn[cs] += d.clipped ? 1 : 0;
-    cn[2 * cs] += d.found ? 1 : 0;
-    cn[3 * cs] = streak;
-    cn[4 * cs] += 1;
-  }
-  double* out = a.scalars;
-  out[0] = d.total;
-  out[1] = d.coef;
-  out[2] = d.found ? 1.0 : 0.0;
-  out[3] = d.skipped ? 1.0 : 0.0;
-  out[4] = d.overflow ? 1.0 : 0.0;
-  out[5] = static_cast<double>(streak);
-  out[6] = d.multiplier;
-  out[7] = d.clipped ? 1.0 : 0.0;
-  *a.found_inf = d.found ? 1.0f : 0.0f;
-  if (c.basis_double) {
-    *static_cast<double*>(a.multiplier) = d.multiplier;
-  } else {
-    *static_cast<float*>(a.multiplier) = static_cast<float>(d.multiplier);
-  }
-  *a.grad_scale = d.grad_scale;
+  decide::record(c, d, {sp, ss, a.counters, a.s_counters, a.history, a.s_hist0, a.s_hist1, a.hist_rows},
+                 {a.scalars, a.found_inf, a.multiplier, a.grad_scale});
 }
 
 ScalarRef scalar_ref(const std::optional<at::Tensor>& t) {
