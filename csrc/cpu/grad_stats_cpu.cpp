@@ -27,11 +27,14 @@ namespace {
 // 64K elements: large enough that per-chunk overhead is noise, small enough that 2 threads
 // balance on a GPT-2-sized list, and a fixed constant so results are thread-count independent.
 constexpr int64_t kChunk = int64_t(1) << 16;
-// Each thread walks kStreams contiguous parts of its range together, kStep elements from each in
-// turn: several sequential streams keep the hardware prefetchers busier than one (measured:
-// one stream per thread leaves about a third of the read bandwidth unused, see the bench's read
-// floor). kStep is a multiple of every inner block, so the partials do not depend on it.
-constexpr int kStreams = 4;
+// Each thread may walk kStreams contiguous parts of its range together, kStep elements from each
+// in turn, so that the hardware prefetchers track several sequential streams. Which walk is
+// fastest depends on the day on this VM: on 2026-12-03 (quiet, 22:05 UTC, GPT-2-small list,
+// runs alternated) one stream per thread ran the float32 list at 0.99-1.16x the best read
+// floor's time, two streams at 1.34-1.46x, four at 1.35-1.52x (the software prefetch in the hot
+// loop already keeps the single stream ahead); an earlier loaded day favoured four. kStep is a
+// multiple of every inner block, so the partials (and the result bits) do not depend on either.
+constexpr int kStreams = 1;
 constexpr int64_t kStep = int64_t(1) << 12;
 
 enum class Norm { L1, L2, Inf, Generic };
