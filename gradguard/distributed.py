@@ -118,12 +118,14 @@ def localize(tensors: list, *, groups: Sequence | None = None, decide_group=None
     `groups[i]` (optional) is the process group plain tensor i is sharded over (None: not
     sharded); DTensors carry their own. `decide_group`: entries that are otherwise local are
     max-reduced over it (ZeRO). Returns (local tensors, Plan)."""
+    if groups is None and decide_group is None and not any(isinstance(t, DTensor) for t in tensors):
+        return list(tensors), _NOTHING  # the single-process case, without the per-tensor walk below
     local, entries, candidates = [], [], []
     needed = set()
     for i, t in enumerate(tensors):
-        where = f"the gradient of {names[i]!r}" if names is not None else f"tensors[{i}]"
         kind, ranks = LOCAL, None
         if is_dtensor(t):
+            where = f"the gradient of {names[i]!r}" if names is not None else f"tensors[{i}]"
             ranks, mesh_groups = _dtensor_ranks(t, where)
             candidates += mesh_groups
             t = _local(t)

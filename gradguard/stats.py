@@ -83,7 +83,14 @@ def as_tensor_list(tensors, what: str = "tensors") -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     out = []
+    strided = torch.strided
     for i, t in enumerate(tensors):
+        # The common case first, in as few attribute reads as possible (this loop runs per
+        # gradient per step): a dense real floating-point tensor that needs no detach.
+        if (isinstance(t, torch.Tensor) and t.layout is strided and t.dtype in _FLOAT_DTYPES
+                and not t.requires_grad):
+            out.append(t)
+            continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"gradguard: {what}[{i}] is a {type(t).__name__}, expected a floating-point or complex tensor")
         if t.layout == torch.sparse_coo:
@@ -199,19 +206,19 @@ def _overflows(value64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def finalize(raw: _Raw, p: float) -> GradStats:
     """Norms in the result dtype. A norm of finite elements that this dtype cannot hold is inf
     and sets found_inf, exactly like a NaN/Inf element: a caller must never clip by it (the
-    factor would be 0 and zero every gradient) or step with it."""
-    norms = _mark_nonfinite(_norms64(raw.acc, raw.amax, p), raw.nan_count, raw.inf_count)
-    tot = _total64(raw.acc, raw.amax, p)
-    nan_total, inf_total = raw.nan_count.sum(), raw.inf_count.sum()
-    total = _mark_nonfinite(tot, nan_total, inf_total).to(raw.out_dtype)
-    found_inf = (((nan_total + inf_total) > 0) | _overflows(tot, raw.out_dtype)).to(torch.float32)
+    factor would be 0 and zero every gradient) or step with it. One op: guard_decide without
+    state or limit computes the same norms, total and flag GradGuard's steps use (the ~20 small
+    tensor ops this took before cost more than the stats pass itself on a 30 MB list)."""
+    norms, amax, scalars, found, _, _ = torch.ops.gradguard.guard_decide.default(
+        raw.acc, raw.nan_count, raw.inf_count, raw.amax, None, None, None, None, None, None, None, None, None,
+        p, None, "ignore", "none", [], raw.out_dtype == torch.float64)
     return GradStats(
-        norms=norms.to(raw.out_dtype),
+        norms=norms,
         nan_count=raw.nan_count,
         inf_count=raw.inf_count,
-        amax=raw.amax.to(raw.out_dtype),
-        total_norm=total,
-        found_inf=found_inf,
+        amax=amax,
+        total_norm=scalars[0].to(raw.out_dtype),
+        found_inf=found,
     )
 
 
