@@ -26,6 +26,10 @@ def _child(fn, rank, world_size, port, args, out):
         try:
             result = fn(rank, world_size, *args)
         finally:
+            # Free what fn left in cycles (DDP/FSDP state holding the group's pending work)
+            # while the interpreter is whole; gloo freeing it at finalization can abort the process.
+            import gc
+            gc.collect()
             dist.destroy_process_group()
         # Plain pickle copies tensor data; the queue's own pickler would share it through file
         # descriptors that die with this process.

@@ -24,6 +24,14 @@ WORKER = textwrap.dedent("""
         x[2, 0] = math.nan
     ddp(x).sum().backward()
     print(f"rank{rank}: {tracer.first_nonfinite()}", flush=True)
+    # Tear down in order: both ranks past their last collective, DDP's reducer (which holds the
+    # group and its pending work) freed, then the group. Left to interpreter finalization, gloo's
+    # threads can free that work without the GIL and abort the process (SIGABRT, "terminate
+    # called without an active exception"; pytorch/pytorch#179291), which a CI run once hit.
+    dist.barrier()
+    tracer.remove()
+    del tracer, ddp
+    __import__("gc").collect()
     dist.destroy_process_group()
 """)
 
