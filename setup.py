@@ -129,7 +129,8 @@ def cpu_extension():
     from torch.utils.cpp_extension import CppExtension
 
     sources = [os.path.join("csrc", "gradguard.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    return CppExtension(CPU_MODULE, sources, include_dirs=INCLUDE_DIRS, define_macros=module_source(CPU_MODULE),
+    macros = module_source(CPU_MODULE) + [("GRADGUARD_HOST_HELPERS", None)]
+    return CppExtension(CPU_MODULE, sources, include_dirs=INCLUDE_DIRS, define_macros=macros,
                         extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
 
 

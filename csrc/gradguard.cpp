@@ -15,6 +15,10 @@
 #define GG_CAT2(a, b) a##b
 #define GG_CAT(a, b) GG_CAT2(a, b)
 
+#ifdef GRADGUARD_HOST_HELPERS
+PyMethodDef* gradguard_host_methods();  // csrc/cpu/host_helpers.cpp
+#endif
+
 extern "C" {
 PyObject* GG_CAT(PyInit_, GRADGUARD_MODULE)(void) {
   static struct PyModuleDef module_def = {
@@ -24,6 +28,9 @@ PyObject* GG_CAT(PyInit_, GRADGUARD_MODULE)(void) {
       -1,  // no per-module state
       nullptr,
   };
+#ifdef GRADGUARD_HOST_HELPERS
+  module_def.m_methods = gradguard_host_methods();
+#endif
   return PyModule_Create(&module_def);
 }
 }

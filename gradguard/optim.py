@@ -68,6 +68,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gradguard import _host
 from gradguard import distributed as _distributed
 from gradguard import hygiene as _hygiene
 from gradguard.errors import NonFiniteGradError
@@ -89,6 +90,7 @@ class _Plan(NamedTuple):
     simple: bool            # one device and dtype, nothing distributed: the one-pass gather
     device: torch.device | None
     double: bool            # float64 parameters: float64 results
+    plain: bool             # every parameter a torch.Tensor/Parameter: grads read in one C++ call
 
 
 def _scale(grads, mult, zero_nonfinite: bool, simple: bool) -> None:
@@ -499,7 +501,7 @@ class GradGuard(torch.optim.Optimizer):
                   and not any(_distributed.is_dtensor(q) or _distributed.is_fsdp1_sharded(q) for q in params))
         device = params[0].device if simple else None
         plan = _Plan(key, params, self._names(params), simple, device,
-                     simple and params[0].dtype == torch.float64)
+                     simple and params[0].dtype == torch.float64, all(type(q) in _host.PLAIN_TYPES for q in params))
         self._plan = plan
         return plan
 
@@ -509,15 +511,16 @@ class GradGuard(torch.optim.Optimizer):
         they share a device and dtype. Otherwise: missing grads, sparse ones, several dtypes,
         distributed shards."""
         if plan.simple:
-            grads = [q.grad for q in plan.params]
             try:
-                # The op itself refuses what this path cannot take (a missing grad: TypeError; a
-                # sparse one: RuntimeError) before it reads anything; the general path then
-                # handles it. No per-tensor check in Python here: it would cost as much as the op.
-                acc, nan, inf, amax = torch.ops.gradguard.multi_tensor_stats.default(grads, self.norm_type)
+                # The op itself refuses what this path cannot take (a missing grad: TypeError or
+                # None; a sparse one: RuntimeError) before it reads anything; the general path
+                # then handles it. No per-tensor check in Python here: it would cost as much as
+                # the op.
+                got = _host.grad_stats_of(plan.params, self.norm_type, plan.plain)
             except (TypeError, RuntimeError):
-                pass
-            else:
+                got = None
+            if got is not None:
+                grads, acc, nan, inf, amax = got
                 self._check_hygiene(grads)
                 self._dtensor_grads = False
                 return grads, _Raw(acc, nan, inf, amax, torch.float64 if plan.double else torch.float32,
@@ -639,7 +642,7 @@ class GradGuard(torch.optim.Optimizer):
                     inner.step(replay)
 
         if self.hygiene:
-            self._tracker.mark([g for g in grads if g is not None])
+            self._tracker.mark(grads)
         giving_up = self.max_consecutive_skips is not None and streak_h >= self.max_consecutive_skips
         hook_error = self._run_hooks(report, keep_going=giving_up) if self._step_hooks else None
         if giving_up:

@@ -1,0 +1,208 @@
+// Host-side helpers of GradGuard.step() for long parameter lists (methods of gradguard._C, not
+// dispatcher ops: they touch Python objects and autograd metadata, no tensor data).
+//
+// Why in C++: every Python read of `p.grad` or `g._version` goes through torch's attribute
+// getters (a __torch_function__ check, a wrap), ~60 ns each, and a torch.ops call converts its
+// tensor list to IValues and back; with 1,000 parameters reading the grads cost ~65 us a step,
+// the stats op's call ~90 us and the hygiene tracker's weakref marks ~210 us, more than the whole
+// rest of the guard. Here a list crosses into C++ once (~10 ns per tensor), the op is called
+// typed, and the rest is plain pointer work. gradguard/_host.py holds the pure-Python versions (the extension missing or
+// disabled) with the same behaviour.
+#include <Python.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <unordered_map>
+#include <vector>
+
+namespace gradguard {
+namespace {
+
+// The tensor at list[i], or nullptr (with a TypeError set) when it is not a tensor.
+const at::Tensor* tensor_at(PyObject* list, Py_ssize_t i, const char* where) {
+  PyObject* item = PyList_GET_ITEM(list, i);
+  if (!THPVariable_Check(item)) {
+    PyErr_Format(PyExc_TypeError, "gradguard._C.%s: item %zd is %s, not a tensor", where, i, Py_TYPE(item)->tp_name);
+    return nullptr;
+  }
+  return &THPVariable_Unpack(item);
+}
+
+bool check_list(PyObject* obj, const char* where) {
+  if (PyList_Check(obj)) return true;
+  PyErr_Format(PyExc_TypeError, "gradguard._C.%s: expected a list, got %s", where, Py_TYPE(obj)->tp_name);
+  return false;
+}
+
+using StatsFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(at::TensorList, double);
+
+// grad_stats_of(params: list[Tensor], norm_type: float) -> (grads, acc, nan_count, inf_count,
+// amax), or None when a parameter has no gradient (the caller's general path handles those).
+// `grads` is the list of the parameters' .grad as autograd holds them: the caller passes only
+// plain Tensor/Parameter objects (a subclass may override .grad through __torch_function__, which
+// this does not consult). The op is gradguard::multi_tensor_stats called through the dispatcher,
+// as torch.ops would (same kernels, errors and profiler record), with the GIL released while it
+// runs (a 124M-parameter list reads for ~10 ms).
+PyObject* grad_stats_of(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* params = nullptr;
+  double norm_type = 2.0;
+  if (!PyArg_ParseTuple(args, "Od", &params, &norm_type) || !check_list(params, "grad_stats_of")) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  std::vector<at::Tensor> grads;
+  grads.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor* p = tensor_at(params, i, "grad_stats_of");
+    if (p == nullptr) return nullptr;
+    const at::Tensor& g = p->grad();
+    if (!g.defined()) Py_RETURN_NONE;
+    grads.push_back(g);
+  }
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("gradguard::multi_tensor_stats", "").typed<StatsFn>();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = op.call(grads, norm_type);
+  }
+  PyObject* list = PyList_New(n);
+  if (list == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) PyList_SET_ITEM(list, i, THPVariable_Wrap(grads[i]));
+  return Py_BuildValue("(NNNNN)", list, THPVariable_Wrap(std::get<0>(out)),
+                       THPVariable_Wrap(std::get<1>(out)), THPVariable_Wrap(std::get<2>(out)),
+                       THPVariable_Wrap(std::get<3>(out)));
+  END_HANDLE_TH_ERRORS
+}
+
+// The hygiene tracker's memory of the gradients at the end of the last step (gradguard/hygiene.py
+// says what it is for): every gradient's TensorImpl address and version, and weak references to
+// the first and the last one (the anchors). A weak reference keeps its TensorImpl's address from
+// being reused by a new tensor (the storage is still freed with the tensor), so for the anchors
+// address equality is identity. The others are not held: holding 1,000 would move the freeing
+// of 1,000 TensorImpls, which zero_grad() would have done, into the next step (~65 us measured).
+// A freed gradient's address can be reused by a new one, so for them a match means "the same
+// tensor, or a new one at a freed address"; the anchors make that harmless: a clear with
+// set_to_none replaces the anchors too, which are then missing. Only a loop that cleared some
+// gradients but not the anchors' could see a new one taken for an old one, and its anchors'
+// parameters did accumulate over two steps.
+using Anchor = c10::weak_intrusive_ptr<c10::TensorImpl>;
+struct Marks {
+  std::vector<std::pair<const c10::TensorImpl*, int64_t>> all;
+  std::optional<Anchor> first, last;
+};
+
+constexpr const char* kCapsule = "gradguard.ClearMarks";
+
+Marks* marks_of(PyObject* capsule) { return static_cast<Marks*>(PyCapsule_GetPointer(capsule, kCapsule)); }
+
+void free_marks(PyObject* capsule) { delete marks_of(capsule); }
+
+PyObject* clear_marks_new(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  auto* marks = new Marks();
+  PyObject* capsule = PyCapsule_New(marks, kCapsule, free_marks);
+  if (capsule == nullptr) delete marks;
+  return capsule;
+  END_HANDLE_TH_ERRORS
+}
+
+bool unpack_args(PyObject* args, const char* where, Marks** marks, PyObject** grads) {
+  PyObject* capsule = nullptr;
+  if (!PyArg_ParseTuple(args, "OO", &capsule, grads)) return false;
+  *marks = marks_of(capsule);
+  return *marks != nullptr && check_list(*grads, where);
+}
+
+// clear_marks_set(marks, grads): remembers every gradient (None entries skipped) and its version.
+PyObject* clear_marks_set(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  Marks* marks = nullptr;
+  PyObject* grads = nullptr;
+  if (!unpack_args(args, "clear_marks_set", &marks, &grads)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(grads);
+  Marks fresh;
+  fresh.all.reserve(n);
+  const at::Tensor* first = nullptr;
+  const at::Tensor* last = nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (PyList_GET_ITEM(grads, i) == Py_None) continue;
+    const at::Tensor* g = tensor_at(grads, i, "clear_marks_set");
+    if (g == nullptr) return nullptr;
+    fresh.all.emplace_back(g->unsafeGetTensorImpl(), g->_version());
+    first = first == nullptr ? g : first;
+    last = g;
+  }
+  if (first != nullptr) {
+    fresh.first.emplace(first->getIntrusivePtr());
+    fresh.last.emplace(last->getIntrusivePtr());
+  }
+  std::swap(*marks, fresh);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// clear_marks_unchanged(marks, grads) -> bool: True when there are marks and grads, both anchors
+// are among the grads, and every grad is a remembered one whose version moved by at most one (one
+// backward accumulated into it, nothing cleared it). Grads usually come in the marked order, and
+// after a clear with set_to_none the first one is already new: the order is checked first, the
+// first stray grad looked up by a scan (not found: done), and only a list that really is
+// reordered builds a map for the rest.
+PyObject* clear_marks_unchanged(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  Marks* marks = nullptr;
+  PyObject* grads = nullptr;
+  if (!unpack_args(args, "clear_marks_unchanged", &marks, &grads)) return nullptr;
+  const auto& all = marks->all;
+  const Py_ssize_t n = PyList_GET_SIZE(grads);
+  if (all.empty() || n == 0) Py_RETURN_FALSE;
+  const c10::TensorImpl* first = marks->first->_unsafe_get_target();
+  const c10::TensorImpl* last = marks->last->_unsafe_get_target();
+  bool seen_first = false, seen_last = false;
+  std::unordered_map<const c10::TensorImpl*, int64_t> by_impl;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor* g = tensor_at(grads, i, "clear_marks_unchanged");
+    if (g == nullptr) return nullptr;
+    const c10::TensorImpl* impl = g->unsafeGetTensorImpl();
+    int64_t version = 0;
+    if (static_cast<size_t>(i) < all.size() && all[i].first == impl) {
+      version = all[i].second;
+    } else if (by_impl.empty()) {
+      const auto it = std::find_if(all.begin(), all.end(), [&](const auto& m) { return m.first == impl; });
+      if (it == all.end()) Py_RETURN_FALSE;
+      version = it->second;
+      by_impl.insert(all.begin(), all.end());
+    } else {
+      const auto it = by_impl.find(impl);
+      if (it == by_impl.end()) Py_RETURN_FALSE;
+      version = it->second;
+    }
+    if (g->_version() - version > 1) Py_RETURN_FALSE;
+    seen_first = seen_first || impl == first;
+    seen_last = seen_last || impl == last;
+  }
+  if (seen_first && seen_last) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef kMethods[] = {
+    {"grad_stats_of", grad_stats_of, METH_VARARGS,
+     "grad_stats_of(params, norm_type) -> (grads, acc, nan_count, inf_count, amax) of multi_tensor_stats, or None"},
+    {"clear_marks_new", clear_marks_new, METH_NOARGS, "clear_marks_new() -> an empty set of gradient marks"},
+    {"clear_marks_set", clear_marks_set, METH_VARARGS, "clear_marks_set(marks, grads): remember grads and versions"},
+    {"clear_marks_unchanged", clear_marks_unchanged, METH_VARARGS,
+     "clear_marks_unchanged(marks, grads) -> whether every grad is a marked one, its version moved by <= 1"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+}  // namespace gradguard
+
+// Read by csrc/gradguard.cpp's module init (the CPU module only: GRADGUARD_HOST_HELPERS).
+PyMethodDef* gradguard_host_methods() { return gradguard::kMethods; }

@@ -1,0 +1,81 @@
+"""Host-side helpers of GradGuard.step() whose cost grows with the parameter count.
+
+Reading ``p.grad`` or ``g._version`` from Python goes through torch's attribute getters (~60 ns
+each), and a ``torch.ops`` call converts its tensor list to IValues and back: with 1,000
+parameters, reading the grads cost ~65 us a step, calling the stats op ~90 us and the hygiene
+tracker's weakref marks ~210 us, more than the rest of the guard together. The compiled CPU
+module (csrc/cpu/host_helpers.cpp) does the same in C++ at ~10 ns per tensor; these pure-Python
+versions serve when it is not loaded (not built, or ``GRADGUARD_DISABLE_EXT=1``), with the same
+results.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from gradguard import _extension
+
+
+def _compiled():
+    if "gradguard._C" not in _extension._state["modules"]:
+        return None
+    import gradguard._C as c  # noqa: PLC0415  (loaded by _extension already)
+
+    return c if hasattr(c, "grad_stats_of") else None
+
+
+_C = _compiled()
+
+# Types whose .grad is autograd's own: a subclass may override it through __torch_function__,
+# which the compiled reader does not consult.
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def grad_stats_of(params: list, norm_type: float, plain: bool):
+    """``(grads, acc, nan_count, inf_count, amax)``: every parameter's ``.grad`` and one
+    ``gradguard::multi_tensor_stats`` call over them. The compiled helper (``plain``: every item
+    of ``params`` has a type in PLAIN_TYPES) returns None when a parameter has no gradient; here
+    the op refuses that list itself (TypeError). Either way the caller takes its general path."""
+    if plain and _C is not None:
+        return _C.grad_stats_of(params, norm_type)
+    grads = [p.grad for p in params]
+    return (grads, *torch.ops.gradguard.multi_tensor_stats.default(grads, norm_type))
+
+
+class ClearMarks:
+    """The gradient tensors and their versions at the end of a step: what hygiene.ClearTracker
+    compares the next step's gradients with. ``unchanged(grads)`` is True when something was
+    remembered, ``grads`` is not empty, the first and the last remembered gradients (the
+    anchors) are among ``grads``, and every gradient in ``grads`` is a remembered tensor whose
+    version moved by at most one since. Here every tensor is held weakly (exact identity); the
+    compiled version holds only the anchors and compares the others by address (the C++ source
+    says why, and why the anchors keep that sound)."""
+
+    def __init__(self):
+        if _C is not None:
+            self._marks = _C.clear_marks_new()
+        else:
+            self._marks: dict[int, tuple[weakref.ref, int]] = {}
+            self._anchors: tuple[int, int] | None = None
+
+    def set(self, grads: list) -> None:
+        """Remembers every gradient in ``grads`` (None entries skipped) and its version."""
+        if _C is not None:
+            _C.clear_marks_set(self._marks, grads)
+            return
+        kept = [g for g in grads if g is not None]
+        self._marks = {id(g): (weakref.ref(g), g._version) for g in kept}
+        self._anchors = (id(kept[0]), id(kept[-1])) if kept else None
+
+    def unchanged(self, grads: list) -> bool:
+        if _C is not None:
+            return _C.clear_marks_unchanged(self._marks, grads)
+        if not self._marks or not grads:
+            return False
+        for g in grads:
+            mark = self._marks.get(id(g))
+            if mark is None or mark[0]() is not g or g._version - mark[1] > 1:
+                return False
+        ids = {id(g) for g in grads}  # every grad is a live remembered one: ids are identities
+        return all(a in ids for a in self._anchors)

@@ -1,0 +1,155 @@
+"""gradguard/_host.py: the compiled host helpers of GradGuard.step() (csrc/cpu/host_helpers.cpp)
+and their pure-Python versions give the same answers; each test runs on both where the
+extension is loaded."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import gradguard
+from gradguard import _host
+
+IMPLS = ["python"] + (["compiled"] if _host._C is not None else [])
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setattr(_host, "_C", None)
+    return request.param
+
+
+def _params(n=5, dtype=torch.float32):
+    ps = [torch.nn.Parameter(torch.randn(3 + i, dtype=dtype)) for i in range(n)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    return ps
+
+
+def test_grad_stats_of_returns_the_grads_themselves_and_the_ops_results(impl):
+    ps = _params()
+    ps[2].grad[1] = float("nan")
+    ps[4].grad[0] = float("inf")
+    grads, acc, nan, inf, amax = _host.grad_stats_of(ps, 2.0, True)
+    assert all(g is p.grad for g, p in zip(grads, ps))
+    want = torch.ops.gradguard.multi_tensor_stats.default([p.grad for p in ps], 2.0)
+    for got, w in zip((acc, nan, inf, amax), want):
+        torch.testing.assert_close(got, w, rtol=0, atol=0, equal_nan=True)
+    assert nan.tolist() == [0, 0, 1, 0, 0] and inf.tolist() == [0, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, float("inf")])
+def test_grad_stats_of_norm_types_and_dtypes(impl, p):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        ps = _params(4, dtype)
+        _, acc, *_ = _host.grad_stats_of(ps, p, True)
+        want = torch.ops.gradguard.multi_tensor_stats.default([q.grad for q in ps], p)[0]
+        torch.testing.assert_close(acc, want, rtol=0, atol=0)
+
+
+def test_grad_stats_of_missing_grad_takes_the_general_path(impl):
+    ps = _params()
+    ps[3].grad = None
+    try:
+        got = _host.grad_stats_of(ps, 2.0, True)
+    except (TypeError, RuntimeError):  # the Python path: the op refuses the None (which: by torch version)
+        got = None
+    assert got is None
+
+
+def test_grad_stats_of_refuses_what_the_op_refuses(impl):
+    ps = _params()
+    ps[1].grad = ps[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="strided"):
+        _host.grad_stats_of(ps, 2.0, True)
+    with pytest.raises((RuntimeError, ValueError), match="must not be empty"):
+        _host.grad_stats_of([], 2.0, True)
+
+
+@pytest.mark.skipif(_host._C is None, reason="the compiled helpers are not loaded")
+def test_compiled_helpers_refuse_non_tensors_and_non_lists():
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    with pytest.raises(TypeError, match="item 1 is int, not a tensor"):
+        _host._C.grad_stats_of([p, 3], 2.0)
+    with pytest.raises(TypeError, match="expected a list, got tuple"):
+        _host._C.grad_stats_of((torch.ones(2),), 2.0)
+    marks = _host._C.clear_marks_new()
+    with pytest.raises(TypeError, match="not a tensor"):
+        _host._C.clear_marks_set(marks, [torch.ones(2), "x"])
+    with pytest.raises(ValueError):  # not a marks capsule
+        _host._C.clear_marks_unchanged(object(), [torch.ones(2)])
+
+
+def test_clear_marks_same_tensors_one_backward_is_unchanged(impl):
+    grads = [torch.zeros(3) for _ in range(4)]
+    marks = _host.ClearMarks()
+    assert not marks.unchanged(grads)  # nothing remembered yet
+    marks.set(grads)
+    assert marks.unchanged(grads)
+    grads[1].add_(1.0)  # one backward accumulating into it: version + 1
+    assert marks.unchanged(grads)
+    assert marks.unchanged(list(reversed(grads)))  # the order does not matter
+    assert marks.unchanged([grads[0], grads[2], grads[3]])  # a subset that holds the anchors
+    assert not marks.unchanged(grads[:3])  # the last remembered one (an anchor) is missing
+    assert not marks.unchanged(grads[1:])  # the first one is missing
+    assert not marks.unchanged([])
+
+
+def test_clear_marks_in_place_clear_or_new_tensor_is_changed(impl):
+    grads = [torch.zeros(3) for _ in range(4)]
+    marks = _host.ClearMarks()
+    marks.set(grads)
+    grads[2].zero_()
+    grads[2].add_(1.0)  # cleared in place, then one backward: version + 2
+    assert not marks.unchanged(grads)
+    marks.set(grads)
+    assert marks.unchanged(grads)
+    assert not marks.unchanged(grads[:3] + [torch.zeros(3)])  # a new tensor (set_to_none)
+
+
+def test_clear_marks_skip_none_and_never_confuse_a_new_tensor_with_a_freed_one(impl):
+    grads = [torch.zeros(3), None, torch.zeros(3), torch.zeros(3)]
+    marks = _host.ClearMarks()
+    marks.set(grads)
+    assert marks.unchanged([grads[0], grads[2], grads[3]])
+    # A clear with set_to_none: every marked tensor freed, new ones of the same size made, which
+    # may reuse the memory of the old Python objects and TensorImpls. They are still new tensors.
+    del grads
+    gc.collect()
+    for _ in range(20):
+        fresh = [torch.zeros(3) for _ in range(3)]
+        assert not marks.unchanged(fresh)
+    # Only the middle gradient cleared (replaced), anchors kept: nothing is wrongly missed when
+    # the new tensor lands elsewhere; when it reuses the freed address the compiled version may
+    # take it for the old one, and then the anchors' parameters really did accumulate.
+    grads = [torch.zeros(3), torch.zeros(3), torch.zeros(3)]
+    marks.set(grads)
+    grads[1] = torch.ones(3)  # made before the old one is freed: not at its address
+    assert not marks.unchanged(grads)
+
+
+def test_guard_with_a_parameter_subclass_reads_grads_in_python():
+    class Tagged(torch.nn.Parameter):
+        pass
+
+    ps = [Tagged(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    guard = gradguard.GradGuard(torch.optim.SGD(ps, lr=0.1), max_norm=1.0)
+    for p in ps:
+        p.grad = torch.full_like(p, 2.0)
+    guard.step()
+    assert guard._plan.plain is False
+    assert torch.allclose(ps[0].detach(), torch.full((3,), 1.0 - 0.1 * 2.0 / (20 ** 0.5)))
+    assert guard.last.as_dict()["skipped"] is False
+
+
+def test_guard_hygiene_warns_the_same_on_both_paths(impl):
+    ps = _params(3)
+    guard = gradguard.GradGuard(torch.optim.SGD(ps, lr=0.0))
+    with pytest.warns(gradguard.HygieneWarning, match="twice with no zero_grad"):
+        for _ in range(3):
+            for p in ps:
+                p.grad.add_(1.0)  # a backward accumulating, never cleared
+            guard.step()
