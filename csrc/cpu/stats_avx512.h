@@ -54,12 +54,17 @@ inline void step32(const c10::Half* x, __m256d* s) {
   }
 }
 
-// bfloat16 is the top half of a float32: widen each 16-bit word to 32 bits and shift it up.
+// bfloat16 is the top half of a float32: interleaving zero words below each 16-bit word makes
+// the floats, 8 per instruction and no shift (a zero-extend plus a shift took two). The
+// interleave takes the elements in another order (within 128-bit lanes), which a sum and a max
+// do not mind.
 template <bool kSquares>
 inline void step32(const c10::BFloat16* x, __m256d* s) {
-  for (int k = 0; k < 4; ++k) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 8 * k)));
-    step32_of8<kSquares>(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), s + 2 * k);
+  const __m256i zero = _mm256_setzero_si256();
+  for (int k = 0; k < 2; ++k) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * k));
+    step32_of8<kSquares>(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), s + 4 * k);
+    step32_of8<kSquares>(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), s + 4 * k + 2);
   }
 }
 
