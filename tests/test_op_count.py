@@ -51,12 +51,14 @@ def test_device_decided_fused_step_is_two_ops_and_no_read(counts):
     assert counts[OP_PATHS[0]] == ["gradguard::multi_tensor_stats", "gradguard::guard_decide"]
 
 
-def test_host_overhead_table_measures_both_paths_and_sizes():
+def test_host_overhead_table_measures_every_path_and_size():
     from gradguard.bench.optim_cases import HOST_TARGET_US, host_overhead_table
 
     threads = torch.get_num_threads()
     tab = host_overhead_table(repeats=3)
     assert torch.get_num_threads() == threads
-    assert len(tab.rows) == 2 * len(HOST_TARGET_US) and len(tab.checks) == len(tab.rows)
+    # fused device-decided, SGD one read, SGD with the default hygiene check and new grads
+    assert len(tab.rows) == 3 * len(HOST_TARGET_US) and len(tab.checks) == len(tab.rows)
     for n in HOST_TARGET_US:
-        assert sum(f", {n} tensors:" in c for c in tab.checks) == 2
+        assert sum(f", {n} tensors:" in c for c in tab.checks) == 3
+    assert sum("hygiene=True" in c for c in tab.checks) == len(HOST_TARGET_US)
