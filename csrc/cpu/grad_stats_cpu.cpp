@@ -31,8 +31,9 @@ constexpr int64_t kChunk = int64_t(1) << 16;
 // in turn, so that the hardware prefetchers track several sequential streams. Which walk is
 // fastest depends on the day on this VM: on 2026-12-03 (quiet, 22:05 UTC, GPT-2-small list,
 // runs alternated) one stream per thread ran the float32 list at 0.99-1.16x the best read
-// floor's time, two streams at 1.34-1.46x, four at 1.35-1.52x (the software prefetch in the hot
-// loop already keeps the single stream ahead); an earlier loaded day favoured four. kStep is a
+// floor's time, two streams at 1.34-1.46x, four at 1.35-1.52x; an earlier loaded day favoured
+// four. On 2026-12-05 (a Zen 4 VM, one thread, its bandwidth over 256 MB) one stream was still
+// fastest: 1, 2 and 4 streams ran at 24, 22-23 and 19 GB/s. kStep is a
 // multiple of every inner block, so the partials (and the result bits) do not depend on either.
 constexpr int kStreams = 1;
 constexpr int64_t kStep = int64_t(1) << 12;
