@@ -142,6 +142,8 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
     out.append(foreach_table(params, label, device, 3 if quick else 9))
     if device == "cpu":
         out[:0] = [op_count_table(), host_overhead_table(21 if quick else 101)]
+        if not quick:
+            out.insert(2, backward_overhead_table())
         if not quick:  # issue 15's small model: the guard's fixed cost shows, 1 thread
             out.insert(2, small_fused_table(21))
     return out
@@ -367,3 +369,44 @@ def _host_overhead_table(repeats: int) -> Table:
             tab.checks.append(f"{what}, {n} tensors: {us:.0f} us per step (target <= {target:.0f} us): "
                               f"{'met' if us <= target else 'NOT met'}")
     return tab
+
+
+def backward_overhead_table(repeats: int = 41) -> Table:
+    """What a training loop sees: the step right after a real backward (new gradient tensors,
+    caches as the backward left them), guarded (defaults: hygiene on, on the CPU a fused step
+    decided on the host) minus bare, the median of
+    per-round differences; 16-element tensors, 1 thread. Informational: a steady loop's numbers
+    (the table above, which the targets are on) leave out what the first touch of every fresh
+    gradient costs, which the bare step pays too when the guard does not come first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tab = Table(f"The step after a real backward, guarded minus bare (16-element fp32 tensors, CPU, 1 thread, "
+                    f"median of {repeats} rounds)", [])
+        for n in HOST_TARGET_US:
+            params = _op_params(n, shape=(2, 8))
+
+            def backward(params=params):
+                for p in params:
+                    p.grad = None
+                torch.stack([(p * p).sum() for p in params]).sum().backward()
+
+            for what, make in (("SGD(foreach=True)", lambda: torch.optim.SGD(params, lr=1e-9, foreach=True)),
+                               ("AdamW(fused=True)", lambda: torch.optim.AdamW(params, lr=1e-9, fused=True))):
+                bare, guard = make(), gradguard.GradGuard(make(), max_norm=1e3)  # defaults otherwise
+                diffs = []
+                for r in range(repeats + 2):
+                    t = []
+                    for fn in (bare.step, guard.step):
+                        backward()
+                        t0 = time.perf_counter()
+                        fn()
+                        t.append(time.perf_counter() - t0)
+                    if r >= 2:  # warm-up rounds: state allocation
+                        diffs.append((t[1] - t[0]) * 1e6)
+                us = statistics.median(diffs)
+                tab.rows.append(Row(f"{what}, {n} tensors: guarded - bare, after backward", us / 1e3))
+                tab.checks.append(f"{what}, {n} tensors, after a real backward: guarded step - bare step = {us:.0f} us")
+        return tab
+    finally:
+        torch.set_num_threads(threads)
