@@ -9,7 +9,9 @@ themselves, so it catches every way of clearing them (``opt.zero_grad()``, ``mod
   backward that accumulates into it.
 
 So if every gradient is the very tensor seen at the end of the last step and its version moved
-by at most one (one backward, nothing else), nothing cleared it. Accumulating k micro-batches
+by at most one (one backward, nothing else), nothing cleared it. (The first and the last of those
+gradients must be among them too: gradguard/_host.py, whose compiled version holds only those two
+weakly and compares the others by address.) Accumulating k micro-batches
 after a clear moves it by k + 1 (in place) or yields new tensors (set_to_none): no warning.
 Anything else that writes into the gradients between steps also makes the signal ambiguous,
 and then no warning is given.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+
 import torch
 
 from gradguard._host import ClearMarks
@@ -56,7 +59,7 @@ def warn(message: str) -> None:
 
 
 class ClearTracker:
-    """Remembers the gradient tensors (weakly) and their versions at the end of each step
+    """Remembers the gradient tensors and their versions at the end of each step
     (gradguard/_host.py: in C++ when the extension is loaded, ~10 ns per gradient)."""
 
     def __init__(self):

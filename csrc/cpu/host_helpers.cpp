@@ -6,8 +6,8 @@
 // tensor list to IValues and back; with 1,000 parameters reading the grads cost ~65 us a step,
 // the stats op's call ~90 us and the hygiene tracker's weakref marks ~210 us, more than the whole
 // rest of the guard. Here a list crosses into C++ once (~10 ns per tensor), the op is called
-// typed, and the rest is plain pointer work. gradguard/_host.py holds the pure-Python versions (the extension missing or
-// disabled) with the same behaviour.
+// typed, and the rest is plain pointer work. gradguard/_host.py holds the pure-Python versions
+// (the extension missing or disabled) with the same behaviour.
 #include <Python.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -71,12 +71,33 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
     pybind11::gil_scoped_release no_gil;
     out = op.call(grads, norm_type);
   }
+  // (grads, acc, nan_count, inf_count, amax); a failed wrap drops what was built.
+  PyObject* result = PyTuple_New(5);
   PyObject* list = PyList_New(n);
-  if (list == nullptr) return nullptr;
-  for (Py_ssize_t i = 0; i < n; ++i) PyList_SET_ITEM(list, i, THPVariable_Wrap(grads[i]));
-  return Py_BuildValue("(NNNNN)", list, THPVariable_Wrap(std::get<0>(out)),
-                       THPVariable_Wrap(std::get<1>(out)), THPVariable_Wrap(std::get<2>(out)),
-                       THPVariable_Wrap(std::get<3>(out)));
+  if (result == nullptr || list == nullptr) {
+    Py_XDECREF(result);
+    Py_XDECREF(list);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(result, 0, list);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* g = THPVariable_Wrap(grads[i]);
+    if (g == nullptr) {
+      Py_DECREF(result);  // the list's unset items are NULL, which a list's dealloc skips
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, i, g);
+  }
+  const at::Tensor* parts[] = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out)};
+  for (int k = 0; k < 4; ++k) {
+    PyObject* t = THPVariable_Wrap(*parts[k]);
+    if (t == nullptr) {
+      Py_DECREF(result);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(result, k + 1, t);
+  }
+  return result;
   END_HANDLE_TH_ERRORS
 }
 
