@@ -32,13 +32,32 @@ _C = _compiled()
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def _compiled_now():
+    """The compiled helpers, or None: also None while torch.compile traces (dynamo cannot trace
+    into a C function; the Python path is made of ops it can)."""
+    if _C is None or torch.compiler.is_compiling():
+        return None
+    return _C
+
+
+def plain_stats(tensors, norm_type: float):
+    """``(acc, nan_count, inf_count, amax)`` of one ``gradguard::multi_tensor_stats`` call over
+    ``tensors`` when they are the plain common case (a list or tuple of torch.Tensor/Parameter
+    objects, strided, floating-point, not requiring grad, one device and one dtype), else None:
+    the caller's general path (as_tensor_list, grouping, the distributed plan) handles the rest,
+    and is what the fallback always takes."""
+    c = _compiled_now()
+    return None if c is None else c.plain_stats(tensors, norm_type)
+
+
 def grad_stats_of(params: list, norm_type: float, plain: bool):
     """``(grads, acc, nan_count, inf_count, amax)``: every parameter's ``.grad`` and one
     ``gradguard::multi_tensor_stats`` call over them. The compiled helper (``plain``: every item
     of ``params`` has a type in PLAIN_TYPES) returns None when a parameter has no gradient; here
     the op refuses that list itself (TypeError). Either way the caller takes its general path."""
-    if plain and _C is not None:
-        return _C.grad_stats_of(params, norm_type)
+    c = _compiled_now() if plain else None
+    if c is not None:
+        return c.grad_stats_of(params, norm_type)
     grads = [p.grad for p in params]
     return (grads, *torch.ops.gradguard.multi_tensor_stats.default(grads, norm_type))
 

@@ -18,6 +18,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 
+from gradguard import _host
 from gradguard import _ops  # noqa: F401  (defines torch.ops.gradguard.*)
 from gradguard import distributed as _distributed
 from gradguard.errors import NonFiniteGradError
@@ -156,6 +157,16 @@ def raw_stats(tensors, norm_type: float) -> _Raw:
     return _Raw(acc, nan, inf, amax, out_dtype, device)
 
 
+def _plain_raw(tensors, p: float) -> _Raw | None:
+    """The common case in one compiled call (gradguard/_host.py plain_stats), or None."""
+    got = _host.plain_stats(tensors, p)
+    if got is None:
+        return None
+    acc, nan, inf, amax = got
+    out_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return _Raw(acc, nan, inf, amax, out_dtype, acc.device)
+
+
 def global_raw_stats(tensors: list[torch.Tensor], norm_type: float, *, process_group=None, groups=None,
                      decide_group=None, names=None):
     """raw_stats of the local parts of `tensors`, made global across ranks where they are sharded
@@ -247,13 +258,18 @@ def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, *, proce
     of the group must join with the same number of tensors.
     """
     p = check_norm_type(norm_type)
-    return finalize(global_raw_stats(as_tensor_list(tensors), p, process_group=process_group)[0], p)
+    raw = _plain_raw(tensors, p) if process_group is None else None
+    if raw is None:
+        raw = global_raw_stats(as_tensor_list(tensors), p, process_group=process_group)[0]
+    return finalize(raw, p)
 
 
 def all_finite(tensors: Iterable[torch.Tensor], *, process_group=None) -> torch.Tensor:
     """0-dim bool device tensor: True when no element of any tensor is NaN or +-Inf. No sync.
     DTensors and ``process_group`` as in :func:`grad_stats`: the answer is then global."""
-    raw = global_raw_stats(as_tensor_list(tensors), math.inf, process_group=process_group)[0]
+    raw = _plain_raw(tensors, math.inf) if process_group is None else None
+    if raw is None:
+        raw = global_raw_stats(as_tensor_list(tensors), math.inf, process_group=process_group)[0]
     return (raw.nan_count.sum() + raw.inf_count.sum()) == 0
 
 

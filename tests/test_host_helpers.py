@@ -153,3 +153,44 @@ def test_guard_hygiene_warns_the_same_on_both_paths(impl):
             for p in ps:
                 p.grad.add_(1.0)  # a backward accumulating, never cleared
             guard.step()
+
+
+@pytest.mark.skipif(_host._C is None, reason="the compiled helpers are not loaded")
+def test_plain_stats_takes_only_the_plain_common_case():
+    class Sub(torch.Tensor):
+        pass
+
+    a, b = torch.randn(5), torch.randn(3, 4).t()
+    assert _host.plain_stats([a, b], 2.0) is not None
+    assert _host.plain_stats((a, b), 2.0) is not None  # a tuple too
+    assert _host.plain_stats([torch.nn.Parameter(a).detach(), b], 2.0) is not None
+    refused = {
+        "a generator": (t for t in (a, b)),
+        "no tensors": [],
+        "two dtypes": [a, b.double()],
+        "two devices": [a, torch.empty(3, device="meta")],
+        "requires grad": [a, torch.nn.Parameter(b.contiguous())],
+        "a subclass": [a, b.as_subclass(Sub)],
+        "sparse": [a, b.contiguous().to_sparse()],
+        "complex": [torch.randn(3, dtype=torch.complex64)],
+        "integer": [torch.ones(3, dtype=torch.int64)],
+        "not a tensor": [a, 3.0],
+    }
+    for what, tensors in refused.items():
+        assert _host.plain_stats(tensors, 2.0) is None, what
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, float("inf")])
+def test_grad_stats_and_all_finite_equal_on_both_paths(monkeypatch, p):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        ts = [torch.randn(300, dtype=dtype), torch.randn(7, 9, dtype=dtype).t(), torch.zeros(0, dtype=dtype)]
+        ts[0][4] = float("nan")
+        ts[1][2, 3] = float("-inf")
+        fast, fast_ok = gradguard.grad_stats(ts, p), gradguard.all_finite(ts[1:])
+        with monkeypatch.context() as m:
+            m.setattr(_host, "_C", None)
+            slow, slow_ok = gradguard.grad_stats(ts, p), gradguard.all_finite(ts[1:])
+        for f, s in zip(fast, slow):
+            assert f.dtype == s.dtype and f.device == s.device
+            torch.testing.assert_close(f, s, rtol=0, atol=0, equal_nan=True)
+        assert bool(fast_ok) is bool(slow_ok) is False

@@ -101,6 +101,54 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// plain_stats(tensors: list | tuple, norm_type: float) -> (acc, nan_count, inf_count, amax), or
+// None unless every item is a plain tensor (torch.Tensor or Parameter, not a subclass), strided,
+// float16/bfloat16/float32/float64, not requiring grad, all of one device and dtype, and there is
+// at least one: the common case of grad_stats/all_finite, whose Python path (as_tensor_list, the
+// grouping, the distributed plan) costs 40-110 us on a 52-tensor list, much of it cold after the
+// read. Everything else returns None and takes that path.
+PyObject* plain_stats(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* seq = nullptr;
+  double norm_type = 2.0;
+  if (!PyArg_ParseTuple(args, "Od", &seq, &norm_type)) return nullptr;
+  if (!PyList_Check(seq) && !PyTuple_Check(seq)) Py_RETURN_NONE;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n == 0) Py_RETURN_NONE;
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  std::vector<at::Tensor> ts;
+  ts.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_CheckExact(items[i])) Py_RETURN_NONE;
+    const at::Tensor& t = THPVariable_Unpack(items[i]);
+    const auto dtype = t.scalar_type();
+    const bool floating = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble;
+    if (!floating || t.layout() != at::kStrided || t.requires_grad()) Py_RETURN_NONE;
+    if (i > 0 && (dtype != ts[0].scalar_type() || t.device() != ts[0].device())) Py_RETURN_NONE;
+    ts.push_back(t);
+  }
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("gradguard::multi_tensor_stats", "").typed<StatsFn>();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = op.call(ts, norm_type);
+  }
+  PyObject* result = PyTuple_New(4);
+  if (result == nullptr) return nullptr;
+  const at::Tensor* parts[] = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out)};
+  for (int k = 0; k < 4; ++k) {
+    PyObject* t = THPVariable_Wrap(*parts[k]);
+    if (t == nullptr) {
+      Py_DECREF(result);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(result, k, t);
+  }
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
 // The hygiene tracker's memory of the gradients at the end of the last step (gradguard/hygiene.py
 // says what it is for): every gradient's TensorImpl address and version, and weak references to
 // the first and the last one (the anchors). A weak reference keeps its TensorImpl's address from
@@ -215,6 +263,9 @@ PyObject* clear_marks_unchanged(PyObject*, PyObject* args) {
 PyMethodDef kMethods[] = {
     {"grad_stats_of", grad_stats_of, METH_VARARGS,
      "grad_stats_of(params, norm_type) -> (grads, acc, nan_count, inf_count, amax) of multi_tensor_stats, or None"},
+    {"plain_stats", plain_stats, METH_VARARGS,
+     "plain_stats(tensors, norm_type) -> (acc, nan_count, inf_count, amax) of multi_tensor_stats for a plain "
+     "one-device, one-dtype list, or None"},
     {"clear_marks_new", clear_marks_new, METH_NOARGS, "clear_marks_new() -> an empty set of gradient marks"},
     {"clear_marks_set", clear_marks_set, METH_VARARGS, "clear_marks_set(marks, grads): remember grads and versions"},
     {"clear_marks_unchanged", clear_marks_unchanged, METH_VARARGS,
