@@ -157,11 +157,12 @@ def raw_stats(tensors, norm_type: float) -> _Raw:
     return _Raw(acc, nan, inf, amax, out_dtype, device)
 
 
-def _plain_raw(tensors, p: float) -> _Raw | None:
-    """The common case in one compiled call (gradguard/_host.py plain_stats), or None."""
-    got = _host.plain_stats(tensors, p)
+def _raw_of(tensors, p: float, process_group) -> _Raw:
+    """grad_stats' and all_finite's read: the plain common case in one compiled call
+    (gradguard/_host.py plain_stats), anything else through as_tensor_list and global_raw_stats."""
+    got = _host.plain_stats(tensors, p) if process_group is None else None
     if got is None:
-        return None
+        return global_raw_stats(as_tensor_list(tensors), p, process_group=process_group)[0]
     acc, nan, inf, amax = got
     out_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     return _Raw(acc, nan, inf, amax, out_dtype, acc.device)
@@ -258,18 +259,13 @@ def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, *, proce
     of the group must join with the same number of tensors.
     """
     p = check_norm_type(norm_type)
-    raw = _plain_raw(tensors, p) if process_group is None else None
-    if raw is None:
-        raw = global_raw_stats(as_tensor_list(tensors), p, process_group=process_group)[0]
-    return finalize(raw, p)
+    return finalize(_raw_of(tensors, p, process_group), p)
 
 
 def all_finite(tensors: Iterable[torch.Tensor], *, process_group=None) -> torch.Tensor:
     """0-dim bool device tensor: True when no element of any tensor is NaN or +-Inf. No sync.
     DTensors and ``process_group`` as in :func:`grad_stats`: the answer is then global."""
-    raw = _plain_raw(tensors, math.inf) if process_group is None else None
-    if raw is None:
-        raw = global_raw_stats(as_tensor_list(tensors), math.inf, process_group=process_group)[0]
+    raw = _raw_of(tensors, math.inf, process_group)
     return (raw.nan_count.sum() + raw.inf_count.sum()) == 0
 
 

@@ -234,9 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cp
     TORCH_CHECK(t.layout() == at::kStrided, "gradguard.multi_tensor_stats: tensors[", i,
                 "] is not a strided (dense) tensor; pass the values of a sparse tensor instead");
   }
-  // No copy of the list: it would bump and drop a reference count per tensor.
-  const at::TensorList ts = tensors;
-  const int64_t n = static_cast<int64_t>(ts.size());
+  // The list is not copied: a copy would bump and drop a reference count per tensor.
+  const int64_t n = static_cast<int64_t>(tensors.size());
   auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
   auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCPU);
   // Every entry is written by stats_kernel: no zero fill.
@@ -245,13 +244,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cp
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_multi_tensor_stats_cpu", [&] {
     if (norm_type == 2.0) {
-      stats_kernel<scalar_t, Norm::L2>(ts, norm_type, acc, nan_count, inf_count, amax);
+      stats_kernel<scalar_t, Norm::L2>(tensors, norm_type, acc, nan_count, inf_count, amax);
     } else if (norm_type == 1.0) {
-      stats_kernel<scalar_t, Norm::L1>(ts, norm_type, acc, nan_count, inf_count, amax);
+      stats_kernel<scalar_t, Norm::L1>(tensors, norm_type, acc, nan_count, inf_count, amax);
     } else if (std::isinf(norm_type)) {
-      stats_kernel<scalar_t, Norm::Inf>(ts, norm_type, acc, nan_count, inf_count, amax);
+      stats_kernel<scalar_t, Norm::Inf>(tensors, norm_type, acc, nan_count, inf_count, amax);
     } else {
-      stats_kernel<scalar_t, Norm::Generic>(ts, norm_type, acc, nan_count, inf_count, amax);
+      stats_kernel<scalar_t, Norm::Generic>(tensors, norm_type, acc, nan_count, inf_count, amax);
     }
   });
   return {acc, nan_count, inf_count, amax};

@@ -40,15 +40,39 @@ bool check_list(PyObject* obj, const char* where) {
   return false;
 }
 
-using StatsFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(at::TensorList, double);
+using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// gradguard::multi_tensor_stats over `ts` through the dispatcher, as torch.ops would call it (same
+// kernels, errors and profiler record), with the GIL released while it runs (a 124M-parameter
+// list reads for ~10 ms).
+Stats call_stats(const std::vector<at::Tensor>& ts, double norm_type) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gradguard::multi_tensor_stats", "")
+                             .typed<Stats(at::TensorList, double)>();
+  pybind11::gil_scoped_release no_gil;
+  return op.call(ts, norm_type);
+}
+
+// Puts the four results into result[first .. first + 3]; on a failed wrap releases `result`
+// (unset tuple and list items are NULL, which their dealloc skips) and returns nullptr.
+PyObject* wrap_stats_into(const Stats& out, PyObject* result, Py_ssize_t first) {
+  const at::Tensor* parts[] = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out)};
+  for (int k = 0; k < 4; ++k) {
+    PyObject* t = THPVariable_Wrap(*parts[k]);
+    if (t == nullptr) {
+      Py_DECREF(result);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(result, first + k, t);
+  }
+  return result;
+}
 
 // grad_stats_of(params: list[Tensor], norm_type: float) -> (grads, acc, nan_count, inf_count,
 // amax), or None when a parameter has no gradient (the caller's general path handles those).
 // `grads` is the list of the parameters' .grad as autograd holds them: the caller passes only
 // plain Tensor/Parameter objects (a subclass may override .grad through __torch_function__, which
-// this does not consult). The op is gradguard::multi_tensor_stats called through the dispatcher,
-// as torch.ops would (same kernels, errors and profiler record), with the GIL released while it
-// runs (a 124M-parameter list reads for ~10 ms).
+// this does not consult).
 PyObject* grad_stats_of(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* params = nullptr;
@@ -64,13 +88,7 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
     if (!g.defined()) Py_RETURN_NONE;
     grads.push_back(g);
   }
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("gradguard::multi_tensor_stats", "").typed<StatsFn>();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = op.call(grads, norm_type);
-  }
+  const Stats out = call_stats(grads, norm_type);
   // (grads, acc, nan_count, inf_count, amax); a failed wrap drops what was built.
   PyObject* result = PyTuple_New(5);
   PyObject* list = PyList_New(n);
@@ -83,21 +101,12 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* g = THPVariable_Wrap(grads[i]);
     if (g == nullptr) {
-      Py_DECREF(result);  // the list's unset items are NULL, which a list's dealloc skips
+      Py_DECREF(result);
       return nullptr;
     }
     PyList_SET_ITEM(list, i, g);
   }
-  const at::Tensor* parts[] = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out)};
-  for (int k = 0; k < 4; ++k) {
-    PyObject* t = THPVariable_Wrap(*parts[k]);
-    if (t == nullptr) {
-      Py_DECREF(result);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(result, k + 1, t);
-  }
-  return result;
+  return wrap_stats_into(out, result, 1);
   END_HANDLE_TH_ERRORS
 }
 
@@ -127,25 +136,9 @@ PyObject* plain_stats(PyObject*, PyObject* args) {
     if (i > 0 && (dtype != ts[0].scalar_type() || t.device() != ts[0].device())) Py_RETURN_NONE;
     ts.push_back(t);
   }
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("gradguard::multi_tensor_stats", "").typed<StatsFn>();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = op.call(ts, norm_type);
-  }
+  const Stats out = call_stats(ts, norm_type);
   PyObject* result = PyTuple_New(4);
-  if (result == nullptr) return nullptr;
-  const at::Tensor* parts[] = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out)};
-  for (int k = 0; k < 4; ++k) {
-    PyObject* t = THPVariable_Wrap(*parts[k]);
-    if (t == nullptr) {
-      Py_DECREF(result);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(result, k, t);
-  }
-  return result;
+  return result == nullptr ? nullptr : wrap_stats_into(out, result, 0);
   END_HANDLE_TH_ERRORS
 }
 
