@@ -97,6 +97,28 @@ def test_each_kernel_matches_reference_per_layout(path, dtype, layout):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_every_tail_length_matches_reference(path, dtype):
+    # The CPU loop takes 32 elements a step, then 8, then the last few through a zero-padded copy:
+    # every length up to 80, the largest element placed at the end (in the padded part), and
+    # lengths with a NaN last.
+    fn = dict(stats_paths())[path]
+    g = torch.Generator().manual_seed(3)
+    ts = []
+    for n in range(1, 81):
+        t = torch.rand(n, generator=g) + 0.5
+        t[-1] = -4.0 if n % 2 else 4.0
+        ts.append(t.to(dtype))
+    ts += [torch.cat([torch.ones(n - 1), torch.tensor([NAN])]).to(dtype) for n in (9, 17, 40)]
+    for p in NORM_TYPES:
+        got = fn(ts, p)
+        want = reference.multi_tensor_stats(ts, p)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+        for a, b in zip(got[1:], want[1:]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def planted(dtype, value, where, n=3 * CHUNK + 300):
     """A tensor of n random values with `value` written at position `where` (may be a list)."""
     t = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -250,14 +272,21 @@ def test_bad_norm_type_raises_value_error(p):
 
 
 @needs_ext
-def test_cpu_kernel_is_deterministic_across_thread_counts():
-    ts = [torch.randn(5 * CHUNK + 17), torch.randn(300, 301).t(), torch.randn(CHUNK * 2)[::2]]
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, INF])
+def test_cpu_kernel_is_deterministic_across_thread_counts(dtype, p):
+    # One thread takes the kernel's tensor-by-tensor path, two and three its work-list path:
+    # the same chunks merged in the same order, so the same bits (tails of every length, a
+    # transposed and a strided view, and a tensor with a NaN included).
+    ts = [torch.randn(5 * CHUNK + 17), torch.randn(300, 301).t(), torch.randn(CHUNK * 2)[::2],
+          *(torch.randn(k) for k in range(1, 40)), torch.tensor([1.0, NAN, 2.0, -INF] * 5)]
+    ts = [t.to(dtype) for t in ts]
     old = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs.append(torch.ops.gradguard.multi_tensor_stats(ts, 2.0))
+            outs.append(torch.ops.gradguard.multi_tensor_stats(ts, p))
     finally:
         torch.set_num_threads(old)
     for o in outs[1:]:
@@ -306,6 +335,16 @@ def test_opcheck_multi_tensor_stats():
     ts = [torch.randn(100), torch.randn(5, 7).t(), torch.tensor(2.0)]
     torch.library.opcheck(torch.ops.gradguard.multi_tensor_stats.default, (ts, 2.0))
     torch.library.opcheck(torch.ops.gradguard.multi_tensor_stats.default, ([torch.randn(9).half()], INF))
+
+
+def test_stats_outputs_never_require_grad():
+    # The op is not differentiable and falls through the Autograd key on both kernel paths: its
+    # outputs must not require grad (nor carry a grad_fn) even when the inputs do.
+    ts = [torch.randn(4, requires_grad=True), torch.randn(3, requires_grad=True)]
+    with torch.enable_grad():
+        out = torch.ops.gradguard.multi_tensor_stats.default(ts, 2.0)
+    assert all(not o.requires_grad and o.grad_fn is None for o in out)
+    torch.library.opcheck(torch.ops.gradguard.multi_tensor_stats.default, (ts, 2.0))
 
 
 def test_opcheck_zero_nonfinite_and_scale():

@@ -67,10 +67,12 @@ void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scal
   const double s = scale.to(at::kDouble).item<double>();  // a CPU tensor: no device sync
   const auto dtype = tensors[0].scalar_type();
   std::vector<StridedWalk> walks;
+  std::vector<void*> bases;  // mutable_data_ptr(): a lazily cloned (COW) storage is copied before the write
   std::vector<WorkItem> work;
   for (const auto i : c10::irange(tensors.size())) {
     const auto& t = tensors[i];
     walks.emplace_back(t);
+    bases.push_back(t.mutable_data_ptr());
     for (int64_t b = 0; b < t.numel(); b += kChunk) {
       work.push_back({static_cast<int64_t>(i), b, std::min(t.numel(), b + kChunk)});
     }
@@ -80,7 +82,7 @@ void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scal
       for (int64_t w = lo; w < hi; ++w) {
         const WorkItem& item = work[w];
         const StridedWalk& walk = walks[item.tensor];
-        scalar_t* base = static_cast<scalar_t*>(walk.data);
+        scalar_t* base = static_cast<scalar_t*>(bases[item.tensor]);
         if (walk.dense) {
           zero_nonfinite_scale_row<scalar_t>(base + item.begin, item.end - item.begin, 1, s);
         } else {

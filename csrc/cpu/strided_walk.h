@@ -16,13 +16,13 @@
 namespace gradguard {
 
 struct StridedWalk {
-  void* data = nullptr;
+  const void* data = nullptr;  // read only: const_data_ptr() leaves a lazily cloned (COW) storage shared
   bool dense = true;
   int64_t numel = 0;
   std::vector<int64_t> sizes;    // outermost first, after dropping size-1 dims and merging
   std::vector<int64_t> strides;  // in elements
 
-  explicit StridedWalk(const at::Tensor& t) : data(t.data_ptr()), numel(t.numel()) {
+  explicit StridedWalk(const at::Tensor& t) : data(t.const_data_ptr()), numel(t.numel()) {
     dense = t.is_non_overlapping_and_dense();
     if (dense) return;
     // Order dims by decreasing stride so the innermost row has the smallest stride.
