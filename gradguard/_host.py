@@ -50,6 +50,14 @@ def plain_stats(tensors, norm_type: float):
     return None if c is None else c.plain_stats(tensors, norm_type)
 
 
+def plain_grad_stats(tensors, norm_type: float):
+    """``(norms, nan_count, inf_count, amax, total_norm, found_inf)``, what ``grad_stats`` returns,
+    from one compiled call when ``tensors`` is the plain common case (as for plain_stats), else
+    None: the caller then computes it as stats.finalize does, which is also the fallback's way."""
+    c = _compiled_now()
+    return None if c is None else c.plain_grad_stats(tensors, norm_type)
+
+
 def grad_stats_of(params: list, norm_type: float, plain: bool):
     """``(grads, acc, nan_count, inf_count, amax)``: every parameter's ``.grad`` and one
     ``gradguard::multi_tensor_stats`` call over them. The compiled helper (``plain``: every item

@@ -259,6 +259,9 @@ def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, *, proce
     of the group must join with the same number of tensors.
     """
     p = check_norm_type(norm_type)
+    got = _host.plain_grad_stats(tensors, p) if process_group is None else None
+    if got is not None:
+        return GradStats(*got)
     return finalize(_raw_of(tensors, p, process_group), p)
 
 

@@ -178,6 +178,8 @@ def test_plain_stats_takes_only_the_plain_common_case():
     }
     for what, tensors in refused.items():
         assert _host.plain_stats(tensors, 2.0) is None, what
+        assert _host.plain_grad_stats(tensors, 2.0) is None, what
+    assert _host.plain_grad_stats((a, b), 2.0) is not None
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, float("inf")])
@@ -194,3 +196,14 @@ def test_grad_stats_and_all_finite_equal_on_both_paths(monkeypatch, p):
             assert f.dtype == s.dtype and f.device == s.device
             torch.testing.assert_close(f, s, rtol=0, atol=0, equal_nan=True)
         assert bool(fast_ok) is bool(slow_ok) is False
+        # Finite lists too: a total above the result dtype's range (inf and flagged; float16's
+        # results are float32, which holds it), and an ordinary one.
+        big = torch.finfo(dtype).max / 4
+        for ts in ([torch.full((40,), big, dtype=dtype), torch.randn(5, dtype=dtype)], [torch.randn(33, dtype=dtype)]):
+            fast = gradguard.grad_stats(ts, p)
+            with monkeypatch.context() as m:
+                m.setattr(_host, "_C", None)
+                slow = gradguard.grad_stats(ts, p)
+            for f, s in zip(fast, slow):
+                assert f.dtype == s.dtype and f.device == s.device
+                torch.testing.assert_close(f, s, rtol=0, atol=0, equal_nan=True)

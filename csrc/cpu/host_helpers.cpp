@@ -10,11 +10,13 @@
 // (the extension missing or disabled) with the same behaviour.
 #include <Python.h>
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -53,19 +55,22 @@ Stats call_stats(const std::vector<at::Tensor>& ts, double norm_type) {
   return op.call(ts, norm_type);
 }
 
-// Puts the four results into result[first .. first + 3]; on a failed wrap releases `result`
-// (unset tuple and list items are NULL, which their dealloc skips) and returns nullptr.
-PyObject* wrap_stats_into(const Stats& out, PyObject* result, Py_ssize_t first) {
-  const at::Tensor* parts[] = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out)};
-  for (int k = 0; k < 4; ++k) {
-    PyObject* t = THPVariable_Wrap(*parts[k]);
+// Puts `parts` into result[first ..]; on a failed wrap releases `result` (unset tuple and list
+// items are NULL, which their dealloc skips) and returns nullptr.
+PyObject* wrap_into(std::initializer_list<const at::Tensor*> parts, PyObject* result, Py_ssize_t first) {
+  for (const at::Tensor* part : parts) {
+    PyObject* t = THPVariable_Wrap(*part);
     if (t == nullptr) {
       Py_DECREF(result);
       return nullptr;
     }
-    PyTuple_SET_ITEM(result, first + k, t);
+    PyTuple_SET_ITEM(result, first++, t);
   }
   return result;
+}
+
+PyObject* wrap_stats_into(const Stats& out, PyObject* result, Py_ssize_t first) {
+  return wrap_into({&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out)}, result, first);
 }
 
 // grad_stats_of(params: list[Tensor], norm_type: float) -> (grads, acc, nan_count, inf_count,
@@ -110,35 +115,98 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// plain_stats(tensors: list | tuple, norm_type: float) -> (acc, nan_count, inf_count, amax), or
-// None unless every item is a plain tensor (torch.Tensor or Parameter, not a subclass), strided,
-// float16/bfloat16/float32/float64, not requiring grad, all of one device and dtype, and there is
-// at least one: the common case of grad_stats/all_finite, whose Python path (as_tensor_list, the
-// grouping, the distributed plan) costs 40-110 us on a 52-tensor list, much of it cold after the
-// read. Everything else returns None and takes that path.
+// The tensors of `seq` when they are the plain common case of grad_stats/all_finite: a list or
+// tuple of at least one plain tensor (torch.Tensor or Parameter, not a subclass), strided,
+// float16/bfloat16/float32/float64, not requiring grad, all of one device and dtype. Otherwise
+// false, and those take the Python path (as_tensor_list, the grouping, the distributed plan),
+// which costs 40-110 us on a 52-tensor list, much of it cold after the read.
+bool plain_list(PyObject* seq, std::vector<at::Tensor>& ts) {
+  if (!PyList_Check(seq) && !PyTuple_Check(seq)) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n == 0) return false;
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  ts.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_CheckExact(items[i])) return false;
+    const at::Tensor& t = THPVariable_Unpack(items[i]);
+    const auto dtype = t.scalar_type();
+    const bool floating = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble;
+    if (!floating || t.layout() != at::kStrided || t.requires_grad()) return false;
+    if (i > 0 && (dtype != ts[0].scalar_type() || t.device() != ts[0].device())) return false;
+    ts.push_back(t);
+  }
+  return true;
+}
+
+// plain_stats(tensors: list | tuple, norm_type: float) -> (acc, nan_count, inf_count, amax) of
+// multi_tensor_stats, or None unless the list is plain (plain_list): all_finite's read.
 PyObject* plain_stats(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* seq = nullptr;
   double norm_type = 2.0;
   if (!PyArg_ParseTuple(args, "Od", &seq, &norm_type)) return nullptr;
-  if (!PyList_Check(seq) && !PyTuple_Check(seq)) Py_RETURN_NONE;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-  if (n == 0) Py_RETURN_NONE;
-  PyObject** items = PySequence_Fast_ITEMS(seq);
   std::vector<at::Tensor> ts;
-  ts.reserve(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!THPVariable_CheckExact(items[i])) Py_RETURN_NONE;
-    const at::Tensor& t = THPVariable_Unpack(items[i]);
-    const auto dtype = t.scalar_type();
-    const bool floating = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble;
-    if (!floating || t.layout() != at::kStrided || t.requires_grad()) Py_RETURN_NONE;
-    if (i > 0 && (dtype != ts[0].scalar_type() || t.device() != ts[0].device())) Py_RETURN_NONE;
-    ts.push_back(t);
-  }
+  if (!plain_list(seq, ts)) Py_RETURN_NONE;
   const Stats out = call_stats(ts, norm_type);
   PyObject* result = PyTuple_New(4);
   return result == nullptr ? nullptr : wrap_stats_into(out, result, 0);
+  END_HANDLE_TH_ERRORS
+}
+
+// plain_grad_stats(tensors, norm_type) -> (norms, nan_count, inf_count, amax, total_norm,
+// found_inf), or None unless the list is plain: grad_stats whole, as gradguard.stats.finalize
+// computes it from the op's results (guard_decide without state or limit, then scalars[0] in the
+// result dtype), but with the three ops called typed from here. Each op called from Python parses
+// its arguments there first; with the caches cold (right after a large read) that cost ~190 us on
+// top of the read, 2026-12-05.
+PyObject* plain_grad_stats(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* seq = nullptr;
+  double norm_type = 2.0;
+  if (!PyArg_ParseTuple(args, "Od", &seq, &norm_type)) return nullptr;
+  std::vector<at::Tensor> ts;
+  if (!plain_list(seq, ts)) Py_RETURN_NONE;
+  using Opt = std::optional<at::Tensor>;
+  using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static const auto decide =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("gradguard::guard_decide", "")
+          .typed<Six(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
+                     const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&,
+                     double, std::optional<double>, c10::string_view, c10::string_view, at::ArrayRef<double>, bool)>();
+  const bool double_out = ts[0].scalar_type() == at::kDouble;
+  const Stats raw = call_stats(ts, norm_type);
+  at::Tensor parts[6];
+  {
+    pybind11::gil_scoped_release no_gil;
+    const Opt none;
+    const Six d = decide.call(std::get<0>(raw), std::get<1>(raw), std::get<2>(raw), std::get<3>(raw), none, none,
+                              none, none, none, none, none, none, none, norm_type, std::nullopt, "ignore", "none",
+                              {}, double_out);
+    parts[0] = std::get<0>(d);
+    parts[1] = std::get<1>(raw);
+    parts[2] = std::get<2>(raw);
+    parts[3] = std::get<1>(d);
+    const at::Tensor& scalars = std::get<2>(d);
+    const auto total_dtype = double_out ? at::kDouble : at::kFloat;
+    if (scalars.device().is_cpu()) {
+      // The same value as select + to (one rounding of the float64 total), without two more
+      // dispatches: ~40 us with cold caches.
+      parts[4] = at::detail::empty_cpu({}, total_dtype, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+      const double total = scalars.const_data_ptr<double>()[0];
+      if (double_out) {
+        *parts[4].mutable_data_ptr<double>() = total;
+      } else {
+        *parts[4].mutable_data_ptr<float>() = static_cast<float>(total);
+      }
+    } else {
+      parts[4] = scalars.select(0, 0).to(total_dtype);
+    }
+    parts[5] = std::get<3>(d);
+  }
+  PyObject* result = PyTuple_New(6);
+  return result == nullptr ? nullptr
+                           : wrap_into({&parts[0], &parts[1], &parts[2], &parts[3], &parts[4], &parts[5]}, result, 0);
   END_HANDLE_TH_ERRORS
 }
 
@@ -256,6 +324,9 @@ PyObject* clear_marks_unchanged(PyObject*, PyObject* args) {
 PyMethodDef kMethods[] = {
     {"grad_stats_of", grad_stats_of, METH_VARARGS,
      "grad_stats_of(params, norm_type) -> (grads, acc, nan_count, inf_count, amax) of multi_tensor_stats, or None"},
+    {"plain_grad_stats", plain_grad_stats, METH_VARARGS,
+     "plain_grad_stats(tensors, norm_type) -> (norms, nan_count, inf_count, amax, total_norm, found_inf) of "
+     "grad_stats for a plain one-device, one-dtype list, or None"},
     {"plain_stats", plain_stats, METH_VARARGS,
      "plain_stats(tensors, norm_type) -> (acc, nan_count, inf_count, amax) of multi_tensor_stats for a plain "
      "one-device, one-dtype list, or None"},
