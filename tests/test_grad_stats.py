@@ -275,10 +275,11 @@ def test_bad_norm_type_raises_value_error(p):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, INF])
 def test_cpu_kernel_is_deterministic_across_thread_counts(dtype, p):
-    # One thread takes the kernel's tensor-by-tensor path, two and three its work-list path:
-    # the same chunks merged in the same order, so the same bits (tails of every length, a
-    # transposed and a strided view, and a tensor with a NaN included).
-    ts = [torch.randn(5 * CHUNK + 17), torch.randn(300, 301).t(), torch.randn(CHUNK * 2)[::2],
+    # One thread takes the kernel's tensor-by-tensor path, two and three its work-list path (the
+    # list is large enough, 2.5 MB even in float16, that threads_for in grad_stats_cpu.cpp gives
+    # it three): the same chunks merged in the same order, so the same bits (tails of every
+    # length, a transposed and a strided view, and a tensor with a NaN included).
+    ts = [torch.randn(5 * CHUNK + 17), torch.randn(300, 301).t(), torch.randn(CHUNK * 2)[::2], torch.randn(12 * CHUNK),
           *(torch.randn(k) for k in range(1, 40)), torch.tensor([1.0, NAN, 2.0, -INF] * 5)]
     ts = [t.to(dtype) for t in ts]
     old = torch.get_num_threads()
