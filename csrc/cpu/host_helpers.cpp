@@ -138,34 +138,11 @@ bool plain_list(PyObject* seq, std::vector<at::Tensor>& ts) {
   return true;
 }
 
-// plain_stats(tensors: list | tuple, norm_type: float) -> (acc, nan_count, inf_count, amax) of
-// multi_tensor_stats, or None unless the list is plain (plain_list): all_finite's read.
-PyObject* plain_stats(PyObject*, PyObject* args) {
-  HANDLE_TH_ERRORS
-  PyObject* seq = nullptr;
-  double norm_type = 2.0;
-  if (!PyArg_ParseTuple(args, "Od", &seq, &norm_type)) return nullptr;
-  std::vector<at::Tensor> ts;
-  if (!plain_list(seq, ts)) Py_RETURN_NONE;
-  const Stats out = call_stats(ts, norm_type);
-  PyObject* result = PyTuple_New(4);
-  return result == nullptr ? nullptr : wrap_stats_into(out, result, 0);
-  END_HANDLE_TH_ERRORS
-}
-
-// plain_grad_stats(tensors, norm_type) -> (norms, nan_count, inf_count, amax, total_norm,
-// found_inf), or None unless the list is plain: grad_stats whole, as gradguard.stats.finalize
-// computes it from the op's results (guard_decide without state or limit, then scalars[0] in the
-// result dtype), but with the three ops called typed from here. Each op called from Python parses
-// its arguments there first; with the caches cold (right after a large read) that cost ~190 us on
-// top of the read, 2026-12-05.
-PyObject* plain_grad_stats(PyObject*, PyObject* args) {
-  HANDLE_TH_ERRORS
-  PyObject* seq = nullptr;
-  double norm_type = 2.0;
-  if (!PyArg_ParseTuple(args, "Od", &seq, &norm_type)) return nullptr;
-  std::vector<at::Tensor> ts;
-  if (!plain_list(seq, ts)) Py_RETURN_NONE;
+// The whole of grad_stats from the op's results, as gradguard.stats.finalize computes it
+// (guard_decide without state or limit, then scalars[0] in the result dtype), with the ops called
+// typed from here: each op called from Python parses its arguments there first, and with the
+// caches cold (right after a large read) the three cost ~190 us on top of the read, 2026-12-05.
+PyObject* finalize_stats(const Stats& raw, double norm_type, bool double_out) {
   using Opt = std::optional<at::Tensor>;
   using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static const auto decide =
@@ -174,8 +151,6 @@ PyObject* plain_grad_stats(PyObject*, PyObject* args) {
           .typed<Six(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
                      const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&,
                      double, std::optional<double>, c10::string_view, c10::string_view, at::ArrayRef<double>, bool)>();
-  const bool double_out = ts[0].scalar_type() == at::kDouble;
-  const Stats raw = call_stats(ts, norm_type);
   at::Tensor parts[6];
   {
     pybind11::gil_scoped_release no_gil;
@@ -207,8 +182,29 @@ PyObject* plain_grad_stats(PyObject*, PyObject* args) {
   PyObject* result = PyTuple_New(6);
   return result == nullptr ? nullptr
                            : wrap_into({&parts[0], &parts[1], &parts[2], &parts[3], &parts[4], &parts[5]}, result, 0);
+}
+
+// plain_stats(tensors: list | tuple, norm_type: float) -> (acc, nan_count, inf_count, amax) of
+// multi_tensor_stats (all_finite's read); plain_grad_stats(tensors, norm_type) -> (norms,
+// nan_count, inf_count, amax, total_norm, found_inf), grad_stats whole. Either is None unless the
+// list is plain (plain_list).
+PyObject* plain_call(PyObject* args, bool whole) {
+  HANDLE_TH_ERRORS
+  PyObject* seq = nullptr;
+  double norm_type = 2.0;
+  if (!PyArg_ParseTuple(args, "Od", &seq, &norm_type)) return nullptr;
+  std::vector<at::Tensor> ts;
+  if (!plain_list(seq, ts)) Py_RETURN_NONE;
+  const Stats raw = call_stats(ts, norm_type);
+  if (whole) return finalize_stats(raw, norm_type, ts[0].scalar_type() == at::kDouble);
+  PyObject* result = PyTuple_New(4);
+  return result == nullptr ? nullptr : wrap_stats_into(raw, result, 0);
   END_HANDLE_TH_ERRORS
 }
+
+PyObject* plain_stats(PyObject*, PyObject* args) { return plain_call(args, false); }
+
+PyObject* plain_grad_stats(PyObject*, PyObject* args) { return plain_call(args, true); }
 
 // The hygiene tracker's memory of the gradients at the end of the last step (gradguard/hygiene.py
 // says what it is for): every gradient's TensorImpl address and version, and weak references to
