@@ -314,7 +314,8 @@ def guard_host_us(guard, repeats: int, warmup: int = 3, between=None) -> list[fl
     The inner call is timed from outside (its bound ``step`` wrapped on the instance), so that
     torch's own wrapper around it (profiler record, hook dispatch: 9-43 us at 52-1,000
     parameters, which a bare ``opt.step()`` pays too) counts as the inner step's, not the
-    guard's; timing it from its own pre/post hooks, as this bench did before, left that outside."""
+    guard's; timing it from its own pre/post hooks, as this bench did before, left that outside.
+    Before each step, untimed: ``between`` (if given), then one 8 KB allocation (see settle)."""
     inner = guard.optimizer
     step = inner.step
     inner_t = [0.0]
@@ -326,16 +327,28 @@ def guard_host_us(guard, repeats: int, warmup: int = 3, between=None) -> list[fl
         finally:
             inner_t[0] += time.perf_counter() - t0
 
+    def settle():
+        # What a training loop does between two steps, in the one way that matters here: freeing
+        # many small objects (the old gradients, the inner step's temporaries) leaves glibc's
+        # fastbins full, and the next malloc of 1 KB or more consolidates them first (~26 us after
+        # 1,000 gradients, ~8 us after a fused AdamW step's temporaries; 2026-12-05, found with
+        # GLIBC_TUNABLES=glibc.malloc.mxfast=0, which turns fastbins off). In training the forward
+        # and backward make that allocation; timed back to back, the guard's first one paid for
+        # frees that were not its own.
+        torch.empty(2048)
+
     inner.step = timed
     try:
         for _ in range(warmup):
             if between is not None:
                 between()
+            settle()
             guard.step()
         out = []
         for _ in range(repeats):
             if between is not None:
                 between()
+            settle()
             inner_t[0] = 0.0
             t0 = time.perf_counter()
             guard.step()
@@ -359,12 +372,6 @@ def _host_overhead_table(repeats: int) -> Table:
         def new_grads(params=params):  # what zero_grad() + backward leave: new gradient tensors
             for p in params:
                 p.grad = torch.full_like(p, 1e-3)
-            # Freeing the old gradients leaves glibc's fastbins full, and the next malloc of 1 KB
-            # or more consolidates them: ~26 us for 1,000 (2026-12-05; measured with
-            # GLIBC_TUNABLES=glibc.malloc.mxfast=0, which removes it). In training the forward and
-            # backward between zero_grad() and step() make such allocations; here the step's
-            # first one would pay for frees that are not the guard's.
-            torch.empty(2048)
 
         for what, guard, between in (("AdamW(fused=True), device-decided", device_decided, None),
                                      ("SGD(foreach=True), one read", read_path, None),
