@@ -394,6 +394,26 @@ def test_zero_nonfinite_and_scale_op(path):
 
 
 @needs_ext
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_zero_nonfinite_and_scale_on_any_thread_count(threads):
+    # A list small enough to run on one thread and one large enough (14 MB moved) to be split
+    # across threads (thread_count.h): every element scaled or zeroed exactly once either way.
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for ts in ([torch.randn(16) for _ in range(300)], [torch.randn(3 * CHUNK + 5) for _ in range(9)]):
+            for t in ts:
+                t[::7] = NAN
+                t[3::11] = -INF
+            want = [torch.where(torch.isfinite(t), t * 0.5, torch.zeros(())) for t in ts]
+            torch.ops.gradguard.zero_nonfinite_and_scale_(ts, torch.tensor(0.5))
+            for got, w in zip(ts, want):
+                torch.testing.assert_close(got, w, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_zero_nonfinite_and_scale_refuses_overlapping_views():
     with pytest.raises(RuntimeError, match="more than one element"):
         torch.ops.gradguard.zero_nonfinite_and_scale_([torch.ones(1).expand(4)], torch.tensor(2.0))

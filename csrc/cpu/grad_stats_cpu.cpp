@@ -20,6 +20,7 @@
 #include "cpu_isa.h"
 #include "stats_avx512.h"
 #include "strided_walk.h"
+#include "thread_count.h"
 
 namespace gradguard {
 namespace {
@@ -178,18 +179,6 @@ struct Outputs {
     inf[i] = out.inf;
   }
 };
-
-// How many threads a list is worth. Another thread costs a fork/join (~10 us on this VM) and,
-// per tensor, ~90 ns more than one thread spends on it (the work lists, written by the calling
-// thread, read and written across cores; measured, the cause not pinned down), and it saves half
-// the read time at ~25 GB/s a thread: it pays from about 512 KB + 4.5 KB per tensor
-// (2026-12-05, 2 threads: 52 tensors broke even at 0.85 MB, 1,000 tensors between 4 and 16 MB,
-// where 4 MB took 217 us on two threads and 141 us on one). Any count gives the same bits.
-int64_t threads_for(int64_t bytes, int64_t ntensors, int64_t nwork) {
-  const int64_t per_thread = (int64_t(512) << 10) + ntensors * int64_t(4608);
-  const int64_t worth = std::max<int64_t>(1, bytes / per_thread);
-  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), nwork, worth}));
-}
 
 template <typename T, Norm N>
 void stats_kernel(at::TensorList ts, double p, const Outputs& res) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "strided_walk.h"
+#include "thread_count.h"
 
 namespace gradguard {
 namespace {
@@ -77,8 +78,15 @@ void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scal
       work.push_back({static_cast<int64_t>(i), b, std::min(t.numel(), b + kChunk)});
     }
   }
+  int64_t numel = 0;
+  for (const auto& t : tensors) numel += t.numel();
+  const int64_t nwork = static_cast<int64_t>(work.size());
+  // Bytes moved: each element is read and written.
+  const int64_t nthreads = threads_for(2 * numel * int64_t(tensors[0].element_size()),
+                                       static_cast<int64_t>(tensors.size()), nwork);
+  const int64_t grain = (nwork + nthreads - 1) / nthreads;  // at most nthreads parts; one runs inline
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_zero_nonfinite_and_scale_cpu", [&] {
-    at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, nwork, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t w = lo; w < hi; ++w) {
         const WorkItem& item = work[w];
         const StridedWalk& walk = walks[item.tensor];
