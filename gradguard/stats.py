@@ -158,7 +158,7 @@ def raw_stats(tensors, norm_type: float) -> _Raw:
 
 
 def _raw_of(tensors, p: float, process_group) -> _Raw:
-    """grad_stats' and all_finite's read: the plain common case in one compiled call
+    """all_finite's read: the plain common case in one compiled call
     (gradguard/_host.py plain_stats), anything else through as_tensor_list and global_raw_stats."""
     got = _host.plain_stats(tensors, p) if process_group is None else None
     if got is None:
@@ -262,7 +262,8 @@ def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, *, proce
     got = _host.plain_grad_stats(tensors, p) if process_group is None else None
     if got is not None:
         return GradStats(*got)
-    return finalize(_raw_of(tensors, p, process_group), p)
+    # Not the plain case (plain_stats would refuse it too): the general path.
+    return finalize(global_raw_stats(as_tensor_list(tensors), p, process_group=process_group)[0], p)
 
 
 def all_finite(tensors: Iterable[torch.Tensor], *, process_group=None) -> torch.Tensor:

@@ -28,15 +28,13 @@ namespace {
 // 64K elements: large enough that per-chunk overhead is noise, small enough that 2 threads
 // balance on a GPT-2-sized list, and a fixed constant so results are thread-count independent.
 constexpr int64_t kChunk = int64_t(1) << 16;
-// Each thread may walk kStreams contiguous parts of its range together, kStep elements from each
-// in turn, so that the hardware prefetchers track several sequential streams. Which walk is
-// fastest depends on the day on this VM: on 2026-12-03 (quiet, 22:05 UTC, GPT-2-small list,
-// runs alternated) one stream per thread ran the float32 list at 0.99-1.16x the best read
-// floor's time, two streams at 1.34-1.46x, four at 1.35-1.52x; an earlier loaded day favoured
-// four. On 2026-12-05 (a Zen 4 VM, one thread, its bandwidth over 256 MB) one stream was still
-// fastest: 1, 2 and 4 streams ran at 24, 22-23 and 19 GB/s. kStep is a
-// multiple of every inner block, so the partials (and the result bits) do not depend on either.
-constexpr int kStreams = 1;
+// Each thread walks its range as one sequential stream, kStep elements per segment_stats call.
+// Walking several contiguous parts together (so that the prefetchers track several streams) was
+// slower whenever it was measured: on 2026-12-03 (GPT-2-small list, runs alternated) one stream
+// per thread ran the float32 list at 0.99-1.16x the best read floor's time, two at 1.34-1.46x,
+// four at 1.35-1.52x; on 2026-12-05 (a Zen 4 VM, one thread over 256 MB) 1, 2 and 4 streams ran
+// at 24, 22-23 and 19 GB/s. kStep is a multiple of every inner block and fixed, so the partials
+// (and the result bits) do not depend on the thread count.
 constexpr int64_t kStep = int64_t(1) << 12;
 
 enum class Norm { L1, L2, Inf, Generic };
@@ -128,7 +126,7 @@ std::vector<int64_t> split_by_elements(const std::vector<int64_t>& prefix, int64
 }
 
 // One work item, elements [begin, end) of a tensor, into `part`, kStep elements at a time (the
-// same segments as the interleaved walk below, so either way gives the same bits).
+// same segments on one thread or many, so the same bits).
 template <typename T, Norm N>
 inline void item_stats(const StridedWalk& walk, int64_t begin, int64_t end, double p, Partial& part) {
   const T* base = static_cast<const T*>(walk.data);
@@ -207,9 +205,9 @@ void stats_kernel(at::TensorList ts, double p, const Outputs& res) {
   std::vector<WorkItem> work;
   work.reserve(nwork);
   for (const auto i : c10::irange(ts.size())) {
-    const int64_t numel = ts[i].numel();
-    for (int64_t b = 0; b < numel; b += kChunk) {
-      work.push_back({static_cast<int64_t>(i), b, std::min(numel, b + kChunk)});
+    const int64_t count = ts[i].numel();
+    for (int64_t b = 0; b < count; b += kChunk) {
+      work.push_back({static_cast<int64_t>(i), b, std::min(count, b + kChunk)});
     }
   }
   std::vector<int64_t> prefix(nwork + 1, 0);
@@ -220,43 +218,11 @@ void stats_kernel(at::TensorList ts, double p, const Outputs& res) {
   for (const auto& t : ts) walks.emplace_back(t);
 
   // Threads get equal element counts (a list of many small tensors splits across tensors, not
-  // only within one); each thread then interleaves kStreams contiguous parts of its range.
+  // only within one).
   const std::vector<int64_t> per_thread = split_by_elements(prefix, 0, nwork, nthreads);
   at::parallel_for(0, nthreads, 1, [&](int64_t tlo, int64_t thi) {
-    for (int64_t t = tlo; t < thi; ++t) {
-      if (kStreams == 1) {
-        for (int64_t w = per_thread[t]; w < per_thread[t + 1]; ++w) {
-          item_stats<T, N>(walks[work[w].tensor], work[w].begin, work[w].end, p, partials[w]);
-        }
-        continue;
-      }
-      const std::vector<int64_t> cut = split_by_elements(prefix, per_thread[t], per_thread[t + 1], kStreams);
-      int64_t w[kStreams], pos[kStreams];
-      for (int s = 0; s < kStreams; ++s) {
-        w[s] = cut[s];
-        pos[s] = 0;
-      }
-      bool active = true;
-      while (active) {
-        active = false;
-        for (int s = 0; s < kStreams; ++s) {
-          if (w[s] >= cut[s + 1]) continue;
-          active = true;
-          const WorkItem& item = work[w[s]];
-          const StridedWalk& walk = walks[item.tensor];
-          Partial& part = partials[w[s]];
-          if (walk.dense) {
-            const int64_t len = std::min(kStep, item.end - item.begin - pos[s]);
-            segment_stats<T, N>(static_cast<const T*>(walk.data) + item.begin + pos[s], len, 1, p, part);
-            pos[s] += len;
-            if (item.begin + pos[s] < item.end) continue;
-          } else {
-            item_stats<T, N>(walk, item.begin, item.end, p, part);
-          }
-          ++w[s];
-          pos[s] = 0;
-        }
-      }
+    for (int64_t w = per_thread[tlo]; w < per_thread[thi]; ++w) {
+      item_stats<T, N>(walks[work[w].tensor], work[w].begin, work[w].end, p, partials[w]);
     }
   });
 

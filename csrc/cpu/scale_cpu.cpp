@@ -70,16 +70,16 @@ void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scal
   std::vector<StridedWalk> walks;
   std::vector<void*> bases;  // mutable_data_ptr(): a lazily cloned (COW) storage is copied before the write
   std::vector<WorkItem> work;
+  int64_t numel = 0;
   for (const auto i : c10::irange(tensors.size())) {
     const auto& t = tensors[i];
     walks.emplace_back(t);
     bases.push_back(t.mutable_data_ptr());
+    numel += t.numel();
     for (int64_t b = 0; b < t.numel(); b += kChunk) {
       work.push_back({static_cast<int64_t>(i), b, std::min(t.numel(), b + kChunk)});
     }
   }
-  int64_t numel = 0;
-  for (const auto& t : tensors) numel += t.numel();
   const int64_t nwork = static_cast<int64_t>(work.size());
   // Bytes moved: each element is read and written.
   const int64_t nthreads = threads_for(2 * numel * int64_t(tensors[0].element_size()),

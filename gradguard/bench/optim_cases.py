@@ -142,10 +142,8 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
     out.append(foreach_table(params, label, device, 3 if quick else 9))
     if device == "cpu":
         out[:0] = [op_count_table(), host_overhead_table(21 if quick else 101)]
-        if not quick:
-            out.insert(2, backward_overhead_table())
-        if not quick:  # issue 15's small model: the guard's fixed cost shows, 1 thread
-            out.insert(2, small_fused_table(21))
+        if not quick:  # issue 15's small model (the guard's fixed cost shows, 1 thread), then the step after a backward
+            out[2:2] = [small_fused_table(21), backward_overhead_table()]
     return out
 
 
