@@ -7,6 +7,11 @@ decision (free there) and passes no grad_scale when it does not clip; the device
 the path a GPU takes (found_inf and grad_scale always, no read). Each target is checked on the
 median of per-round ratios.
 
+Each fused table also measures, in the same rounds, what bounds it: the read floor of the grads'
+bytes and (when clipping) the bare step handed grad_scale. The bare step plus the grads read at
+the floor is the least any guard can take that decides from the gradients before stepping; with
+the grad_scale step instead, the least a guard that steps through PyTorch's fused kernel can.
+
 Every timed step really clips (the limit shrinks a little each call, see ``ShrinkingMaxNorm``)
 and every variant of a table steps the same parameters, gradients and optimizer, so the rows
 differ only in what wraps the step. The variants run interleaved, one call each per round, so
@@ -21,7 +26,7 @@ import torch
 
 import gradguard
 from gradguard.bench.shapes import GPT2_SIZES, gpt2_shapes, make_grads, numel
-from gradguard.bench.stats_cases import ShrinkingMaxNorm, _params_with
+from gradguard.bench.stats_cases import STREAMS, ShrinkingMaxNorm, _as_words, _params_with, have_floor
 from gradguard.bench.timing import Row, Table, fastest_ratio, interleaved_times, ratio
 
 BARE_FUSED = "torch AdamW(fused=True).step(), unprotected"
@@ -30,6 +35,10 @@ TORCH_ERR = "torch clip_grad_norm_(error_if_nonfinite) + fused step"
 TORCH_SKIP = "torch get_total_norm, if finite: clip + fused step"
 GUARD_FUSED_DEVICE = "gradguard.GradGuard, device-decided (the GPU path)"
 STATS_ONLY = "gradguard.grad_stats alone (the extra read)"
+SCALED_FUSED = "torch AdamW(fused=True).step() handed grad_scale, unprotected"
+GRADS_FLOOR = "read floor of the grads' bytes, best of 1/4/8 streams"
+BOUND_BARE = "bound: bare step + the grads read at the floor"
+BOUND_SCALED = "bound: step handed grad_scale + the grads read at the floor"
 BARE_FOREACH = "torch AdamW(foreach=True).step(), unprotected"
 GUARD_FOREACH = "gradguard.GradGuard(AdamW(foreach=True)).step()"
 TORCH_FOREACH = "torch clip_grad_norm_(error_if_nonfinite) + foreach step"
@@ -84,14 +93,21 @@ def fused_table(params, label: str, device: str, repeats: int, clip: bool, bare_
     }
     if device == "cpu":
         cases[GUARD_FUSED_DEVICE] = lambda: guarded(on_device)
+    floors = _floor_cases(grads, device)
+    if floors and clip:
+        cases[SCALED_FUSED] = _scaled_step(inner)
+    cases.update(floors)
     times = interleaved_times(cases, device, repeats)
+    if floors:
+        _add_bounds(times, list(floors), clip)
     ms = {n: statistics.median(v) for n, v in times.items()}
     assert (float(guard.last.clip_coef) < 1.0) == clip and not bool(guard.last.skipped)
-    del inner, guard, on_device
+    del inner, guard, on_device, floors
     step_bytes = 7 * 4 * numel(params)  # read p, g, m, v; write p, m, v
     what = "every step clips" if clip else "no step needs clipping"
+    grad_rows = (STATS_ONLY, GRADS_FLOOR)
     tab = Table(f"GradGuard + AdamW(fused=True), {what}, {label}, {device}, {torch.get_num_threads()} threads",
-                [Row(n, ms[n], step_bytes if n != STATS_ONLY else 4 * numel(params)) for n in ms],
+                [Row(n, ms[n], 4 * numel(params) if n in grad_rows else step_bytes) for n in ms],
                 floor=BARE_FUSED)
     tab.check(f"guarded / bare fused step ({what})", ratio(times, GUARD_FUSED, BARE_FUSED), "<=", bare_target)
     tab.check(f"PyTorch way (faster of two) / guarded fused step ({what})",
@@ -99,7 +115,79 @@ def fused_table(params, label: str, device: str, repeats: int, clip: bool, bare_
     vs_torch = min(fastest_ratio(times, TORCH_ERR, GUARD_FUSED), fastest_ratio(times, TORCH_SKIP, GUARD_FUSED))
     tab.checks.append(f"(fastest rounds: guarded / bare = {fastest_ratio(times, GUARD_FUSED, BARE_FUSED):.2f}x, "
                       f"PyTorch way / guarded = {vs_torch:.2f}x)")
+    if BOUND_BARE in times:
+        _bound_checks(tab, times, clip, bare_target, torch_target)
     return tab
+
+
+# ---- the bound: what no guard that reads the grads before the step can beat -------------------
+
+FLOOR_PART = "read floor of the grads' bytes, "
+
+
+def _floor_cases(grads, device: str) -> dict:
+    """The read floor of the grads' bytes (csrc/cpu/bandwidth_floor.cpp), one flat copy per
+    stream count, so that no floor case reads a buffer the previous case left in the cache (the
+    52-tensor list's 30 MB would fit this machine's L3): each reads from memory, as the guard's
+    statistics pass does after an optimizer step has streamed p, g, m and v through the cache."""
+    if device != "cpu" or not have_floor():
+        return {}
+    out = {}
+    for k in STREAMS:
+        words = _as_words(torch.cat([g.reshape(-1) for g in grads]))
+        out[f"{FLOOR_PART}{k} stream(s) per thread"] = lambda w=words, k=k: torch.ops.gradguard_bench.read_floor(w, k)
+    return out
+
+
+def _scaled_step(inner):
+    """The bare fused step handed grad_scale = 1 (the grads keep their values): PyTorch's kernel
+    then divides every grad and writes it back to .grad, which is what a clipping guard that
+    steps through it pays on top of the bare step."""
+    one = torch.ones((), dtype=torch.float32)
+
+    def step():
+        inner.grad_scale = one
+        try:
+            inner.step()
+        finally:
+            del inner.grad_scale
+    return step
+
+
+def _add_bounds(times: dict, floor_parts: list[str], clip: bool) -> None:
+    """Per round: the floor's best read of the grads (which replaces its parts' rows), and the
+    step(s) plus that read."""
+    times[GRADS_FLOOR] = [min(v) for v in zip(*(times.pop(p) for p in floor_parts))]
+    times[BOUND_BARE] = [a + b for a, b in zip(times[BARE_FUSED], times[GRADS_FLOOR])]
+    if clip:
+        times[BOUND_SCALED] = [a + b for a, b in zip(times[SCALED_FUSED], times[GRADS_FLOOR])]
+
+
+def _bound_checks(tab: Table, times: dict, clip: bool, bare_target: float, torch_target: float) -> None:
+    """Whether the targets are above what a guard can reach at all: any guard that decides from
+    the gradients before stepping reads them once before the step (the bare step plus that read
+    at the floor); one that clips through PyTorch's fused kernel also pays its grad_scale
+    write-back."""
+    bound = BOUND_SCALED if clip else BOUND_BARE
+    lowest = ratio(times, BOUND_BARE, BARE_FUSED)
+    lines = [f"bound: (bare step + the grads read at the floor) / bare = {lowest:.2f}x"]
+    if clip:
+        lines.append(f"bound through PyTorch's fused kernel: (step handed grad_scale + the grads read at the "
+                     f"floor) / bare = {ratio(times, BOUND_SCALED, BARE_FUSED):.2f}x")
+    lines.append(f"guarded / that bound = {ratio(times, GUARD_FUSED, bound):.2f}x")
+    fastest_torch = min(ratio(times, TORCH_ERR, BOUND_BARE), ratio(times, TORCH_SKIP, BOUND_BARE))
+    through = ratio(times, BOUND_SCALED, BARE_FUSED) if clip else lowest
+    if lowest > bare_target:
+        lines.append(f"the target guarded / bare <= {bare_target}x is below the bound ({lowest:.2f}x): "
+                     f"out of reach for any guard that reads the gradients before the step")
+    elif through > bare_target:
+        lines.append(f"the target guarded / bare <= {bare_target}x is below the bound through PyTorch's fused "
+                     f"kernel ({through:.2f}x): reachable only by a kernel that clips without writing the "
+                     f"grads back, not by stepping through PyTorch's")
+    if fastest_torch < torch_target:
+        lines.append(f"the target PyTorch way / guarded >= {torch_target}x is above PyTorch way / bound "
+                     f"({fastest_torch:.2f}x): out of reach likewise")
+    tab.checks += lines
 
 
 def foreach_table(params, label: str, device: str, repeats: int) -> Table:
