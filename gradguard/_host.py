@@ -58,6 +58,18 @@ def plain_grad_stats(tensors, norm_type: float):
     return None if c is None else c.plain_grad_stats(tensors, norm_type)
 
 
+def same_items(lists, flat: list) -> bool:
+    """Whether ``lists`` (lists or tuples), one after another, hold exactly the objects of
+    ``flat`` in order, by identity: GradGuard's check that its parameter plan still matches the
+    live ``param_groups``."""
+    c = _compiled_now()
+    if c is not None:
+        return c.same_items(lists, flat)
+    if not all(isinstance(l, (list, tuple)) for l in lists) or sum(len(l) for l in lists) != len(flat):
+        return False
+    return all(a is b for a, b in zip((q for l in lists for q in l), flat))
+
+
 def grad_stats_of(params: list, norm_type: float, plain: bool):
     """``(grads, acc, nan_count, inf_count, amax)``: every parameter's ``.grad`` and one
     ``gradguard::multi_tensor_stats`` call over them. The compiled helper (``plain``: every item

@@ -89,6 +89,7 @@ class _Plan(NamedTuple):
     names: list
     simple: bool            # one device and dtype, nothing distributed: the one-pass gather
     device: torch.device | None
+    dtype: torch.dtype | None
     double: bool            # float64 parameters: float64 results
     plain: bool             # every parameter a torch.Tensor/Parameter: grads read in one C++ call
 
@@ -333,14 +334,20 @@ class GradGuard(torch.optim.Optimizer):
                 raise TypeError(f"gradguard.GradGuard: parameter {self._name_of(i, params)} is complex; GradGuard "
                                 "supports real floating-point parameters only (view it with torch.view_as_real)")
 
-    def _check_grads(self, grads, present, params) -> None:
+    def _check_grads(self, grads, present, params, plan) -> bool:
+        """Refuses what GradGuard cannot take; returns whether the grads still fit the plan (a
+        simple plan's one dtype and device)."""
+        fits = True
         for g, i in zip(grads, present):
+            if plan.simple and (g.dtype is not plan.dtype or g.device != plan.device):
+                fits = False
             if g.layout not in (torch.strided, torch.sparse_coo):
                 raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} has layout "
                                 f"{g.layout}; GradGuard supports dense and sparse COO gradients")
             if g.is_complex():
                 raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} is complex; "
                                 "GradGuard supports real floating-point gradients only")
+        return fits
 
     # ---- parameters and names -----------------------------------------------------------------
 
@@ -384,9 +391,13 @@ class GradGuard(torch.optim.Optimizer):
         self._check_params(self._params())
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups, which here live in the inner
-    # optimizer: keep the whole guard instead (minus the weak references of the hygiene check).
+    # optimizer: keep the whole guard instead (minus the weak references of the hygiene check, and
+    # minus the `step` wrapper an LR scheduler sets on the instance: it holds a weak reference to
+    # this guard, so a copy's step() would step the original, and it does not pickle; torch's
+    # optimizers drop it the same way).
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
+        state.pop("step", None)
         state["_tracker"] = None
         state["_layout_cache"] = None
         state["_plan"] = None
@@ -490,26 +501,33 @@ class GradGuard(torch.optim.Optimizer):
         only when the parameter groups change (add_param_group, load_state_dict, an edited
         list): the per-step cost is then one look at each gradient."""
         groups = self.optimizer.param_groups
-        key = (id(groups), tuple((id(g["params"]), len(g["params"])) for g in groups))
+        lists = [g["params"] for g in groups]
+        key = (id(groups), tuple(id(x) for x in lists))
         plan = self._plan
-        if plan is not None and plan.key == key:
+        # Identity, not only the lists' ids and lengths: a parameter swapped inside an existing
+        # list (model surgery, re-tied weights) must be the one checked, as the optimizer steps it.
+        if plan is not None and plan.key == key and _host.same_items(lists, plan.params):
             return plan
+        # Names and the layout are cached by position: a new plan names its parameters afresh.
+        self._name_list = self._layout_cache = None
         params = self._params()
         kinds = {(q.device, q.dtype) for q in params}
         simple = (len(kinds) == 1 and self.process_group is None and self._fsdp_group is None
                   and self._decide_group is None
                   and not any(_distributed.is_dtensor(q) or _distributed.is_fsdp1_sharded(q) for q in params))
-        device = params[0].device if simple else None
-        plan = _Plan(key, params, self._names(params), simple, device,
+        device, dtype = (params[0].device, params[0].dtype) if simple else (None, None)
+        plan = _Plan(key, params, self._names(params), simple, device, dtype,
                      simple and params[0].dtype == torch.float64, all(type(q) in _host.PLAIN_TYPES for q in params))
         self._plan = plan
         return plan
 
-    def _gather(self, plan: _Plan):
+    def _gather(self, plan: _Plan, check_plan: bool = True):
         """(gradients to scale, raw statistics, names, index of the present ones among all
         parameters or None). Common case, one pass: every parameter has a dense gradient and
         they share a device and dtype. Otherwise: missing grads, sparse ones, several dtypes,
-        distributed shards."""
+        distributed shards. None (with `check_plan`) when the grads no longer fit the plan's
+        dtype and device: parameters converted in place (``model.double()``, ``.to(device)``
+        keep the Parameter objects)."""
         if plan.simple:
             try:
                 # The op itself refuses what this path cannot take (a missing grad: TypeError or
@@ -521,6 +539,8 @@ class GradGuard(torch.optim.Optimizer):
                 got = None
             if got is not None:
                 grads, acc, nan, inf, amax = got
+                if check_plan and grads and (grads[0].dtype is not plan.dtype or grads[0].device != plan.device):
+                    return None
                 self._check_hygiene(grads)
                 self._dtensor_grads = False
                 return grads, _Raw(acc, nan, inf, amax, torch.float64 if plan.double else torch.float32,
@@ -532,7 +552,8 @@ class GradGuard(torch.optim.Optimizer):
         present = [i for i, q in enumerate(params)
                    if q.grad is not None or (keep and _distributed.is_fsdp1_sharded(q))]
         grads = [grad_or_empty(params[i]) for i in present]
-        self._check_grads(grads, present, params)
+        if not self._check_grads(grads, present, params, plan) and check_plan:
+            return None
         self._check_hygiene(grads)
         if not grads:
             return grads, None, [], None
@@ -540,6 +561,13 @@ class GradGuard(torch.optim.Optimizer):
         # optimizer will see them) and scaled through its stored values (scaling distributes over
         # duplicates), so the clip needs no coalesced copy written back.
         sparse = [g.layout == torch.sparse_coo for g in grads]
+        if self.on_nonfinite == "zero" and any(s and not g.is_coalesced() for g, s in zip(grads, sparse)):
+            # Zeroing does not distribute over duplicates (NaN + 4 is NaN, but zeroing the stored
+            # NaN leaves 4): the gradient is replaced by its coalesced form, so that the element
+            # the guard judged is the one it zeroes.
+            for k, (g, s) in enumerate(zip(grads, sparse)):
+                if s and not g.is_coalesced():
+                    grads[k] = params[present[k]].grad = g.coalesce()
         stat_grads = [g.coalesce().values() if s else g for g, s in zip(grads, sparse)]
         raw, local = self._global_raw(params, present, stat_grads)
         grads = [g._values() if s else t for g, s, t in zip(grads, sparse, local)]
@@ -558,7 +586,12 @@ class GradGuard(torch.optim.Optimizer):
         amp = loss_scale is not None or scaler_found is not None
 
         plan = self._current_plan()
-        grads, raw, names, idx = self._gather(plan)
+        got = self._gather(plan)
+        if got is None:  # parameters converted in place since the plan was made: a new one
+            self._plan = None
+            plan = self._current_plan()
+            got = self._gather(plan, check_plan=False)
+        grads, raw, names, idx = got
         if raw is None:
             self.optimizer.step(_replay(loss, closure))
             return loss
@@ -603,7 +636,8 @@ class GradGuard(torch.optim.Optimizer):
 
         if mode == "raise" and host[2]:
             hook_error = self._run_hooks(report, keep_going=True)
-            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count)
+            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
+                                         report.norms, raw.out_dtype)
             raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)" + _hook_note(hook_error),
                                      bad, report) from hook_error
 
@@ -619,10 +653,19 @@ class GradGuard(torch.optim.Optimizer):
         else:
             replay = _replay(loss, closure)
         clipping = max_norm is not None or limit_t is not None or spike is not None
+        # A fused kernel's grad_scale is float32: float64 gradients are clipped (and unscaled) by
+        # the float64 multiplier in a pass of their own instead, so that the clip is as exact as
+        # clip_grad_norm_'s (through a float32 divisor it was off by up to ~3e-8 relative).
+        exact = raw.out_dtype == torch.float64
         if host is None:  # decided on the device: a fused optimizer, no read
             if mode == "zero":  # one pass zeroes NaN/Inf and clips, then a plain step
                 _scale(grads, mult, True, plan.simple)
                 inner.step(replay)
+            elif exact and (clipping or loss_scale is not None):
+                # On a step to skip, the multiplier only unscales (GradScaler's own unscale_ does
+                # that too), and the fused kernel, handed found_inf, touches nothing else.
+                _scale(grads, mult, False, plan.simple)
+                self._fused_step(replay, found if mode in ("skip", "raise") else None, None)
             else:
                 divisor = grad_scale if (clipping or loss_scale is not None) else None
                 self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor)
@@ -631,7 +674,7 @@ class GradGuard(torch.optim.Optimizer):
             if snapshot is not None and not is_bad:
                 self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode)
             elif not (is_bad and mode in ("skip", "raise")):
-                if fused and not is_bad and mult_h != 1.0:
+                if fused and not is_bad and mult_h != 1.0 and not exact:
                     # The kernel unscales/clips while it reads the grads: no separate pass.
                     self._fused_step(replay, None, grad_scale)
                 else:
@@ -646,7 +689,8 @@ class GradGuard(torch.optim.Optimizer):
         giving_up = self.max_consecutive_skips is not None and streak_h >= self.max_consecutive_skips
         hook_error = self._run_hooks(report, keep_going=giving_up) if self._step_hooks else None
         if giving_up:
-            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count)
+            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
+                                         report.norms, raw.out_dtype)
             raise NonFiniteGradError(
                 f"gradguard.GradGuard: {streak_h} steps in a row were skipped "
                 f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}" + _hook_note(hook_error),

@@ -362,14 +362,34 @@ def scale_(grads: list[torch.Tensor], coef: torch.Tensor, zero_nonfinite: bool =
             torch.ops.gradguard.maybe_scale_(group, c)
 
 
-def nonfinite_message(where: str, names, nan_count, inf_count) -> tuple[str, list[str]]:
-    """A sentence naming the offending tensors (this reads the counts: a host sync)."""
+def nonfinite_message(where: str, names, nan_count, inf_count, norms=None,
+                      total_dtype: torch.dtype = torch.float32) -> tuple[str, list[str]]:
+    """A sentence naming the offending tensors (this reads the counts: a host sync). With every
+    element finite, a step is non-finite because the norm overflows `total_dtype`: then it says
+    so and names the tensors whose own norm overflows (`norms`, the per-tensor norms)."""
     nan_l, inf_l = nan_count.tolist(), inf_count.tolist()
     bad = [(n, a, b) for n, a, b in zip(names, nan_l, inf_l) if a or b]
+    if not bad:
+        return _overflow_message(where, names, norms, total_dtype)
     shown = ", ".join(f"{n} ({a} NaN, {b} Inf)" for n, a, b in bad[:10])
     more = f", and {len(bad) - 10} more" if len(bad) > 10 else ""
     return (f"{where}: non-finite gradients in {len(bad)} of {len(names)} tensors: {shown}{more}",
             [n for n, _, _ in bad])
+
+
+def _overflow_message(where: str, names, norms, total_dtype: torch.dtype) -> tuple[str, list[str]]:
+    over = [] if norms is None else [n for n, v in zip(names, norms.tolist()) if math.isinf(v)]
+    dtype = str(total_dtype).replace("torch.", "")
+    if norms is None:  # torch's orders <= 0: a zero element makes a negative order's norm inf
+        return f"{where}: every gradient element is finite, but the total norm is not finite in {dtype}", over
+    if over:
+        more = f", and {len(over) - 10} more" if len(over) > 10 else ""
+        which = f"the norm of {len(over)} of {len(names)} tensors overflows: {', '.join(over[:10])}{more}"
+    else:
+        which = f"no single tensor's norm overflows, the total over all {len(names)} does"
+    return (f"{where}: every gradient element is finite, but the gradient norm overflows {dtype} "
+            f"({which}); it is treated as non-finite, since clipping by an infinite norm would zero "
+            f"every gradient", over)
 
 
 def grad_or_empty(p: torch.Tensor) -> torch.Tensor:
@@ -395,6 +415,10 @@ class _Total(NamedTuple):
     found_inf: torch.Tensor   # 0-dim float32: 1.0 if any element is NaN or Inf
     raw: _Raw
     stats: GradStats | None   # per-tensor statistics (p > 0 only)
+
+
+def _norms_of(tot: _Total):
+    return None if tot.stats is None else tot.stats.norms
 
 
 def _total_norm(grads: list[torch.Tensor], p: float, *, process_group=None, names=None) -> tuple[_Total, list]:
@@ -426,7 +450,8 @@ def _raise_if_total_nonfinite(tot: _Total, p: float, names, where: str) -> None:
     msg = (f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be clipped. "
            "To disable this error and leave such gradients untouched (gradguard never scales them by a "
            "non-finite norm), set `error_if_nonfinite=False`")
-    detail, bad = nonfinite_message(where, names, tot.raw.nan_count, tot.raw.inf_count)
+    detail, bad = nonfinite_message(where, names, tot.raw.nan_count, tot.raw.inf_count, _norms_of(tot),
+                                    tot.raw.out_dtype)
     raise NonFiniteGradError(f"{msg}. {detail}", bad, tot.stats)
 
 
@@ -550,7 +575,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
         _raise_if_total_nonfinite(tot, p, names, where)
     if nonfinite == "raise":
         if bool(tot.found_inf):
-            msg, bad = nonfinite_message(where, names, tot.raw.nan_count, tot.raw.inf_count)
+            msg, bad = nonfinite_message(where, names, tot.raw.nan_count, tot.raw.inf_count, _norms_of(tot),
+                                         tot.raw.out_dtype)
             raise NonFiniteGradError(msg, bad, tot.stats)
         scale_(grads, clip_coefficient(tot.norm, max_norm))
     elif nonfinite == "skip":
@@ -581,7 +607,7 @@ def _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_gro
         if error_if_nonfinite:
             _raise_if_total_nonfinite(tot, p, names, where)
         if nonfinite == "raise" and bool(found):
-            msg, bad = nonfinite_message(where, names, raw.nan_count, raw.inf_count)
+            msg, bad = nonfinite_message(where, names, raw.nan_count, raw.inf_count, tot.stats.norms, raw.out_dtype)
             raise NonFiniteGradError(msg, bad, tot.stats)
     # "skip": the multiplier is 1 for a non-finite step or a bad device max_norm (nothing written);
     # "zero": the clip factor of the finite elements' norm, NaN/Inf zeroed in the same pass.

@@ -207,3 +207,24 @@ def test_grad_stats_and_all_finite_equal_on_both_paths(monkeypatch, p):
             for f, s in zip(fast, slow):
                 assert f.dtype == s.dtype and f.device == s.device
                 torch.testing.assert_close(f, s, rtol=0, atol=0, equal_nan=True)
+
+
+def test_same_items_is_identity_in_order(impl):
+    a, b, c = object(), object(), object()
+    same = _host.same_items
+    assert same([[a, b], (c,)], [a, b, c])
+    assert same([], []) and same([[]], [])
+    assert not same([[a, b], [c]], [a, c, b])          # order
+    assert not same([[a, b]], [a, b, c])               # shorter
+    assert not same([[a, b], [c, a]], [a, b, c])       # longer
+    x, y = [1000], [1000]
+    assert x == y and not same([x], [y])               # equal is not the same object
+    assert not same([{a}], [a])                        # a set is no parameter list
+
+
+@pytest.mark.skipif(_host._C is None, reason="the compiled helpers are not loaded")
+def test_same_items_refuses_what_is_not_a_list():
+    with pytest.raises(TypeError, match="expected a list, got tuple"):
+        _host._C.same_items([[1]], (1,))
+    with pytest.raises(TypeError, match="expected a list or tuple of lists, got int"):
+        _host._C.same_items(3, [1])

@@ -88,6 +88,31 @@ def test_unrepresentable_norm_leaves_grads_and_params_alone(dtype, value):
         gradguard.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
 
 
+@pytest.mark.parametrize("dtype, value", [(torch.float32, 3e38), (torch.float64, 1.5e308)])
+def test_the_error_for_an_overflowing_norm_says_so(dtype, value):
+    """Every element finite, the norm above the dtype's range: the error names the overflow and the
+    tensors whose own norm overflows (it said "non-finite gradients in 0 of 2 tensors:")."""
+    ps = [torch.nn.Parameter(torch.zeros(2, dtype=dtype)) for _ in range(2)]
+    ps[0].grad = torch.full((2,), value, dtype=dtype)       # its own norm overflows
+    ps[1].grad = torch.ones(2, dtype=dtype)
+    name = str(dtype).replace("torch.", "")
+    want = rf"every gradient element is finite, but the gradient norm overflows {name} \(the norm of 1 of 2 tensors overflows: "
+    for make in (lambda: GradGuard(torch.optim.SGD(ps, lr=0.1), on_nonfinite="raise", names=["a", "b"]),
+                 lambda: GradGuard(torch.optim.SGD(ps, lr=0.1), max_consecutive_skips=1, names=["a", "b"])):
+        with pytest.raises(gradguard.NonFiniteGradError, match=want + "a\\)") as e:
+            make().step()
+        assert e.value.names == ["a"]
+    for kw in (dict(error_if_nonfinite=True), dict(nonfinite="raise")):
+        with pytest.raises(gradguard.NonFiniteGradError, match=want + r"param\[0\]\)"):
+            gradguard.clip_grad_norm_(ps, 1.0, **kw)
+    # No single norm overflows, their total does.
+    ps = [torch.nn.Parameter(torch.zeros(1, dtype=dtype)) for _ in range(2)]
+    for q in ps:
+        q.grad = torch.full((1,), value * 0.9, dtype=dtype)
+    with pytest.raises(gradguard.NonFiniteGradError, match=r"no single tensor's norm overflows, the total over all 2"):
+        GradGuard(torch.optim.SGD(ps, lr=0.1), on_nonfinite="raise").step()
+
+
 def test_zero_mode_clips_a_norm_above_the_dtype_range_by_its_true_value():
     p = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.tensor([3e38, 3e38, 3e38, math.nan])

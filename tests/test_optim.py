@@ -345,6 +345,42 @@ def test_sparse_nonfinite_grad_skips_the_step():
     assert torch.equal(a.weight, before)
 
 
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+                                  lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True),
+                                  lambda ps: torch.optim.Adagrad(ps, lr=0.1, fused=True)], ids=["sgd", "adamw", "adagrad"])
+def test_fused_float64_steps_clip_in_float64(make, decide_on):
+    """A fused kernel's grad_scale is float32: float64 grads divided by it were clipped to ~3e-8
+    relative. They are clipped by the float64 multiplier instead, as clip_grad_norm_ does."""
+    g = torch.Generator().manual_seed(0)
+    w0, grads = torch.randn(1000, generator=g, dtype=torch.float64), torch.randn(3, 1000, generator=g, dtype=torch.float64)
+    p, q = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    guard, ref = GradGuard(make([p]), max_norm=1.0), make([q])
+    for k in range(3):
+        p.grad, q.grad = grads[k] * 10, grads[k] * 10
+        guard.step()
+        torch.nn.utils.clip_grad_norm_([q], 1.0)
+        ref.step()
+        assert float(guard.last.clip_coef) < 1.0
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-15, atol=0)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-14, atol=1e-15)
+
+
+def test_sparse_zero_mode_zeroes_every_duplicate_of_a_nonfinite_element():
+    # Row 1 has two stored entries, NaN and 4.0: the coalesced element (what the optimizer sees)
+    # is NaN, so "zero" must zero it whole, not only the stored NaN (which left 4.0 * coef).
+    emb = torch.nn.Embedding(4, 1, sparse=True)
+    w0 = emb.weight.detach().clone()
+    opt = GradGuard(torch.optim.SGD(emb.parameters(), lr=1.0), max_norm=1.0, on_nonfinite="zero")
+    emb.weight.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1, 2]]), torch.tensor([[float("nan")], [4.0], [3.0]]),
+                                              (4, 1))
+    opt.step()
+    assert emb.weight.grad.is_coalesced()
+    torch.testing.assert_close(opt.last.clip_coef.double(), torch.tensor(1.0 / (3.0 + 1e-6), dtype=torch.float64))
+    update = (w0 - emb.weight.detach()).flatten()
+    assert update[1] == 0 and update[0] == 0 and update[3] == 0
+    torch.testing.assert_close(update[2], torch.tensor(3.0 / (3.0 + 1e-6)))
+
+
 def test_lbfgs_checks_every_closure_evaluation():
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0, -1.0, 0.5]))
     opt = GradGuard(torch.optim.LBFGS([w], lr=1.0, max_iter=5), names=["w"])

@@ -158,3 +158,59 @@ def test_deepcopy_and_pickle_keep_the_whole_guard():
         assert isinstance(clone, GradGuard) and clone.optimizer is not opt.optimizer
         assert clone.summary() == opt.summary()
         assert _tensors_equal(clone.state_dict()["gradguard"], opt.state_dict()["gradguard"])
+
+
+def test_copies_of_a_guard_with_an_lr_scheduler_step_themselves():
+    # The scheduler wraps step() on the instance, with a weak reference to the original guard: a
+    # copy that kept the wrapper stepped the original, and pickling it failed.
+    import copy
+    import pickle
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = GradGuard(torch.optim.SGD([p], lr=1.0))
+    torch.optim.lr_scheduler.StepLR(opt, 1)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        q = clone.param_groups[0]["params"][0]
+        p.grad, q.grad = torch.ones(3), torch.full((3,), 5.0)
+        clone.step()
+        assert torch.equal(q, torch.full((3,), -5.0)) and torch.equal(p, torch.zeros(3))
+        assert clone.last is not None and opt.last is None
+
+
+def test_a_parameter_swapped_inside_its_group_list_is_the_one_checked(decide_on):
+    """The list keeps its id and length; a plan that kept the old parameter let the new one's
+    NaN through (it stepped to NaN) and named the old one."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    opt = GradGuard(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=1.0, model=model)
+    for q in model.parameters():
+        q.grad = torch.ones_like(q)
+    opt.step()
+    new = torch.nn.Parameter(torch.zeros(1, 2))
+    opt.param_groups[0]["params"][2] = new   # in place of model[1].weight
+    model[1].weight = new
+    for q in model.parameters():
+        q.grad = torch.ones_like(q)
+    new.grad = torch.tensor([[float("nan"), 1.0]])
+    before = [q.detach().clone() for q in model.parameters()]
+    opt.step()
+    assert bool(opt.last.skipped) and opt.last.nonfinite_layers == ["1.weight"]
+    assert all(torch.equal(q, b) for q, b in zip(model.parameters(), before))
+    new.grad = torch.full((1, 2), 10.0)   # and a finite step clips the new parameter's grad too
+    opt.step()
+    torch.testing.assert_close(opt.last.total_norm, torch.tensor((3 * 2 + 2 + 1 + 200.0) ** 0.5))
+
+
+def test_parameters_converted_in_place_get_a_new_plan(decide_on):
+    """model.double() keeps the Parameter objects: the guard's norms follow the new dtype."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1, fused=True), max_norm=0.1)  # no state to convert
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    model.double()
+    model(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    want = torch.nn.utils.get_total_norm([q.grad for q in model.parameters()])
+    opt.step()
+    assert opt.last.total_norm.dtype == torch.float64
+    torch.testing.assert_close(opt.last.total_norm, want, rtol=1e-15, atol=0)

@@ -73,6 +73,40 @@ PyObject* wrap_stats_into(const Stats& out, PyObject* result, Py_ssize_t first) 
   return wrap_into({&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out)}, result, first);
 }
 
+// same_items(lists, flat) -> bool: whether the lists (or tuples), one after another, hold exactly
+// the objects of `flat`, in order (identity, not equality). GradGuard's parameter plan is rebuilt
+// when this fails: a parameter swapped inside an existing param_groups list keeps the list's id
+// and length, and a stale plan would check the old parameter's gradient while the optimizer steps
+// the new one. Pointer compares only: ~1 us for 1,000 parameters.
+PyObject* same_items(PyObject*, PyObject* args) {
+  PyObject* lists = nullptr;
+  PyObject* flat = nullptr;
+  if (!PyArg_ParseTuple(args, "OO", &lists, &flat) || !check_list(flat, "same_items")) return nullptr;
+  if (!PyList_Check(lists) && !PyTuple_Check(lists)) {
+    PyErr_Format(PyExc_TypeError, "gradguard._C.same_items: expected a list or tuple of lists, got %s",
+                 Py_TYPE(lists)->tp_name);
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(flat);
+  PyObject** want = PySequence_Fast_ITEMS(flat);
+  Py_ssize_t k = 0;
+  const Py_ssize_t nlists = PySequence_Fast_GET_SIZE(lists);
+  PyObject** each = PySequence_Fast_ITEMS(lists);
+  for (Py_ssize_t j = 0; j < nlists; ++j) {
+    PyObject* l = each[j];
+    if (!PyList_Check(l) && !PyTuple_Check(l)) Py_RETURN_FALSE;
+    const Py_ssize_t m = PySequence_Fast_GET_SIZE(l);
+    if (m > n - k) Py_RETURN_FALSE;
+    PyObject** items = PySequence_Fast_ITEMS(l);
+    for (Py_ssize_t i = 0; i < m; ++i) {
+      if (items[i] != want[k + i]) Py_RETURN_FALSE;
+    }
+    k += m;
+  }
+  if (k != n) Py_RETURN_FALSE;
+  Py_RETURN_TRUE;
+}
+
 // grad_stats_of(params: list[Tensor], norm_type: float) -> (grads, acc, nan_count, inf_count,
 // amax), or None when a parameter has no gradient (the caller's general path handles those).
 // `grads` is the list of the parameters' .grad as autograd holds them: the caller passes only
@@ -318,6 +352,8 @@ PyObject* clear_marks_unchanged(PyObject*, PyObject* args) {
 }
 
 PyMethodDef kMethods[] = {
+    {"same_items", same_items, METH_VARARGS,
+     "same_items(lists, flat) -> whether the lists, one after another, hold exactly the objects of flat"},
     {"grad_stats_of", grad_stats_of, METH_VARARGS,
      "grad_stats_of(params, norm_type) -> (grads, acc, nan_count, inf_count, amax) of multi_tensor_stats, or None"},
     {"plain_grad_stats", plain_grad_stats, METH_VARARGS,
