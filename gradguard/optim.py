@@ -18,6 +18,8 @@ How a step decides, and what it costs (``step()`` is stats -> decide -> apply):
   update on the device when the flag is 1, so the step never syncs with the host. The kernel
   *divides* the gradients by ``grad_scale`` (and writes the result back to ``.grad``), so the
   guard passes the reciprocal of the clip coefficient (times the loss scale under a GradScaler).
+  ``grad_scale`` is float32: float64 gradients are scaled by the float64 multiplier in one op
+  of their own instead, so that their clip is as exact as ``clip_grad_norm_``'s.
 - Every other optimizer: the guard reads the decision's 8 scalars back once per step (one
   transfer) to decide whether to call the inner ``step()``, and multiplies the gradients by the
   clip factor only when it is not exactly 1. That read is why such a step cannot be captured in
