@@ -235,9 +235,12 @@ def reduce_raw(raw, plan: Plan, p: float):
 
 # ---- what a module or optimizer tells about its sharding ------------------------------------------
 
-def is_fsdp1_sharded(p) -> bool:
+def is_fsdp1_sharded(p, whole: frozenset = frozenset()) -> bool:
     """True for FSDP1's flat parameters and the original parameters viewing into them
-    (``use_orig_params=True``): each rank holds only a shard of their gradient."""
+    (``use_orig_params=True``): each rank holds only a shard of their gradient. False for those
+    whose id is in `whole` (see fsdp1_whole)."""
+    if id(p) in whole:
+        return False
     if getattr(p, "_fsdp_flattened", False):
         return True
     try:
@@ -262,6 +265,28 @@ def fsdp1_group(model):
         raise ValueError(f"gradguard.GradGuard: the FSDP modules of `model` shard over different process groups "
                          f"(ranks {sorted(found)}); pass process_group= the group to sum the statistics over")
     return next(iter(found.values()))
+
+
+def fsdp1_whole(model) -> frozenset:
+    """ids of the parameters of the FSDP1 units in `model` that do not shard (``NO_SHARD``, or a
+    world size of 1, which FSDP1 clamps to it): their FlatParameters and, with
+    ``use_orig_params=True``, the original parameters viewing into them. Their gradients are
+    whole on every rank (FSDP1 all-reduces them, as DDP does): summed over the group, as shards
+    are, they would count once per rank. Read from each unit's handle, as FSDP1's own
+    ``clip_grad_norm_`` tells sharded parameters from the rest."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:
+        return frozenset()
+    ids = set()
+    for m in FSDP.fsdp_modules(model):
+        handle = getattr(m, "_handle", None)
+        if handle is None or handle.uses_sharded_strategy:
+            continue
+        flat = handle.flat_param
+        ids.add(id(flat))
+        ids.update(id(q) for q in (getattr(flat, "_params", None) or ()))
+    return frozenset(ids)
 
 
 def zero_group(optimizer):

@@ -220,6 +220,8 @@ class GradGuard(torch.optim.Optimizer):
         # Found once: which group shards FSDP1's flat parameters, and ZeRO's group, whose ranks
         # must all take (or all skip) every step.
         self._fsdp_group = _distributed.fsdp1_group(model) if model is not None and process_group is None else None
+        # FSDP1 units that do not shard (NO_SHARD, or one rank): whole gradients, never summed.
+        self._fsdp_whole = _distributed.fsdp1_whole(model) if model is not None else frozenset()
         self._decide_group = _distributed.zero_group(optimizer)
         self._state = GuardState(history_size)
         if not isinstance(hygiene, bool):
@@ -516,7 +518,8 @@ class GradGuard(torch.optim.Optimizer):
         kinds = {(q.device, q.dtype) for q in params}
         simple = (len(kinds) == 1 and self.process_group is None and self._fsdp_group is None
                   and self._decide_group is None
-                  and not any(_distributed.is_dtensor(q) or _distributed.is_fsdp1_sharded(q) for q in params))
+                  and not any(_distributed.is_dtensor(q) or _distributed.is_fsdp1_sharded(q, self._fsdp_whole)
+                              for q in params))
         device, dtype = (params[0].device, params[0].dtype) if simple else (None, None)
         plan = _Plan(key, params, self._names(params), simple, device, dtype,
                      simple and params[0].dtype == torch.float64, all(type(q) in _host.PLAIN_TYPES for q in params))
@@ -548,11 +551,13 @@ class GradGuard(torch.optim.Optimizer):
                 return grads, _Raw(acc, nan, inf, amax, torch.float64 if plan.double else torch.float32,
                                    plan.device), plan.names, None
         params = plan.params
-        # An FSDP1 shard that is empty on this rank has no .grad here but one on other ranks: it
-        # enters as an empty gradient, so that every rank packs the same statistics.
-        keep = self.process_group is not None or self._fsdp_group is not None
+        # Every rank must pack the same statistics: an FSDP1 shard that is empty on this rank has
+        # no .grad here but one on other ranks, and with process_group= any shard may have none
+        # on some rank (an expert that got no tokens): those enter as empty gradients.
+        every = self.process_group is not None
+        keep = self._fsdp_group is not None
         present = [i for i, q in enumerate(params)
-                   if q.grad is not None or (keep and _distributed.is_fsdp1_sharded(q))]
+                   if q.grad is not None or every or (keep and _distributed.is_fsdp1_sharded(q, self._fsdp_whole))]
         grads = [grad_or_empty(params[i]) for i in present]
         if not self._check_grads(grads, present, params, plan) and check_plan:
             return None
@@ -722,14 +727,16 @@ class GradGuard(torch.optim.Optimizer):
     def _global_raw(self, params, present, grads):
         """The gradients' statistics, made global across ranks when they are sharded (one
         collective), and the local tensors that the clip scales."""
-        sharded = [_distributed.is_fsdp1_sharded(params[i]) for i in present]
+        whole = self._fsdp_whole
+        sharded = [_distributed.is_fsdp1_sharded(params[i], whole) for i in present]
         groups = None
         if self.process_group is not None:
-            groups = [self.process_group] * len(present)
+            groups = [None if id(params[i]) in whole else self.process_group for i in present]
         elif any(sharded):
             if self._fsdp_group is None:
                 names = self._names(params)
-                refuse_unreduced_fsdp1([params[i] for i in present], [names[i] for i in present], "gradguard.GradGuard")
+                refuse_unreduced_fsdp1([params[i] for i in present], [names[i] for i in present], "gradguard.GradGuard",
+                                       whole)
             groups = [self._fsdp_group if s else None for s in sharded]
         self._dtensor_grads = any(_distributed.is_dtensor(g) for g in grads)
         names = None

@@ -279,7 +279,8 @@ _NONFINITE_MODES = ("skip", "raise", "zero")
 def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep_gradless: bool = False):
     """Accepts a tensor, an iterable of tensors, or of (name, tensor) pairs
     (``model.named_parameters()``); returns the tensors that have a .grad (and, with
-    `keep_gradless`, the FSDP1 shards that have none), and their names.
+    `keep_gradless`, those that have none, as empty gradients: every rank of a group must pack the
+    same entries), and their names.
     An exhausted (empty) generator warns as torch's clip does: it is almost always a
     ``model.parameters()`` consumed earlier, and clipping nothing silently hides that."""
     if isinstance(parameters, torch.Tensor):
@@ -296,7 +297,7 @@ def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep
             name, p = f"param[{i}]", item
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{where}: parameters[{i}] is a {type(p).__name__}, expected a tensor")
-        if p.grad is None and keep_gradless and _distributed.is_fsdp1_sharded(p):
+        if p.grad is None and keep_gradless:
             params.append(p)
             names.append(name)
         elif p.grad is not None:
@@ -396,13 +397,15 @@ def grad_or_empty(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else p.detach().new_empty(0)
 
 
-def refuse_unreduced_fsdp1(params, names, where: str) -> None:
+def refuse_unreduced_fsdp1(params, names, where: str, whole: frozenset = frozenset()) -> None:
     """FSDP1 shards are plain tensors: without a group to sum over, a norm would be this rank's."""
     for p, n in zip(params, names):
-        if _distributed.is_fsdp1_sharded(p):
-            raise ValueError(f"{where}: parameter {n!r} is an FSDP1 (FullyShardedDataParallel) shard, so this rank "
-                             "holds only part of its gradient; pass process_group=<the FSDP module's "
-                             "process_group> (GradGuard also takes model=<the FSDP module>)")
+        if _distributed.is_fsdp1_sharded(p, whole):
+            raise ValueError(f"{where}: parameter {n!r} is an FSDP1 (FullyShardedDataParallel) parameter, so this "
+                             "rank may hold only a shard of its gradient; pass process_group=<the FSDP module's "
+                             "process_group> when every FSDP unit shards over it (GradGuard also takes model=<the "
+                             "FSDP module>, which also tells units that do not shard, NO_SHARD or a single rank, "
+                             "from those that do)")
 
 
 def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -558,8 +561,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
     _check_foreach(foreach, where)
     max_norm = check_max_norm(max_norm)
     p = check_norm_type(norm_type, torch_compat=True)
-    # Every rank must pack the same entries: an FSDP1 parameter whose shard is empty on this rank
-    # has no .grad here but one elsewhere, so it enters as an empty gradient.
+    # Every rank must pack the same entries: a shard with no .grad on this rank (an FSDP1 shard
+    # that is empty here, an expert that got no tokens) may have one elsewhere, so with a group
+    # every parameter without a gradient enters as an empty one.
     params, names = _params_and_names(parameters, where, keep_gradless=process_group is not None)
     if process_group is None:
         refuse_unreduced_fsdp1(params, names, where)

@@ -236,6 +236,49 @@ def scenario_fsdp1(rank, world, counter, use_orig_params):
     return out
 
 
+def scenario_fsdp1_unsharded_units(rank, world, counter, everywhere):
+    """FSDP1 units that do not shard: NO_SHARD for the whole model (`everywhere`), or a NO_SHARD
+    unit inside a FULL_SHARD root. Their gradients are whole on every rank: refused as shards,
+    or summed over the group with the shards (the norm counted them once per rank), before."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+
+    kw = dict(device_id=torch.device("cpu"), use_orig_params=not everywhere)
+    m = make_model()
+    if everywhere:
+        model = FSDP(m, sharding_strategy=ShardingStrategy.NO_SHARD, **kw)
+    else:
+        m[2] = FSDP(m[2], sharding_strategy=ShardingStrategy.NO_SHARD, **kw)
+        model = FSDP(m, sharding_strategy=ShardingStrategy.FULL_SHARD, **kw)
+    guard = gradguard.GradGuard(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=MAX_NORM, model=model)
+    # NO_SHARD all-reduces whole gradients, as DDP does: the NaN goes in one rank's data.
+    out = _train(rank, world, counter, model, guard, list(model.parameters()), nan_in_data=everywhere)
+    with FSDP.summon_full_params(model):
+        out["params"] = {clean(n): p.detach().clone() for n, p in model.named_parameters()}
+    out["steps"] = _steps(guard.state)
+    return out
+
+
+def scenario_process_group_missing_grad(rank, world):
+    """process_group= over hand-made shards, one of which has no gradient on rank 1 (an expert
+    that got no tokens): every rank must pack the same entries. Before, the ranks' gathers
+    differed in size (gloo aborted, or a finite step was skipped on an uninitialized norm)."""
+    g = torch.Generator().manual_seed(10 + rank)
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.float64)) for n in (3, 4, 5)]
+    for k, p in enumerate(params):
+        if not (rank == 1 and k == 2):
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    sq = torch.stack([(p.grad ** 2).sum() for p in params if p.grad is not None]).sum()
+    dist.all_reduce(sq)
+    out = {"true": float(sq.sqrt())}
+    grads = {k: p.grad.clone() for k, p in enumerate(params) if p.grad is not None}
+    out["clip_total"] = float(gradguard.clip_grad_norm_(params, 1e9, process_group=dist.group.WORLD))
+    guard = gradguard.GradGuard(torch.optim.SGD(params, lr=0.1), max_norm=1e9, process_group=dist.group.WORLD)
+    guard.step()
+    out["guard_total"], out["skipped"] = float(guard.last.total_norm), bool(guard.last.skipped)
+    out["stepped"] = all(torch.equal(params[k].detach(), -0.1 * grads[k]) for k in grads)
+    return out
+
+
 def scenario_zero(rank, world, counter, with_ddp):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -305,6 +348,9 @@ def run_all(rank, world) -> dict:
         "fsdp2": scenario_fsdp2(rank, world, counter),
         "fsdp1_flat": scenario_fsdp1(rank, world, counter, use_orig_params=False),
         "fsdp1_orig": scenario_fsdp1(rank, world, counter, use_orig_params=True),
+        "fsdp1_no_shard": scenario_fsdp1_unsharded_units(rank, world, counter, everywhere=True),
+        "fsdp1_no_shard_unit": scenario_fsdp1_unsharded_units(rank, world, counter, everywhere=False),
+        "pg_missing_grad": scenario_process_group_missing_grad(rank, world),
         "zero_ddp": scenario_zero(rank, world, counter, with_ddp=True),
         "zero_plain": scenario_zero(rank, world, counter, with_ddp=False),
         "tp": scenario_tp(rank, world, counter),

@@ -17,7 +17,8 @@ from gradguard import distributed as gd
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-SCENARIOS = ["ddp", "fsdp2", "fsdp1_flat", "fsdp1_orig", "zero_ddp", "zero_plain", "tp", "fsdp2_tp_2d"]
+SCENARIOS = ["ddp", "fsdp2", "fsdp1_flat", "fsdp1_orig", "fsdp1_no_shard", "fsdp1_no_shard_unit", "zero_ddp",
+             "zero_plain", "tp", "fsdp2_tp_2d"]
 TOL = dict(rtol=1e-12, atol=1e-14)
 
 
@@ -60,6 +61,7 @@ def test_full_params_and_step_counts_match_the_single_process_run(runs, name):
 
 
 @pytest.mark.parametrize("name,expected", [("ddp", 0), ("fsdp2", 1), ("fsdp1_flat", 1), ("fsdp1_orig", 1),
+                                           ("fsdp1_no_shard", 0), ("fsdp1_no_shard_unit", 1),
                                            ("zero_ddp", 1), ("zero_plain", 1), ("tp", 1), ("fsdp2_tp_2d", 1)])
 def test_collectives_added_per_step(runs, name, expected):
     for r in runs[0]:
@@ -71,7 +73,7 @@ def test_report_layer_norms_are_the_full_gradients_norms(runs, name):
     ranks, ref = runs
     for r in ranks:
         got = r[name]["layer_norms"]
-        if name == "fsdp1_flat":  # one flat parameter holds every gradient
+        if name in ("fsdp1_flat", "fsdp1_no_shard"):  # one flat parameter holds every gradient
             _same([math.hypot(*got)], [math.hypot(*ref["layer_norms"])])
         else:
             _same(got, ref["layer_norms"])
@@ -166,3 +168,12 @@ def test_combine_sums_shards_maxes_amax_and_zero_entries(p):
 def test_no_reduction_without_sharding():
     local, plan = gd.localize([torch.ones(3), torch.ones(2)])
     assert plan.group is None and len(local) == 2
+
+
+def test_process_group_shards_missing_a_grad_on_one_rank(runs):
+    ranks, _ = runs
+    for r in ranks:
+        d = r["pg_missing_grad"]
+        assert not d["skipped"] and d["stepped"], d
+        for k in ("guard_total", "clip_total"):
+            assert math.isclose(d[k], d["true"], rel_tol=1e-12), d
