@@ -35,6 +35,7 @@ Common rules:
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -89,7 +90,11 @@ def _number(value, name: str, op: str, *, nonneg: bool, allow_nan: bool = False)
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim tensor, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # a Python int beyond float64
+        raise ValueError(f"gradguard.{op}: `{name}` is an integer of {len(str(abs(value)))} digits, beyond "
+                         "float64's range") from None
     if v != v and not allow_nan:  # not math.isnan: that does not trace when torch.compile makes v symbolic
         raise ValueError(f"gradguard.{op}: `{name}` must not be NaN")
     if nonneg and v < 0.0:
@@ -103,7 +108,7 @@ def _straight_through(grad, op: str) -> bool:
     return grad == "straight_through"
 
 
-def _check_out(out, op: str, shape, device, *inputs: torch.Tensor) -> None:
+def _check_out(out, op: str, shape, device, *inputs: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"gradguard.{op}: `out` must be a tensor, got {type(out).__name__}")
     _dense(out, op, "out")
@@ -111,6 +116,9 @@ def _check_out(out, op: str, shape, device, *inputs: torch.Tensor) -> None:
         raise RuntimeError(f"gradguard.{op}(): functions with out=... arguments don't support automatic "
                            "differentiation, but one of the arguments requires grad.")
     check_devices(op, device, out=out)  # before resizing: a refused call leaves `out` as it was
+    # Likewise (the op checks it only after the resize); `dtype`: the result's, where the
+    # operands are wider (safe_div computes float16/bfloat16 by a number in float32).
+    _ref._check_out_dtype(out, inputs[0].dtype if dtype is None else dtype, op)
     resize_out(out, shape, op, inputs)
 
 
@@ -237,24 +245,47 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     elif isinstance(other, bool) or not isinstance(other, numbers.Real):
         raise TypeError(f"gradguard.safe_div: `other` must be a tensor or a real number, got {type(other).__name__}")
     dtype = _div_dtype(input, other)
-    x = x.to(dtype)
+    # An integer input goes to the result dtype in one cast: through the default dtype first,
+    # int64 2**24 + 1 divided by a float64 tensor lost its last bit.
+    x = (x if input.is_floating_point() else input).to(dtype)
+    # torch.div divides a float16/bfloat16 tensor by a number (or a 0-dim CPU tensor) in float32,
+    # by the divisor's float32 value: rounded to the input's dtype first, 1e5 became inf in
+    # float16 (x / 1e5 gave 0), 1e-8 became 0 (the fill), and 0.1 gave results 1 ulp off
+    # torch.div's in 10-60% of elements. Such a division runs in float32 and is rounded once.
+    # (A 0-dim divisor already of the input's dtype loses nothing: it keeps the one-dtype kernel,
+    # which computes in float32 too, and torch.div's gradients exactly.)
+    scalar = not isinstance(other, torch.Tensor) or (other.dim() == 0 and other.device.type == "cpu"
+                                                     and other.dtype != dtype)
+    opmath = torch.float32 if scalar and dtype in (torch.float16, torch.bfloat16) else dtype
     if isinstance(other, torch.Tensor):
         # Devices are not moved: the op takes a 0-dim CPU operand with a tensor anywhere (as
         # torch.div does) and refuses other mixes, naming the operand.
-        y = other.to(dtype)
+        y = other.to(opmath)
     else:
         # A fill on the device (the value is the fill kernel's argument): torch.tensor(number,
-        # device=cuda) would be a blocking host-to-device copy on every call.
-        y = torch.full((), other, dtype=dtype, device=x.device)
+        # device=cuda) would be a blocking host-to-device copy on every call. A number beyond the
+        # dtype's range is its signed inf, as a cast makes it (torch.full refuses it).
+        v = _number(other, "other", "safe_div", nonneg=False, allow_nan=True)
+        if abs(v) > torch.finfo(opmath).max:
+            v = math.copysign(math.inf, v)
+        y = torch.full((), v, dtype=opmath, device=x.device)
     e = 0.0 if eps is None else _number(eps, "eps", "safe_div", nonneg=True)
     f = _number(fill, "fill", "safe_div", nonneg=False, allow_nan=True)
+    if opmath is not dtype:
+        # The bounds must fit the input's dtype, as everywhere (eps=1e-8 on float16 is refused).
+        _ref.check_div_args("safe_div", x, y.to(dtype), e, f)
+        x = x.to(opmath)
     if out is not None:
-        _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), div_device(x, y), x, y)
+        _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), div_device(x, y), x, y, dtype=dtype)
         if torch.compiler.is_compiling():
-            _ref.write_out(out, _ref.safe_div_composite(x, y, e, f), "safe_div")
+            _ref.write_out(out, _ref.safe_div_composite(x, y, e, f).to(dtype), "safe_div")
+        elif opmath is not dtype:
+            out.copy_(torch.ops.gradguard.safe_div(x, y, e, f))
         else:
             torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
         return out
     if torch.compiler.is_compiling():
-        return _ref.safe_div_composite(x, y, e, f)
-    return torch.ops.gradguard.safe_div(x, y, e, f)
+        r = _ref.safe_div_composite(x, y, e, f)
+    else:
+        r = torch.ops.gradguard.safe_div(x, y, e, f)
+    return r if opmath is dtype else r.to(dtype)

@@ -319,6 +319,8 @@ def check_max_norm(max_norm):
             raise ValueError(f"gradguard: `max_norm` must be a number or a one-element real tensor, got a tensor of "
                              f"shape {tuple(max_norm.shape)} and dtype {max_norm.dtype}")
         max_norm = max_norm.detach().reshape(())
+        if not max_norm.is_floating_point():  # torch takes integer limits; the decision op wants a float
+            max_norm = max_norm.to(torch.float64)
         if max_norm.device.type == "cpu":
             v = float(max_norm)
             if math.isnan(v) or v < 0:
@@ -379,7 +381,7 @@ def nonfinite_message(where: str, names, nan_count, inf_count, norms=None,
 
 
 def _overflow_message(where: str, names, norms, total_dtype: torch.dtype) -> tuple[str, list[str]]:
-    over = [] if norms is None else [n for n, v in zip(names, norms.tolist()) if math.isinf(v)]
+    over = [] if norms is None else [n for n, v in zip(names, norms.to(total_dtype).tolist()) if math.isinf(v)]
     dtype = str(total_dtype).replace("torch.", "")
     if norms is None:  # torch's orders <= 0: a zero element makes a negative order's norm inf
         return f"{where}: every gradient element is finite, but the total norm is not finite in {dtype}", over
@@ -445,16 +447,17 @@ def _total_norm(grads: list[torch.Tensor], p: float, *, process_group=None, name
     return _Total(total, found_inf, raw, None), grads
 
 
-def _raise_if_total_nonfinite(tot: _Total, p: float, names, where: str) -> None:
-    """torch's error_if_nonfinite: raise when the total norm is NaN or +-inf (a host read), with
-    torch's message first (code greps for it), then the tensors that hold NaN/Inf."""
-    if bool(torch.isfinite(tot.norm)):
+def _raise_if_total_nonfinite(tot: _Total, p: float, names, where: str, dtype: torch.dtype) -> None:
+    """torch's error_if_nonfinite: raise when the total norm, in `dtype` (the returned norm's:
+    float16 grads give a float16 norm, which overflows above 65504 as torch's does), is NaN or
+    +-inf (a host read), with torch's message first (code greps for it), then the tensors that
+    hold NaN/Inf."""
+    if bool(torch.isfinite(tot.norm.to(dtype))):
         return
     msg = (f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be clipped. "
            "To disable this error and leave such gradients untouched (gradguard never scales them by a "
            "non-finite norm), set `error_if_nonfinite=False`")
-    detail, bad = nonfinite_message(where, names, tot.raw.nan_count, tot.raw.inf_count, _norms_of(tot),
-                                    tot.raw.out_dtype)
+    detail, bad = nonfinite_message(where, names, tot.raw.nan_count, tot.raw.inf_count, _norms_of(tot), dtype)
     raise NonFiniteGradError(f"{msg}. {detail}", bad, tot.stats)
 
 
@@ -480,7 +483,8 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite: bool = False, for
     grads = as_tensor_list(tensors)
     tot, _ = _total_norm(grads, p)
     if error_if_nonfinite:
-        _raise_if_total_nonfinite(tot, p, [f"tensors[{i}]" for i in range(len(grads))], "gradguard.get_total_norm")
+        _raise_if_total_nonfinite(tot, p, [f"tensors[{i}]" for i in range(len(grads))], "gradguard.get_total_norm",
+                                  _result_dtype(grads))
     return tot.norm.to(_result_dtype(grads))
 
 
@@ -576,7 +580,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
         return _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_group, names, where)
     tot, grads = _total_norm(grads, p, process_group=process_group, names=names)
     if error_if_nonfinite:
-        _raise_if_total_nonfinite(tot, p, names, where)
+        _raise_if_total_nonfinite(tot, p, names, where, _result_dtype(grads))
     if nonfinite == "raise":
         if bool(tot.found_inf):
             msg, bad = nonfinite_message(where, names, tot.raw.nan_count, tot.raw.inf_count, _norms_of(tot),
@@ -609,7 +613,7 @@ def _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_gro
     if error_if_nonfinite or nonfinite == "raise":
         tot = _Total(total, found, raw, finalize(raw, p))
         if error_if_nonfinite:
-            _raise_if_total_nonfinite(tot, p, names, where)
+            _raise_if_total_nonfinite(tot, p, names, where, _result_dtype(local))
         if nonfinite == "raise" and bool(found):
             msg, bad = nonfinite_message(where, names, raw.nan_count, raw.inf_count, tot.stats.norms, raw.out_dtype)
             raise NonFiniteGradError(msg, bad, tot.stats)

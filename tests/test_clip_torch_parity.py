@@ -314,3 +314,37 @@ def test_clip_grads_with_norm_bad_arguments_are_named():
         gradguard.clip_grads_with_norm_(params, 1.0, torch.tensor(1.0), foreach=1)
     with pytest.raises(ValueError, match="norm_type"):
         gradguard.get_total_norm([torch.ones(2)], "l2")
+
+
+def _f16_overflowing():
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    p.grad = torch.tensor([60000.0, 60000.0], dtype=torch.float16)  # finite; the norm 84853 > 65504
+    return [p]
+
+
+@pytest.mark.parametrize("call", [
+    lambda mod, ps: mod.get_total_norm([q.grad for q in ps], error_if_nonfinite=True),
+    lambda mod, ps: mod.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True)], ids=["get_total_norm", "clip_grad_norm_"])
+def test_error_if_nonfinite_raises_on_a_norm_that_overflows_the_grads_dtype(call):
+    """float16 grads whose norm overflows float16 (not float32): torch raises, since the norm it
+    returns is inf; gradguard returned that inf without raising, and left the grads as they were."""
+    with pytest.raises(RuntimeError, match="is non-finite"):
+        call(torch.nn.utils, _f16_overflowing())
+    ps = _f16_overflowing()
+    with pytest.raises(gradguard.NonFiniteGradError, match=r"^The total norm of order 2.0 .* overflows float16"):
+        call(gradguard, ps)
+    assert ps[0].grad.tolist() == [60000.0, 60000.0]
+
+
+@pytest.mark.parametrize("limit", [torch.tensor(1), torch.tensor([1], dtype=torch.int32)], ids=["int64", "int32"])
+def test_an_integer_tensor_max_norm_clips_as_torch_does(limit):
+    """torch takes an integer tensor limit; gradguard's check took it too, then its decision op
+    refused it ("max_norm must be a one-element floating-point tensor")."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([3.0, 4.0, 0.0])
+    torch.testing.assert_close(gradguard.clip_grad_norm_([a], limit), torch.nn.utils.clip_grad_norm_([b], limit))
+    torch.testing.assert_close(a.grad, b.grad)
+    opt = gradguard.GradGuard(torch.optim.SGD([a], lr=1.0), max_norm=limit)
+    a.grad = torch.tensor([3.0, 4.0, 0.0])
+    opt.step()
+    torch.testing.assert_close(opt.last.clip_coef, torch.tensor(1.0 / (5.0 + 1e-6)))

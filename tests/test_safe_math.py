@@ -596,3 +596,38 @@ print("ok")
 def test_kernels_of_other_isas(isa):
     # This CPU runs the widest copy; the portable and avx2 copies run here in a subprocess.
     run_under_isa(_ISA_CHECK, isa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("other", [0.1, 3.3, 1e-3, 1e5, 1e-8, -2.5e-3, torch.tensor(0.1),
+                                   torch.tensor(0.1, dtype=torch.float64)], ids=str)
+def test_div_by_a_number_is_torch_div_exactly(dtype, other):
+    """float16/bfloat16 by a number or a 0-dim CPU tensor of another dtype: torch.div divides in
+    float32 by the divisor's float32 value. Rounded to the input's dtype first, 1e5 became inf in
+    float16 (x / 1e5 gave 0), 1e-8 became 0 (the fill everywhere), and 0.1 put 10-60% of the
+    results 1 ulp off."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(dtype)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y = gradguard.safe_div(xa, other)
+    want = torch.div(xb, other)
+    assert y.dtype == want.dtype == dtype
+    assert_same_bits(y.detach(), want.detach())
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y.backward(g)
+    want.backward(g)
+    assert_same_bits(xa.grad, xb.grad)
+    out = torch.empty(4096, dtype=dtype)
+    assert gradguard.safe_div(x, other, out=out) is out
+    assert_same_bits(out, want.detach())
+
+
+def test_div_by_a_number_beyond_the_dtype_is_its_signed_inf():
+    x = torch.tensor([1.0, -2.0, 0.0])
+    assert_same_bits(gradguard.safe_div(x, 1e300), torch.div(x, 1e300))  # raised: cannot be converted
+    assert_same_bits(gradguard.safe_div(x, -1e300), torch.div(x, -1e300))
+
+
+def test_div_of_integers_by_float64_is_exact():
+    a = torch.tensor([2 ** 24 + 1, 123456789], dtype=torch.int64)
+    b = torch.ones(2, dtype=torch.float64)
+    assert gradguard.safe_div(a, b).tolist() == torch.div(a, b).tolist() == [16777217.0, 123456789.0]

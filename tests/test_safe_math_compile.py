@@ -309,3 +309,31 @@ def test_dtype_promotion_compiled():
         got = torch.compile(fn, fullgraph=True, backend="aot_eager")(a, b, h, s)
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masks_at_a_bound_the_dtype_rounds_compiled(dtype):
+    """A bound that float16/bfloat16 cannot hold exactly (1e-3): compiled, the masks sit where
+    eager's do, at the rounded bound. Inductor kept a float16/bfloat16 full() at the unrounded
+    value: at x == bfloat16(1e-3) d safe_log/dx was 0 compiled and 1000 eager, and float16
+    safe_div(1, y, eps=1e-3) at y == eps gave 999.5 instead of the fill."""
+    b = torch.tensor(1e-3, dtype=dtype)
+    below = torch.nextafter(b.float(), torch.tensor(0.0)).to(dtype)
+    below = below if below < b else (b.float() * 0.99).to(dtype)
+    x = torch.stack([b, below, (b.float() * 2).to(dtype)])
+
+    def f(a, c, y):
+        return (gradguard.safe_log(a, 1e-3), gradguard.safe_sqrt(c, 1e-3),
+                gradguard.safe_div(torch.ones_like(y), y, eps=1e-3, fill=-7.0))
+
+    outs, grads = [], []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        leaves = [x.clone().requires_grad_(True) for _ in range(3)]
+        res = fn(*leaves)
+        torch.autograd.backward(res, [torch.ones(3, dtype=dtype)] * 3)
+        outs.append(res)
+        grads.append([leaf.grad for leaf in leaves])
+    assert outs[0][2].tolist()[:2] == outs[1][2].tolist()[:2] == [-7.0, -7.0]
+    for ge, gc in zip(*grads):
+        assert ((ge == 0) == (gc == 0)).all(), (ge, gc)  # zero or passed at the same elements
+    assert grads[1][0][0] != 0 and grads[1][0][1] == 0  # safe_log: passed at the bound, zero below

@@ -7,6 +7,7 @@ without a GPU."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -319,3 +320,27 @@ def test_cuda_number_divisor_makes_no_host_to_device_copy():
     copies = [e.name for e in prof.events() if "memcpy" in e.name.lower() and "htod" in e.name.lower()]
     assert not copies, copies
     torch.testing.assert_close(got.double(), x.double() / 3.0, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, out: gradguard.safe_log(x, out=out), lambda x, out: gradguard.safe_exp(x, out=out),
+    lambda x, out: gradguard.safe_sqrt(x, out=out), lambda x, out: gradguard.safe_div(x, x, out=out),
+    lambda x, out: gradguard.safe_div(x.half(), 0.1, out=out)], ids=["log", "exp", "sqrt", "div", "div_half_number"])
+def test_a_refused_out_is_left_as_it_was(call):
+    """An `out` of the wrong dtype and shape: refused before it is resized (it used to be
+    resized, with a warning, and then refused)."""
+    out = torch.zeros(5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no resize warning either
+        with pytest.raises(RuntimeError, match=r"`out` has dtype torch.float64 but the result has dtype"):
+            call(torch.rand(2, 3) + 0.1, out)
+    assert out.shape == (5,) and not out.any()
+
+
+@pytest.mark.parametrize("call, arg", [(lambda x: gradguard.safe_log(x, eps=10 ** 400), "eps"),
+                                       (lambda x: gradguard.safe_exp(x, max=-10 ** 400), "max"),
+                                       (lambda x: gradguard.safe_div(x, x, fill=10 ** 400), "fill"),
+                                       (lambda x: gradguard.safe_div(x, 10 ** 400), "other")])
+def test_an_integer_beyond_float64_is_refused_naming_the_argument(call, arg):
+    with pytest.raises(ValueError, match=rf"`{arg}` is an integer of 401 digits, beyond float64's range"):
+        call(torch.rand(3) + 0.1)

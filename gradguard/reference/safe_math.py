@@ -223,9 +223,14 @@ def safe_div_backward(grad: torch.Tensor, input: torch.Tensor, other: torch.Tens
 # inductor's own log/exp/sqrt (measured in the README).
 
 def _bound(x: torch.Tensor, v: float) -> torch.Tensor:
-    # The bound as a 0-dim tensor of x's dtype: rounded once, as torch.clamp(x, min=v) rounds it in
-    # eager. Inductor computes float16/bfloat16 in float32, where an unrounded Python-float bound
-    # would move the mask `x >= eps` off the clamp's own boundary.
+    # The bound as a 0-dim tensor of x's dtype, rounded as the eager kernels round it (to float,
+    # then to the dtype: c10's Half/BFloat16 are made from a float). Inductor computes
+    # float16/bfloat16 in float32, where an unrounded bound would move the mask `x >= eps` off
+    # the clamp's own boundary; and it kept a float16/bfloat16 `full` at the unrounded value
+    # (at x == bfloat16(1e-3), d safe_log/dx was 0 compiled, 1000 eager): an explicit cast it
+    # does round.
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.full((), v, dtype=torch.float32, device=x.device).to(x.dtype)
     return torch.full((), v, dtype=x.dtype, device=x.device)
 
 
