@@ -17,7 +17,8 @@ class Origin:
 
     phase: str
     module: str
-    where: str                 # "output", "input", "gradient", "code", "loss", "parameter gradient"
+    where: str                 # "output", "input", "gradient", "code", "code gradient", "loss",
+                               # "parameter gradient"
     call: int | None = None
     module_call: int | None = None
     kind: str = "NaN"          # "NaN", "Inf" or "NaN and Inf"
@@ -28,7 +29,7 @@ class Origin:
     op_inputs_finite: bool | None = None
     op_module: str | None = None
     inputs_finite: bool = True
-    submodule: str | None = None      # for where == "code": the submodule whose input it was
+    submodule: str | None = None      # "code": the submodule whose input it was; "code gradient": whose output
     consumers: list = field(default_factory=list)
     bad_params: list = field(default_factory=list)  # own parameters that hold NaN/Inf
     max_param: float | None = None     # largest finite |parameter| of the module
@@ -62,6 +63,10 @@ class Origin:
             if self.distributed:
                 s += " or received from another process by the gradient all-reduce"
             s += ")"
+        elif self.where == "code gradient":
+            s = (f"forward finite; the first non-finite gradient ({self.kind}) appeared in the backward of the code "
+                 f"around the traced modules, outside its submodules: the gradient of the output of "
+                 f"`{self.submodule}`")
         elif self.module == "":
             s = ("forward finite; the gradient of the model's output was already non-finite: it came from the "
                  "backward of the loss")

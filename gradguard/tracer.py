@@ -79,11 +79,12 @@ class _Site:
     """A tensor whose gradient is hooked: the module call that produced it (or None) and the
     module calls that took it as input."""
 
-    __slots__ = ("producer", "consumers")
+    __slots__ = ("producer", "consumers", "model_output")
 
     def __init__(self, producer=None):
         self.producer = producer
         self.consumers = []
+        self.model_output = False  # also an output of the traced model itself: the loss's input
 
 
 class _Record:
@@ -103,6 +104,17 @@ class _Record:
         self.op = None         # set by a replay's op checker
         self.origin = None     # the answer, once computed (without a loss)
         self.param_names = None
+        # The gradient hooks placed this step, removed when it ends (release()): a hook on a leaf
+        # tensor (a Parameter passed straight to a submodule) outlives the step, and one on a
+        # tensor the record holds (keep_tensors=True) makes a cycle through autograd's C++ hook
+        # list that the garbage collector cannot see: either kept every step's record alive.
+        self.hooks: list = []  # (handle, id(tensor))
+
+    def release(self) -> None:
+        for handle, key in self.hooks:
+            handle.remove()
+            self.sites.pop(key, None)  # hooked again by the next forward that sees the tensor
+        self.hooks = []
 
 
 def _leaves(value):
@@ -182,13 +194,14 @@ class NanTracer:
 
     def remove(self) -> None:
         """Detaches every hook and forgets the record; gradient hooks already placed on this
-        step's tensors do nothing."""
+        step's activations do nothing, and those on parameters and other leaf tensors are removed."""
         self._detach()
         self.reset()
         self._removed = True
 
     def reset(self) -> None:
         """Forgets the recorded events (call it before each step, unless a GradGuard does)."""
+        self._rec.release()
         self._rec = _Record()
         self._last = None
         self._stack = []
@@ -203,6 +216,7 @@ class NanTracer:
         """Called by ``GradGuard.step()``: keeps this step's events for ``first_nonfinite()``,
         starts a fresh record and saves the RNG state for the next step."""
         rec = self._rec
+        rec.release()  # the step's backward is over
         if rec.flags or rec.op is not None:
             rec.found_inf = found_inf
             self._last = rec
@@ -256,9 +270,10 @@ class NanTracer:
             else:
                 site = _Site()
                 rec.sites[id(t)] = (weakref.ref(t), site)
-                t.register_hook(self._grad_hook(rec, site))
+                rec.hooks.append((t.register_hook(self._grad_hook(rec, site)), id(t)))
             if as_output:
                 site.producer = site.producer or frame
+                site.model_output = site.model_output or frame.parent is None
             else:
                 site.consumers.append(frame)
 
@@ -368,14 +383,19 @@ class NanTracer:
         rows = bad_rows(t, self.batch_dim, rec.batch_size) if t is not None else None
         if kind == "grad":
             consumers = [c.name for c in site.consumers]
+            where, submodule = "gradient", None
             if consumers:
                 module = consumers[0]
-            elif site.producer is not None and site.producer.parent is not None:
+            elif site.producer is not None and site.producer.parent is not None and not site.model_output:
+                # No module took the tensor: the code of the producer's parent did. When that
+                # parent is the model itself, its name is "" like the loss's: say which it is.
                 module = site.producer.parent.name
+                if module == "":
+                    where, submodule = "code gradient", site.producer.name
             else:
-                module = ""
-            return Origin(phase="backward", module=module, where="gradient", kind=what, rows=rows,
-                          batch_size=rec.batch_size, consumers=consumers)
+                module = ""  # the model's output: the loss's backward made it non-finite
+            return Origin(phase="backward", module=module, where=where, kind=what, rows=rows,
+                          batch_size=rec.batch_size, consumers=consumers, submodule=submodule)
         path = _leaf_path(frame, leaf) if kind == "input" else None
         if kind == "input" and frame.parent is None:
             return Origin(phase="input", module="", where="input", call=frame.call, kind=what, tensor=path,
@@ -458,6 +478,7 @@ class NanTracer:
         buffers = [(b, b.clone()) for b in self.model.buffers()]
         current = _rng_state()
         attached = bool(self._handles)
+        self._rec.release()
         rec = self._rec = _Record()
         self._stack, self._keep, self._removed = [], True, False
         checker = FirstNonfiniteOp(lambda: next((f.name for f in reversed(self._stack) if isinstance(f, _Call)),
@@ -478,6 +499,7 @@ class NanTracer:
                 rec.op = checker.found
             origin = self.first_nonfinite(loss=loss)
         finally:
+            rec.release()
             self._keep = self.keep_tensors
             if not attached:
                 self._detach()

@@ -568,3 +568,80 @@ def test_cuda_always_mode_good_step_never_syncs():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert tracer.first_nonfinite() is None
+
+
+class _SqrtBetween(nn.Module):
+    """The model's own code between two submodules makes a NaN in the backward only:
+    sqrt(relu(h) * 0) is 0 forward, and its gradient at 0 is inf (times 0: NaN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.sqrt(torch.relu(self.a(x)) * 0))
+
+
+def test_a_backward_nan_in_the_models_own_code_is_not_blamed_on_the_loss():
+    """The model's name is "", as the loss's is: a gradient no module took, produced by a child of
+    the model itself, was reported as "it came from the backward of the loss"."""
+    torch.manual_seed(0)
+    model = _SqrtBetween()
+    tracer = gradguard.NanTracer(model)
+    out = model(torch.randn(3, 4))
+    out.register_hook(lambda g: seen.append(bool(torch.isfinite(g).all())))
+    seen = []
+    out.sum().backward()
+    assert seen == [True]  # the loss's gradient is finite
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.module, origin.where, origin.submodule) == ("backward", "", "code gradient", "a")
+    assert "backward of the code around the traced modules" in str(origin) and "loss" not in str(origin)
+    tracer.remove()
+    nested = nn.Sequential(_SqrtBetween())  # the same code one level down was always named
+    tracer = gradguard.NanTracer(nested)
+    nested(torch.randn(3, 4)).sum().backward()
+    assert (tracer.first_nonfinite().module, tracer.first_nonfinite().where) == ("0", "gradient")
+
+
+class _LearnedQueries(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(8, 16))  # a Parameter passed straight to a submodule
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.proj(self.queries).mean() + x.sum()
+
+
+@pytest.mark.parametrize("keep_tensors", [False, True])
+def test_gradient_hooks_do_not_pile_up_or_keep_old_steps(keep_tensors):
+    """A gradient hook on a Parameter outlives the step, and one on a tensor the record holds
+    (keep_tensors) makes a cycle the collector cannot see: the hooks piled up one per step, stayed
+    after remove(), and kept every step's record (with keep_tensors, its activations) alive."""
+    import gc
+    import weakref
+
+    model = _LearnedQueries()
+    tracer = gradguard.NanTracer(model, keep_tensors=keep_tensors)
+    records = []
+    for _ in range(5):
+        tracer.reset()
+        records.append(weakref.ref(tracer._rec))
+        model(torch.randn(2, 3)).backward()
+        assert len(model.queries._backward_hooks or {}) <= 1
+    tracer.reset()
+    gc.collect()
+    assert not model.queries._backward_hooks
+    assert not any(r() is not None for r in records)
+    # Ended by a GradGuard (on_failure's replay too): the same.
+    guard = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), tracer=tracer)
+    for _ in range(3):
+        model(torch.randn(2, 3)).backward()
+        guard.step()
+        guard.zero_grad()
+    assert not model.queries._backward_hooks
+    model(torch.randn(2, 3)).backward()
+    model.queries.grad[0, 0] = float("nan")
+    tracer.replay(lambda: model(torch.randn(2, 3)))
+    tracer.remove()
+    assert not model.queries._backward_hooks
