@@ -273,7 +273,7 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     f = _number(fill, "fill", "safe_div", nonneg=False, allow_nan=True)
     if opmath is not dtype:
         # The bounds must fit the input's dtype, as everywhere (eps=1e-8 on float16 is refused).
-        _ref.check_div_args("safe_div", x, y.to(dtype), e, f)
+        _ref.check_div_args("safe_div", x, y, e, f)
         x = x.to(opmath)
     if out is not None:
         _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), div_device(x, y), x, y, dtype=dtype)

@@ -270,7 +270,9 @@ class NanTracer:
             else:
                 site = _Site()
                 rec.sites[id(t)] = (weakref.ref(t), site)
-                rec.hooks.append((t.register_hook(self._grad_hook(rec, site)), id(t)))
+                handle = t.register_hook(self._grad_hook(rec, site))
+                if t.is_leaf or self._keep:  # (an activation's hook otherwise dies with it)
+                    rec.hooks.append((handle, id(t)))
             if as_output:
                 site.producer = site.producer or frame
                 site.model_output = site.model_output or frame.parent is None
