@@ -77,7 +77,7 @@ def _csv_metrics(trainer) -> dict[int, dict[str, float]]:
 
 def _check_run(trainer, cb, model, steps, max_norm=1.0, rtol=1e-5):
     assert model.before_bad == "checked"
-    assert cb.bad_steps == [{"step": BAD, "guard_step": BAD + 1, "layers": ["net.2.weight"], "skipped": True}]
+    assert cb.bad_steps == [{"step": BAD, "guard_step": BAD + 1, "layers": ["net.2.weight"], "skipped": True, "optimizer": 0}]
     rows = _csv_metrics(trainer)
     assert sorted(rows) == list(range(steps))
     for step in range(steps):
@@ -166,6 +166,52 @@ def test_resume_restores_the_guard(tmp_path):
     assert resumed["skipped"][:5] == history["skipped"]
     rows = _csv_metrics(trainer2)
     assert sorted(rows) == [5, 6, 7] and all(rows[k]["grad/skipped"] == 0.0 for k in rows)
+    # The guard's own count, restored: the skip before the checkpoint (it restarted from 0).
+    assert all(rows[k]["grad/skipped_total"] == 1.0 for k in rows)
+
+
+class _TwoOptimizers(pl.LightningModule):
+    """Manual optimization, two optimizers; batch 1 has a NaN label that only the second
+    optimizer's loss sees (a GAN's discriminator going bad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+
+    def training_step(self, batch, i):
+        x, y = batch
+        if i == 1:
+            y = y.clone()
+            y[0, 0] = math.nan
+        oa, ob = self.optimizers()
+        oa.zero_grad()
+        self.manual_backward(self.b(self.a(x)).pow(2).mean())
+        oa.step()
+        ob.zero_grad()
+        self.manual_backward(torch.nn.functional.mse_loss(self.b(self.a(x).detach()), y))
+        ob.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.Adam(self.b.parameters(), lr=0.1)]
+
+
+def test_every_optimizers_bad_steps_are_reported(tmp_path):
+    """Only the first optimizer's reports were kept: the second's skip was in its summary() but not
+    in bad_steps, the warning or the logs."""
+    model, cb = _TwoOptimizers(), GradGuardCallback(max_norm=1.0)
+    data = torch.utils.data.DataLoader([(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(3)], batch_size=None)
+    trainer = _trainer(tmp_path, cb, max_steps=6)
+    trainer.fit(model, data)
+    assert [g.summary()["skipped"] for g in cb.guards] == [0, 1]
+    assert [(b["optimizer"], b["layers"], b["skipped"]) for b in cb.bad_steps] == [(1, ["b.weight", "b.bias"], True)]
+    rows = _csv_metrics(trainer)
+
+    def last(key):
+        return [r[key] for _, r in sorted(rows.items()) if key in r][-1]
+
+    assert last("grad/skipped_total") == 0.0 and last("grad/optimizer_1/skipped_total") == 1.0
+    assert any("grad/nonfinite/b.weight" in r for r in rows.values())
 
 
 def test_bf16_mixed(tmp_path):

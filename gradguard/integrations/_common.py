@@ -84,27 +84,34 @@ def load_guard_state_json(guard: GradGuard, saved: dict, device) -> None:
     guard.load_state_dict({**guard.optimizer.state_dict(), "gradguard": _decode(saved, device)})
 
 
+def skipped_total(guard) -> torch.Tensor:
+    """The guard's own count of skipped steps, as a float32 0-dim device tensor (one op, no sync):
+    restored with the guard's state, so the logged curve carries on across a resume (a count kept
+    by the callback started again from 0)."""
+    return guard._state.counters[0].to(torch.float32)
+
+
 class BadStepLog:
     """Reports of steps not yet checked for NaN/Inf. ``flush()`` reads all their flags in one
     transfer and returns the bad ones with their non-finite layer names."""
 
     def __init__(self):
-        self.pending = []   # (framework step, StepReport)
-        self.bad_steps = []  # dicts: step, guard_step, layers
+        self.pending = []   # (framework step, StepReport, optimizer index)
+        self.bad_steps = []  # dicts: step, guard_step, layers, skipped, optimizer
 
-    def add(self, step: int, report) -> None:
-        self.pending.append((step, report))
+    def add(self, step: int, report, optimizer: int = 0) -> None:
+        self.pending.append((step, report, optimizer))
 
     def flush(self) -> list[dict]:
         if not self.pending:
             return []
         pending, self.pending = self.pending, []
-        flags = torch.stack([r.found_inf for _, r in pending]).double().tolist()
+        flags = torch.stack([r.found_inf.to(pending[0][1].found_inf.device) for _, r, _ in pending]).double().tolist()
         found = []
-        for (step, report), flag in zip(pending, flags):
+        for (step, report, optimizer), flag in zip(pending, flags):
             if flag:
                 entry = {"step": step, "guard_step": report.step, "layers": report.nonfinite_layers,
-                         "skipped": bool(report.skipped)}
+                         "skipped": bool(report.skipped), "optimizer": optimizer}
                 found.append(entry)
                 log.warning("gradguard: step %d had non-finite gradients in %s (%s)", step,
                             ", ".join(entry["layers"]) or "(none named)",

@@ -22,10 +22,12 @@ the guard the loss scale and the scaler's flag.
 
 Logged (through ``pl_module.log``, so every logger of the trainer gets them, every
 ``log_every_n_steps``): ``grad/total_norm``, ``grad/clip_coef``, ``grad/skipped`` (this step),
-``grad/skipped_total``. These are device tensors: no host sync until Lightning logs them. Bad
+``grad/skipped_total`` (the guard's own count, restored on resume); for the second and later
+optimizers of a fit, the same under ``grad/optimizer_<i>/``. These are device tensors: no host
+sync until Lightning logs them. Bad
 steps are found once per logged step by one read of the pending steps' flags; for each one every
 logger gets ``grad/nonfinite/<parameter name> = 1`` at that step (TensorBoard also the names as
-text), ``callback.bad_steps`` gets ``{"step", "guard_step", "layers", "skipped"}`` (``step``: the
+text), ``callback.bad_steps`` gets ``{"step", "guard_step", "layers", "skipped", "optimizer"}`` (``step``: the
 ``trainer.global_step`` the bad step ran at, which is where Lightning logs it; ``guard_step``:
 the guard's 1-based count) and a warning is
 logged.
@@ -36,7 +38,7 @@ import warnings
 
 import torch
 
-from gradguard.integrations._common import BadStepLog, check_guard_kwargs, require
+from gradguard.integrations._common import BadStepLog, check_guard_kwargs, require, skipped_total
 from gradguard.optim import GradGuard
 
 pl = require("lightning.pytorch", "lightning", "lightning")
@@ -53,8 +55,7 @@ class GradGuardCallback(pl.Callback):
         self.guard_kwargs = check_guard_kwargs("gradguard.integrations.lightning.GradGuardCallback", guard_kwargs)
         self.guards: list[GradGuard] = []
         self._log = BadStepLog()
-        self._new_report = None
-        self._skipped_total = None
+        self._new_reports = []  # (optimizer index, guard, report) of this batch's steps
         self._taken_clip = None
 
     @property
@@ -104,24 +105,27 @@ class GradGuardCallback(pl.Callback):
             guards.append(guard)
         trainer.strategy.optimizers = guards
         self.guards = guards
-        self._skipped_total = None
+        self._new_reports = []
 
     def _on_step(self, guard, report) -> None:
-        if guard is self.guards[0]:
-            self._new_report = report
+        # Every optimizer's steps (a GAN's discriminator skips too); the last report of each
+        # guard in this batch is the one logged.
+        index = next(i for i, g in enumerate(self.guards) if g is guard)
+        self._new_reports = [r for r in self._new_reports if r[0] != index] + [(index, guard, report)]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        report, self._new_report = self._new_report, None
-        if report is None:  # accumulating gradients: no optimizer step in this batch
+        reports, self._new_reports = sorted(self._new_reports, key=lambda r: r[0]), []
+        if not reports:  # accumulating gradients: no optimizer step in this batch
             return
-        skipped = report.skipped.to(torch.float32)
-        self._skipped_total = skipped.clone() if self._skipped_total is None else self._skipped_total + skipped
-        pl_module.log_dict({"grad/total_norm": report.total_norm.to(torch.float32),
-                            "grad/clip_coef": report.clip_coef.to(torch.float32),
-                            "grad/skipped": skipped, "grad/skipped_total": self._skipped_total},
-                           on_step=True, on_epoch=False, logger=True, batch_size=1)
-        # Lightning logs this batch's metrics at the step count before the step: so do we.
-        self._log.add(trainer.global_step - 1, report)
+        for index, guard, report in reports:
+            prefix = "grad/" if index == 0 else f"grad/optimizer_{index}/"
+            pl_module.log_dict({prefix + "total_norm": report.total_norm.to(torch.float32),
+                                prefix + "clip_coef": report.clip_coef.to(torch.float32),
+                                prefix + "skipped": report.skipped.to(torch.float32),
+                                prefix + "skipped_total": skipped_total(guard)},
+                               on_step=True, on_epoch=False, logger=True, batch_size=1)
+            # Lightning logs this batch's metrics at the step count before the step: so do we.
+            self._log.add(trainer.global_step - 1, report, index)
         if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             self._flush(trainer)
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from gradguard.integrations._common import require
+from gradguard.integrations._common import require, skipped_total
 
 
 def _writer(target):
@@ -52,11 +52,8 @@ class TensorBoardHook:
                             f"got {type(prefix).__name__}")
         self.prefix = prefix
         self.step_fn = step_fn
-        self._skipped_total = None
 
     def __call__(self, guard, report) -> None:
-        skipped = report.skipped.to(torch.int64)
-        self._skipped_total = skipped.clone() if self._skipped_total is None else self._skipped_total + skipped
         if report.step % self.every:
             return
         step = report.step if self.step_fn is None else int(self.step_fn(report))
@@ -68,7 +65,7 @@ class TensorBoardHook:
         w.add_scalar(p + "skipped", float(d["skipped"]), step)
         w.add_scalar(p + "clipped", float(d["clipped"]), step)
         if self.every > 1:
-            w.add_scalar(p + "skipped_total", float(self._skipped_total), step)
+            w.add_scalar(p + "skipped_total", float(skipped_total(guard)), step)  # restored on resume
         if d["nonfinite_layers"]:
             w.add_text(p + "nonfinite_layers", ", ".join(d["nonfinite_layers"]), step)
         if histogram:

@@ -38,7 +38,7 @@ import sys
 import torch
 
 from gradguard.integrations._common import (BadStepLog, log, check_guard_kwargs, guard_state_json, load_guard_state_json,
-                                            require)
+                                            require, skipped_total)
 from gradguard.optim import GradGuard
 
 transformers = require("transformers", "transformers", "transformers")
@@ -71,7 +71,6 @@ class GradGuardCallback(transformers.TrainerCallback):
         self._trainer = None
         self._restore = None
         self._norm_out = None
-        self._skipped_total = None
         self._last_report = None
         self._pending_logs = None
         self._trainer_log = None
@@ -144,8 +143,7 @@ class GradGuardCallback(transformers.TrainerCallback):
         report, self._last_report = self._last_report, None
         if report is None:
             return
-        skipped = report.skipped.to(torch.float32)
-        self._skipped_total = skipped.clone() if self._skipped_total is None else self._skipped_total + skipped
+        self._skipped_total = skipped_total(self.guard)  # the guard's own count: restored on resume
         self._log.add(state.global_step, report)
         if control.should_log:
             self._emit(report)
@@ -158,11 +156,11 @@ class GradGuardCallback(transformers.TrainerCallback):
 
     def _emit(self, report) -> None:
         # One read for the four scalars; a second only when a pending step was bad.
-        total, coef, skipped, skipped_total = torch.stack([
+        total, coef, skipped, skipped_all = torch.stack([
             report.total_norm.double(), report.clip_coef.double(), report.skipped.double(),
             self._skipped_total.to(report.total_norm.device).double()]).tolist()
         logs = {"grad/total_norm": total, "grad/clip_coef": coef, "grad/skipped": skipped,
-                "grad/skipped_total": skipped_total}
+                "grad/skipped_total": skipped_all}
         for bad in self._log.flush():
             logs.update({f"grad/nonfinite/{name}": 1.0 for name in bad["layers"]})
         self._pending_logs = {**(self._pending_logs or {}), **logs}
