@@ -62,3 +62,23 @@ def test_host_overhead_table_measures_every_path_and_size():
     for n in HOST_TARGET_US:
         assert sum(f", {n} tensors:" in c for c in tab.checks) == 3
     assert sum("hygiene=True" in c for c in tab.checks) == len(HOST_TARGET_US)
+
+
+@pytest.mark.parametrize("decide", ["host", "device"])
+def test_float64_fused_clip_is_one_scaling_op(decide):
+    """float64 grads on a fused optimizer are clipped by the float64 multiplier in one scaling op
+    of their own (grad_scale is float32), still within the target."""
+    from gradguard import GradGuard
+    from gradguard.bench.optim_cases import guard_ops
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(16, 8, generator=g, dtype=torch.float64)) for _ in range(52)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    guard = GradGuard(torch.optim.AdamW(params, lr=1e-3, fused=True), max_norm=1e-3, hygiene=False)
+    guard._decide_on_host_on_cpu = decide == "host"
+    ops = guard_ops(guard)
+    assert len(ops) <= OP_COUNT_TARGET, ops
+    assert ops[:2] == ["gradguard::multi_tensor_stats", "gradguard::guard_decide"], ops
+    assert ops.count("gradguard::maybe_scale_") == 1, ops
+    assert len(ops) == (4 if decide == "host" else 3), ops  # the host path's one read
