@@ -86,6 +86,20 @@ def fault_schedule(steps: int) -> list[Fault]:
     ]
 
 
+def start_step(step, faults, gen, device, inner, base_lr, opt):
+    """The batch of `step`, with the faults that act before the forward applied: NaN in the
+    batch, the learning-rate spike (set on the inner optimizer), the forgotten zero_grad()."""
+    x, y = make_batch(gen, device)
+    if any(f.name == "nan_batch" and f.active(step) for f in faults):
+        x[5, 3, 2] = math.nan
+    spike = any(f.name == "lr_spike" and f.active(step) for f in faults)
+    for group in inner.param_groups:
+        group["lr"] = base_lr * (LR_SPIKE if spike else 1.0)
+    if not any(f.name == "no_zero_grad" and f.active(step) for f in faults):
+        opt.zero_grad()
+    return x, y
+
+
 def loss_fn(logits, y, step, faults, exp, log):
     """Cross-entropy written the way it often is by hand: softmax with exp, then log of the
     probability. `exp`/`log` are torch's or gradguard's safe versions."""
@@ -147,14 +161,7 @@ def train(guarded: bool, steps: int, device, seed: int = 0) -> RunResult:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         for step in range(1, steps + 1):
-            x, y = make_batch(gen, device)
-            if any(f.name == "nan_batch" and f.active(step) for f in faults):
-                x[5, 3, 2] = math.nan
-            spike = any(f.name == "lr_spike" and f.active(step) for f in faults)
-            for group in inner.param_groups:
-                group["lr"] = base_lr * (LR_SPIKE if spike else 1.0)
-            if not any(f.name == "no_zero_grad" and f.active(step) for f in faults):
-                opt.zero_grad()
+            x, y = start_step(step, faults, gen, device, inner, base_lr, opt)
             model.train()
             loss = loss_fn(model(x), y, step, faults, exp, log)
             loss.backward()
@@ -203,14 +210,7 @@ def trace_run(steps: int, device, seed: int = 0) -> TraceResult:
     res = TraceResult()
     gen = torch.Generator().manual_seed(seed + 1)
     for step in range(1, steps + 1):
-        x, y = make_batch(gen, device)
-        if any(f.name == "nan_batch" and f.active(step) for f in faults):
-            x[5, 3, 2] = math.nan
-        spike = any(f.name == "lr_spike" and f.active(step) for f in faults)
-        for group in inner.param_groups:
-            group["lr"] = base_lr * (LR_SPIKE if spike else 1.0)
-        if not any(f.name == "no_zero_grad" and f.active(step) for f in faults):
-            opt.zero_grad()
+        x, y = start_step(step, faults, gen, device, inner, base_lr, opt)
         model.train()
 
         def fwd_bwd(batch, step=step):
