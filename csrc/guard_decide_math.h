@@ -194,7 +194,11 @@ GG_HD Decision decide(const Config& c, const Inputs& in) {
   d.found = (in.nan_total + in.inf_total) > 0 || isinf_(round_to(in.finite_total, c.out_double));
   d.overflow = in.has_scaler_found && in.scaler_found > 0;
   d.found = d.found || d.overflow;
-  if (in.has_max_norm) d.found = d.found || !(in.max_norm >= 0);
+  // A device max_norm that is negative or NaN (checked nowhere else: reading it would sync)
+  // makes the step non-finite, and it never clips: in "zero" mode a coefficient from it would be
+  // negative or NaN and would flip or destroy the gradients.
+  const bool bad_limit = in.has_max_norm && !(in.max_norm >= 0);
+  d.found = d.found || bad_limit;
   const bool finite = !d.found;
 
   d.total = round_to(mul(total64, inverse_scale(in.has_loss_scale, in.loss_scale)), c.out_double);
@@ -213,7 +217,7 @@ GG_HD Decision decide(const Config& c, const Inputs& in) {
   if (c.clipping) {
     const double q = div(limit, add(d.basis, 1e-6));
     d.coef = round_to(isnan_(q) ? q : (q < 1.0 ? q : 1.0), c.basis_double);
-    if (c.mode != kZero && !finite) d.coef = 1.0;
+    if ((c.mode != kZero && !finite) || bad_limit) d.coef = 1.0;
   } else {
     d.coef = 1.0;
   }

@@ -427,3 +427,26 @@ def test_report_host_views():
                                model.fc2.weight.grad.norm(), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="`k`"):
         rep.worst_layers(-1)
+
+
+@pytest.mark.parametrize("limit", [-1.0, math.nan], ids=["negative", "nan"])
+@pytest.mark.parametrize("mode", ["zero", "ignore", "skip"])
+def test_a_max_norm_tensor_made_invalid_in_place_never_clips(mode, limit, device):
+    # A max_norm tensor is checked when it is handed over; a schedule that later writes a negative
+    # or NaN value into it (or a device tensor, which is never read back) must not become a
+    # negative or NaN clip coefficient: in "zero" mode that flipped the update into an ascent
+    # step or made the weights NaN.
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], device=device))
+    limit_t = torch.tensor(0.5, device=device)
+    opt = GradGuard(torch.optim.SGD([w], lr=0.1), max_norm=limit_t, on_nonfinite=mode)
+    limit_t.fill_(limit)
+    grad = torch.tensor([3.0, math.nan if mode == "zero" else 4.0, 12.0], device=device)
+    w.grad = grad.clone()
+    opt.step()
+    assert bool(opt.last.found_inf) and float(opt.last.clip_coef) == 1.0
+    if mode == "skip":
+        assert torch.equal(w.detach(), torch.tensor([1.0, 2.0, 3.0], device=device))
+    else:  # stepped with the gradient as it came (its NaN zeroed in "zero" mode), not clipped
+        want = torch.tensor([1.0, 2.0, 3.0], device=device) - 0.1 * grad.nan_to_num(nan=0.0)
+        assert torch.equal(w.detach(), want)
+

@@ -145,7 +145,8 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
         overflow = scaler_found.to(device=dev).double() > 0
         found = found | overflow
     if max_norm is not None:
-        found = found | ~(max_norm.to(device=dev).double() >= 0)
+        bad_limit = ~(max_norm.to(device=dev).double() >= 0)  # never clips, in any mode
+        found = found | bad_limit
     finite = ~found
 
     inv = 1.0 if loss_scale is None else 1.0 / loss_scale.to(device=dev).double()
@@ -168,6 +169,8 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
         coef = _round(torch.clamp(limit / (basis + 1e-6), max=1.0), basis_dtype)
         if mode != "zero":
             coef = torch.where(finite, coef, 1.0)
+        elif max_norm is not None:
+            coef = torch.where(bad_limit, 1.0, coef)
     else:
         coef = torch.ones((), dtype=torch.float64, device=dev)
     if spike != "none":
