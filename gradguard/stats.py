@@ -522,8 +522,10 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> Non
         total = total.to(torch.float32)  # a float16 norm's 1e-6 and quotient would round in float16
     # Computed as guard_decide computes it (float64, rounded once), so that get_total_norm then
     # clip_grads_with_norm_ scales exactly as clip_grad_norm_ does.
+    # A number is filled on the device (torch.tensor would copy it from the host: a sync on a GPU,
+    # and no CUDA graph could capture it).
     limit = (max_norm.to(total.device) if isinstance(max_norm, torch.Tensor)
-             else torch.tensor(max_norm, dtype=torch.float64, device=total.device)).double()
+             else torch.full((), max_norm, dtype=torch.float64, device=total.device)).double()
     coef = torch.where(torch.isfinite(total), torch.clamp(limit / (total.double() + 1e-6), max=1.0), 1.0)
     coef = coef.to(total.dtype)
     # DTensor grads are scaled through their local shards (the factor is the same on every rank).

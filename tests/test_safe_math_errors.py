@@ -18,7 +18,11 @@ from gradguard.safe_math import EXP_MAX
 
 ops = torch.ops.gradguard
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def needs_cuda(test):
+    """Skipped without a GPU; marked `cuda`, so that benchmarks/gpu_check.sh runs it."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def bits(t):

@@ -547,6 +547,7 @@ def test_compiled_model_on_failure_replays_eagerly():
     assert (origin.phase, origin.module) == ("forward", "blocks.0.act")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (not run on the development machine)")
 def test_cuda_always_mode_good_step_never_syncs():
     torch.manual_seed(0)

@@ -63,6 +63,24 @@ def _pieces(t: torch.Tensor, limit: int):
         yield from _pieces(t.narrow(d, b, min(step, t.size(d) - b)), limit)
 
 
+_OWNER_INDEX: dict = {}  # (device, owners) -> the index tensor on that device
+
+
+def _owner_index(owner: list[int], device: torch.device) -> torch.Tensor:
+    """Which tensor each partial result belongs to, as an index tensor on `device`. An
+    accelerator's is built once per layout: torch.tensor(list, device=...) copies from the host
+    (a sync, which no CUDA graph capture can hold), and a training loop calls with one layout."""
+    if device.type == "cpu":
+        return torch.tensor(owner, dtype=torch.int64)
+    key = (device, tuple(owner))
+    index = _OWNER_INDEX.get(key)
+    if index is None:
+        if len(_OWNER_INDEX) >= 16:
+            _OWNER_INDEX.pop(next(iter(_OWNER_INDEX)))
+        index = _OWNER_INDEX[key] = torch.tensor(owner, dtype=torch.int64, device=device)
+    return index
+
+
 def merge_scaled(acc: torch.Tensor, amax: torch.Tensor, index: torch.Tensor, n: int, p: float):
     """Merges normalized partial sums: row k holds acc[k] = sum (|x| / amax[k])^p of one part of
     tensor index[k]; returns (acc, amax) of shape [n] with the same meaning for the whole tensors.
@@ -338,7 +356,7 @@ def multi_tensor_stats(tensors: list[torch.Tensor], norm_type: float):
         else:
             acc = amax = torch.zeros(0, **f64)
             nan = inf = torch.zeros(0, dtype=torch.int64, device=device)
-    index = torch.tensor(owner, dtype=torch.int64, device=device)
+    index = _owner_index(owner, device)
     out_acc, out_max = merge_scaled(acc, amax, index, n, p)
     nan_count = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, index, nan)
     inf_count = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, index, inf)
