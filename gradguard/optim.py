@@ -640,6 +640,7 @@ class GradGuard(torch.optim.Optimizer):
             # The one read of the step (flag, multiplier, skip streak): one transfer.
             host = scalars.tolist()
             found_h, streak_h, mult_h = host[2], int(host[5]), host[6]
+            report._skipped_read = bool(host[3])
 
         if mode == "raise" and host[2]:
             hook_error = self._run_hooks(report, keep_going=True)

@@ -41,6 +41,9 @@ class StepReport:
         self.amp = amp
         self._dtypes = (total_dtype, coef_dtype)
         self._host = None
+        # Whether the step was skipped, when the guard read its decision anyway (a step that is
+        # not decided on the device); None otherwise. See skipped_if_known().
+        self._skipped_read = None
 
     @property
     def total_norm(self) -> torch.Tensor:
@@ -63,6 +66,18 @@ class StepReport:
         self.scalars[1:4] = 1.0
         self.found_inf.fill_(1.0)
         self._host = None
+        self._skipped_read = True
+
+    def skipped_if_known(self) -> bool | None:
+        """Whether the step was skipped, as a host bool where knowing it costs no sync: the guard
+        read its decision (a non-fused inner optimizer, ``on_nonfinite="raise"``,
+        ``max_consecutive_skips``), or the decision lives in CPU memory. ``None`` for a step
+        decided on an accelerator (a fused optimizer on a GPU): read ``skipped`` for that (a sync)."""
+        if self._skipped_read is not None:
+            return self._skipped_read
+        if self.scalars.device.type == "cpu":
+            return bool(self.scalars[3])
+        return None
 
     def _fetch(self) -> dict:
         # One device-to-host copy of one packed float64 tensor for every host view, once per

@@ -11,6 +11,7 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
+import gradguard  # noqa: E402
 from gradguard import GradGuard  # noqa: E402
 from gradguard.integrations.lightning import GradGuardCallback  # noqa: E402
 from integration_fixtures import (assert_identical, assert_state_identical, optimizer_state_snapshot,  # noqa: E402
@@ -211,7 +212,26 @@ def test_every_optimizers_bad_steps_are_reported(tmp_path):
         return [r[key] for _, r in sorted(rows.items()) if key in r][-1]
 
     assert last("grad/skipped_total") == 0.0 and last("grad/optimizer_1/skipped_total") == 1.0
-    assert any("grad/nonfinite/b.weight" in r for r in rows.values())
+    # Logged where Lightning logs that batch (batch 1), not at trainer.global_step - 1 (3: it
+    # counts both optimizers' steps).
+    assert cb.bad_steps[0]["step"] == 1
+    assert [s for s, r in sorted(rows.items()) if "grad/nonfinite/b.weight" in r] == [1]
+    assert rows[1]["grad/optimizer_1/skipped"] == 1.0
+
+
+def test_each_guard_has_its_own_spike_statistics(tmp_path):
+    """One spike policy given to the callback was shared by both optimizers' guards (their norms
+    mixed into one mean) and carried from one fit into the next fit's fresh guards."""
+    policy = gradguard.ZScoreClip(warmup=100)
+    model, cb = _TwoOptimizers(), GradGuardCallback(max_norm=1.0, spike=policy)
+    data = torch.utils.data.DataLoader([(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(3)], batch_size=None)
+    _trainer(tmp_path, cb, max_steps=6).fit(model, data)
+    a, b = cb.guards
+    assert a.spike is not b.spike and policy._state is None
+    # ZScore state: [mean, var, count of finite steps]; the second optimizer's NaN step is not counted.
+    assert [float(g.spike._state[2]) for g in (a, b)] == [3.0, 2.0]
+    _trainer(tmp_path, cb, max_steps=4, name="again").fit(model, data)
+    assert [float(g.spike._state[2]) for g in cb.guards] == [2.0, 1.0]  # new guards, new statistics
 
 
 def test_bf16_mixed(tmp_path):

@@ -96,6 +96,17 @@ def test_one_report_read_per_logged_step(monkeypatch):
     assert not [c for c in rec.calls if c[0] == "text"]
 
 
+def test_histograms_are_not_lost_when_every_does_not_divide_histogram_every():
+    # every=3, histogram_every=2 wrote histograms only at multiples of both (6, 12): the first
+    # logged step at or after each multiple of histogram_every writes one.
+    rec = Recorder()
+    train(TensorBoardHook(rec, every=3, histogram_every=2), steps=12, bad=0)
+    assert [step for kind, _, _, step in rec.calls if kind == "histogram"] == [3, 6, 9, 12]
+    rec = Recorder()
+    train(TensorBoardHook(rec, every=2, histogram_every=5), steps=12, bad=0)
+    assert [step for kind, _, _, step in rec.calls if kind == "histogram"] == [6, 10]
+
+
 def test_step_fn_and_prefix():
     rec = Recorder()
     train(TensorBoardHook(rec, prefix="guard/", step_fn=lambda r: 100 + r.step), steps=3, bad=2)

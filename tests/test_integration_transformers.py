@@ -2,6 +2,7 @@
 a 2-layer GPT-2 built from a config: no download)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -73,12 +74,16 @@ def run(tmp_path, max_steps, bad=BAD, resume=None, cb=None, scaler=None, **args_
     model = tiny_gpt2()
     plant = Plant(model, bad)
     cb = cb or GradGuardCallback(max_norm=1.0)
-    args_kw.setdefault("max_grad_norm", 1.0)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1,
-        report_to=[], use_cpu=True, save_strategy="steps", save_steps=4, disable_tqdm=True, learning_rate=1e-3,
-        **args_kw)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[plant, cb])
+    kw = dict(output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1,
+              report_to=[], use_cpu=True, save_strategy="steps", save_steps=4, disable_tqdm=True, learning_rate=1e-3,
+              max_grad_norm=1.0)
+    kw.update(args_kw)
+    if kw["save_strategy"] != "steps":
+        kw.pop("save_steps")
+    args = transformers.TrainingArguments(**kw)
+    evaluating = kw.get("eval_strategy", "no") != "no"
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[plant, cb],
+                                   eval_dataset=Tokens() if evaluating else None)
     plant.trainer = trainer
     if scaler is not None:
         trainer.accelerator.scaler = scaler
@@ -178,6 +183,34 @@ def test_resume_restores_the_guard(tmp_path):
     # summary() said 1).
     assert [e["grad/skipped_total"] for _, e in sorted(logs.items()) if _ > 4] == [1.0, 1.0]
     assert first["skipped"] == 1
+
+
+def test_save_strategy_best_checkpoints_carry_the_guard(tmp_path):
+    # With "best" Trainer decides to save after the evaluation, when no callback event is left
+    # before the save: the guard's state used to be written only when should_save was already set
+    # at on_step_end, so these checkpoints had none and a resume restarted the guard.
+    trainer, cb, _ = run(tmp_path, max_steps=4, save_strategy="best", eval_strategy="steps", eval_steps=2,
+                         metric_for_best_model="loss")
+    saved = sorted((tmp_path / "out").glob("checkpoint-*"))
+    assert saved
+    for ckpt in saved:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        assert state["stateful_callbacks"][STATE_KEY]["steps"] == int(ckpt.name.split("-")[1])
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["no_scaler", "grad_scaler"])
+def test_a_skipped_step_does_not_step_the_lr_schedule(tmp_path, optim, scaled):
+    # As for GradScaler's own skips: the guard's skip reaches optimizer_step_was_skipped. Before,
+    # with a GradScaler, Accelerate counted every call of the guard's step as a step taken, and
+    # without one nothing said skipped: the schedule advanced on the bad step.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if scaled else None
+    trainer, cb, plant = run(tmp_path, max_steps=5, optim=optim, lr_scheduler_type="linear", scaler=scaler,
+                             **({"fp16": True} if scaled else {}))
+    assert cb.guard.summary()["skipped"] == 1
+    assert trainer.lr_scheduler.last_epoch == 4  # five optimizer steps, one skipped
+    lrs = [e["learning_rate"] for _, e in sorted(train_logs(trainer).items())]
+    assert lrs[BAD] == lrs[BAD + 1]  # logged after steps BAD + 1 and BAD + 2: the bad one held it
 
 
 def test_bad_arguments_fail_at_construction():

@@ -28,12 +28,15 @@ sync until Lightning logs them. Bad
 steps are found once per logged step by one read of the pending steps' flags; for each one every
 logger gets ``grad/nonfinite/<parameter name> = 1`` at that step (TensorBoard also the names as
 text), ``callback.bad_steps`` gets ``{"step", "guard_step", "layers", "skipped", "optimizer"}`` (``step``: the
-``trainer.global_step`` the bad step ran at, which is where Lightning logs it; ``guard_step``:
+step Lightning logs that batch's metrics at, its count of batches that stepped before it, which is
+``trainer.global_step - 1`` with one optimizer but not when a batch steps several; ``guard_step``:
 the guard's 1-based count) and a warning is
-logged.
+logged. Each guard gets its own copy of a ``spike`` policy (two optimizers, or a second ``fit``,
+must not share one set of statistics).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -100,7 +103,10 @@ class GradGuardCallback(pl.Callback):
             if isinstance(opt, GradGuard):
                 raise ValueError("gradguard.integrations.lightning.GradGuardCallback: configure_optimizers already "
                                  "returns a GradGuard; use either the callback or your own GradGuard, not both")
-            guard = GradGuard(opt, model=pl_module, **kwargs)
+            own = dict(kwargs)
+            if own.get("spike") is not None:
+                own["spike"] = copy.deepcopy(own["spike"])
+            guard = GradGuard(opt, model=pl_module, **own)
             guard.add_step_hook(self._on_step)
             guards.append(guard)
         trainer.strategy.optimizers = guards
@@ -117,6 +123,10 @@ class GradGuardCallback(pl.Callback):
         reports, self._new_reports = sorted(self._new_reports, key=lambda r: r[0]), []
         if not reports:  # accumulating gradients: no optimizer step in this batch
             return
+        # Lightning logs this batch's metrics at its count of batches that stepped so far (not
+        # trainer.global_step, which counts every optimizer's steps), and flushes the loggers
+        # when that count + 1 is a multiple of log_every_n_steps: so do we.
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step - 1)
         for index, guard, report in reports:
             prefix = "grad/" if index == 0 else f"grad/optimizer_{index}/"
             pl_module.log_dict({prefix + "total_norm": report.total_norm.to(torch.float32),
@@ -124,9 +134,8 @@ class GradGuardCallback(pl.Callback):
                                 prefix + "skipped": report.skipped.to(torch.float32),
                                 prefix + "skipped_total": skipped_total(guard)},
                                on_step=True, on_epoch=False, logger=True, batch_size=1)
-            # Lightning logs this batch's metrics at the step count before the step: so do we.
-            self._log.add(trainer.global_step - 1, report, index)
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self._log.add(step, report, index)
+        if (step + 1) % max(trainer.log_every_n_steps, 1) == 0:
             self._flush(trainer)
 
     def _flush(self, trainer) -> None:

@@ -5,8 +5,10 @@
 
 On every ``every``-th guarded step it reads the report once (one ``as_dict()``: one transfer) and
 writes ``grad/total_norm``, ``grad/clip_coef``, ``grad/skipped``, ``grad/clipped``, on a bad step
-the non-finite layer names as text (``grad/nonfinite_layers``), and every ``histogram_every``-th
-step a histogram of the per-layer gradient norms (``grad/layer_norms``, finite norms only). Steps
+the non-finite layer names as text (``grad/nonfinite_layers``), and a histogram of the per-layer
+gradient norms (``grad/layer_norms``, finite norms only) on the first logged step at or after each
+multiple of ``histogram_every`` (with ``every=3, histogram_every=2``: steps 3, 6, 9, ...; with
+``every=1``: every ``histogram_every``-th step). Steps
 in between are not read at all, so with ``every > 1`` a bad step between two logged ones shows
 only in ``grad/skipped_total``: a count kept on the device from every report, written (one more
 8-byte read) on the logged steps.
@@ -52,12 +54,15 @@ class TensorBoardHook:
                             f"got {type(prefix).__name__}")
         self.prefix = prefix
         self.step_fn = step_fn
+        self._next_histogram = self.histogram_every  # the guard step from which the next one is due
 
     def __call__(self, guard, report) -> None:
         if report.step % self.every:
             return
         step = report.step if self.step_fn is None else int(self.step_fn(report))
-        histogram = report.step % self.histogram_every == 0
+        histogram = report.step >= self._next_histogram
+        if histogram:
+            self._next_histogram = (report.step // self.histogram_every + 1) * self.histogram_every
         d = report.as_dict(layers=histogram)
         p, w = self.prefix, self.writer
         w.add_scalar(p + "total_norm", d["total_norm"], step)

@@ -22,8 +22,13 @@ passes no trainer):
 
 Gradient accumulation needs nothing more: Trainer steps the optimizer once per accumulated step.
 The guard's state rides in ``trainer_state.json`` (``stateful_callbacks["gradguard"]``, written
-when a checkpoint is about to be saved) and is restored in ``on_train_begin`` when resuming; the
-optimizer.pt of a checkpoint holds it too. Logged at Trainer's logging steps, merged into the
+by a wrapper of this trainer's ``_save_checkpoint`` for the run, so every checkpoint has it,
+``save_strategy="best"`` included) and is restored in ``on_train_begin`` when resuming; the
+optimizer.pt of a checkpoint holds it too. A skipped step counts as skipped for Accelerate
+(``accelerator.optimizer_step_was_skipped``), so Trainer does not step the LR schedule on it, as
+for GradScaler's own skips, wherever the host knows the decision without a sync (everywhere but a
+fused optimizer on a GPU, where the schedule advances, as it does with GradScaler and a fused
+optimizer without the guard). Logged at Trainer's logging steps, merged into the
 log Trainer writes there (``trainer.log`` of this trainer is wrapped for the run, so
 ``state.log_history`` and every ``report_to`` integration get them next to ``loss`` and ``grad_norm``): ``grad/total_norm``,
 ``grad/clip_coef``, ``grad/skipped``, ``grad/skipped_total`` and, for each bad step since the last
@@ -121,6 +126,11 @@ class GradGuardCallback(transformers.TrainerCallback):
         accelerator.clip_grad_norm_ = self._clip_grad_norm
         self._trainer_log = trainer.log
         trainer.log = self._log_with_guard
+        # The guard's state goes into trainer_state.json right before every checkpoint, whatever
+        # decided to save: "steps"/"epoch", "best" (decided after the evaluation, when no callback
+        # event is left before the save) or another callback setting should_save.
+        self._trainer_save = trainer._save_checkpoint
+        trainer._save_checkpoint = self._save_checkpoint_with_guard
 
     def _clip_grad_norm(self, parameters, max_norm, norm_type=2):
         if max_norm is not None and math.isfinite(max_norm) and max_norm > 0:
@@ -131,7 +141,22 @@ class GradGuardCallback(transformers.TrainerCallback):
         self._norm_out = torch.full((), math.nan, dtype=torch.float32, device=device)
         return self._norm_out
 
+    def _save_checkpoint_with_guard(self, *args, **kwargs):
+        if self.guard is not None and self._trainer is not None:
+            self._trainer.state.stateful_callbacks[STATE_KEY] = guard_state_json(self.guard)
+        return self._trainer_save(*args, **kwargs)
+
     def _on_step(self, guard, report) -> None:
+        # A skipped step is an optimizer step that did not happen: tell Accelerate, so that
+        # Trainer holds the LR schedule as it does for GradScaler's own skips, wherever the host
+        # knows the decision without a sync. (Accelerate's GradScaler path marks a step as taken
+        # once the step method is called, and the guard's is always called.)
+        acc_opt = self._trainer.optimizer if self._trainer is not None else None
+        if acc_opt is not None and acc_opt is not guard and hasattr(acc_opt, "_is_overflow"):
+            skipped = bool(report.skipped_if_known())
+            acc_opt._is_overflow = skipped
+            if getattr(acc_opt, "scaler", None) is not None:
+                acc_opt._accelerate_step_called = not skipped
         if self._norm_out is not None:
             if self._norm_out.device != report.total_norm.device:
                 self._norm_out = self._norm_out.to(report.total_norm.device)
@@ -147,12 +172,6 @@ class GradGuardCallback(transformers.TrainerCallback):
         self._log.add(state.global_step, report)
         if control.should_log:
             self._emit(report)
-        if control.should_save:
-            state.stateful_callbacks[STATE_KEY] = guard_state_json(self.guard)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_save and self.guard is not None:
-            state.stateful_callbacks[STATE_KEY] = guard_state_json(self.guard)
 
     def _emit(self, report) -> None:
         # One read for the four scalars; a second only when a pending step was bad.
@@ -183,4 +202,5 @@ class GradGuardCallback(transformers.TrainerCallback):
             else:
                 self._trainer.accelerator.clip_grad_norm_ = clip
             self._trainer.__dict__.pop("log", None)
+            self._trainer.__dict__.pop("_save_checkpoint", None)
             self._trainer = None
