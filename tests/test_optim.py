@@ -450,3 +450,18 @@ def test_a_max_norm_tensor_made_invalid_in_place_never_clips(mode, limit, device
         want = torch.tensor([1.0, 2.0, 3.0], device=device) - 0.1 * grad.nan_to_num(nan=0.0)
         assert torch.equal(w.detach(), want)
 
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_skipped_if_known_on_the_host(fused, device):
+    w = torch.nn.Parameter(torch.ones(4, device=device))
+    opt = GradGuard(torch.optim.AdamW([w], lr=0.1, fused=fused), max_norm=1.0)
+    known = []
+    for bad in (False, True, False):
+        w.grad = torch.full((4,), math.nan if bad else 0.5, device=device)
+        opt.step()
+        known.append(opt.last.skipped_if_known())
+    if device == "cuda" and fused:  # decided on the device: the host does not know without a read
+        assert known == [None, None, None]
+    else:
+        assert known == [False, True, False]
