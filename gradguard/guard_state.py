@@ -18,6 +18,7 @@ _KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_norm", 
 class GuardState:
     def __init__(self, history_size: int):
         self.history = History(history_size)
+        self.history._owner = self
         self.steps = 0
         self.counters: torch.Tensor | None = None         # int64 [5], see the module docstring
         self.layer_nonfinite: torch.Tensor | None = None  # int64 [P]: steps each grad was non-finite
@@ -45,6 +46,15 @@ class GuardState:
         self.steps += 1
         self.history.note(self.steps)
 
+    def catch_up(self, device_count: int) -> None:
+        """Steps the op recorded on the device while no Python ran: the replays of a CUDA graph
+        that captured a guarded step. `device_count` is counters[4] as read back. (A captured
+        step is counted on the host at capture and on the device at its first replay.)"""
+        missing = device_count - self.history.count
+        if missing > 0:
+            self.history.skip_ahead(missing, self.steps + 1)
+            self.steps += missing
+
     def mark_last_skipped(self) -> None:
         """The last step turned out skipped after all (an LBFGS step rolled back after its first
         evaluation): counted as skipped and non-finite, not clipped."""
@@ -61,10 +71,11 @@ class GuardState:
             return {"steps": self.steps, "skipped": 0, "clipped": 0, "nonfinite_steps": 0,
                     "consecutive_skips": 0, "worst_layers": []}
         n = self.layer_nonfinite.numel()
-        flat = torch.cat([self.counters[:4].to(torch.float64), self.layer_nonfinite.to(torch.float64),
+        flat = torch.cat([self.counters.to(torch.float64), self.layer_nonfinite.to(torch.float64),
                           self.layer_max_norm]).tolist()
-        skipped, clipped, nonfinite, streak = (int(v) for v in flat[:4])
-        bad, peak = [int(v) for v in flat[4:4 + n]], flat[4 + n:]
+        skipped, clipped, nonfinite, streak, rows = (int(v) for v in flat[:5])
+        self.catch_up(rows)
+        bad, peak = [int(v) for v in flat[5:5 + n]], flat[5 + n:]
         order = sorted(range(len(bad)), key=lambda i: (-bad[i], -peak[i]))
         worst = [{"name": names[i], "nonfinite_steps": bad[i], "max_norm": peak[i]} for i in order[:k]]
         return {"steps": self.steps, "skipped": skipped, "clipped": clipped, "nonfinite_steps": nonfinite,
@@ -72,6 +83,8 @@ class GuardState:
 
     def state_dict(self, spike) -> dict:
         c = self.counters
+        if c is not None:
+            self.catch_up(int(c[4]))  # a read: the steps a CUDA graph replayed since the host last looked
 
         def clone(t):
             return None if t is None else t.clone()

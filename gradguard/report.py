@@ -150,7 +150,8 @@ class History:
     """The last ``size`` steps' total norm, clip coefficient and skip flag, in a ring buffer on
     the gradients' device (``opt.history``). ``as_dict()`` reads the buffer back (a sync),
     oldest step first. The decision op of each guarded step writes the row (no op of its own);
-    the host keeps the step numbers."""
+    the host keeps the step numbers, and catches up with rows the device wrote alone (the replays
+    of a CUDA graph that captured a guarded step) whenever it reads."""
 
     _COLUMNS = ("total_norm", "clip_coef", "skipped")
 
@@ -162,6 +163,7 @@ class History:
         self._values: torch.Tensor | None = None  # [size, 3] float64 on the device
         self._steps: list[int] = []               # host-side step numbers, same ring order
         self._count = 0
+        self._owner = None  # the GuardState whose device counters say how many rows were written
 
     def __len__(self) -> int:
         return min(self._count, self.size)
@@ -184,6 +186,17 @@ class History:
             self._steps.append(step)
         self._count += 1
 
+    def skip_ahead(self, n: int, first_step: int) -> None:
+        """The host side of `n` rows the device wrote without the host (steps first_step, ...)."""
+        if n > self.size:  # only the last `size` rows are still in the ring
+            if len(self._steps) < self.size:
+                self._steps += [0] * (self.size - len(self._steps))
+            self._count += n - self.size
+            first_step += n - self.size
+            n = self.size
+        for i in range(n):
+            self.note(first_step + i)
+
     @property
     def count(self) -> int:
         """Steps recorded so far (also kept on the device, in the guard's counters)."""
@@ -197,10 +210,18 @@ class History:
     def as_dict(self) -> dict[str, list]:
         """``{"step": [...], "total_norm": [...], "clip_coef": [...], "skipped": [...]}``,
         oldest first (one read of the buffer)."""
+        counters = None if self._owner is None else self._owner.counters
+        if self._values is not None and counters is not None:
+            # One read: the ring and the device's count of rows written.
+            packed = torch.cat([self._values.reshape(-1), counters[4:5].to(self._values.device, torch.float64)])
+            flat = packed.tolist()
+            self._owner.catch_up(int(flat[-1]))
+            rows = [flat[3 * i:3 * i + 3] for i in range(self.size)]
+        elif self._values is not None:
+            rows = self._values.cpu().tolist()
         order = self._order()
         if not order:
             return {"step": [], **{c: [] for c in self._COLUMNS}}
-        rows = self._values.cpu().tolist()
         return {
             "step": [self._steps[i] for i in order],
             "total_norm": [rows[i][0] for i in order],

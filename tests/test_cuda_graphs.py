@@ -86,8 +86,14 @@ def test_captured_fused_step_replays_like_eager_steps(guard_kwargs):
         skipped_now = k == warm + nan_at and kw.get("on_nonfinite", "skip") == "skip"
         assert bool(guard.last.skipped) == skipped_now
     # The device-side counters advanced on every replay, as the eager ones did.
-    assert torch.equal(guard._state.counters[:4], eager._state.counters[:4])
+    assert torch.equal(guard._state.counters, eager._state.counters)
     assert torch.equal(guard._state.layer_nonfinite, eager._state.layer_nonfinite)
+    # The host catches up with the replays when it reads: history, summary and checkpoint.
+    hg, he = guard.history.as_dict(), eager.history.as_dict()
+    assert {k: v for k, v in hg.items() if k != "total_norm"} == {k: v for k, v in he.items() if k != "total_norm"}
+    assert str(hg["total_norm"]) == str(he["total_norm"])  # NaN on the bad step
+    assert guard.summary() == eager.summary()
+    assert guard.state_dict()["gradguard"]["steps"] == eager.state_dict()["gradguard"]["steps"] == warm + steps
 
 
 def test_a_skipped_replay_leaves_params_and_state_bit_identical():

@@ -117,6 +117,38 @@ def test_history_ring_buffer_keeps_the_last_n_steps_oldest_first():
     assert opt.history._values.device == model.fc1.weight.device
 
 
+def _replay_rows(opt, rows):
+    """What the replays of a CUDA graph holding a guarded step do to the guard's state: the op
+    writes ring row count % size and advances the device counters; no Python runs."""
+    st = opt._state
+    for norm, skipped in rows:
+        slot = int(st.counters[4]) % st.history.size
+        st.history._values[slot] = torch.tensor([norm, 1.0, float(skipped)], dtype=torch.float64)
+        st.counters[4] += 1
+        st.counters[0] += int(skipped)
+
+
+@pytest.mark.parametrize("replays", [2, 9], ids=["within_the_ring", "past_the_ring"])
+def test_steps_recorded_on_the_device_alone_are_counted(replays):
+    # The history, summary() and the checkpoint took their step numbers from the host, which a
+    # CUDA graph replay never runs: after replays they showed the capture-time steps.
+    model, opt = _build("sgd_momentum", None)
+    _train(model, opt, range(3))
+    rows = [(float(10 + i), i == 1) for i in range(replays)]
+    _replay_rows(opt, rows)
+    h = opt.history.as_dict()
+    total = 3 + replays
+    assert h["step"] == list(range(max(1, total - 5), total + 1)) and len(opt.history) == min(total, 6)
+    assert h["total_norm"][-min(replays, 6):] == [n for n, _ in rows][-6:]
+    assert h["skipped"][-min(replays, 6):] == [b for _, b in rows][-6:]
+    s = opt.summary()
+    assert s["steps"] == 3 + replays and s["skipped"] == 1
+    sd = opt.state_dict()["gradguard"]
+    assert sd["steps"] == 3 + replays and sd["history"]["count"] == 3 + replays
+    _train(model, opt, range(3, 4))  # an eager step after the replays numbers on from them
+    assert opt.history.as_dict()["step"][-1] == 4 + replays and opt.last.step == 4 + replays
+
+
 def test_step_hooks_get_every_report_and_can_be_removed():
     model, opt = _build("adamw_fused", None)
     seen = []
