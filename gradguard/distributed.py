@@ -25,6 +25,7 @@ Counts travel as float64, exact up to 2**53 elements.
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple, Sequence
 
 import torch
@@ -74,6 +75,29 @@ def _group_ranks(group) -> tuple[int, ...]:
     return hit[1]
 
 
+def is_checkpoint_init_step(param_groups) -> bool:
+    """Whether this step() is torch.distributed.checkpoint's ``_init_optim_state``: a fresh
+    optimizer stepped once on zero gradients with every lr set to 0, to create its state before
+    a get/set_state_dict. Looked for only then (every lr 0, before any state exists): a walk of a
+    few frames."""
+    for group in param_groups:
+        lr = group.get("lr", 0.0)
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1 or lr.device.type != "cpu" or float(lr) != 0.0:
+                return False
+        elif lr != 0:
+            return False
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if (frame.f_code.co_name == "_init_optim_state"
+                and frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint")):
+            return True
+        frame = frame.f_back
+    return False
+
+
 _mesh_cache: dict = {}
 
 
@@ -87,7 +111,10 @@ def _dtensor_ranks(t, where: str) -> tuple[tuple[int, ...] | None, list]:
         return hit[1], hit[2]
     shard_dims = []
     for d, pl in enumerate(placements):
-        if pl.is_shard():
+        # _StridedShard (FSDP2 over a dimension tensor parallel already shards: a 2-D mesh) holds
+        # its elements in another order, but on this mesh dimension it is a shard all the same,
+        # and torch 2.13's is_shard() says False for it.
+        if pl.is_shard() or type(pl).__name__ == "_StridedShard":
             shard_dims.append(d)
         elif not pl.is_replicate():
             raise ValueError(f"{where} is a DTensor with placement {pl} on mesh dimension {d}: its statistics "

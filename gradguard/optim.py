@@ -478,6 +478,10 @@ class GradGuard(torch.optim.Optimizer):
         # No-grad mode set by hand instead of @torch.no_grad(), and inference_mode(False) entered
         # only when inference mode is on: the two context managers cost ~8 us per step, a tenth
         # of the guard's whole host budget.
+        if not self.optimizer.state and _distributed.is_checkpoint_init_step(self.param_groups):
+            # torch.distributed.checkpoint's get/set_state_dict create a fresh optimizer's state
+            # with one step on zero gradients at lr 0: not a training step, not counted.
+            return self.optimizer.step(closure)
         grad_was = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
@@ -553,8 +557,9 @@ class GradGuard(torch.optim.Optimizer):
         params = plan.params
         # Every rank must pack the same statistics: an FSDP1 shard that is empty on this rank has
         # no .grad here but one on other ranks, and with process_group= any shard may have none
-        # on some rank (an expert that got no tokens): those enter as empty gradients.
-        every = self.process_group is not None
+        # on some rank (an expert that got no tokens): those enter as empty gradients. So with
+        # ZeroRedundancyOptimizer, whose ranks combine their statistics to decide together.
+        every = self.process_group is not None or self._decide_group is not None
         keep = self._fsdp_group is not None
         present = [i for i, q in enumerate(params)
                    if q.grad is not None or every or (keep and _distributed.is_fsdp1_sharded(q, self._fsdp_whole))]
@@ -778,7 +783,7 @@ class GradGuard(torch.optim.Optimizer):
             hook(self)
         sd = dict(self.optimizer.state_dict())
 
-        sd["gradguard"] = self._state.state_dict(self.spike)
+        sd["gradguard"] = self.guard_state_dict()
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -800,12 +805,28 @@ class GradGuard(torch.optim.Optimizer):
             self._check_guard_state(guard)
         self.optimizer.load_state_dict(sd)
         if guard is not None:
-            if self.spike is not None and guard["spike"] is not None:
-                self.spike.load_state_dict(guard["spike"])
-            self._state.load_state_dict(guard)
-            self._tracker = ClearTracker()
+            self._load_guard_state(guard)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def guard_state_dict(self) -> dict:
+        """The guard's own state alone (what ``state_dict()`` holds under ``"gradguard"``):
+        counters, per-parameter totals, spike statistics and history. For checkpointers that keep
+        only an optimizer's ``state`` and ``param_groups`` (``torch.distributed.checkpoint``'s
+        ``get_state_dict``, ``FSDP.optim_state_dict``): it is the same on every rank; save it
+        beside them and load it with ``load_guard_state_dict``."""
+        return self._state.state_dict(self.spike)
+
+    def load_guard_state_dict(self, guard: dict) -> None:
+        """Loads a ``guard_state_dict()`` (the inner optimizer's state is left as it is)."""
+        self._check_guard_state(guard)
+        self._load_guard_state(guard)
+
+    def _load_guard_state(self, guard: dict) -> None:
+        if self.spike is not None and guard["spike"] is not None:
+            self.spike.load_state_dict(guard["spike"])
+        self._state.load_state_dict(guard)
+        self._tracker = ClearTracker()
 
     def _check_guard_state(self, guard: dict) -> None:
         where = "gradguard.GradGuard.load_state_dict"

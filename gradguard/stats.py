@@ -490,6 +490,10 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite: bool = False, for
 
 def _check_total_norm(total_norm, where: str) -> torch.Tensor:
     if isinstance(total_norm, torch.Tensor):
+        if _distributed.is_dtensor(total_norm):
+            # torch.nn.utils.get_total_norm of DTensor gradients returns a DTensor: its value is
+            # the same on every rank (a Partial one is reduced here, on every rank alike).
+            total_norm = total_norm.full_tensor()
         if total_norm.numel() != 1 or not total_norm.is_floating_point():
             raise ValueError(f"{where}: `total_norm` must be a one-element floating-point tensor, got a "
                              f"{total_norm.dtype} tensor of shape {tuple(total_norm.shape)}")

@@ -120,10 +120,11 @@ def reference() -> dict:
             "names": [n for n, _ in model.named_parameters()]}
 
 
-def _train(rank, world, counter, model, guard, params, *, shard_data=True, nan_in_data=False, after_backward=None):
+def _train(rank, world, counter, model, guard, params, *, shard_data=True, nan_in_data=False, after_backward=None,
+           steps=range(STEPS)):
     out = {"norms": [], "coefs": [], "skipped": [], "collectives": []}
     rows = ROWS // world
-    for step in range(STEPS):
+    for step in steps:
         x, y = batch(step)
         if shard_data:
             x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
@@ -169,6 +170,14 @@ def direct_api(model, mesh_sharded: bool) -> dict:
     expected_coef = min(MAX_NORM / (out["total"][1] + 1e-6), 1.0)
     total = gradguard.clip_grad_norm_(list(model.parameters()), MAX_NORM)
     out["clip"] = (float(total), [(g.full_tensor() - f * expected_coef).abs().max().item() for g, f in zip(grads, full)])
+    # torch's two-call form: get_total_norm of DTensor grads returns a DTensor, which
+    # gradguard.clip_grads_with_norm_ takes as torch's does (it raised: mixed Tensor and DTensor).
+    model.zero_grad()
+    loss_of(model, x, y).backward()  # the same gradients again, unclipped
+    grads = [p.grad for p in model.parameters()]
+    torch_total = torch.nn.utils.get_total_norm(grads)
+    gradguard.clip_grads_with_norm_(list(model.parameters()), MAX_NORM, torch_total)
+    out["clip_with_norm"] = [(g.full_tensor() - f * expected_coef).abs().max().item() for g, f in zip(grads, full)]
     if dist.get_rank() == 0:
         local_of(grads[0]).view(-1)[0] = math.nan
     out["finite_after_nan"] = bool(gradguard.all_finite(grads))
@@ -201,6 +210,64 @@ def scenario_fsdp2(rank, world, counter):
     out["steps"] = _steps(guard.state)
     out["direct"] = direct_api(model, True)
     return out
+
+
+def scenario_fsdp2_dcp_resume(rank, world, counter):
+    """FSDP2 checkpointed halfway with torch.distributed.checkpoint (get_state_dict, dcp.save),
+    resumed into fresh objects (get_state_dict, dcp.load, set_state_dict), against the same run
+    uninterrupted. DCP keeps only the optimizer's state and param_groups, so the guard's own state
+    goes beside it (guard_state_dict); DCP's get_state_dict on the fresh optimizer steps it once
+    on zero gradients to create its state, which the guard must not count (it did: one phantom
+    step, a 0.0 norm in the spike statistics)."""
+    import os
+    import shutil
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def build():
+        model = make_model()
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        guard = gradguard.GradGuard(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=MAX_NORM, model=model,
+                                    spike=gradguard.ZScoreClip(warmup=1, z=1.0))
+        return model, guard
+
+    half = STEPS // 2 + 1
+    whole, whole_guard = build()
+    _train(rank, world, counter, whole, whole_guard, list(whole.parameters()))
+    first, first_guard = build()
+    _train(rank, world, counter, first, first_guard, list(first.parameters()), steps=range(half))
+    where = [tempfile.mkdtemp(prefix="gradguard_dcp_") if rank == 0 else None]
+    dist.broadcast_object_list(where)
+    path = where[0]
+    try:
+        model_sd, optim_sd = get_state_dict(first, first_guard)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        if rank == 0:
+            torch.save(first_guard.guard_state_dict(), os.path.join(path, "guard.pt"))
+        dist.barrier()
+        model, guard = build()
+        model_sd, optim_sd = get_state_dict(model, guard)
+        init_steps = guard.summary()["steps"]
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        set_state_dict(model, guard, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        guard.load_guard_state_dict(torch.load(os.path.join(path, "guard.pt"), weights_only=True))
+        dist.barrier()
+    finally:
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+    _train(rank, world, counter, model, guard, list(model.parameters()), steps=range(half, STEPS))
+    return {"init_steps": init_steps,
+            "params": [(p.full_tensor(), q.full_tensor()) for p, q in zip(model.parameters(), whole.parameters())],
+            "summary": (guard.summary(), whole_guard.summary()),
+            "spike": (guard.spike._state.tolist(), whole_guard.spike._state.tolist()),
+            "history": (guard.history.as_dict()["step"], whole_guard.history.as_dict()["step"])}
 
 
 def scenario_fsdp1(rank, world, counter, use_orig_params):
@@ -279,6 +346,27 @@ def scenario_process_group_missing_grad(rank, world):
     return out
 
 
+def scenario_zero_missing_grad(rank, world):
+    """ZeroRedundancyOptimizer inside the guard without DDP, a branch used on rank 0 only: its
+    parameters have no gradient on rank 1, and the ranks' combined statistics must still have
+    the same entries (gloo aborted: "Received data size doesn't match expected size")."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    torch.manual_seed(0)
+    trunk, branch = torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 4).double()
+    params = list(trunk.parameters()) + list(branch.parameters())
+    guard = gradguard.GradGuard(ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.SGD, lr=0.1),
+                                max_norm=1e9)
+    h = trunk(torch.randn(2, 4, generator=torch.Generator().manual_seed(rank), dtype=torch.float64))
+    if rank == 0:
+        h = branch(h)
+    h.square().mean().backward()
+    local = [float(p.grad.norm()) if p.grad is not None else 0.0 for p in params]
+    guard.step()
+    return {"local_norms": local, "norms": guard.last.norms.tolist(), "total": float(guard.last.total_norm),
+            "skipped": bool(guard.last.skipped), "params": [p.detach().clone() for p in params]}
+
+
 def scenario_zero(rank, world, counter, with_ddp):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -323,18 +411,21 @@ def scenario_tp(rank, world, counter):
     return out
 
 
-def scenario_fsdp2_tp_2d(rank, world, counter):
-    """FSDP2 over mesh dimension "dp" beside tensor parallel over "tp" on one 2-D mesh
-    (world x 1): every parameter a 2-D DTensor, Shard on dp, Shard(0)/Shard(1)/Replicate on tp."""
+def scenario_fsdp2_tp_2d(rank, world, counter, tp_first=False):
+    """FSDP2 over mesh dimension "dp" beside tensor parallel over "tp" on one 2-D mesh: every
+    parameter a 2-D DTensor. On a (world x 1) mesh: Shard on dp, Shard(0)/Shard(1)/Replicate on
+    tp. On a (1 x world) mesh (`tp_first`), FSDP2 shards the dimension ColwiseParallel already
+    shards, and the placement is (_StridedShard(0, sf=world), Shard(0)), as on any real
+    dp x tp mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))
+    mesh = init_device_mesh("cpu", (1, world) if tp_first else (world, 1), mesh_dim_names=("dp", "tp"))
     model = parallelize_module(make_model(), mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
     fully_shard(model, mesh=mesh["dp"])
     guard = gradguard.GradGuard(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=MAX_NORM, model=model)
-    out = _train(rank, world, counter, model, guard, list(model.parameters()))
+    out = _train(rank, world, counter, model, guard, list(model.parameters()), shard_data=not tp_first)
     out["placements"] = [str(p.grad.placements) for p in model.parameters()]
     out["params"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     out["steps"] = _steps(guard.state)
@@ -346,6 +437,7 @@ def run_all(rank, world) -> dict:
     results = {
         "ddp": scenario_ddp(rank, world, counter),
         "fsdp2": scenario_fsdp2(rank, world, counter),
+        "fsdp2_dcp_resume": scenario_fsdp2_dcp_resume(rank, world, counter),
         "fsdp1_flat": scenario_fsdp1(rank, world, counter, use_orig_params=False),
         "fsdp1_orig": scenario_fsdp1(rank, world, counter, use_orig_params=True),
         "fsdp1_no_shard": scenario_fsdp1_unsharded_units(rank, world, counter, everywhere=True),
@@ -353,7 +445,9 @@ def run_all(rank, world) -> dict:
         "pg_missing_grad": scenario_process_group_missing_grad(rank, world),
         "zero_ddp": scenario_zero(rank, world, counter, with_ddp=True),
         "zero_plain": scenario_zero(rank, world, counter, with_ddp=False),
+        "zero_missing_grad": scenario_zero_missing_grad(rank, world),
         "tp": scenario_tp(rank, world, counter),
         "fsdp2_tp_2d": scenario_fsdp2_tp_2d(rank, world, counter),
+        "fsdp2_tp_2d_strided": scenario_fsdp2_tp_2d(rank, world, counter, tp_first=True),
     }
     return results

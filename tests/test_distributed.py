@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 SCENARIOS = ["ddp", "fsdp2", "fsdp1_flat", "fsdp1_orig", "fsdp1_no_shard", "fsdp1_no_shard_unit", "zero_ddp",
-             "zero_plain", "tp", "fsdp2_tp_2d"]
+             "zero_plain", "tp", "fsdp2_tp_2d", "fsdp2_tp_2d_strided"]
 TOL = dict(rtol=1e-12, atol=1e-14)
 
 
@@ -62,7 +62,8 @@ def test_full_params_and_step_counts_match_the_single_process_run(runs, name):
 
 @pytest.mark.parametrize("name,expected", [("ddp", 0), ("fsdp2", 1), ("fsdp1_flat", 1), ("fsdp1_orig", 1),
                                            ("fsdp1_no_shard", 0), ("fsdp1_no_shard_unit", 1),
-                                           ("zero_ddp", 1), ("zero_plain", 1), ("tp", 1), ("fsdp2_tp_2d", 1)])
+                                           ("zero_ddp", 1), ("zero_plain", 1), ("tp", 1), ("fsdp2_tp_2d", 1),
+                                           ("fsdp2_tp_2d_strided", 1)])
 def test_collectives_added_per_step(runs, name, expected):
     for r in runs[0]:
         assert r[name]["collectives"] == [expected] * dist_scenarios.STEPS
@@ -95,6 +96,8 @@ def test_tp_mixes_shard_and_replicate(runs):
     assert runs[0][0]["fsdp2_tp_2d"]["placements"] == [
         "(Shard(dim=0), Shard(dim=0))", "(Shard(dim=0), Shard(dim=0))", "(Shard(dim=0), Shard(dim=1))",
         "(Shard(dim=0), Replicate())"]
+    # FSDP2 over a dimension tensor parallel already shards: _StridedShard (refused before)
+    assert runs[0][0]["fsdp2_tp_2d_strided"]["placements"][:2] == ["(_StridedShard(dim=0, sf=2), Shard(dim=0))"] * 2
 
 
 @pytest.mark.parametrize("name", ["fsdp2", "tp"])
@@ -108,8 +111,33 @@ def test_functional_api_on_dtensor_grads(runs, name):
         assert d["finite"] is True
         _same([d["clip"][0]], [d["total"][1]])
         assert max(d["clip"][1]) < 1e-14  # every full grad scaled by torch's clip coefficient
+        assert max(d["clip_with_norm"]) < 1e-14  # and with torch's get_total_norm (a DTensor) handed in
         assert d["finite_after_nan"] is False  # a NaN in rank 0's shard, seen by both ranks
         assert d["nan_counts"] == [1, 0, 0, 0]
+
+
+def test_zero_without_ddp_with_a_gradient_missing_on_one_rank(runs):
+    ranks, _ = runs
+    a, b = (r["zero_missing_grad"] for r in ranks)
+    assert not a["skipped"] and not b["skipped"]
+    # ZeRO's ranks combine their statistics by max: the branch's come from rank 0 alone.
+    want = [max(x, y) for x, y in zip(a["local_norms"], b["local_norms"])]
+    _same(a["norms"], want)
+    _same(b["norms"], want)
+    _same([a["total"]], [math.sqrt(sum(v * v for v in want))])
+    for p, q in zip(a["params"], b["params"]):  # ZeRO broadcast every partition after the step
+        assert torch.equal(p, q)
+
+
+def test_fsdp2_resumed_through_distributed_checkpoint_equals_the_uninterrupted_run(runs):
+    for r in runs[0]:
+        d = r["fsdp2_dcp_resume"]
+        assert d["init_steps"] == 0  # DCP's state-creating step on the fresh guard is not a step
+        for resumed, whole in d["params"]:
+            assert torch.equal(resumed, whole)
+        assert d["summary"][0] == d["summary"][1] and d["summary"][0]["steps"] == dist_scenarios.STEPS
+        assert d["spike"][0] == d["spike"][1]
+        assert d["history"][0] == d["history"][1]
 
 
 def test_fsdp1_refusals_and_process_group(runs):

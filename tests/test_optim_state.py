@@ -117,6 +117,31 @@ def test_history_ring_buffer_keeps_the_last_n_steps_oldest_first():
     assert opt.history._values.device == model.fc1.weight.device
 
 
+def test_guard_state_alone_round_trips_beside_the_inner_optimizers():
+    # What a checkpointer that keeps only the optimizer's state and param_groups needs (DCP,
+    # FSDP.optim_state_dict): the guard's own state saved and loaded on its own.
+    model, opt = _build("adamw_foreach", "zscore")
+    _train(model, opt, range(6))
+    buf = io.BytesIO()
+    torch.save({"inner": opt.optimizer.state_dict(), "guard": opt.guard_state_dict(),
+                "model": model.state_dict()}, buf)
+    _train(model, opt, range(6, 10))
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2, opt2 = _build("adamw_foreach", "zscore")
+    model2.load_state_dict(saved["model"])
+    opt2.optimizer.load_state_dict(saved["inner"])
+    opt2.load_guard_state_dict(saved["guard"])
+    _train(model2, opt2, range(6, 10))
+    assert opt2.summary() == opt.summary()
+    assert opt2.history.as_dict()["step"] == opt.history.as_dict()["step"]
+    assert torch.equal(opt2.spike._state, opt.spike._state)
+    for a, b in zip(model2.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="incomplete"):
+        opt2.load_guard_state_dict({"version": 1})
+
+
 def _replay_rows(opt, rows):
     """What the replays of a CUDA graph holding a guarded step do to the guard's state: the op
     writes ring row count % size and advances the device counters; no Python runs."""
