@@ -278,9 +278,13 @@ struct ScalarOuts {
 GG_HD void record(const Config& c, const Decision& d, const StateRefs& s, const ScalarOuts& o) {
   double* sp = s.spike;
   const int64_t ss = s.s_spike;
-  if (c.spike == kZScore && !d.found) {
+  // A step whose norm is 0 (no gradient at all: a frozen model, a checkpointer's state-creating
+  // step) says nothing about the norms either: absorbed, a first 0 with warm-up 1 set the limit
+  // to 0 for good (every later step clipped to 0, and the clipped 0 absorbed again).
+  const bool absorb = !d.found && d.basis > 0.0;
+  if (c.spike == kZScore && absorb) {
     zscore_update(sp[0], sp[ss], sp[2 * ss], min_nan(d.basis, d.spike_limit), c.spike_arg1, c.spike_arg2);
-  } else if (c.spike == kPercentile && !d.found) {
+  } else if (c.spike == kPercentile && absorb) {
     const int64_t slot = percentile_slot(sp[0], c.spike_arg1);
     if (slot >= 0) sp[(1 + slot) * ss] = d.basis;
     sp[0] = add(sp[0], 1.0);

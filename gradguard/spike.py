@@ -3,8 +3,9 @@
 A policy is a configuration plus one packed float64 state tensor on the gradients' device; the
 threshold and the update are computed by ``gradguard::guard_decide``, inside the one decision op
 of each guarded step (see gradguard/reference/decide.py for the math), so a policy adds no op
-and no host sync. A policy sees only finite steps: a step with NaN/Inf gradients says nothing
-about the norm distribution and leaves its state unchanged.
+and no host sync. A policy sees only finite steps with a nonzero norm: a step with NaN/Inf
+gradients, or with no gradient at all (norm 0), says nothing about the norm distribution and
+leaves its state unchanged.
 
 The guard clips to ``min(max_norm, threshold)``, where the threshold is ``inf`` (do not clip)
 until the warm-up is over and whenever the norm is within the policy's limit.

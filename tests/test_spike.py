@@ -114,3 +114,26 @@ def test_zscore_bad_input(kwargs, match):
 def test_percentile_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         gradguard.PercentileClip(**kwargs)
+
+
+@pytest.mark.parametrize("make", [lambda: gradguard.ZScoreClip(warmup=1), lambda: gradguard.PercentileClip(warmup=1)],
+                         ids=["zscore", "percentile"])
+def test_a_step_with_no_gradient_at_all_is_not_absorbed(make, device):
+    # A zero first norm with warm-up 1 made the z-score limit 0 for good (every later step was
+    # clipped to 0, and the clipped 0 absorbed again); a percentile window took the 0 in too.
+    w = torch.nn.Parameter(torch.ones(4, device=device))
+    policy = make()
+    opt = gradguard.GradGuard(torch.optim.SGD([w], lr=0.1), spike=policy)
+    w.grad = torch.zeros(4, device=device)
+    opt.step()
+    torch.testing.assert_close(policy._state, policy._initial_state(device), rtol=0, atol=0, equal_nan=True)
+    w.grad = torch.full((4,), 0.5, device=device)  # norm 1
+    opt.step()
+    assert float(opt.last.clip_coef) == 1.0
+    if policy.kind == "zscore":
+        assert policy._state.tolist() == [1.0, 0.0, 1.0]  # mean 1, var 0, one step absorbed
+    else:
+        assert policy._state[0].item() == 1.0 and 1.0 in policy._state[1:].tolist()
+    w.grad = torch.full((4,), 0.25, device=device)  # norm 0.5: under the limit, not clipped to 0
+    opt.step()
+    assert float(opt.last.clip_coef) == 1.0

@@ -174,7 +174,8 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
     else:
         coef = torch.ones((), dtype=torch.float64, device=dev)
     if spike != "none":
-        _spike_update(spike, spike_args, spike_state, basis, torch.minimum(basis, spike_limit), finite)
+        # A zero norm (no gradient at all) is not absorbed either: see guard_decide_math.h.
+        _spike_update(spike, spike_args, spike_state, basis, torch.minimum(basis, spike_limit), finite & (basis > 0))
 
     skipped = ~finite if mode in ("skip", "raise") else torch.zeros((), dtype=torch.bool, device=dev)
     clipped = (coef < 1) & ~skipped
