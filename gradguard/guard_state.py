@@ -55,13 +55,16 @@ class GuardState:
             self.history.skip_ahead(missing, self.steps + 1)
             self.steps += missing
 
-    def mark_last_skipped(self) -> None:
+    def mark_last_skipped(self, prev_streak: torch.Tensor, counted_nonfinite: bool) -> None:
         """The last step turned out skipped after all (an LBFGS step rolled back after its first
-        evaluation): counted as skipped and non-finite, not clipped."""
+        evaluation, which the decision took): counted as skipped and non-finite (unless the
+        decision already counted a non-finite first evaluation, "zero" mode), not clipped, and
+        one more in the skip streak that stood before it (`prev_streak`)."""
         row = self.history._values[(self.history.count - 1) % self.history.size]
         was_clipped = ((row[1] < 1) & (row[2] == 0)).to(torch.int64)
         one = torch.ones_like(was_clipped)
-        self.counters[:4] += torch.stack([one, -was_clipped, one, one])
+        self.counters[:3] += torch.stack([one, -was_clipped, one * (0 if counted_nonfinite else 1)])
+        self.counters[3] = prev_streak + 1
         row[1:] = 1.0
 
     def summary(self, names: list[str], k: int) -> dict:

@@ -117,12 +117,13 @@ class _BadEvaluation(Exception):
         self.message = message
 
 
-def _replay(loss, closure, check_params=None):
+def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
     """A closure for the inner optimizer that returns the loss the guard already computed on
     its first call (so the gradients the guard checked are the ones stepped on) and re-evaluates
     on later calls (LBFGS). With `check_params`, every evaluation after the first is checked
     (loss and gradients; one host read each, as LBFGS itself reads the loss) and aborts the step
-    when not finite."""
+    when not finite; with `zero_nonfinite` ("zero" mode) its NaN/Inf gradient elements are set to
+    0 instead, and only a non-finite loss aborts."""
     if closure is None:
         return None
     from gradguard.stats import all_finite  # noqa: PLC0415  (stats imports nothing from here)
@@ -138,6 +139,10 @@ def _replay(loss, closure, check_params=None):
         if check_params is None:
             return value
         grads = [q.grad for q in check_params if q.grad is not None]
+        if zero_nonfinite:
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            grads = []
         ok = bool(all_finite(grads + ([value.detach()] if isinstance(value, torch.Tensor) else [])))
         if not ok:
             raise _BadEvaluation(f"gradguard.GradGuard: evaluation {calls[0]} of the closure inside "
@@ -611,6 +616,10 @@ class GradGuard(torch.optim.Optimizer):
         mode = "skip" if amp else self.on_nonfinite
         st = self._state
         st.ensure(device, len(plan.params))
+        # The skip streak before this step's decision: an LBFGS step rolled back after its
+        # decision continues it (the decision, seeing a finite first evaluation, reset it).
+        prev_streak = (st.counters[3].clone() if closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)
+                       else None)
         max_norm, spike = self.max_norm, self.spike
         limit_t = None
         if isinstance(max_norm, torch.Tensor):
@@ -656,13 +665,14 @@ class GradGuard(torch.optim.Optimizer):
 
         inner = self.optimizer
         snapshot = None
-        if closure is not None and isinstance(inner, torch.optim.LBFGS) and mode in ("skip", "raise"):
+        if closure is not None and isinstance(inner, torch.optim.LBFGS) and mode in ("skip", "raise", "zero"):
             # LBFGS evaluates the closure again inside its step and moves the parameters between
             # evaluations: each later evaluation is checked too, and a non-finite one rolls the
-            # parameters and state back to before the step.
+            # parameters and state back to before the step ("zero" mode zeroes a later
+            # evaluation's NaN/Inf gradient elements, and rolls back on a non-finite loss only).
             snapshot = ([q.detach().clone() for q in plan.params],
                         {k: copy.deepcopy(v) for k, v in inner.state.items()})
-            replay = _replay(loss, closure, plan.params)
+            replay = _replay(loss, closure, plan.params, zero_nonfinite=mode == "zero")
         else:
             replay = _replay(loss, closure)
         clipping = max_norm is not None or limit_t is not None or spike is not None
@@ -684,8 +694,10 @@ class GradGuard(torch.optim.Optimizer):
                 self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor)
         else:
             is_bad = found_h != 0.0
-            if snapshot is not None and not is_bad:
-                self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode)
+            if snapshot is not None and (not is_bad or mode == "zero"):
+                if self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode, is_bad,
+                                    prev_streak):
+                    streak_h = int(st.counters[3])  # the rolled-back step counts as skipped
             elif not (is_bad and mode in ("skip", "raise")):
                 if fused and not is_bad and mult_h != 1.0 and not exact:
                     # The kernel unscales/clips while it reads the grads: no separate pass.
@@ -710,12 +722,16 @@ class GradGuard(torch.optim.Optimizer):
                 bad, report) from hook_error
         return loss
 
-    def _lbfgs_step(self, inner, replay, mult, mult_h, grads, plan, snapshot, report, mode) -> None:
-        if mult_h != 1.0:
+    def _lbfgs_step(self, inner, replay, mult, mult_h, grads, plan, snapshot, report, mode, first_bad,
+                    prev_streak) -> bool:
+        """The LBFGS step with every evaluation checked; True when it was rolled back."""
+        if first_bad:  # "zero" mode: the first evaluation's NaN/Inf zeroed (and the rest clipped)
+            _scale(grads, mult, True, plan.simple)
+        elif mult_h != 1.0:
             _scale(grads, mult, False, plan.simple)
         try:
             inner.step(replay)
-            return
+            return False
         except _BadEvaluation as bad:
             saved_params, saved_state = snapshot
             with torch.no_grad():  # grad mode here is whatever the failed inner step left
@@ -726,9 +742,10 @@ class GradGuard(torch.optim.Optimizer):
             message = bad.message
         # Booked as a skipped non-finite step after all (the first evaluation was finite).
         report._mark_skipped()
-        self._state.mark_last_skipped()
+        self._state.mark_last_skipped(prev_streak, first_bad)
         if mode == "raise":
             raise NonFiniteGradError(message + " (on_nonfinite='raise'; the step was rolled back)", [], report)
+        return True
 
     def _global_raw(self, params, present, grads):
         """The gradients' statistics, made global across ranks when they are sharded (one

@@ -409,6 +409,68 @@ def test_lbfgs_checks_every_closure_evaluation():
     assert not bool(opt.last.skipped) and float(w.detach().abs().max()) < float(before.abs().max())
 
 
+def _lbfgs_problem():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(20, generator=g, dtype=torch.float64) * 10
+    return a, b
+
+
+@pytest.mark.parametrize("bad_eval", [1, 2], ids=["first_evaluation", "later_evaluation"])
+def test_lbfgs_zero_mode_zeroes_every_evaluations_nonfinite_gradient(bad_eval):
+    # "zero" mode used to check only the first evaluation: a NaN gradient in a later one, inside
+    # LBFGS.step(), made every parameter NaN (reported as a clean step).
+    a, b = _lbfgs_problem()
+
+    def run(guarded):
+        w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+        inner = torch.optim.LBFGS([w], lr=1, max_iter=5)
+        opt = GradGuard(inner, on_nonfinite="zero") if guarded else inner
+        n = [0]
+
+        def closure():
+            n[0] += 1
+            inner.zero_grad()
+            loss = ((a @ w - b) ** 2).sum()
+            loss.backward()
+            if n[0] == bad_eval:
+                w.grad[0] = float("nan") if guarded else 0.0  # the reference: the NaN zeroed by hand
+            return loss
+
+        opt.step(closure)
+        return w.detach(), opt
+
+    got, opt = run(True)
+    want, _ = run(False)
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+    assert not bool(opt.last.skipped)
+
+
+def test_lbfgs_rollbacks_count_toward_max_consecutive_skips():
+    # A rolled-back step reset the streak (its first evaluation was finite) and then added one:
+    # the streak stayed at 1 and max_consecutive_skips never fired.
+    a, b = _lbfgs_problem()
+    w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    inner = torch.optim.LBFGS([w], lr=1, max_iter=5)
+    opt = GradGuard(inner, max_consecutive_skips=2)
+    n = [0]
+
+    def closure():
+        n[0] += 1
+        inner.zero_grad()
+        loss = ((a @ w - b) ** 2).sum()
+        if n[0] % 2 == 0:  # every step's second evaluation
+            loss = loss * float("nan")
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert bool(opt.last.skipped) and opt.summary()["consecutive_skips"] == 1
+    with pytest.raises(NonFiniteGradError, match="2 steps in a row"):
+        opt.step(closure)
+    assert opt.summary()["consecutive_skips"] == 2 and opt.summary()["skipped"] == 2
+
+
 def test_report_host_views():
     model = TinyNet()
     opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=0.5, model=model)
