@@ -591,6 +591,10 @@ class GradGuard(torch.optim.Optimizer):
         names, idx = self._layout(params, present, raw.device)
         return grads, raw, names, idx
 
+    # Run eagerly under torch.compile (a compiled `opt.step()` graph-breaks here): dynamo traced
+    # into it, broke at the decision's host read, and lost the report it had stored in
+    # self.last (torch 2.13). The guard's ops are a few per step; the inner step runs eagerly too.
+    @torch.compiler.disable
     def _step(self, closure):
         loss = None
         if closure is not None:
@@ -636,9 +640,10 @@ class GradGuard(torch.optim.Optimizer):
             self.norm_type, max_norm, mode, "none" if spike is None else spike.kind,
             [] if spike is None else spike.args, raw.out_dtype == torch.float64)
         st.recorded()
-        report = self.last = StepReport(step=st.steps, names=names, norms=norms, nan_count=raw.nan_count,
+        report = StepReport(step=st.steps, names=names, norms=norms, nan_count=raw.nan_count,
                                         inf_count=raw.inf_count, amax=amax, scalars=scalars, found_inf=found,
                                         mode=mode, amp=amp, total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
+        self.last = report
         if self.tracer is not None:
             self.tracer._end_step(found)
 

@@ -527,3 +527,26 @@ def test_skipped_if_known_on_the_host(fused, device):
         assert known == [None, None, None]
     else:
         assert known == [False, True, False]
+
+
+def test_a_compiled_step_keeps_its_report():
+    # The way torch documents compiling an optimizer step: under dynamo the guard's report was
+    # lost (opt.last stayed None) while the step itself ran.
+    torch._dynamo.reset()
+    params = [torch.nn.Parameter(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))]
+    ref_params = [torch.nn.Parameter(params[0].detach().clone())]
+    opt = GradGuard(torch.optim.AdamW(params, lr=0.1), max_norm=0.5)
+    ref = GradGuard(torch.optim.AdamW(ref_params, lr=0.1), max_norm=0.5)
+
+    @torch.compile(backend="eager")
+    def compiled_step():
+        opt.step()
+
+    for k, g in enumerate((1.0, math.nan, 2.0)):
+        params[0].grad = torch.full((8, 4), g)
+        ref_params[0].grad = torch.full((8, 4), g)
+        compiled_step()
+        ref.step()
+        assert opt.last is not None and opt.last.step == k + 1
+        assert bool(opt.last.skipped) == math.isnan(g)
+        assert torch.equal(params[0], ref_params[0])
