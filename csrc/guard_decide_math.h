@@ -190,23 +190,29 @@ GG_HD double inverse_scale(bool has_loss_scale, double loss_scale) {
 GG_HD Decision decide(const Config& c, const Inputs& in) {
   Decision d;
   const double total64 = in.nan_total > 0 ? nan() : (in.inf_total > 0 ? inf() : in.finite_total);
-  // A finite norm too large for the result dtype is as bad as an Inf element.
-  d.found = (in.nan_total + in.inf_total) > 0 || isinf_(round_to(in.finite_total, c.out_double));
+  // The total as reported: unscaled, in the result dtype.
+  d.total = round_to(mul(total64, inverse_scale(in.has_loss_scale, in.loss_scale)), c.out_double);
+  // A finite norm too large for the result dtype is as bad as an Inf element: judged unscaled
+  // (a scaled norm may overflow where the gradients' own does not). A loss scale that is not
+  // positive, or whose inverse overflows the multiplier's dtype (a scale backed off to 0, or below
+  // ~3e-39 for float32), would turn the unscaled gradients into Inf/NaN: as bad.
+  const bool bad_scale =
+      in.has_loss_scale && !(in.loss_scale > 0.0 && !isinf_(round_to(div(1.0, in.loss_scale), c.basis_double)));
+  d.found = (in.nan_total + in.inf_total) > 0 || isnan_(d.total) || isinf_(d.total) || bad_scale;
   d.overflow = in.has_scaler_found && in.scaler_found > 0;
   d.found = d.found || d.overflow;
   // A device max_norm that is negative or NaN (checked nowhere else: reading it would sync)
-  // makes the step non-finite, and it never clips: in "zero" mode a coefficient from it would be
-  // negative or NaN and would flip or destroy the gradients.
+  // makes the step non-finite, and it is not a limit: in "zero" mode a coefficient from it would
+  // be negative or NaN and would flip or destroy the gradients (a spike policy still clips).
   const bool bad_limit = in.has_max_norm && !(in.max_norm >= 0);
   d.found = d.found || bad_limit;
   const bool finite = !d.found;
 
-  d.total = round_to(mul(total64, inverse_scale(in.has_loss_scale, in.loss_scale)), c.out_double);
   d.basis = c.mode == kZero ? in.finite_total : d.total;
 
   double limit = inf();
   if (c.has_max_norm_value) limit = min_nan(limit, c.max_norm_value);
-  if (in.has_max_norm) limit = min_nan(limit, in.max_norm);
+  if (in.has_max_norm && !bad_limit) limit = min_nan(limit, in.max_norm);
   d.spike_limit = inf();
   if (c.spike != kNone) {
     // Only a norm above the limit is clipped: a norm on it (e.g. std 0) is left alone.
@@ -217,7 +223,7 @@ GG_HD Decision decide(const Config& c, const Inputs& in) {
   if (c.clipping) {
     const double q = div(limit, add(d.basis, 1e-6));
     d.coef = round_to(isnan_(q) ? q : (q < 1.0 ? q : 1.0), c.basis_double);
-    if ((c.mode != kZero && !finite) || bad_limit) d.coef = 1.0;
+    if (c.mode != kZero && !finite) d.coef = 1.0;
   } else {
     d.coef = 1.0;
   }

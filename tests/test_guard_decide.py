@@ -368,7 +368,6 @@ def test_bad_argument_kernel_only_checks(case):
 
 
 @pytest.mark.cuda
-@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_kernel_registered_and_graph_capturable():
     # One launch, no host sync, no allocation beyond the outputs: the op can be captured in a CUDA
@@ -406,21 +405,28 @@ def test_cuda_kernel_registered_and_graph_capturable():
         compare(outs, want, st_dev, st_ref, False)
 
 
+@pytest.mark.parametrize("value", [None, 0.5], ids=["alone", "with_a_number_limit"])
 @pytest.mark.parametrize("limit", [-1.0, math.nan], ids=["negative", "nan"])
 @pytest.mark.parametrize("mode", ["zero", "ignore", "skip"])
 @pytest.mark.parametrize("kernel", ["op", "reference"])
-def test_an_invalid_max_norm_tensor_never_clips(kernel, mode, limit, device):
+def test_an_invalid_max_norm_tensor_never_clips(kernel, mode, limit, value, device):
     # The op reads max_norm on the device (a read back would sync), so it sees whatever the
-    # tensor holds: a bad one flags the step and leaves the multiplier at 1 in every mode.
+    # tensor holds: a bad one flags the step and is no limit (it made a negative or NaN
+    # multiplier in "zero" mode); another limit still clips there.
     args = _good_args()
     st = new_state("none", 3, device)
     args.update(acc=torch.full((3,), 4.0, dtype=torch.float64, device=device),
                 nan_count=torch.tensor([0, 1, 0], device=device), inf_count=torch.zeros(3, dtype=torch.int64,
                                                                                         device=device),
                 amax=torch.ones(3, dtype=torch.float64, device=device),
-                max_norm=torch.tensor(limit, device=device), nonfinite=mode, spike="none", spike_args=[],
+                max_norm=torch.tensor(limit, device=device), max_norm_value=value, nonfinite=mode, spike="none",
+                spike_args=[],
                 **{k: st[k] for k in ("counters", "layer_nonfinite", "layer_max_norm", "spike_state", "history")})
     fn = _call if kernel == "op" else (lambda a: reference.guard_decide(*[a[k] for k in ARG_ORDER]))
     norms, amax, scalars, found, mult, grad_scale = fn(args)
     assert float(found) == 1.0
-    assert float(scalars[1]) == 1.0 and float(mult) == 1.0 and float(grad_scale) == 1.0
+    if mode == "zero" and value is not None:  # clipped by the number, over the finite elements' norm
+        want = value / (math.sqrt(12.0) + 1e-6)
+        assert float(scalars[1]) == pytest.approx(want, rel=1e-15) and float(mult) == float(scalars[1])
+    else:
+        assert float(scalars[1]) == 1.0 and float(mult) == 1.0 and float(grad_scale) == 1.0

@@ -124,3 +124,38 @@ def test_scaler_flag_summed_over_devices_is_clamped(decide_on):
         del opt.found_inf, opt.grad_scale
     assert all(torch.equal(a, p) for a, p in zip(before, params))
     assert bool(opt.last.skipped) and float(opt.last.found_inf) == 1.0 and opt.last.amp
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-40], ids=["zero", "below_float32s_inverse_range"])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("max_norm", [None, 1.0])
+def test_a_loss_scale_backed_off_to_nothing_skips_the_step(scale, fused, max_norm, decide_on):
+    # ~150 overflow steps in a row halve GradScaler's scale to 0 (or a subnormal); the next clean
+    # step's unscaled gradients are then NaN/Inf (or their multiplier overflows float32), and the
+    # guard took that step: every weight became Inf/NaN, on a report saying "not skipped".
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 2)
+    g = GradGuard(torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused), max_norm=max_norm)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.zeros(()))
+    scaler.update(new_scale=torch.tensor(scale))
+    scaler.scale(m(torch.randn(3, 4)).pow(2).mean()).backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    scaler.step(g)
+    scaler.update()
+    assert bool(g.last.skipped) and bool(g.last.found_inf) and not bool(g.last.amp_overflow)
+    for p, q in zip(m.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_a_scaled_norm_that_overflows_is_judged_unscaled(decide_on):
+    # Finite scaled gradients whose scaled norm overflows float32 while the unscaled norm does
+    # not: GradScaler sees no overflow, and the guard skipped every such step.
+    w = torch.nn.Parameter(torch.zeros(4))
+    g = GradGuard(torch.optim.SGD([w], lr=1e-40))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler.scale(torch.zeros(()))  # makes the scale tensor
+    w.grad = torch.full((4,), 2e38)  # as if scaled by 2**16: the unscaled norm is ~6.1e33
+    scaler.step(g)
+    assert not bool(g.last.skipped) and not bool(g.last.found_inf)
+    assert float(g.last.total_norm) == pytest.approx(4e38 / 2.0 ** 16, rel=1e-6)

@@ -139,20 +139,25 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
     finite_total = _total(acc, amax, p)
     nan_total, inf_total = nan_count.sum(), inf_count.sum()
     total64 = torch.where(nan_total > 0, math.nan, torch.where(inf_total > 0, math.inf, finite_total))
-    found = ((nan_total + inf_total) > 0) | torch.isinf(finite_total.to(out_dtype))
+    inv = 1.0 if loss_scale is None else 1.0 / loss_scale.to(device=dev).double()
+    total = _round(total64 * inv, out_dtype)
+    # Judged unscaled; a loss scale that is not positive or whose inverse overflows the
+    # multiplier's dtype is as bad (see guard_decide_math.h).
+    found = ((nan_total + inf_total) > 0) | ~torch.isfinite(total)
+    if loss_scale is not None:
+        ls64 = loss_scale.to(device=dev).double()
+        found = found | ~((ls64 > 0) & ~torch.isinf(_round(1.0 / ls64, basis_dtype)))
     overflow = torch.zeros((), dtype=torch.bool, device=dev)
     if scaler_found is not None:
         overflow = scaler_found.to(device=dev).double() > 0
         found = found | overflow
     if max_norm is not None:
-        bad_limit = ~(max_norm.to(device=dev).double() >= 0)  # never clips, in any mode
+        bad_limit = ~(max_norm.to(device=dev).double() >= 0)  # not a limit, in any mode
         found = found | bad_limit
     finite = ~found
 
-    inv = 1.0 if loss_scale is None else 1.0 / loss_scale.to(device=dev).double()
     norms = _round(norms64 * inv, out_dtype)
     amax_out = _round(amax * inv, out_dtype)
-    total = _round(total64 * inv, out_dtype)
     basis = finite_total if mode == "zero" else total
 
     limit = torch.full((), math.inf, dtype=torch.float64, device=dev)
@@ -160,7 +165,7 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
     if max_norm_value is not None:
         limit = torch.clamp(limit, max=float(max_norm_value))
     if max_norm is not None:
-        limit = torch.minimum(limit, max_norm.to(device=dev).double())
+        limit = torch.minimum(limit, torch.where(bad_limit, math.inf, max_norm.to(device=dev).double()))
     spike_limit = None
     if spike != "none":
         spike_limit = _round(_spike_limit(spike, spike_args, spike_state, basis), basis_dtype)
@@ -169,8 +174,6 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
         coef = _round(torch.clamp(limit / (basis + 1e-6), max=1.0), basis_dtype)
         if mode != "zero":
             coef = torch.where(finite, coef, 1.0)
-        elif max_norm is not None:
-            coef = torch.where(bad_limit, 1.0, coef)
     else:
         coef = torch.ones((), dtype=torch.float64, device=dev)
     if spike != "none":
