@@ -18,11 +18,26 @@ _KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_norm", 
 class GuardState:
     def __init__(self, history_size: int):
         self.history = History(history_size)
-        self.history._owner = self
-        self.steps = 0
-        self.counters: torch.Tensor | None = None         # int64 [5], see the module docstring
+        # steps = rows the history has recorded + this (a checkpoint's steps minus its count: 0
+        # unless it was edited), so the step number follows the history when it catches up.
+        self._steps_offset = 0
+        self._counters: torch.Tensor | None = None        # int64 [5], see the module docstring
         self.layer_nonfinite: torch.Tensor | None = None  # int64 [P]: steps each grad was non-finite
         self.layer_max_norm: torch.Tensor | None = None   # float64 [P]: largest finite grad norm seen
+
+    @property
+    def counters(self) -> torch.Tensor | None:
+        return self._counters
+
+    @counters.setter
+    def counters(self, t: torch.Tensor | None) -> None:
+        # The history reads the rows-written count from the same tensor (a tensor reference,
+        # not a reference back to this object: no cycle keeping the ring alive).
+        self._counters = self.history._counters = t
+
+    @property
+    def steps(self) -> int:
+        return self.history.count + self._steps_offset
 
     def ensure(self, device, count: int) -> None:
         """Creates the tensors on first use, follows the gradients to another device and grows
@@ -43,17 +58,7 @@ class GuardState:
 
     def recorded(self) -> None:
         """Host side of a step the op recorded."""
-        self.steps += 1
-        self.history.note(self.steps)
-
-    def catch_up(self, device_count: int) -> None:
-        """Steps the op recorded on the device while no Python ran: the replays of a CUDA graph
-        that captured a guarded step. `device_count` is counters[4] as read back. (A captured
-        step is counted on the host at capture and on the device at its first replay.)"""
-        missing = device_count - self.history.count
-        if missing > 0:
-            self.history.skip_ahead(missing, self.steps + 1)
-            self.steps += missing
+        self.history.note(self.steps + 1)
 
     def mark_last_skipped(self, prev_streak: torch.Tensor, counted_nonfinite: bool) -> None:
         """The last step turned out skipped after all (an LBFGS step rolled back after its first
@@ -77,7 +82,7 @@ class GuardState:
         flat = torch.cat([self.counters.to(torch.float64), self.layer_nonfinite.to(torch.float64),
                           self.layer_max_norm]).tolist()
         skipped, clipped, nonfinite, streak, rows = (int(v) for v in flat[:5])
-        self.catch_up(rows)
+        self.history.catch_up(rows)
         bad, peak = [int(v) for v in flat[5:5 + n]], flat[5 + n:]
         order = sorted(range(len(bad)), key=lambda i: (-bad[i], -peak[i]))
         worst = [{"name": names[i], "nonfinite_steps": bad[i], "max_norm": peak[i]} for i in order[:k]]
@@ -87,7 +92,8 @@ class GuardState:
     def state_dict(self, spike) -> dict:
         c = self.counters
         if c is not None:
-            self.catch_up(int(c[4]))  # a read: the steps a CUDA graph replayed since the host last looked
+            # A read (a sync on a GPU): the steps a CUDA graph replayed since the host last looked.
+            self.history.catch_up(int(c[4]))
 
         def clone(t):
             return None if t is None else t.clone()
@@ -105,7 +111,7 @@ class GuardState:
 
     def load_state_dict(self, guard: dict) -> None:
         self.history.load_state_dict(guard["history"])
-        self.steps = int(guard["steps"])
+        self._steps_offset = int(guard["steps"]) - self.history.count
         if guard["totals"] is None:
             self.counters = self.layer_nonfinite = self.layer_max_norm = None
             return

@@ -152,6 +152,15 @@ def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
     return replay
 
 
+# A step inside a torch.compile'd function runs eagerly (a graph break): dynamo traced into the
+# guard's step, broke at the decision's host read, and lost the report stored in self.last
+# (torch 2.13; the step itself ran). torch._disable_dynamo imports dynamo on first use only, and
+# only this path pays its wrapper: eager steps do not come here.
+@torch._disable_dynamo
+def _step_outside_dynamo(guard, closure):
+    return guard.step(closure)
+
+
 class GradGuard(torch.optim.Optimizer):
     """Checks, clips and, when the gradients are not finite, skips the steps of ``optimizer``.
 
@@ -487,6 +496,8 @@ class GradGuard(torch.optim.Optimizer):
             # torch.distributed.checkpoint's get/set_state_dict create a fresh optimizer's state
             # with one step on zero gradients at lr 0: not a training step, not counted.
             return self.optimizer.step(closure)
+        if torch.compiler.is_compiling():
+            return _step_outside_dynamo(self, closure)
         grad_was = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
@@ -591,10 +602,6 @@ class GradGuard(torch.optim.Optimizer):
         names, idx = self._layout(params, present, raw.device)
         return grads, raw, names, idx
 
-    # Run eagerly under torch.compile (a compiled `opt.step()` graph-breaks here): dynamo traced
-    # into it, broke at the decision's host read, and lost the report it had stored in
-    # self.last (torch 2.13). The guard's ops are a few per step; the inner step runs eagerly too.
-    @torch.compiler.disable
     def _step(self, closure):
         loss = None
         if closure is not None:
@@ -623,7 +630,17 @@ class GradGuard(torch.optim.Optimizer):
         # The skip streak before this step's decision: an LBFGS step rolled back after its
         # decision continues it (the decision, seeing a finite first evaluation, reset it).
         prev_streak = (st.counters[3].clone() if closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)
-                       else None)
+                       and mode in ("skip", "raise", "zero") else None)
+        fused = self._fused_ready() and not self._dtensor_grads
+        read = (not fused or mode == "raise" or self.max_consecutive_skips is not None
+                or (device.type == "cpu" and self._decide_on_host_on_cpu))
+        if read and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Refused before the decision op, so that no step is recorded on the host for a
+            # capture that fails.
+            raise RuntimeError(
+                "gradguard.GradGuard: this step must read its decision on the host (the inner optimizer is not "
+                "fused, or on_nonfinite='raise' / max_consecutive_skips is set), which a CUDA graph capture "
+                "cannot hold; capture a fused optimizer (fused=True, capturable=True) without those options")
         max_norm, spike = self.max_norm, self.spike
         limit_t = None
         if isinstance(max_norm, torch.Tensor):
@@ -640,22 +657,14 @@ class GradGuard(torch.optim.Optimizer):
             self.norm_type, max_norm, mode, "none" if spike is None else spike.kind,
             [] if spike is None else spike.args, raw.out_dtype == torch.float64)
         st.recorded()
-        report = StepReport(step=st.steps, names=names, norms=norms, nan_count=raw.nan_count,
+        report = self.last = StepReport(step=st.steps, names=names, norms=norms, nan_count=raw.nan_count,
                                         inf_count=raw.inf_count, amax=amax, scalars=scalars, found_inf=found,
                                         mode=mode, amp=amp, total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
-        self.last = report
         if self.tracer is not None:
             self.tracer._end_step(found)
 
-        fused = self._fused_ready() and not self._dtensor_grads
         host = None
-        if (not fused or mode == "raise" or self.max_consecutive_skips is not None
-                or (device.type == "cpu" and self._decide_on_host_on_cpu)):
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    "gradguard.GradGuard: this step must read its decision on the host (the inner optimizer is not "
-                    "fused, or on_nonfinite='raise' / max_consecutive_skips is set), which a CUDA graph capture "
-                    "cannot hold; capture a fused optimizer (fused=True, capturable=True) without those options")
+        if read:
             # The one read of the step (flag, multiplier, skip streak): one transfer.
             host = scalars.tolist()
             found_h, streak_h, mult_h = host[2], int(host[5]), host[6]

@@ -163,7 +163,7 @@ class History:
         self._values: torch.Tensor | None = None  # [size, 3] float64 on the device
         self._steps: list[int] = []               # host-side step numbers, same ring order
         self._count = 0
-        self._owner = None  # the GuardState whose device counters say how many rows were written
+        self._counters = None  # the guard's int64 counters on the device: [4] = rows written
 
     def __len__(self) -> int:
         return min(self._count, self.size)
@@ -186,8 +186,16 @@ class History:
             self._steps.append(step)
         self._count += 1
 
-    def skip_ahead(self, n: int, first_step: int) -> None:
-        """The host side of `n` rows the device wrote without the host (steps first_step, ...)."""
+    def catch_up(self, device_count: int) -> None:
+        """Numbers the rows the device wrote while no Python ran (the replays of a CUDA graph
+        that captured a guarded step): `device_count` is the counters' rows-written as read
+        back. A captured step is counted on the host at capture, on the device at its first
+        replay; until then the host is one ahead, and nothing is done."""
+        missing = device_count - self._count
+        if missing <= 0:
+            return
+        first_step = (self._steps[(self._count - 1) % self.size] + 1) if self._count else 1
+        n = missing
         if n > self.size:  # only the last `size` rows are still in the ring
             if len(self._steps) < self.size:
                 self._steps += [0] * (self.size - len(self._steps))
@@ -210,12 +218,12 @@ class History:
     def as_dict(self) -> dict[str, list]:
         """``{"step": [...], "total_norm": [...], "clip_coef": [...], "skipped": [...]}``,
         oldest first (one read of the buffer)."""
-        counters = None if self._owner is None else self._owner.counters
+        counters = self._counters
         if self._values is not None and counters is not None:
             # One read: the ring and the device's count of rows written.
             packed = torch.cat([self._values.reshape(-1), counters[4:5].to(self._values.device, torch.float64)])
             flat = packed.tolist()
-            self._owner.catch_up(int(flat[-1]))
+            self.catch_up(int(flat[-1]))
             rows = [flat[3 * i:3 * i + 3] for i in range(self.size)]
         elif self._values is not None:
             rows = self._values.cpu().tolist()

@@ -103,7 +103,11 @@ def test_histograms_are_not_lost_when_every_does_not_divide_histogram_every():
     train(TensorBoardHook(rec, every=3, histogram_every=2), steps=12, bad=0)
     assert [step for kind, _, _, step in rec.calls if kind == "histogram"] == [3, 6, 9, 12]
     rec = Recorder()
-    train(TensorBoardHook(rec, every=2, histogram_every=5), steps=12, bad=0)
+    hook = TensorBoardHook(rec, every=2, histogram_every=5)
+    train(hook, steps=12, bad=0)
+    assert [step for kind, _, _, step in rec.calls if kind == "histogram"] == [6, 10]
+    rec.calls.clear()
+    train(hook, steps=12, bad=0)  # the same hook on a fresh guard
     assert [step for kind, _, _, step in rec.calls if kind == "histogram"] == [6, 10]
 
 

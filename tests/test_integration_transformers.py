@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from gradguard import GradGuard  # noqa: E402
+from gradguard import GradGuard, NonFiniteGradError  # noqa: E402
 from gradguard.integrations.transformers import STATE_KEY, GradGuardCallback  # noqa: E402
 from integration_fixtures import (assert_identical, assert_state_identical, optimizer_state_snapshot,  # noqa: E402
                                   ref_clip_coef, ref_total_norm, snapshot)
@@ -71,6 +71,12 @@ class Plant(transformers.TrainerCallback):
 
 
 def run(tmp_path, max_steps, bad=BAD, resume=None, cb=None, scaler=None, **args_kw):
+    trainer, cb, plant = make_trainer(tmp_path, max_steps, bad, cb, scaler, **args_kw)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, cb, plant
+
+
+def make_trainer(tmp_path, max_steps, bad=BAD, cb=None, scaler=None, **args_kw):
     model = tiny_gpt2()
     plant = Plant(model, bad)
     cb = cb or GradGuardCallback(max_norm=1.0)
@@ -87,7 +93,6 @@ def run(tmp_path, max_steps, bad=BAD, resume=None, cb=None, scaler=None, **args_
     plant.trainer = trainer
     if scaler is not None:
         trainer.accelerator.scaler = scaler
-    trainer.train(resume_from_checkpoint=resume)
     return trainer, cb, plant
 
 
@@ -211,6 +216,21 @@ def test_a_skipped_step_does_not_step_the_lr_schedule(tmp_path, optim, scaled):
     assert trainer.lr_scheduler.last_epoch == 4  # five optimizer steps, one skipped
     lrs = [e["learning_rate"] for _, e in sorted(train_logs(trainer).items())]
     assert lrs[BAD] == lrs[BAD + 1]  # logged after steps BAD + 1 and BAD + 2: the bad one held it
+
+
+def test_a_train_that_raised_is_undone_by_the_next(tmp_path):
+    # on_train_end does not run when train() raises: the next train() wrapped the callback's own
+    # _save_checkpoint wrapper (a RecursionError at the first save) and read max_grad_norm = 0.
+    cb = GradGuardCallback(on_nonfinite="raise")
+    trainer, cb, plant = make_trainer(tmp_path, 4, cb=cb)
+    with pytest.raises(NonFiniteGradError):
+        trainer.train()
+    assert trainer.args.max_grad_norm == 0.0  # still taken over: nothing gave it back
+    plant.bad = -1
+    trainer.train()  # saves checkpoint-4
+    assert cb.guard.max_norm == 1.0 and trainer.args.max_grad_norm == 1.0
+    assert "log" not in trainer.__dict__ and "_save_checkpoint" not in trainer.__dict__
+    assert (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").exists()
 
 
 def test_bad_arguments_fail_at_construction():

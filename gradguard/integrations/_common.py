@@ -77,11 +77,11 @@ def _decode(value, device):
 def guard_state_json(guard: GradGuard) -> dict:
     """The guard's own state (counters, per-layer totals, spike statistics, history) as JSON
     values; the inner optimizer's state is the framework's to save."""
-    return _encode(guard.state_dict()["gradguard"])
+    return _encode(guard.guard_state_dict())
 
 
 def load_guard_state_json(guard: GradGuard, saved: dict, device) -> None:
-    guard.load_state_dict({**guard.optimizer.state_dict(), "gradguard": _decode(saved, device)})
+    guard.load_guard_state_dict(_decode(saved, device))
 
 
 def skipped_total(guard) -> torch.Tensor:

@@ -54,15 +54,15 @@ class TensorBoardHook:
                             f"got {type(prefix).__name__}")
         self.prefix = prefix
         self.step_fn = step_fn
-        self._next_histogram = self.histogram_every  # the guard step from which the next one is due
 
     def __call__(self, guard, report) -> None:
         if report.step % self.every:
             return
         step = report.step if self.step_fn is None else int(self.step_fn(report))
-        histogram = report.step >= self._next_histogram
-        if histogram:
-            self._next_histogram = (report.step // self.histogram_every + 1) * self.histogram_every
+        # A multiple of histogram_every among the steps since the last logged one (stateless:
+        # the same hook can serve another guard, or a resumed one).
+        h = self.histogram_every
+        histogram = report.step // h != (report.step - self.every) // h
         d = report.as_dict(layers=histogram)
         p, w = self.prefix, self.writer
         w.add_scalar(p + "total_norm", d["total_norm"], step)

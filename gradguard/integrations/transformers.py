@@ -86,6 +86,12 @@ class GradGuardCallback(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         trainer = _find_trainer()
+        # A train() that raised (on_nonfinite="raise", max_consecutive_skips) never reached
+        # on_train_end: undo what that run's callback patched before patching again (wrapping
+        # our own wrapper would recurse, and the stale one would overwrite the saved state).
+        stale = getattr(trainer.__dict__.get("log"), "__self__", None)
+        if isinstance(stale, GradGuardCallback):
+            stale._undo(args)
         accelerator = trainer.accelerator
         kind = str(accelerator.distributed_type).split(".")[-1]
         if kind in ("DEEPSPEED", "FSDP", "XLA"):
@@ -194,6 +200,11 @@ class GradGuardCallback(transformers.TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._log.flush()
+        self._undo(args)
+
+    def _undo(self, args) -> None:
+        """Gives back what on_train_begin took over: max_grad_norm, Accelerate's clipping, and
+        this trainer's log and _save_checkpoint."""
         if self._trainer is not None:
             max_grad_norm, clip = self._restore
             args.max_grad_norm = max_grad_norm
