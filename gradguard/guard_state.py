@@ -21,19 +21,15 @@ class GuardState:
         # steps = rows the history has recorded + this (a checkpoint's steps minus its count: 0
         # unless it was edited), so the step number follows the history when it catches up.
         self._steps_offset = 0
-        self._counters: torch.Tensor | None = None        # int64 [5], see the module docstring
+        self.counters: torch.Tensor | None = None         # int64 [5], see the module docstring
         self.layer_nonfinite: torch.Tensor | None = None  # int64 [P]: steps each grad was non-finite
         self.layer_max_norm: torch.Tensor | None = None   # float64 [P]: largest finite grad norm seen
 
-    @property
-    def counters(self) -> torch.Tensor | None:
-        return self._counters
-
-    @counters.setter
-    def counters(self, t: torch.Tensor | None) -> None:
+    def _set_counters(self, t: torch.Tensor | None) -> None:
         # The history reads the rows-written count from the same tensor (a tensor reference,
-        # not a reference back to this object: no cycle keeping the ring alive).
-        self._counters = self.history._counters = t
+        # not a reference back to this object: no cycle keeping the ring alive). A plain
+        # attribute, not a property: the step reads it several times.
+        self.counters = self.history._counters = t
 
     @property
     def steps(self) -> int:
@@ -43,22 +39,26 @@ class GuardState:
         """Creates the tensors on first use, follows the gradients to another device and grows
         with add_param_group."""
         if self.counters is None:
-            self.counters = torch.zeros(5, dtype=torch.int64, device=device)
+            self._set_counters(torch.zeros(5, dtype=torch.int64, device=device))
             self.counters[4] = self.history.count
             self.layer_nonfinite = torch.zeros(count, dtype=torch.int64, device=device)
             self.layer_max_norm = torch.zeros(count, dtype=torch.float64, device=device)
             return
         if self.counters.device != device:
-            self.counters, self.layer_nonfinite, self.layer_max_norm = (
+            counters, self.layer_nonfinite, self.layer_max_norm = (
                 t.to(device) for t in (self.counters, self.layer_nonfinite, self.layer_max_norm))
+            self._set_counters(counters)
         grow = count - self.layer_nonfinite.numel()
         if grow > 0:
             self.layer_nonfinite = torch.cat([self.layer_nonfinite, self.layer_nonfinite.new_zeros(grow)])
             self.layer_max_norm = torch.cat([self.layer_max_norm, self.layer_max_norm.new_zeros(grow)])
 
-    def recorded(self) -> None:
-        """Host side of a step the op recorded."""
-        self.history.note(self.steps + 1)
+    def recorded(self) -> int:
+        """Host side of a step the op recorded; returns its number."""
+        h = self.history
+        step = h._count + self._steps_offset + 1
+        h.note(step)
+        return step
 
     def mark_last_skipped(self, prev_streak: torch.Tensor, counted_nonfinite: bool) -> None:
         """The last step turned out skipped after all (an LBFGS step rolled back after its first
@@ -113,11 +113,12 @@ class GuardState:
         self.history.load_state_dict(guard["history"])
         self._steps_offset = int(guard["steps"]) - self.history.count
         if guard["totals"] is None:
-            self.counters = self.layer_nonfinite = self.layer_max_norm = None
+            self._set_counters(None)
+            self.layer_nonfinite = self.layer_max_norm = None
             return
         totals = guard["totals"].to(torch.int64)
         count = torch.full((1,), self.history.count, dtype=torch.int64, device=totals.device)
-        self.counters = torch.cat([totals.reshape(3), guard["consecutive"].to(totals.device, torch.int64).reshape(1),
-                                   count])
+        self._set_counters(torch.cat([totals.reshape(3),
+                                      guard["consecutive"].to(totals.device, torch.int64).reshape(1), count]))
         self.layer_nonfinite = guard["layer_nonfinite"].clone()
         self.layer_max_norm = guard["layer_max_norm"].clone()

@@ -152,6 +152,13 @@ def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
     return replay
 
 
+def _lr_may_be_zero(groups) -> bool:
+    """The one-look pre-check of is_checkpoint_init_step (a stateless optimizer, plain SGD, has
+    no state before every step): the first group's lr is 0 or a tensor."""
+    lr = groups[0].get("lr", 0.0) if groups else 0.0
+    return isinstance(lr, torch.Tensor) or lr == 0
+
+
 # A step inside a torch.compile'd function runs eagerly (a graph break): dynamo traced into the
 # guard's step, broke at the decision's host read, and lost the report stored in self.last
 # (torch 2.13; the step itself ran). torch._disable_dynamo imports dynamo on first use only, and
@@ -492,12 +499,13 @@ class GradGuard(torch.optim.Optimizer):
         # No-grad mode set by hand instead of @torch.no_grad(), and inference_mode(False) entered
         # only when inference mode is on: the two context managers cost ~8 us per step, a tenth
         # of the guard's whole host budget.
-        if not self.optimizer.state and _distributed.is_checkpoint_init_step(self.param_groups):
+        if torch.compiler.is_compiling():
+            return _step_outside_dynamo(self, closure)
+        if not self.optimizer.state and _lr_may_be_zero(self.optimizer.param_groups) \
+                and _distributed.is_checkpoint_init_step(self.optimizer.param_groups):
             # torch.distributed.checkpoint's get/set_state_dict create a fresh optimizer's state
             # with one step on zero gradients at lr 0: not a training step, not counted.
             return self.optimizer.step(closure)
-        if torch.compiler.is_compiling():
-            return _step_outside_dynamo(self, closure)
         grad_was = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
@@ -656,8 +664,7 @@ class GradGuard(torch.optim.Optimizer):
             None if spike is None else spike.state_tensor(device), st.history.values(device),
             self.norm_type, max_norm, mode, "none" if spike is None else spike.kind,
             [] if spike is None else spike.args, raw.out_dtype == torch.float64)
-        st.recorded()
-        report = self.last = StepReport(step=st.steps, names=names, norms=norms, nan_count=raw.nan_count,
+        report = self.last = StepReport(step=st.recorded(), names=names, norms=norms, nan_count=raw.nan_count,
                                         inf_count=raw.inf_count, amax=amax, scalars=scalars, found_inf=found,
                                         mode=mode, amp=amp, total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
         if self.tracer is not None:
