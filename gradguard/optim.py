@@ -432,6 +432,14 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.update(state)
         self._tracker = ClearTracker()
         self._patch_step_function()
+        # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups: a copied
+        # fused optimizer lost the flag that says it takes grad_scale/found_inf (its __init__
+        # sets it), and the copy then clipped through another path than the original (values off
+        # by an ulp; on a GPU a host read every step). Set again from the groups' `fused`.
+        inner = self.optimizer
+        if (isinstance(inner, torch.optim.Optimizer) and inner.param_groups
+                and all(g.get("fused") for g in inner.param_groups)):
+            inner._step_supports_amp_scaling = True
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
@@ -847,6 +855,15 @@ class GradGuard(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """``ZeroRedundancyOptimizer.consolidate_state_dict`` of the inner optimizer (ZeRO asks
+        for it before ``state_dict()`` on the rank that saves)."""
+        consolidate = getattr(self.optimizer, "consolidate_state_dict", None)
+        if consolidate is None:
+            raise AttributeError(f"gradguard.GradGuard: the inner {type(self.optimizer).__name__} has no "
+                                 "consolidate_state_dict (only ZeroRedundancyOptimizer needs it)")
+        consolidate(to)
+
     def guard_state_dict(self) -> dict:
         """The guard's own state alone (what ``state_dict()`` holds under ``"gradguard"``):
         counters, per-parameter totals, spike statistics and history. For checkpointers that keep
@@ -861,8 +878,11 @@ class GradGuard(torch.optim.Optimizer):
         self._load_guard_state(guard)
 
     def _load_guard_state(self, guard: dict) -> None:
-        if self.spike is not None and guard["spike"] is not None:
-            self.spike.load_state_dict(guard["spike"])
+        if self.spike is not None:
+            if guard["spike"] is not None:
+                self.spike.load_state_dict(guard["spike"])
+            else:  # a checkpoint without spike state: the policy starts afresh, as documented
+                self.spike._state = None
         self._state.load_state_dict(guard)
         self._tracker = ClearTracker()
 
@@ -885,9 +905,14 @@ class GradGuard(torch.optim.Optimizer):
         if saved is not None and self.spike is None:
             raise ValueError(f"{where}: the checkpoint holds {saved.get('kind')} state but this GradGuard has "
                              "spike=None; build it with the same policy")
-        if saved is not None and saved.get("kind") != type(self.spike).__name__:
-            raise ValueError(f"{where}: the checkpoint holds {saved.get('kind')} spike state, not "
-                             f"{type(self.spike).__name__}")
+        mine_kind = None if self.spike is None else self.spike.state_dict().get("kind")
+        if saved is not None and saved.get("kind") != mine_kind:
+            raise ValueError(f"{where}: the checkpoint holds {saved.get('kind')} spike state, not {mine_kind}")
+        layers = guard.get("layer_nonfinite")
+        count = len(self._params())
+        if isinstance(layers, torch.Tensor) and layers.numel() != count:
+            raise ValueError(f"{where}: the checkpoint's guard state is for {layers.numel()} parameters but this "
+                             f"GradGuard's optimizer has {count}")
         if guard["history"]["size"] != self._state.history.size:
             raise ValueError(f"{where}: the checkpoint's history holds {guard['history']['size']} steps but this "
                              f"GradGuard was built with history_size={self._state.history.size}")

@@ -1,6 +1,7 @@
 """GradGuard checkpoints, history and step hooks: a resumed run behaves as an uninterrupted one."""
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -289,3 +290,64 @@ def test_a_deleted_guard_frees_its_state_without_the_cycle_collector():
         assert state() is None and ring() is None
     finally:
         gc.enable()
+
+
+def test_a_copied_fused_guard_steps_as_the_original():
+    # torch's Optimizer.__getstate__ drops the fused optimizer's amp-scaling flag: the copy
+    # clipped through another path (parameters 1.5e-8 apart after one clipped step).
+    model, opt = _build("adamw_fused", None)
+    _train(model, opt, range(3))
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2._fused_ready() and opt2.optimizer._step_supports_amp_scaling
+    _train(model, opt, range(3, 7))
+    _train(model2, opt2, range(3, 7))
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.summary() == opt.summary()
+
+
+def test_a_guard_state_for_another_parameter_count_is_refused():
+    model, opt = _build("sgd_momentum", None)
+    _train(model, opt, range(2))
+    saved = opt.guard_state_dict()
+    small = torch.nn.Linear(2, 2)
+    other = GradGuard(torch.optim.SGD(small.parameters(), lr=0.1), max_norm=5.0, history_size=6)
+    with pytest.raises(ValueError, match=r"for 4 parameters but this GradGuard's optimizer has 2"):
+        other.load_guard_state_dict(saved)
+
+
+def test_a_checkpoint_without_spike_state_starts_the_policy_afresh():
+    model, opt = _build("sgd_momentum", "zscore")
+    _train(model, opt, range(5))
+    assert opt.spike._state is not None
+    saved = opt.state_dict()
+    saved["gradguard"]["spike"] = None  # what the refusal message for changed hyperparameters advises
+    opt.load_state_dict(saved)
+    assert opt.spike._state is None
+
+
+def test_a_subclassed_policy_reloads_its_own_checkpoint():
+    class MyClip(gradguard.ZScoreClip):
+        pass
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = GradGuard(OPTIMIZERS["sgd_momentum"](model.parameters()), spike=MyClip(warmup=2), model=model)
+    _train(model, opt, range(3))
+    opt2 = GradGuard(OPTIMIZERS["sgd_momentum"](model.parameters()), spike=MyClip(warmup=2), model=model)
+    opt2.load_state_dict(opt.state_dict())
+    assert torch.equal(opt2.spike._state, opt.spike._state)
+
+
+def test_consolidate_state_dict_reaches_the_inner_optimizer():
+    calls = []
+
+    class Sharded(torch.optim.SGD):  # stands in for ZeroRedundancyOptimizer
+        def consolidate_state_dict(self, to=0):
+            calls.append(to)
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    GradGuard(Sharded([w], lr=0.1)).consolidate_state_dict(to=1)
+    assert calls == [1]
+    with pytest.raises(AttributeError, match="consolidate_state_dict"):
+        GradGuard(torch.optim.SGD([w], lr=0.1)).consolidate_state_dict()
