@@ -11,8 +11,9 @@ Each gradient entry is reduced in one of three ways:
   ``ZeroRedundancyOptimizer``): every statistic takes the max, so that a NaN on one rank makes
   every rank skip (ZeRO's step broadcasts; a rank that skips alone pairs the broadcasts wrongly).
 
-The collective: ONE ``all_gather_into_tensor`` of a small float64 tensor per rank (per gradient:
-p-sum, NaN count, Inf count, amax), followed by a local masked sum/max. Why a gather and not an
+The collective: ONE ``all_gather_single`` (older torch: ``all_gather_into_tensor``) of a small
+float64 tensor per rank (per gradient: p-sum, NaN count, Inf count, amax), followed by a local
+masked sum/max. Why a gather and not an
 ``all_reduce``: the statistics need SUM (p-sums, counts) and MAX (amax, the inf-norm, ZeRO's
 flag), which one ``all_reduce`` cannot do; and a model that mixes placements (FSDP2 + tensor
 parallel on a 2-D mesh) needs each entry reduced over a different subgroup. Gathering once over a
@@ -253,7 +254,10 @@ def reduce_raw(raw, plan: Plan, p: float):
     world = len(_group_ranks(plan.group))
     # Rank-major along dim 0 ([W * 4, n]), the shape every backend accepts (gloo refuses [W, 4, n]).
     gathered = packed.new_empty((world * packed.shape[0], packed.shape[1]))
-    dist.all_gather_into_tensor(gathered, packed.contiguous(), group=plan.group)
+    # all_gather_single where torch has it (2.13's all_gather_into_tensor warns that it is
+    # deprecated); older torch has only all_gather_into_tensor.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, packed.contiguous(), group=plan.group)
     gathered = gathered.view(world, *packed.shape)
     contrib, is_max = _masks(plan, packed.device)
     acc, nan, inf, amax = combine(gathered, contrib, is_max, p)

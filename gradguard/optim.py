@@ -874,7 +874,7 @@ class GradGuard(torch.optim.Optimizer):
 
     def load_guard_state_dict(self, guard: dict) -> None:
         """Loads a ``guard_state_dict()`` (the inner optimizer's state is left as it is)."""
-        self._check_guard_state(guard)
+        self._check_guard_state(guard, "gradguard.GradGuard.load_guard_state_dict")
         self._load_guard_state(guard)
 
     def _load_guard_state(self, guard: dict) -> None:
@@ -886,8 +886,7 @@ class GradGuard(torch.optim.Optimizer):
         self._state.load_state_dict(guard)
         self._tracker = ClearTracker()
 
-    def _check_guard_state(self, guard: dict) -> None:
-        where = "gradguard.GradGuard.load_state_dict"
+    def _check_guard_state(self, guard: dict, where: str = "gradguard.GradGuard.load_state_dict") -> None:
         if not isinstance(guard, dict):
             raise ValueError(f"{where}: state_dict['gradguard'] must be a dict, got {type(guard).__name__}")
         if guard.get("version") != 1:

@@ -19,7 +19,7 @@ MAX_NORM = 0.05
 NAN_STEPS = {1: 0, 3: 1}  # step -> the rank whose gradient gets a NaN
 IN_F, HIDDEN, OUT_F, ROWS = 6, 8, 3, 8
 
-COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast", "reduce_scatter_tensor",
+COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "all_gather", "broadcast", "reduce_scatter_tensor",
                "reduce", "gather", "scatter", "all_to_all_single", "all_to_all", "barrier", "all_gather_object",
                "broadcast_object_list", "reduce_scatter")
 

@@ -471,3 +471,9 @@ def test_stats_kernel_copies_of_other_isas(isa):
     # This CPU runs its widest copy; each copy (portable, AVX2, AVX-512 where the CPU has it: else
     # the widest below it) runs here in a subprocess.
     run_under_isa(_ISA_CHECK, isa)
+
+
+def test_a_string_norm_type_says_to_pass_a_number():
+    # The message said "must be a positive number or inf, got 'inf'", which reads as a contradiction.
+    with pytest.raises(ValueError, match=r"got the string 'inf': pass a number, e\.g\. float\('inf'\)"):
+        gradguard.GradGuard(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), norm_type="inf")
