@@ -855,14 +855,17 @@ class GradGuard(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def consolidate_state_dict(self, to: int = 0) -> None:
+    @property
+    def consolidate_state_dict(self):
         """``ZeroRedundancyOptimizer.consolidate_state_dict`` of the inner optimizer (ZeRO asks
-        for it before ``state_dict()`` on the rank that saves)."""
+        for it before ``state_dict()`` on the rank that saves). Only there: frameworks test for
+        the attribute to treat an optimizer as sharded (Lightning then saves rank 0's state
+        alone), so a guard over any other optimizer has none."""
         consolidate = getattr(self.optimizer, "consolidate_state_dict", None)
         if consolidate is None:
             raise AttributeError(f"gradguard.GradGuard: the inner {type(self.optimizer).__name__} has no "
                                  "consolidate_state_dict (only ZeroRedundancyOptimizer needs it)")
-        consolidate(to)
+        return consolidate
 
     def guard_state_dict(self) -> dict:
         """The guard's own state alone (what ``state_dict()`` holds under ``"gradguard"``):

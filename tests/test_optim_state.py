@@ -349,5 +349,9 @@ def test_consolidate_state_dict_reaches_the_inner_optimizer():
     w = torch.nn.Parameter(torch.zeros(2))
     GradGuard(Sharded([w], lr=0.1)).consolidate_state_dict(to=1)
     assert calls == [1]
+    plain = GradGuard(torch.optim.SGD([w], lr=0.1))
+    # Lightning's Strategy.optimizer_state tests hasattr(optimizer, "consolidate_state_dict") to
+    # treat an optimizer as ZeRO: a guard over anything else must not have the attribute.
+    assert not hasattr(plain, "consolidate_state_dict")
     with pytest.raises(AttributeError, match="consolidate_state_dict"):
-        GradGuard(torch.optim.SGD([w], lr=0.1)).consolidate_state_dict()
+        plain.consolidate_state_dict()
