@@ -270,6 +270,7 @@ class GradGuard(torch.optim.Optimizer):
         self.last: StepReport | None = None
         self._step_hooks: OrderedDict = OrderedDict()
         self._plan = None              # the parameters' layout, found once (see _current_plan)
+        self._fused_state_ready = False  # every parameter with a gradient has fused-step state
         self._tracker = ClearTracker()
         self._warned = set()
 
@@ -468,11 +469,21 @@ class GradGuard(torch.optim.Optimizer):
         if isinstance(opt, torch.optim.SGD):
             # Fused SGD allocates momentum buffers with empty_like() on its first step; when that
             # step is skipped through found_inf it keeps the uninitialized memory as momentum. So
-            # until every buffer exists, decide on the host and do not call it at all.
+            # until every buffer exists, decide on the host and do not call it at all (checked
+            # every step: a parameter that gets its first gradient later would be corrupted).
             for g in opt.param_groups:
                 if g["momentum"] != 0 and any(
                         p.grad is not None and "momentum_buffer" not in opt.state.get(p, {}) for p in g["params"]):
                     return False
+        elif not self._fused_state_ready:
+            # Fused Adam/AdamW create their state (zero moments, step 0) before the kernel sees
+            # found_inf: a skipped first step would leave state where there was none. Until every
+            # parameter with a gradient has its state, decide on the host (one read, first steps
+            # only) and do not call the step when it is skipped; checked until then, not after.
+            state = opt.state
+            if any(p.grad is not None and not state.get(p) for g in opt.param_groups for p in g["params"]):
+                return False
+            self._fused_state_ready = True
         return True
 
     def _fused_step(self, replay, found_inf, divisor) -> None:
@@ -550,6 +561,7 @@ class GradGuard(torch.optim.Optimizer):
             return plan
         # Names and the layout are cached by position: a new plan names its parameters afresh.
         self._name_list = self._layout_cache = None
+        self._fused_state_ready = False  # new parameters may have no state yet
         params = self._params()
         kinds = {(q.device, q.dtype) for q in params}
         simple = (len(kinds) == 1 and self.process_group is None and self._fsdp_group is None
@@ -850,6 +862,7 @@ class GradGuard(torch.optim.Optimizer):
         if guard is not None:
             self._check_guard_state(guard)
         self.optimizer.load_state_dict(sd)
+        self._fused_state_ready = False  # the loaded state may cover fewer parameters
         if guard is not None:
             self._load_guard_state(guard)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
