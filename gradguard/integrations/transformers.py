@@ -174,7 +174,6 @@ class GradGuardCallback(transformers.TrainerCallback):
         report, self._last_report = self._last_report, None
         if report is None:
             return
-        self._skipped_total = skipped_total(self.guard)  # the guard's own count: restored on resume
         self._log.add(state.global_step, report)
         if control.should_log:
             self._emit(report)
@@ -183,7 +182,8 @@ class GradGuardCallback(transformers.TrainerCallback):
         # One read for the four scalars; a second only when a pending step was bad.
         total, coef, skipped, skipped_all = torch.stack([
             report.total_norm.double(), report.clip_coef.double(), report.skipped.double(),
-            self._skipped_total.to(report.total_norm.device).double()]).tolist()
+            # The guard's own count (restored on resume), made only on logging steps.
+            skipped_total(self.guard).to(report.total_norm.device).double()]).tolist()
         logs = {"grad/total_norm": total, "grad/clip_coef": coef, "grad/skipped": skipped,
                 "grad/skipped_total": skipped_all}
         for bad in self._log.flush():
