@@ -43,6 +43,24 @@ _lib.define(
     "float? max_norm_value, str nonfinite, str spike, float[] spike_args, bool double_out) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
+# PyTorch's CPU fused Adam/AdamW step (aten::_fused_adam_/_fused_adamw_ handed grad_scale), except
+# that the gradients are divided by grad_scale as they are read and never written back: the clip
+# of a guarded fused step without a write pass over .grad. Compiled for the CPU only; the default
+# kernel (gradguard/reference/fused_adam.py) is PyTorch's kernel on a copy of the grads.
+# gradguard/fused_adam.py uses the compiled one only where it matched PyTorch's bit for bit.
+_lib.define(
+    "fused_adam_readonly_grads_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_avg_sqs, Tensor[] state_steps, float lr, float beta1, float beta2, "
+    "float weight_decay, float eps, bool maximize, bool decoupled, Tensor grad_scale, Tensor? found_inf) -> ()")
+
+torch.library.impl("gradguard::fused_adam_readonly_grads_", "default", lib=_lib)(
+    reference.fused_adam_readonly_grads_)
+# Straight to the kernel, typed: the boxed autograd and inplace-or-view fallbacks turned every
+# tensor of the five lists into an IValue and back and bumped versions one by one, +240 us per
+# call at 1,000 parameters (2026-12-05). The kernels bump the mutated tensors' versions themselves
+# (PyTorch's aten kernel through aten, the compiled one directly); the step is not differentiable.
+_lib.impl("fused_adam_readonly_grads_", torch.library.fallthrough_kernel, "Autograd")
+_lib.impl("fused_adam_readonly_grads_", torch.library.fallthrough_kernel, "ADInplaceOrView")
 torch.library.impl("gradguard::multi_tensor_stats", "default", lib=_lib)(reference.multi_tensor_stats)
 # The statistics are not differentiable (counts, maxima, normalized sums), so autograd has nothing
 # to record: a fallthrough at the Autograd key sends the call straight to the CPU/CUDA/default
@@ -81,6 +99,13 @@ def _multi_tensor_stats_fake(tensors, norm_type):
         t0.new_empty((n,), dtype=torch.int64),
         t0.new_empty((n,), dtype=torch.float64),
     )
+
+
+@torch.library.register_fake("gradguard::fused_adam_readonly_grads_", lib=_lib)
+def _fused_adam_readonly_grads_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2,
+                                    weight_decay, eps, maximize, decoupled, grad_scale, found_inf):
+    _check_one_device("fused_adam_readonly_grads_", list(params) + list(grads) + list(exp_avgs) + list(exp_avg_sqs))
+    return None
 
 
 @torch.library.register_fake("gradguard::maybe_scale_", lib=_lib)

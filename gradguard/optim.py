@@ -30,6 +30,10 @@ How a step decides, and what it costs (``step()`` is stats -> decide -> apply):
 - On the CPU a read is no sync (nothing is queued), so there the guard always reads: a skipped
   step never calls the inner step, and a fused step that does not clip gets no ``grad_scale``,
   sparing the kernel's write-back of the grads. Every other device takes the read-free path.
+- On the CPU a fused ``Adam``/``AdamW`` (float32/float64, no amsgrad) that clips or unscales
+  runs ``gradguard::fused_adam_readonly_grads_`` in place of PyTorch's kernel: the same step bit
+  for bit (checked on a probe before first use, PyTorch's kernel kept where it differs), without
+  the write-back, so ``.grad`` keeps the gradient backward made (see gradguard.fused_adam).
 
 Sparse COO gradients (``nn.Embedding(sparse=True)``, ``SparseAdam``) are judged by their
 coalesced values and clipped through their stored values. With ``LBFGS`` and a closure, every
@@ -72,6 +76,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard import _host
 from gradguard import distributed as _distributed
+from gradguard import fused_adam as _fused_adam
 from gradguard import hygiene as _hygiene
 from gradguard.errors import NonFiniteGradError
 from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker
@@ -496,6 +501,11 @@ class GradGuard(torch.optim.Optimizer):
                 inner.found_inf = found_inf
             if divisor is not None:
                 inner.grad_scale = divisor  # guard_decide's grad_scale: float32 already
+                if divisor.device.type == "cpu" and _fused_adam.takes(inner):
+                    # Adam/AdamW on the CPU: the clip inside the update, no write-back to .grad.
+                    with _fused_adam.ReadOnlyGrads(divisor):
+                        inner.step(replay)
+                    return
             inner.step(replay)
         finally:
             for attr in ("found_inf", "grad_scale"):

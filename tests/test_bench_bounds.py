@@ -35,11 +35,11 @@ def test_bounds_are_per_round_sums_with_the_best_floor():
     assert oc.BOUND_SCALED not in t and t[oc.BOUND_BARE] == [12.0]
 
 
-def _checks(clip, bare_target, **kw):
+def _checks(clip, bare_target, readonly=False, **kw):
     t, parts = _times(**kw)
     oc._add_bounds(t, parts, clip=clip)
     tab = oc.Table("t", [])
-    oc._bound_checks(tab, t, clip, bare_target, 1.2)
+    oc._bound_checks(tab, t, clip, bare_target, 1.2, readonly)
     return tab.checks
 
 
@@ -62,6 +62,15 @@ def test_a_target_only_below_the_grad_scale_bound_names_the_write_back():
     assert not any("out of reach" in c for c in checks), checks
     assert any("below the bound through PyTorch's fused kernel (1.40x): reachable only by a kernel that clips "
                "without writing the grads back" in c for c in checks), checks
+
+
+def test_a_guard_clipping_without_write_back_is_held_to_the_bare_bound():
+    # Clipping through gradguard's read-only-grads kernel: the bound is the bare step + one read
+    # (1.2x), the write-back bound (1.4x) no excuse and no verdict.
+    checks = _checks(True, 1.25, readonly=True, bare=[10.0], scaled=[12.0], floors=([2.0], [2.5], [3.0]),
+                     guarded=[12.6], torch_way=[16.0])
+    assert "guarded / that bound = 1.05x" in checks, checks
+    assert not any("reachable only by" in c or "out of reach" in c for c in checks), checks
 
 
 def test_reachable_targets_add_no_verdict():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gradguard
-from gradguard import GradGuard, NonFiniteGradError
+from gradguard import GradGuard, NonFiniteGradError, fused_adam
 from optim_util import (OPTIMIZERS, TinyNet, assert_bit_identical, decide_on, make_grads,  # noqa: F401
                         make_params, poison, set_grads, snapshot)
 
@@ -115,8 +115,13 @@ def test_matches_torch_clip_grad_norm_then_step(name, norm_type, decide_on):
         norm = torch.nn.utils.clip_grad_norm_(ref_params, 2.0, norm_type=norm_type)
         ref.step()
         torch.testing.assert_close(opt.last.total_norm, norm, rtol=1e-6, atol=0)
-        for g, q in zip([p.grad for p in params], ref_params):
-            torch.testing.assert_close(g, q.grad, rtol=1e-6, atol=1e-7)  # the grads are clipped in place too
+        # The grads are clipped in place too, except where a fused Adam/AdamW on the CPU clips inside
+        # its update (gradguard.fused_adam): there .grad keeps the gradient backward gave. Not on
+        # the first step, decided on the host while the optimizer has no state yet.
+        untouched = i > 0 and fused_adam.used_for(opt.optimizer)
+        for g, q, given in zip([p.grad for p in params], ref_params, grads):
+            torch.testing.assert_close(g, given if untouched else q.grad, rtol=0 if untouched else 1e-6,
+                                       atol=0 if untouched else 1e-7)
         clipped += float(opt.last.clip_coef) < 1.0
         expected += float(norm) > 2.0
     for p, q in zip(params, ref_params):

@@ -1,0 +1,226 @@
+"""The clip of a guarded fused Adam/AdamW step on the CPU, without PyTorch's write-back of the grads.
+
+A guard that clips (or unscales) a fused optimizer hands it ``grad_scale`` (the GradScaler
+contract). PyTorch's fused Adam kernel then divides every gradient by it *and stores the result
+back to .grad*: a write pass over the gradients, 0.14-0.20x of the whole step on the GPT-2-small
+list, and the reason a clipping guarded step cost 1.43x the bare step instead of the bare step
+plus the guard's one read (README, "Guarded optimizer step").
+
+``gradguard::fused_adam_readonly_grads_`` (csrc/cpu/adam_readonly_grads_cpu.cpp) is PyTorch's CPU
+kernel, operation for operation, without that store: parameters and optimizer state come out
+bit-identical, and ``.grad`` keeps the gradient as backward left it (as Apex's FusedAdam and
+FusedLAMB, which also clip and unscale inside the update). While the inner step runs,
+``torch._fused_adam_``/``torch._fused_adamw_`` are wrappers that hand the call carrying the
+guard's ``grad_scale`` to it; everything else (state creation, the step counts, the grouping,
+other devices, other callers) stays PyTorch's own code.
+
+Trusted only where checked: the first time a configuration (dtype, Adam or AdamW, maximize,
+weight decay or not, which branch of the ``lerp``) is met, both kernels step a probe (every
+length around the vector width, special values included) and PyTorch's kernel keeps the call,
+write-back and all, unless every bit agrees. Another torch release or build whose arithmetic
+differs therefore costs speed, never a bit of the result. Not taken (PyTorch's kernel as
+before): amsgrad, float16/bfloat16, any device but the CPU, a build without the CPU kernels.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+_DTYPES = (torch.float32, torch.float64)
+_verdicts: dict = {}  # configuration -> bool: the probe agreed with PyTorch's kernel bit for bit
+
+
+_ready: list = []  # [bool] once known: the extension's load state does not change after import
+
+
+def _kernel_ready() -> bool:
+    if not _ready:
+        from gradguard import _extension
+
+        _ready.append(bool(_extension._state["loaded"]) and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "gradguard::fused_adam_readonly_grads_", "CPU"))
+    return _ready[0]
+
+
+def takes(optimizer) -> bool:
+    """Whether `optimizer`'s fused steps can take the read-only-grads kernel at all (the per-call
+    checks come later): a fused Adam/AdamW without amsgrad, with the CPU kernels built."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW subclasses Adam from torch 2.7
+        return False
+    if any(not g.get("fused") or g.get("amsgrad") or g.get("differentiable") for g in optimizer.param_groups):
+        return False
+    return _kernel_ready()
+
+
+def _kernel():
+    """The op, called typed from C++ where the CPU module has that helper (torch.ops converts the
+    five lists to IValues: ~240 us at 1,000 parameters); a function, so that tests can put a wrong
+    kernel in its place."""
+    from gradguard import _C
+
+    return getattr(_C, "fused_adam_readonly_grads", None) or torch.ops.gradguard.fused_adam_readonly_grads_
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+def _probe_agrees(key, decoupled, lr, beta1, beta2, weight_decay, eps, maximize) -> bool:
+    """Steps a probe with PyTorch's kernel and with ours, with this call's hyperparameters; True
+    when parameters and both moments agree in every bit (NaNs agree as NaN)."""
+    dtype = key[0]
+    fi = torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(0)
+    # Every length around AVX2/AVX-512 vector widths (and their 64-byte parallel units), so that
+    # both a vector body and a scalar tail of either width are compared.
+    sizes = list(range(0, 40)) + [63, 64, 65, 127, 129, 1031]
+    total = sum(sizes)
+    special = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), fi.max, fi.tiny, fi.tiny / 8],
+                           dtype=dtype)
+
+    def draw(scale, nonneg=False):
+        x = torch.randn(total, generator=gen, dtype=dtype) * scale
+        pick = torch.rand(total, generator=gen) < 0.02
+        x[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=gen)]
+        return x.abs() if nonneg else x
+
+    flat = [draw(1.0), draw(3.0), draw(0.1), draw(0.01, nonneg=True)]
+    lists = [list(f.split(sizes)) for f in flat]
+    steps = [torch.tensor(float(1 + i % 5)) for i in range(len(sizes))]
+    grad_scale = torch.tensor(1.7)
+    ref = [[t.clone() for t in lst] for lst in lists]
+    mine = [[t.clone() for t in lst] for lst in lists]
+    func = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    func(ref[0], ref[1], ref[2], ref[3], [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+         weight_decay=weight_decay, eps=eps, maximize=maximize, grad_scale=grad_scale, found_inf=None)
+    _kernel()(mine[0], mine[1], mine[2], mine[3], steps, lr, beta1, beta2,
+                                                   weight_decay, eps, maximize, decoupled, grad_scale, None)
+    for k in (0, 2, 3):
+        a, b = torch.cat(ref[k]), torch.cat(mine[k])
+        if not bool(((_bits(a) == _bits(b)) | (a.isnan() & b.isnan())).all()):
+            return False
+    return all(torch.equal(_bits(a), _bits(b)) for a, b in zip(lists[1], mine[1]))  # grads untouched
+
+
+def config_key(dtype, decoupled: bool, maximize: bool, weight_decay: float, beta1: float) -> tuple:
+    """What decides which operations the kernel runs (not the values they run on)."""
+    return (dtype, bool(decoupled), bool(maximize), weight_decay != 0, abs(1 - beta1) < 0.5)
+
+
+def used_for(optimizer) -> bool:
+    """Whether a clipping step of `optimizer` (a fused Adam/AdamW on the CPU) has taken, and will
+    take, the read-only-grads kernel: every group's configuration was probed and agreed."""
+    if not takes(optimizer):
+        return False
+    keys = []
+    for g in optimizer.param_groups:
+        dtypes = {p.dtype for p in g["params"]}
+        keys += [config_key(d, g.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)),
+                            g["maximize"], g["weight_decay"], g["betas"][0]) for d in dtypes]
+    return all(_verdicts.get(k) for k in keys)
+
+
+def _agrees(dtype, decoupled, lr, beta1, beta2, weight_decay, eps, maximize) -> bool:
+    key = config_key(dtype, decoupled, maximize, weight_decay, beta1)
+    verdict = _verdicts.get(key)
+    if verdict is None:
+        try:
+            verdict = _probe_agrees(key, decoupled, lr, beta1, beta2, weight_decay, eps, maximize)
+        except RuntimeError:  # the kernel refused (a CPU without AVX2+FMA): PyTorch's then
+            verdict = False
+        _verdicts[key] = verdict
+    return verdict
+
+
+_NAMES = ("_fused_adam_", "_fused_adamw_")
+_lock = threading.Lock()
+_installed: dict = {}  # name -> the function it replaced, while any guard's step is inside
+_active = [0]
+_local = threading.local()  # .grad_scale: this thread's guard's grad_scale, while its step runs
+
+
+def _wrapper(name: str):
+    decoupled = name == "_fused_adamw_"
+
+    def call(*args, **kwargs):
+        gs = getattr(_local, "grad_scale", None)
+        if gs is not None and kwargs.get("grad_scale") is gs and _run(decoupled, gs, args, kwargs):
+            return None
+        # What it replaced (a reference kept past the step: the function torch had at import).
+        return (_installed.get(name) or _ORIGINAL[name])(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"torch.{name}, or gradguard's read-only-grads kernel for a guard's grad_scale (gradguard.fused_adam)"
+    return call
+
+
+_ORIGINAL = {name: getattr(torch, name) for name in _NAMES}
+_WRAPPERS = {name: _wrapper(name) for name in _NAMES}
+
+
+class ReadOnlyGrads:
+    """While active, the ``torch._fused_adam_``/``_fused_adamw_`` call handed `grad_scale` (this very
+    tensor) runs ``gradguard::fused_adam_readonly_grads_`` where that is bit-identical; any other
+    call, from this thread or another, runs the function it would have.
+
+    Why the two functions are replaced for the duration and not intercepted with a
+    ``TorchFunctionMode``: a mode sees every torch call of the step (four per parameter in
+    ``Adam._init_group``), which cost 550 us per step at 52 parameters; the swap costs two
+    attribute writes. torch.optim looks them up on the ``torch`` module at each call."""
+
+    def __init__(self, grad_scale: torch.Tensor):
+        self.grad_scale = grad_scale
+
+    def __enter__(self):
+        with _lock:
+            if _active[0] == 0:
+                for name in _NAMES:
+                    current = getattr(torch, name)
+                    _installed[name] = _ORIGINAL[name] if current is _WRAPPERS[name] else current
+                    setattr(torch, name, _WRAPPERS[name])
+            _active[0] += 1
+        self._outer = getattr(_local, "grad_scale", None)
+        _local.grad_scale = self.grad_scale
+        return self
+
+    def __exit__(self, *exc):
+        _local.grad_scale = self._outer
+        with _lock:
+            _active[0] -= 1
+            if _active[0] == 0:
+                for name in _NAMES:
+                    setattr(torch, name, _installed.pop(name))
+        return False
+
+
+def _run(decoupled: bool, grad_scale: torch.Tensor, args, kwargs) -> bool:
+    """Runs the call through gradguard's kernel if it can take it; False: PyTorch's must."""
+    if len(args) != 6 or kwargs.get("amsgrad") or args[4]:
+        return False
+    params, grads, exp_avgs, exp_avg_sqs, _, steps = args
+    if not params:
+        return False
+    dtype = params[0].dtype
+    if dtype not in _DTYPES or params[0].device.type != "cpu" or grad_scale.device.type != "cpu":
+        return False
+    lr = kwargs["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type != "cpu":
+            return False
+        lr = lr.item()  # PyTorch's CPU kernel reads a tensor lr on the host too
+    numbers = [lr, kwargs["beta1"], kwargs["beta2"], kwargs["weight_decay"], kwargs["eps"]]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+        return False
+    lr, beta1, beta2, wd, eps = (float(x) for x in numbers)
+    maximize = bool(kwargs["maximize"])
+    if not _agrees(dtype, decoupled, lr, beta1, beta2, wd, eps, maximize):
+        return False
+    try:
+        _kernel()(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps, maximize, decoupled,
+                  grad_scale, kwargs.get("found_inf"))
+    except RuntimeError:
+        # Refused (a tensor of another dtype or device, a non-contiguous one: checked before
+        # anything was written): PyTorch's kernel takes the call, as it would have.
+        return False
+    return True

@@ -1,0 +1,281 @@
+"""gradguard::fused_adam_readonly_grads_ and the guard's use of it (gradguard/fused_adam.py): PyTorch's
+CPU fused Adam/AdamW step handed grad_scale, bit for bit, without writing the divided gradients
+back to .grad; used only where a probe found it bit-identical, PyTorch's kernel otherwise."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+import gradguard
+from gradguard import GradGuard, fused_adam
+
+needs_kernel = pytest.mark.skipif(not fused_adam._kernel_ready(), reason="needs the compiled CPU kernels")
+
+# The wheel whose kernel csrc/cpu/adam_readonly_grads_cpu.cpp was read from and checked against: there
+# the probe must agree (elsewhere it may refuse, and PyTorch's kernel keeps the step).
+CHECKED_TORCH = fused_adam._kernel_ready() and torch.__version__.startswith("2.13.") and torch.backends.cpu.get_cpu_capability() in ("AVX2",
+                                                                                                       "AVX512")
+SIZES = [0, 1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65, 1031, 100003]
+
+
+def bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+def same_bits(a, b):
+    return bool(((bits(a) == bits(b)) | (a.isnan() & b.isnan())).all())
+
+
+def lists(dtype, seed=0, special=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for scale, nonneg in ((1.0, False), (3.0, False), (0.1, False), (0.01, True)):
+        ts = [torch.randn(n, generator=g, dtype=dtype) * scale for n in SIZES]
+        if special:
+            fi = torch.finfo(dtype)
+            vals = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), fi.max, fi.tiny, fi.tiny / 4],
+                                dtype=dtype)
+            for t in ts:
+                pick = torch.rand(t.shape, generator=g) < 0.05
+                t[pick] = vals[torch.randint(0, len(vals), (int(pick.sum()),), generator=g)]
+        out.append([t.abs() if nonneg else t for t in ts])
+    return out
+
+
+def both_kernels(dtype, decoupled, maximize, wd, beta1, grad_scale=2.5, special=False, found=None, lr=1e-3):
+    ref = lists(dtype, special=special)
+    mine = [[t.clone() for t in lst] for lst in ref]
+    grads_before = [t.clone() for t in ref[1]]
+    steps = [torch.tensor(float(1 + i % 4)) for i in range(len(SIZES))]
+    gs = torch.tensor(grad_scale)
+    found_t = None if found is None else torch.tensor(found)
+    func = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    func(ref[0], ref[1], ref[2], ref[3], [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=0.999, weight_decay=wd,
+         eps=1e-8, maximize=maximize, grad_scale=gs, found_inf=found_t)
+    torch.ops.gradguard.fused_adam_readonly_grads_(mine[0], mine[1], mine[2], mine[3], steps, lr, beta1, 0.999, wd,
+                                                   1e-8, maximize, decoupled, gs, found_t)
+    return ref, mine, grads_before
+
+
+CONFIGS = list(itertools.product([torch.float32, torch.float64], [True, False], [False, True], [0.0, 0.05],
+                                 [0.9, 0.3]))
+
+
+@needs_kernel
+@pytest.mark.skipif(not CHECKED_TORCH, reason="the arithmetic was read from torch 2.13's x86 wheel")
+@pytest.mark.parametrize("dtype,decoupled,maximize,wd,beta1", CONFIGS)
+def test_kernel_is_pytorchs_step_bit_for_bit_without_the_write_back(dtype, decoupled, maximize, wd, beta1):
+    for special, gs in ((False, 2.5), (True, 2.5), (True, 1e-30), (True, 0.0), (True, float("inf"))):
+        ref, mine, before = both_kernels(dtype, decoupled, maximize, wd, beta1, grad_scale=gs, special=special)
+        for k in (0, 2, 3):  # params, exp_avg, exp_avg_sq
+            for a, b in zip(ref[k], mine[k]):
+                assert same_bits(a, b), (k, a.numel(), special, gs)
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(mine[1], before))  # grads: not written
+        assert not all(same_bits(a, b) for a, b in zip(ref[1], before))  # PyTorch's kernel did write them
+
+
+@needs_kernel
+def test_found_inf_one_skips_the_whole_step_zero_takes_it():
+    ref, mine, _ = both_kernels(torch.float32, True, False, 0.01, 0.9, found=1.0)
+    untouched = lists(torch.float32)
+    for k in (0, 2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(mine[k], untouched[k]))
+    ref, mine, _ = both_kernels(torch.float32, True, False, 0.01, 0.9, found=0.0)
+    assert not torch.equal(mine[0][-1], untouched[0][-1])
+    if CHECKED_TORCH:
+        assert all(torch.equal(a, b) for a, b in zip(ref[0], mine[0]))
+
+
+@needs_kernel
+def test_kernel_refuses_what_it_cannot_take_before_writing_anything():
+    op = torch.ops.gradguard.fused_adam_readonly_grads_
+    p, g, m, v = (torch.randn(10) for _ in range(4))
+    keep = p.clone()
+    s = [torch.tensor(1.0)]
+    args = (1e-3, 0.9, 0.999, 0.0, 1e-8, False, True)
+    with pytest.raises(RuntimeError, match="fused_adam_readonly_grads_.*contiguous CPU tensor of the parameters' dtype"):
+        op([p], [torch.randn(20)[::2]], [m], [v], s, *args, torch.tensor(1.0), None)
+    with pytest.raises(RuntimeError, match="fused_adam_readonly_grads_.*float32 or float64"):
+        op([p.half()], [g.half()], [m.half()], [v.half()], s, *args, torch.tensor(1.0), None)
+    with pytest.raises(RuntimeError, match="grad_scale must be a one-element float32 CPU tensor"):
+        op([p], [g], [m], [v], s, *args, torch.tensor(1.0, dtype=torch.float64), None)
+    with pytest.raises(RuntimeError, match="tensor 1 of the lists differ in size"):
+        op([p, p.clone()], [g, torch.randn(3)], [m, m.clone()], [v, v.clone()], s * 2, *args, torch.tensor(2.0), None)
+    assert torch.equal(p, keep)  # the second tensor's size error came before the first was stepped
+
+
+@needs_kernel
+def test_probe_catches_a_kernel_that_differs_in_one_tail_element(monkeypatch):
+    real = fused_adam._kernel()
+
+    def off_by_one_ulp(params, *rest):
+        real(params, *rest)
+        last = params[-1]
+        last[-1] = torch.nextafter(last[-1], torch.tensor(float("inf"), dtype=last.dtype))
+
+    monkeypatch.setattr(fused_adam, "_kernel", lambda: off_by_one_ulp)
+    monkeypatch.setattr(fused_adam, "_verdicts", {})
+    assert not fused_adam._agrees(torch.float32, True, 1e-3, 0.9, 0.999, 0.01, 1e-8, False)
+
+
+POISONED = 4
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 37), torch.nn.Tanh(), torch.nn.Linear(37, 5))
+
+
+def run_guarded(monkeypatch, use_kernel, opt_cls, opt_kw, guard_kw, steps=8, scaler=False):
+    """Parameters, optimizer state, guard history and the grads left after each step."""
+    if not use_kernel:
+        monkeypatch.setattr(fused_adam, "takes", lambda opt: False)
+    model = make_model()
+    opt = GradGuard(opt_cls(model.parameters(), fused=True, **opt_kw), hygiene=False, **guard_kw)
+    amp = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaler else None
+    g = torch.Generator().manual_seed(1)
+    left = []
+    for i in range(steps):
+        x = torch.randn(16, 12, generator=g) * (30.0 if i % 3 == 1 else 1.0)  # some steps clip
+        if i == POISONED:
+            x[0, 0] = float("nan")  # a skipped step (a zeroed one in "zero" mode)
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        if amp is not None:
+            amp.scale(loss).backward()
+            amp.step(opt)
+            amp.update()
+        else:
+            loss.backward()
+            opt.step()
+        left.append([p.grad.clone() for p in model.parameters()])
+    monkeypatch.undo()
+    return ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.optimizer.state_dict()["state"]),
+            opt.history.as_dict(), left, opt)
+
+
+GUARDED = [
+    (torch.optim.AdamW, {"lr": 1e-2}, {"max_norm": 1.0}),
+    (torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.1, "maximize": True}, {"max_norm": 0.5, "norm_type": 1.0}),
+    (torch.optim.AdamW, {"lr": torch.tensor(1e-2), "betas": (0.3, 0.99)}, {"max_norm": 1.0,
+                                                                          "spike": gradguard.ZScoreClip(warmup=2)}),
+    (torch.optim.Adam, {"lr": 1e-2}, {"max_norm": 0.5, "on_nonfinite": "zero"}),
+]
+
+
+@pytest.mark.parametrize("scaler", [False, True])
+@pytest.mark.parametrize("opt_cls,opt_kw,guard_kw", GUARDED)
+def test_guarded_steps_are_bit_identical_with_and_without_the_kernel(monkeypatch, opt_cls, opt_kw, guard_kw, scaler):
+    with_k = run_guarded(monkeypatch, True, opt_cls, opt_kw, copy.deepcopy(guard_kw), scaler=scaler)
+    without = run_guarded(monkeypatch, False, opt_cls, opt_kw, copy.deepcopy(guard_kw), scaler=scaler)
+    for a, b in zip(with_k[0], without[0]):
+        assert torch.equal(bits(a), bits(b))
+    for k in with_k[1]:
+        for name in with_k[1][k]:
+            assert torch.equal(with_k[1][k][name], without[1][k][name]), (k, name)
+    assert repr(with_k[2]) == repr(without[2])  # repr: NaN == NaN
+    assert any(with_k[2]["skipped"]) or guard_kw.get("on_nonfinite") == "zero"  # "zero" steps with the NaN zeroed
+    assert any(c < 1.0 for c in with_k[2]["clip_coef"])
+    if CHECKED_TORCH:
+        assert fused_adam.used_for(with_k[4].optimizer)
+        # A clipped (or unscaled) step left .grad as backward made it on the kernel's path only. Not
+        # the first step: with no optimizer state yet it is decided on the host and clipped in place.
+        clipped = [i for i, c in enumerate(with_k[2]["clip_coef"])
+                   if i not in (0, POISONED) and c < 1.0]
+        assert clipped
+        for i in clipped:
+            assert not all(torch.equal(a, b) for a, b in zip(with_k[3][i], without[3][i]))
+
+
+@needs_kernel
+def test_a_probe_that_disagrees_keeps_pytorchs_kernel_and_its_write_back(monkeypatch):
+    monkeypatch.setattr(fused_adam, "_verdicts", {})
+    monkeypatch.setattr(fused_adam, "_probe_agrees", lambda *a: False)
+    model = make_model()
+    opt = GradGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1e-3, hygiene=False)
+    model(torch.randn(4, 12)).sum().backward()
+    opt.step()  # the first step makes the state (decided on the host, no clip through the kernel needed)
+    opt.zero_grad()
+    model(torch.randn(4, 12)).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    assert float(opt.last.clip_coef) < 1.0 and not fused_adam.used_for(opt.optimizer)
+    coef = float(opt.last.clip_coef)
+    for p, g in zip(model.parameters(), before):
+        torch.testing.assert_close(p.grad, g * coef, rtol=1e-5, atol=0)  # PyTorch's write-back
+
+
+def test_only_the_guards_own_grad_scale_is_redirected():
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(torch.randn(4, 12)).sum().backward()
+    opt.grad_scale = torch.tensor(4.0)  # someone else's (a GradScaler's): PyTorch's kernel, write-back
+    before = [p.grad.clone() for p in model.parameters()]
+    with fused_adam.ReadOnlyGrads(torch.tensor(4.0)):
+        opt.step()
+    del opt.grad_scale
+    for p, g in zip(model.parameters(), before):
+        assert torch.equal(p.grad, g / 4.0)
+
+
+def test_torch_functions_are_pytorchs_again_after_the_step_even_one_that_raises():
+    originals = (torch._fused_adam_, torch._fused_adamw_)
+    with fused_adam.ReadOnlyGrads(torch.tensor(1.0)):
+        assert torch._fused_adamw_ is not originals[1]
+        with fused_adam.ReadOnlyGrads(torch.tensor(2.0)):  # nested (a guard inside a guard's closure)
+            pass
+        assert torch._fused_adamw_ is not originals[1]
+    assert (torch._fused_adam_, torch._fused_adamw_) == originals
+    with pytest.raises(ValueError):
+        with fused_adam.ReadOnlyGrads(torch.tensor(1.0)):
+            raise ValueError
+    assert (torch._fused_adam_, torch._fused_adamw_) == originals
+
+
+def test_another_threads_call_during_a_guarded_step_runs_pytorchs_kernel():
+    import threading
+
+    seen = []
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(torch.randn(4, 12)).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    gs = torch.tensor(4.0)
+    with fused_adam.ReadOnlyGrads(gs):
+        def other():
+            opt.grad_scale = gs  # the guard's tensor, but not this thread's guard
+            opt.step()
+            del opt.grad_scale
+            seen.append(True)
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(timeout=30)
+    assert seen
+    for p, g in zip(model.parameters(), before):
+        assert torch.equal(p.grad, g / 4.0)  # PyTorch's kernel wrote them back
+
+
+def test_reference_kernel_and_compiled_kernel_agree_and_opcheck_passes():
+    from gradguard import reference
+
+    ref = lists(torch.float32, special=True)
+    mine = [[t.clone() for t in lst] for lst in ref]
+    before = [t.clone() for t in ref[1]]
+    steps = [torch.tensor(3.0) for _ in SIZES]
+    gs = torch.tensor(1.5)
+    reference.fused_adam_readonly_grads_(ref[0], ref[1], ref[2], ref[3], steps, 1e-3, 0.9, 0.999, 0.01, 1e-8, False,
+                                         True, gs, None)
+    torch.ops.gradguard.fused_adam_readonly_grads_(mine[0], mine[1], mine[2], mine[3], steps, 1e-3, 0.9, 0.999, 0.01,
+                                                   1e-8, False, True, gs, None)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(ref[1], before))  # the reference writes no grad
+    if CHECKED_TORCH:
+        for k in (0, 2, 3):
+            assert all(same_bits(a, b) for a, b in zip(ref[k], mine[k]))
+    small = lists(torch.float32)
+    args = ([t[:40].clone() for t in small[0][-3:]], [t[:40].clone() for t in small[1][-3:]],
+            [t[:40].clone() for t in small[2][-3:]], [t[:40].clone() for t in small[3][-3:]],
+            [torch.tensor(2.0) for _ in range(3)], 1e-3, 0.9, 0.999, 0.0, 1e-8, False, False, gs, None)
+    torch.library.opcheck(torch.ops.gradguard.fused_adam_readonly_grads_.default, args)
