@@ -214,6 +214,10 @@ class GradGuard(torch.optim.Optimizer):
     # gets no grad_scale (whose write-back costs a pass over the grads) when it does not clip.
     # Tests turn it off to run the device-decided path, the one every accelerator takes.
     _decide_on_host_on_cpu = True
+    # A fused Adam/AdamW on the CPU clips through gradguard's read-only-grads kernel (see
+    # gradguard.fused_adam). The bench turns it off to time the device path as a GPU runs it
+    # (PyTorch's kernel, write-back included).
+    _cpu_readonly_adam = True
 
     def __init__(self, optimizer, max_norm=None, norm_type: float = 2.0, on_nonfinite: str = "skip",
                  max_consecutive_skips=None, spike=None, model=None, *, names=None,
@@ -501,7 +505,7 @@ class GradGuard(torch.optim.Optimizer):
                 inner.found_inf = found_inf
             if divisor is not None:
                 inner.grad_scale = divisor  # guard_decide's grad_scale: float32 already
-                if divisor.device.type == "cpu" and _fused_adam.takes(inner):
+                if divisor.device.type == "cpu" and self._cpu_readonly_adam and _fused_adam.takes(inner):
                     # Adam/AdamW on the CPU: the clip inside the update, no write-back to .grad.
                     with _fused_adam.ReadOnlyGrads(divisor):
                         inner.step(replay)

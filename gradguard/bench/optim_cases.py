@@ -34,7 +34,7 @@ BARE_FUSED = "torch AdamW(fused=True).step(), unprotected"
 GUARD_FUSED = "gradguard.GradGuard(AdamW(fused=True)).step()"
 TORCH_ERR = "torch clip_grad_norm_(error_if_nonfinite) + fused step"
 TORCH_SKIP = "torch get_total_norm, if finite: clip + fused step"
-GUARD_FUSED_DEVICE = "gradguard.GradGuard, device-decided (the GPU path)"
+GUARD_FUSED_DEVICE = "gradguard.GradGuard, device-decided (the GPU path: PyTorch's kernel)"
 STATS_ONLY = "gradguard.grad_stats alone (the extra read)"
 SCALED_FUSED = "torch AdamW(fused=True).step() handed grad_scale, unprotected"
 GRADS_FLOOR = "read floor of the grads' bytes, best of 1/4/8 streams"
@@ -75,6 +75,7 @@ def fused_table(params, label: str, device: str, repeats: int, clip: bool, bare_
     guard = gradguard.GradGuard(inner, max_norm=1.0, hygiene=False)
     on_device = gradguard.GradGuard(inner, max_norm=1.0, hygiene=False)
     on_device._decide_on_host_on_cpu = False
+    on_device._cpu_readonly_adam = False  # as on a GPU: PyTorch's kernel, which writes the grads back
     limit = _clip_limit(params, clip)
 
     def guarded(g=guard):
@@ -472,6 +473,7 @@ def _host_overhead_table(repeats: int) -> Table:
         device_decided = gradguard.GradGuard(torch.optim.AdamW(params, lr=1e-9, fused=True), max_norm=1e3,
                                              hygiene=False)
         device_decided._decide_on_host_on_cpu = False
+        device_decided._cpu_readonly_adam = False  # the inner step as a GPU runs it (PyTorch's kernel)
         read_path = gradguard.GradGuard(torch.optim.SGD(params, lr=1e-9, foreach=True), max_norm=1e3, hygiene=False)
         # The default hygiene=True adds the zero_grad() check: one look at every gradient.
         hygienic = gradguard.GradGuard(torch.optim.SGD(params, lr=1e-9, foreach=True), max_norm=1e3)
