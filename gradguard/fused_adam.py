@@ -1,28 +1,31 @@
 """The clip of a guarded fused Adam/AdamW step on the CPU, without PyTorch's write-back of the grads.
 
-A guard that clips (or unscales) a fused optimizer hands it ``grad_scale`` (the GradScaler
-contract). PyTorch's fused Adam kernel then divides every gradient by it *and stores the result
+A guard that clips a fused optimizer hands it ``grad_scale`` (the GradScaler contract). PyTorch's fused Adam kernel then divides every gradient by it *and stores the result
 back to .grad*: a write pass over the gradients, 0.14-0.20x of the whole step on the GPT-2-small
 list, and the reason a clipping guarded step cost 1.43x the bare step instead of the bare step
 plus the guard's one read (README, "Guarded optimizer step").
 
 ``gradguard::fused_adam_readonly_grads_`` (csrc/cpu/adam_readonly_grads_cpu.cpp) is PyTorch's CPU
 kernel, operation for operation, without that store: parameters and optimizer state come out
-bit-identical, and ``.grad`` keeps the gradient as backward left it (as Apex's FusedAdam and
-FusedLAMB, which also clip and unscale inside the update). While the inner step runs,
+bit-identical, and ``.grad`` keeps the gradient as backward left it. While the inner step runs,
 ``torch._fused_adam_``/``torch._fused_adamw_`` are wrappers that hand the call carrying the
 guard's ``grad_scale`` to it; everything else (state creation, the step counts, the grouping,
 other devices, other callers) stays PyTorch's own code.
 
 Trusted only where checked: the first time a configuration (dtype, Adam or AdamW, maximize,
 weight decay or not, which branch of the ``lerp``) is met, both kernels step a probe (every
-length around the vector width, special values included) and PyTorch's kernel keeps the call,
-write-back and all, unless every bit agrees. Another torch release or build whose arithmetic
-differs therefore costs speed, never a bit of the result. Not taken (PyTorch's kernel as
-before): amsgrad, float16/bfloat16, any device but the CPU, a build without the CPU kernels.
+length around the vector widths, special values included; with fixed hyperparameters of the same
+branches and with the call's own) and PyTorch's kernel keeps the call, write-back and all, unless
+every bit agrees. Another torch release or build whose arithmetic differs therefore costs speed,
+never a bit of the result. Not taken (PyTorch's kernel as before): amsgrad, float16/bfloat16,
+tensors that do not share one dense layout with their parameter, any device but the CPU, a build
+without the CPU kernels; and, from GradGuard, steps under GradScaler (its contract is unscaled
+grads after the step, which PyTorch's kernel writes back for it) and float64 parameters (the
+guard clips those in place by the float64 multiplier, exactly; ``grad_scale`` is float32).
 """
 from __future__ import annotations
 
+import struct
 import threading
 
 import torch
@@ -54,22 +57,34 @@ def takes(optimizer) -> bool:
 
 
 def _kernel():
-    """The op, called typed from C++ where the CPU module has that helper (torch.ops converts the
-    five lists to IValues: ~240 us at 1,000 parameters); a function, so that tests can put a wrong
-    kernel in its place."""
+    """The kernel as a function (args of the op) -> True, or False having touched nothing when it
+    cannot take the lists. The CPU module's helper calls the op typed from C++ (torch.ops converts
+    the five lists to IValues: ~240 us at 1,000 parameters) and asks first; through torch.ops a
+    refusal is an exception. A function, so that tests can put a wrong kernel in its place."""
     from gradguard import _C
 
-    return getattr(_C, "fused_adam_readonly_grads", None) or torch.ops.gradguard.fused_adam_readonly_grads_
+    helper = getattr(_C, "fused_adam_readonly_grads", None)
+    if helper is not None:
+        return helper
+
+    def via_ops(*args) -> bool:
+        try:
+            torch.ops.gradguard.fused_adam_readonly_grads_(*args)
+        except RuntimeError:  # refused before it wrote anything
+            return False
+        return True
+    return via_ops
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
 
 
-def _probe_agrees(key, decoupled, lr, beta1, beta2, weight_decay, eps, maximize) -> bool:
-    """Steps a probe with PyTorch's kernel and with ours, with this call's hyperparameters; True
-    when parameters and both moments agree in every bit (NaNs agree as NaN)."""
-    dtype = key[0]
+def _probe_agrees(key, hyper) -> bool:
+    """Steps a probe with PyTorch's kernel and with ours, once per hyperparameter set in `hyper`
+    ((lr, beta1, beta2, weight_decay, eps) tuples); True when parameters and both moments agree
+    in every bit (NaNs agree as NaN) and our grads are untouched, every time."""
+    dtype, decoupled, maximize = key[0], key[1], key[2]
     fi = torch.finfo(dtype)
     gen = torch.Generator().manual_seed(0)
     # Every length around AVX2/AVX-512 vector widths (and their 64-byte parallel units), so that
@@ -85,68 +100,81 @@ def _probe_agrees(key, decoupled, lr, beta1, beta2, weight_decay, eps, maximize)
         x[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=gen)]
         return x.abs() if nonneg else x
 
-    flat = [draw(1.0), draw(3.0), draw(0.1), draw(0.01, nonneg=True)]
-    lists = [list(f.split(sizes)) for f in flat]
-    steps = [torch.tensor(float(1 + i % 5)) for i in range(len(sizes))]
-    grad_scale = torch.tensor(1.7)
-    ref = [[t.clone() for t in lst] for lst in lists]
-    mine = [[t.clone() for t in lst] for lst in lists]
-    func = torch._fused_adamw_ if decoupled else torch._fused_adam_
-    func(ref[0], ref[1], ref[2], ref[3], [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
-         weight_decay=weight_decay, eps=eps, maximize=maximize, grad_scale=grad_scale, found_inf=None)
-    _kernel()(mine[0], mine[1], mine[2], mine[3], steps, lr, beta1, beta2,
-                                                   weight_decay, eps, maximize, decoupled, grad_scale, None)
-    for k in (0, 2, 3):
-        a, b = torch.cat(ref[k]), torch.cat(mine[k])
-        if not bool(((_bits(a) == _bits(b)) | (a.isnan() & b.isnan())).all()):
+    # float32 whatever the default dtype: PyTorch's fused steps and grad_scale are float32.
+    steps = [torch.tensor(float(1 + i % 5), dtype=torch.float32) for i in range(len(sizes))]
+    grad_scale = torch.tensor(1.7, dtype=torch.float32)
+    func = torch.ops.aten._fused_adamw_.default if decoupled else torch.ops.aten._fused_adam_.default
+    for lr, beta1, beta2, weight_decay, eps in hyper:
+        lists = [list(f.split(sizes)) for f in (draw(1.0), draw(3.0), draw(0.1), draw(0.01, nonneg=True))]
+        ref = [[t.clone() for t in lst] for lst in lists]
+        mine = [[t.clone() for t in lst] for lst in lists]
+        func(ref[0], ref[1], ref[2], ref[3], [], steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+             eps=eps, amsgrad=False, maximize=maximize, grad_scale=grad_scale, found_inf=None)
+        if not _kernel()(mine[0], mine[1], mine[2], mine[3], steps, lr, beta1, beta2, weight_decay, eps, maximize,
+                         decoupled, grad_scale, None):
             return False
-    return all(torch.equal(_bits(a), _bits(b)) for a, b in zip(lists[1], mine[1]))  # grads untouched
+        for k in (0, 2, 3):
+            x, y = torch.cat(ref[k]), torch.cat(mine[k])
+            if not bool(((_bits(x) == _bits(y)) | (x.isnan() & y.isnan())).all()):
+                return False
+        if not all(torch.equal(_bits(x), _bits(y)) for x, y in zip(lists[1], mine[1])):  # grads untouched
+            return False
+    return True
+
+
+def _in_dtype(x: float, dtype) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0] if dtype == torch.float32 else x
 
 
 def config_key(dtype, decoupled: bool, maximize: bool, weight_decay: float, beta1: float) -> tuple:
-    """What decides which operations the kernel runs (not the values they run on)."""
-    return (dtype, bool(decoupled), bool(maximize), weight_decay != 0, abs(1 - beta1) < 0.5)
+    """What decides which operations the kernels run (not the values they run on): the lerp's
+    branch is taken on 1 - beta1 rounded to the parameters' dtype, as the kernels do."""
+    return (dtype, bool(decoupled), bool(maximize), weight_decay != 0, abs(_in_dtype(1 - beta1, dtype)) < 0.5)
 
 
-def used_for(optimizer) -> bool:
-    """Whether a clipping step of `optimizer` (a fused Adam/AdamW on the CPU) has taken, and will
-    take, the read-only-grads kernel: every group's configuration was probed and agreed."""
-    if not takes(optimizer):
-        return False
-    keys = []
-    for g in optimizer.param_groups:
-        dtypes = {p.dtype for p in g["params"]}
-        keys += [config_key(d, g.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)),
-                            g["maximize"], g["weight_decay"], g["betas"][0]) for d in dtypes]
-    return all(_verdicts.get(k) for k in keys)
+def _canonical(key) -> tuple:
+    """Hyperparameters with no degenerate value (lr 0 would leave the update unchecked) that take
+    the same branches as `key`."""
+    return (1e-3, 0.9 if key[4] else 0.3, 0.999, 0.01 if key[3] else 0.0, 1e-8)
 
 
 def _agrees(dtype, decoupled, lr, beta1, beta2, weight_decay, eps, maximize) -> bool:
+    """The verdict for this configuration, probed on its first call: with fixed hyperparameters
+    of the same branches and with this call's own (unless its lr is 0)."""
     key = config_key(dtype, decoupled, maximize, weight_decay, beta1)
     verdict = _verdicts.get(key)
     if verdict is None:
-        try:
-            verdict = _probe_agrees(key, decoupled, lr, beta1, beta2, weight_decay, eps, maximize)
-        except RuntimeError:  # the kernel refused (a CPU without AVX2+FMA): PyTorch's then
-            verdict = False
+        hyper = [_canonical(key)] + ([(lr, beta1, beta2, weight_decay, eps)] if lr != 0 else [])
+        verdict = _probe_agrees(key, hyper)
         _verdicts[key] = verdict
     return verdict
+
+
+def last_step() -> dict | None:
+    """What the last guarded step of this thread that could use the kernel did: ``{"taken": n,
+    "declined": m}``, the calls of PyTorch's fused function it ran through gradguard's kernel and
+    those it left to PyTorch's (a configuration whose probe disagreed, a layout the kernel does not
+    take); None before any."""
+    return getattr(_local, "last", None)
 
 
 _NAMES = ("_fused_adam_", "_fused_adamw_")
 _lock = threading.Lock()
 _installed: dict = {}  # name -> the function it replaced, while any guard's step is inside
 _active = [0]
-_local = threading.local()  # .grad_scale: this thread's guard's grad_scale, while its step runs
+_local = threading.local()  # .context: this thread's innermost ReadOnlyGrads; .last: see last_step()
 
 
 def _wrapper(name: str):
     decoupled = name == "_fused_adamw_"
 
     def call(*args, **kwargs):
-        gs = getattr(_local, "grad_scale", None)
-        if gs is not None and kwargs.get("grad_scale") is gs and _run(decoupled, gs, args, kwargs):
-            return None
+        context = getattr(_local, "context", None)
+        if context is not None and kwargs.get("grad_scale") is context.grad_scale:
+            if _run(decoupled, context.grad_scale, args, kwargs):
+                context.taken += 1
+                return None
+            context.declined += 1
         # What it replaced (a reference kept past the step: the function torch had at import).
         return (_installed.get(name) or _ORIGINAL[name])(*args, **kwargs)
 
@@ -171,6 +199,7 @@ class ReadOnlyGrads:
 
     def __init__(self, grad_scale: torch.Tensor):
         self.grad_scale = grad_scale
+        self.taken = self.declined = 0
 
     def __enter__(self):
         with _lock:
@@ -180,17 +209,22 @@ class ReadOnlyGrads:
                     _installed[name] = _ORIGINAL[name] if current is _WRAPPERS[name] else current
                     setattr(torch, name, _WRAPPERS[name])
             _active[0] += 1
-        self._outer = getattr(_local, "grad_scale", None)
-        _local.grad_scale = self.grad_scale
+        self._outer = getattr(_local, "context", None)
+        _local.context = self
         return self
 
     def __exit__(self, *exc):
-        _local.grad_scale = self._outer
+        _local.context = self._outer
+        _local.last = {"taken": self.taken, "declined": self.declined}
         with _lock:
             _active[0] -= 1
             if _active[0] == 0:
                 for name in _NAMES:
-                    setattr(torch, name, _installed.pop(name))
+                    replaced = _installed.pop(name)
+                    # Someone else's patch made during the step stays (it calls through to ours,
+                    # which then calls what we replaced).
+                    if getattr(torch, name) is _WRAPPERS[name]:
+                        setattr(torch, name, replaced)
         return False
 
 
@@ -216,11 +250,6 @@ def _run(decoupled: bool, grad_scale: torch.Tensor, args, kwargs) -> bool:
     maximize = bool(kwargs["maximize"])
     if not _agrees(dtype, decoupled, lr, beta1, beta2, wd, eps, maximize):
         return False
-    try:
-        _kernel()(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps, maximize, decoupled,
-                  grad_scale, kwargs.get("found_inf"))
-    except RuntimeError:
-        # Refused (a tensor of another dtype or device, a non-contiguous one: checked before
-        # anything was written): PyTorch's kernel takes the call, as it would have.
-        return False
-    return True
+    # False (nothing written) where the kernel does not take the lists: PyTorch's then does.
+    return _kernel()(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps, maximize, decoupled,
+                     grad_scale, kwargs.get("found_inf"))

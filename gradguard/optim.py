@@ -30,7 +30,7 @@ How a step decides, and what it costs (``step()`` is stats -> decide -> apply):
 - On the CPU a read is no sync (nothing is queued), so there the guard always reads: a skipped
   step never calls the inner step, and a fused step that does not clip gets no ``grad_scale``,
   sparing the kernel's write-back of the grads. Every other device takes the read-free path.
-- On the CPU a fused ``Adam``/``AdamW`` (float32/float64, no amsgrad) that clips or unscales
+- On the CPU a fused ``Adam``/``AdamW`` (float32, no amsgrad) that clips, outside GradScaler,
   runs ``gradguard::fused_adam_readonly_grads_`` in place of PyTorch's kernel: the same step bit
   for bit (checked on a probe before first use, PyTorch's kernel kept where it differs), without
   the write-back, so ``.grad`` keeps the gradient backward made (see gradguard.fused_adam).
@@ -495,7 +495,7 @@ class GradGuard(torch.optim.Optimizer):
             self._fused_state_ready = True
         return True
 
-    def _fused_step(self, replay, found_inf, divisor) -> None:
+    def _fused_step(self, replay, found_inf, divisor, loss_scaled: bool = False) -> None:
         """The inner fused step with the GradScaler contract: it skips on the device when
         found_inf is 1, and divides the grads by grad_scale (writing them back to .grad), hence
         the divisor loss_scale / clip_coef."""
@@ -505,8 +505,11 @@ class GradGuard(torch.optim.Optimizer):
                 inner.found_inf = found_inf
             if divisor is not None:
                 inner.grad_scale = divisor  # guard_decide's grad_scale: float32 already
-                if divisor.device.type == "cpu" and self._cpu_readonly_adam and _fused_adam.takes(inner):
-                    # Adam/AdamW on the CPU: the clip inside the update, no write-back to .grad.
+                if (divisor.device.type == "cpu" and not loss_scaled and self._cpu_readonly_adam
+                        and _fused_adam.takes(inner)):
+                    # Adam/AdamW on the CPU: the clip inside the update, no write-back to .grad. Not
+                    # under GradScaler, whose contract is unscaled grads after the step (PyTorch's
+                    # fused kernel writes them back for it).
                     with _fused_adam.ReadOnlyGrads(divisor):
                         inner.step(replay)
                     return
@@ -746,7 +749,8 @@ class GradGuard(torch.optim.Optimizer):
                 self._fused_step(replay, found if mode in ("skip", "raise") else None, None)
             else:
                 divisor = grad_scale if (clipping or loss_scale is not None) else None
-                self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor)
+                self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor,
+                                 loss_scale is not None)
         else:
             is_bad = found_h != 0.0
             if snapshot is not None and (not is_bad or mode == "zero"):
@@ -756,7 +760,7 @@ class GradGuard(torch.optim.Optimizer):
             elif not (is_bad and mode in ("skip", "raise")):
                 if fused and not is_bad and mult_h != 1.0 and not exact:
                     # The kernel unscales/clips while it reads the grads: no separate pass.
-                    self._fused_step(replay, None, grad_scale)
+                    self._fused_step(replay, None, grad_scale, loss_scale is not None)
                 else:
                     if is_bad and mode == "zero":
                         _scale(grads, mult, True, plan.simple)

@@ -96,13 +96,14 @@ def test_kernel_refuses_what_it_cannot_take_before_writing_anything():
     keep = p.clone()
     s = [torch.tensor(1.0)]
     args = (1e-3, 0.9, 0.999, 0.0, 1e-8, False, True)
-    with pytest.raises(RuntimeError, match="fused_adam_readonly_grads_.*contiguous CPU tensor of the parameters' dtype"):
+    with pytest.raises(RuntimeError, match="fused_adam_readonly_grads_: tensor 0 of grads.* differs from its "
+                       "parameter in device, dtype, shape or strides"):
         op([p], [torch.randn(20)[::2]], [m], [v], s, *args, torch.tensor(1.0), None)
     with pytest.raises(RuntimeError, match="fused_adam_readonly_grads_.*float32 or float64"):
         op([p.half()], [g.half()], [m.half()], [v.half()], s, *args, torch.tensor(1.0), None)
     with pytest.raises(RuntimeError, match="grad_scale must be a one-element float32 CPU tensor"):
         op([p], [g], [m], [v], s, *args, torch.tensor(1.0, dtype=torch.float64), None)
-    with pytest.raises(RuntimeError, match="tensor 1 of the lists differ in size"):
+    with pytest.raises(RuntimeError, match="tensor 1 of grads/exp_avgs/exp_avg_sqs differs from its parameter"):
         op([p, p.clone()], [g, torch.randn(3)], [m, m.clone()], [v, v.clone()], s * 2, *args, torch.tensor(2.0), None)
     assert torch.equal(p, keep)  # the second tensor's size error came before the first was stepped
 
@@ -112,9 +113,10 @@ def test_probe_catches_a_kernel_that_differs_in_one_tail_element(monkeypatch):
     real = fused_adam._kernel()
 
     def off_by_one_ulp(params, *rest):
-        real(params, *rest)
+        took = real(params, *rest)
         last = params[-1]
         last[-1] = torch.nextafter(last[-1], torch.tensor(float("inf"), dtype=last.dtype))
+        return took
 
     monkeypatch.setattr(fused_adam, "_kernel", lambda: off_by_one_ulp)
     monkeypatch.setattr(fused_adam, "_verdicts", {})
@@ -136,12 +138,13 @@ def run_guarded(monkeypatch, use_kernel, opt_cls, opt_kw, guard_kw, steps=8, sca
     opt._cpu_readonly_adam = use_kernel
     amp = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaler else None
     g = torch.Generator().manual_seed(1)
-    left = []
+    left, took = [], []
     for i in range(steps):
         x = torch.randn(16, 12, generator=g) * (30.0 if i % 3 == 1 else 1.0)  # some steps clip
         if i == POISONED:
             x[0, 0] = float("nan")  # a skipped step (a zeroed one in "zero" mode)
         opt.zero_grad()
+        fused_adam._local.last = None
         loss = model(x).pow(2).mean()
         if amp is not None:
             amp.scale(loss).backward()
@@ -151,8 +154,9 @@ def run_guarded(monkeypatch, use_kernel, opt_cls, opt_kw, guard_kw, steps=8, sca
             loss.backward()
             opt.step()
         left.append([p.grad.clone() for p in model.parameters()])
+        took.append(fused_adam.last_step())
     return ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.optimizer.state_dict()["state"]),
-            opt.history.as_dict(), left, opt)
+            opt.history.as_dict(), left, took)
 
 
 GUARDED = [
@@ -177,14 +181,20 @@ def test_guarded_steps_are_bit_identical_with_and_without_the_kernel(monkeypatch
     assert repr(with_k[2]) == repr(without[2])  # repr: NaN == NaN
     assert any(with_k[2]["skipped"]) or guard_kw.get("on_nonfinite") == "zero"  # "zero" steps with the NaN zeroed
     assert any(c < 1.0 for c in with_k[2]["clip_coef"])
-    if CHECKED_TORCH:
-        assert fused_adam.used_for(with_k[4].optimizer)
-        # A clipped (or unscaled) step left .grad as backward made it on the kernel's path only. Not
-        # the first step: with no optimizer state yet it is decided on the host and clipped in place.
-        clipped = [i for i, c in enumerate(with_k[2]["clip_coef"])
-                   if i not in (0, POISONED) and c < 1.0]
-        assert clipped
+    clipped = [i for i, c in enumerate(with_k[2]["clip_coef"]) if i not in (0, POISONED) and c < 1.0]
+    assert clipped
+    assert all(t is None for t in without[4])  # the guard with the kernel off never entered it
+    if scaler:
+        # Under GradScaler PyTorch's kernel keeps the step (and writes the unscaled grads back,
+        # GradScaler's contract): the same grads either way.
+        assert all(t is None for t in with_k[4])
+        for i in range(len(with_k[3])):
+            assert all(same_bits(a, b) for a, b in zip(with_k[3][i], without[3][i]))
+    elif CHECKED_TORCH:
+        # A clipped step left .grad as backward made it on the kernel's path only. Not the first
+        # step: with no optimizer state yet it is decided on the host and clipped in place.
         for i in clipped:
+            assert with_k[4][i] == {"taken": 1, "declined": 0}, (i, with_k[4][i])
             assert not all(torch.equal(a, b) for a, b in zip(with_k[3][i], without[3][i]))
 
 
@@ -200,7 +210,7 @@ def test_a_probe_that_disagrees_keeps_pytorchs_kernel_and_its_write_back(monkeyp
     model(torch.randn(4, 12)).sum().backward()
     before = [p.grad.clone() for p in model.parameters()]
     opt.step()
-    assert float(opt.last.clip_coef) < 1.0 and not fused_adam.used_for(opt.optimizer)
+    assert float(opt.last.clip_coef) < 1.0 and fused_adam.last_step() == {"taken": 0, "declined": 1}
     coef = float(opt.last.clip_coef)
     for p, g in zip(model.parameters(), before):
         torch.testing.assert_close(p.grad, g * coef, rtol=1e-5, atol=0)  # PyTorch's write-back
@@ -277,3 +287,92 @@ def test_reference_kernel_and_compiled_kernel_agree_and_opcheck_passes():
             [t[:40].clone() for t in small[2][-3:]], [t[:40].clone() for t in small[3][-3:]],
             [torch.tensor(2.0) for _ in range(3)], 1e-3, 0.9, 0.999, 0.0, 1e-8, False, False, gs, None)
     torch.library.opcheck(torch.ops.gradguard.fused_adam_readonly_grads_.default, args)
+
+
+@needs_kernel
+@pytest.mark.skipif(not CHECKED_TORCH, reason="the arithmetic was read from torch 2.13's x86 wheel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hyperparameters_other_than_the_probes_stay_bit_identical(dtype):
+    # Among them three learning rates where float64 AdamW's decay 1 - lr * wd, rounded twice,
+    # differed from PyTorch's (gcc fused it into one FMA there).
+    g = torch.Generator().manual_seed(3)
+    lrs = [0.0055825666144976305, 0.008616939768709142, 0.005066066077473175]
+    lrs += (torch.rand(40, generator=g, dtype=torch.float64) * 0.02).tolist()
+    for k, lr in enumerate(lrs):
+        beta1 = 0.5 + 0.49 * k / len(lrs)
+        beta2 = 0.9 + 0.0999 * (k % 7) / 7
+        decoupled, wd = k % 2 == 0, (0.0, 0.1, 1e-4)[k % 3]
+        ref, mine, _ = both_kernels(dtype, decoupled, k % 5 == 0, wd, beta1, grad_scale=1.0 + k / 10, lr=lr)
+        for i in (0, 2, 3):
+            assert all(same_bits(a, b) for a, b in zip(ref[i], mine[i])), (lr, beta1, decoupled, wd, i)
+
+
+@needs_kernel
+def test_a_first_call_with_lr_0_does_not_leave_the_update_unchecked(monkeypatch):
+    real = fused_adam._kernel()
+
+    def wrong_update(params, grads, ms, vs, steps, lr, *rest):
+        took = real(params, grads, ms, vs, steps, lr, *rest)
+        if lr != 0:  # a kernel whose update is off (at lr 0 there is no update to be off)
+            for p in params:
+                p.mul_(1 + 2 ** -20)
+        return took
+
+    monkeypatch.setattr(fused_adam, "_kernel", lambda: wrong_update)
+    monkeypatch.setattr(fused_adam, "_verdicts", {})
+    assert not fused_adam._agrees(torch.float32, True, 0.0, 0.9, 0.999, 0.01, 1e-8, False)
+
+
+@needs_kernel
+def test_the_probe_ignores_the_default_dtype(monkeypatch):
+    monkeypatch.setattr(fused_adam, "_verdicts", {})
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        verdict = fused_adam._agrees(torch.float32, True, 1e-3, 0.9, 0.999, 0.01, 1e-8, False)
+    finally:
+        torch.set_default_dtype(old)
+    assert verdict == CHECKED_TORCH or verdict
+
+
+def test_the_lerp_branch_is_keyed_in_the_parameters_dtype():
+    beta1 = 0.5 + 2.0 ** -27  # 1 - beta1 < 0.5 rounds to 0.5 in float32: the kernels' "not small" branch
+    assert fused_adam.config_key(torch.float32, True, False, 0.0, beta1)[4] is False
+    assert fused_adam.config_key(torch.float64, True, False, 0.0, beta1)[4] is True
+
+
+@needs_kernel
+def test_channels_last_weights_take_the_kernel_and_mismatched_layouts_are_declined(monkeypatch):
+    def run(use_kernel):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Tanh(), torch.nn.Conv2d(8, 4, 3))
+        model = model.to(memory_format=torch.channels_last)
+        opt = GradGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1e-2, hygiene=False)
+        opt._cpu_readonly_adam = use_kernel
+        g = torch.Generator().manual_seed(1)
+        took = []
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(2, 3, 9, 9, generator=g).to(memory_format=torch.channels_last)).sum().backward()
+            fused_adam._local.last = None
+            opt.step()
+            took.append(fused_adam.last_step())
+        return [p.detach().clone() for p in model.parameters()], took
+
+    with_k, took = run(True)
+    without, _ = run(False)
+    assert not with_k[0].is_contiguous()  # the conv weights really are channels_last
+    assert all(torch.equal(a, b) for a, b in zip(with_k, without))
+    if CHECKED_TORCH:
+        assert took[1:] == [{"taken": 1, "declined": 0}] * 3
+    # A grad whose strides differ from its parameter's: declined (PyTorch's kernel), no exception.
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    p.grad = torch.randn(6, 4).t()
+    opt = torch.optim.AdamW([p], lr=1e-2, fused=True)
+    opt.step()
+    gs = torch.tensor(2.0)
+    opt.grad_scale = gs
+    with fused_adam.ReadOnlyGrads(gs) as ctx:
+        opt.step()
+    del opt.grad_scale
+    assert (ctx.taken, ctx.declined) == (0, 1)

@@ -11,7 +11,7 @@
 // bit-identical to the step PyTorch would have taken. Read from the torch 2.13 wheel's code (the
 // AVX2 copy: the wheel registers no AVX-512 one for this kernel), it is, per element, in float32
 // or float64 (g = grad / grad_scale, w = 1 - beta1, fma = one rounding):
-//   maximize: g = -g;  weight decay: Adam g = fma(p, wd, g), AdamW p = p * (1 - lr * wd)
+//   maximize: g = -g;  weight decay: Adam g = fma(p, wd, g), AdamW p = p * fma(-lr, wd, 1) (in double)
 //   m = |w| < 0.5 ? fma(w, g - m, m) : fma(w - 1, g - m, g)           (exp_avg.lerp_(g, w))
 //   v = fma(g, (1 - beta2) * g, v * beta2)  in the vector body,
 //   v = fma(v, beta2, ((1 - beta2) * g) * g) in the last numel % L elements (its scalar tail,
@@ -22,7 +22,7 @@
 // configuration before its first use and keeps PyTorch's kernel (with its write-back) where
 // they differ in a single bit. No FMA contraction here beyond the explicit ones (fp-contract=off).
 // Refused (the caller keeps PyTorch's kernel): amsgrad, dtypes other than float32/float64,
-// non-contiguous or mismatched tensors; CPUs without AVX2+FMA.
+// tensors that do not share one dense layout with their parameter; CPUs without AVX2+FMA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
@@ -30,8 +30,10 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <vector>
 
+#include "adam_readonly_grads.h"
 #include "cpu_isa.h"
 
 #if GG_CPU_X86
@@ -203,7 +205,9 @@ void adam_range(T* p, const T* g, T* m, T* v, int64_t begin, int64_t end, int64_
   k.gs = static_cast<T>(static_cast<float>(c.grad_scale));  // PyTorch's grad_scale is a float32 tensor
   k.has_wd = c.weight_decay != 0.f;
   k.wd = static_cast<T>(c.weight_decay);
-  k.decay = static_cast<T>(1 - c.lr * c.weight_decay);
+  // One rounding, as gcc contracted PyTorch's `1 - lr * weight_decay` (its kernel file is built
+  // with FMA): with two, float64 decays differed for ~1 lr value in 40,000.
+  k.decay = static_cast<T>(std::fma(-c.lr, c.weight_decay, 1.0));
   k.decoupled = c.decoupled;
   k.maximize = c.maximize;
   const int64_t split = std::min(std::max(tail_from, begin), end);
@@ -211,49 +215,67 @@ void adam_range(T* p, const T* g, T* m, T* v, int64_t begin, int64_t end, int64_
   adam_tail<T>(p, g, m, v, split, end, k);
 }
 
-void check_list(const char* what, at::TensorList xs, const at::Tensor& p0, size_t n) {
-  TORCH_CHECK(xs.size() == n, "gradguard.fused_adam_readonly_grads_: ", what, " has ", xs.size(),
-              " tensors, params has ", n);
-  for (const auto& x : xs) {
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == p0.scalar_type() && x.is_contiguous(),
-                "gradguard.fused_adam_readonly_grads_: every tensor of ", what,
-                " must be a contiguous CPU tensor of the parameters' dtype, got ", x.scalar_type(), " on ",
-                x.device(), x.is_contiguous() ? "" : " (non-contiguous)");
+}  // namespace
+
+// Why the kernel cannot take these lists ("" when it can): every condition PyTorch's kernel
+// needs to pair elements by memory offset (a parameter and its grad, moments: one dense,
+// non-overlapping layout with the same strides, e.g. all contiguous or all channels_last).
+std::string fused_adam_readonly_grads_refusal(at::TensorList params, at::TensorList grads, at::TensorList ms,
+                                              at::TensorList vs, at::TensorList steps, const at::Tensor& grad_scale,
+                                              const std::optional<at::Tensor>& found_inf) {
+  if (!cpu_has_avx2()) return "needs an x86-64 CPU with AVX2 and FMA";
+  const size_t n = params.size();
+  if (grads.size() != n || ms.size() != n || vs.size() != n || steps.size() != n) {
+    return "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length";
   }
+  if (!grad_scale.device().is_cpu() || grad_scale.scalar_type() != at::kFloat || grad_scale.numel() != 1) {
+    return "grad_scale must be a one-element float32 CPU tensor";
+  }
+  if (found_inf.has_value() &&
+      (!found_inf->device().is_cpu() || found_inf->scalar_type() != at::kFloat || found_inf->numel() != 1)) {
+    return "found_inf must be a one-element float32 CPU tensor";
+  }
+  if (n == 0) return "";
+  const auto dtype = params[0].scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) return "float32 or float64 parameters only";
+  for (const auto i : c10::irange(n)) {
+    const at::Tensor& p = params[i];
+    if (!p.device().is_cpu() || p.scalar_type() != dtype || !p.is_non_overlapping_and_dense()) {
+      return "every parameter must be a dense CPU tensor of the first one's dtype (tensor " + std::to_string(i) + ")";
+    }
+    for (const at::Tensor* t : {&grads[i], &ms[i], &vs[i]}) {
+      if (!t->device().is_cpu() || t->scalar_type() != dtype || t->sizes() != p.sizes() ||
+          t->strides() != p.strides()) {
+        return "tensor " + std::to_string(i) +
+               " of grads/exp_avgs/exp_avg_sqs differs from its parameter in device, dtype, shape or strides";
+      }
+    }
+    if (steps[i].numel() != 1) return "every state step must have one element (tensor " + std::to_string(i) + ")";
+    // Their version cannot be bumped outside inference mode: PyTorch's kernel says what it says.
+    if (p.is_inference() || ms[i].is_inference() || vs[i].is_inference()) {
+      return "inference tensors (tensor " + std::to_string(i) + ")";
+    }
+  }
+  return "";
 }
+
+namespace {
 
 void fused_adam_readonly_grads_cpu(at::TensorList params, at::TensorList grads, at::TensorList ms,
                                    at::TensorList vs, at::TensorList steps, double lr,
                                    double beta1, double beta2, double weight_decay, double eps, bool maximize,
                                    bool decoupled, const at::Tensor& grad_scale,
                                    const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(cpu_has_avx2(), "gradguard.fused_adam_readonly_grads_: needs an x86-64 CPU with AVX2 and FMA");
+  // Every check before the first write: a refused call has changed nothing (the caller then
+  // runs PyTorch's kernel instead).
+  const std::string refused =
+      fused_adam_readonly_grads_refusal(params, grads, ms, vs, steps, grad_scale, found_inf);
+  TORCH_CHECK(refused.empty(), "gradguard.fused_adam_readonly_grads_: ", refused);
   const size_t n = params.size();
   if (n == 0) return;
   const auto dtype = params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "gradguard.fused_adam_readonly_grads_: float32 or float64 parameters only, got ", dtype);
-  check_list("params", params, params[0], n);
-  check_list("grads", grads, params[0], n);
-  check_list("exp_avgs", ms, params[0], n);
-  check_list("exp_avg_sqs", vs, params[0], n);
-  TORCH_CHECK(steps.size() == n, "gradguard.fused_adam_readonly_grads_: state_steps has ", steps.size(),
-              " tensors, params has ", n);
-  TORCH_CHECK(grad_scale.device().is_cpu() && grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
-              "gradguard.fused_adam_readonly_grads_: grad_scale must be a one-element float32 CPU tensor");
-  if (found_inf.has_value()) {
-    TORCH_CHECK(found_inf->device().is_cpu() && found_inf->scalar_type() == at::kFloat && found_inf->numel() == 1,
-                "gradguard.fused_adam_readonly_grads_: found_inf must be a one-element float32 CPU tensor");
-    if (found_inf->item<float>() == 1.0f) return;  // as PyTorch's kernel: the whole step is skipped
-  }
+  if (found_inf.has_value() && found_inf->item<float>() == 1.0f) return;  // as PyTorch's: the step is skipped
   const double gs = grad_scale.item<float>();
-  // Every check before the first write: a refused call has changed nothing (the caller then
-  // runs PyTorch's kernel instead).
-  for (const auto i : c10::irange(n)) {
-    TORCH_CHECK(grads[i].numel() == params[i].numel() && ms[i].numel() == params[i].numel() &&
-                    vs[i].numel() == params[i].numel() && steps[i].numel() == 1,
-                "gradguard.fused_adam_readonly_grads_: tensor ", i, " of the lists differ in size");
-  }
   // The version bump the dispatcher's inplace-or-view step would have made (gradguard/_ops.py
   // registers a fallthrough there: the boxed fallback cost more than the step on small tensors),
   // so that autograd still sees these tensors as modified in place.
@@ -272,6 +294,7 @@ void fused_adam_readonly_grads_cpu(at::TensorList params, at::TensorList grads, 
       // chunks are 64-byte units, whole multiples of the lanes, so only the tensor's end has one).
       constexpr int64_t lanes = 32 / sizeof(scalar_t);
       constexpr int64_t unit = 64 / sizeof(scalar_t);
+      // By memory offset, as PyTorch's kernel: the four tensors share one dense layout.
       scalar_t* p = params[i].data_ptr<scalar_t>();
       const scalar_t* g = grads[i].const_data_ptr<scalar_t>();
       scalar_t* m = ms[i].data_ptr<scalar_t>();

@@ -15,6 +15,8 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "adam_readonly_grads.h"
+
 #include <algorithm>
 #include <initializer_list>
 #include <optional>
@@ -352,9 +354,11 @@ PyObject* clear_marks_unchanged(PyObject*, PyObject* args) {
 }
 
 // fused_adam_readonly_grads(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2,
-// weight_decay, eps, maximize, decoupled, grad_scale, found_inf): gradguard::fused_adam_readonly_grads_
-// called typed (torch.ops converted its five lists to IValues: ~240 us at 1,000 parameters, more
-// than PyTorch's whole fused step on them), GIL released.
+// weight_decay, eps, maximize, decoupled, grad_scale, found_inf) -> bool:
+// gradguard::fused_adam_readonly_grads_ called typed (torch.ops converted its five lists to
+// IValues: ~240 us at 1,000 parameters, more than PyTorch's whole fused step on them), GIL
+// released; False, having touched nothing, when the kernel cannot take the lists (the caller then
+// runs PyTorch's kernel; no exception on that path).
 bool list_tensors(PyObject* obj, const char* what, std::vector<at::Tensor>& out) {
   if (!PyList_Check(obj)) {
     PyErr_Format(PyExc_TypeError, "gradguard._C.fused_adam_readonly_grads: %s must be a list, got %s", what,
@@ -393,6 +397,9 @@ PyObject* fused_adam_readonly_grads(PyObject*, PyObject* args) {
   std::optional<at::Tensor> found_t;
   if (found != Py_None) found_t = THPVariable_Unpack(found);
   const at::Tensor& scale_t = THPVariable_Unpack(scale);
+  if (!fused_adam_readonly_grads_refusal(ts[0], ts[1], ts[2], ts[3], ts[4], scale_t, found_t).empty()) {
+    Py_RETURN_FALSE;
+  }
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("gradguard::fused_adam_readonly_grads_", "")
                              .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
@@ -403,14 +410,15 @@ PyObject* fused_adam_readonly_grads(PyObject*, PyObject* args) {
     op.call(ts[0], ts[1], ts[2], ts[3], ts[4], lr, beta1, beta2, wd, eps, maximize != 0, decoupled != 0, scale_t,
             found_t);
   }
-  Py_RETURN_NONE;
+  Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef kMethods[] = {
     {"fused_adam_readonly_grads", fused_adam_readonly_grads, METH_VARARGS,
      "fused_adam_readonly_grads(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, "
-     "eps, maximize, decoupled, grad_scale, found_inf): gradguard::fused_adam_readonly_grads_, called typed"},
+     "eps, maximize, decoupled, grad_scale, found_inf) -> gradguard::fused_adam_readonly_grads_ called typed: "
+     "True, or False (nothing touched) where the kernel cannot take the lists"},
     {"same_items", same_items, METH_VARARGS,
      "same_items(lists, flat) -> whether the lists, one after another, hold exactly the objects of flat"},
     {"grad_stats_of", grad_stats_of, METH_VARARGS,

@@ -104,7 +104,8 @@ def fused_table(params, label: str, device: str, repeats: int, clip: bool, bare_
         _add_bounds(times, list(floors), clip)
     ms = {n: statistics.median(v) for n, v in times.items()}
     assert (float(guard.last.clip_coef) < 1.0) == clip and not bool(guard.last.skipped)
-    readonly = clip and fused_adam.used_for(inner)  # the clip inside the update, no write-back
+    last = fused_adam.last_step()  # the guard's last clipping step: inside the update, no write-back?
+    readonly = clip and last is not None and last["taken"] > 0 and last["declined"] == 0
     del inner, guard, on_device, floors
     step_bytes = 7 * 4 * numel(params)  # read p, g, m, v; write p, m, v
     what = "every step clips" if clip else "no step needs clipping"
