@@ -55,10 +55,10 @@ _lib.define(
 
 torch.library.impl("gradguard::fused_adam_readonly_grads_", "default", lib=_lib)(
     reference.fused_adam_readonly_grads_)
-# Straight to the kernel, typed: the boxed autograd and inplace-or-view fallbacks turned every
-# tensor of the five lists into an IValue and back and bumped versions one by one, +240 us per
-# call at 1,000 parameters (2026-12-05). The kernels bump the mutated tensors' versions themselves
-# (PyTorch's aten kernel through aten, the compiled one directly); the step is not differentiable.
+# Straight to the kernel, typed: the boxed autograd and inplace-or-view fallbacks would box the
+# five lists on every call, which the C++ helper's typed call (gradguard/fused_adam.py) exists to
+# avoid. The kernels bump the mutated tensors' versions themselves (PyTorch's aten kernel through
+# aten, the compiled one directly); the step is not differentiable.
 _lib.impl("fused_adam_readonly_grads_", torch.library.fallthrough_kernel, "Autograd")
 _lib.impl("fused_adam_readonly_grads_", torch.library.fallthrough_kernel, "ADInplaceOrView")
 torch.library.impl("gradguard::multi_tensor_stats", "default", lib=_lib)(reference.multi_tensor_stats)

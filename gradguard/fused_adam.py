@@ -59,7 +59,7 @@ def takes(optimizer) -> bool:
 def _kernel():
     """The kernel as a function (args of the op) -> True, or False having touched nothing when it
     cannot take the lists. The CPU module's helper calls the op typed from C++ (torch.ops converts
-    the five lists to IValues: ~240 us at 1,000 parameters) and asks first; through torch.ops a
+    the five lists to IValues: ~270 us at 1,000 parameters) and asks first; through torch.ops a
     refusal is an exception. A function, so that tests can put a wrong kernel in its place."""
     from gradguard import _C
 

@@ -497,8 +497,9 @@ class GradGuard(torch.optim.Optimizer):
 
     def _fused_step(self, replay, found_inf, divisor, loss_scaled: bool = False) -> None:
         """The inner fused step with the GradScaler contract: it skips on the device when
-        found_inf is 1, and divides the grads by grad_scale (writing them back to .grad), hence
-        the divisor loss_scale / clip_coef."""
+        found_inf is 1, and divides the grads by grad_scale, hence the divisor loss_scale /
+        clip_coef. PyTorch's kernels write the divided grads back to .grad; a CPU Adam/AdamW
+        outside GradScaler goes through gradguard.fused_adam instead, which does not."""
         inner = self.optimizer
         try:
             if found_inf is not None:

@@ -1,11 +1,12 @@
 """Benchmark cases for GradGuard (issue bar: GPT-2-small-shaped 124M fp32 params, CPU).
 
 Two regimes for the fused optimizer: every step clips, and no step needs to. A clipping step
-costs the guard one read of the grads (its statistics) plus one write: PyTorch's fused kernels
-write the clipped grads back to .grad when given grad_scale. On the CPU the guard reads the
-decision (free there) and passes no grad_scale when it does not clip; the device-decided row is
-the path a GPU takes (found_inf and grad_scale always, no read). Each target is checked on the
-median of per-round ratios.
+through PyTorch's fused kernel costs the guard one read of the grads (its statistics) plus one
+write: that kernel writes the clipped grads back to .grad when given grad_scale. On the CPU the
+guard reads the decision (free there), passes no grad_scale when it does not clip, and clips an
+Adam/AdamW inside the update without that write (gradguard.fused_adam); the device-decided row
+is the path a GPU takes (found_inf and grad_scale always, no read, PyTorch's kernel). Each
+target is checked on the median of per-round ratios.
 
 Each fused table also measures, in the same rounds, what bounds it: the read floor of the grads'
 bytes and (when clipping) the bare step handed grad_scale. The bare step plus the grads read at
