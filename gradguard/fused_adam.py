@@ -17,11 +17,12 @@ weight decay or not, which branch of the ``lerp``) is met, both kernels step a p
 length around the vector widths, special values included; with fixed hyperparameters of the same
 branches and with the call's own) and PyTorch's kernel keeps the call, write-back and all, unless
 every bit agrees. Another torch release or build whose arithmetic differs therefore costs speed,
-never a bit of the result. Not taken (PyTorch's kernel as before): amsgrad, float16/bfloat16,
-tensors that do not share one dense layout with their parameter, any device but the CPU, a build
-without the CPU kernels; and, from GradGuard, steps under GradScaler (its contract is unscaled
-grads after the step, which PyTorch's kernel writes back for it) and float64 parameters (the
-guard clips those in place by the float64 multiplier, exactly; ``grad_scale`` is float32).
+never a bit of the result. Not taken (PyTorch's kernel as before): amsgrad, tensors that do not
+share one dense layout with their parameter, any device but the CPU, a build without the CPU
+kernels; and, from GradGuard, steps under GradScaler (its contract is unscaled grads after the
+step, which PyTorch's kernel writes back for it) and float64 parameters (the guard clips those in
+place by the float64 multiplier, exactly; ``grad_scale`` is float32). float32, float16 and
+bfloat16 parameters are taken.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import threading
 
 import torch
 
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _verdicts: dict = {}  # configuration -> bool: the probe agreed with PyTorch's kernel bit for bit
 
 
@@ -77,7 +78,7 @@ def _kernel():
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype, torch.int16))
 
 
 def _probe_agrees(key, hyper) -> bool:

@@ -30,10 +30,11 @@ How a step decides, and what it costs (``step()`` is stats -> decide -> apply):
 - On the CPU a read is no sync (nothing is queued), so there the guard always reads: a skipped
   step never calls the inner step, and a fused step that does not clip gets no ``grad_scale``,
   sparing the kernel's write-back of the grads. Every other device takes the read-free path.
-- On the CPU a fused ``Adam``/``AdamW`` (float32, no amsgrad) that clips, outside GradScaler,
-  runs ``gradguard::fused_adam_readonly_grads_`` in place of PyTorch's kernel: the same step bit
-  for bit (checked on a probe before first use, PyTorch's kernel kept where it differs), without
-  the write-back, so ``.grad`` keeps the gradient backward made (see gradguard.fused_adam).
+- On the CPU a fused ``Adam``/``AdamW`` (float32/float16/bfloat16, no amsgrad) that clips,
+  outside GradScaler, runs ``gradguard::fused_adam_readonly_grads_`` in place of PyTorch's
+  kernel: the same step bit for bit (checked on a probe before first use, PyTorch's kernel kept
+  where it differs), without the write-back, so ``.grad`` keeps the gradient backward made (see
+  gradguard.fused_adam).
 
 Sparse COO gradients (``nn.Embedding(sparse=True)``, ``SparseAdam``) are judged by their
 coalesced values and clipped through their stored values. With ``LBFGS`` and a closure, every

@@ -8,21 +8,24 @@
 // optimizer step"). Without it a clipping guarded step costs the bare step plus one read.
 //
 // The arithmetic is PyTorch's, operation for operation, so that parameters and state are
-// bit-identical to the step PyTorch would have taken. Read from the torch 2.13 wheel's code (the
-// AVX2 copy: the wheel registers no AVX-512 one for this kernel), it is, per element, in float32
-// or float64 (g = grad / grad_scale, w = 1 - beta1, fma = one rounding):
+// bit-identical to the step PyTorch would have taken (NaN payloads included). Read from the torch
+// 2.13 wheel's code (the AVX2 copy: the wheel registers no AVX-512 one for this kernel), it is,
+// per element, in float32 (float64 for float64; float16/bfloat16 are widened to float32, and the
+// update uses the moments before they are rounded back) (g = grad / grad_scale, w = 1 - beta1,
+// fma = one rounding):
 //   maximize: g = -g;  weight decay: Adam g = fma(p, wd, g), AdamW p = p * fma(-lr, wd, 1) (in double)
 //   m = |w| < 0.5 ? fma(w, g - m, m) : fma(w - 1, g - m, g)           (exp_avg.lerp_(g, w))
 //   v = fma(g, (1 - beta2) * g, v * beta2)  in the vector body,
 //   v = fma(v, beta2, ((1 - beta2) * g) * g) in the last numel % L elements (its scalar tail,
-//       L = 8 float32 / 4 float64 lanes: gcc contracted the two differently)
-//   p = p - (step_size * m) / (sqrt(v) / sqrt(bias_correction2) + eps)
+//       L = 8 float32 / 4 float64 / 16 float16 or bfloat16 lanes: gcc contracted the two
+//       differently)
+//   p = p + (-step_size * m) / (sqrt(v) / sqrt(bias_correction2) + eps)   (the tail: p - (...))
 // Such details change between torch releases and builds, so this kernel is never trusted on
 // reading alone: gradguard/fused_adam.py runs it against PyTorch's kernel on a probe of every
 // configuration before its first use and keeps PyTorch's kernel (with its write-back) where
 // they differ in a single bit. No FMA contraction here beyond the explicit ones (fp-contract=off).
-// Refused (the caller keeps PyTorch's kernel): amsgrad, dtypes other than float32/float64,
-// tensors that do not share one dense layout with their parameter; CPUs without AVX2+FMA.
+// Refused (the caller keeps PyTorch's kernel): amsgrad, other dtypes, tensors that do not share
+// one dense layout with their parameter; CPUs without AVX2+FMA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
@@ -63,7 +66,8 @@ GG_TARGET_AVX2
 #if GG_CPU_X86
 // The AVX2 operations for one dtype, so that one loop serves float32 (8 lanes) and float64 (4).
 struct F32x8 {
-  using T = float;
+  using T = float;  // storage
+  using C = float;  // arithmetic
   using V = __m256;
   static constexpr int kLanes = 8;
   static V load(const T* x) { return _mm256_loadu_ps(x); }
@@ -80,6 +84,7 @@ struct F32x8 {
 
 struct F64x4 {
   using T = double;
+  using C = double;
   using V = __m256d;
   static constexpr int kLanes = 4;
   static V load(const T* x) { return _mm256_loadu_pd(x); }
@@ -94,18 +99,46 @@ struct F64x4 {
   static V neg(V a) { return _mm256_xor_pd(a, _mm256_set1_pd(-0.0)); }
 };
 
+// float16/bfloat16 storage, float32 arithmetic (PyTorch's opmath), 8 elements at a time. PyTorch
+// converts 16 at a time; the arithmetic is per element, so only where its body ends matters (the
+// caller's tail_from). Conversions as PyTorch's AVX2 ones (ATen/cpu/vec/vec256/vec256_16bit_float.h):
+// exact widening; narrowing rounds to nearest even, a bfloat16 NaN becomes 0xffff.
+struct BF16x8 : F32x8 {
+  using T = c10::BFloat16;
+  static V load(const T* x) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static void store(T* x, V a) {
+    const __m256i bits = _mm256_castps_si256(a);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)), bits), 16);
+    r = _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), r, _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_ORD_Q)));
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(x), packed);
+  }
+};
+
+struct F16x8 : F32x8 {
+  using T = c10::Half;
+  static V load(const T* x) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))); }
+  static void store(T* x, V a) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(x), _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+
 // PyTorch's vector body over [lo, hi), a whole number of lanes. Every operation rounds as
 // written; fma rounds once. The branches are template arguments, out of the loop.
 template <typename S, WeightDecay kWd, bool kSmall, bool kMaximize>
 void adam_body(typename S::T* __restrict p, const typename S::T* __restrict g_in, typename S::T* __restrict m,
-               typename S::T* __restrict v, int64_t lo, int64_t hi, const Coeffs<typename S::T>& k) {
+               typename S::T* __restrict v, int64_t lo, int64_t hi, const Coeffs<typename S::C>& k) {
   using V = typename S::V;
   const V gs = S::set1(k.gs), wd = S::set1(k.wd), decay = S::set1(k.decay), w = S::set1(k.w),
-          wm1 = S::set1(k.w_minus_1), b2 = S::set1(k.b2), c2 = S::set1(k.c2), ss = S::set1(k.step_size),
+          wm1 = S::set1(k.w_minus_1), b2 = S::set1(k.b2), c2 = S::set1(k.c2), neg_ss = S::set1(-k.step_size),
           bc2 = S::set1(k.bc2_sqrt), eps = S::set1(k.eps);
   for (int64_t i = lo; i < hi; i += S::kLanes) {
     V g = S::div(S::load(g_in + i), gs);
-    if constexpr (kMaximize) g = S::neg(g);
+    if constexpr (kMaximize) g = S::neg(g);  // gcc made PyTorch's g * -1 a sign flip (a NaN's too)
     V pi = S::load(p + i);
     if constexpr (kWd == kAdamWDecay) pi = S::mul(pi, decay);
     if constexpr (kWd == kAdamDecay) g = S::fma(pi, wd, g);
@@ -120,19 +153,21 @@ void adam_body(typename S::T* __restrict p, const typename S::T* __restrict g_in
     const V vi = S::fma(g, S::mul(c2, g), S::mul(S::load(v + i), b2));
     S::store(m + i, mi);
     S::store(v + i, vi);
-    S::store(p + i, S::sub(pi, S::div(S::mul(ss, mi), S::add(S::div(S::sqrt(vi), bc2), eps))));
+    // p + (-step_size * m) / denom, in PyTorch's operand order (the same value as p - ..., and
+    // the same NaN where one is made).
+    S::store(p + i, S::add(pi, S::div(S::mul(neg_ss, mi), S::add(S::div(S::sqrt(vi), bc2), eps))));
   }
 }
 #endif
 
 // PyTorch's scalar tail over [lo, hi) (fewer elements than a vector's lanes): the same, except
-// that gcc contracted the second moment the other way round there.
-template <typename T>
-void adam_tail(T* p, const T* g_in, T* m, T* v, int64_t lo, int64_t hi, const Coeffs<T>& k) {
+// that gcc contracted the second moment the other way round there. T: storage, C: arithmetic.
+template <typename T, typename C>
+void adam_tail(T* p, const T* g_in, T* m, T* v, int64_t lo, int64_t hi, const Coeffs<C>& k) {
   for (int64_t i = lo; i < hi; ++i) {
-    T g = g_in[i] / k.gs;
+    C g = static_cast<C>(g_in[i]) / k.gs;
     if (k.maximize) g = -g;
-    T pi = p[i];
+    C pi = static_cast<C>(p[i]);
     if (k.has_wd) {
       if (k.decoupled) {
         pi = pi * k.decay;
@@ -140,13 +175,14 @@ void adam_tail(T* p, const T* g_in, T* m, T* v, int64_t lo, int64_t hi, const Co
         g = std::fma(pi, k.wd, g);
       }
     }
-    const T mo = m[i];
-    const T d = g - mo;
-    const T mi = k.small ? std::fma(k.w, d, mo) : std::fma(k.w_minus_1, d, g);
-    const T vi = std::fma(v[i], k.b2, (k.c2 * g) * g);
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = pi - (k.step_size * mi) / (std::sqrt(vi) / k.bc2_sqrt + k.eps);
+    const C mo = static_cast<C>(m[i]);
+    const C d = g - mo;
+    const C mi = k.small ? std::fma(k.w, d, mo) : std::fma(k.w_minus_1, d, g);
+    const C vi = std::fma(static_cast<C>(v[i]), k.b2, (k.c2 * g) * g);
+    m[i] = static_cast<T>(mi);
+    v[i] = static_cast<T>(vi);
+    // The update from the moments before they were rounded to T, as PyTorch's.
+    p[i] = static_cast<T>(pi - (k.step_size * mi) / (std::sqrt(vi) / k.bc2_sqrt + k.eps));
   }
 }
 
@@ -154,7 +190,7 @@ void adam_tail(T* p, const T* g_in, T* m, T* v, int64_t lo, int64_t hi, const Co
 
 template <typename S, WeightDecay kWd, bool kSmall>
 void adam_body(typename S::T* p, const typename S::T* g, typename S::T* m, typename S::T* v, int64_t lo, int64_t hi,
-               const Coeffs<typename S::T>& k) {
+               const Coeffs<typename S::C>& k) {
   if (k.maximize) {
     adam_body<S, kWd, kSmall, true>(p, g, m, v, lo, hi, k);
   } else {
@@ -164,7 +200,7 @@ void adam_body(typename S::T* p, const typename S::T* g, typename S::T* m, typen
 
 template <typename S, WeightDecay kWd>
 void adam_body(typename S::T* p, const typename S::T* g, typename S::T* m, typename S::T* v, int64_t lo, int64_t hi,
-               const Coeffs<typename S::T>& k) {
+               const Coeffs<typename S::C>& k) {
   if (k.small) {
     adam_body<S, kWd, true>(p, g, m, v, lo, hi, k);
   } else {
@@ -172,10 +208,17 @@ void adam_body(typename S::T* p, const typename S::T* g, typename S::T* m, typen
   }
 }
 
+// PyTorch's arithmetic type for storage type T (at::opmath_type): float for float16/bfloat16.
 template <typename T>
-void adam_body_any(T* p, const T* g, T* m, T* v, int64_t lo, int64_t hi, const Coeffs<T>& k) {
+using Opmath = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+void adam_body_any(T* p, const T* g, T* m, T* v, int64_t lo, int64_t hi, const Coeffs<Opmath<T>>& k) {
 #if GG_CPU_X86
-  using S = std::conditional_t<std::is_same_v<T, float>, F32x8, F64x4>;
+  using S = std::conditional_t<
+      std::is_same_v<T, float>, F32x8,
+      std::conditional_t<std::is_same_v<T, double>, F64x4,
+                         std::conditional_t<std::is_same_v<T, c10::BFloat16>, BF16x8, F16x8>>>;
   if (!k.has_wd) {
     adam_body<S, kNoDecay>(p, g, m, v, lo, hi, k);
   } else if (k.decoupled) {
@@ -191,28 +234,29 @@ void adam_body_any(T* p, const T* g, T* m, T* v, int64_t lo, int64_t hi, const C
 // Elements [begin, end) of one tensor; `tail_from`: the first element of PyTorch's scalar tail.
 template <typename T>
 void adam_range(T* p, const T* g, T* m, T* v, int64_t begin, int64_t end, int64_t tail_from, const AdamConsts& c) {
+  using C = Opmath<T>;
   const double bc1 = 1 - std::pow(c.beta1, c.step);
   const double bc2 = 1 - std::pow(c.beta2, c.step);
-  Coeffs<T> k;
-  k.step_size = static_cast<T>(c.lr / bc1);
-  k.bc2_sqrt = static_cast<T>(std::sqrt(bc2));
-  k.w = static_cast<T>(1 - c.beta1);
-  k.w_minus_1 = k.w - T(1);
-  k.small = (k.w < T(0) ? -k.w : k.w) < T(0.5);
-  k.b2 = static_cast<T>(c.beta2);
-  k.c2 = static_cast<T>(1 - c.beta2);
-  k.eps = static_cast<T>(c.eps);
-  k.gs = static_cast<T>(static_cast<float>(c.grad_scale));  // PyTorch's grad_scale is a float32 tensor
+  Coeffs<C> k;
+  k.step_size = static_cast<C>(c.lr / bc1);
+  k.bc2_sqrt = static_cast<C>(std::sqrt(bc2));
+  k.w = static_cast<C>(1 - c.beta1);
+  k.w_minus_1 = k.w - C(1);
+  k.small = (k.w < C(0) ? -k.w : k.w) < C(0.5);
+  k.b2 = static_cast<C>(c.beta2);
+  k.c2 = static_cast<C>(1 - c.beta2);
+  k.eps = static_cast<C>(c.eps);
+  k.gs = static_cast<C>(static_cast<float>(c.grad_scale));  // PyTorch's grad_scale is a float32 tensor
   k.has_wd = c.weight_decay != 0.f;
-  k.wd = static_cast<T>(c.weight_decay);
+  k.wd = static_cast<C>(c.weight_decay);
   // One rounding, as gcc contracted PyTorch's `1 - lr * weight_decay` (its kernel file is built
   // with FMA): with two, float64 decays differed for ~1 lr value in 40,000.
-  k.decay = static_cast<T>(std::fma(-c.lr, c.weight_decay, 1.0));
+  k.decay = static_cast<C>(std::fma(-c.lr, c.weight_decay, 1.0));
   k.decoupled = c.decoupled;
   k.maximize = c.maximize;
   const int64_t split = std::min(std::max(tail_from, begin), end);
   adam_body_any<T>(p, g, m, v, begin, split, k);
-  adam_tail<T>(p, g, m, v, split, end, k);
+  adam_tail<T, C>(p, g, m, v, split, end, k);
 }
 
 }  // namespace
@@ -237,17 +281,22 @@ std::string fused_adam_readonly_grads_refusal(at::TensorList params, at::TensorL
   }
   if (n == 0) return "";
   const auto dtype = params[0].scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) return "float32 or float64 parameters only";
+  if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf && dtype != at::kBFloat16) {
+    return "float32, float64, float16 or bfloat16 parameters only";
+  }
   for (const auto i : c10::irange(n)) {
     const at::Tensor& p = params[i];
-    if (!p.device().is_cpu() || p.scalar_type() != dtype || !p.is_non_overlapping_and_dense()) {
+    // Contiguous tensors (the common case, a cached flag) pair by offset whatever their shapes;
+    // any other dense layout must be the parameter's own, stride for stride.
+    const bool contiguous = p.is_contiguous();
+    if (!p.device().is_cpu() || p.scalar_type() != dtype || !(contiguous || p.is_non_overlapping_and_dense())) {
       return "every parameter must be a dense CPU tensor of the first one's dtype (tensor " + std::to_string(i) + ")";
     }
     for (const at::Tensor* t : {&grads[i], &ms[i], &vs[i]}) {
-      if (!t->device().is_cpu() || t->scalar_type() != dtype || t->sizes() != p.sizes() ||
-          t->strides() != p.strides()) {
+      if (!t->device().is_cpu() || t->scalar_type() != dtype || t->numel() != p.numel() ||
+          !(contiguous ? t->is_contiguous() : t->strides() == p.strides())) {
         return "tensor " + std::to_string(i) +
-               " of grads/exp_avgs/exp_avg_sqs differs from its parameter in device, dtype, shape or strides";
+               " of grads/exp_avgs/exp_avg_sqs differs from its parameter in device, dtype, size or layout";
       }
     }
     if (steps[i].numel() != 1) return "every state step must have one element (tensor " + std::to_string(i) + ")";
@@ -289,9 +338,10 @@ void fused_adam_readonly_grads_cpu(at::TensorList params, at::TensorList grads, 
     const AdamConsts c{lr, beta1, beta2, weight_decay, eps, gs, static_cast<double>(steps[i].item<float>()),
                        maximize, decoupled};
     const int64_t numel = params[i].numel();
-    AT_DISPATCH_FLOATING_TYPES(dtype, "fused_adam_readonly_grads_", [&] {
-      // PyTorch's AVX2 lanes: the scalar tail is the last numel % lanes elements (its parallel
-      // chunks are 64-byte units, whole multiples of the lanes, so only the tensor's end has one).
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_adam_readonly_grads_", [&] {
+      // PyTorch's AVX2 lanes (a 256-bit vector of the storage type: 8 float32, 4 float64, 16
+      // float16/bfloat16): the scalar tail is the last numel % lanes elements (its parallel chunks
+      // are 64-byte units, whole multiples of the lanes, so only the tensor's end has one).
       constexpr int64_t lanes = 32 / sizeof(scalar_t);
       constexpr int64_t unit = 64 / sizeof(scalar_t);
       // By memory offset, as PyTorch's kernel: the four tensors share one dense layout.
