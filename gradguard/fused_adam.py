@@ -124,12 +124,14 @@ def _probe_agrees(key, hyper) -> bool:
 
 
 def _in_dtype(x: float, dtype) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0] if dtype == torch.float32 else x
+    """`x` in the kernels' arithmetic type: float32 for every dtype but float64 (PyTorch's opmath
+    of float16/bfloat16 is float32)."""
+    return x if dtype == torch.float64 else struct.unpack("f", struct.pack("f", x))[0]
 
 
 def config_key(dtype, decoupled: bool, maximize: bool, weight_decay: float, beta1: float) -> tuple:
     """What decides which operations the kernels run (not the values they run on): the lerp's
-    branch is taken on 1 - beta1 rounded to the parameters' dtype, as the kernels do."""
+    branch is taken on 1 - beta1 rounded to the kernels' arithmetic type, as they do."""
     return (dtype, bool(decoupled), bool(maximize), weight_decay != 0, abs(_in_dtype(1 - beta1, dtype)) < 0.5)
 
 

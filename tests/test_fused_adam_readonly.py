@@ -344,6 +344,9 @@ def test_the_lerp_branch_is_keyed_in_the_parameters_dtype():
     beta1 = 0.5 + 2.0 ** -27  # 1 - beta1 < 0.5 rounds to 0.5 in float32: the kernels' "not small" branch
     assert fused_adam.config_key(torch.float32, True, False, 0.0, beta1)[4] is False
     assert fused_adam.config_key(torch.float64, True, False, 0.0, beta1)[4] is True
+    # float16/bfloat16 steps compute in float32 (PyTorch's opmath): keyed as float32.
+    assert fused_adam.config_key(torch.float16, True, False, 0.0, beta1)[4] is False
+    assert fused_adam.config_key(torch.bfloat16, True, False, 0.0, beta1)[4] is False
 
 
 @needs_kernel
