@@ -22,8 +22,11 @@ How a step decides, and what it costs (``step()`` is stats -> decide -> apply):
   of their own instead, so that their clip is as exact as ``clip_grad_norm_``'s.
 - Every other optimizer: the guard reads the decision's 8 scalars back once per step (one
   transfer) to decide whether to call the inner ``step()``, and multiplies the gradients by the
-  clip factor only when it is not exactly 1. That read is why such a step cannot be captured in
-  a CUDA graph; a fused one (``fused=True, capturable=True``) can, whole.
+  clip factor only when it is not exactly 1. Under a CUDA graph capture, which cannot hold that
+  read, the inner step is taken whatever the decision and undone on the device where it says
+  skip (parameters and state copied before the step, selected back after it: more memory traffic
+  than the read, paid only in a graph). A fused optimizer (``fused=True, capturable=True``)
+  needs neither: its kernel skips on ``found_inf``.
 - ``on_nonfinite="raise"`` and ``max_consecutive_skips`` need that same one read on fused
   optimizers too; ``"zero"`` on a fused optimizer rewrites every gradient once (zeroing NaN/Inf
   and clipping in one pass) so that it needs no read.
@@ -111,6 +114,11 @@ def _scale(grads, mult, zero_nonfinite: bool, simple: bool) -> None:
         torch.ops.gradguard.zero_nonfinite_and_scale_(grads, mult)
     else:
         torch.ops.gradguard.maybe_scale_(grads, mult)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether this step is being captured into a CUDA graph (no host read possible)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _hook_note(err) -> str:
@@ -681,13 +689,20 @@ class GradGuard(torch.optim.Optimizer):
         fused = self._fused_ready() and not self._dtensor_grads
         read = (not fused or mode == "raise" or self.max_consecutive_skips is not None
                 or (device.type == "cpu" and self._decide_on_host_on_cpu))
-        if read and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        capturing = _capturing(device)
+        if capturing:
             # Refused before the decision op, so that no step is recorded on the host for a
             # capture that fails.
-            raise RuntimeError(
-                "gradguard.GradGuard: this step must read its decision on the host (the inner optimizer is not "
-                "fused, or on_nonfinite='raise' / max_consecutive_skips is set), which a CUDA graph capture "
-                "cannot hold; capture a fused optimizer (fused=True, capturable=True) without those options")
+            why = ("on_nonfinite='raise'" if mode == "raise" else "max_consecutive_skips" if
+                   self.max_consecutive_skips is not None else "LBFGS with a closure" if prev_streak is not None
+                   else None)
+            if why is not None:
+                raise RuntimeError(
+                    f"gradguard.GradGuard: with {why} a step must read its decision on the host, which a CUDA "
+                    f"graph capture cannot hold; capture the guard without it")
+            # A non-fused inner step runs unconditionally and is rolled back on the device where
+            # the decision says skip (_rolled_back_step): no read.
+            read = False
         max_norm, spike = self.max_norm, self.spike
         limit_t = None
         if isinstance(max_norm, torch.Tensor):
@@ -740,7 +755,16 @@ class GradGuard(torch.optim.Optimizer):
         # the float64 multiplier in a pass of their own instead, so that the clip is as exact as
         # clip_grad_norm_'s (through a float32 divisor it was off by up to ~3e-8 relative).
         exact = raw.out_dtype == torch.float64
-        if host is None:  # decided on the device: a fused optimizer, no read
+        if host is None and not fused:  # under a CUDA graph capture: decided on the device, no read
+            if mode == "zero":
+                _scale(grads, mult, True, plan.simple)
+            elif clipping or loss_scale is not None:  # a skipped step's multiplier only unscales
+                _scale(grads, mult, False, plan.simple)
+            if mode == "skip":
+                self._rolled_back_step(replay, found, plan.params)
+            else:
+                inner.step(replay)
+        elif host is None:  # decided on the device: a fused optimizer, no read
             if mode == "zero":  # one pass zeroes NaN/Inf and clips, then a plain step
                 _scale(grads, mult, True, plan.simple)
                 inner.step(replay)
@@ -782,6 +806,43 @@ class GradGuard(torch.optim.Optimizer):
                 f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}" + _hook_note(hook_error),
                 bad, report) from hook_error
         return loss
+
+    def _rolled_back_step(self, replay, found, params) -> None:
+        """The inner (non-fused) step taken whatever the decision, then undone on the device
+        where `found` is 1: every parameter with a gradient and every tensor of its optimizer
+        state is copied before the step and selected back after it (``torch.where``, bit for
+        bit). Used only under a CUDA graph capture, where the host cannot read the decision: it
+        costs a copy of the parameters and state and a select pass, a price the read path does
+        not pay. The state must exist before the capture (eager warm-up steps, as PyTorch's
+        graph docs require) and hold only tensors: a replay cannot restore what it never ran."""
+        inner = self.optimizer
+        live, seen, shape = [], set(), []
+        for q in params:
+            if q.grad is None:
+                continue
+            state = inner.state.get(q, {})
+            entry = [(k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()]
+            shape.append((q, entry))
+            for t in [q, *(v for v in state.values() if isinstance(v, torch.Tensor))]:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    live.append(t)
+        with torch.no_grad():
+            saved = [t.detach().clone() for t in live]
+        inner.step(replay)
+        for q, entry in shape:
+            state = inner.state.get(q, {})
+            now = [(k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()]
+            if now != entry:
+                raise RuntimeError(
+                    "gradguard.GradGuard: under a CUDA graph capture the inner optimizer created or replaced its "
+                    "state, or changed a non-tensor entry of it, during the step; a replay could not roll that "
+                    "back on a skipped step. Take eager steps before capturing (warm-up), and use an optimizer "
+                    "whose state is all tensors (capturable=True)")
+        with torch.no_grad():
+            skip = found != 0
+            for t, s in zip(live, saved):
+                torch.where(skip, s, t.detach(), out=t.detach())
 
     def _lbfgs_step(self, inner, replay, mult, mult_h, grads, plan, snapshot, report, mode, first_bad,
                     prev_streak) -> bool:

@@ -2,9 +2,11 @@
 
 GradGuard.step() on a CUDA device with a fused optimizer decides on the device (stats, decide,
 the fused step with found_inf/grad_scale): no host read, nothing allocated per step once warm,
-so torch.cuda.graph can capture it. Replays must equal eager steps, including a replay whose
-gradients hold a NaN and whose step is therefore skipped. These run where a GPU exists
-(benchmarks/gpu_check.sh); CI compiles the kernels they need.
+so torch.cuda.graph can capture it. A foreach or for-loop optimizer (capturable=True) is stepped
+whatever the decision under a capture and rolled back on the device on a skipped replay (the
+same path runs on the CPU in tests/test_capture_rollback.py). Replays must equal eager steps,
+including a replay whose gradients hold a NaN and whose step is therefore skipped. These run
+where a GPU exists (benchmarks/gpu_check.sh); CI compiles the kernels they need.
 """
 from __future__ import annotations
 
@@ -48,12 +50,14 @@ def _load(params, grads):
 @pytest.mark.parametrize("guard_kwargs", [dict(max_norm=1.0), dict(max_norm=1.0, spike=gradguard.ZScoreClip(warmup=2)),
                                           dict(on_nonfinite="zero", max_norm=1.0), dict()],
                          ids=["clip", "clip+zscore", "zero", "plain"])
-def test_captured_fused_step_replays_like_eager_steps(guard_kwargs):
+@pytest.mark.parametrize("optim_kwargs", [dict(fused=True), dict(foreach=True), dict(foreach=False)],
+                         ids=["fused", "foreach", "for-loop"])
+def test_captured_step_replays_like_eager_steps(optim_kwargs, guard_kwargs):
     warm, steps, nan_at = 3, 8, 5
     seq = _grad_sequence(warm + steps, warm + nan_at)
     kw = dict(guard_kwargs)
-    eager_params, eager = _setup(dict(fused=True), {**kw, "spike": gradguard.ZScoreClip(warmup=2)} if "spike" in kw else kw)
-    graph_params, guard = _setup(dict(fused=True), kw)
+    eager_params, eager = _setup(optim_kwargs, {**kw, "spike": gradguard.ZScoreClip(warmup=2)} if "spike" in kw else kw)
+    graph_params, guard = _setup(optim_kwargs, kw)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -96,8 +100,9 @@ def test_captured_fused_step_replays_like_eager_steps(guard_kwargs):
     assert guard.state_dict()["gradguard"]["steps"] == eager.state_dict()["gradguard"]["steps"] == warm + steps
 
 
-def test_a_skipped_replay_leaves_params_and_state_bit_identical():
-    params, guard = _setup(dict(fused=True), dict(max_norm=1.0))
+@pytest.mark.parametrize("optim_kwargs", [dict(fused=True), dict(foreach=True)], ids=["fused", "foreach"])
+def test_a_skipped_replay_leaves_params_and_state_bit_identical(optim_kwargs):
+    params, guard = _setup(optim_kwargs, dict(max_norm=1.0))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -122,12 +127,12 @@ def test_a_skipped_replay_leaves_params_and_state_bit_identical():
             assert torch.equal(guard.optimizer.state[p][k], v)
 
 
-def test_foreach_capturable_step_is_refused_with_a_clear_error_under_capture():
-    # A non-fused optimizer has no found_inf input: skipping it needs the one host read, which a
-    # graph cannot hold. The guard says so instead of failing inside the capture.
-    params, guard = _setup(dict(foreach=True), dict(max_norm=1.0))
+def test_a_step_that_must_read_on_the_host_is_refused_with_a_clear_error_under_capture():
+    # on_nonfinite="raise" has to raise on the host; a graph cannot. The guard says so instead of
+    # failing inside the capture.
+    params, guard = _setup(dict(foreach=True), dict(max_norm=1.0, on_nonfinite="raise"))
     guard.step()
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="capture"):
+    with pytest.raises(RuntimeError, match="on_nonfinite='raise'.*capture"):
         with torch.cuda.graph(graph):
             guard.step()

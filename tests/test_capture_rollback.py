@@ -1,0 +1,118 @@
+"""The guarded step of a non-fused optimizer under a CUDA graph capture, run on the CPU.
+
+A capture cannot hold the host read that tells a foreach/for-loop optimizer's step to be skipped,
+so there the guard takes the inner step whatever the decision and rolls it back on the device
+(GradGuard._rolled_back_step). That path is plain tensor code: these tests force it on the CPU
+(``gradguard.optim._capturing`` patched to say "capturing") and compare it, bit for bit, with the
+read path on the same gradient sequences. tests/test_cuda_graphs.py captures it for real where a
+GPU exists.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gradguard
+from gradguard import optim as guard_optim
+from optim_util import OPTIMIZERS, make_grads, make_params, poison, set_grads, snapshot, assert_bit_identical
+
+NON_FUSED = [k for k in OPTIMIZERS if not k.endswith("_fused")]
+
+
+def _sequence(n: int):
+    """Gradients of varying size, a NaN/Inf step, a huge one and a step after them."""
+    seq = [make_grads(k, scale=(20.0 if k % 3 == 0 else 0.1)) for k in range(n)]
+    seq[3] = poison(seq[3])
+    seq[4] = [g * 1e30 for g in seq[4]]
+    seq[6] = poison(seq[6])
+    return seq
+
+
+def _run(opt_name, guard_kwargs, capture_from, monkeypatch, steps=9):
+    params = make_params(0)
+    guard = gradguard.GradGuard(OPTIMIZERS[opt_name](params), hygiene=False, **guard_kwargs)
+    seq = _sequence(steps)
+    reports = []
+    for k, grads in enumerate(seq):
+        set_grads(params, grads)
+        monkeypatch.setattr(guard_optim, "_capturing", lambda device, on=k >= capture_from: on)
+        guard.step()
+        reports.append((bool(guard.last.skipped), float(guard.last.clip_coef)))
+    monkeypatch.undo()
+    return params, guard, reports
+
+
+@pytest.mark.parametrize("guard_kwargs", [dict(max_norm=1.0), dict(), dict(on_nonfinite="zero", max_norm=1.0),
+                                          dict(on_nonfinite="ignore", max_norm=0.5),
+                                          dict(max_norm=1.0, spike=gradguard.ZScoreClip(warmup=2))],
+                         ids=["skip+clip", "skip", "zero+clip", "ignore+clip", "skip+zscore"])
+@pytest.mark.parametrize("opt_name", NON_FUSED)
+def test_rolled_back_steps_equal_read_steps_bit_for_bit(opt_name, guard_kwargs, monkeypatch):
+    # Two eager warm-up steps create the optimizer's state, as before a real capture.
+    kw_a = dict(guard_kwargs)
+    kw_b = {**guard_kwargs, "spike": gradguard.ZScoreClip(warmup=2)} if "spike" in guard_kwargs else dict(guard_kwargs)
+    pa, ga, ra = _run(opt_name, kw_a, capture_from=2, monkeypatch=monkeypatch)
+    pb, gb, rb = _run(opt_name, kw_b, capture_from=10**9, monkeypatch=monkeypatch)
+    assert [r[0] for r in ra] == [r[0] for r in rb]
+    if guard_kwargs.get("on_nonfinite", "skip") == "skip":
+        assert [r[0] for r in ra] == [False, False, False, True, False, False, True, False, False]
+    assert str([r[1] for r in ra]) == str([r[1] for r in rb])
+    if guard_kwargs.get("on_nonfinite") == "ignore":  # NaN reaches the parameters: compare NaN-aware
+        for a, b in zip(pa, pb):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    else:
+        assert_bit_identical(snapshot(pa, ga.optimizer), snapshot(pb, gb.optimizer))
+    assert torch.equal(ga._state.counters, gb._state.counters)
+    assert ga.summary() == gb.summary()
+
+
+def test_a_rolled_back_skip_restores_every_bit(monkeypatch):
+    # The step itself runs (and would write NaN everywhere): the select puts back the saved bits,
+    # signed zeros and all.
+    params = make_params(0)
+    guard = gradguard.GradGuard(torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True), max_norm=1.0)
+    set_grads(params, make_grads(0))
+    guard.step()
+    with torch.no_grad():
+        params[1][0] = -0.0
+    before = snapshot(params, guard.optimizer)
+    set_grads(params, poison(make_grads(1)))
+    calls = []
+    inner_step = guard.optimizer.step
+    monkeypatch.setattr(guard.optimizer, "step", lambda *a, **k: (calls.append(1), inner_step(*a, **k))[1])
+    monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
+    guard.step()
+    assert calls == [1], "the inner step must run under a capture"
+    assert bool(guard.last.skipped)
+    after = snapshot(params, guard.optimizer)
+    assert_bit_identical(before, after)
+    assert math.copysign(1.0, float(params[1][0])) == -1.0
+
+
+def test_state_created_during_the_capture_is_refused_with_a_clear_error(monkeypatch):
+    params = make_params(0)
+    guard = gradguard.GradGuard(torch.optim.Adam(params, lr=1e-2, foreach=True), max_norm=1.0)
+    set_grads(params, make_grads(0))
+    monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        guard.step()
+
+
+@pytest.mark.parametrize("kwargs, what", [(dict(on_nonfinite="raise"), "on_nonfinite='raise'"),
+                                          (dict(max_consecutive_skips=3), "max_consecutive_skips")])
+@pytest.mark.parametrize("opt_name", ["adamw_foreach", "adamw_fused"])
+def test_options_that_need_a_host_read_are_refused_before_anything_is_recorded(opt_name, kwargs, what, monkeypatch):
+    params = make_params(0)
+    guard = gradguard.GradGuard(OPTIMIZERS[opt_name](params), **kwargs)
+    set_grads(params, make_grads(0))
+    guard.step()
+    counters = guard._state.counters.clone()
+    before = snapshot(params, guard.optimizer)
+    monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
+    set_grads(params, make_grads(1))
+    with pytest.raises(RuntimeError, match=f"{what}.*CUDA graph capture"):
+        guard.step()
+    assert torch.equal(guard._state.counters, counters)
+    assert_bit_identical(before, snapshot(params, guard.optimizer))
