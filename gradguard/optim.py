@@ -816,29 +816,28 @@ class GradGuard(torch.optim.Optimizer):
         not pay. The state must exist before the capture (eager warm-up steps, as PyTorch's
         graph docs require) and hold only tensors: a replay cannot restore what it never ran."""
         inner = self.optimizer
-        live, seen, shape = [], set(), []
-        for q in params:
-            if q.grad is None:
-                continue
-            state = inner.state.get(q, {})
-            entry = [(k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()]
-            shape.append((q, entry))
-            for t in [q, *(v for v in state.values() if isinstance(v, torch.Tensor))]:
+        stepped = [q for q in params if q.grad is not None]
+
+        def layout():  # each state entry by key: a tensor by identity, anything else by value
+            return [[(k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in inner.state.get(q, {}).items()]
+                    for q in stepped]
+
+        live, seen = [], set()
+        for q in stepped:
+            for t in [q, *(v for v in inner.state.get(q, {}).values() if isinstance(v, torch.Tensor))]:
                 if id(t) not in seen:
                     seen.add(id(t))
                     live.append(t)
+        before = layout()
         with torch.no_grad():
             saved = [t.detach().clone() for t in live]
         inner.step(replay)
-        for q, entry in shape:
-            state = inner.state.get(q, {})
-            now = [(k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()]
-            if now != entry:
-                raise RuntimeError(
-                    "gradguard.GradGuard: under a CUDA graph capture the inner optimizer created or replaced its "
-                    "state, or changed a non-tensor entry of it, during the step; a replay could not roll that "
-                    "back on a skipped step. Take eager steps before capturing (warm-up), and use an optimizer "
-                    "whose state is all tensors (capturable=True)")
+        if layout() != before:
+            raise RuntimeError(
+                "gradguard.GradGuard: under a CUDA graph capture the inner optimizer created or replaced its "
+                "state, or changed a non-tensor entry of it, during the step; a replay could not roll that "
+                "back on a skipped step. Take eager steps before capturing (warm-up), and use an optimizer "
+                "whose state is all tensors (capturable=True)")
         with torch.no_grad():
             skip = found != 0
             for t, s in zip(live, saved):

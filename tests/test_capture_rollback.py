@@ -116,3 +116,34 @@ def test_options_that_need_a_host_read_are_refused_before_anything_is_recorded(o
         guard.step()
     assert torch.equal(guard._state.counters, counters)
     assert_bit_identical(before, snapshot(params, guard.optimizer))
+
+
+def _scaler_run(capture_from: int, monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    guard = gradguard.GradGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True), max_norm=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    gen = torch.Generator().manual_seed(1)
+    skipped = []
+    for i in range(8):
+        x = torch.randn(16, 8, generator=gen)
+        loss = (model(x) - x[:, :1]).pow(2).mean()
+        if i in (3, 5):
+            loss = loss * float("inf")  # an overflow, as the scaler sees one
+        guard.zero_grad()
+        scaler.scale(loss).backward()
+        monkeypatch.setattr(guard_optim, "_capturing", lambda device, on=i >= capture_from: on)
+        scaler.step(guard)
+        scaler.update()
+        skipped.append(bool(guard.last.skipped))
+    monkeypatch.undo()
+    return model, guard, scaler, skipped
+
+
+def test_rolled_back_steps_under_gradscaler_equal_read_steps(monkeypatch):
+    ma, ga, sa, ka = _scaler_run(2, monkeypatch)
+    mb, gb, sb, kb = _scaler_run(10**9, monkeypatch)
+    assert ka == kb == [False, False, False, True, False, True, False, False]
+    assert sa.get_scale() == sb.get_scale()
+    assert_bit_identical(snapshot(list(ma.parameters()), ga.optimizer), snapshot(list(mb.parameters()), gb.optimizer))
+    assert torch.equal(ga._state.counters, gb._state.counters)
