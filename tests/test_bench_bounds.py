@@ -92,3 +92,45 @@ def test_fused_table_measures_its_bounds(clip):
     by = {r.name: r for r in tab.rows}
     assert by[oc.GRADS_FLOOR].bytes == by[oc.STATS_ONLY].bytes == 4 * sum(p.numel() for p in params)
     assert any(c.startswith("bound: (bare step") for c in tab.checks)
+
+
+def test_the_foreach_bound_adds_the_best_read_and_rewrite_per_round():
+    reads = [f"{oc.FLOOR_PART}{k} stream(s) per thread" for k in (1, 4)]
+    rewrites = [f"in-place rewrite floor, {k} stream(s) per thread" for k in (1, 4)]
+    t = {oc.BARE_FOREACH: [100.0, 200.0], oc.GUARD_FOREACH: [115.0, 226.0],
+         reads[0]: [5.0, 9.0], reads[1]: [4.0, 10.0], rewrites[0]: [7.0, 8.0], rewrites[1]: [6.0, 12.0]}
+    oc._add_foreach_bound(t, reads, rewrites)
+    assert t[oc.GRADS_FLOOR] == [4.0, 9.0] and t[oc.REWRITE_FLOOR] == [6.0, 8.0]
+    assert t[oc.BOUND_FOREACH] == [110.0, 217.0]
+    assert not any(p in t for p in reads + rewrites)
+    tab = oc.Table("t", [])
+    oc._foreach_bound_checks(tab, t, 1.10)  # bound: median of 1.10x and 1.085x
+    assert tab.checks[0].startswith("bound: (bare step + the grads read at the floor + rewritten in place")
+    assert not any("out of reach" in c for c in tab.checks)
+    tab = oc.Table("t", [])
+    oc._foreach_bound_checks(tab, t, 1.05)
+    assert any("<= 1.05x is below the bound" in c and "out of reach" in c for c in tab.checks), tab.checks
+
+
+@pytest.mark.skipif(not sc.have_floor(), reason="the bench's floors (compiled extension) are not built")
+def test_rewrite_floor_writes_back_what_it_read():
+    x = torch.randn(4099, dtype=torch.float64)
+    before = x.clone()
+    for streams in (1, 4):
+        torch.ops.gradguard_bench.rewrite_floor(x, 0, streams)
+        assert torch.equal(x.view(torch.int64), before.view(torch.int64))
+    torch.ops.gradguard_bench.rewrite_floor(x, 1, 4)  # it does write: every word's lowest bit flips
+    assert torch.equal(x.view(torch.int64), before.view(torch.int64) ^ 1)
+    with pytest.raises(RuntimeError, match="streams"):
+        torch.ops.gradguard_bench.rewrite_floor(x, 0, 0)
+
+
+@pytest.mark.skipif(not sc.have_floor(), reason="the bench's floors (compiled extension) are not built")
+def test_foreach_table_measures_its_bound():
+    g = torch.Generator().manual_seed(0)
+    params = sc._params_with([torch.randn(s, generator=g) * 1e-3 for s in ((64, 48), (48,), (300,))])
+    tab = oc.foreach_table(params, "t", "cpu", 2)
+    by = {r.name: r for r in tab.rows}
+    assert {oc.GRADS_FLOOR, oc.REWRITE_FLOOR, oc.BOUND_FOREACH} <= set(by)
+    assert by[oc.REWRITE_FLOOR].bytes == 2 * by[oc.GRADS_FLOOR].bytes == 8 * sum(p.numel() for p in params)
+    assert any(c.startswith("bound: (bare step + the grads read at the floor + rewritten") for c in tab.checks)

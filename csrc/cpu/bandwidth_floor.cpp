@@ -8,6 +8,9 @@
 //   thread's range cut into `streams` contiguous parts walked together, kStep bytes from each in
 //   turn, so that the prefetchers track several sequential streams.
 // - gradguard_bench::copy_floor(Tensor dst, Tensor src, int streams): the same walk, copying.
+// - gradguard_bench::rewrite_floor(Tensor x, int key, int streams): the same walk, every word
+//   read and written back in place (xor with `key`, a runtime value the compiler cannot fold:
+//   0 leaves the bytes as they are). What any in-place rewrite of x (a clip's scale) must move.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -43,6 +46,28 @@ uint64_t sum_words_avx2(const uint64_t* x, int64_t n) {
 }
 #pragma GCC pop_options
 #endif
+
+void xor_words_default(uint64_t* x, int64_t n, uint64_t key) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] ^= key;
+}
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+void xor_words_avx2(uint64_t* x, int64_t n, uint64_t key) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] ^= key;
+}
+#pragma GCC pop_options
+#endif
+
+void xor_words(uint64_t* x, int64_t n, uint64_t key) {
+#if defined(__x86_64__)
+  if (cpu_has_avx2()) return xor_words_avx2(x, n, key);
+#endif
+  xor_words_default(x, n, key);
+}
 
 uint64_t sum_words(const uint64_t* x, int64_t n) {
 #if defined(__x86_64__)
@@ -114,16 +139,31 @@ void copy_floor(at::Tensor& dst, const at::Tensor& src, int64_t streams) {
   });
 }
 
+void rewrite_floor(at::Tensor& x, int64_t key, int64_t streams) {
+  check("gradguard_bench.rewrite_floor", x, streams);
+  auto* w = static_cast<uint64_t*>(x.mutable_data_ptr());
+  const int64_t n = static_cast<int64_t>(x.nbytes() / 8);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, nthreads, 1, [&](int64_t tlo, int64_t thi) {
+    for (int64_t t = tlo; t < thi; ++t) {
+      walk_streams(n * t / nthreads, n * (t + 1) / nthreads, static_cast<int>(streams),
+                   [&](int, int64_t off, int64_t len) { xor_words(w + off, len, static_cast<uint64_t>(key)); });
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gradguard_bench, m) {
   m.def("read_floor(Tensor x, int streams) -> Tensor");
   m.def("copy_floor(Tensor(a!) dst, Tensor src, int streams) -> ()");
+  m.def("rewrite_floor(Tensor(a!) x, int key, int streams) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gradguard_bench, CPU, m) {
   m.impl("read_floor", &read_floor);
   m.impl("copy_floor", &copy_floor);
+  m.impl("rewrite_floor", &rewrite_floor);
 }
 
 }  // namespace gradguard
