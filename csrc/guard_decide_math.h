@@ -6,7 +6,7 @@
 // Arithmetic goes through mul/add/sub/div: on the device they are the _rn intrinsics, which nvcc
 // never contracts into an FMA (it does contract a plain `a + w * b` by default), so the device
 // rounds each step as the reference's separate tensor ops do. Host builds at the default x86-64
-// flags have no FMA to contract into.
+// flags have no FMA to contract into. Where torch itself rounds once (lerp), fma_ says so.
 #pragma once
 
 #include <cmath>
@@ -114,9 +114,22 @@ GG_HD int64_t remainder_(int64_t a, int64_t b) {
   return r;
 }
 
-// torch.lerp(a, b, w) as torch's scalar kernel computes it.
+// a * b + c rounded once: torch's lerp is an FMA on every path (the CPU's vectorized kernel
+// calls fmadd; its scalar kernel, built with FMA enabled, and nvcc contract the expression).
+GG_HD double fma_(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// torch.lerp(a, b, w) as torch computes it: w * (b - a) + a for |w| < 0.5, else
+// (w - 1) * (b - a) + b, each one FMA ((w - 1) is exactly -(1 - w)). Separate roundings differed
+// from torch.nanquantile by 1 ulp for 39 of 3,000 random windows.
 GG_HD double lerp_(double a, double b, double w) {
-  return (w < 0 ? -w : w) < 0.5 ? add(a, mul(w, sub(b, a))) : sub(b, mul(sub(b, a), sub(1.0, w)));
+  const double d = sub(b, a);
+  return (w < 0 ? -w : w) < 0.5 ? fma_(w, d, a) : fma_(sub(w, 1.0), d, b);
 }
 
 // torch.nanquantile(window, q) (linear): the ranks of the two values it interpolates, among the

@@ -2,7 +2,9 @@
 // gradguard/reference/safe_math.py): clamp and math fused into one elementwise pass, forward and
 // backward, float16/bfloat16 (computed in float, as torch does), float32 and float64.
 //
-// Values equal the eager composites on CUDA bit for bit: the bound is rounded to the dtype as
+// Values equal the eager composites on CUDA bit for bit (one exception: torch's CUDA division by
+// a 0-dim CPU tensor multiplies by its reciprocal, ~1 ulp from the IEEE division these kernels
+// and the CPU make; tests/test_cuda.py allows that): the bound is rounded to the dtype as
 // torch.clamp rounds its scalar, the math is the same CUDA libm call torch's log/exp/sqrt kernels
 // make (logf/expf/sqrtf on the float value for half/bfloat16/float32, log/exp/sqrt for float64,
 // no fast-math), and every intermediate the composite stores in a tensor is rounded to the dtype
