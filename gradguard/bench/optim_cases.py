@@ -282,7 +282,7 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
             p.normal_(0.0, 0.02)
     out = [fused_table(params, label, device, 3 if quick else 21, clip=True),
            fused_table(params, label, device, 3 if quick else 21, clip=False)]
-    out.append(foreach_table(params, label, device, 3 if quick else 9))
+    out.append(foreach_table(params, label, device, 3 if quick else 15))
     if device == "cpu":
         out[:0] = [op_count_table(), host_overhead_table(21 if quick else 101)]
         if not quick:  # issue 15's small model (the guard's fixed cost shows, 1 thread), then the step after a backward
