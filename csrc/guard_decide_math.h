@@ -5,8 +5,8 @@
 //
 // Arithmetic goes through mul/add/sub/div: on the device they are the _rn intrinsics, which nvcc
 // never contracts into an FMA (it does contract a plain `a + w * b` by default), so the device
-// rounds each step as the reference's separate tensor ops do. Host builds at the default x86-64
-// flags have no FMA to contract into. Where torch itself rounds once (lerp), fma_ says so.
+// rounds each step as the reference's separate tensor ops do; on the host, no_contract does the
+// same. Where torch itself rounds once (lerp), fma_ says so.
 #pragma once
 
 #include <cmath>
@@ -25,11 +25,24 @@ namespace decide {
 enum Mode : int { kSkip = 0, kZero = 1, kRaise = 2, kIgnore = 3 };
 enum Spike : int { kNone = 0, kZScore = 1, kPercentile = 2 };
 
+// A host target with FMA (aarch64 always, x86 built with -mfma) lets gcc contract a * b + c into
+// one rounding (its default -ffp-contract=fast; on aarch64 it did, 13 times in this file's
+// callers): the empty asm makes a product opaque, so it is rounded on its own, as the reference's
+// separate tensor ops round it.
+inline double no_contract(double x) {
+#if defined(__FP_FAST_FMA) && defined(__aarch64__)
+  __asm__("" : "+w"(x));
+#elif defined(__FP_FAST_FMA) && defined(__x86_64__)
+  __asm__("" : "+x"(x));
+#endif
+  return x;
+}
+
 GG_HD double mul(double a, double b) {
 #if defined(__CUDA_ARCH__)
   return __dmul_rn(a, b);
 #else
-  return a * b;
+  return no_contract(a * b);
 #endif
 }
 GG_HD double add(double a, double b) {
