@@ -681,6 +681,9 @@ class GradGuard(torch.optim.Optimizer):
         device = raw.device
         mode = "skip" if amp else self.on_nonfinite
         st = self._state
+        capturing = _capturing(device)
+        if capturing:
+            self._check_capturable(mode, closure, device)
         st.ensure(device, len(plan.params))
         # The skip streak before this step's decision: an LBFGS step rolled back after its
         # decision continues it (the decision, seeing a finite first evaluation, reset it).
@@ -689,17 +692,7 @@ class GradGuard(torch.optim.Optimizer):
         fused = self._fused_ready() and not self._dtensor_grads
         read = (not fused or mode == "raise" or self.max_consecutive_skips is not None
                 or (device.type == "cpu" and self._decide_on_host_on_cpu))
-        capturing = _capturing(device)
         if capturing:
-            # Refused before the decision op, so that no step is recorded on the host for a
-            # capture that fails.
-            why = ("on_nonfinite='raise'" if mode == "raise" else "max_consecutive_skips" if
-                   self.max_consecutive_skips is not None else "LBFGS with a closure" if prev_streak is not None
-                   else None)
-            if why is not None:
-                raise RuntimeError(
-                    f"gradguard.GradGuard: with {why} a step must read its decision on the host, which a CUDA "
-                    f"graph capture cannot hold; capture the guard without it")
             # A non-fused inner step runs unconditionally and is rolled back on the device where
             # the decision says skip (_rolled_back_step): no read.
             read = False
@@ -807,20 +800,55 @@ class GradGuard(torch.optim.Optimizer):
                 bad, report) from hook_error
         return loss
 
+    def _check_capturable(self, mode: str, closure, device) -> None:
+        """Refuses a step that a CUDA graph capture cannot hold, before anything is allocated or
+        recorded (a capture records kernels without running them: state it created would hold
+        uninitialized memory)."""
+        inner = self.optimizer
+        why = ("on_nonfinite='raise'" if mode == "raise" else "max_consecutive_skips" if
+               self.max_consecutive_skips is not None else "LBFGS with a closure" if
+               closure is not None and isinstance(inner, torch.optim.LBFGS) else None)
+        if why is not None:
+            raise RuntimeError(f"gradguard.GradGuard: with {why} a step must read its decision on the host, which a "
+                               f"CUDA graph capture cannot hold; capture the guard without it")
+        if self._decide_group is not None:
+            raise RuntimeError(
+                "gradguard.GradGuard: a step of an inner ZeroRedundancyOptimizer cannot be captured in a CUDA graph: "
+                "its state lives in the local optimizer it wraps, which the guard cannot roll back on a skipped replay")
+        fused_kind = (getattr(inner, "_step_supports_amp_scaling", False)
+                      and all(g.get("fused") for g in inner.param_groups))
+        st = self._state
+        if st.counters is None or st.counters.device != device or (fused_kind and not self._fused_ready()):
+            raise RuntimeError(
+                "gradguard.GradGuard: take eager warm-up steps before capturing a guarded step in a CUDA graph (as "
+                "PyTorch's notes on graphs ask): the first steps create the guard's and the optimizer's state, which "
+                "a capture would record without running")
+
     def _rolled_back_step(self, replay, found, params) -> None:
         """The inner (non-fused) step taken whatever the decision, then undone on the device
         where `found` is 1: every parameter with a gradient and every tensor of its optimizer
         state is copied before the step and selected back after it (``torch.where``, bit for
         bit). Used only under a CUDA graph capture, where the host cannot read the decision: it
         costs a copy of the parameters and state and a select pass, a price the read path does
-        not pay. The state must exist before the capture (eager warm-up steps, as PyTorch's
-        graph docs require) and hold only tensors: a replay cannot restore what it never ran."""
+        not pay. The inner optimizer's step post-hooks run after the select, so that they never
+        see a step that is undone. Refused (with the step undone and the state's structure put
+        back): state on another device, and a step that creates or replaces state tensors or
+        changes anything else of the state or the param groups, which a replay could not undo."""
         inner = self.optimizer
+        from torch.optim.optimizer import _global_optimizer_post_hooks
+        if _global_optimizer_post_hooks:
+            raise RuntimeError(
+                "gradguard.GradGuard: a global optimizer step post-hook is registered "
+                "(torch.optim.optimizer.register_optimizer_step_post_hook); under a CUDA graph capture it would run "
+                "on the parameters of a step that is then rolled back. Remove it to capture a non-fused optimizer")
         stepped = [q for q in params if q.grad is not None]
 
-        def layout():  # each state entry by key: a tensor by identity, anything else by value
-            return [[(k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in inner.state.get(q, {}).items()]
-                    for q in stepped]
+        def entries(d: dict, skip=()):  # a tensor by identity, anything else by value
+            return [(k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in d.items() if k not in skip]
+
+        def layout():
+            return ([entries(inner.state.get(q, {})) for q in stepped],
+                    [entries(g, ("params",)) for g in inner.param_groups])
 
         live, seen = [], set()
         for q in stepped:
@@ -828,20 +856,45 @@ class GradGuard(torch.optim.Optimizer):
                 if id(t) not in seen:
                     seen.add(id(t))
                     live.append(t)
+        elsewhere = next((t for t in live if t.device != found.device), None)
+        if elsewhere is not None:
+            raise RuntimeError(
+                f"gradguard.GradGuard: under a CUDA graph capture the inner optimizer's parameters and state must be on "
+                f"{found.device}, where the decision is; a {tuple(elsewhere.shape)} tensor is on {elsewhere.device} "
+                f"(an optimizer without capturable=True keeps its step counters on the CPU)")
         before = layout()
+        states = {q: dict(inner.state[q]) for q in stepped if q in inner.state}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
         with torch.no_grad():
             saved = [t.detach().clone() for t in live]
-        inner.step(replay)
+        hooks = inner._optimizer_step_post_hooks
+        inner._optimizer_step_post_hooks = OrderedDict()
+        try:
+            inner.step(replay)
+        finally:
+            inner._optimizer_step_post_hooks = hooks
         if layout() != before:
+            with torch.no_grad():
+                for t, s in zip(live, saved):
+                    t.detach().copy_(s)
+            for q in stepped:
+                if q in states:
+                    inner.state[q] = states[q]
+                else:
+                    inner.state.pop(q, None)
+            for g, kept in zip(inner.param_groups, groups):
+                g.update(kept)
             raise RuntimeError(
-                "gradguard.GradGuard: under a CUDA graph capture the inner optimizer created or replaced its "
-                "state, or changed a non-tensor entry of it, during the step; a replay could not roll that "
-                "back on a skipped step. Take eager steps before capturing (warm-up), and use an optimizer "
-                "whose state is all tensors (capturable=True)")
+                "gradguard.GradGuard: under a CUDA graph capture the inner optimizer created or replaced state "
+                "tensors, or changed another entry of its state or param groups, during the step; a replay could "
+                "not undo that on a skipped step. Take eager warm-up steps before capturing, and use an optimizer "
+                "whose per-step state is all tensors (capturable=True)")
         with torch.no_grad():
             skip = found != 0
             for t, s in zip(live, saved):
                 torch.where(skip, s, t.detach(), out=t.detach())
+        for hook in list(hooks.values()):
+            hook(inner, (inner, replay), {})  # as torch.optim calls it: args include the optimizer
 
     def _lbfgs_step(self, inner, replay, mult, mult_h, grads, plan, snapshot, report, mode, first_bad,
                     prev_streak) -> bool:

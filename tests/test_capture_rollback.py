@@ -147,3 +147,106 @@ def test_rolled_back_steps_under_gradscaler_equal_read_steps(monkeypatch):
     assert sa.get_scale() == sb.get_scale()
     assert_bit_identical(snapshot(list(ma.parameters()), ga.optimizer), snapshot(list(mb.parameters()), gb.optimizer))
     assert torch.equal(ga._state.counters, gb._state.counters)
+
+
+def _warm_guard(opt_factory, steps=1, **kw):
+    params = make_params(0)
+    guard = gradguard.GradGuard(opt_factory(params), max_norm=1.0, **kw)
+    for k in range(steps):
+        set_grads(params, make_grads(k))
+        guard.step()
+    return params, guard
+
+
+def test_inner_post_hooks_run_after_the_select_and_never_see_an_undone_step(monkeypatch):
+    params, guard = _warm_guard(lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=True))
+    seen = []
+
+    def hook(opt, args, kwargs):
+        assert opt is guard.optimizer and args[0] is opt and kwargs == {}
+        seen.append(all(bool(torch.isfinite(p).all()) for p in params))
+
+    guard.optimizer.register_step_post_hook(hook)
+    monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
+    for k in range(1, 6):
+        set_grads(params, poison(make_grads(k)) if k in (2, 4) else make_grads(k))
+        guard.step()
+    assert seen == [True] * 5  # once per step, skipped ones included, always on restored parameters
+    assert len(guard.optimizer._optimizer_step_post_hooks) == 1
+
+
+def test_a_capture_refused_at_the_first_step_allocates_and_records_nothing(monkeypatch):
+    params = make_params(0)
+    guard = gradguard.GradGuard(torch.optim.Adam(params, lr=1e-2, foreach=True), max_norm=1.0)
+    set_grads(params, make_grads(0))
+    monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        guard.step()
+    assert guard._state.counters is None and not guard.optimizer.state and guard.history.as_dict()["step"] == []
+
+
+def test_a_fused_optimizer_whose_state_is_incomplete_is_refused_before_anything_runs(monkeypatch):
+    params = make_params(0)
+    guard = gradguard.GradGuard(torch.optim.Adam(params, lr=1e-2, fused=True), max_norm=1.0)
+    set_grads(params, [make_grads(0)[0], None, None])  # warm-up creates state for the first param only
+    guard.step()
+    before = snapshot(params, guard.optimizer)
+    counters = guard._state.counters.clone()
+    set_grads(params, make_grads(1))
+    monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        guard.step()
+    assert_bit_identical(before, snapshot(params, guard.optimizer))
+    assert torch.equal(guard._state.counters, counters)
+
+
+def test_state_created_for_a_new_gradient_is_refused_and_undone(monkeypatch):
+    params = make_params(0)
+    guard = gradguard.GradGuard(torch.optim.Adam(params, lr=1e-2, foreach=True), max_norm=1.0)
+    set_grads(params, [make_grads(0)[0], None, make_grads(0)[2]])
+    guard.step()
+    before = snapshot(params, guard.optimizer)
+    set_grads(params, make_grads(1))  # params[1] gets its first gradient under the capture
+    monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="created or replaced state"):
+        guard.step()
+    assert params[1] not in guard.optimizer.state
+    assert_bit_identical(before, snapshot(params, guard.optimizer))
+
+
+class _CountingSGD(torch.optim.SGD):
+    """Keeps a step counter in its param group (as some optimizers do): a replay could not undo it."""
+
+    def step(self, closure=None):
+        for g in self.param_groups:
+            g["k"] = g.get("k", 0) + 1
+        return super().step(closure)
+
+
+def test_a_step_that_changes_its_param_groups_is_refused_and_undone(monkeypatch):
+    params, guard = _warm_guard(lambda ps: _CountingSGD(ps, lr=0.1, momentum=0.9, foreach=True))
+    before = snapshot(params, guard.optimizer)
+    assert guard.optimizer.param_groups[0]["k"] == 1
+    set_grads(params, make_grads(1))
+    monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="param groups"):
+        guard.step()
+    assert guard.optimizer.param_groups[0]["k"] == 1
+    assert_bit_identical(before, snapshot(params, guard.optimizer))
+
+
+def test_zero_and_global_post_hooks_are_refused_under_capture(monkeypatch):
+    params, guard = _warm_guard(lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=True))
+    set_grads(params, make_grads(1))
+    monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: None)
+    try:
+        with pytest.raises(RuntimeError, match="global optimizer step post-hook"):
+            guard.step()
+    finally:
+        handle.remove()
+    # An inner ZeroRedundancyOptimizer (the guard's decide group is what marks it).
+    monkeypatch.setattr(guard, "_decide_group", object())
+    with pytest.raises(RuntimeError, match="ZeroRedundancyOptimizer"):
+        guard.step()

@@ -136,3 +136,18 @@ def test_a_step_that_must_read_on_the_host_is_refused_with_a_clear_error_under_c
     with pytest.raises(RuntimeError, match="on_nonfinite='raise'.*capture"):
         with torch.cuda.graph(graph):
             guard.step()
+
+
+def test_an_optimizer_keeping_state_on_the_cpu_is_refused_under_capture():
+    # Adagrad without a capturable mode keeps its step counters on the CPU: a skipped replay
+    # could not restore them, and the guard says so.
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in SHAPES]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    guard = gradguard.GradGuard(torch.optim.Adagrad(params, lr=0.1, foreach=True), max_norm=1.0)
+    guard.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="must be on cuda"):
+        with torch.cuda.graph(graph):
+            guard.step()
