@@ -30,17 +30,17 @@ def _sequence(n: int):
     return seq
 
 
-def _run(opt_name, guard_kwargs, capture_from, monkeypatch, steps=9):
+def _run(make_optimizer, guard_kwargs, capture_from, monkeypatch, steps=9):
     params = make_params(0)
-    guard = gradguard.GradGuard(OPTIMIZERS[opt_name](params), hygiene=False, **guard_kwargs)
+    guard = gradguard.GradGuard(make_optimizer(params), hygiene=False, **guard_kwargs)
     seq = _sequence(steps)
     reports = []
-    for k, grads in enumerate(seq):
-        set_grads(params, grads)
-        monkeypatch.setattr(guard_optim, "_capturing", lambda device, on=k >= capture_from: on)
-        guard.step()
-        reports.append((bool(guard.last.skipped), float(guard.last.clip_coef)))
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        for k, grads in enumerate(seq):
+            set_grads(params, grads)
+            m.setattr(guard_optim, "_capturing", lambda device, on=k >= capture_from: on)
+            guard.step()
+            reports.append((bool(guard.last.skipped), float(guard.last.clip_coef)))
     return params, guard, reports
 
 
@@ -53,8 +53,8 @@ def test_rolled_back_steps_equal_read_steps_bit_for_bit(opt_name, guard_kwargs, 
     # Two eager warm-up steps create the optimizer's state, as before a real capture.
     kw_a = dict(guard_kwargs)
     kw_b = {**guard_kwargs, "spike": gradguard.ZScoreClip(warmup=2)} if "spike" in guard_kwargs else dict(guard_kwargs)
-    pa, ga, ra = _run(opt_name, kw_a, capture_from=2, monkeypatch=monkeypatch)
-    pb, gb, rb = _run(opt_name, kw_b, capture_from=10**9, monkeypatch=monkeypatch)
+    pa, ga, ra = _run(OPTIMIZERS[opt_name], kw_a, capture_from=2, monkeypatch=monkeypatch)
+    pb, gb, rb = _run(OPTIMIZERS[opt_name], kw_b, capture_from=10**9, monkeypatch=monkeypatch)
     assert [r[0] for r in ra] == [r[0] for r in rb]
     if guard_kwargs.get("on_nonfinite", "skip") == "skip":
         assert [r[0] for r in ra] == [False, False, False, True, False, False, True, False, False]
@@ -66,6 +66,28 @@ def test_rolled_back_steps_equal_read_steps_bit_for_bit(opt_name, guard_kwargs, 
         assert_bit_identical(snapshot(pa, ga.optimizer), snapshot(pb, gb.optimizer))
     assert torch.equal(ga._state.counters, gb._state.counters)
     assert ga.summary() == gb.summary()
+
+
+MORE = {
+    "adamax": lambda ps: torch.optim.Adamax(ps, lr=1e-2, foreach=True),
+    "nadam_decoupled": lambda ps: torch.optim.NAdam(ps, lr=1e-2, decoupled_weight_decay=True, weight_decay=0.1),
+    "radam": lambda ps: torch.optim.RAdam(ps, lr=1e-2, foreach=False),
+    "asgd": lambda ps: torch.optim.ASGD(ps, lr=1e-2, t0=2),
+    "rprop": lambda ps: torch.optim.Rprop(ps, lr=1e-2),
+    "adadelta": lambda ps: torch.optim.Adadelta(ps, lr=0.5),
+    "adam_amsgrad_maximize": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, maximize=True, foreach=True),
+    "sgd_nesterov_wd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+}
+if hasattr(torch.optim, "Adafactor"):
+    MORE["adafactor"] = lambda ps: torch.optim.Adafactor(ps, lr=1e-2)
+
+
+@pytest.mark.parametrize("name", sorted(MORE))
+def test_rolled_back_steps_equal_read_steps_for_more_optimizers(name, monkeypatch):
+    pa, ga, ra = _run(MORE[name], dict(max_norm=1.0), capture_from=2, monkeypatch=monkeypatch)
+    pb, gb, rb = _run(MORE[name], dict(max_norm=1.0), capture_from=10**9, monkeypatch=monkeypatch)
+    assert [r[0] for r in ra] == [r[0] for r in rb] == [False, False, False, True, False, False, True, False, False]
+    assert_bit_identical(snapshot(pa, ga.optimizer), snapshot(pb, gb.optimizer))
 
 
 def test_a_rolled_back_skip_restores_every_bit(monkeypatch):
@@ -125,18 +147,18 @@ def _scaler_run(capture_from: int, monkeypatch):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     gen = torch.Generator().manual_seed(1)
     skipped = []
-    for i in range(8):
-        x = torch.randn(16, 8, generator=gen)
-        loss = (model(x) - x[:, :1]).pow(2).mean()
-        if i in (3, 5):
-            loss = loss * float("inf")  # an overflow, as the scaler sees one
-        guard.zero_grad()
-        scaler.scale(loss).backward()
-        monkeypatch.setattr(guard_optim, "_capturing", lambda device, on=i >= capture_from: on)
-        scaler.step(guard)
-        scaler.update()
-        skipped.append(bool(guard.last.skipped))
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        for i in range(8):
+            x = torch.randn(16, 8, generator=gen)
+            loss = (model(x) - x[:, :1]).pow(2).mean()
+            if i in (3, 5):
+                loss = loss * float("inf")  # an overflow, as the scaler sees one
+            guard.zero_grad()
+            scaler.scale(loss).backward()
+            m.setattr(guard_optim, "_capturing", lambda device, on=i >= capture_from: on)
+            scaler.step(guard)
+            scaler.update()
+            skipped.append(bool(guard.last.skipped))
     return model, guard, scaler, skipped
 
 
