@@ -823,6 +823,24 @@ class GradGuard(torch.optim.Optimizer):
                 "gradguard.GradGuard: take eager warm-up steps before capturing a guarded step in a CUDA graph (as "
                 "PyTorch's notes on graphs ask): the first steps create the guard's and the optimizer's state, which "
                 "a capture would record without running")
+        if fused_kind and not self._dtensor_grads:
+            return  # the fused kernel skips on found_inf: no rollback
+        # What _rolled_back_step cannot undo, refused here, before the decision is recorded.
+        from torch.optim.optimizer import _global_optimizer_post_hooks
+        if _global_optimizer_post_hooks:
+            raise RuntimeError(
+                "gradguard.GradGuard: a global optimizer step post-hook is registered "
+                "(torch.optim.optimizer.register_optimizer_step_post_hook); under a CUDA graph capture it would run "
+                "on the parameters of a step that is then rolled back. Remove it to capture a non-fused optimizer")
+        for q in self._params():
+            if q.grad is None:
+                continue
+            for t in (q, *(v for v in inner.state.get(q, {}).values() if isinstance(v, torch.Tensor))):
+                if t.device != device:
+                    raise RuntimeError(
+                        f"gradguard.GradGuard: under a CUDA graph capture the inner optimizer's parameters and state "
+                        f"must be on {device}, where the decision is; a {tuple(t.shape)} tensor is on {t.device} (an "
+                        f"optimizer without capturable=True keeps its step counters on the CPU)")
 
     def _rolled_back_step(self, replay, found, params) -> None:
         """The inner (non-fused) step taken whatever the decision, then undone on the device
@@ -831,16 +849,11 @@ class GradGuard(torch.optim.Optimizer):
         bit). Used only under a CUDA graph capture, where the host cannot read the decision: it
         costs a copy of the parameters and state and a select pass, a price the read path does
         not pay. The inner optimizer's step post-hooks run after the select, so that they never
-        see a step that is undone. Refused (with the step undone and the state's structure put
-        back): state on another device, and a step that creates or replaces state tensors or
-        changes anything else of the state or the param groups, which a replay could not undo."""
+        see a step that is undone. Refused, with the step undone and the state's structure put
+        back: a step that creates or replaces state tensors or changes anything else of the state
+        or the param groups, which a replay could not undo (_check_capturable refuses the rest
+        before the decision)."""
         inner = self.optimizer
-        from torch.optim.optimizer import _global_optimizer_post_hooks
-        if _global_optimizer_post_hooks:
-            raise RuntimeError(
-                "gradguard.GradGuard: a global optimizer step post-hook is registered "
-                "(torch.optim.optimizer.register_optimizer_step_post_hook); under a CUDA graph capture it would run "
-                "on the parameters of a step that is then rolled back. Remove it to capture a non-fused optimizer")
         stepped = [q for q in params if q.grad is not None]
 
         def entries(d: dict, skip=()):  # a tensor by identity, anything else by value
@@ -856,12 +869,6 @@ class GradGuard(torch.optim.Optimizer):
                 if id(t) not in seen:
                     seen.add(id(t))
                     live.append(t)
-        elsewhere = next((t for t in live if t.device != found.device), None)
-        if elsewhere is not None:
-            raise RuntimeError(
-                f"gradguard.GradGuard: under a CUDA graph capture the inner optimizer's parameters and state must be on "
-                f"{found.device}, where the decision is; a {tuple(elsewhere.shape)} tensor is on {elsewhere.device} "
-                f"(an optimizer without capturable=True keeps its step counters on the CPU)")
         before = layout()
         states = {q: dict(inner.state[q]) for q in stepped if q in inner.state}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
@@ -883,6 +890,8 @@ class GradGuard(torch.optim.Optimizer):
                 else:
                     inner.state.pop(q, None)
             for g, kept in zip(inner.param_groups, groups):
+                for k in [k for k in g if k != "params" and k not in kept]:
+                    del g[k]
                 g.update(kept)
             raise RuntimeError(
                 "gradguard.GradGuard: under a CUDA graph capture the inner optimizer created or replaced state "

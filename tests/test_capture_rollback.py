@@ -263,11 +263,13 @@ def test_zero_and_global_post_hooks_are_refused_under_capture(monkeypatch):
     monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
     from torch.optim.optimizer import register_optimizer_step_post_hook
     handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: None)
+    counters = guard._state.counters.clone()
     try:
         with pytest.raises(RuntimeError, match="global optimizer step post-hook"):
             guard.step()
     finally:
         handle.remove()
+    assert torch.equal(guard._state.counters, counters)  # refused before the decision
     # An inner ZeroRedundancyOptimizer (the guard's decide group is what marks it).
     monkeypatch.setattr(guard, "_decide_group", object())
     with pytest.raises(RuntimeError, match="ZeroRedundancyOptimizer"):
