@@ -476,13 +476,28 @@ class GradGuard(torch.optim.Optimizer):
 
     # ---- the step -------------------------------------------------------------------------------
 
+    def _fused_kind(self) -> bool:
+        """Whether the inner optimizer is fused in every group and takes grad_scale/found_inf."""
+        opt = self.optimizer
+        return bool(getattr(opt, "_step_supports_amp_scaling", False)) and all(g.get("fused") for g in opt.param_groups)
+
+    def _stepped_tensors(self, params):
+        """Each parameter with a gradient and each tensor of its optimizer state, once: what an
+        inner step may write."""
+        seen = set()
+        for q in params:
+            if q.grad is None:
+                continue
+            for t in (q, *(v for v in self.optimizer.state.get(q, {}).values() if isinstance(v, torch.Tensor))):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    yield t
+
     def _fused_ready(self) -> bool:
         """Whether the inner optimizer takes grad_scale/found_inf (the GradScaler contract) in
         every group, with its first-step trap avoided."""
         opt = self.optimizer
-        if not getattr(opt, "_step_supports_amp_scaling", False):
-            return False
-        if not all(g.get("fused") for g in opt.param_groups):
+        if not self._fused_kind():
             return False
         if isinstance(opt, torch.optim.SGD):
             # Fused SGD allocates momentum buffers with empty_like() on its first step; when that
@@ -815,8 +830,7 @@ class GradGuard(torch.optim.Optimizer):
             raise RuntimeError(
                 "gradguard.GradGuard: a step of an inner ZeroRedundancyOptimizer cannot be captured in a CUDA graph: "
                 "its state lives in the local optimizer it wraps, which the guard cannot roll back on a skipped replay")
-        fused_kind = (getattr(inner, "_step_supports_amp_scaling", False)
-                      and all(g.get("fused") for g in inner.param_groups))
+        fused_kind = self._fused_kind()
         st = self._state
         if st.counters is None or st.counters.device != device or (fused_kind and not self._fused_ready()):
             raise RuntimeError(
@@ -832,15 +846,12 @@ class GradGuard(torch.optim.Optimizer):
                 "gradguard.GradGuard: a global optimizer step post-hook is registered "
                 "(torch.optim.optimizer.register_optimizer_step_post_hook); under a CUDA graph capture it would run "
                 "on the parameters of a step that is then rolled back. Remove it to capture a non-fused optimizer")
-        for q in self._params():
-            if q.grad is None:
-                continue
-            for t in (q, *(v for v in inner.state.get(q, {}).values() if isinstance(v, torch.Tensor))):
-                if t.device != device:
-                    raise RuntimeError(
-                        f"gradguard.GradGuard: under a CUDA graph capture the inner optimizer's parameters and state "
-                        f"must be on {device}, where the decision is; a {tuple(t.shape)} tensor is on {t.device} (an "
-                        f"optimizer without capturable=True keeps its step counters on the CPU)")
+        for t in self._stepped_tensors(self._params()):
+            if t.device != device:
+                raise RuntimeError(
+                    f"gradguard.GradGuard: under a CUDA graph capture the inner optimizer's parameters and state must "
+                    f"be on {device}, where the decision is; a {tuple(t.shape)} tensor is on {t.device} (an optimizer "
+                    f"without capturable=True keeps its step counters on the CPU)")
 
     def _rolled_back_step(self, replay, found, params) -> None:
         """The inner (non-fused) step taken whatever the decision, then undone on the device
@@ -863,12 +874,7 @@ class GradGuard(torch.optim.Optimizer):
             return ([entries(inner.state.get(q, {})) for q in stepped],
                     [entries(g, ("params",)) for g in inner.param_groups])
 
-        live, seen = [], set()
-        for q in stepped:
-            for t in [q, *(v for v in inner.state.get(q, {}).values() if isinstance(v, torch.Tensor))]:
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    live.append(t)
+        live = list(self._stepped_tensors(stepped))
         before = layout()
         states = {q: dict(inner.state[q]) for q in stepped if q in inner.state}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]

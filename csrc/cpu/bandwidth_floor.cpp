@@ -98,6 +98,19 @@ void walk_streams(int64_t lo, int64_t hi, int streams, F&& f) {
   }
 }
 
+// Calls f(thread, stream, word offset, word count) for every step of [0, n) words: the range cut
+// into one contiguous part per thread, each walked as `streams` interleaved streams.
+template <typename F>
+void walk_threads(int64_t n, int64_t streams, F&& f) {
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, nthreads, 1, [&](int64_t tlo, int64_t thi) {
+    for (int64_t t = tlo; t < thi; ++t) {
+      walk_streams(n * t / nthreads, n * (t + 1) / nthreads, static_cast<int>(streams),
+                   [&](int s, int64_t off, int64_t len) { f(t, s, off, len); });
+    }
+  });
+}
+
 void check(const char* op, const at::Tensor& t, int64_t streams) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), op, ": needs a contiguous CPU tensor");
   TORCH_CHECK(t.nbytes() % 8 == 0, op, ": the tensor's size in bytes must be a multiple of 8, got ", t.nbytes());
@@ -111,12 +124,8 @@ at::Tensor read_floor(const at::Tensor& x, int64_t streams) {
   const int64_t n = static_cast<int64_t>(x.nbytes() / 8);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<uint64_t> sums(nthreads * kMaxStreams, 0);
-  at::parallel_for(0, nthreads, 1, [&](int64_t tlo, int64_t thi) {
-    for (int64_t t = tlo; t < thi; ++t) {
-      walk_streams(n * t / nthreads, n * (t + 1) / nthreads, static_cast<int>(streams),
-                   [&](int s, int64_t off, int64_t len) { sums[t * kMaxStreams + s] += sum_words(w + off, len); });
-    }
-  });
+  walk_threads(n, streams,
+               [&](int64_t t, int s, int64_t off, int64_t len) { sums[t * kMaxStreams + s] += sum_words(w + off, len); });
   uint64_t total = 0;
   for (uint64_t s : sums) total += s;
   // Returned so the compiler cannot drop the reads.
@@ -129,26 +138,15 @@ void copy_floor(at::Tensor& dst, const at::Tensor& src, int64_t streams) {
   TORCH_CHECK(dst.nbytes() == src.nbytes(), "gradguard_bench.copy_floor: `dst` and `src` differ in size");
   const auto* in = static_cast<const uint64_t*>(src.const_data_ptr());
   auto* out = static_cast<uint64_t*>(dst.mutable_data_ptr());
-  const int64_t n = static_cast<int64_t>(src.nbytes() / 8);
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  at::parallel_for(0, nthreads, 1, [&](int64_t tlo, int64_t thi) {
-    for (int64_t t = tlo; t < thi; ++t) {
-      walk_streams(n * t / nthreads, n * (t + 1) / nthreads, static_cast<int>(streams),
-                   [&](int, int64_t off, int64_t len) { std::memcpy(out + off, in + off, len * 8); });
-    }
-  });
+  walk_threads(static_cast<int64_t>(src.nbytes() / 8), streams,
+               [&](int64_t, int, int64_t off, int64_t len) { std::memcpy(out + off, in + off, len * 8); });
 }
 
 void rewrite_floor(at::Tensor& x, int64_t key, int64_t streams) {
   check("gradguard_bench.rewrite_floor", x, streams);
   auto* w = static_cast<uint64_t*>(x.mutable_data_ptr());
-  const int64_t n = static_cast<int64_t>(x.nbytes() / 8);
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  at::parallel_for(0, nthreads, 1, [&](int64_t tlo, int64_t thi) {
-    for (int64_t t = tlo; t < thi; ++t) {
-      walk_streams(n * t / nthreads, n * (t + 1) / nthreads, static_cast<int>(streams),
-                   [&](int, int64_t off, int64_t len) { xor_words(w + off, len, static_cast<uint64_t>(key)); });
-    }
+  walk_threads(static_cast<int64_t>(x.nbytes() / 8), streams, [&](int64_t, int, int64_t off, int64_t len) {
+    xor_words(w + off, len, static_cast<uint64_t>(key));
   });
 }
 

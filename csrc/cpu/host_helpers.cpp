@@ -353,12 +353,7 @@ PyObject* clear_marks_unchanged(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// fused_adam_readonly_grads(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2,
-// weight_decay, eps, maximize, decoupled, grad_scale, found_inf) -> bool:
-// gradguard::fused_adam_readonly_grads_ called typed (torch.ops converted its five lists to
-// IValues: ~270 us at 1,000 parameters, 645 against 376 us for the whole call), GIL
-// released; False, having touched nothing, when the kernel cannot take the lists (the caller then
-// runs PyTorch's kernel; no exception on that path).
+// The tensors of the Python list `obj` (TypeError naming `what` if it is not one).
 bool list_tensors(PyObject* obj, const char* what, std::vector<at::Tensor>& out) {
   if (!PyList_Check(obj)) {
     PyErr_Format(PyExc_TypeError, "gradguard._C.fused_adam_readonly_grads: %s must be a list, got %s", what,
@@ -375,6 +370,12 @@ bool list_tensors(PyObject* obj, const char* what, std::vector<at::Tensor>& out)
   return true;
 }
 
+// fused_adam_readonly_grads(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2,
+// weight_decay, eps, maximize, decoupled, grad_scale, found_inf) -> bool:
+// gradguard::fused_adam_readonly_grads_ called typed (torch.ops converted its five lists to
+// IValues: ~270 us at 1,000 parameters, 645 against 376 us for the whole call), GIL
+// released; False, having touched nothing, when the kernel cannot take the lists (the caller then
+// runs PyTorch's kernel; no exception on that path).
 PyObject* fused_adam_readonly_grads(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *lists[5], *scale = nullptr, *found = nullptr;
