@@ -298,7 +298,9 @@ struct StateRefs {
   int64_t s_hist0, s_hist1, hist_rows;
 };
 struct ScalarOuts {
-  double* scalars;  // [8]: total, coef, found, skipped, overflow, streak, multiplier, clipped
+  // [9]: total, coef, found, skipped, overflow, streak, multiplier, clipped, and the history rows
+  // written after this step (the step's number less the checkpoint offset; 0 without counters).
+  double* scalars;
   float* found_inf;
   void* multiplier;  // double when c.basis_double, else float
   float* grad_scale;
@@ -322,6 +324,7 @@ GG_HD void record(const Config& c, const Decision& d, const StateRefs& s, const 
     sp[0] = add(sp[0], 1.0);
   }
   int64_t streak = d.skipped ? 1 : 0;
+  int64_t rows = 0;
   if (s.counters != nullptr) {
     int64_t* cn = s.counters;
     const int64_t cs = s.s_counters;
@@ -337,6 +340,7 @@ GG_HD void record(const Config& c, const Decision& d, const StateRefs& s, const 
     cn[2 * cs] += d.found ? 1 : 0;
     cn[3 * cs] = streak;
     cn[4 * cs] += 1;
+    rows = cn[4 * cs];
   }
   double* out = o.scalars;
   out[0] = d.total;
@@ -347,6 +351,7 @@ GG_HD void record(const Config& c, const Decision& d, const StateRefs& s, const 
   out[5] = static_cast<double>(streak);
   out[6] = d.multiplier;
   out[7] = d.clipped ? 1.0 : 0.0;
+  out[8] = static_cast<double>(rows);
   *o.found_inf = d.found ? 1.0f : 0.0f;
   if (c.basis_double) {
     *static_cast<double*>(o.multiplier) = d.multiplier;

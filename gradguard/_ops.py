@@ -34,7 +34,7 @@ _lib.define("zero_nonfinite_and_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()
 # The whole decision of a guarded step in one op (see gradguard/reference/decide.py, the default
 # kernel and the specification): norms, flag, clip coefficient, skip, the multiplier and the
 # fused optimizers' grad_scale, and every counter, spike statistic and history slot updated in
-# place. Six outputs: norms, amax (result dtype, [n]), scalars (float64 [8], one transfer for the
+# place. Six outputs: norms, amax (result dtype, [n]), scalars (float64 [9], one transfer for the
 # host), found_inf (float32), multiplier, grad_scale (float32).
 _lib.define(
     "guard_decide(Tensor acc, Tensor nan_count, Tensor inf_count, Tensor amax, Tensor? index, Tensor? max_norm, "
@@ -179,7 +179,7 @@ def _guard_decide_fake(acc, nan_count, inf_count, amax, index, max_norm, loss_sc
     amp = loss_scale is not None or scaler_found is not None
     out = torch.float64 if double_out else torch.float32
     basis = torch.float64 if (double_out or (nonfinite == "zero" and not amp)) else torch.float32
-    return (acc.new_empty((n,), dtype=out), acc.new_empty((n,), dtype=out), acc.new_empty((8,), dtype=torch.float64),
+    return (acc.new_empty((n,), dtype=out), acc.new_empty((n,), dtype=out), acc.new_empty((9,), dtype=torch.float64),
             acc.new_empty((), dtype=torch.float32), acc.new_empty((), dtype=basis),
             acc.new_empty((), dtype=torch.float32))
 

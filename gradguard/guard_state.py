@@ -24,6 +24,7 @@ class GuardState:
         self.counters: torch.Tensor | None = None         # int64 [5], see the module docstring
         self.layer_nonfinite: torch.Tensor | None = None  # int64 [P]: steps each grad was non-finite
         self.layer_max_norm: torch.Tensor | None = None   # float64 [P]: largest finite grad norm seen
+        self._device_numbered = False  # a step was captured in a CUDA graph: see recorded()
 
     def _set_counters(self, t: torch.Tensor | None) -> None:
         # The history reads the rows-written count from the same tensor (a tensor reference,
@@ -53,8 +54,17 @@ class GuardState:
             self.layer_nonfinite = torch.cat([self.layer_nonfinite, self.layer_nonfinite.new_zeros(grow)])
             self.layer_max_norm = torch.cat([self.layer_max_norm, self.layer_max_norm.new_zeros(grow)])
 
-    def recorded(self) -> int:
-        """Host side of a step the op recorded; returns its number."""
+    def recorded(self, capturing: bool) -> int | None:
+        """Host side of a step the op recorded; returns its number, or None where only the device
+        knows it. A step captured in a CUDA graph runs once per replay with no Python, so from
+        the first capture on the host numbers nothing: the step's report reads its number from the
+        op's scalars when asked, and the history numbers the device's rows when it reads them
+        (catch_up). Counting on the host there put an eager step taken after replays at the wrong
+        number and ring slot, and left the host one step ahead after a capture that failed."""
+        if capturing:
+            self._device_numbered = True
+        if self._device_numbered:
+            return None
         h = self.history
         step = h._count + self._steps_offset + 1
         h.note(step)

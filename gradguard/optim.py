@@ -726,9 +726,10 @@ class GradGuard(torch.optim.Optimizer):
             None if spike is None else spike.state_tensor(device), st.history.values(device),
             self.norm_type, max_norm, mode, "none" if spike is None else spike.kind,
             [] if spike is None else spike.args, raw.out_dtype == torch.float64)
-        report = self.last = StepReport(step=st.recorded(), names=names, norms=norms, nan_count=raw.nan_count,
-                                        inf_count=raw.inf_count, amax=amax, scalars=scalars, found_inf=found,
-                                        mode=mode, amp=amp, total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
+        report = self.last = StepReport(step=st.recorded(capturing), step_offset=st._steps_offset, names=names,
+                                        norms=norms, nan_count=raw.nan_count, inf_count=raw.inf_count, amax=amax,
+                                        scalars=scalars, found_inf=found, mode=mode, amp=amp,
+                                        total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
         if self.tracer is not None:
             self.tracer._end_step(found)
 

@@ -18,18 +18,23 @@ class StepReport:
     ``nan_count``, ``inf_count``, ``amax``. Norms are those of the gradients as they came in
     (divided by the loss scale under a GradScaler). ``clip_coef`` is the factor the step applied
     (1 when it did not clip or was skipped). ``names`` are the parameters' names (``param[i]``
-    without ``model=``/``names=``); ``step`` counts guarded steps from 1 (a host int).
+    without ``model=``/``names=``); ``step`` counts guarded steps from 1 (a host int; on a guard
+    that was ever captured in a CUDA graph the host cannot count the replays, and ``step`` is read
+    from the device, with the other host views).
     ``amp_overflow`` (0-dim bool): GradScaler reported a loss-scale overflow; the step was
     skipped, and it does not count toward ``max_consecutive_skips``.
 
     The 0-dim values live in one packed float64 tensor (``scalars``, as ``guard_decide`` returns
-    it: total_norm, clip_coef, found_inf, skipped, amp_overflow, ...); the properties view it on
-    access, so building a report dispatches nothing.
+    it: total_norm, clip_coef, found_inf, skipped, amp_overflow, ..., rows written); the
+    properties view it on access, so building a report dispatches nothing.
     """
 
-    def __init__(self, *, step: int, names: list[str], norms, nan_count, inf_count, amax, scalars, found_inf,
-                 mode: str, amp: bool, total_dtype: torch.dtype, coef_dtype: torch.dtype):
-        self.step = step
+    def __init__(self, *, step: int | None, names: list[str], norms, nan_count, inf_count, amax, scalars,
+                 found_inf, mode: str, amp: bool, total_dtype: torch.dtype, coef_dtype: torch.dtype,
+                 step_offset: int = 0):
+        # None: numbered on the device (scalars[8] + step_offset), see GuardState.recorded.
+        self._step = step
+        self._step_offset = step_offset
         self.names = names
         self.norms = norms
         self.nan_count = nan_count
@@ -44,6 +49,12 @@ class StepReport:
         # Whether the step was skipped, when the guard read its decision anyway (a step that is
         # not decided on the device); None otherwise. See skipped_if_known().
         self._skipped_read = None
+
+    @property
+    def step(self) -> int:
+        if self._step is None:
+            return int(self._fetch()["rows"]) + self._step_offset
+        return self._step
 
     @property
     def total_norm(self) -> torch.Tensor:
@@ -86,7 +97,7 @@ class StepReport:
         if self._host is None:
             n = self.norms.numel()
             packed = torch.cat([self.norms.to(torch.float64), self.nan_count.to(torch.float64),
-                                self.inf_count.to(torch.float64), self.amax.to(torch.float64), self.scalars[:5]])
+                                self.inf_count.to(torch.float64), self.amax.to(torch.float64), self.scalars])
             flat = packed.tolist()
             nan = [int(v) for v in flat[n:2 * n]]
             inf = [int(v) for v in flat[2 * n:3 * n]]
@@ -96,7 +107,8 @@ class StepReport:
                 "nan": nan,
                 "inf": inf,
                 "amax": flat[3 * n:4 * n],
-                "scalars": flat[4 * n:],
+                "scalars": flat[4 * n:4 * n + 5],
+                "rows": flat[4 * n + 8],
             }
         return self._host
 
@@ -187,10 +199,9 @@ class History:
         self._count += 1
 
     def catch_up(self, device_count: int) -> None:
-        """Numbers the rows the device wrote while no Python ran (the replays of a CUDA graph
-        that captured a guarded step): `device_count` is the counters' rows-written as read
-        back. A captured step is counted on the host at capture, on the device at its first
-        replay; until then the host is one ahead, and nothing is done."""
+        """Numbers the rows the device wrote that the host did not note: every step from a guard's
+        first CUDA graph capture on (replays run no Python; see GuardState.recorded).
+        `device_count` is the counters' rows-written as read back."""
         missing = device_count - self._count
         if missing <= 0:
             return

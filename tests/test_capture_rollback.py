@@ -265,3 +265,46 @@ def test_zero_and_global_post_hooks_are_refused_under_capture(monkeypatch):
     monkeypatch.setattr(guard, "_decide_group", object())
     with pytest.raises(RuntimeError, match="ZeroRedundancyOptimizer"):
         guard.step()
+
+
+def _replay_decisions(guard, params, k: int) -> None:
+    """What a replay of a captured guarded step does to the guard's bookkeeping, with no Python:
+    the recorded decision op runs on the guard's state tensors (the stats and the step besides it
+    do not matter to the numbering)."""
+    st = guard._state
+    grads = [p.grad for p in params]
+    for _ in range(k):
+        acc, nan, inf, amax = torch.ops.gradguard.multi_tensor_stats(grads, 2.0)
+        torch.ops.gradguard.guard_decide(acc, nan, inf, amax, None, None, None, None, st.counters,
+                                         st.layer_nonfinite, st.layer_max_norm, None, st.history.values(acc.device),
+                                         2.0, guard.max_norm, "skip", "none", [], False)
+
+
+def test_steps_are_numbered_on_the_device_from_the_first_capture_on(monkeypatch):
+    # Replays run no Python: an eager step after them must take its number (and its history
+    # row's label) from the device's count. Counted on the host, it was numbered 5, not 7.
+    params, guard = _warm_guard(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True), steps=2)
+    assert guard.last.step == 2
+    set_grads(params, make_grads(2))
+    with monkeypatch.context() as m:
+        m.setattr(guard_optim, "_capturing", lambda device: True)
+        guard.step()
+    assert guard.last.step == 3  # the CPU runs what a GPU capture would only record
+    _replay_decisions(guard, params, 3)
+    set_grads(params, make_grads(3))
+    guard.step()
+    report = guard.last
+    assert report.step == 7 and report.as_dict()["step"] == 7
+    h = guard.history.as_dict()
+    assert h["step"] == [1, 2, 3, 4, 5, 6, 7]
+    assert h["total_norm"][-1] == float(report.total_norm)  # the eager step's row, in its own slot
+    assert guard.summary()["steps"] == 7
+    sd = guard.state_dict()
+    assert sd["gradguard"]["steps"] == 7
+    # A checkpoint of it continues the count on a guard that was never captured (host-numbered).
+    params2 = make_params(0)
+    fresh = gradguard.GradGuard(torch.optim.SGD(params2, lr=0.1, momentum=0.9, foreach=True), max_norm=1.0)
+    fresh.load_state_dict(sd)
+    set_grads(params2, make_grads(4))
+    fresh.step()
+    assert fresh.last._step == 8 and fresh.history.as_dict()["step"] == [1, 2, 3, 4, 5, 6, 7, 8]

@@ -89,6 +89,15 @@ def test_captured_step_replays_like_eager_steps(optim_kwargs, guard_kwargs):
                 torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0)
         skipped_now = k == warm + nan_at and kw.get("on_nonfinite", "skip") == "skip"
         assert bool(guard.last.skipped) == skipped_now
+    # An eager step after the replays is numbered after them (the host counts no step once a
+    # guard was captured: the number comes from the device).
+    _load(graph_params, seq[warm])
+    guard.step()
+    _load(eager_params, seq[warm])
+    eager.step()
+    assert guard.last.step == eager.last.step == warm + steps + 1
+    for a, b in zip(graph_params, eager_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     # The device-side counters advanced on every replay, as the eager ones did.
     assert torch.equal(guard._state.counters, eager._state.counters)
     assert torch.equal(guard._state.layer_nonfinite, eager._state.layer_nonfinite)
@@ -97,7 +106,7 @@ def test_captured_step_replays_like_eager_steps(optim_kwargs, guard_kwargs):
     assert {k: v for k, v in hg.items() if k != "total_norm"} == {k: v for k, v in he.items() if k != "total_norm"}
     assert str(hg["total_norm"]) == str(he["total_norm"])  # NaN on the bad step
     assert guard.summary() == eager.summary()
-    assert guard.state_dict()["gradguard"]["steps"] == eager.state_dict()["gradguard"]["steps"] == warm + steps
+    assert guard.state_dict()["gradguard"]["steps"] == eager.state_dict()["gradguard"]["steps"] == warm + steps + 1
 
 
 @pytest.mark.parametrize("optim_kwargs", [dict(fused=True), dict(foreach=True)], ids=["fused", "foreach"])

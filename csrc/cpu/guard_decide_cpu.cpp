@@ -67,7 +67,7 @@ Outputs guard_decide_cpu(const at::Tensor& acc, const at::Tensor& nan_count, con
   const auto opts = acc.options();
   at::Tensor norms = at::empty({n}, opts.dtype(out_dtype));
   at::Tensor amax_out = at::empty({n}, opts.dtype(out_dtype));
-  at::Tensor scalars = at::empty({8}, opts.dtype(at::kDouble));
+  at::Tensor scalars = at::empty({9}, opts.dtype(at::kDouble));
   at::Tensor found_inf = at::empty({}, opts.dtype(at::kFloat));
   at::Tensor multiplier = at::empty({}, opts.dtype(cfg.basis_double ? at::kDouble : at::kFloat));
   at::Tensor grad_scale = at::empty({}, opts.dtype(at::kFloat));

@@ -240,7 +240,7 @@ decide::Outputs guard_decide_cuda(const at::Tensor& acc, const at::Tensor& nan_c
   const auto out_dtype = double_out ? at::kDouble : at::kFloat;
   at::Tensor norms = at::empty({n}, opts.dtype(out_dtype));
   at::Tensor amax_out = at::empty({n}, opts.dtype(out_dtype));
-  at::Tensor scalars = at::empty({8}, opts.dtype(at::kDouble));
+  at::Tensor scalars = at::empty({9}, opts.dtype(at::kDouble));
   at::Tensor found_inf = at::empty({}, opts.dtype(at::kFloat));
   at::Tensor multiplier = at::empty({}, opts.dtype(a.cfg.basis_double ? at::kDouble : at::kFloat));
   at::Tensor grad_scale = at::empty({}, opts.dtype(at::kFloat));

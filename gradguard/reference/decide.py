@@ -27,9 +27,11 @@ Inputs (all on one device; per-tensor ones of shape [n]):
 Outputs:
     norms, amax_out [n] (result dtype): per-tensor norm (NaN/inf where the tensor holds one) and
         largest finite |x|, divided by the loss scale.
-    scalars float64 [8]: total_norm, clip_coef, found_inf, skipped, amp_overflow, skip streak
+    scalars float64 [9]: total_norm, clip_coef, found_inf, skipped, amp_overflow, skip streak
         (after this step), multiplier (clip_coef / loss_scale: what the grads are multiplied by),
-        clipped. One transfer reads everything the host may need.
+        clipped, and the history rows written after this step (counters[4], 0 without counters:
+        the step's number on the device, which the host cannot count across CUDA graph replays).
+        One transfer reads everything the host may need.
     found_inf float32 0-dim (exactly 0 or 1; what a fused optimizer takes).
     multiplier 0-dim (float64 in "zero" mode or with float64 results, else float32).
     grad_scale float32 0-dim: loss_scale / clip_coef, the divisor a fused optimizer applies.
@@ -196,8 +198,10 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
             history.copy_(torch.where(rows[:, None], row[None, :], history))
         counters.copy_(counters + torch.stack([skipped.long(), clipped.long(), found.long(),
                                                streak - counters[3], torch.ones_like(counters[4])]))
+        written = counters[4].double()
     else:
         streak = skipped.long()
+        written = torch.zeros((), dtype=torch.float64, device=dev)
     if layer_nonfinite is not None:
         where = torch.arange(layer_nonfinite.numel(), device=dev) if index is None else index
         layer_nonfinite.index_add_(0, where, bad.long())
@@ -205,6 +209,6 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
         layer_max_norm[where] = torch.maximum(layer_max_norm[where], finite_norms)
 
     scalars = torch.stack([total, coef, found.double(), skipped.double(), overflow.double(), streak.double(),
-                           multiplier, clipped.double()])
+                           multiplier, clipped.double(), written])
     return (norms.to(out_dtype), amax_out.to(out_dtype), scalars, found.to(torch.float32),
             multiplier.to(basis_dtype), grad_scale)
