@@ -46,6 +46,15 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def check_process_group(group, where: str) -> None:
+    """Refuses a `process_group=` that is not a ProcessGroup where it is given, not at the first
+    collective (there an int or a name failed as a bare KeyError from torch)."""
+    if group is None or (dist is not None and isinstance(group, dist.ProcessGroup)):
+        return
+    raise TypeError(f"{where}: `process_group` must be None or a torch.distributed.ProcessGroup (e.g. "
+                    f"dist.new_group(ranks) or dist.group.WORLD), got {type(group).__name__} {group!r}")
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     # The local shard itself (the clip scales it in place); _local_tensor skips to_local()'s
     # autograd Function, which costs more than the statistics of a small tensor.
@@ -74,6 +83,22 @@ def _group_ranks(group) -> tuple[int, ...]:
         hit = (group, tuple(dist.get_process_group_ranks(group)))
         _ranks_cache[id(group)] = hit
     return hit[1]
+
+
+def check_same_count(n: int, group, device, where: str) -> None:
+    """Refuses ranks of `group` that hold different numbers of parameters: the statistics are
+    gathered by position, so a rank with fewer entries made gloo abort on another rank and the
+    rest read rows never sent. One small gather and one read, where the parameter layout is new."""
+    world = len(_group_ranks(group))
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    every = mine.new_empty(world)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(every, mine, group=group)
+    counts = every.tolist()
+    if len(set(counts)) > 1:
+        raise ValueError(f"{where}: with process_group= every rank must hold the same parameters, in the same order "
+                         f"(a shard of each; an empty gradient where it has none), but the ranks of the group hold "
+                         f"{counts} parameters")
 
 
 def is_checkpoint_init_step(param_groups) -> bool:

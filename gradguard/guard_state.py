@@ -24,7 +24,6 @@ class GuardState:
         self.counters: torch.Tensor | None = None         # int64 [5], see the module docstring
         self.layer_nonfinite: torch.Tensor | None = None  # int64 [P]: steps each grad was non-finite
         self.layer_max_norm: torch.Tensor | None = None   # float64 [P]: largest finite grad norm seen
-        self._device_numbered = False  # a step was captured in a CUDA graph: see recorded()
 
     def _set_counters(self, t: torch.Tensor | None) -> None:
         # The history reads the rows-written count from the same tensor (a tensor reference,
@@ -34,14 +33,14 @@ class GuardState:
 
     @property
     def steps(self) -> int:
-        return self.history.count + self._steps_offset
+        return self.history._count + self._steps_offset  # callers catch the history up first
 
     def ensure(self, device, count: int) -> None:
         """Creates the tensors on first use, follows the gradients to another device and grows
         with add_param_group."""
         if self.counters is None:
             self._set_counters(torch.zeros(5, dtype=torch.int64, device=device))
-            self.counters[4] = self.history.count
+            self.counters[4] = self.history._count
             self.layer_nonfinite = torch.zeros(count, dtype=torch.int64, device=device)
             self.layer_max_norm = torch.zeros(count, dtype=torch.float64, device=device)
             return
@@ -61,20 +60,27 @@ class GuardState:
         op's scalars when asked, and the history numbers the device's rows when it reads them
         (catch_up). Counting on the host there put an eager step taken after replays at the wrong
         number and ring slot, and left the host one step ahead after a capture that failed."""
-        if capturing:
-            self._device_numbered = True
-        if self._device_numbered:
-            return None
         h = self.history
+        if capturing:
+            h._device_numbered = True
+        if h._device_numbered:
+            return None
         step = h._count + self._steps_offset + 1
         h.note(step)
         return step
+
+    def capture_time_step(self) -> int:
+        """What a step captured now is numbered while the capture runs (a step hook reading
+        ``report.step`` cannot read the device then): the host's last known count plus one, which
+        its first replay gets when no replay of another graph ran since the host last read."""
+        return self.history._count + self._steps_offset + 1
 
     def mark_last_skipped(self, prev_streak: torch.Tensor, counted_nonfinite: bool) -> None:
         """The last step turned out skipped after all (an LBFGS step rolled back after its first
         evaluation, which the decision took): counted as skipped and non-finite (unless the
         decision already counted a non-finite first evaluation, "zero" mode), not clipped, and
         one more in the skip streak that stood before it (`prev_streak`)."""
+        # history.count: the device's count once the guard was captured (a read; this path reads anyway).
         row = self.history._values[(self.history.count - 1) % self.history.size]
         was_clipped = ((row[1] < 1) & (row[2] == 0)).to(torch.int64)
         one = torch.ones_like(was_clipped)
@@ -121,13 +127,13 @@ class GuardState:
 
     def load_state_dict(self, guard: dict) -> None:
         self.history.load_state_dict(guard["history"])
-        self._steps_offset = int(guard["steps"]) - self.history.count
+        self._steps_offset = int(guard["steps"]) - self.history._count
         if guard["totals"] is None:
             self._set_counters(None)
             self.layer_nonfinite = self.layer_max_norm = None
             return
         totals = guard["totals"].to(torch.int64)
-        count = torch.full((1,), self.history.count, dtype=torch.int64, device=totals.device)
+        count = torch.full((1,), self.history._count, dtype=torch.int64, device=totals.device)
         self._set_counters(torch.cat([totals.reshape(3),
                                       guard["consecutive"].to(totals.device, torch.int64).reshape(1), count]))
         self.layer_nonfinite = guard["layer_nonfinite"].clone()

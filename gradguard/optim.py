@@ -58,7 +58,11 @@ the scaler's signal to lower the scale, and the scaler's ``update()`` counts it.
 that skip once, in its own counters, marks it ``report.amp_overflow``, and does not count it
 toward ``max_consecutive_skips`` (a calibrating scaler overflows several steps in a row). If the
 step raises, the scale and flag GradScaler left on the guard are removed (GradScaler removes
-them only after a step that returns).
+them only after a step that returns). Where the gradients differ from rank to rank (FSDP1 shards
+through ``model=``, ``process_group=``, an inner ZeroRedundancyOptimizer) the scaler's flag is
+this rank's alone, so there the guard does not claim the step: GradScaler unscales, reads its
+flag (``ShardedGradScaler`` all-reduces it, as FSDP1 needs) and skips an overflowed step itself,
+which the guard then never sees or counts.
 
 Distributed (see gradguard.distributed): DTensor gradients (FSDP2, tensor parallel), FSDP1
 shards (``model=`` the FSDP module, or ``process_group=``) and an inner ZeroRedundancyOptimizer
@@ -134,10 +138,11 @@ class _BadEvaluation(Exception):
 def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
     """A closure for the inner optimizer that returns the loss the guard already computed on
     its first call (so the gradients the guard checked are the ones stepped on) and re-evaluates
-    on later calls (LBFGS). With `check_params`, every evaluation after the first is checked
-    (loss and gradients; one host read each, as LBFGS itself reads the loss) and aborts the step
-    when not finite; with `zero_nonfinite` ("zero" mode) its NaN/Inf gradient elements are set to
-    0 instead, and only a non-finite loss aborts."""
+    on later calls (LBFGS). With `check_params`, the first evaluation's loss (its gradients were
+    decided on) and every later evaluation are checked (loss and gradients; one host read each,
+    as LBFGS itself reads the loss) and abort the step when not finite; with `zero_nonfinite`
+    ("zero" mode) a later evaluation's NaN/Inf gradient elements are set to 0 instead, and only a
+    non-finite loss aborts."""
     if closure is None:
         return None
     from gradguard.stats import all_finite  # noqa: PLC0415  (stats imports nothing from here)
@@ -147,6 +152,11 @@ def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
     def replay():
         calls[0] += 1
         if calls[0] == 1:
+            # The guard judged the first evaluation's gradients; LBFGS reads its loss too (a host
+            # read of its own), and an inf loss with finite gradients would steer its line search.
+            if check_params is not None and isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+                raise _BadEvaluation("gradguard.GradGuard: evaluation 1 of the closure inside LBFGS.step() gave a "
+                                     "non-finite loss")
             return loss
         with torch.enable_grad():
             value = closure()
@@ -255,6 +265,7 @@ class GradGuard(torch.optim.Optimizer):
             raise TypeError(f"gradguard.GradGuard: `model` must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.optimizer = optimizer
+        _distributed.check_process_group(process_group, "gradguard.GradGuard")
         self.process_group = process_group
         # Found once: which group shards FSDP1's flat parameters, and ZeRO's group, whose ranks
         # must all take (or all skip) every step.
@@ -282,8 +293,13 @@ class GradGuard(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
-        # GradScaler.step then hands us the loss scale and its flag instead of syncing itself.
-        self._step_supports_amp_scaling = True
+        # GradScaler.step then hands us the loss scale and its flag instead of syncing itself;
+        # except where the gradients differ from rank to rank (FSDP1 shards, process_group=, an
+        # inner ZeRO): there that flag is this rank's alone (ShardedGradScaler all-reduces it only
+        # in unscale_), and the ranks' scales drifted apart after a shard-local overflow. There
+        # GradScaler unscales and skips an overflowed step itself, with its all-reduced flag.
+        self._step_supports_amp_scaling = (self._fsdp_group is None and process_group is None
+                                           and self._decide_group is None)
 
         self.last: StepReport | None = None
         self._step_hooks: OrderedDict = OrderedDict()
@@ -512,11 +528,14 @@ class GradGuard(torch.optim.Optimizer):
             # Fused Adam/AdamW create their state (zero moments, step 0) before the kernel sees
             # found_inf: a skipped first step would leave state where there was none. Until every
             # parameter with a gradient has its state, decide on the host (one read, first steps
-            # only) and do not call the step when it is skipped; checked until then, not after.
+            # only) and do not call the step when it is skipped. Checked until every trainable
+            # parameter has state, not after: one that had no gradient so far (an expert that got
+            # no tokens) may get its first on a step to skip.
             state = opt.state
-            if any(p.grad is not None and not state.get(p) for g in opt.param_groups for p in g["params"]):
+            params = [p for g in opt.param_groups for p in g["params"]]
+            if any(p.grad is not None and not state.get(p) for p in params):
                 return False
-            self._fused_state_ready = True
+            self._fused_state_ready = all(state.get(p) or not p.requires_grad for p in params)
         return True
 
     def _fused_step(self, replay, found_inf, divisor, loss_scaled: bool = False) -> None:
@@ -605,6 +624,8 @@ class GradGuard(torch.optim.Optimizer):
         self._name_list = self._layout_cache = None
         self._fused_state_ready = False  # new parameters may have no state yet
         params = self._params()
+        if self.process_group is not None and params:
+            _distributed.check_same_count(len(params), self.process_group, params[0].device, "gradguard.GradGuard")
         kinds = {(q.device, q.dtype) for q in params}
         simple = (len(kinds) == 1 and self.process_group is None and self._fsdp_group is None
                   and self._decide_group is None
@@ -726,7 +747,8 @@ class GradGuard(torch.optim.Optimizer):
             None if spike is None else spike.state_tensor(device), st.history.values(device),
             self.norm_type, max_norm, mode, "none" if spike is None else spike.kind,
             [] if spike is None else spike.args, raw.out_dtype == torch.float64)
-        report = self.last = StepReport(step=st.recorded(capturing), step_offset=st._steps_offset, names=names,
+        report = self.last = StepReport(step=st.recorded(capturing), step_offset=st._steps_offset,
+                                        capture_step=st.capture_time_step() if capturing else None, names=names,
                                         norms=norms, nan_count=raw.nan_count, inf_count=raw.inf_count, amax=amax,
                                         scalars=scalars, found_inf=found, mode=mode, amp=amp,
                                         total_dtype=raw.out_dtype, coef_dtype=mult.dtype)

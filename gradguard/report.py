@@ -31,10 +31,12 @@ class StepReport:
 
     def __init__(self, *, step: int | None, names: list[str], norms, nan_count, inf_count, amax, scalars,
                  found_inf, mode: str, amp: bool, total_dtype: torch.dtype, coef_dtype: torch.dtype,
-                 step_offset: int = 0):
-        # None: numbered on the device (scalars[8] + step_offset), see GuardState.recorded.
+                 step_offset: int = 0, capture_step: int | None = None):
+        # None: numbered on the device (scalars[8] + step_offset), see GuardState.recorded; while
+        # the capture that made it runs, capture_step (GuardState.capture_time_step).
         self._step = step
         self._step_offset = step_offset
+        self._capture_step = capture_step
         self.names = names
         self.norms = norms
         self.nan_count = nan_count
@@ -52,9 +54,13 @@ class StepReport:
 
     @property
     def step(self) -> int:
-        if self._step is None:
-            return int(self._fetch()["rows"]) + self._step_offset
-        return self._step
+        if self._step is not None:
+            return self._step
+        if self._capture_step is not None:
+            from gradguard import optim  # noqa: PLC0415  (optim imports this module)
+            if optim._capturing(self.scalars.device):
+                return self._capture_step
+        return int(self._fetch()["rows"]) + self._step_offset
 
     @property
     def total_norm(self) -> torch.Tensor:
@@ -176,8 +182,16 @@ class History:
         self._steps: list[int] = []               # host-side step numbers, same ring order
         self._count = 0
         self._counters = None  # the guard's int64 counters on the device: [4] = rows written
+        # From the guard's first CUDA graph capture on, the host notes no step (GuardState.recorded):
+        # the count is the device's, read (a sync) where len() or count is asked for.
+        self._device_numbered = False
+
+    def _sync_count(self) -> None:
+        if self._device_numbered and self._counters is not None:
+            self.catch_up(int(self._counters[4]))
 
     def __len__(self) -> int:
+        self._sync_count()
         return min(self._count, self.size)
 
     def values(self, device) -> torch.Tensor:
@@ -219,10 +233,11 @@ class History:
     @property
     def count(self) -> int:
         """Steps recorded so far (also kept on the device, in the guard's counters)."""
+        self._sync_count()
         return self._count
 
     def _order(self) -> list[int]:
-        n = len(self)
+        n = min(self._count, self.size)  # the caller caught up
         start = self._count % self.size if self._count > self.size else 0
         return [(start + i) % self.size for i in range(n)]
 

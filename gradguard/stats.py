@@ -177,6 +177,7 @@ def global_raw_stats(tensors: list[torch.Tensor], norm_type: float, *, process_g
     (DTensor placements, `process_group` for every plain tensor or `groups` per tensor) by one
     collective (see gradguard.distributed). Returns (raw, local tensors)."""
     if process_group is not None and groups is None:
+        _distributed.check_process_group(process_group, "gradguard")
         groups = [process_group] * len(tensors)
     local, plan = _distributed.localize(tensors, groups=groups, decide_group=decide_group, names=names)
     return _distributed.reduce_raw(raw_stats(local, norm_type), plan, norm_type), local

@@ -303,6 +303,39 @@ def scenario_fsdp1(rank, world, counter, use_orig_params):
     return out
 
 
+def scenario_fsdp1_sharded_grad_scaler(rank, world):
+    """FSDP1 + ShardedGradScaler, an Inf in rank 0's gradient shard only at step 1 (what an fp16
+    overflow in the reduce-scatter looks like), guarded and not. The guard used to take the
+    scaler's flag through the amp-scaling contract: that flag was rank 0's alone, so rank 1 kept
+    its loss scale, the ranks' scales and clip coefficients drifted apart, and with
+    max_consecutive_skips=1 rank 1 raised alone."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    out = {}
+    for guarded in (False, True):
+        model = FSDP(make_model().float(), device_id=torch.device("cpu"))
+        inner = torch.optim.AdamW(model.parameters(), lr=0.01)
+        opt = gradguard.GradGuard(inner, max_norm=1e9, model=model, max_consecutive_skips=1) if guarded else inner
+        scaler = ShardedGradScaler(device="cpu", init_scale=1024.0)
+        scales = []
+        for step in range(4):
+            x, y = batch(step)
+            opt.zero_grad()
+            scaler.scale(loss_of(model, x.float()[rank::world], y.float()[rank::world])).backward()
+            if step == 1 and rank == 0:
+                next(p for p in model.parameters() if p.grad is not None and p.grad.numel()).grad.view(-1)[0] = math.inf
+            scaler.step(opt)
+            scaler.update()
+            scales.append(float(scaler.get_scale()))
+        with FSDP.summon_full_params(model):
+            params = {clean(n): p.detach().clone() for n, p in model.named_parameters()}
+        out["guarded" if guarded else "plain"] = {"scales": scales, "params": params}
+        if guarded:
+            out["summary"] = {k: v for k, v in opt.summary().items() if k != "worst_layers"}
+    return out
+
+
 def scenario_fsdp1_unsharded_units(rank, world, counter, everywhere):
     """FSDP1 units that do not shard: NO_SHARD for the whole model (`everywhere`), or a NO_SHARD
     unit inside a FULL_SHARD root. Their gradients are whole on every rank: refused as shards,
@@ -344,6 +377,22 @@ def scenario_process_group_missing_grad(rank, world):
     out["guard_total"], out["skipped"] = float(guard.last.total_norm), bool(guard.last.skipped)
     out["stepped"] = all(torch.equal(params[k].detach(), -0.1 * grads[k]) for k in grads)
     return out
+
+
+def scenario_process_group_uneven_params(rank, world):
+    """process_group= with 3 experts over 2 ranks (2 on rank 0, 1 on rank 1): the statistics are
+    gathered by position, and gloo aborted rank 1 while rank 0 read rows never sent (an inf
+    norm). Refused with an error on every rank, before any gather of statistics."""
+    params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2 if rank == 0 else 1)]
+    for p in params:
+        p.grad = torch.ones(4, dtype=torch.float64)
+    guard = gradguard.GradGuard(torch.optim.SGD(params, lr=0.1), max_norm=1.0, process_group=dist.group.WORLD)
+    try:
+        guard.step()
+    except ValueError as e:
+        return {"error": str(e), "untouched": all(torch.equal(p.detach(), torch.zeros(4, dtype=torch.float64))
+                                                  for p in params)}
+    return {"error": None}
 
 
 def scenario_zero_missing_grad(rank, world):
@@ -443,6 +492,8 @@ def run_all(rank, world) -> dict:
         "fsdp1_no_shard": scenario_fsdp1_unsharded_units(rank, world, counter, everywhere=True),
         "fsdp1_no_shard_unit": scenario_fsdp1_unsharded_units(rank, world, counter, everywhere=False),
         "pg_missing_grad": scenario_process_group_missing_grad(rank, world),
+        "fsdp1_sharded_scaler": scenario_fsdp1_sharded_grad_scaler(rank, world),
+        "pg_uneven_params": scenario_process_group_uneven_params(rank, world),
         "zero_ddp": scenario_zero(rank, world, counter, with_ddp=True),
         "zero_plain": scenario_zero(rank, world, counter, with_ddp=False),
         "zero_missing_grad": scenario_zero_missing_grad(rank, world),

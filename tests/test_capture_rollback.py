@@ -294,6 +294,7 @@ def test_steps_are_numbered_on_the_device_from_the_first_capture_on(monkeypatch)
     set_grads(params, make_grads(3))
     guard.step()
     report = guard.last
+    assert len(guard.history) == 7 and guard.history.count == 7  # read from the device
     assert report.step == 7 and report.as_dict()["step"] == 7
     h = guard.history.as_dict()
     assert h["step"] == [1, 2, 3, 4, 5, 6, 7]
@@ -308,3 +309,54 @@ def test_steps_are_numbered_on_the_device_from_the_first_capture_on(monkeypatch)
     set_grads(params2, make_grads(4))
     fresh.step()
     assert fresh.last._step == 8 and fresh.history.as_dict()["step"] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_step_hook_reads_the_step_number_during_a_capture_without_a_device_read(monkeypatch):
+    # Under a real capture a device-to-host copy fails the capture: a hook reading report.step
+    # (TensorBoardHook's every-N filter) gets the number the host knows.
+    params, guard = _warm_guard(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True), steps=2)
+    seen = []
+    guard.add_step_hook(lambda g, report: seen.append((report.step, report._host)))
+    set_grads(params, make_grads(2))
+    with monkeypatch.context() as m:
+        m.setattr(guard_optim, "_capturing", lambda device: True)
+        guard.step()
+        assert guard.last.step == 3 and guard.last._host is None
+    assert seen[-1] == (3, None)
+    # Outside the capture: read from the report's scalars (on a GPU, rewritten by every replay).
+    assert guard.last.step == 3 and guard.last._host is not None
+
+
+def test_an_lbfgs_rollback_marks_its_own_history_row_once_numbered_on_the_device(monkeypatch):
+    # LBFGS marked the row at the host's count, which stops at the first capture: it flagged an
+    # earlier, good step as skipped and left the rolled-back one unflagged.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    guard = gradguard.GradGuard(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), hygiene=False)
+    calls, bad = [0], [None]
+
+    def closure():
+        calls[0] += 1
+        guard.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if calls[0] == bad[0]:
+            loss = loss * float("nan")
+        loss.backward()
+        return loss
+
+    guard.step(closure)
+    guard.step(closure)
+    closure()
+    with monkeypatch.context() as m:  # a capture that fails after its decision was recorded
+        m.setattr(guard_optim, "_capturing", lambda device: True)
+        with pytest.raises(Exception):
+            guard.step()  # LBFGS needs a closure
+    calls[0], bad[0] = 0, 2
+    before = [p.detach().clone() for p in model.parameters()]
+    guard.step(closure)
+    assert bool(guard.last.skipped) and guard.last.step == 4
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    h = guard.history.as_dict()
+    assert h["step"] == [1, 2, 3, 4] and h["skipped"] == [False, False, False, True]
+    assert guard.summary()["skipped"] == 1

@@ -205,3 +205,25 @@ def test_process_group_shards_missing_a_grad_on_one_rank(runs):
         assert not d["skipped"] and d["stepped"], d
         for k in ("guard_total", "clip_total"):
             assert math.isclose(d[k], d["true"], rel_tol=1e-12), d
+
+
+def test_fsdp1_with_sharded_grad_scaler_keeps_one_scale_and_one_decision(runs):
+    # An overflow in one rank's shard: every rank backs off its loss scale and skips the step,
+    # as without the guard, and no rank raises alone for max_consecutive_skips.
+    ranks, _ = runs
+    want = ranks[0]["fsdp1_sharded_scaler"]["plain"]
+    assert want["scales"] == [1024.0, 512.0, 512.0, 512.0]
+    for r in ranks:
+        d = r["fsdp1_sharded_scaler"]
+        assert d["guarded"]["scales"] == want["scales"] == d["plain"]["scales"]
+        for k, v in want["params"].items():
+            assert torch.equal(d["guarded"]["params"][k], v), k
+        # GradScaler skipped the overflowed step itself: the guard took and counted the other three.
+        assert d["summary"]["steps"] == 3 and d["summary"]["skipped"] == 0, d["summary"]
+
+
+def test_process_group_ranks_holding_different_parameter_counts_are_refused_on_every_rank(runs):
+    ranks, _ = runs
+    for r in ranks:
+        d = r["pg_uneven_params"]
+        assert d["error"] is not None and "hold [2, 1] parameters" in d["error"] and d["untouched"], d

@@ -101,6 +101,26 @@ def test_fused_sgd_first_step_trap_is_avoided():
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.parametrize("name", ["adamw_fused"])  # fused SGD: torch itself refuses a parameter that joins late
+def test_a_parameter_whose_first_gradient_comes_on_a_skipped_step_gets_no_state(name, decide_on):
+    # An expert that got no tokens until a step that is skipped: fused AdamW created its state
+    # there, on the device-decided path (the state check had stopped once the others had theirs).
+    params = make_params()
+    opt = GradGuard(OPTIMIZERS[name](params), max_norm=1.0)
+    for i in range(2):
+        set_grads(params, [None if k == 1 else g for k, g in enumerate(make_grads(i))])
+        opt.step()
+    assert params[1] not in opt.optimizer.state
+    set_grads(params, poison(make_grads(2)))
+    before = snapshot(params, opt)
+    opt.step()
+    assert bool(opt.last.skipped) and params[1] not in opt.optimizer.state
+    assert_bit_identical(before, snapshot(params, opt))
+    set_grads(params, make_grads(3))
+    opt.step()
+    assert not bool(opt.last.skipped) and params[1] in opt.optimizer.state
+
+
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw_foreach", "adamw_fused", "sgd_momentum_fused", "rmsprop"])
 def test_matches_torch_clip_grad_norm_then_step(name, norm_type, decide_on):
@@ -289,7 +309,19 @@ BAD_INPUT = [
     (dict(names=["only_one"]), ValueError, "`names` has 1 entries but the optimizer holds 3 parameters"),
     (dict(names=3), TypeError, "`names` must be a list of str"),
     (dict(history_size=0), ValueError, "`history_size`"),
+    (dict(process_group=1), TypeError, "`process_group` must be None or a torch.distributed.ProcessGroup"),
 ]
+
+
+@pytest.mark.parametrize("call", ["grad_stats", "all_finite", "clip_grad_norm_"])
+def test_a_process_group_that_is_not_one_is_refused_by_the_stats_functions(call):
+    # It failed at the collective, as a bare KeyError from torch.
+    t = torch.ones(3, requires_grad=True)
+    t.grad = torch.ones(3)
+    fn = getattr(gradguard, call)
+    args = ([t], 1.0) if call == "clip_grad_norm_" else ([t.grad],)
+    with pytest.raises(TypeError, match="`process_group` must be None or a torch.distributed.ProcessGroup"):
+        fn(*args, process_group="pg")
 
 
 @pytest.mark.parametrize("kwargs,exc,match", BAD_INPUT, ids=[next(iter(k)) + "=" + repr(v)[:20] for k, v, _ in
@@ -414,6 +446,29 @@ def test_lbfgs_checks_every_closure_evaluation():
     calls[0] = 10
     opt.step(closure)
     assert not bool(opt.last.skipped) and float(w.detach().abs().max()) < float(before.abs().max())
+
+
+@pytest.mark.parametrize("mode", ["skip", "zero", "raise"])
+def test_lbfgs_rolls_back_on_a_nonfinite_first_loss_with_finite_gradients(mode):
+    # The first evaluation's loss was not checked: an inf loss with finite gradients was stepped
+    # on (LBFGS reads that loss), and only a later evaluation's would roll back (max_iter=1: none).
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, -1.0, 0.5]))
+    opt = GradGuard(torch.optim.LBFGS([w], lr=1.0, max_iter=1), on_nonfinite=mode, names=["w"])
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss + float("inf")
+
+    before = w.detach().clone()
+    if mode == "raise":
+        with pytest.raises(NonFiniteGradError, match="evaluation 1 .* non-finite loss"):
+            opt.step(closure)
+    else:
+        opt.step(closure)
+    assert torch.equal(w.detach(), before) and not opt.optimizer.state
+    assert bool(opt.last.skipped) and opt.summary()["skipped"] == 1
 
 
 def _lbfgs_problem():
