@@ -238,3 +238,24 @@ def test_bad_arguments_fail_at_construction():
         GradGuardCallback(max_norm=-1.0)
     with pytest.raises(TypeError, match="'optimizer'"):
         GradGuardCallback(optimizer=None)
+
+
+def test_a_trainer_whose_optimizer_is_already_a_guard_is_refused(tmp_path):
+    # Adopted as it was, the guard got neither the callback's hook (no grad/* logs, the LR schedule
+    # stepped on the skip) nor max_grad_norm, which the callback still set to 0: nothing clipped.
+    model = tiny_gpt2()
+    guard = GradGuard(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(guard, None),
+                                   callbacks=[GradGuardCallback()])
+    with pytest.raises(ValueError, match="already a GradGuard"):
+        trainer.train()
+
+
+def test_checkpoints_keep_the_users_max_grad_norm(tmp_path):
+    # The callback runs with max_grad_norm = 0 (it owns clipping); checkpoints saved it so, and a
+    # run resumed from their training_args.bin never clipped.
+    trainer, cb, _ = run(tmp_path, max_steps=4, bad=-1, cb=GradGuardCallback(), max_grad_norm=0.7)
+    saved = torch.load(tmp_path / "out" / "checkpoint-4" / "training_args.bin", weights_only=False)
+    assert saved.max_grad_norm == 0.7 and trainer.args.max_grad_norm == 0.7

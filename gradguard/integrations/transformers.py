@@ -32,8 +32,10 @@ optimizer without the guard). Logged at Trainer's logging steps, merged into the
 log Trainer writes there (``trainer.log`` of this trainer is wrapped for the run, so
 ``state.log_history`` and every ``report_to`` integration get them next to ``loss`` and ``grad_norm``): ``grad/total_norm``,
 ``grad/clip_coef``, ``grad/skipped``, ``grad/skipped_total`` and, for each bad step since the last
-log, ``grad/nonfinite/<parameter name> = 1`` (also in ``callback.bad_steps``). Refused: DeepSpeed,
-FSDP and XLA, whose clipping and optimizers are their own.
+log, ``grad/nonfinite/<parameter name> = 1`` (also in ``callback.bad_steps``). Checkpoints written
+during the run keep the user's ``max_grad_norm`` in ``training_args.bin``. Refused: DeepSpeed,
+FSDP and XLA, whose clipping and optimizers are their own, and a Trainer whose optimizer is
+already a ``GradGuard`` (use the callback or your own guard, not both).
 """
 from __future__ import annotations
 
@@ -106,10 +108,17 @@ class GradGuardCallback(transformers.TrainerCallback):
             elif float(guard_kwargs["max_norm"]) != float(args.max_grad_norm):
                 log.info("gradguard: GradGuardCallback(max_norm=%s) clips; TrainingArguments.max_grad_norm=%s is "
                          "not used", guard_kwargs["max_norm"], args.max_grad_norm)
+        if isinstance(inner, GradGuard) and not getattr(inner, "_made_by_hf_callback", False):
+            # Adopted as it is, it had neither this callback's step hook (no logs, the LR schedule
+            # stepped on skips) nor Trainer's max_grad_norm, which the callback still turned off.
+            raise ValueError(f"{_WHERE}: the Trainer's optimizer is already a GradGuard (create_optimizer or "
+                             "optimizers=); use either the callback or your own GradGuard, not both: give the "
+                             "Trainer the plain optimizer and the guard's settings to GradGuardCallback(...)")
         if isinstance(inner, GradGuard):  # a second train() on the same Trainer keeps its guard
             guard = inner
         else:
             guard = GradGuard(inner, model=trainer.model, **guard_kwargs)
+            guard._made_by_hf_callback = True
             guard.add_step_hook(self._on_step)
             if acc_opt is inner:
                 trainer.optimizer = guard
@@ -148,9 +157,17 @@ class GradGuardCallback(transformers.TrainerCallback):
         return self._norm_out
 
     def _save_checkpoint_with_guard(self, *args, **kwargs):
-        if self.guard is not None and self._trainer is not None:
-            self._trainer.state.stateful_callbacks[STATE_KEY] = guard_state_json(self.guard)
-        return self._trainer_save(*args, **kwargs)
+        if self.guard is None or self._trainer is None:
+            return self._trainer_save(*args, **kwargs)
+        self._trainer.state.stateful_callbacks[STATE_KEY] = guard_state_json(self.guard)
+        # The checkpoint's training_args.bin gets the user's max_grad_norm, not the 0 the callback
+        # runs with: resumed from those arguments, the run turned clipping off.
+        run_args = self._trainer.args
+        run_args.max_grad_norm = self._restore[0]
+        try:
+            return self._trainer_save(*args, **kwargs)
+        finally:
+            run_args.max_grad_norm = 0.0
 
     def _on_step(self, guard, report) -> None:
         # A skipped step is an optimizer step that did not happen: tell Accelerate, so that
