@@ -88,8 +88,13 @@ def _group_ranks(group) -> tuple[int, ...]:
 def check_same_count(n: int, group, device, where: str) -> None:
     """Refuses ranks of `group` that hold different numbers of parameters: the statistics are
     gathered by position, so a rank with fewer entries made gloo abort on another rank and the
-    rest read rows never sent. One small gather and one read, where the parameter layout is new."""
+    rest read rows never sent; a rank with none returned before any collective and the others
+    hung. One small gather and one read, where the parameter layout is new; `device` None: a rank
+    with no parameter."""
     world = len(_group_ranks(group))
+    if device is None:  # a rank that holds no parameter joins on the group's own device
+        device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+                  else torch.device("cpu"))
     mine = torch.tensor([n], dtype=torch.int64, device=device)
     every = mine.new_empty(world)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -624,8 +624,9 @@ class GradGuard(torch.optim.Optimizer):
         self._name_list = self._layout_cache = None
         self._fused_state_ready = False  # new parameters may have no state yet
         params = self._params()
-        if self.process_group is not None and params:
-            _distributed.check_same_count(len(params), self.process_group, params[0].device, "gradguard.GradGuard")
+        if self.process_group is not None:  # every rank, one holding no parameter too
+            _distributed.check_same_count(len(params), self.process_group, params[0].device if params else None,
+                                          "gradguard.GradGuard")
         kinds = {(q.device, q.dtype) for q in params}
         simple = (len(kinds) == 1 and self.process_group is None and self._fsdp_group is None
                   and self._decide_group is None

@@ -383,16 +383,20 @@ def scenario_process_group_uneven_params(rank, world):
     """process_group= with 3 experts over 2 ranks (2 on rank 0, 1 on rank 1): the statistics are
     gathered by position, and gloo aborted rank 1 while rank 0 read rows never sent (an inf
     norm). Refused with an error on every rank, before any gather of statistics."""
-    params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2 if rank == 0 else 1)]
-    for p in params:
-        p.grad = torch.ones(4, dtype=torch.float64)
-    guard = gradguard.GradGuard(torch.optim.SGD(params, lr=0.1), max_norm=1.0, process_group=dist.group.WORLD)
-    try:
-        guard.step()
-    except ValueError as e:
-        return {"error": str(e), "untouched": all(torch.equal(p.detach(), torch.zeros(4, dtype=torch.float64))
-                                                  for p in params)}
-    return {"error": None}
+    out = {}
+    for held in ((2, 1), (2, 0)):  # 0: a rank whose optimizer holds nothing returned alone, the other hung
+        params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(held[rank])]
+        for p in params:
+            p.grad = torch.ones(4, dtype=torch.float64)
+        guard = gradguard.GradGuard(torch.optim.SGD([{"params": params}], lr=0.1), max_norm=1.0,
+                                    process_group=dist.group.WORLD)
+        try:
+            guard.step()
+            out[held] = {"error": None}
+        except ValueError as e:
+            out[held] = {"error": str(e), "untouched": all(
+                torch.equal(p.detach(), torch.zeros(4, dtype=torch.float64)) for p in params)}
+    return out
 
 
 def scenario_zero_missing_grad(rank, world):
