@@ -9,8 +9,10 @@ from torch.utils._pytree import tree_leaves
 
 
 def checkable(t) -> bool:
-    """A tensor that can hold NaN/Inf and has elements (max-abs of an empty tensor is an error)."""
-    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() > 0
+    """A dense tensor that can hold NaN/Inf and has elements (max-abs of an empty tensor is an
+    error; aminmax has no sparse kernel: a sparse activation crashed the forward)."""
+    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and (t.is_floating_point() or t.is_complex())
+            and t.numel() > 0)
 
 
 def all_finite(tensors) -> bool:

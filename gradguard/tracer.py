@@ -50,7 +50,7 @@ class _Call:
     def __init__(self, name, module, call, module_call, parent, leaves, spec, kw, keep):
         self.name, self.module, self.call, self.module_call, self.parent = name, module, call, module_call, parent
         self.spec, self.kw = spec, kw  # spec None: bare positional tensors; kw: leaves of (args, kwargs)
-        self.versions = [t._version if isinstance(t, torch.Tensor) else None for t in leaves]
+        self.versions = [_version(t) if isinstance(t, torch.Tensor) else None for t in leaves]
         self.leaves = leaves if keep else [weakref.ref(t) if isinstance(t, torch.Tensor) else t for t in leaves]
         self.autocast = None
         for dev in ("cuda", "cpu"):
@@ -66,7 +66,7 @@ class _Call:
                 v = v()
                 if v is None:
                     return None
-            if isinstance(v, torch.Tensor) and v._version != ver:
+            if isinstance(v, torch.Tensor) and _version(v) != ver:
                 return None
             out.append(v)
         if self.spec is None:
@@ -105,9 +105,10 @@ class _Record:
         self.origin = None     # the answer, once computed (without a loss)
         self.param_names = None
         # The gradient hooks placed this step, removed when it ends (release()): a hook on a leaf
-        # tensor (a Parameter passed straight to a submodule) outlives the step, and one on a
-        # tensor the record holds (keep_tensors=True) makes a cycle through autograd's C++ hook
-        # list that the garbage collector cannot see: either kept every step's record alive.
+        # tensor (a Parameter passed straight to a submodule) or on any tensor that outlives the
+        # step outlives it too, and one on a tensor the record holds (keep_tensors=True) makes a
+        # cycle through autograd's C++ hook list that the garbage collector cannot see: either
+        # kept every step's record alive.
         self.hooks: list = []  # (handle, id(tensor))
 
     def release(self) -> None:
@@ -115,6 +116,12 @@ class _Record:
             handle.remove()
             self.sites.pop(key, None)  # hooked again by the next forward that sees the tensor
         self.hooks = []
+
+
+def _version(t: torch.Tensor) -> int:
+    # An inference tensor has no version counter (reading it raises): one made under
+    # torch.inference_mode() and fed to a traced model outside it counts as never modified.
+    return -1 if t.is_inference() else t._version
 
 
 def _leaves(value):
@@ -231,11 +238,13 @@ class NanTracer:
     def _skip(self) -> bool:
         # Dynamo inlines hooks: inside a compiled region record nothing (the eager replay does).
         # A forward run inside backward is a gradient-checkpoint recompute, already recorded.
-        return torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1
+        # Under torch.inference_mode() (an evaluation loop) no training step is being traced.
+        return (torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1
+                or torch.is_inference_mode_enabled())
 
     def _known(self, rec, t) -> bool:
         hit = rec.seen.get(id(t))
-        return hit is not None and hit[0]() is t and hit[1] == t._version
+        return hit is not None and hit[0]() is t and hit[1] == _version(t)
 
     def _check(self, rec, kind, frame, leaves, idx) -> None:
         """One foreach max-abs over the leaves not checked yet; marks them checked."""
@@ -244,7 +253,7 @@ class NanTracer:
             t = leaves[i]
             if self._known(rec, t):
                 continue
-            rec.seen[id(t)] = (weakref.ref(t), t._version)
+            rec.seen[id(t)] = (weakref.ref(t), _version(t))
             if checkable(t):
                 todo.append(i)
         if not todo:
@@ -252,7 +261,7 @@ class NanTracer:
         for i in todo:
             t = leaves[i]
             rec.flags.extend(_min_max(t))
-            meta = (kind, frame, i, t if self._keep else weakref.ref(t), t._version, None)
+            meta = (kind, frame, i, t if self._keep else weakref.ref(t), _version(t), None)
             rec.meta += (meta, meta)
         if len(rec.flags) > _MANY_EVENTS and not self._warned_many:
             self._warned_many = True
@@ -271,8 +280,10 @@ class NanTracer:
                 site = _Site()
                 rec.sites[id(t)] = (weakref.ref(t), site)
                 handle = t.register_hook(self._grad_hook(rec, site))
-                if t.is_leaf or self._keep:  # (an activation's hook otherwise dies with it)
-                    rec.hooks.append((handle, id(t)))
+                # Kept for every tensor, activations too: one that outlives the step (a tensor
+                # computed once and fed to every step) gathered a hook per step, each holding
+                # its step's record alive.
+                rec.hooks.append((handle, id(t)))
             if as_output:
                 site.producer = site.producer or frame
                 site.model_output = site.model_output or frame.parent is None
@@ -379,7 +390,7 @@ class NanTracer:
         self._rec_op = rec.op  # a replay's whole-step op checker already answered
         kind, frame, leaf, ref, version, site = rec.meta[i]
         t = ref() if isinstance(ref, weakref.ref) else ref
-        if t is not None and version is not None and t._version != version:
+        if t is not None and version is not None and _version(t) != version:
             t = None
         what = nonfinite_kind(t) if t is not None else ("NaN" if math.isnan(float(rec.flags[i])) else "Inf")
         rows = bad_rows(t, self.batch_dim, rec.batch_size) if t is not None else None
@@ -387,7 +398,9 @@ class NanTracer:
             consumers = [c.name for c in site.consumers]
             where, submodule = "gradient", None
             if consumers:
-                module = consumers[0]
+                # The innermost module that took the tensor: the outer ones only passed it on (the
+                # model itself, named "" like the loss, when the input requires grad).
+                module = max(site.consumers, key=_depth).name
             elif site.producer is not None and site.producer.parent is not None and not site.model_output:
                 # No module took the tensor: the code of the producer's parent did. When that
                 # parent is the model itself, its name is "" like the loss's: say which it is.
@@ -521,6 +534,13 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+def _depth(frame) -> int:
+    n = 0
+    while frame.parent is not None:
+        frame, n = frame.parent, n + 1
+    return n
 
 
 def _min_max(t: torch.Tensor):

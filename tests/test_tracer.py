@@ -646,3 +646,71 @@ def test_gradient_hooks_do_not_pile_up_or_keep_old_steps(keep_tensors):
     tracer.replay(lambda: model(torch.randn(2, 3)))
     tracer.remove()
     assert not model.queries._backward_hooks
+
+
+def test_a_non_leaf_tensor_that_outlives_the_step_gathers_no_hooks():
+    """A tensor computed once and fed to every step (a context, a cached embedding): its gradient
+    hook was not kept for removal, so it gathered one per step, each holding its step's record."""
+    import gc
+    import weakref
+
+    w = nn.Parameter(torch.randn(2, 3))
+    ctx = w * 2  # not a leaf; lives across steps
+    model = nn.Linear(3, 1)
+    tracer = gradguard.NanTracer(model)
+    records = []
+    for _ in range(5):
+        tracer.reset()
+        records.append(weakref.ref(tracer._rec))
+        model(ctx).sum().backward(retain_graph=True)
+    tracer.reset()
+    gc.collect()
+    assert not ctx._backward_hooks
+    assert not any(r() is not None for r in records)
+
+
+def test_inference_mode_forwards_are_not_traced_and_do_not_fail():
+    """An evaluation loop under torch.inference_mode() crashed in the pre-hook: inference tensors
+    have no version counter. Also an inference tensor fed to a no_grad forward."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    tracer = gradguard.NanTracer(model)
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+        assert model(x).shape == (2, 1)
+    with torch.no_grad():
+        assert model(x).shape == (2, 1)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    tracer.reset()
+    with torch.no_grad():
+        model(bad)  # an inference tensor, outside inference mode: still checked
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.rows) == ("input", [1])
+
+
+class _Sqrt(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x)
+
+
+def test_a_backward_inf_is_blamed_on_the_innermost_module_that_took_the_tensor():
+    """With an input that requires grad, the model itself (named "", as the loss) was the first
+    consumer: the Inf from sqrt's backward at 0 was blamed on "the backward of the loss"."""
+    model = nn.Sequential(_Sqrt(), nn.Linear(2, 1))
+    tracer = gradguard.NanTracer(model)
+    x = torch.tensor([[0.0, 1.0], [4.0, 9.0]], requires_grad=True)
+    model(x).sum().backward()
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.module, origin.where) == ("backward", "0", "gradient"), origin
+    assert "loss" not in str(origin)
+
+
+def test_a_sparse_activation_is_not_checked_and_does_not_fail():
+    class ToSparse(nn.Module):
+        def forward(self, x):
+            return x.to_sparse()
+
+    model = nn.Sequential(nn.Linear(3, 3), ToSparse())
+    tracer = gradguard.NanTracer(model)
+    out = model(torch.randn(2, 3))
+    assert out.layout == torch.sparse_coo and tracer.first_nonfinite() is None
