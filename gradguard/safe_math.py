@@ -24,7 +24,10 @@ Common rules:
 - Under ``torch.compile`` (``torch.compiler.is_compiling()``) the functions take a composite of
   aten ops instead of the custom ops (reference/safe_math.py's ``*_composite``: autograd Functions
   whose backward is the defined gradient), so inductor fuses them with their neighbours instead
-  of calling an opaque kernel; eager keeps the fused kernels. Same definition, same checks
+  of calling an opaque kernel; eager keeps the fused kernels. So do forward-mode AD
+  (``torch.autograd.forward_ad``, ``torch.func.jvp``/``jacfwd``) and ``torch.func``'s transforms
+  (``grad``, ``jacrev``, ``hessian``, ``vmap``), which the custom ops' reverse-mode formula does
+  not serve (``jacfwd`` of one gave zeros without an error). Same definition, same checks
   (with ``fullgraph=True`` an argument error surfaces as dynamo's ``Unsupported`` carrying the
   same message); values differ from eager only by inductor's own log/exp/sqrt (README). A
   wrong-shaped ``out=`` is resized in eager only (dynamo cannot trace the alias check).
@@ -39,6 +42,7 @@ import math
 import numbers
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from gradguard import _safe_math_ops  # noqa: F401  (defines torch.ops.gradguard.safe_*)
 from gradguard.reference import safe_math as _ref
@@ -151,6 +155,21 @@ def _div_dtype(input: torch.Tensor, other) -> torch.dtype:
     return zero.dtype if zero.is_floating_point() else default
 
 
+def _composite_path() -> bool:
+    """The composite instead of the custom op: under torch.compile (inductor fuses it with its
+    neighbours), forward-mode AD and torch.func's transforms (the custom ops' autograd formula is
+    reverse mode only: torch.func.jacfwd of one gave zeros without an error, and grad/jacrev
+    raised). Same values and gradients."""
+    return torch.compiler.is_compiling() or _transforms()
+
+
+def _transforms() -> bool:
+    """Forward-mode AD or a torch.func transform is active (outside torch.compile): the composite
+    whose Function has a jvp and a vmap rule (dynamo refuses a Function with a jvp)."""
+    return not torch.compiler.is_compiling() and (_forward_ad._current_level >= 0
+                                                  or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 def safe_log(input: torch.Tensor, eps=None, *, grad: str = "clamp", out: torch.Tensor | None = None) -> torch.Tensor:
     """``log(max(input, eps))``.
 
@@ -166,13 +185,13 @@ def safe_log(input: torch.Tensor, eps=None, *, grad: str = "clamp", out: torch.T
     e = torch.finfo(x.dtype).tiny if eps is None else _number(eps, "eps", "safe_log", nonneg=True)
     if out is not None:
         _check_out(out, "safe_log", x.shape, x.device, x)
-        if torch.compiler.is_compiling():
-            _ref.write_out(out, _ref.safe_log_composite(x, e, st), "safe_log")
+        if _composite_path():
+            _ref.write_out(out, _ref.safe_log_composite(x, e, st, transforms=_transforms()), "safe_log")
         else:
             torch.ops.gradguard.safe_log.out(x, e, st, out=out)
         return out
-    if torch.compiler.is_compiling():
-        return _ref.safe_log_composite(x, e, st)
+    if _composite_path():
+        return _ref.safe_log_composite(x, e, st, transforms=_transforms())
     return torch.ops.gradguard.safe_log(x, e, st)
 
 
@@ -197,13 +216,13 @@ def safe_exp(input: torch.Tensor, max=None, *, grad: str = "clamp", out: torch.T
                          "for that limit")
     if out is not None:
         _check_out(out, "safe_exp", x.shape, x.device, x)
-        if torch.compiler.is_compiling():
-            _ref.write_out(out, _ref.safe_exp_composite(x, m, st), "safe_exp")
+        if _composite_path():
+            _ref.write_out(out, _ref.safe_exp_composite(x, m, st, transforms=_transforms()), "safe_exp")
         else:
             torch.ops.gradguard.safe_exp.out(x, m, st, out=out)
         return out
-    if torch.compiler.is_compiling():
-        return _ref.safe_exp_composite(x, m, st)
+    if _composite_path():
+        return _ref.safe_exp_composite(x, m, st, transforms=_transforms())
     return torch.ops.gradguard.safe_exp(x, m, st)
 
 
@@ -218,13 +237,13 @@ def safe_sqrt(input: torch.Tensor, eps=0.0, *, out: torch.Tensor | None = None) 
     e = _number(eps, "eps", "safe_sqrt", nonneg=True)
     if out is not None:
         _check_out(out, "safe_sqrt", x.shape, x.device, x)
-        if torch.compiler.is_compiling():
-            _ref.write_out(out, _ref.safe_sqrt_composite(x, e), "safe_sqrt")
+        if _composite_path():
+            _ref.write_out(out, _ref.safe_sqrt_composite(x, e, transforms=_transforms()), "safe_sqrt")
         else:
             torch.ops.gradguard.safe_sqrt.out(x, e, out=out)
         return out
-    if torch.compiler.is_compiling():
-        return _ref.safe_sqrt_composite(x, e)
+    if _composite_path():
+        return _ref.safe_sqrt_composite(x, e, transforms=_transforms())
     return torch.ops.gradguard.safe_sqrt(x, e)
 
 
@@ -277,15 +296,15 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         x = x.to(opmath)
     if out is not None:
         _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), div_device(x, y), x, y, dtype=dtype)
-        if torch.compiler.is_compiling():
-            _ref.write_out(out, _ref.safe_div_composite(x, y, e, f).to(dtype), "safe_div")
+        if _composite_path():
+            _ref.write_out(out, _ref.safe_div_composite(x, y, e, f, transforms=_transforms()).to(dtype), "safe_div")
         elif opmath is not dtype:
             out.copy_(torch.ops.gradguard.safe_div(x, y, e, f))
         else:
             torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
         return out
-    if torch.compiler.is_compiling():
-        r = _ref.safe_div_composite(x, y, e, f)
+    if _composite_path():
+        r = _ref.safe_div_composite(x, y, e, f, transforms=_transforms())
     else:
         r = torch.ops.gradguard.safe_div(x, y, e, f)
     return r if opmath is dtype else r.to(dtype)

@@ -631,3 +631,41 @@ def test_div_of_integers_by_float64_is_exact():
     a = torch.tensor([2 ** 24 + 1, 123456789], dtype=torch.int64)
     b = torch.ones(2, dtype=torch.float64)
     assert gradguard.safe_div(a, b).tolist() == torch.div(a, b).tolist() == [16777217.0, 123456789.0]
+
+
+_FUNC_CASES = {
+    "safe_log": (lambda x: gradguard.safe_log(x, 1e-3), lambda x: torch.log(x.clamp(min=1e-3))),
+    "safe_exp": (lambda x: gradguard.safe_exp(x, 1.5), lambda x: torch.exp(x.clamp(max=1.5))),
+    "safe_sqrt": (lambda x: gradguard.safe_sqrt(x, 1e-3), lambda x: torch.sqrt(x.clamp(min=1e-3))),
+    "safe_div": (lambda x: gradguard.safe_div(x, x.flip(0) - 1.0), lambda x: x / (x.flip(0) - 1.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(_FUNC_CASES))
+def test_forward_mode_ad_and_torch_func_transforms(name):
+    # The custom ops' autograd formula is reverse mode only: torch.func.jacfwd gave an all-zero
+    # Jacobian without an error, forward_ad a None tangent, and grad/jacrev/hessian raised. These
+    # take the composite, whose derivatives are the defined ones (here, away from every bound,
+    # those of the plain expressions).
+    fn, ref = _FUNC_CASES[name]
+    x = torch.tensor([0.25, 0.5, 2.0, 1.25, 3.0], dtype=torch.float64)  # none at a bound or a pole
+    want = torch.func.jacrev(ref)(x)
+    torch.testing.assert_close(torch.func.jacfwd(fn)(x), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.func.jacrev(fn)(x), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.func.hessian(lambda v: fn(v).sum())(x),
+                               torch.func.hessian(lambda v: ref(v).sum())(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(fn)(x.reshape(1, -1).repeat(3, 1)), ref(x).repeat(3, 1),
+                               rtol=1e-15, atol=0)
+    import torch.autograd.forward_ad as fwad
+    t = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+    with fwad.dual_level():
+        got = fwad.unpack_dual(fn(fwad.make_dual(x, t))).tangent
+    torch.testing.assert_close(got, want @ t, rtol=1e-12, atol=0)
+
+
+def test_below_the_bound_forward_mode_gives_the_clamps_zero_derivative():
+    x = torch.tensor([1e-5, 0.5], dtype=torch.float64)
+    jac = torch.func.jacfwd(lambda v: gradguard.safe_log(v, 1e-3))(x)
+    assert torch.equal(jac, torch.diag(torch.tensor([0.0, 2.0], dtype=torch.float64)))
+    st = torch.func.jacfwd(lambda v: gradguard.safe_log(v, 1e-3, grad="straight_through"))(x)
+    assert torch.equal(st, torch.diag(torch.tensor([1e3, 2.0], dtype=torch.float64)))

@@ -241,29 +241,71 @@ def _clamp_min(x: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return torch.where(x < lo, lo, x)
 
 
+# The defined derivatives, shared by both kinds of Function below (a backward's vector-Jacobian
+# product and a jvp's Jacobian-vector product are the same elementwise factor).
+def _log_derivative(input, eps, straight_through, g):
+    e = _bound(input, eps)
+    if straight_through:
+        return g / _clamp_min(input, e)
+    # Where the gradient passes the clamp is the identity: divide by the input itself.
+    keep = input >= e
+    return torch.where(keep, g / torch.where(keep, input, 1.0), 0.0)
+
+
+def _exp_derivative(result, input, max, straight_through, g):
+    g = g * result
+    if not straight_through:
+        g = torch.where(input <= _bound(input, max), g, 0.0)
+    return g
+
+
+def _sqrt_derivative(input, eps, g):
+    keep = input > _bound(input, eps)
+    return torch.where(keep, g / (2 * torch.sqrt(torch.where(keep, input, 1.0))), 0.0)
+
+
+def _div_parts(input, other, eps):
+    guard = other.abs() <= _bound(other, eps)
+    b = torch.where(guard, 1.0, other)
+    return guard, b
+
+
+def _log_value(input, eps):
+    return torch.log(_clamp_min(input, _bound(input, eps)))
+
+
+def _exp_value(input, max):
+    m = _bound(input, max)
+    return torch.exp(torch.where(input > m, m, input))
+
+
+def _sqrt_value(input):
+    return torch.sqrt(_clamp_min(input, _bound(input, 0.0)))
+
+
+def _div_value(input, other, eps, fill):
+    guard = (other.abs() <= _bound(other, eps)) & ~torch.isnan(input)
+    return torch.where(guard, _bound(input, fill), input / other)
+
+
+# For torch.compile: dynamo traces these (it refuses a Function that defines jvp).
 class _SafeLogComposite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, eps, straight_through):
         ctx.save_for_backward(input)
         ctx.eps, ctx.straight_through = eps, straight_through
-        return torch.log(_clamp_min(input, _bound(input, eps)))
+        return _log_value(input, eps)
 
     @staticmethod
     def backward(ctx, grad):
         (input,) = ctx.saved_tensors
-        e = _bound(input, ctx.eps)
-        if ctx.straight_through:
-            return grad / _clamp_min(input, e), None, None
-        # Where the gradient passes the clamp is the identity: divide by the input itself.
-        keep = input >= e
-        return torch.where(keep, grad / torch.where(keep, input, 1.0), 0.0), None, None
+        return _log_derivative(input, ctx.eps, ctx.straight_through, grad), None, None
 
 
 class _SafeExpComposite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, max, straight_through):
-        m = _bound(input, max)
-        result = torch.exp(torch.where(input > m, m, input))
+        result = _exp_value(input, max)
         ctx.save_for_backward(result, input)
         ctx.max, ctx.straight_through = max, straight_through
         return result
@@ -271,10 +313,7 @@ class _SafeExpComposite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         result, input = ctx.saved_tensors
-        g = grad * result
-        if not ctx.straight_through:
-            g = torch.where(input <= _bound(input, ctx.max), g, 0.0)
-        return g, None, None
+        return _exp_derivative(result, input, ctx.max, ctx.straight_through, grad), None, None
 
 
 class _SafeSqrtComposite(torch.autograd.Function):
@@ -282,13 +321,12 @@ class _SafeSqrtComposite(torch.autograd.Function):
     def forward(ctx, input, eps):
         ctx.save_for_backward(input)
         ctx.eps = eps
-        return torch.sqrt(_clamp_min(input, _bound(input, 0.0)))
+        return _sqrt_value(input)
 
     @staticmethod
     def backward(ctx, grad):
         (input,) = ctx.saved_tensors
-        keep = input > _bound(input, ctx.eps)
-        return torch.where(keep, grad / (2 * torch.sqrt(torch.where(keep, input, 1.0))), 0.0), None
+        return _sqrt_derivative(input, ctx.eps, grad), None
 
 
 class _SafeDivComposite(torch.autograd.Function):
@@ -296,37 +334,147 @@ class _SafeDivComposite(torch.autograd.Function):
     def forward(ctx, input, other, eps, fill):
         ctx.save_for_backward(input, other)
         ctx.eps = eps
-        guard = (other.abs() <= _bound(other, eps)) & ~torch.isnan(input)
-        return torch.where(guard, _bound(input, fill), input / other)
+        return _div_value(input, other, eps, fill)
 
     @staticmethod
     def backward(ctx, grad):
         input, other = ctx.saved_tensors
-        guard = other.abs() <= _bound(other, ctx.eps)
-        b = torch.where(guard, 1.0, other)
+        guard, b = _div_parts(input, other, ctx.eps)
         grad_input = torch.where(guard, 0.0, grad / b)
         grad_other = torch.where(guard, 0.0, -grad * ((input / b) / b))
         return grad_input.sum_to_size(input.shape), grad_other.sum_to_size(other.shape), None, None
 
 
-def safe_log_composite(input: torch.Tensor, eps: float, straight_through: bool) -> torch.Tensor:
+# For forward-mode AD (torch.autograd.forward_ad, torch.func.jvp/jacfwd) and torch.func's
+# transforms (grad, jacrev, hessian, vmap): setup_context, jvp and generate_vmap_rule, which the
+# custom ops' reverse-mode formula lacks (torch.func.jacfwd of one gave zeros without an error).
+class _SafeLogTransformable(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, eps, straight_through):
+        return _log_value(input, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.eps, ctx.straight_through = inputs
+        ctx.save_for_backward(input)
+        ctx.save_for_forward(input)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (input,) = ctx.saved_tensors
+        return _log_derivative(input, ctx.eps, ctx.straight_through, grad), None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        (input,) = ctx.saved_tensors
+        return _log_derivative(input, ctx.eps, ctx.straight_through, tangent)
+
+
+class _SafeExpTransformable(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, max, straight_through):
+        return _exp_value(input, max)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.max, ctx.straight_through = inputs
+        ctx.save_for_backward(output, input)
+        ctx.save_for_forward(output, input)
+
+    @staticmethod
+    def backward(ctx, grad):
+        result, input = ctx.saved_tensors
+        return _exp_derivative(result, input, ctx.max, ctx.straight_through, grad), None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        result, input = ctx.saved_tensors
+        return _exp_derivative(result, input, ctx.max, ctx.straight_through, tangent)
+
+
+class _SafeSqrtTransformable(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, eps):
+        return _sqrt_value(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.eps = inputs
+        ctx.save_for_backward(input)
+        ctx.save_for_forward(input)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (input,) = ctx.saved_tensors
+        return _sqrt_derivative(input, ctx.eps, grad), None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        (input,) = ctx.saved_tensors
+        return _sqrt_derivative(input, ctx.eps, tangent)
+
+
+class _SafeDivTransformable(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, other, eps, fill):
+        return _div_value(input, other, eps, fill)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, other, ctx.eps, _ = inputs
+        ctx.save_for_backward(input, other)
+        ctx.save_for_forward(input, other)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _SafeDivComposite.backward(ctx, grad)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_other, *_):
+        input, other = ctx.saved_tensors
+        guard, b = _div_parts(input, other, ctx.eps)
+        out = torch.zeros((), dtype=input.dtype, device=input.device)
+        if t_input is not None:
+            out = out + t_input / b
+        if t_other is not None:
+            out = out - t_other * ((input / b) / b)
+        return torch.where(guard, 0.0, out).expand(torch.broadcast_shapes(input.shape, other.shape))
+
+
+def safe_log_composite(input: torch.Tensor, eps: float, straight_through: bool,
+                       transforms: bool = False) -> torch.Tensor:
+    """`transforms`: the Function that serves forward-mode AD and torch.func (not torch.compile)."""
     _check_unary("safe_log", input, "eps", eps, True)
-    return _SafeLogComposite.apply(input, eps, straight_through)
+    fn = _SafeLogTransformable if transforms else _SafeLogComposite
+    return fn.apply(input, eps, straight_through)
 
 
-def safe_exp_composite(input: torch.Tensor, max: float, straight_through: bool) -> torch.Tensor:
+def safe_exp_composite(input: torch.Tensor, max: float, straight_through: bool,
+                       transforms: bool = False) -> torch.Tensor:
     _check_unary("safe_exp", input, "max", max, False)
-    return _SafeExpComposite.apply(input, max, straight_through)
+    fn = _SafeExpTransformable if transforms else _SafeExpComposite
+    return fn.apply(input, max, straight_through)
 
 
-def safe_sqrt_composite(input: torch.Tensor, eps: float) -> torch.Tensor:
+def safe_sqrt_composite(input: torch.Tensor, eps: float, transforms: bool = False) -> torch.Tensor:
     _check_unary("safe_sqrt", input, "eps", eps, True)
-    return _SafeSqrtComposite.apply(input, eps)
+    fn = _SafeSqrtTransformable if transforms else _SafeSqrtComposite
+    return fn.apply(input, eps)
 
 
-def safe_div_composite(input: torch.Tensor, other: torch.Tensor, eps: float, fill: float) -> torch.Tensor:
+def safe_div_composite(input: torch.Tensor, other: torch.Tensor, eps: float, fill: float,
+                       transforms: bool = False) -> torch.Tensor:
     check_div_args("safe_div", input, other, eps, fill)
-    return _SafeDivComposite.apply(input, other, eps, fill)
+    fn = _SafeDivTransformable if transforms else _SafeDivComposite
+    return fn.apply(input, other, eps, fill)
 
 
 def write_out(out: torch.Tensor, result: torch.Tensor, op: str) -> None:
