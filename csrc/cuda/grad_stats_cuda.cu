@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "copy_any_dims.h"
 #include "multi_tensor_apply.cuh"
 #include "strided_walk.h"
 
@@ -409,8 +410,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cu
       }
       strided.push_back(it);
     } else {
-      // Views with more than 25 non-mergeable dims: a device copy (no host sync).
-      keep_alive.push_back(t.contiguous());
+      // Views with more than 25 non-mergeable dims: a device copy (no host sync), made slice by
+      // slice where torch's own copy refuses the dims (copy_any_dims.h).
+      keep_alive.push_back(contiguous_any_dims(t));
       flat.push_back({keep_alive.back().const_data_ptr(), numel, nchunks, index});
     }
   }

@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "copy_any_dims.h"
 #include "multi_tensor_apply.cuh"
 #include "strided_walk.h"
 
@@ -157,8 +158,9 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
                 static_cast<scalar_t*>(t.data_ptr()), layout, numel, scale_ptr, scale_value);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        // More than 25 non-mergeable dims: scale a device copy and copy it back (no host sync).
-        at::Tensor c = t.contiguous();
+        // More than 25 non-mergeable dims: scale a device copy and copy it back (no host sync),
+        // slice by slice where torch's own copy refuses the dims (copy_any_dims.h).
+        at::Tensor c = contiguous_any_dims(t);
         flat.push_back({c.data_ptr(), numel, chunks_of(numel), static_cast<int32_t>(i)});
         write_back.emplace_back(t, c);
       }
@@ -168,7 +170,7 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
           <<<static_cast<unsigned>(nblocks), kBlockThreads, 0, stream>>>(tab, scale_ptr, scale_value);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    for (auto& [view, copy] : write_back) view.copy_(copy);
+    for (auto& [view, copy] : write_back) copy_any_dims(view, copy);
   });
 }
 
