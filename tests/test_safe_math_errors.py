@@ -348,3 +348,19 @@ def test_a_refused_out_is_left_as_it_was(call):
 def test_an_integer_beyond_float64_is_refused_naming_the_argument(call, arg):
     with pytest.raises(ValueError, match=rf"`{arg}` is an integer of 401 digits, beyond float64's range"):
         call(torch.rand(3) + 0.1)
+
+
+@pytest.mark.parametrize("op", ["safe_log", "safe_exp", "safe_sqrt", "safe_div"])
+def test_an_out_that_partly_overlaps_the_input_is_refused_on_every_path(op):
+    # torch refuses it (TensorIterator); the compiled kernel did too, the pure-PyTorch path wrote
+    # through the overlap without a word.
+    x = torch.arange(1.0, 11.0)
+    call = getattr(gradguard, op)
+    args = (x[:6], 2.0) if op == "safe_div" else (x[:6],)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        call(*args, out=x[2:8])
+    assert torch.equal(x, torch.arange(1.0, 11.0))
+    y = torch.arange(1.0, 7.0)
+    call(*((y, 2.0) if op == "safe_div" else (y,)), out=y)  # exactly the input: in place, allowed
+    z = torch.arange(1.0, 11.0)
+    call(*((z[:5], 2.0) if op == "safe_div" else (z[:5],)), out=z[5:])  # disjoint: allowed

@@ -78,6 +78,29 @@ def check_bound_fits(v: float, dtype: torch.dtype, op: str, arg: str, keep_nonze
                          f"{smallest!r}); pass at least that, or 0 to mean no bound")
 
 
+def check_no_partial_overlap(out: torch.Tensor, operands) -> None:
+    """torch's rule for out= (the compiled kernels get it from TensorIterator): an `out` that is
+    exactly an operand is fine (in place), one that shares only some of its memory is refused.
+    Decided, as torch decides it, only where both are dense; other layouts are not checked."""
+    dense = torch.ops.aten.is_non_overlapping_and_dense
+    if out.numel() == 0 or out.device.type == "meta" or not dense(out):
+        return
+    a0 = out.data_ptr()
+    a1 = a0 + out.numel() * out.element_size()
+    for t in operands:
+        if (not isinstance(t, torch.Tensor) or t.device != out.device or t.numel() == 0
+                or not dense(t) or not _aliases(out, t)):
+            continue
+        b0 = t.data_ptr()
+        b1 = b0 + t.numel() * t.element_size()
+        if (a0, a1) == (b0, b1) and out.stride() == t.stride():
+            continue
+        if a0 < b1 and b0 < a1:
+            raise RuntimeError("unsupported operation: some elements of the input tensor and the written-to tensor "
+                               "refer to a single memory location. Please clone() the tensor before performing the "
+                               "operation.")
+
+
 def _check_out_dtype(out: torch.Tensor, dtype: torch.dtype, op: str) -> None:
     if out.dtype != dtype:
         raise RuntimeError(f"gradguard.{op}: `out` has dtype {out.dtype} but the result has dtype {dtype}; "
@@ -111,6 +134,7 @@ def safe_log_out(input: torch.Tensor, eps: float, straight_through: bool, *, out
     _check_unary("safe_log", input, "eps", eps, True, out)
     _check_out_dtype(out, input.dtype, "safe_log")
     resize_out(out, input.shape, "safe_log", (input,))
+    check_no_partial_overlap(out, (input,))
     torch.log(torch.clamp(input, min=eps), out=out)
 
 
@@ -136,6 +160,7 @@ def safe_exp_out(input: torch.Tensor, max: float, straight_through: bool, *, out
     _check_unary("safe_exp", input, "max", max, False, out)
     _check_out_dtype(out, input.dtype, "safe_exp")
     resize_out(out, input.shape, "safe_exp", (input,))
+    check_no_partial_overlap(out, (input,))
     torch.exp(torch.clamp(input, max=max), out=out)
 
 
@@ -155,6 +180,7 @@ def safe_sqrt_out(input: torch.Tensor, eps: float, *, out: torch.Tensor) -> None
     _check_unary("safe_sqrt", input, "eps", eps, True, out)
     _check_out_dtype(out, input.dtype, "safe_sqrt")
     resize_out(out, input.shape, "safe_sqrt", (input,))
+    check_no_partial_overlap(out, (input,))
     torch.sqrt(torch.clamp(input, min=0.0), out=out)
 
 
@@ -195,6 +221,7 @@ def safe_div_out(input: torch.Tensor, other: torch.Tensor, eps: float, fill: flo
     check_devices("safe_div", div_device(input, other), out=out)
     _check_out_dtype(out, input.dtype, "safe_div")
     resize_out(out, torch.broadcast_shapes(input.shape, other.shape), "safe_div", (input, other))
+    check_no_partial_overlap(out, (input, other))
     out.copy_(safe_div(input, other, eps, fill))
 
 
