@@ -253,7 +253,9 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     TensorFlow's ``divide_no_nan`` with an eps, except that a NaN ``input`` stays NaN (a guard
     never hides a NaN that was already there). ``other`` is a tensor or a number; the two
     broadcast and promote as in ``torch.div`` (integers to the default dtype). Guarded elements
-    get zero gradients for both operands; the others get ``torch.div``'s gradients exactly.
+    get zero gradients for both operands; the others get ``torch.div``'s gradients: the input's
+    exactly, the divisor's within rounding where the divisor is wider than the result (a float32
+    0-dim divisor of a float16 tensor: formed in float32, where torch rounds it to float16 first).
     ``fill`` may be any number, NaN or inf included.
     """
     x = _float_input(input, "safe_div")
