@@ -191,7 +191,9 @@ class NanTracer:
             return
         for mod in self._names:
             self._handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self._handles.append(mod.register_forward_hook(self._post, with_kwargs=True))
+            # always_call: a forward that raises still pops its frame (a stale one made a later
+            # direct call of a submodule look like code inside a dead call).
+            self._handles.append(mod.register_forward_hook(self._post, with_kwargs=True, always_call=True))
 
     def _detach(self) -> None:
         for h in self._handles:

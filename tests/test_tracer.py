@@ -714,3 +714,16 @@ def test_a_sparse_activation_is_not_checked_and_does_not_fail():
     tracer = gradguard.NanTracer(model)
     out = model(torch.randn(2, 3))
     assert out.layout == torch.sparse_coo and tracer.first_nonfinite() is None
+
+
+def test_a_forward_that_raised_leaves_no_frame_for_a_direct_submodule_call():
+    """The stack was reset only by the next call of the whole model: a submodule called directly
+    after a forward that raised was reported as code inside the dead call."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.ReLU(), nn.Linear(7, 2)))
+    tracer = gradguard.NanTracer(model)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(16, 4))  # 8 features into Linear(7, 2)
+    assert tracer._stack == []
+    tracer.reset()
+    model[0](torch.full((2, 4), math.inf))
+    assert tracer.first_nonfinite().phase == "input"
