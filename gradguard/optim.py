@@ -58,11 +58,12 @@ the scaler's signal to lower the scale, and the scaler's ``update()`` counts it.
 that skip once, in its own counters, marks it ``report.amp_overflow``, and does not count it
 toward ``max_consecutive_skips`` (a calibrating scaler overflows several steps in a row). If the
 step raises, the scale and flag GradScaler left on the guard are removed (GradScaler removes
-them only after a step that returns). Where the gradients differ from rank to rank (FSDP1 shards
-through ``model=``, ``process_group=``, an inner ZeroRedundancyOptimizer) the scaler's flag is
-this rank's alone, so there the guard does not claim the step: GradScaler unscales, reads its
-flag (``ShardedGradScaler`` all-reduces it, as FSDP1 needs) and skips an overflowed step itself,
-which the guard then never sees or counts.
+them only after a step that returns). Under FSDP1 shards (``model=``) the scaler's flag is this
+rank's alone, so there the guard does not claim the step: GradScaler unscales, reads its flag
+(``ShardedGradScaler``, which FSDP1 needs, all-reduces it) and skips an overflowed step itself,
+which the guard then never sees or counts. Under ``process_group=`` or an inner
+ZeroRedundancyOptimizer the guard keeps the contract: its global statistics skip an overflow on
+every rank, while each rank's GradScaler backs off on its own flag.
 
 Distributed (see gradguard.distributed): DTensor gradients (FSDP2, tensor parallel), FSDP1
 shards (``model=`` the FSDP module, or ``process_group=``) and an inner ZeroRedundancyOptimizer
@@ -294,17 +295,19 @@ class GradGuard(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         # GradScaler.step then hands us the loss scale and its flag instead of syncing itself;
-        # except where the gradients differ from rank to rank (FSDP1 shards, process_group=, an
-        # inner ZeRO): there that flag is this rank's alone (ShardedGradScaler all-reduces it only
-        # in unscale_), and the ranks' scales drifted apart after a shard-local overflow. There
-        # GradScaler unscales and skips an overflowed step itself, with its all-reduced flag.
-        self._step_supports_amp_scaling = (self._fsdp_group is None and process_group is None
-                                           and self._decide_group is None)
+        # except under FSDP1 shards, where that flag is this rank's alone (ShardedGradScaler,
+        # which FSDP1 needs, all-reduces it only in unscale_) and the ranks' scales drifted apart
+        # after a shard-local overflow: there GradScaler unscales and skips an overflowed step
+        # itself, with its all-reduced flag. Not under process_group= or ZeRO, whose users take a
+        # plain GradScaler: its rank-local skip would leave the other ranks alone in the guard's
+        # collective, while through the contract the guard's global statistics skip on every rank.
+        self._step_supports_amp_scaling = self._fsdp_group is None
 
         self.last: StepReport | None = None
         self._step_hooks: OrderedDict = OrderedDict()
         self._plan = None              # the parameters' layout, found once (see _current_plan)
         self._fused_state_ready = False  # every parameter with a gradient has fused-step state
+        self._fused_missing = None       # trainable parameters without it (see _fused_ready)
         self._tracker = ClearTracker()
         self._warned = set()
 
@@ -461,10 +464,12 @@ class GradGuard(torch.optim.Optimizer):
         state["_tracker"] = None
         state["_layout_cache"] = None
         state["_plan"] = None
+        state["_fused_missing"] = None  # rebuilt with the plan
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_fused_missing", None)  # pickled before it existed
         self._tracker = ClearTracker()
         self._patch_step_function()
         # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups: a copied
@@ -531,11 +536,16 @@ class GradGuard(torch.optim.Optimizer):
             # only) and do not call the step when it is skipped. Checked until every trainable
             # parameter has state, not after: one that had no gradient so far (an expert that got
             # no tokens) may get its first on a step to skip.
+            # The trainable parameters still without state are remembered, so that a model with
+            # one that never gets a gradient (an unused head) checks that one per step, not all.
             state = opt.state
-            params = [p for g in opt.param_groups for p in g["params"]]
-            if any(p.grad is not None and not state.get(p) for p in params):
+            missing = self._fused_missing
+            if missing is None:
+                missing = [p for g in opt.param_groups for p in g["params"]]
+            if any(p.grad is not None and not state.get(p) for p in missing):
                 return False
-            self._fused_state_ready = all(state.get(p) or not p.requires_grad for p in params)
+            self._fused_missing = [p for p in missing if p.requires_grad and not state.get(p)]
+            self._fused_state_ready = not self._fused_missing
         return True
 
     def _fused_step(self, replay, found_inf, divisor, loss_scaled: bool = False) -> None:
@@ -623,6 +633,7 @@ class GradGuard(torch.optim.Optimizer):
         # Names and the layout are cached by position: a new plan names its parameters afresh.
         self._name_list = self._layout_cache = None
         self._fused_state_ready = False  # new parameters may have no state yet
+        self._fused_missing = None
         params = self._params()
         if self.process_group is not None:  # every rank, one holding no parameter too
             _distributed.check_same_count(len(params), self.process_group, params[0].device if params else None,
@@ -1035,6 +1046,7 @@ class GradGuard(torch.optim.Optimizer):
             self._check_guard_state(guard)
         self.optimizer.load_state_dict(sd)
         self._fused_state_ready = False  # the loaded state may cover fewer parameters
+        self._fused_missing = None
         if guard is not None:
             self._load_guard_state(guard)
         for hook in self._optimizer_load_state_dict_post_hooks.values():

@@ -20,7 +20,7 @@ class StepReport:
     (1 when it did not clip or was skipped). ``names`` are the parameters' names (``param[i]``
     without ``model=``/``names=``); ``step`` counts guarded steps from 1 (a host int; on a guard
     that was ever captured in a CUDA graph the host cannot count the replays, and ``step`` is read
-    from the device, with the other host views).
+    from the device at each look).
     ``amp_overflow`` (0-dim bool): GradScaler reported a loss-scale overflow; the step was
     skipped, and it does not count toward ``max_consecutive_skips``.
 
@@ -60,7 +60,9 @@ class StepReport:
             from gradguard import optim  # noqa: PLC0415  (optim imports this module)
             if optim._capturing(self.scalars.device):
                 return self._capture_step
-        return int(self._fetch()["rows"]) + self._step_offset
+        # Read afresh (one value, not the cached host views): a captured step's report holds the
+        # latest replay's number (and, before its first replay, memory the capture never wrote).
+        return int(self.scalars[8]) + self._step_offset
 
     @property
     def total_norm(self) -> torch.Tensor:
@@ -103,7 +105,7 @@ class StepReport:
         if self._host is None:
             n = self.norms.numel()
             packed = torch.cat([self.norms.to(torch.float64), self.nan_count.to(torch.float64),
-                                self.inf_count.to(torch.float64), self.amax.to(torch.float64), self.scalars])
+                                self.inf_count.to(torch.float64), self.amax.to(torch.float64), self.scalars[:5]])
             flat = packed.tolist()
             nan = [int(v) for v in flat[n:2 * n]]
             inf = [int(v) for v in flat[2 * n:3 * n]]
@@ -114,7 +116,6 @@ class StepReport:
                 "inf": inf,
                 "amax": flat[3 * n:4 * n],
                 "scalars": flat[4 * n:4 * n + 5],
-                "rows": flat[4 * n + 8],
             }
         return self._host
 

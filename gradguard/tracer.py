@@ -400,9 +400,11 @@ class NanTracer:
             consumers = [c.name for c in site.consumers]
             where, submodule = "gradient", None
             if consumers:
-                # The innermost module that took the tensor: the outer ones only passed it on (the
-                # model itself, named "" like the loss, when the input requires grad).
-                module = max(site.consumers, key=_depth).name
+                # The first module that took the tensor itself, not only passed it on to one that
+                # did (the model, named "" like the loss, when the input requires grad): consumers
+                # that are an ancestor of another are left out.
+                passed_on = {id(a) for c in site.consumers for a in _ancestors(c)}
+                module = next(c for c in site.consumers if id(c) not in passed_on).name
             elif site.producer is not None and site.producer.parent is not None and not site.model_output:
                 # No module took the tensor: the code of the producer's parent did. When that
                 # parent is the model itself, its name is "" like the loss's: say which it is.
@@ -538,11 +540,10 @@ class _nullctx:
         return False
 
 
-def _depth(frame) -> int:
-    n = 0
+def _ancestors(frame):
     while frame.parent is not None:
-        frame, n = frame.parent, n + 1
-    return n
+        frame = frame.parent
+        yield frame
 
 
 def _min_max(t: torch.Tensor):
