@@ -399,6 +399,27 @@ def scenario_process_group_uneven_params(rank, world):
     return out
 
 
+def scenario_process_group_plain_grad_scaler(rank, world):
+    """process_group= shards with a plain GradScaler, an Inf in rank 0's gradient at step 1: the
+    guard keeps GradScaler's contract there, so its global statistics skip the step on both ranks
+    (without the contract GradScaler skipped rank 0 alone, and rank 1 waited in the guard's
+    collective)."""
+    torch.manual_seed(rank)
+    ps = [torch.nn.Parameter(torch.randn(4, dtype=torch.float32)) for _ in range(2)]
+    opt = gradguard.GradGuard(torch.optim.SGD(ps, lr=0.1), max_norm=1e9, process_group=dist.group.WORLD)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    skipped = []
+    for step in range(4):
+        opt.zero_grad()
+        scaler.scale(sum((p * p).sum() for p in ps)).backward()
+        if step == 1 and rank == 0:
+            ps[0].grad[0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        skipped.append(bool(opt.last.skipped))
+    return {"skipped": skipped, "steps": opt.summary()["steps"], "contract": opt._step_supports_amp_scaling}
+
+
 def scenario_zero_missing_grad(rank, world):
     """ZeroRedundancyOptimizer inside the guard without DDP, a branch used on rank 0 only: its
     parameters have no gradient on rank 1, and the ranks' combined statistics must still have
@@ -498,6 +519,7 @@ def run_all(rank, world) -> dict:
         "pg_missing_grad": scenario_process_group_missing_grad(rank, world),
         "fsdp1_sharded_scaler": scenario_fsdp1_sharded_grad_scaler(rank, world),
         "pg_uneven_params": scenario_process_group_uneven_params(rank, world),
+        "pg_plain_scaler": scenario_process_group_plain_grad_scaler(rank, world),
         "zero_ddp": scenario_zero(rank, world, counter, with_ddp=True),
         "zero_plain": scenario_zero(rank, world, counter, with_ddp=False),
         "zero_missing_grad": scenario_zero_missing_grad(rank, world),

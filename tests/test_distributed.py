@@ -228,3 +228,10 @@ def test_process_group_ranks_holding_different_parameter_counts_are_refused_on_e
         for held, d in r["pg_uneven_params"].items():
             want = f"hold {list(held)} parameters"
             assert d["error"] is not None and want in d["error"] and d["untouched"], (held, d)
+
+
+def test_process_group_with_a_plain_grad_scaler_skips_on_every_rank(runs):
+    ranks, _ = runs
+    for r in ranks:
+        d = r["pg_plain_scaler"]
+        assert d["contract"] and d["steps"] == 4 and d["skipped"] == [False, True, False, False], d
