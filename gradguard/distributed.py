@@ -85,6 +85,12 @@ def _group_ranks(group) -> tuple[int, ...]:
     return hit[1]
 
 
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    # all_gather_single where torch has it (2.13's all_gather_into_tensor warns that it is
+    # deprecated); older torch has only all_gather_into_tensor.
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp, group=group)
+
+
 def check_same_count(n: int, group, device, where: str) -> None:
     """Refuses ranks of `group` that hold different numbers of parameters: the statistics are
     gathered by position, so a rank with fewer entries made gloo abort on another rank and the
@@ -97,8 +103,7 @@ def check_same_count(n: int, group, device, where: str) -> None:
                   else torch.device("cpu"))
     mine = torch.tensor([n], dtype=torch.int64, device=device)
     every = mine.new_empty(world)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(every, mine, group=group)
+    _all_gather(every, mine, group=group)
     counts = every.tolist()
     if len(set(counts)) > 1:
         raise ValueError(f"{where}: with process_group= every rank must hold the same parameters, in the same order "
@@ -284,10 +289,7 @@ def reduce_raw(raw, plan: Plan, p: float):
     world = len(_group_ranks(plan.group))
     # Rank-major along dim 0 ([W * 4, n]), the shape every backend accepts (gloo refuses [W, 4, n]).
     gathered = packed.new_empty((world * packed.shape[0], packed.shape[1]))
-    # all_gather_single where torch has it (2.13's all_gather_into_tensor warns that it is
-    # deprecated); older torch has only all_gather_into_tensor.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, packed.contiguous(), group=plan.group)
+    _all_gather(gathered, packed.contiguous(), group=plan.group)
     gathered = gathered.view(world, *packed.shape)
     contrib, is_max = _masks(plan, packed.device)
     acc, nan, inf, amax = combine(gathered, contrib, is_max, p)

@@ -65,14 +65,15 @@ class GuardState:
             h._device_numbered = True
         if h._device_numbered:
             return None
-        step = h._count + self._steps_offset + 1
+        step = self.capture_time_step()
         h.note(step)
         return step
 
     def capture_time_step(self) -> int:
-        """What a step captured now is numbered while the capture runs (a step hook reading
-        ``report.step`` cannot read the device then): the host's last known count plus one, which
-        its first replay gets when no replay of another graph ran since the host last read."""
+        """The next step's number as the host knows it: a host-numbered step's, and what a step
+        captured now is numbered while the capture runs (a step hook reading ``report.step``
+        cannot read the device then), which its first replay gets when no replay of another
+        graph ran since the host last read."""
         return self.history._count + self._steps_offset + 1
 
     def mark_last_skipped(self, prev_streak: torch.Tensor, counted_nonfinite: bool) -> None:

@@ -291,7 +291,7 @@ def _sqrt_derivative(input, eps, g):
     return torch.where(keep, g / (2 * torch.sqrt(torch.where(keep, input, 1.0))), 0.0)
 
 
-def _div_parts(input, other, eps):
+def _div_parts(other, eps):
     guard = other.abs() <= _bound(other, eps)
     b = torch.where(guard, 1.0, other)
     return guard, b
@@ -366,7 +366,7 @@ class _SafeDivComposite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         input, other = ctx.saved_tensors
-        guard, b = _div_parts(input, other, ctx.eps)
+        guard, b = _div_parts(other, ctx.eps)
         grad_input = torch.where(guard, 0.0, grad / b)
         grad_other = torch.where(guard, 0.0, -grad * ((input / b) / b))
         return grad_input.sum_to_size(input.shape), grad_other.sum_to_size(other.shape), None, None
@@ -467,7 +467,7 @@ class _SafeDivTransformable(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_input, t_other, *_):
         input, other = ctx.saved_tensors
-        guard, b = _div_parts(input, other, ctx.eps)
+        guard, b = _div_parts(other, ctx.eps)
         out = torch.zeros((), dtype=input.dtype, device=input.device)
         if t_input is not None:
             out = out + t_input / b
