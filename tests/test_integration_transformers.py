@@ -225,7 +225,7 @@ def test_a_train_that_raised_is_undone_by_the_next(tmp_path):
     trainer, cb, plant = make_trainer(tmp_path, 4, cb=cb)
     with pytest.raises(NonFiniteGradError):
         trainer.train()
-    assert trainer.args.max_grad_norm == 0.0  # still taken over: nothing gave it back
+    assert trainer.args.max_grad_norm == 1.0  # never taken: a save now still writes the user's
     plant.bad = -1
     trainer.train()  # saves checkpoint-4
     assert cb.guard.max_norm == 1.0 and trainer.args.max_grad_norm == 1.0
@@ -254,8 +254,59 @@ def test_a_trainer_whose_optimizer_is_already_a_guard_is_refused(tmp_path):
 
 
 def test_checkpoints_keep_the_users_max_grad_norm(tmp_path):
-    # The callback runs with max_grad_norm = 0 (it owns clipping); checkpoints saved it so, and a
-    # run resumed from their training_args.bin never clipped.
+    # The callback once ran with max_grad_norm = 0 (it owns clipping); checkpoints saved it so, and
+    # a run resumed from their training_args.bin never clipped.
     trainer, cb, _ = run(tmp_path, max_steps=4, bad=-1, cb=GradGuardCallback(), max_grad_norm=0.7)
     saved = torch.load(tmp_path / "out" / "checkpoint-4" / "training_args.bin", weights_only=False)
     assert saved.max_grad_norm == 0.7 and trainer.args.max_grad_norm == 0.7
+
+
+class SaveModelAt(transformers.TrainerCallback):
+    """Calls trainer.save_model() in the middle of the run, as a user's callback may."""
+
+    def __init__(self, at, out):
+        self.at, self.out, self.trainer = at, out, None
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            self.trainer.save_model(str(self.out))
+
+
+def test_save_model_during_the_run_keeps_the_users_max_grad_norm(tmp_path):
+    # save_model() writes training_args.bin too; called mid-run it wrote max_grad_norm = 0 (the
+    # checkpoint wrapper alone put the user's value back).
+    trainer, cb, _ = make_trainer(tmp_path, 3, bad=-1, cb=GradGuardCallback(), max_grad_norm=0.7, save_strategy="no")
+    saver = SaveModelAt(2, tmp_path / "mid")
+    saver.trainer = trainer
+    trainer.add_callback(saver)
+    trainer.train()
+    saved = torch.load(tmp_path / "mid" / "training_args.bin", weights_only=False)
+    assert saved.max_grad_norm == 0.7
+    assert cb.guard.max_norm == 0.7
+
+
+class ClipCall(transformers.TrainerCallback):
+    def __init__(self, max_norm):
+        self.max_norm, self.trainer, self.got = max_norm, None, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.got = self.trainer.accelerator.clip_grad_norm_(self.trainer.model.parameters(), self.max_norm)
+
+
+def test_trainers_own_clip_calls_get_the_guards_norm_and_others_are_refused(tmp_path):
+    # args.max_grad_norm is left as it is, so Trainer calls accelerator.clip_grad_norm_ with it:
+    # that call (and one with inf) must not clip (the guard does); another max_norm is refused.
+    trainer, cb, plant = make_trainer(tmp_path, 2, bad=-1, cb=GradGuardCallback(), max_grad_norm=0.7, save_strategy="no")
+    call = ClipCall(0.7)
+    call.trainer = trainer
+    trainer.add_callback(call)
+    trainer.train()
+    assert call.got.dtype == torch.float32 and call.got.item() == pytest.approx(plant.ref_norms[2], rel=1e-5)
+    assert train_logs(trainer)[2]["grad_norm"] == call.got.item()  # Trainer's own call was filled too
+    assert train_logs(trainer)[2]["grad/clip_coef"] == pytest.approx(ref_clip_coef(plant.ref_norms[2], 0.7), rel=1e-5)
+    trainer, cb, plant = make_trainer(tmp_path, 2, bad=-1, cb=GradGuardCallback(), max_grad_norm=0.7, save_strategy="no")
+    call = ClipCall(0.5)
+    call.trainer = trainer
+    trainer.add_callback(call)
+    with pytest.raises(RuntimeError, match=r"clip_grad_norm_\(max_norm=0.5\) was called while the guard owns clipping"):
+        trainer.train()

@@ -13,12 +13,14 @@ passes no trainer):
   parameter names (re-pointing Accelerate's GradScaler step patch at the guard; under
   ``fp16=True`` ``scaler.step`` hands the guard the loss scale and the scaler's flag);
 - takes over the clipping: ``args.max_grad_norm`` (HF's default is 1.0) becomes the guard's
-  ``max_norm`` unless the callback was given one, and is set to 0 for the run (restored at the
-  end);
+  ``max_norm`` unless the callback was given one. ``args`` itself is left as it is (so
+  ``training_args.bin``, written by checkpoints and ``save_model``, keeps it, also after a
+  ``train()`` that raised);
 - replaces ``trainer.accelerator.clip_grad_norm_`` (this trainer's Accelerator instance only) by a
-  function that leaves the gradients alone and returns a 0-dim tensor the guard fills with its
-  total norm after the step, so Trainer's own ``grad_norm`` log is the guard's raw pre-clip norm
-  (read by Trainer at its logging steps only).
+  function that, for Trainer's own calls (``max_norm`` = ``args.max_grad_norm`` or ``inf``),
+  leaves the gradients alone and returns a 0-dim tensor the guard fills with its total norm after
+  the step, so Trainer's own ``grad_norm`` log is the guard's raw pre-clip norm (read by Trainer
+  at its logging steps only); a call with another ``max_norm`` is refused.
 
 Gradient accumulation needs nothing more: Trainer steps the optimizer once per accumulated step.
 The guard's state rides in ``trainer_state.json`` (``stateful_callbacks["gradguard"]``, written
@@ -32,8 +34,7 @@ optimizer without the guard). Logged at Trainer's logging steps, merged into the
 log Trainer writes there (``trainer.log`` of this trainer is wrapped for the run, so
 ``state.log_history`` and every ``report_to`` integration get them next to ``loss`` and ``grad_norm``): ``grad/total_norm``,
 ``grad/clip_coef``, ``grad/skipped``, ``grad/skipped_total`` and, for each bad step since the last
-log, ``grad/nonfinite/<parameter name> = 1`` (also in ``callback.bad_steps``). Checkpoints written
-during the run keep the user's ``max_grad_norm`` in ``training_args.bin``. Refused: DeepSpeed,
+log, ``grad/nonfinite/<parameter name> = 1`` (also in ``callback.bad_steps``). Refused: DeepSpeed,
 FSDP and XLA, whose clipping and optimizers are their own, and a Trainer whose optimizer is
 already a ``GradGuard`` (use the callback or your own guard, not both).
 """
@@ -76,8 +77,9 @@ class GradGuardCallback(transformers.TrainerCallback):
         self.guard: GradGuard | None = None
         self._log = BadStepLog()
         self._trainer = None
-        self._restore = None
-        self._norm_out = None
+        self._accelerator_clip = None
+        self._trainer_max_norm = None
+        self._norm_outs: list[torch.Tensor] = []
         self._last_report = None
         self._pending_logs = None
         self._trainer_log = None
@@ -93,7 +95,7 @@ class GradGuardCallback(transformers.TrainerCallback):
         # our own wrapper would recurse, and the stale one would overwrite the saved state).
         stale = getattr(trainer.__dict__.get("log"), "__self__", None)
         if isinstance(stale, GradGuardCallback):
-            stale._undo(args)
+            stale._undo()
         accelerator = trainer.accelerator
         kind = str(accelerator.distributed_type).split(".")[-1]
         if kind in ("DEEPSPEED", "FSDP", "XLA"):
@@ -136,8 +138,12 @@ class GradGuardCallback(transformers.TrainerCallback):
             load_guard_state_json(guard, saved, device)
 
         self._trainer = trainer
-        self._restore = (args.max_grad_norm, accelerator.__dict__.get("clip_grad_norm_"))
-        args.max_grad_norm = 0.0
+        self._norm_outs = []
+        # Trainer clips with args.max_grad_norm when it is > 0: that call (and its inf call when
+        # it is 0) gets the guard's norm instead. args stays untouched, so that everything that
+        # saves it (checkpoints, save_model, a save after a train() that raised) keeps the user's.
+        self._trainer_max_norm = args.max_grad_norm
+        self._accelerator_clip = accelerator.__dict__.get("clip_grad_norm_")
         accelerator.clip_grad_norm_ = self._clip_grad_norm
         self._trainer_log = trainer.log
         trainer.log = self._log_with_guard
@@ -148,26 +154,22 @@ class GradGuardCallback(transformers.TrainerCallback):
         trainer._save_checkpoint = self._save_checkpoint_with_guard
 
     def _clip_grad_norm(self, parameters, max_norm, norm_type=2):
-        if max_norm is not None and math.isfinite(max_norm) and max_norm > 0:
+        if (max_norm is not None and math.isfinite(max_norm) and max_norm > 0
+                and max_norm != self._trainer_max_norm):
             raise RuntimeError(f"{_WHERE}: accelerator.clip_grad_norm_(max_norm={max_norm}) was called while the "
                                "guard owns clipping; pass max_norm to GradGuardCallback instead")
         # Trainer only wants the norm for its log: the guard's, once the step has run.
         device = next((p.device for p in parameters), torch.device("cpu"))
-        self._norm_out = torch.full((), math.nan, dtype=torch.float32, device=device)
-        return self._norm_out
+        # Every call of the step gets the norm (a user's callback may ask too, after Trainer).
+        out = torch.full((), math.nan, dtype=torch.float32, device=device)
+        self._norm_outs.append(out)
+        return out
 
     def _save_checkpoint_with_guard(self, *args, **kwargs):
         if self.guard is None or self._trainer is None:
             return self._trainer_save(*args, **kwargs)
         self._trainer.state.stateful_callbacks[STATE_KEY] = guard_state_json(self.guard)
-        # The checkpoint's training_args.bin gets the user's max_grad_norm, not the 0 the callback
-        # runs with: resumed from those arguments, the run turned clipping off.
-        run_args = self._trainer.args
-        run_args.max_grad_norm = self._restore[0]
-        try:
-            return self._trainer_save(*args, **kwargs)
-        finally:
-            run_args.max_grad_norm = 0.0
+        return self._trainer_save(*args, **kwargs)
 
     def _on_step(self, guard, report) -> None:
         # A skipped step is an optimizer step that did not happen: tell Accelerate, so that
@@ -180,11 +182,9 @@ class GradGuardCallback(transformers.TrainerCallback):
             acc_opt._is_overflow = skipped
             if getattr(acc_opt, "scaler", None) is not None:
                 acc_opt._accelerate_step_called = not skipped
-        if self._norm_out is not None:
-            if self._norm_out.device != report.total_norm.device:
-                self._norm_out = self._norm_out.to(report.total_norm.device)
-            self._norm_out.copy_(report.total_norm)
-            self._norm_out = None
+        for out in self._norm_outs:
+            out.copy_(report.total_norm)  # across devices too: Trainer holds this very tensor
+        self._norm_outs = []
         self._last_report = report
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -217,14 +217,13 @@ class GradGuardCallback(transformers.TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._log.flush()
-        self._undo(args)
+        self._undo()
 
-    def _undo(self, args) -> None:
-        """Gives back what on_train_begin took over: max_grad_norm, Accelerate's clipping, and
-        this trainer's log and _save_checkpoint."""
+    def _undo(self) -> None:
+        """Gives back what on_train_begin took over: Accelerate's clipping, and this trainer's
+        log and _save_checkpoint."""
         if self._trainer is not None:
-            max_grad_norm, clip = self._restore
-            args.max_grad_norm = max_grad_norm
+            clip = self._accelerator_clip
             if clip is None:
                 self._trainer.accelerator.__dict__.pop("clip_grad_norm_", None)
             else:
