@@ -48,8 +48,12 @@ class GuardState:
             counters, self.layer_nonfinite, self.layer_max_norm = (
                 t.to(device) for t in (self.counters, self.layer_nonfinite, self.layer_max_norm))
             self._set_counters(counters)
-        grow = count - self.layer_nonfinite.numel()
-        if grow > 0:
+        self.grow(count)
+
+    def grow(self, count: int) -> None:
+        """Zero totals for parameters added since (add_param_group appends them last)."""
+        grow = count - (0 if self.layer_nonfinite is None else self.layer_nonfinite.numel())
+        if self.counters is not None and grow > 0:
             self.layer_nonfinite = torch.cat([self.layer_nonfinite, self.layer_nonfinite.new_zeros(grow)])
             self.layer_max_norm = torch.cat([self.layer_max_norm, self.layer_max_norm.new_zeros(grow)])
 

@@ -451,7 +451,12 @@ class GradGuard(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         self.optimizer.add_param_group(param_group)
-        self._check_params(self._params())
+        params = self._params()
+        self._check_params(params)
+        # Now, not at the next step: a checkpoint saved in between is for every parameter (its
+        # totals were one group short, and no guard, this one included, could load it).
+        with torch.inference_mode(False):
+            self._state.grow(len(params))
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups, which here live in the inner
     # optimizer: keep the whole guard instead (minus the weak references of the hygiene check, and
@@ -480,6 +485,11 @@ class GradGuard(torch.optim.Optimizer):
         if (isinstance(inner, torch.optim.Optimizer) and inner.param_groups
                 and all(g.get("fused") for g in inner.param_groups)):
             inner._step_supports_amp_scaling = True
+        # Likewise a copied LBFGS lost what its __init__ set (torch's own copies fail the same way
+        # at their first step: no attribute '_params').
+        if isinstance(inner, torch.optim.LBFGS) and not hasattr(inner, "_params"):
+            inner._params = inner.param_groups[0]["params"]
+            inner._numel_cache = None
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
@@ -1039,6 +1049,9 @@ class GradGuard(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        if isinstance(state_dict, dict) and "param_groups" not in state_dict and "version" in state_dict:
+            raise ValueError("gradguard.GradGuard.load_state_dict: this is a guard_state_dict() (the guard's own "
+                             "state, without the optimizer's); load it with load_guard_state_dict()")
         sd = dict(state_dict)
         guard = sd.pop("gradguard", None)
         self._drop_scaler_attrs()  # a scale and flag from before the checkpoint mean nothing now
@@ -1074,16 +1087,24 @@ class GradGuard(torch.optim.Optimizer):
 
     def load_guard_state_dict(self, guard: dict) -> None:
         """Loads a ``guard_state_dict()`` (the inner optimizer's state is left as it is)."""
+        if isinstance(guard, dict) and "param_groups" in guard and "version" not in guard:
+            raise ValueError("gradguard.GradGuard.load_guard_state_dict: this is a full state_dict() (the "
+                             "optimizer's state with the guard's under 'gradguard'); load it with load_state_dict(), "
+                             "or pass state_dict['gradguard']")
         self._check_guard_state(guard, "gradguard.GradGuard.load_guard_state_dict")
         self._load_guard_state(guard)
 
     def _load_guard_state(self, guard: dict) -> None:
-        if self.spike is not None:
-            if guard["spike"] is not None:
-                self.spike.load_state_dict(guard["spike"])
-            else:  # a checkpoint without spike state: the policy starts afresh, as documented
-                self.spike._state = None
-        self._state.load_state_dict(guard)
+        # Loaded under inference_mode (a restore helper decorated with it), the copies made here
+        # were inference tensors: the steps' in-place updates refused them (fallback) or wrote
+        # into them (extension). As in step(), the guard's own tensors are normal ones.
+        with torch.inference_mode(False):
+            if self.spike is not None:
+                if guard["spike"] is not None:
+                    self.spike.load_state_dict(guard["spike"])
+                else:  # a checkpoint without spike state: the policy starts afresh, as documented
+                    self.spike._state = None
+            self._state.load_state_dict(guard)
         self._tracker = ClearTracker()
 
     def _check_guard_state(self, guard: dict, where: str = "gradguard.GradGuard.load_state_dict") -> None:

@@ -355,3 +355,84 @@ def test_consolidate_state_dict_reaches_the_inner_optimizer():
     assert not hasattr(plain, "consolidate_state_dict")
     with pytest.raises(AttributeError, match="consolidate_state_dict"):
         plain.consolidate_state_dict()
+
+
+def test_a_checkpoint_saved_after_add_param_group_before_a_step_loads():
+    # The per-parameter totals grew only at the next step: a checkpoint saved in between held
+    # one group's worth and no guard, the one that wrote it included, could load it.
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    opt = GradGuard(torch.optim.SGD(a.parameters(), lr=0.1), max_norm=1.0)
+    for i in range(2):
+        opt.zero_grad()
+        a(_batch(i)[0][:, :4]).sum().backward()
+        opt.step()
+    opt.add_param_group({"params": list(b.parameters())})
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert saved["gradguard"]["layer_nonfinite"].tolist() == [0, 0, 0, 0]
+    opt.load_state_dict(saved)
+    a2, b2 = copy.deepcopy(a), copy.deepcopy(b)
+    opt2 = GradGuard(torch.optim.SGD(a2.parameters(), lr=0.1), max_norm=1.0)
+    opt2.add_param_group({"params": list(b2.parameters())})
+    opt2.load_state_dict(saved)
+    for m, o in ((a, opt), (a2, opt2)):  # both go on: the new group's totals start at zero
+        for i in range(2, 4):
+            o.zero_grad()
+            head = b if o is opt else b2
+            head(m(_batch(i)[0][:, :4])).sum().backward()
+            o.step()
+    assert opt2.summary() == opt.summary()
+    assert _tensors_equal(opt2.state_dict(), opt.state_dict())
+
+
+def test_a_checkpoint_loaded_under_inference_mode_keeps_training():
+    # A restore helper decorated with torch.inference_mode(): the guard's loaded state were
+    # inference tensors, which the fallback's in-place updates refused at the next step.
+    model, opt = _build("adamw_foreach", "zscore")
+    _train(model, opt, range(4))
+    saved = copy.deepcopy(opt.state_dict())  # torch's optimizers load their state without copying it
+    model2, opt2 = _build("adamw_foreach", "zscore")
+    with torch.inference_mode():
+        model2.load_state_dict(model.state_dict())
+        opt2.load_state_dict(saved)
+    state = opt2.guard_state_dict()
+    tensors = [t for t in (state["totals"], state["consecutive"], state["layer_nonfinite"], state["layer_max_norm"],
+                           opt2._state.counters, opt2.history._values)]
+    tensors += [v for v in state["spike"].values() if isinstance(v, torch.Tensor)]
+    assert not any(t.is_inference() for t in tensors)
+    _train(model, opt, range(4, 7))
+    _train(model2, opt2, range(4, 7))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert opt2.summary() == opt.summary()
+
+
+def test_the_two_load_functions_name_each_others_input():
+    model, opt = _build("sgd_momentum", None)
+    _train(model, opt, range(2))
+    with pytest.raises(ValueError, match=r"this is a guard_state_dict\(\).*load_guard_state_dict"):
+        opt.load_state_dict(opt.guard_state_dict())
+    with pytest.raises(ValueError, match=r"this is a full state_dict\(\).*load_state_dict"):
+        opt.load_guard_state_dict(opt.state_dict())
+
+
+def test_a_copied_lbfgs_guard_steps():
+    # torch's Optimizer pickling drops what LBFGS.__init__ set: the copy failed at its first step.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = GradGuard(torch.optim.LBFGS([p], max_iter=2), max_norm=10.0)
+    clone = copy.deepcopy(opt)
+    q = clone.param_groups[0]["params"][0]
+
+    def closure():
+        clone.zero_grad()
+        loss = (q * q).sum()
+        loss.backward()
+        return loss
+
+    before = q.detach().clone()
+    clone.step(closure)
+    assert not torch.equal(q.detach(), before) and torch.equal(p.detach(), before)
