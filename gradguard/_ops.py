@@ -91,6 +91,10 @@ def _check_one_device(op: str, tensors, scale=None) -> None:
 def _multi_tensor_stats_fake(tensors, norm_type):
     torch._check(len(tensors) > 0, lambda: "gradguard.multi_tensor_stats: `tensors` must not be empty")
     _check_one_device("multi_tensor_stats", tensors)
+    torch._check_not_implemented(
+        tensors[0].dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        lambda: f"gradguard.multi_tensor_stats: dtype {tensors[0].dtype} is not supported; the op takes float16, "
+                "bfloat16, float32 and float64 tensors")
     n = len(tensors)
     t0 = tensors[0]
     return (

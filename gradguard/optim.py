@@ -308,6 +308,7 @@ class GradGuard(torch.optim.Optimizer):
         self._plan = None              # the parameters' layout, found once (see _current_plan)
         self._fused_state_ready = False  # every parameter with a gradient has fused-step state
         self._fused_missing = None       # trainable parameters without it (see _fused_ready)
+        self._fused_state_seen = None    # (id, len) of the inner state when it was complete
         self._tracker = ClearTracker()
         self._warned = set()
 
@@ -450,6 +451,14 @@ class GradGuard(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict) and "params" in param_group:
+            # Checked before it is added: refused after, the group stayed in the optimizer.
+            new = param_group["params"]
+            if not isinstance(new, (torch.Tensor, set)):
+                new = param_group["params"] = list(new)  # a generator is read once; torch makes it a list too
+            new = [new] if isinstance(new, torch.Tensor) else list(new)
+            new = [q[1] if isinstance(q, tuple) and len(q) == 2 else q for q in new]  # (name, param) pairs
+            self._check_params(self._params() + [q for q in new if isinstance(q, torch.Tensor)])
         self.optimizer.add_param_group(param_group)
         params = self._params()
         self._check_params(params)
@@ -475,6 +484,7 @@ class GradGuard(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_fused_missing", None)  # pickled before it existed
+        self.__dict__.setdefault("_fused_state_seen", None)
         self._tracker = ClearTracker()
         self._patch_step_function()
         # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups: a copied
@@ -539,7 +549,13 @@ class GradGuard(torch.optim.Optimizer):
                 if g["momentum"] != 0 and any(
                         p.grad is not None and "momentum_buffer" not in opt.state.get(p, {}) for p in g["params"]):
                     return False
-        elif not self._fused_state_ready:
+            return True
+        state = opt.state
+        if self._fused_state_ready and self._fused_state_seen != (id(state), len(state)):
+            # The state was emptied or replaced since it was complete (opt.state.clear() to reset
+            # the moments): a skipped step would create it again. Look again.
+            self._fused_state_ready, self._fused_missing = False, None
+        if not self._fused_state_ready:
             # Fused Adam/AdamW create their state (zero moments, step 0) before the kernel sees
             # found_inf: a skipped first step would leave state where there was none. Until every
             # parameter with a gradient has its state, decide on the host (one read, first steps
@@ -548,7 +564,6 @@ class GradGuard(torch.optim.Optimizer):
             # no tokens) may get its first on a step to skip.
             # The trainable parameters still without state are remembered, so that a model with
             # one that never gets a gradient (an unused head) checks that one per step, not all.
-            state = opt.state
             missing = self._fused_missing
             if missing is None:
                 missing = [p for g in opt.param_groups for p in g["params"]]
@@ -556,6 +571,8 @@ class GradGuard(torch.optim.Optimizer):
                 return False
             self._fused_missing = [p for p in missing if p.requires_grad and not state.get(p)]
             self._fused_state_ready = not self._fused_missing
+            # Another count of entries, or another dict, from now on means: look again.
+            self._fused_state_seen = (id(state), len(state))
         return True
 
     def _fused_step(self, replay, found_inf, divisor, loss_scaled: bool = False) -> None:
@@ -645,6 +662,7 @@ class GradGuard(torch.optim.Optimizer):
         self._fused_state_ready = False  # new parameters may have no state yet
         self._fused_missing = None
         params = self._params()
+        self._check_params(params)  # a model converted in place since (model.to(torch.cfloat))
         if self.process_group is not None:  # every rank, one holding no parameter too
             _distributed.check_same_count(len(params), self.process_group, params[0].device if params else None,
                                           "gradguard.GradGuard")

@@ -349,6 +349,67 @@ def test_complex_params_are_refused_at_construction():
         GradGuard(torch.optim.SGD([p], lr=0.1), names=["w"])
 
 
+def test_a_model_converted_to_complex_after_construction_is_refused_untouched():
+    # The README: parameters converted in place are picked up at the next step. Converted to
+    # complex, the fallback's stats op read only the real parts: a NaN in an imaginary part went
+    # unseen and the step wrote it into the weight.
+    model = torch.nn.Linear(2, 1, bias=False)
+    opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0, model=model)
+    model.to(torch.cfloat)
+    model.weight.grad = torch.tensor([[3 + 4j, complex(0, math.nan)]], dtype=torch.cfloat)
+    before = model.weight.detach().clone()
+    with pytest.raises(TypeError, match=r"parameter 'weight' is complex"):
+        opt.step()
+    assert torch.equal(model.weight.detach(), before)
+
+
+def test_stats_op_refuses_complex_on_every_kernel():
+    z = torch.tensor([3 + 4j, complex(0, math.nan)], dtype=torch.cfloat)
+    with pytest.raises(NotImplementedError, match=r"dtype (torch.complex64|ComplexFloat) is not supported"):
+        torch.ops.gradguard.multi_tensor_stats([z], 2.0)
+    from gradguard.reference import stats as reference
+    with pytest.raises(NotImplementedError, match=r"dtype torch.complex64 is not supported"):
+        reference.multi_tensor_stats([z], 2.0)
+
+
+def test_add_param_group_refuses_a_complex_parameter_before_adding_it():
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = GradGuard(torch.optim.SGD([w], lr=0.1))
+    z = torch.nn.Parameter(torch.randn(3, dtype=torch.cfloat))
+    with pytest.raises(TypeError, match=r"is complex"):
+        opt.add_param_group({"params": (q for q in [z])})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [w]
+    w.grad = torch.ones(3)
+    opt.step()  # still steps: the refused parameter is not in the optimizer
+    assert torch.equal(w.detach(), opt.param_groups[0]["params"][0].detach())
+    v = torch.nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": (q for q in [v]), "lr": 1.0})  # a generator is read once, as torch reads it
+    assert opt.param_groups[1]["params"] == [v]
+
+
+def test_a_skipped_step_after_the_fused_state_was_cleared_creates_none(decide_on):
+    # opt.state.clear() (resetting Adam's moments) after the state had been complete: the guard
+    # still took it for complete, and on the device-decided path the skipped step called the fused
+    # step, which made fresh state before it saw found_inf.
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = GradGuard(torch.optim.AdamW([w], lr=1e-2, fused=True), hygiene=False)
+    for _ in range(2):
+        w.grad = torch.randn(3)
+        opt.step()
+    for reset in ("clear", "replace"):
+        if reset == "clear":
+            opt.state.clear()
+        else:
+            opt.optimizer.state = type(opt.optimizer.state)(dict)
+        w.grad = torch.full((3,), math.nan)
+        before = w.detach().clone()
+        opt.step()
+        assert bool(opt.last.skipped) and len(opt.optimizer.state) == 0 and torch.equal(w.detach(), before)
+        w.grad = torch.randn(3)
+        opt.step()  # a good step makes the state again
+        assert set(opt.optimizer.state[w]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
 def _sparse_pair(optimizer):
     torch.manual_seed(0)
     a = torch.nn.Embedding(10, 4, sparse=True)

@@ -246,6 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cp
     TORCH_CHECK(t.layout() == at::kStrided, "gradguard.multi_tensor_stats: tensors[", i,
                 "] is not a strided (dense) tensor; pass the values of a sparse tensor instead");
   }
+  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(dtype), "gradguard.multi_tensor_stats: dtype ", dtype,
+                              " is not supported; the op takes float16, bfloat16, float32 and float64 tensors");
   // The list is not copied: a copy would bump and drop a reference count per tensor.
   const int64_t n = static_cast<int64_t>(tensors.size());
   auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);

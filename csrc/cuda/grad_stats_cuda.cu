@@ -379,6 +379,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cu
     TORCH_CHECK(t.layout() == at::kStrided, "gradguard.multi_tensor_stats: tensors[", i,
                 "] is not a strided (dense) tensor; pass the values of a sparse tensor instead");
   }
+  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(dtype), "gradguard.multi_tensor_stats: dtype ", dtype,
+                              " is not supported; the op takes float16, bfloat16, float32 and float64 tensors");
   TORCH_CHECK(tensors.size() < static_cast<size_t>(std::numeric_limits<int32_t>::max()),
               "gradguard.multi_tensor_stats: too many tensors");
   const c10::cuda::CUDAGuard guard(device);

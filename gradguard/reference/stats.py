@@ -283,6 +283,9 @@ def _cpu_pieces_parallel(pieces, size: int, p: float):
     return out
 
 
+_OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def multi_tensor_stats(tensors: list[torch.Tensor], norm_type: float):
     """Per tensor: acc = sum over finite elements of (|x| / amax)^p (0 when amax is 0; for
     p = inf, 1 when amax > 0), NaN count, Inf count, and amax, the largest finite |x|. Returns
@@ -304,6 +307,11 @@ def multi_tensor_stats(tensors: list[torch.Tensor], norm_type: float):
         if t.layout != torch.strided:
             raise RuntimeError(f"gradguard.multi_tensor_stats: tensors[{i}] is not a strided (dense) tensor; "
                                "pass the values of a sparse tensor instead")
+    if tensors[0].dtype not in _OP_DTYPES:
+        # As the C++ kernels: a complex tensor read as real here lost its imaginary part (a NaN
+        # there went unseen).
+        raise NotImplementedError(f"gradguard.multi_tensor_stats: dtype {tensors[0].dtype} is not supported; the op "
+                                  "takes float16, bfloat16, float32 and float64 tensors")
     n = len(tensors)
     f64 = dict(dtype=torch.float64, device=device)
     rows = None
