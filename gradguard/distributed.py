@@ -4,6 +4,9 @@ any hand-rolled sharding (``process_group=``), and the collective skip decision 
 Each gradient entry is reduced in one of three ways:
 
 - ``local``: nothing to reduce (a plain tensor, a ``Replicate`` DTensor, a DDP gradient);
+  a ``Partial`` DTensor (tensor parallel with sequence parallelism leaves the norm layers'
+  gradients so) is first reduced to ``Replicate`` (DTensor's all-reduce, as the optimizer's
+  first op on it would do), and the caller may keep the reduced gradient;
 - ``sum`` over the ranks that hold the other shards of the same tensor (the ``Shard`` mesh
   dimensions of a DTensor, the ranks of ``process_group``): p-sums and NaN/Inf counts add up,
   amax takes the max. ``Replicate`` mesh dimensions are not reduced (no double counting);
@@ -137,28 +140,37 @@ def is_checkpoint_init_step(param_groups) -> bool:
 _mesh_cache: dict = {}
 
 
+_PARTIAL = object()  # _dtensor_ranks' answer for a DTensor to reduce first
+
+
 def _dtensor_ranks(t, where: str) -> tuple[tuple[int, ...] | None, list]:
     """The global ranks holding the other shards of DTensor `t` (None if it is replicated on
-    every mesh dimension) and the mesh-dimension groups that cover them."""
+    every mesh dimension) and the mesh-dimension groups that cover them; (_PARTIAL, None) for
+    a DTensor with a Partial placement (pending sums: reduce it first, see reduce_partial)."""
     mesh, placements = t.device_mesh, tuple(t.placements)
     key = (id(mesh), placements)
     hit = _mesh_cache.get(key)
     if hit is not None and hit[0] is mesh:
         return hit[1], hit[2]
     shard_dims = []
+    partial = False
     for d, pl in enumerate(placements):
         # _StridedShard (FSDP2 over a dimension tensor parallel already shards: a 2-D mesh) holds
         # its elements in another order, but on this mesh dimension it is a shard all the same,
         # and torch 2.13's is_shard() says False for it.
         if pl.is_shard() or type(pl).__name__ == "_StridedShard":
             shard_dims.append(d)
+        elif pl.is_partial():
+            partial = True
         elif not pl.is_replicate():
-            raise ValueError(f"{where} is a DTensor with placement {pl} on mesh dimension {d}: its statistics "
-                             "cannot be made global without reducing the values first; redistribute it to "
-                             "Shard or Replicate placements (e.g. grad.redistribute(placements=[Replicate()]))")
+            raise ValueError(f"{where} is a DTensor with placement {pl} on mesh dimension {d}, which gradguard does "
+                             "not know how to make global; redistribute it to Shard or Replicate placements "
+                             "(e.g. grad.redistribute(placements=[Replicate()]))")
     ranks = None
     groups = []
-    if shard_dims:
+    if partial:
+        ranks, groups = _PARTIAL, None
+    elif shard_dims:
         coord = mesh.get_coordinate()
         if coord is None:
             raise ValueError(f"{where} is a DTensor on a mesh this rank is not part of")
@@ -168,6 +180,15 @@ def _dtensor_ranks(t, where: str) -> tuple[tuple[int, ...] | None, list]:
     return ranks, groups
 
 
+def reduce_partial(t):
+    """DTensor `t` with its Partial placements reduced to Replicate (DTensor's all-reduce on
+    those mesh dimensions; Shard and Replicate dimensions kept). Its statistics are then global
+    by the usual rules, and the optimizer, handed it, reduces nothing again."""
+    from torch.distributed.tensor import Replicate
+
+    return t.redistribute(t.device_mesh, [Replicate() if pl.is_partial() else pl for pl in t.placements])
+
+
 def shard_ranks(mesh_ranks: torch.Tensor, coord: Sequence[int], shard_dims: Sequence[int]) -> tuple[int, ...]:
     """The global ranks of `mesh_ranks` (a device mesh's rank array) that share this rank's
     coordinate on every dimension not in `shard_dims`: the holders of the other shards."""
@@ -175,12 +196,16 @@ def shard_ranks(mesh_ranks: torch.Tensor, coord: Sequence[int], shard_dims: Sequ
     return tuple(int(r) for r in mesh_ranks[index].flatten().tolist())
 
 
-def localize(tensors: list, *, groups: Sequence | None = None, decide_group=None, names: Sequence[str] | None = None):
+def localize(tensors: list, *, groups: Sequence | None = None, decide_group=None, names: Sequence[str] | None = None,
+             reduced: dict | None = None):
     """Splits `tensors` into their local parts and the Plan that makes their statistics global.
 
     `groups[i]` (optional) is the process group plain tensor i is sharded over (None: not
     sharded); DTensors carry their own. `decide_group`: entries that are otherwise local are
-    max-reduced over it (ZeRO). Returns (local tensors, Plan)."""
+    max-reduced over it (ZeRO). A Partial DTensor is reduced first (reduce_partial), and the
+    reduced DTensor put in `reduced[i]` when a dict is given: the local part returned is the
+    reduced one's, so a caller that scales it must keep the reduced DTensor as the gradient.
+    Returns (local tensors, Plan)."""
     if groups is None and decide_group is None and not any(isinstance(t, DTensor) for t in tensors):
         return list(tensors), _NOTHING  # the single-process case, without the per-tensor walk below
     local, entries, candidates = [], [], []
@@ -190,6 +215,11 @@ def localize(tensors: list, *, groups: Sequence | None = None, decide_group=None
         if is_dtensor(t):
             where = f"the gradient of {names[i]!r}" if names is not None else f"tensors[{i}]"
             ranks, mesh_groups = _dtensor_ranks(t, where)
+            if ranks is _PARTIAL:
+                t = reduce_partial(t)
+                if reduced is not None:
+                    reduced[i] = t
+                ranks, mesh_groups = _dtensor_ranks(t, where)
             candidates += mesh_groups
             t = _local(t)
             if ranks is not None and len(ranks) > 1:

@@ -217,9 +217,11 @@ class GradGuard(torch.optim.Optimizer):
         history_size: how many steps ``opt.history`` keeps.
         hygiene: ``False`` turns the training-hygiene warnings off.
         process_group: every gradient is a shard whose statistics are summed over this group
-            (hand-rolled sharding, FSDP1). Not needed for DTensor gradients (FSDP2, tensor
-            parallel: their mesh says it), for ``model=`` an FSDP1 module (its process group is
-            used for its flat parameters), or for DDP.
+            (hand-rolled sharding). Not needed for DTensor gradients (FSDP2, tensor parallel:
+            their mesh says it), for DDP, or for FSDP1: pass ``model=`` the FSDP1 module instead
+            (its process group is used for the flat parameters of the units that shard; given
+            ``process_group=`` alone, a ``NO_SHARD`` unit's whole gradients would be summed, each
+            counted once per rank).
         tracer: a :class:`~gradguard.NanTracer`; every step ends its record (``first_nonfinite()``
             then answers for the step just taken) and starts the next one.
 
@@ -1018,7 +1020,14 @@ class GradGuard(torch.optim.Optimizer):
         if self._dtensor_grads:
             all_names = self._names(params)
             names = [all_names[i] for i in present]
-        return global_raw_stats(grads, self.norm_type, groups=groups, decide_group=self._decide_group, names=names)
+        reduced = {}
+        got = global_raw_stats(grads, self.norm_type, groups=groups, decide_group=self._decide_group, names=names,
+                               reduced=reduced)
+        for k, g in reduced.items():
+            # A Partial (pending-sum) DTensor gradient was reduced to judge it: the step scales and
+            # takes the reduced one (the optimizer would have reduced it at its first op).
+            params[present[k]].grad = g
+        return got
 
     def _run_hooks(self, report, keep_going: bool = False):
         """Runs the step hooks. With `keep_going` (the step is about to raise its own

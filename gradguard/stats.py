@@ -172,14 +172,16 @@ def _raw_of(tensors, p: float, process_group) -> _Raw:
 
 
 def global_raw_stats(tensors: list[torch.Tensor], norm_type: float, *, process_group=None, groups=None,
-                     decide_group=None, names=None):
+                     decide_group=None, names=None, reduced: dict | None = None):
     """raw_stats of the local parts of `tensors`, made global across ranks where they are sharded
     (DTensor placements, `process_group` for every plain tensor or `groups` per tensor) by one
-    collective (see gradguard.distributed). Returns (raw, local tensors)."""
+    collective (see gradguard.distributed). Partial DTensors are reduced first (into `reduced`,
+    see distributed.localize). Returns (raw, local tensors)."""
     if process_group is not None and groups is None:
         _distributed.check_process_group(process_group, "gradguard")
         groups = [process_group] * len(tensors)
-    local, plan = _distributed.localize(tensors, groups=groups, decide_group=decide_group, names=names)
+    local, plan = _distributed.localize(tensors, groups=groups, decide_group=decide_group, names=names,
+                                        reduced=reduced)
     return _distributed.reduce_raw(raw_stats(local, norm_type), plan, norm_type), local
 
 
@@ -565,9 +567,12 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
     true norm; the returned float16 value is inf, as torch's).
 
     Distributed: DTensor gradients (FSDP2, tensor parallel) are clipped by their global norm, the
-    same on every rank; ``process_group`` sums the statistics of plain gradients over that group
-    (FSDP1: the FSDP module's ``process_group``; without it an FSDP1 shard is refused). One
-    collective, which every rank of the group must join.
+    same on every rank (a ``Partial`` one is reduced first, and the reduced gradient kept in
+    ``.grad``); ``process_group`` sums the statistics of plain gradients over that group
+    (FSDP1: the FSDP module's ``process_group`` when every unit shards; units that do not,
+    ``NO_SHARD``, hold whole gradients, which it would count once per rank: use FSDP1's own
+    ``model.clip_grad_norm_`` or ``GradGuard(model=...)`` there; without it an FSDP1 shard is
+    refused). One collective, which every rank of the group must join.
     """
     where = "gradguard.clip_grad_norm_"
     if nonfinite not in _NONFINITE_MODES:
@@ -587,7 +592,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
     if any(g.is_complex() or g.layout != torch.strided for g in (q.grad for q in params if q.grad is not None)):
         raise TypeError(f"{where}: sparse and complex gradients are not supported for clipping")
     if p > 0:
-        return _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_group, names, where)
+        return _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_group, names, where, params)
     tot, grads = _total_norm(grads, p, process_group=process_group, names=names)
     if error_if_nonfinite:
         _raise_if_total_nonfinite(tot, p, names, where, _result_dtype(grads))
@@ -609,10 +614,13 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
     return tot.norm.to(_result_dtype(grads))
 
 
-def _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_group, names, where):
+def _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_group, names, where, params):
     """p > 0: the stats pass, then the decision GradGuard's steps make (``guard_decide``, without
     state): one place holds the skip/zero/raise and clip rules for both."""
-    raw, local = global_raw_stats(grads, p, process_group=process_group, names=names)
+    reduced = {}
+    raw, local = global_raw_stats(grads, p, process_group=process_group, names=names, reduced=reduced)
+    for i, g in reduced.items():  # a Partial gradient, reduced: that is the one clipped (and kept)
+        params[i].grad = g
     limit_t = None
     if isinstance(max_norm, torch.Tensor):
         limit_t, max_norm = max_norm.to(raw.device), None

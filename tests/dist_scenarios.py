@@ -478,10 +478,73 @@ def scenario_tp(rank, world, counter):
     out["steps"] = _steps(guard.state)
     out["direct"] = direct_api(model, True)
     partial = DTensor.from_local(torch.ones(3, dtype=torch.float64), mesh, [Partial()])
-    try:
-        gradguard.grad_stats([partial])
-    except ValueError as e:
-        out["partial_refusal"] = str(e)
+    out["partial_stats"] = float(gradguard.grad_stats([partial]).total_norm)  # reduced: sum of 2 ones, 3 times
+    return out
+
+
+class _SPBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.up = torch.nn.Linear(8, 16)
+        self.down = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(self.norm(x))))
+
+
+def scenario_tp_sequence_parallel(rank, world):
+    """Tensor parallel with SequenceParallel on the norm (the usual recipe): the norm's gradients
+    come out Partial (pending sums), which the guard and the functional API refused. Now reduced
+    (as the optimizer's first op would reduce them) and judged: a guarded AdamW equals an
+    unguarded twin clipped by torch.nn.utils.clip_grad_norm_, with a NaN step skipped."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+
+    mesh = init_device_mesh("cpu", (world,))
+    plan = {"norm": SequenceParallel(), "up": ColwiseParallel(input_layouts=Shard(1)),
+            "down": RowwiseParallel(output_layouts=Shard(1))}
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(parallelize_module(_SPBlock().double(), mesh, plan))
+    guarded, twin = models
+    guard = gradguard.GradGuard(torch.optim.AdamW(guarded.parameters(), lr=0.05), max_norm=0.5, model=guarded)
+    plain = torch.optim.AdamW(twin.parameters(), lr=0.05)
+    out = {"placements": None, "skipped": [], "totals": []}
+    for step in range(3):
+        x = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        for m in models:
+            y = m(x.chunk(world, dim=1)[rank])
+            (y.to_local() if isinstance(y, DTensor) else y).square().sum().backward()
+        if step == 1 and rank == 0:  # a NaN in one rank's partial sum: the sum is NaN everywhere
+            guarded.norm.weight.grad.to_local()[0] = math.nan
+        if step == 0:
+            out["placements"] = {n: str(q.grad.placements) for n, q in guarded.named_parameters()}
+            grads = [q.grad for q in guarded.parameters()]
+            out["functional"] = (float(gradguard.grad_stats(grads).total_norm),
+                                 float(torch.nn.utils.get_total_norm([q.grad for q in twin.parameters()]).full_tensor()))
+        guard.step()
+        out["skipped"].append(bool(guard.last.skipped))
+        out["totals"].append(float(guard.last.total_norm))
+        if step != 1:
+            torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+            plain.step()
+        guard.zero_grad()
+        plain.zero_grad()
+    out["params"] = {n: q.full_tensor().detach().clone() for n, q in guarded.named_parameters()}
+    out["twin"] = {n: q.full_tensor().detach().clone() for n, q in twin.named_parameters()}
+    # The functional clip on Partial gradients: as torch's, and the reduced gradient is kept.
+    for m in models:
+        y = m(torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64).chunk(world, 1)[rank])
+        (y.to_local() if isinstance(y, DTensor) else y).square().sum().backward()
+    mine = float(gradguard.clip_grad_norm_(guarded.parameters(), 0.5))
+    ref = float(torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5).full_tensor())
+    out["clip"] = (mine, ref, max(float((a.grad.full_tensor() - b.grad.full_tensor()).abs().max())
+                                 for a, b in zip(guarded.parameters(), twin.parameters())))
+    out["clip_placements"] = [str(q.grad.placements) for q in guarded.norm.parameters()]
     return out
 
 
@@ -524,6 +587,7 @@ def run_all(rank, world) -> dict:
         "zero_plain": scenario_zero(rank, world, counter, with_ddp=False),
         "zero_missing_grad": scenario_zero_missing_grad(rank, world),
         "tp": scenario_tp(rank, world, counter),
+        "tp_sequence_parallel": scenario_tp_sequence_parallel(rank, world),
         "fsdp2_tp_2d": scenario_fsdp2_tp_2d(rank, world, counter),
         "fsdp2_tp_2d_strided": scenario_fsdp2_tp_2d(rank, world, counter, tp_first=True),
     }

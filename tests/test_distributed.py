@@ -149,11 +149,27 @@ def test_fsdp1_refusals_and_process_group(runs):
             _same([d["pg_total"][0]], [d["pg_total"][1]])
 
 
-def test_partial_dtensor_refused(runs):
+def test_partial_dtensor_is_reduced_then_judged(runs):
+    # Refused before (sequence parallelism leaves the norm layers' gradients Partial).
     for r in runs[0]:
-        msg = r["tp"]["partial_refusal"]
-        assert "Partial" in msg or "P(sum)" in msg
-        assert "redistribute" in msg
+        assert r["tp"]["partial_stats"] == pytest.approx(math.sqrt(3 * 2.0 ** 2), rel=1e-15)
+
+
+def test_tensor_parallel_with_sequence_parallel_equals_torchs_clip(runs):
+    r0, r1 = (r["tp_sequence_parallel"] for r in runs[0])
+    assert "Partial(sum)" in r0["placements"]["norm.weight"] and "Partial(sum)" in r0["placements"]["norm.bias"]
+    for r in (r0, r1):
+        assert r["skipped"] == [False, True, False]
+        _same(r["totals"], r0["totals"])
+        assert math.isnan(r["totals"][1])
+        mine, ref = r["functional"]
+        assert mine == pytest.approx(ref, rel=1e-13)
+        for n, t in r["params"].items():
+            assert torch.equal(t, r0["params"][n])  # one decision, the same parameters on every rank
+            torch.testing.assert_close(t, r["twin"][n], rtol=1e-12, atol=1e-14)
+        mine, ref, diff = r["clip"]
+        assert mine == pytest.approx(ref, rel=1e-13) and diff < 1e-14
+        assert r["clip_placements"] == ["(Replicate(),)", "(Replicate(),)"]  # the reduced gradients are kept
 
 
 # ---- in-process: the rank arithmetic and the combine math ----------------------------------------
