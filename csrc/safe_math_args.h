@@ -124,6 +124,9 @@ inline void prepare_out(at::Tensor& out, const at::Tensor& like, at::IntArrayRef
     }
   }
   at::native::resize_output(out, shape);
+  // As torch's own out= kernels (through ADInplaceOrView): autograd then refuses a backward that
+  // needs the overwritten values, and an inference tensor outside inference mode is refused here.
+  out.unsafeGetTensorImpl()->bump_version();
 }
 
 // The broadcast result is laid out like whichever operand already has the result's shape and

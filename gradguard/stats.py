@@ -146,6 +146,8 @@ def raw_stats(tensors, norm_type: float) -> _Raw:
     groups = _grouped(tensors)
     parts = []
     for idx in groups:
+        if tensors[idx[0]].device.type == "meta":  # its results could never be read
+            raise ValueError(f"gradguard: tensors[{idx[0]}] is on the meta device: it holds no values to check")
         res = torch.ops.gradguard.multi_tensor_stats([tensors[i] for i in idx], norm_type)
         parts.append([r.to(device) for r in res])
     if len(parts) == 1:
@@ -167,6 +169,8 @@ def _raw_of(tensors, p: float, process_group) -> _Raw:
     if got is None:
         return global_raw_stats(as_tensor_list(tensors), p, process_group=process_group)[0]
     acc, nan, inf, amax = got
+    if acc.device.type == "meta":  # one device per compiled call: the first tensor's
+        raise ValueError("gradguard: tensors[0] is on the meta device: it holds no values to check")
     out_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     return _Raw(acc, nan, inf, amax, out_dtype, acc.device)
 
@@ -267,6 +271,8 @@ def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, *, proce
     p = check_norm_type(norm_type)
     got = _host.plain_grad_stats(tensors, p) if process_group is None else None
     if got is not None:
+        if got[0].device.type == "meta":  # one device per compiled call: the first tensor's
+            raise ValueError("gradguard: tensors[0] is on the meta device: it holds no values to check")
         return GradStats(*got)
     # Not the plain case (plain_stats would refuse it too): the general path.
     return finalize(global_raw_stats(as_tensor_list(tensors), p, process_group=process_group)[0], p)

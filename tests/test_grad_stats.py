@@ -477,3 +477,12 @@ def test_a_string_norm_type_says_to_pass_a_number():
     # The message said "must be a positive number or inf, got 'inf'", which reads as a contradiction.
     with pytest.raises(ValueError, match=r"got the string 'inf': pass a number, e\.g\. float\('inf'\)"):
         gradguard.GradGuard(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), norm_type="inf")
+
+
+def test_meta_tensors_are_refused_by_name():
+    # Before: "Cannot copy out of meta tensor; no data!" from deep inside, naming nothing.
+    with pytest.raises(ValueError, match=r"tensors\[1\] is on the meta device"):
+        gradguard.grad_stats([torch.ones(3), torch.ones(3, device="meta")])
+    for fn in (gradguard.all_finite, gradguard.grad_stats):  # the same on both backends
+        with pytest.raises(ValueError, match=r"tensors\[0\] is on the meta device"):
+            fn([torch.ones(3, device="meta")])

@@ -65,6 +65,9 @@ void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scal
   check_scale(op, scale);
   check_tensors(op, tensors);
   if (tensors.empty()) return;
+  // Written in place without torch's in-place machinery: bump the version counters as it would
+  // (before any write: an inference tensor outside inference mode is refused here, untouched).
+  for (const auto& t : tensors) t.unsafeGetTensorImpl()->bump_version();
   const double s = scale.to(at::kDouble).item<double>();  // a CPU tensor: no device sync
   const auto dtype = tensors[0].scalar_type();
   std::vector<StridedWalk> walks;

@@ -132,6 +132,9 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
       scale_dev = scale.reshape({}).to(c10::CppTypeToScalarType<opmath_t>::value);
       scale_ptr = scale_dev.const_data_ptr<opmath_t>();
     }
+    // Written in place without torch's in-place machinery: bump the version counters as it
+    // would (before any write: an inference tensor outside inference mode is refused untouched).
+    for (const auto& t : tensors) t.unsafeGetTensorImpl()->bump_version();
     std::vector<FlatItem> flat;
     std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (view, contiguous copy)
     for (const auto i : c10::irange(tensors.size())) {
