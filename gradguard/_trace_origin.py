@@ -31,6 +31,7 @@ class Origin:
     inputs_finite: bool = True
     submodule: str | None = None      # "code": the submodule whose input it was; "code gradient": whose output
     consumers: list = field(default_factory=list)
+    candidates: list = field(default_factory=list)  # sibling modules that each took the tensor: any may be it
     bad_params: list = field(default_factory=list)  # own parameters that hold NaN/Inf
     max_param: float | None = None     # largest finite |parameter| of the module
     distributed: bool = False          # several processes: a gradient may come from another rank
@@ -70,6 +71,10 @@ class Origin:
         elif self.module == "":
             s = ("forward finite; the gradient of the model's output was already non-finite: it came from the "
                  "backward of the loss")
+        elif len(self.candidates) > 1:
+            s = (f"forward finite; the first non-finite gradient ({self.kind}) appeared in the backward of one of "
+                 f"{', '.join(f'`{c}`' for c in self.candidates)} (each took the same tensor, whose gradient is the "
+                 "sum of theirs)")
         else:
             s = f"forward finite; the first non-finite gradient ({self.kind}) appeared in the backward of {m}"
             if len(self.consumers) > 1:

@@ -795,7 +795,7 @@ class GradGuard(torch.optim.Optimizer):
                                         scalars=scalars, found_inf=found, mode=mode, amp=amp,
                                         total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
         if self.tracer is not None:
-            self.tracer._end_step(found)
+            self.tracer._end_step(found, report)
 
         host = None
         if read:

@@ -101,6 +101,7 @@ class _Record:
         self.sites: dict = {}  # id(tensor) -> (weakref, _Site)
         self.batch_size: int | None = None
         self.found_inf = None  # the guard's flag for this step, when a GradGuard ended it
+        self.report = None     # and its StepReport
         self.op = None         # set by a replay's op checker
         self.origin = None     # the answer, once computed (without a loss)
         self.param_names = None
@@ -221,13 +222,16 @@ class NanTracer:
         self._rng = _rng_state()
         self._ended = False
 
-    def _end_step(self, found_inf=None) -> None:
+    def _end_step(self, found_inf=None, report=None) -> None:
         """Called by ``GradGuard.step()``: keeps this step's events for ``first_nonfinite()``,
-        starts a fresh record and saves the RNG state for the next step."""
+        starts a fresh record and saves the RNG state for the next step. ``report``: the step's
+        StepReport, whose per-parameter counts are of the gradients as they came in (a
+        ``"zero"`` step or a ``zero_grad()`` since has cleaned the live ones)."""
         rec = self._rec
         rec.release()  # the step's backward is over
         if rec.flags or rec.op is not None:
             rec.found_inf = found_inf
+            rec.report = report
             self._last = rec
             self._rec = _Record()
         self._stack = []
@@ -310,7 +314,9 @@ class NanTracer:
             return None
         if mod is self.model:  # a new outermost call: frames left by a forward that raised are stale
             self._stack = []
-        if self._skip():
+        # An evaluation forward (the module in eval() mode, gradients off: a validation batch) is
+        # not part of a training step: recorded, its NaN was blamed for the next step's.
+        if self._skip() or (not mod.training and not torch.is_grad_enabled()):
             self._stack.append(None)
             return None
         rec = self._rec
@@ -399,12 +405,17 @@ class NanTracer:
         if kind == "grad":
             consumers = [c.name for c in site.consumers]
             where, submodule = "gradient", None
+            candidates = []
             if consumers:
                 # The first module that took the tensor itself, not only passed it on to one that
                 # did (the model, named "" like the loss, when the input requires grad): consumers
                 # that are an ancestor of another are left out.
                 passed_on = {id(a) for c in site.consumers for a in _ancestors(c)}
-                module = next(c for c in site.consumers if id(c) not in passed_on).name
+                takers = [c.name for c in site.consumers if id(c) not in passed_on]
+                module = takers[0]
+                # Siblings that each took it (a residual, attention's q/k/v): its gradient is the
+                # sum of theirs, and a hook sees only the sum, so any of them may have made it.
+                candidates = list(dict.fromkeys(takers)) if len(set(takers)) > 1 else []
             elif site.producer is not None and site.producer.parent is not None and not site.model_output:
                 # No module took the tensor: the code of the producer's parent did. When that
                 # parent is the model itself, its name is "" like the loss's: say which it is.
@@ -414,7 +425,8 @@ class NanTracer:
             else:
                 module = ""  # the model's output: the loss's backward made it non-finite
             return Origin(phase="backward", module=module, where=where, kind=what, rows=rows,
-                          batch_size=rec.batch_size, consumers=consumers, submodule=submodule)
+                          batch_size=rec.batch_size, consumers=consumers, submodule=submodule,
+                          candidates=candidates if consumers else [])
         path = _leaf_path(frame, leaf) if kind == "input" else None
         if kind == "input" and frame.parent is None:
             return Origin(phase="input", module="", where="input", call=frame.call, kind=what, tensor=path,
@@ -456,6 +468,10 @@ class NanTracer:
         self._stack, self._quiet = [], True
         checker = FirstNonfiniteOp(lambda: next((n for n in reversed(self._stack) if n), None))
         state = _rng_state()
+        # Asking must not change the model: a re-run in training mode updates BatchNorm's running
+        # statistics (and any stateful module's buffers) a second time with the same batch. Those
+        # the re-run changed are put back, the others left alone (not even a version bump).
+        buffers = [(b, b._version, b.clone()) for b in frame.module.buffers()]
         try:
             ctx = torch.autocast(frame.autocast[0], dtype=frame.autocast[1]) if frame.autocast else _nullctx()
             with torch.enable_grad(), ctx, checker:
@@ -465,17 +481,36 @@ class NanTracer:
         finally:
             _set_rng_state(state)
             self._stack, self._quiet = stack, quiet
+            with torch.no_grad():
+                for b, version, saved in buffers:
+                    # BatchNorm's kernel updates its running statistics without a version bump.
+                    if b._version != version or not torch.equal(b, saved):
+                        b.copy_(saved)
         return checker.found
 
     def _param_grad_origin(self, rec):
         """Every hooked gradient was finite: look at the parameters' own gradients (bad step
-        only, or a step whose gradients the guard found bad)."""
+        only, or a step whose gradients the guard found bad): as the guard's report counted them
+        when a GradGuard ended the step (its "zero" mode, or a zero_grad() since, cleaned the
+        live ones), else the live ones."""
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1
+        report = rec.report
+        if report is not None:
+            host = report._fetch()  # one read
+            for name, nan, inf in zip(report.names, host["nan"], host["inf"]):
+                if nan or inf:
+                    kind = "NaN and Inf" if nan and inf else ("NaN" if nan else "Inf")
+                    owners = {f"{m}.{q}" if m else q: m for mod, m in self._names.items()
+                              for q, _ in mod.named_parameters(recurse=False)}
+                    module = owners.get(name, name.rpartition(".")[0])
+                    return self._finish(rec, Origin(phase="backward", module=module, where="parameter gradient",
+                                                    kind=kind, tensor=name, distributed=dist))
+            return None
         for mod, mname in self._names.items():
             for pname, p in mod.named_parameters(recurse=False):
                 if p.grad is not None and checkable(p.grad) and not bool(torch.isfinite(p.grad).all()):
                     full = f"{mname}.{pname}" if mname else pname
-                    dist = torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                        torch.distributed.get_world_size() > 1
                     return self._finish(rec, Origin(phase="backward", module=mname, where="parameter gradient",
                                                     kind=nonfinite_kind(p.grad), tensor=full, distributed=dist))
         return None

@@ -727,3 +727,120 @@ def test_a_forward_that_raised_leaves_no_frame_for_a_direct_submodule_call():
     tracer.reset()
     model[0](torch.full((2, 4), math.inf))
     assert tracer.first_nonfinite().phase == "input"
+
+
+class _BNExp(nn.Module):
+    """BatchNorm (training mode: running statistics updated per forward), then an overflow."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(D)
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x):
+        return torch.exp(1e4 * self.fc(self.bn(x)))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_asking_leaves_batchnorm_statistics_as_they_were(keep):
+    # The op search re-runs the bad module on its inputs: in training mode that updated
+    # BatchNorm's running statistics a second time (and again at every first_nonfinite(loss=)).
+    torch.manual_seed(0)
+    model = nn.Sequential(_BNExp(), nn.Linear(D, 1))
+    tracer = gradguard.NanTracer(model, keep_tensors=keep)
+    x = torch.randn(B, D)
+    loss = model(x).sum()
+    loss.backward()
+    bn = model[0].bn
+    before = [b.clone() for b in bn.buffers()]
+    for _ in range(2):
+        origin = tracer.first_nonfinite(loss=loss)
+        assert origin.module == "0" and origin.op == "aten.exp"
+        assert all(torch.equal(b, s) for b, s in zip(bn.buffers(), before))
+
+
+class _SqrtGain(nn.Module):
+    """A learnable gain x * sqrt(w) with w = 0: forward finite, w's gradient inf, x's finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(D))
+
+    def forward(self, x):
+        return x * torch.sqrt(self.weight)
+
+
+@pytest.mark.parametrize("mode,zero_grad", [("zero", False), ("skip", True)])
+def test_a_parameter_gradient_cleaned_since_the_step_is_still_named(mode, zero_grad):
+    # The live .grad was read: "zero" mode had zeroed it, or zero_grad() had cleared it, and the
+    # tracer said the step was clean while the guard had flagged it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), _SqrtGain())
+    tracer = gradguard.NanTracer(model)
+    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), model=model, on_nonfinite=mode,
+                              tracer=tracer)
+    model(torch.randn(B, D)).sum().backward()
+    opt.step()
+    if zero_grad:
+        opt.zero_grad()
+    assert opt.last.nonfinite_layers == ["1.weight"]
+    origin = tracer.first_nonfinite()
+    assert origin is not None and origin.where == "parameter gradient"
+    assert origin.tensor == "1.weight" and origin.module == "1" and origin.kind == "Inf"
+
+
+def test_an_evaluation_forward_is_not_recorded():
+    # model.eval() + torch.no_grad() (a validation batch with a NaN) between training steps: its
+    # NaN was named as the origin of the next training step's overflow.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), Scaled())
+    tracer = gradguard.NanTracer(model)
+    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.0), tracer=tracer)
+    model(torch.randn(B, D)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        bad = torch.randn(B, D)
+        bad[5, 0] = math.nan
+        model(bad)
+    model.train()
+    model[1].factor = 1e4
+    model(torch.randn(B, D)).sum().backward()
+    opt.step()
+    origin = tracer.first_nonfinite()
+    assert origin.phase == "forward" and origin.module == "1" and origin.where == "output"
+
+
+class _Siblings(nn.Module):
+    def __init__(self, bad_first):
+        super().__init__()
+        self.pre, self.a, self.b = nn.Linear(D, D), nn.Linear(D, D), _SqrtOfSquare()
+        self.bad_first = bad_first
+        with torch.no_grad():
+            self.pre.weight[1].zero_()
+            self.pre.bias[1] = 0.0
+
+    def forward(self, x):
+        h = self.pre(x)
+        return self.b(h) + self.a(h) if self.bad_first else self.a(h) + self.b(h)
+
+
+class _SqrtOfSquare(nn.Module):
+    """Forward finite (sqrt(0) = 0), backward 0 * inf = NaN where the input is 0."""
+
+    def forward(self, h):
+        return torch.sqrt(h * h)
+
+
+@pytest.mark.parametrize("bad_first", [True, False])
+def test_siblings_that_took_the_same_tensor_are_all_named(bad_first):
+    # The gradient hook sees only the sum of a's and b's contributions: naming whichever was
+    # called first blamed `a` for b's NaN.
+    torch.manual_seed(0)
+    model = _Siblings(bad_first)
+    tracer = gradguard.NanTracer(model)
+    model(torch.randn(B, D)).sum().backward()
+    origin = tracer.first_nonfinite()
+    assert origin.phase == "backward" and sorted(origin.candidates) == ["a", "b"]
+    assert "one of `b`, `a`" in str(origin) if bad_first else "one of `a`, `b`" in str(origin)
