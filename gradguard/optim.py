@@ -246,6 +246,13 @@ class GradGuard(torch.optim.Optimizer):
                  history_size: int = 1000, hygiene: bool = True, process_group=None, tracer=None):
         if isinstance(optimizer, GradGuard):
             raise TypeError("gradguard.GradGuard: `optimizer` is already a GradGuard; wrap the inner optimizer once")
+        if type(optimizer).__name__ == "AcceleratedOptimizer" and type(optimizer).__module__.startswith("accelerate"):
+            # Its step() does nothing on a micro-step that does not sync (gradient accumulation),
+            # and under fp16 GradScaler unscales inside it: around it the guard would check and
+            # clip half-accumulated, or still-scaled, gradients.
+            raise TypeError("gradguard.GradGuard: `optimizer` is Accelerate's AcceleratedOptimizer; wrap the plain "
+                            "optimizer before accelerator.prepare: accelerator.prepare(model, GradGuard(optimizer), "
+                            "...)")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"gradguard.GradGuard: `optimizer` must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")

@@ -139,6 +139,35 @@ def test_refuses_guard_from_configure_optimizers(tmp_path):
         _trainer(tmp_path, GradGuardCallback(), max_steps=2).fit(Guarded(), _loader())
 
 
+def test_a_refused_fit_leaves_lightnings_clipping_as_it_was(tmp_path):
+    class Guarded(Tiny):
+        def configure_optimizers(self):
+            return GradGuard(torch.optim.SGD(self.parameters(), lr=0.1))
+
+    trainer = _trainer(tmp_path, GradGuardCallback(), max_steps=2, gradient_clip_val=0.5)
+    with pytest.raises(ValueError, match="already returns a GradGuard"):
+        trainer.fit(Guarded(), _loader())
+    assert trainer.gradient_clip_val == 0.5  # refused before the take-over (it was left at None)
+
+
+@pytest.mark.parametrize("guard_kw", [{"on_nonfinite": "raise"}, {"max_consecutive_skips": 1}])
+def test_a_fit_that_raised_reports_its_bad_step_and_gives_clipping_back(tmp_path, guard_kw):
+    # Lightning calls no teardown when fit raises: gradient_clip_val stayed None (the next fit on
+    # the trainer clipped nothing), and the steps that killed the run were never reported, then
+    # showed up in the next fit's log.
+    cb = GradGuardCallback(**guard_kw)
+    trainer = _trainer(tmp_path, cb, max_steps=6, gradient_clip_val=0.5)
+    with pytest.warns(UserWarning, match="takes over"), pytest.raises(gradguard.NonFiniteGradError):
+        trainer.fit(Tiny(), _loader())
+    assert trainer.gradient_clip_val == 0.5
+    assert [(b["step"], b["layers"]) for b in cb.bad_steps] == [(BAD, ["net.2.weight"])]
+    assert [s for s, r in sorted(_csv_metrics(trainer).items()) if "grad/nonfinite/net.2.weight" in r] == [BAD]
+    second = _trainer(tmp_path, cb, max_steps=2, name="second", gradient_clip_val=0.5)
+    with pytest.warns(UserWarning, match="takes over"):
+        second.fit(Tiny(bad_step=-1), _loader())
+    assert cb.guard.max_norm == 0.5 and len(cb.bad_steps) == 1  # nothing carried into the second fit
+
+
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="on_nonfinite"):
         GradGuardCallback(on_nonfinite="explode")
@@ -217,6 +246,44 @@ def test_every_optimizers_bad_steps_are_reported(tmp_path):
     assert cb.bad_steps[0]["step"] == 1
     assert [s for s, r in sorted(rows.items()) if "grad/nonfinite/b.weight" in r] == [1]
     assert rows[1]["grad/optimizer_1/skipped"] == 1.0
+
+
+class _TwoStepsPerBatch(pl.LightningModule):
+    """Manual optimization stepping one optimizer twice per batch (a WGAN critic); the first
+    step of batch 1 sees a NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = torch.nn.Linear(8, 1)
+
+    def training_step(self, batch, i):
+        x, y = batch
+        opt = self.optimizers()
+        for k in range(2):
+            opt.zero_grad()
+            target = y.clone()
+            if i == 1 and k == 0:
+                target[0, 0] = math.nan
+            self.manual_backward(torch.nn.functional.mse_loss(self.net(x), target))
+            opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_every_step_of_a_batch_is_checked(tmp_path):
+    # Only the last report of each optimizer per batch was kept: the first step's skip was in
+    # summary() but not in bad_steps, the warning or the logs.
+    model, cb = _TwoStepsPerBatch(), GradGuardCallback(max_norm=1.0)
+    data = torch.utils.data.DataLoader([(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(3)], batch_size=None)
+    trainer = _trainer(tmp_path, cb, max_steps=6)
+    trainer.fit(model, data)
+    assert cb.guard.summary()["skipped"] == 1
+    assert [(b["step"], b["guard_step"], b["layers"]) for b in cb.bad_steps] == [(1, 3, ["net.weight", "net.bias"])]
+    rows = _csv_metrics(trainer)
+    assert rows[1]["grad/skipped"] == 0.0  # the batch's last step, the one logged, was taken
+    assert [s for s, r in sorted(rows.items()) if "grad/nonfinite/net.weight" in r] == [1]
 
 
 def test_each_guard_has_its_own_spike_statistics(tmp_path):

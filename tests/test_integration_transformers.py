@@ -310,3 +310,17 @@ def test_trainers_own_clip_calls_get_the_guards_norm_and_others_are_refused(tmp_
     trainer.add_callback(call)
     with pytest.raises(RuntimeError, match=r"clip_grad_norm_\(max_norm=0.5\) was called while the guard owns clipping"):
         trainer.train()
+
+
+def test_a_guard_around_accelerates_optimizer_is_refused():
+    # GradGuard(accelerator.prepare(opt)): the guard checked and clipped the half-accumulated
+    # gradients of every micro-step (and under fp16 the still-scaled ones); wrap before prepare.
+    import accelerate
+
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = torch.nn.Linear(4, 1)
+    prepared = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"AcceleratedOptimizer; wrap the plain optimizer before accelerator.prepare"):
+        GradGuard(prepared)
+    guard = accelerator.prepare(GradGuard(torch.optim.SGD(model.parameters(), lr=0.1)))
+    assert guard.optimizer.__class__.__name__ == "GradGuard"

@@ -92,6 +92,11 @@ class GradGuardCallback(pl.Callback):
         return {**kwargs, "max_norm": val}
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        for opt in trainer.strategy.optimizers:  # refused before anything is taken over
+            if isinstance(opt, GradGuard):
+                raise ValueError("gradguard.integrations.lightning.GradGuardCallback: configure_optimizers already "
+                                 "returns a GradGuard; use either the callback or your own GradGuard, not both")
+        self._log.pending = []  # a fit that raised left its unchecked steps: they are not this fit's
         kwargs = self._take_over_clipping(trainer, self.guard_kwargs)
         if is_overridden("configure_gradient_clipping", pl_module):
             warnings.warn("gradguard.integrations.lightning.GradGuardCallback: the module overrides "
@@ -100,9 +105,6 @@ class GradGuardCallback(pl.Callback):
                           UserWarning, stacklevel=2)
         guards = []
         for opt in trainer.strategy.optimizers:
-            if isinstance(opt, GradGuard):
-                raise ValueError("gradguard.integrations.lightning.GradGuardCallback: configure_optimizers already "
-                                 "returns a GradGuard; use either the callback or your own GradGuard, not both")
             own = dict(kwargs)
             if own.get("spike") is not None:
                 own["spike"] = copy.deepcopy(own["spike"])
@@ -114,29 +116,50 @@ class GradGuardCallback(pl.Callback):
         self._new_reports = []
 
     def _on_step(self, guard, report) -> None:
-        # Every optimizer's steps (a GAN's discriminator skips too); the last report of each
-        # guard in this batch is the one logged.
+        # Every optimizer's steps (a GAN's discriminator skips too), every step of each (manual
+        # optimization may step one twice in a batch): all are checked for NaN/Inf, and the
+        # last of each guard in this batch is the one whose metrics are logged.
         index = next(i for i, g in enumerate(self.guards) if g is guard)
-        self._new_reports = [r for r in self._new_reports if r[0] != index] + [(index, guard, report)]
+        self._new_reports.append((index, guard, report))
+
+    def _batch_step(self, trainer) -> int:
+        # Lightning logs a batch's metrics at its count of batches that stepped so far (not
+        # trainer.global_step, which counts every optimizer's steps).
+        return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step - 1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        reports, self._new_reports = sorted(self._new_reports, key=lambda r: r[0]), []
+        reports, self._new_reports = self._new_reports, []
         if not reports:  # accumulating gradients: no optimizer step in this batch
             return
-        # Lightning logs this batch's metrics at its count of batches that stepped so far (not
-        # trainer.global_step, which counts every optimizer's steps), and flushes the loggers
-        # when that count + 1 is a multiple of log_every_n_steps: so do we.
-        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step - 1)
+        step = self._batch_step(trainer)
+        last = {}
         for index, guard, report in reports:
+            self._log.add(step, report, index)
+            last[index] = (guard, report)
+        for index in sorted(last):
+            guard, report = last[index]
             prefix = "grad/" if index == 0 else f"grad/optimizer_{index}/"
             pl_module.log_dict({prefix + "total_norm": report.total_norm.to(torch.float32),
                                 prefix + "clip_coef": report.clip_coef.to(torch.float32),
                                 prefix + "skipped": report.skipped.to(torch.float32),
                                 prefix + "skipped_total": skipped_total(guard)},
                                on_step=True, on_epoch=False, logger=True, batch_size=1)
-            self._log.add(step, report, index)
+        # Lightning flushes the loggers when that count + 1 is a multiple of log_every_n_steps: so do we.
         if (step + 1) % max(trainer.log_every_n_steps, 1) == 0:
             self._flush(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # A fit that raised (on_nonfinite="raise", max_consecutive_skips) gets no teardown: the
+        # steps that killed it are reported now, and Lightning's clipping given back.
+        reports, self._new_reports = self._new_reports, []
+        if reports:
+            step = self._batch_step(trainer)
+            for index, _, report in reports:
+                self._log.add(step, report, index)
+        try:
+            self._flush(trainer)
+        finally:
+            self._give_back_clipping(trainer)
 
     def _flush(self, trainer) -> None:
         for bad in self._log.flush():
@@ -153,6 +176,9 @@ class GradGuardCallback(pl.Callback):
         self._flush(trainer)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._give_back_clipping(trainer)
+
+    def _give_back_clipping(self, trainer) -> None:
         if self._taken_clip is not None:
             trainer.gradient_clip_val, trainer.gradient_clip_algorithm = self._taken_clip
             self._taken_clip = None
