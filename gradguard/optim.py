@@ -802,7 +802,8 @@ class GradGuard(torch.optim.Optimizer):
                                         scalars=scalars, found_inf=found, mode=mode, amp=amp,
                                         total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
         if self.tracer is not None:
-            self.tracer._end_step(found, report)
+            self.tracer._end_step(found, report, lambda ps=plan.params, idx=idx: ps if idx is None else
+                                  [ps[i] for i in idx.tolist()])
 
         host = None
         if read:

@@ -102,6 +102,7 @@ class _Record:
         self.batch_size: int | None = None
         self.found_inf = None  # the guard's flag for this step, when a GradGuard ended it
         self.report = None     # and its StepReport
+        self.judged = None     # () -> the parameters the report's counts are of
         self.op = None         # set by a replay's op checker
         self.origin = None     # the answer, once computed (without a loss)
         self.param_names = None
@@ -222,16 +223,17 @@ class NanTracer:
         self._rng = _rng_state()
         self._ended = False
 
-    def _end_step(self, found_inf=None, report=None) -> None:
+    def _end_step(self, found_inf=None, report=None, judged=None) -> None:
         """Called by ``GradGuard.step()``: keeps this step's events for ``first_nonfinite()``,
         starts a fresh record and saves the RNG state for the next step. ``report``: the step's
         StepReport, whose per-parameter counts are of the gradients as they came in (a
-        ``"zero"`` step or a ``zero_grad()`` since has cleaned the live ones)."""
+        ``"zero"`` step or a ``zero_grad()`` since has cleaned the live ones); ``judged()``: the
+        parameters those counts are of, in the report's order (asked for on a bad step only)."""
         rec = self._rec
         rec.release()  # the step's backward is over
         if rec.flags or rec.op is not None:
             rec.found_inf = found_inf
-            rec.report = report
+            rec.report, rec.judged = report, judged
             self._last = rec
             self._rec = _Record()
         self._stack = []
@@ -314,9 +316,11 @@ class NanTracer:
             return None
         if mod is self.model:  # a new outermost call: frames left by a forward that raised are stale
             self._stack = []
-        # An evaluation forward (the module in eval() mode, gradients off: a validation batch) is
+        # An evaluation forward (the model in eval() mode, gradients off: a validation batch) is
         # not part of a training step: recorded, its NaN was blamed for the next step's.
-        if self._skip() or (not mod.training and not torch.is_grad_enabled()):
+        # The traced model's mode, not the module's: a frozen submodule in eval() called under
+        # no_grad inside a training forward (a distillation teacher) is part of the step.
+        if self._skip() or (not self.model.training and not torch.is_grad_enabled()):
             self._stack.append(None)
             return None
         rec = self._rec
@@ -490,29 +494,30 @@ class NanTracer:
 
     def _param_grad_origin(self, rec):
         """Every hooked gradient was finite: look at the parameters' own gradients (bad step
-        only, or a step whose gradients the guard found bad): as the guard's report counted them
-        when a GradGuard ended the step (its "zero" mode, or a zero_grad() since, cleaned the
-        live ones), else the live ones."""
+        only, or a step whose gradients the guard found bad), in module order: as the guard's
+        report counted them when a GradGuard ended the step (its "zero" mode, or a zero_grad()
+        since, cleaned the live ones), else (a parameter of no guard's, or no guard) the live
+        ones."""
         dist = torch.distributed.is_available() and torch.distributed.is_initialized() and \
             torch.distributed.get_world_size() > 1
-        report = rec.report
-        if report is not None:
-            host = report._fetch()  # one read
-            for name, nan, inf in zip(report.names, host["nan"], host["inf"]):
-                if nan or inf:
-                    kind = "NaN and Inf" if nan and inf else ("NaN" if nan else "Inf")
-                    owners = {f"{m}.{q}" if m else q: m for mod, m in self._names.items()
-                              for q, _ in mod.named_parameters(recurse=False)}
-                    module = owners.get(name, name.rpartition(".")[0])
-                    return self._finish(rec, Origin(phase="backward", module=module, where="parameter gradient",
-                                                    kind=kind, tensor=name, distributed=dist))
-            return None
+        counts = {}
+        if rec.report is not None and rec.judged is not None:
+            host = rec.report._fetch()  # one read
+            counts = {id(p): (nan, inf) for p, nan, inf in zip(rec.judged(), host["nan"], host["inf"])}
         for mod, mname in self._names.items():
             for pname, p in mod.named_parameters(recurse=False):
-                if p.grad is not None and checkable(p.grad) and not bool(torch.isfinite(p.grad).all()):
-                    full = f"{mname}.{pname}" if mname else pname
-                    return self._finish(rec, Origin(phase="backward", module=mname, where="parameter gradient",
-                                                    kind=nonfinite_kind(p.grad), tensor=full, distributed=dist))
+                got = counts.get(id(p))
+                if got is not None:
+                    if not (got[0] or got[1]):
+                        continue
+                    kind = "NaN and Inf" if got[0] and got[1] else ("NaN" if got[0] else "Inf")
+                elif p.grad is not None and checkable(p.grad) and not bool(torch.isfinite(p.grad).all()):
+                    kind = nonfinite_kind(p.grad)
+                else:
+                    continue
+                full = f"{mname}.{pname}" if mname else pname
+                return self._finish(rec, Origin(phase="backward", module=mname, where="parameter gradient",
+                                                kind=kind, tensor=full, distributed=dist))
         return None
 
     # ---- on_failure: replay a bad step -----------------------------------------------------------

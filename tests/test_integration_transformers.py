@@ -324,3 +324,64 @@ def test_a_guard_around_accelerates_optimizer_is_refused():
         GradGuard(prepared)
     guard = accelerator.prepare(GradGuard(torch.optim.SGD(model.parameters(), lr=0.1)))
     assert guard.optimizer.__class__.__name__ == "GradGuard"
+
+
+class _MixedMesh(torch.nn.Module):
+    """One parameter a DTensor, the rest plain (expert parallelism's layout): Trainer takes its
+    mixed-mesh path, which clips with torch's clip_grads_with_norm_ itself."""
+
+    def __init__(self, mesh):
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+        self.a.weight = torch.nn.Parameter(distribute_tensor(self.a.weight.detach(), mesh, [Replicate()]))
+
+    def forward(self, x, labels=None):
+        h = torch.nn.functional.linear(x, self.a.weight.to_local(), self.a.bias)
+        return {"loss": ((self.b(h) - labels) ** 2).mean()}
+
+
+class _Big(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"x": torch.randn(4, generator=g) * 100, "labels": torch.randn(1, generator=g) * 100}
+
+
+def _mixed_mesh_run(rank, world, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    seen = {}
+
+    class Probe(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            seen[state.global_step] = ref_total_norm([p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                                                      for p in model.parameters()])
+
+    torch.manual_seed(0)
+    model = _MixedMesh(init_device_mesh("cpu", (1,)))
+    model._ddp_params_and_buffers_to_ignore = ["a.weight"]
+    cb = GradGuardCallback(max_norm=1e6)  # a loose clip; args keeps HF's max_grad_norm=1.0
+    args = transformers.TrainingArguments(output_dir=out_dir, max_steps=2, per_device_train_batch_size=8, report_to=[],
+                                          use_cpu=True, disable_tqdm=True, save_strategy="no", learning_rate=0.0,
+                                          remove_unused_columns=False)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Big(), callbacks=[cb, Probe()])
+    trainer.train()
+    return {"mixed": bool(trainer._mixed_mesh_grads), "seen": seen, "guard": float(cb.guard.last.total_norm),
+            "patched_left": "_mixed_mesh_grad_norm" in trainer.__dict__}
+
+
+def test_mixed_mesh_gradients_reach_the_guard_unclipped(tmp_path):
+    # Trainer's mixed-mesh path clipped with torch's clip_grads_with_norm_ (at max_grad_norm, not
+    # the callback's max_norm) before the guard saw the gradients.
+    import dist_spawn
+
+    if not hasattr(transformers.Trainer, "_mixed_mesh_grad_norm"):
+        pytest.skip("this transformers has no mixed-mesh clipping path")
+    (r,) = dist_spawn.run(_mixed_mesh_run, world_size=1, args=(str(tmp_path / "out"),), timeout=180)
+    assert r["mixed"] and not r["patched_left"]
+    assert min(r["seen"].values()) > 100.0  # raw norms: Trainer clipped nothing
+    assert r["guard"] == pytest.approx(r["seen"][1], rel=1e-5)

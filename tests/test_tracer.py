@@ -770,20 +770,22 @@ class _SqrtGain(nn.Module):
         return x * torch.sqrt(self.weight)
 
 
+@pytest.mark.parametrize("named", [True, False])
 @pytest.mark.parametrize("mode,zero_grad", [("zero", False), ("skip", True)])
-def test_a_parameter_gradient_cleaned_since_the_step_is_still_named(mode, zero_grad):
+def test_a_parameter_gradient_cleaned_since_the_step_is_still_named(mode, zero_grad, named):
     # The live .grad was read: "zero" mode had zeroed it, or zero_grad() had cleared it, and the
-    # tracer said the step was clean while the guard had flagged it.
+    # tracer said the step was clean while the guard had flagged it. Named by the tracer's own
+    # module names, also when the guard has none (its report says "param[2]").
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, D), _SqrtGain())
     tracer = gradguard.NanTracer(model)
-    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), model=model, on_nonfinite=mode,
-                              tracer=tracer)
+    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), model=model if named else None,
+                              on_nonfinite=mode, tracer=tracer)
     model(torch.randn(B, D)).sum().backward()
     opt.step()
     if zero_grad:
         opt.zero_grad()
-    assert opt.last.nonfinite_layers == ["1.weight"]
+    assert opt.last.nonfinite_layers == ["1.weight" if named else "param[2]"]
     origin = tracer.first_nonfinite()
     assert origin is not None and origin.where == "parameter gradient"
     assert origin.tensor == "1.weight" and origin.module == "1" and origin.kind == "Inf"
@@ -844,3 +846,41 @@ def test_siblings_that_took_the_same_tensor_are_all_named(bad_first):
     origin = tracer.first_nonfinite()
     assert origin.phase == "backward" and sorted(origin.candidates) == ["a", "b"]
     assert "one of `b`, `a`" in str(origin) if bad_first else "one of `a`, `b`" in str(origin)
+
+
+def test_a_parameter_of_another_optimizer_is_still_named():
+    # The tracer ends its steps with one guard (a GAN's generator); the NaN is in a parameter
+    # of the other optimizer's: its live gradient is the one to look at.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), _SqrtGain())
+    tracer = gradguard.NanTracer(model)
+    first = gradguard.GradGuard(torch.optim.SGD(model[0].parameters(), lr=0.1), tracer=tracer)
+    torch.optim.SGD(model[1].parameters(), lr=0.1)  # the other optimizer, not guarded here
+    model(torch.randn(B, D)).sum().backward()
+    first.step()
+    origin = tracer.first_nonfinite()
+    assert origin is not None and origin.tensor == "1.weight" and origin.where == "parameter gradient"
+
+
+class _Student(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.teacher, self.head = nn.Sequential(nn.Linear(D, D), Scaled()), nn.Linear(D, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = self.teacher(x)
+        return self.head(x + t)
+
+
+def test_a_frozen_teacher_called_under_no_grad_in_a_training_forward_is_traced():
+    # The evaluation rule looked at each module's own mode: a teacher in eval() under no_grad
+    # inside the training forward was not recorded, and its overflow was blamed on the code.
+    torch.manual_seed(0)
+    model = _Student()
+    model.teacher.eval()
+    model.teacher[1].factor = 1e4
+    tracer = gradguard.NanTracer(model)
+    model(torch.randn(B, D)).sum().backward()
+    origin = tracer.first_nonfinite()
+    assert origin.phase == "forward" and origin.module == "teacher.1" and origin.where == "output"

@@ -112,7 +112,7 @@ class GradGuardCallback(transformers.TrainerCallback):
                          "not used", guard_kwargs["max_norm"], args.max_grad_norm)
         if isinstance(inner, GradGuard) and not getattr(inner, "_made_by_hf_callback", False):
             # Adopted as it is, it had neither this callback's step hook (no logs, the LR schedule
-            # stepped on skips) nor Trainer's max_grad_norm, which the callback still turned off.
+            # stepped on skips) nor Trainer's max_grad_norm, whose clipping the callback takes over.
             raise ValueError(f"{_WHERE}: the Trainer's optimizer is already a GradGuard (create_optimizer or "
                              "optimizers=); use either the callback or your own GradGuard, not both: give the "
                              "Trainer the plain optimizer and the guard's settings to GradGuardCallback(...)")
@@ -145,6 +145,10 @@ class GradGuardCallback(transformers.TrainerCallback):
         self._trainer_max_norm = args.max_grad_norm
         self._accelerator_clip = accelerator.__dict__.get("clip_grad_norm_")
         accelerator.clip_grad_norm_ = self._clip_grad_norm
+        if hasattr(trainer, "_mixed_mesh_grad_norm"):
+            # Gradients on several meshes (expert parallelism) take Trainer's other path, which
+            # clips with torch's clip_grads_with_norm_ itself: routed to the same placeholder.
+            trainer._mixed_mesh_grad_norm = self._mixed_mesh_grad_norm
         self._trainer_log = trainer.log
         trainer.log = self._log_with_guard
         # The guard's state goes into trainer_state.json right before every checkpoint, whatever
@@ -164,6 +168,9 @@ class GradGuardCallback(transformers.TrainerCallback):
         out = torch.full((), math.nan, dtype=torch.float32, device=device)
         self._norm_outs.append(out)
         return out
+
+    def _mixed_mesh_grad_norm(self, model, max_norm):
+        return self._clip_grad_norm(list(model.parameters()), max_norm)
 
     def _save_checkpoint_with_guard(self, *args, **kwargs):
         if self.guard is None or self._trainer is None:
@@ -230,4 +237,5 @@ class GradGuardCallback(transformers.TrainerCallback):
                 self._trainer.accelerator.clip_grad_norm_ = clip
             self._trainer.__dict__.pop("log", None)
             self._trainer.__dict__.pop("_save_checkpoint", None)
+            self._trainer.__dict__.pop("_mixed_mesh_grad_norm", None)
             self._trainer = None
