@@ -155,12 +155,19 @@ def _div_dtype(input: torch.Tensor, other) -> torch.dtype:
     return zero.dtype if zero.is_floating_point() else default
 
 
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def _composite_path() -> bool:
     """The composite instead of the custom op: under torch.compile (inductor fuses it with its
     neighbours), forward-mode AD and torch.func's transforms (the custom ops' autograd formula is
     reverse mode only: torch.func.jacfwd of one gave zeros without an error, and grad/jacrev
-    raised). Same values and gradients."""
-    return torch.compiler.is_compiling() or _transforms()
+    raised). Same values and gradients. Not under torch.export: an exported program keeps the
+    custom op, whose autograd formula is its own (the composite's Function was traced through
+    there: gradients by the plain clamp, or none in strict mode)."""
+    return (torch.compiler.is_compiling() and not _exporting()) or _transforms()
 
 
 def _transforms() -> bool:
@@ -289,7 +296,13 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         v = _number(other, "other", "safe_div", nonneg=False, allow_nan=True)
         if abs(v) > torch.finfo(opmath).max:
             v = math.copysign(math.inf, v)
-        y = torch.full((), v, dtype=opmath, device=x.device)
+        if torch.compiler.is_compiling():
+            # torch.full fixes v into the graph (a new divisor each call recompiled each time);
+            # arithmetic keeps it symbolic. 0 + v is v, but for -0.0, which divides as a guarded
+            # zero all the same.
+            y = torch.zeros((), dtype=opmath, device=x.device) + v
+        else:
+            y = torch.full((), v, dtype=opmath, device=x.device)
     e = 0.0 if eps is None else _number(eps, "eps", "safe_div", nonneg=True)
     f = _number(fill, "fill", "safe_div", nonneg=False, allow_nan=True)
     if opmath is not dtype:

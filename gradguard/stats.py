@@ -340,9 +340,11 @@ def check_max_norm(max_norm):
         return max_norm
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
         raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got {max_norm!r}")
-    if math.isnan(max_norm) or max_norm < 0:
+    # not math.isnan, nor float(): under torch.compile a changing max_norm (a clipping schedule)
+    # is a symbolic float, which neither traces.
+    if max_norm != max_norm or max_norm < 0:
         raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got {max_norm!r}")
-    return float(max_norm)
+    return max_norm if isinstance(max_norm, float) or torch.compiler.is_compiling() else float(max_norm)
 
 
 def max_norm_ok(max_norm):
@@ -540,8 +542,12 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> Non
     # clip_grads_with_norm_ scales exactly as clip_grad_norm_ does.
     # A number is filled on the device (torch.tensor would copy it from the host: a sync on a GPU,
     # and no CUDA graph could capture it).
-    limit = (max_norm.to(total.device) if isinstance(max_norm, torch.Tensor)
-             else torch.full((), max_norm, dtype=torch.float64, device=total.device)).double()
+    if isinstance(max_norm, torch.Tensor):
+        limit = max_norm.to(total.device).double()
+    elif torch.compiler.is_compiling():  # arithmetic keeps a changing max_norm symbolic (see _clip_decided)
+        limit = total.new_zeros((), dtype=torch.float64) + max_norm
+    else:
+        limit = torch.full((), max_norm, dtype=torch.float64, device=total.device)
     coef = torch.where(torch.isfinite(total), torch.clamp(limit / (total.double() + 1e-6), max=1.0), 1.0)
     coef = coef.to(total.dtype)
     # DTensor grads are scaled through their local shards (the factor is the same on every rank).
@@ -630,6 +636,10 @@ def _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_gro
     limit_t = None
     if isinstance(max_norm, torch.Tensor):
         limit_t, max_norm = max_norm.to(raw.device), None
+    elif torch.compiler.is_compiling():
+        # A number argument of the op is fixed into the graph: a clipping schedule recompiled at
+        # every value. As a tensor made by arithmetic (torch.full fixes it too) it stays symbolic.
+        limit_t, max_norm = raw.acc.new_zeros((), dtype=torch.float64) + max_norm, None
     _, _, scalars, found, mult, _ = torch.ops.gradguard.guard_decide(
         raw.acc, raw.nan_count, raw.inf_count, raw.amax, None, limit_t, None, None, None, None, None, None, None,
         p, max_norm, nonfinite, "none", [], raw.out_dtype == torch.float64)

@@ -337,3 +337,57 @@ def test_masks_at_a_bound_the_dtype_rounds_compiled(dtype):
     for ge, gc in zip(*grads):
         assert ((ge == 0) == (gc == 0)).all(), (ge, gc)  # zero or passed at the same elements
     assert grads[1][0][0] != 0 and grads[1][0][1] == 0  # safe_log: passed at the bound, zero below
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_exported_programs_keep_the_defined_gradients(strict):
+    # torch.export traced the compile path's composite: gradients by the plain clamp (inf for
+    # safe_sqrt at 0), or, in strict mode, none at all through the safe ops. It keeps the
+    # custom ops now.
+    class M(torch.nn.Module):
+        def forward(self, h):
+            return (gradguard.safe_sqrt(h) + gradguard.safe_log(h, 0.5, grad="straight_through")
+                    + gradguard.safe_exp(h, 2.0) + gradguard.safe_div(h, h - 1.0) + h)
+
+    h = torch.tensor([0.0, 0.25, 1.0, 4.0], dtype=torch.float64)
+
+    def grad_of(fn):
+        hg = h.clone().requires_grad_(True)
+        fn(hg).sum().backward()
+        return hg.grad
+
+    ep = torch.export.export(M(), (h,), strict=strict)
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"gradguard.safe_sqrt.default", "gradguard.safe_log.default"} <= ops
+    torch.testing.assert_close(grad_of(ep.module()), grad_of(M()), rtol=0, atol=0)
+    assert grad_of(ep.module())[0] == 3.0  # sqrt's 0 at the bound + log's straight-through 2 + exp's 1
+
+
+def test_changing_numbers_do_not_recompile_every_call():
+    # A clipping schedule (max_norm per step) failed under fullgraph (math.isnan of a symbolic
+    # float) and recompiled at every value; a divisor that changes per call (a token count)
+    # recompiled safe_div every call (torch.full fixed it into the graph). As torch's own: the
+    # first call's graph, then one dynamic graph.
+    from torch._dynamo.utils import counters
+
+    ps = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(7))]
+    cases = {
+        "clip_grad_norm_": lambda mn: gradguard.clip_grad_norm_(ps, mn),
+        "clip_grads_with_norm_": lambda mn: gradguard.clip_grads_with_norm_(
+            ps, mn, gradguard.get_total_norm([p.grad for p in ps])),
+        "safe_div": lambda n: gradguard.safe_div(ps[1].grad, n),
+    }
+    for name, fn in cases.items():
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        for i in range(5):
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            value = 1.0 + 0.1 * i
+            got = compiled(value)
+            if name == "safe_div":
+                torch.testing.assert_close(got, torch.full((7,), 1.0 / value))
+            else:
+                torch.testing.assert_close(ps[0].grad, torch.full((6, 5), min(1.0, value / (37 ** 0.5 + 1e-6))))
+        assert counters["stats"]["unique_graphs"] <= 2, (name, counters["stats"]["unique_graphs"])
