@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES  # the cuda case is marked: benchmarks/gpu_check.sh runs it
 
 import gradguard
+
 
 def _ones(t):
     return torch.ones(3, device=t.device)
@@ -24,7 +26,6 @@ WRITERS = {
     "safe_sqrt_out": lambda t: gradguard.safe_sqrt(_ones(t), out=t),
     "safe_div_out": lambda t: gradguard.safe_div(_ones(t), 2.0 * _ones(t), out=t),
 }
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
