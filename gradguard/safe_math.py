@@ -156,8 +156,13 @@ def _div_dtype(input: torch.Tensor, other) -> torch.dtype:
 
 
 def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return is_exporting is not None and is_exporting()
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.7
+    if is_exporting is not None:
+        return is_exporting()
+    # torch 2.6: non-strict export sets the compiling flag without dynamo; strict export runs
+    # dynamo and cannot be told from torch.compile (it takes the composite there).
+    dynamo = getattr(torch.compiler, "is_dynamo_compiling", None)
+    return dynamo is not None and torch.compiler.is_compiling() and not dynamo()
 
 
 def _composite_path() -> bool:

@@ -344,7 +344,7 @@ def check_max_norm(max_norm):
     # is a symbolic float, which neither traces.
     if max_norm != max_norm or max_norm < 0:
         raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got {max_norm!r}")
-    return max_norm if isinstance(max_norm, float) or torch.compiler.is_compiling() else float(max_norm)
+    return max_norm if type(max_norm) is float or torch.compiler.is_compiling() else float(max_norm)
 
 
 def max_norm_ok(max_norm):

@@ -339,7 +339,8 @@ def test_masks_at_a_bound_the_dtype_rounds_compiled(dtype):
     assert grads[1][0][0] != 0 and grads[1][0][1] == 0  # safe_log: passed at the bound, zero below
 
 
-@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("strict", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not hasattr(torch.compiler, "is_exporting"), reason="torch 2.6: strict export cannot be told from torch.compile"))])
 def test_exported_programs_keep_the_defined_gradients(strict):
     # torch.export traced the compile path's composite: gradients by the plain clamp (inf for
     # safe_sqrt at 0), or, in strict mode, none at all through the safe ops. It keeps the
