@@ -41,7 +41,7 @@ import warnings
 
 import torch
 
-from gradguard.integrations._common import BadStepLog, check_guard_kwargs, require, skipped_total
+from gradguard.integrations._common import BadStepLog, check_guard_kwargs, log, require, skipped_total
 from gradguard.optim import GradGuard
 
 pl = require("lightning.pytorch", "lightning", "lightning")
@@ -158,6 +158,8 @@ class GradGuardCallback(pl.Callback):
                 self._log.add(step, report, index)
         try:
             self._flush(trainer)
+        except Exception as e:  # noqa: BLE001  (the fit's own error is the one to raise)
+            log.warning("gradguard: could not report the bad steps of a fit that raised: %r", e)
         finally:
             self._give_back_clipping(trainer)
 
