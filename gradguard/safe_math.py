@@ -156,9 +156,12 @@ def _div_dtype(input: torch.Tensor, other) -> torch.dtype:
 
 
 def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.7
-    if is_exporting is not None:
-        return is_exporting()
+    # The flag torch.compiler.is_exporting() returns (torch >= 2.7), read directly: dynamo in
+    # torch 2.11 folds a traced is_exporting() call to True under torch.compile too (the
+    # composite was then never taken), while a module global is read as its value.
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is not None:
+        return bool(flag)
     # torch 2.6: non-strict export sets the compiling flag without dynamo; strict export runs
     # dynamo and cannot be told from torch.compile (it takes the composite there).
     dynamo = getattr(torch.compiler, "is_dynamo_compiling", None)

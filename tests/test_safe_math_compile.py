@@ -340,7 +340,7 @@ def test_masks_at_a_bound_the_dtype_rounds_compiled(dtype):
 
 
 @pytest.mark.parametrize("strict", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not hasattr(torch.compiler, "is_exporting"), reason="torch 2.6: strict export cannot be told from torch.compile"))])
+    not hasattr(torch.compiler, "_is_exporting_flag"), reason="torch 2.6: strict export cannot be told from torch.compile"))])
 def test_exported_programs_keep_the_defined_gradients(strict):
     # torch.export traced the compile path's composite: gradients by the plain clamp (inf for
     # safe_sqrt at 0), or, in strict mode, none at all through the safe ops. It keeps the
