@@ -315,13 +315,49 @@ def _div_value(input, other, eps, fill):
     return torch.where(guard, _bound(input, fill), input / other)
 
 
+# Under torch.func transforms inside torch.compile, dynamo differentiates the forward these
+# Functions trace rather than their backward (safe_sqrt's gradient at 0 came out inf). So their
+# forwards are written so that plain autograd through them gives the defined first derivative,
+# with the same values: the clamped side of safe_sqrt is a detached branch, and a straight-
+# through clamp replaces the bound by bound + (x - x.detach()), which is the bound exactly and
+# has derivative 1 (x at +-inf stays out of it: inf - inf would be NaN).
+def _through(input: torch.Tensor, bound: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
+    finite = torch.where(torch.isinf(input), 0.0, input)
+    return torch.where(clamped, bound + (finite - finite.detach()), input)
+
+
+def _log_value_for_compile(input, eps, straight_through):
+    if not straight_through:
+        return _log_value(input, eps)
+    e = _bound(input, eps)
+    if eps == 0.0:  # 1 / eps below would be inf, and 0 * inf NaN
+        return torch.log(_through(input, e, input < e))
+    # The derivative 1 / eps below the bound as a constant, as the defined gradient has it (its
+    # own derivative there is 0: log of the shifted bound would give -1 / eps**2).
+    finite = torch.where(torch.isinf(input), 0.0, input)
+    ramp = torch.where(input < e, (finite - finite.detach()) * (1.0 / e).detach(), 0.0)
+    return _log_value(input, eps) + ramp
+
+
+def _exp_value_for_compile(input, max, straight_through):
+    if not straight_through:
+        return _exp_value(input, max)
+    m = _bound(input, max)
+    return torch.exp(_through(input, m, input > m))
+
+
+def _sqrt_value_for_compile(input, eps):
+    keep = input > _bound(input, eps)
+    return torch.where(keep, torch.sqrt(torch.where(keep, input, 1.0)), _sqrt_value(input).detach())
+
+
 # For torch.compile: dynamo traces these (it refuses a Function that defines jvp).
 class _SafeLogComposite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, eps, straight_through):
         ctx.save_for_backward(input)
         ctx.eps, ctx.straight_through = eps, straight_through
-        return _log_value(input, eps)
+        return _log_value_for_compile(input, eps, straight_through)
 
     @staticmethod
     def backward(ctx, grad):
@@ -332,7 +368,7 @@ class _SafeLogComposite(torch.autograd.Function):
 class _SafeExpComposite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, max, straight_through):
-        result = _exp_value(input, max)
+        result = _exp_value_for_compile(input, max, straight_through)
         ctx.save_for_backward(result, input)
         ctx.max, ctx.straight_through = max, straight_through
         return result
@@ -348,7 +384,7 @@ class _SafeSqrtComposite(torch.autograd.Function):
     def forward(ctx, input, eps):
         ctx.save_for_backward(input)
         ctx.eps = eps
-        return _sqrt_value(input)
+        return _sqrt_value_for_compile(input, eps)
 
     @staticmethod
     def backward(ctx, grad):
