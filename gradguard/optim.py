@@ -470,7 +470,6 @@ class GradGuard(torch.optim.Optimizer):
             self._check_params(self._params() + [q for q in new if isinstance(q, torch.Tensor)])
         self.optimizer.add_param_group(param_group)
         params = self._params()
-        self._check_params(params)
         # Now, not at the next step: a checkpoint saved in between is for every parameter (its
         # totals were one group short, and no guard, this one included, could load it).
         with torch.inference_mode(False):

@@ -304,13 +304,7 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         v = _number(other, "other", "safe_div", nonneg=False, allow_nan=True)
         if abs(v) > torch.finfo(opmath).max:
             v = math.copysign(math.inf, v)
-        if torch.compiler.is_compiling():
-            # torch.full fixes v into the graph (a new divisor each call recompiled each time);
-            # arithmetic keeps it symbolic. 0 + v is v, but for -0.0, which divides as a guarded
-            # zero all the same.
-            y = torch.zeros((), dtype=opmath, device=x.device) + v
-        else:
-            y = torch.full((), v, dtype=opmath, device=x.device)
+        y = _ref.device_scalar(v, opmath, x.device)  # a -0.0 divisor is a guarded zero either way
     e = 0.0 if eps is None else _number(eps, "eps", "safe_div", nonneg=True)
     f = _number(fill, "fill", "safe_div", nonneg=False, allow_nan=True)
     if opmath is not dtype:

@@ -25,6 +25,7 @@ from gradguard.errors import NonFiniteGradError
 # The same float64 norm math as the decision op's reference kernel (one copy of it).
 from gradguard.reference.decide import _root
 from gradguard.reference.decide import _total as _total64
+from gradguard.reference.safe_math import device_scalar
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -134,6 +135,11 @@ def _runs(order: list[int]):
     return runs
 
 
+def _refuse_meta(device: torch.device, index: int) -> None:
+    if device.type == "meta":  # the statistics of tensors without values could never be read
+        raise ValueError(f"gradguard: tensors[{index}] is on the meta device: it holds no values to check")
+
+
 def raw_stats(tensors, norm_type: float) -> _Raw:
     """One kernel call per (device, dtype) group; results in input order on the first device."""
     if not tensors:
@@ -146,8 +152,7 @@ def raw_stats(tensors, norm_type: float) -> _Raw:
     groups = _grouped(tensors)
     parts = []
     for idx in groups:
-        if tensors[idx[0]].device.type == "meta":  # its results could never be read
-            raise ValueError(f"gradguard: tensors[{idx[0]}] is on the meta device: it holds no values to check")
+        _refuse_meta(tensors[idx[0]].device, idx[0])
         res = torch.ops.gradguard.multi_tensor_stats([tensors[i] for i in idx], norm_type)
         parts.append([r.to(device) for r in res])
     if len(parts) == 1:
@@ -169,8 +174,7 @@ def _raw_of(tensors, p: float, process_group) -> _Raw:
     if got is None:
         return global_raw_stats(as_tensor_list(tensors), p, process_group=process_group)[0]
     acc, nan, inf, amax = got
-    if acc.device.type == "meta":  # one device per compiled call: the first tensor's
-        raise ValueError("gradguard: tensors[0] is on the meta device: it holds no values to check")
+    _refuse_meta(acc.device, 0)  # one device per compiled call: the first tensor's
     out_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     return _Raw(acc, nan, inf, amax, out_dtype, acc.device)
 
@@ -271,8 +275,7 @@ def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, *, proce
     p = check_norm_type(norm_type)
     got = _host.plain_grad_stats(tensors, p) if process_group is None else None
     if got is not None:
-        if got[0].device.type == "meta":  # one device per compiled call: the first tensor's
-            raise ValueError("gradguard: tensors[0] is on the meta device: it holds no values to check")
+        _refuse_meta(got[0].device, 0)  # one device per compiled call: the first tensor's
         return GradStats(*got)
     # Not the plain case (plain_stats would refuse it too): the general path.
     return finalize(global_raw_stats(as_tensor_list(tensors), p, process_group=process_group)[0], p)
@@ -542,12 +545,8 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> Non
     # clip_grads_with_norm_ scales exactly as clip_grad_norm_ does.
     # A number is filled on the device (torch.tensor would copy it from the host: a sync on a GPU,
     # and no CUDA graph could capture it).
-    if isinstance(max_norm, torch.Tensor):
-        limit = max_norm.to(total.device).double()
-    elif torch.compiler.is_compiling():  # arithmetic keeps a changing max_norm symbolic (see _clip_decided)
-        limit = total.new_zeros((), dtype=torch.float64) + max_norm
-    else:
-        limit = torch.full((), max_norm, dtype=torch.float64, device=total.device)
+    limit = (max_norm.to(total.device).double() if isinstance(max_norm, torch.Tensor)
+             else device_scalar(max_norm, torch.float64, total.device))
     coef = torch.where(torch.isfinite(total), torch.clamp(limit / (total.double() + 1e-6), max=1.0), 1.0)
     coef = coef.to(total.dtype)
     # DTensor grads are scaled through their local shards (the factor is the same on every rank).
@@ -638,8 +637,8 @@ def _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_gro
         limit_t, max_norm = max_norm.to(raw.device), None
     elif torch.compiler.is_compiling():
         # A number argument of the op is fixed into the graph: a clipping schedule recompiled at
-        # every value. As a tensor made by arithmetic (torch.full fixes it too) it stays symbolic.
-        limit_t, max_norm = raw.acc.new_zeros((), dtype=torch.float64) + max_norm, None
+        # every value. As a tensor (device_scalar) it stays symbolic.
+        limit_t, max_norm = device_scalar(max_norm, torch.float64, raw.device), None
     _, _, scalars, found, mult, _ = torch.ops.gradguard.guard_decide(
         raw.acc, raw.nan_count, raw.inf_count, raw.amax, None, limit_t, None, None, None, None, None, None, None,
         p, max_norm, nonfinite, "none", [], raw.out_dtype == torch.float64)

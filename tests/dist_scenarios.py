@@ -493,7 +493,7 @@ class _SPBlock(torch.nn.Module):
         return self.down(torch.tanh(self.up(self.norm(x))))
 
 
-def scenario_tp_sequence_parallel(rank, world):
+def scenario_tp_sequence_parallel(rank, world, counter):
     """Tensor parallel with SequenceParallel on the norm (the usual recipe): the norm's gradients
     come out Partial (pending sums), which the guard and the functional API refused. Now reduced
     (as the optimizer's first op would reduce them) and judged: a guarded AdamW equals the same
@@ -528,7 +528,20 @@ def scenario_tp_sequence_parallel(rank, world):
             grads = [q.grad for q in guarded.parameters()]
             out["functional"] = (float(gradguard.grad_stats(grads).total_norm),
                                  float(torch.nn.utils.get_total_norm([q.grad for q in twin.parameters()]).full_tensor()))
-        guard.step()
+        # The guard's own collectives: its statistics gather (counted by the counter) and one
+        # DTensor reduction per Partial gradient (functional collectives: counted at the call).
+        reduce_partial, reductions = gradguard.distributed.reduce_partial, []
+
+        def counted(t):
+            reductions.append(t)
+            return reduce_partial(t)
+
+        gradguard.distributed.reduce_partial = counted
+        try:
+            gathers = counter.guarded_step(guard)
+        finally:
+            gradguard.distributed.reduce_partial = reduce_partial
+        out.setdefault("collectives", []).append((gathers, len(reductions)))
         out["skipped"].append(bool(guard.last.skipped))
         out["totals"].append(float(guard.last.total_norm))
         if step != 1:
@@ -607,7 +620,7 @@ def run_all(rank, world) -> dict:
         "zero_plain": scenario_zero(rank, world, counter, with_ddp=False),
         "zero_missing_grad": scenario_zero_missing_grad(rank, world),
         "tp": scenario_tp(rank, world, counter),
-        "tp_sequence_parallel": scenario_tp_sequence_parallel(rank, world),
+        "tp_sequence_parallel": scenario_tp_sequence_parallel(rank, world, counter),
         "fsdp2_tp_2d": scenario_fsdp2_tp_2d(rank, world, counter),
         "fsdp2_tp_2d_strided": scenario_fsdp2_tp_2d(rank, world, counter, tp_first=True),
     }

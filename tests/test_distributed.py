@@ -160,6 +160,7 @@ def test_tensor_parallel_with_sequence_parallel_equals_torchs_clip(runs):
     assert "Partial(sum)" in r0["placements"]["norm.weight"] and "Partial(sum)" in r0["placements"]["norm.bias"]
     for r in (r0, r1):
         assert r["skipped"] == [False, True, False]
+        assert r["collectives"] == [(1, 2)] * 3  # one gather; norm.weight's and norm.bias's reductions
         _same(r["totals"], r0["totals"])
         assert math.isnan(r["totals"][1])
         mine, ref = r["functional"]

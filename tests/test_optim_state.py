@@ -40,6 +40,15 @@ def _train(model, opt, steps):
         opt.step()
 
 
+def _continue_alike(run, other, steps):
+    """Trains two (model, guard) pairs on the same batches; they must end bit-identical."""
+    for model, opt in (run, other):
+        _train(model, opt, steps)
+    for p, q in zip(run[0].parameters(), other[0].parameters()):
+        assert torch.equal(p, q)
+    assert other[1].summary() == run[1].summary()
+
+
 def _tensors_equal(a, b):
     if isinstance(a, torch.Tensor):
         return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
@@ -299,11 +308,7 @@ def test_a_copied_fused_guard_steps_as_the_original():
     _train(model, opt, range(3))
     model2, opt2 = copy.deepcopy((model, opt))
     assert opt2._fused_ready() and opt2.optimizer._step_supports_amp_scaling
-    _train(model, opt, range(3, 7))
-    _train(model2, opt2, range(3, 7))
-    for a, b in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
-    assert opt2.summary() == opt.summary()
+    _continue_alike((model, opt), (model2, opt2), range(3, 7))
 
 
 def test_a_guard_state_for_another_parameter_count_is_refused():
@@ -399,15 +404,11 @@ def test_a_checkpoint_loaded_under_inference_mode_keeps_training():
         model2.load_state_dict(model.state_dict())
         opt2.load_state_dict(saved)
     state = opt2.guard_state_dict()
-    tensors = [t for t in (state["totals"], state["consecutive"], state["layer_nonfinite"], state["layer_max_norm"],
-                           opt2._state.counters, opt2.history._values)]
+    tensors = [state["totals"], state["consecutive"], state["layer_nonfinite"], state["layer_max_norm"],
+               opt2._state.counters, opt2.history._values]
     tensors += [v for v in state["spike"].values() if isinstance(v, torch.Tensor)]
     assert not any(t.is_inference() for t in tensors)
-    _train(model, opt, range(4, 7))
-    _train(model2, opt2, range(4, 7))
-    for p, q in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(p, q)
-    assert opt2.summary() == opt.summary()
+    _continue_alike((model, opt), (model2, opt2), range(4, 7))
 
 
 def test_the_two_load_functions_name_each_others_input():

@@ -261,6 +261,16 @@ def _bound(x: torch.Tensor, v: float) -> torch.Tensor:
     return torch.full((), v, dtype=x.dtype, device=x.device)
 
 
+def device_scalar(value: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """A number as a 0-dim tensor filled on the device (torch.tensor(number, device=cuda) would
+    be a blocking host-to-device copy). Under torch.compile made by arithmetic instead: torch.full
+    fixes the number into the graph, so a value that changes per call (a divisor, a clipping
+    schedule) recompiled at every call. 0 + v is v, but for -0.0, which becomes +0.0."""
+    if torch.compiler.is_compiling():
+        return torch.zeros((), dtype=dtype, device=device) + value
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 def _clamp_min(x: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     # Eager torch.clamp's values exactly, NaN and -0.0 included: inductor lowers clamp to a
     # maximum that turns clamp(-0.0, min=0) into +0.0 (so sqrt(-0.0) and a gradient 1/-0.0 would
@@ -321,9 +331,14 @@ def _div_value(input, other, eps, fill):
 # with the same values: the clamped side of safe_sqrt is a detached branch, and a straight-
 # through clamp replaces the bound by bound + (x - x.detach()), which is the bound exactly and
 # has derivative 1 (x at +-inf stays out of it: inf - inf would be NaN).
-def _through(input: torch.Tensor, bound: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
+def _unit_ramp(input: torch.Tensor) -> torch.Tensor:
+    """0 everywhere, with derivative 1 (0 at +-inf, where inf - inf would be NaN)."""
     finite = torch.where(torch.isinf(input), 0.0, input)
-    return torch.where(clamped, bound + (finite - finite.detach()), input)
+    return finite - finite.detach()
+
+
+def _through(input: torch.Tensor, bound: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
+    return torch.where(clamped, bound + _unit_ramp(input), input)
 
 
 def _log_value_for_compile(input, eps, straight_through):
@@ -334,9 +349,7 @@ def _log_value_for_compile(input, eps, straight_through):
         return torch.log(_through(input, e, input < e))
     # The derivative 1 / eps below the bound as a constant, as the defined gradient has it (its
     # own derivative there is 0: log of the shifted bound would give -1 / eps**2).
-    finite = torch.where(torch.isinf(input), 0.0, input)
-    ramp = torch.where(input < e, (finite - finite.detach()) * (1.0 / e).detach(), 0.0)
-    return _log_value(input, eps) + ramp
+    return _log_value(input, eps) + torch.where(input < e, _unit_ramp(input) * (1.0 / e), 0.0)
 
 
 def _exp_value_for_compile(input, max, straight_through):
