@@ -312,10 +312,15 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         _ref.check_div_args("safe_div", x, y, e, f)
         x = x.to(opmath)
     if out is not None:
-        _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), div_device(x, y), x, y, dtype=dtype)
+        # Aliasing is checked against the caller's operands: x and y may be float32 copies here.
+        operands = (input, other) if isinstance(other, torch.Tensor) else (input,)
+        _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), div_device(x, y), *operands,
+                   dtype=dtype)
         if _composite_path():
             _ref.write_out(out, _ref.safe_div_composite(x, y, e, f, transforms=_transforms()).to(dtype), "safe_div")
         elif opmath is not dtype:
+            # The op's out= kernel checks overlap; this path computes into a copy, so check here.
+            _ref.check_no_partial_overlap(out, operands)
             out.copy_(torch.ops.gradguard.safe_div(x, y, e, f))
         else:
             torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)

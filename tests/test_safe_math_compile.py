@@ -415,3 +415,25 @@ def test_torch_func_inside_compile_takes_the_defined_gradients(transform):
     fn = {"grad": torch.func.grad(f), "jacfwd": torch.func.jacfwd(f), "hessian": torch.func.hessian(f)}[transform]
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(x), fn(x), equal_nan=True)
+
+
+def test_straight_through_log_with_an_eps_whose_inverse_overflows_compiled():
+    # The compile path adds the straight-through ramp below the bound as ramp / eps: multiplied by
+    # 1 / eps, that was inf in float16 for eps < 1.5e-5 (and for subnormal eps in the other
+    # dtypes), and 0 * inf made every clamped value NaN.
+    a = torch.tensor([-1.0, 0.0, 1e-7, 0.5], dtype=torch.float16, requires_grad=True)
+    b = torch.tensor([-1.0, 0.0, 1e-41, 0.5], dtype=torch.float32, requires_grad=True)
+
+    def f(a, b):
+        return (gradguard.safe_log(a, 1e-6, grad="straight_through"),
+                gradguard.safe_log(b, 1e-39, grad="straight_through"))
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(a, b)
+    want = f(a, b)
+    for g, w, x in zip(got, want, (a, b)):
+        assert not torch.isnan(g).any(), g
+        torch.testing.assert_close(g, w)
+        (gg,) = torch.autograd.grad(g.sum(), x, retain_graph=True)
+        (gw,) = torch.autograd.grad(w.sum(), x, retain_graph=True)
+        assert torch.equal(gg, gw), (gg, gw)

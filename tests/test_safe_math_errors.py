@@ -364,3 +364,29 @@ def test_an_out_that_partly_overlaps_the_input_is_refused_on_every_path(op):
     call(*((y, 2.0) if op == "safe_div" else (y,)), out=y)  # exactly the input: in place, allowed
     z = torch.arange(1.0, 11.0)
     call(*((z[:5], 2.0) if op == "safe_div" else (z[:5],)), out=z[5:])  # disjoint: allowed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_division_by_a_number_checks_out_against_the_callers_operands(dtype):
+    # float16/bfloat16 divided by a number runs in float32 on a copy of the input; `out` was
+    # checked against that copy, so an `out` that is a view of the input (needing a resize, or
+    # partly overlapping it) was accepted and written over the input.
+    a = torch.arange(1.0, 7.0, dtype=dtype).view(2, 3)
+    before = a.clone()
+    with pytest.raises(RuntimeError, match="also an operand"):
+        gradguard.safe_div(a, 2.0, out=a[0])
+    x = torch.arange(1.0, 11.0, dtype=dtype)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        gradguard.safe_div(x[:6], 2.0, out=x[2:8])
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        gradguard.safe_div(x[:6], torch.tensor(2.0, dtype=torch.float64), out=x[2:8])
+    assert torch.equal(a, before) and torch.equal(x, torch.arange(1.0, 11.0, dtype=dtype))
+    gradguard.safe_div(a, 2.0, out=a)  # exactly the input: in place, allowed
+    assert torch.equal(a, before / 2)
+
+
+@pytest.mark.parametrize("path", ["api", "ref"])
+def test_a_shape_mismatch_names_the_operands_as_torch_div_does(path):
+    call = gradguard.safe_div if path == "api" else (lambda a, b: ref.safe_div(a, b, 0.0, 0.0))
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(4\) must match the size of tensor b \(3\)"):
+        call(torch.ones(4), torch.ones(3))

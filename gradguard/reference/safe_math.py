@@ -208,7 +208,8 @@ def _div_guard(other: torch.Tensor, eps: float) -> torch.Tensor:
 def safe_div(input: torch.Tensor, other: torch.Tensor, eps: float, fill: float) -> torch.Tensor:
     check_div_args("safe_div", input, other, eps, fill)
     # A NaN numerator is never replaced by `fill`: the guard only hides a division by ~0.
-    guard = _div_guard(other, eps) & ~torch.isnan(input)
+    # (The input first: a shape mismatch then names the operands as torch.div does, a before b.)
+    guard = ~torch.isnan(input) & _div_guard(other, eps)
     result = empty_broadcast(input, other)
     # A fill on the result's device: no host-to-device copy of the value.
     fill_t = torch.full((), fill, dtype=input.dtype, device=result.device)
@@ -348,8 +349,10 @@ def _log_value_for_compile(input, eps, straight_through):
     if eps == 0.0:  # 1 / eps below would be inf, and 0 * inf NaN
         return torch.log(_through(input, e, input < e))
     # The derivative 1 / eps below the bound as a constant, as the defined gradient has it (its
-    # own derivative there is 0: log of the shifted bound would give -1 / eps**2).
-    return _log_value(input, eps) + torch.where(input < e, _unit_ramp(input) * (1.0 / e), 0.0)
+    # own derivative there is 0: log of the shifted bound would give -1 / eps**2). Divided, not
+    # multiplied by 1 / eps: that overflows to inf for float16 eps < 1.5e-5 (and subnormal eps
+    # in the other dtypes), and 0 * inf made every clamped value NaN.
+    return _log_value(input, eps) + torch.where(input < e, _unit_ramp(input) / e, 0.0)
 
 
 def _exp_value_for_compile(input, max, straight_through):
