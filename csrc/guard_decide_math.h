@@ -204,6 +204,7 @@ struct Decision {
   float grad_scale;
   bool found;
   bool overflow;
+  bool bad_scale;  // the loss scale is not positive, or its inverse overflows
   bool skipped;
   bool clipped;
 };
@@ -224,6 +225,7 @@ GG_HD Decision decide(const Config& c, const Inputs& in) {
   // ~3e-39 for float32), would turn the unscaled gradients into Inf/NaN: as bad.
   const bool bad_scale =
       in.has_loss_scale && !(in.loss_scale > 0.0 && !isinf_(round_to(div(1.0, in.loss_scale), c.basis_double)));
+  d.bad_scale = bad_scale;
   d.found = (in.nan_total + in.inf_total) > 0 || isnan_(d.total) || isinf_(d.total) || bad_scale;
   d.overflow = in.has_scaler_found && in.scaler_found > 0;
   d.found = d.found || d.overflow;
@@ -281,9 +283,11 @@ GG_HD int64_t percentile_slot(double count, double window) {
 }
 
 // The streak after this step: reset by a taken step, grown by a skipped one, left as it is by a
-// GradScaler overflow.
-GG_HD int64_t next_streak(int64_t streak, bool skipped, bool overflow) {
-  if (overflow) return streak;
+// GradScaler overflow (the scaler backs off instead) unless the scale has already backed off too
+// far to unscale: a NaN that never goes away keeps the scaler's flag set on every step, and
+// without this the streak never grew and max_consecutive_skips never fired.
+GG_HD int64_t next_streak(int64_t streak, bool skipped, bool excused) {
+  if (excused) return streak;
   return skipped ? streak + 1 : 0;
 }
 
@@ -328,7 +332,7 @@ GG_HD void record(const Config& c, const Decision& d, const StateRefs& s, const 
   if (s.counters != nullptr) {
     int64_t* cn = s.counters;
     const int64_t cs = s.s_counters;
-    streak = next_streak(cn[3 * cs], d.skipped, d.overflow);
+    streak = next_streak(cn[3 * cs], d.skipped, d.overflow && !d.bad_scale);
     if (s.history != nullptr) {
       double* h = s.history + remainder_(cn[4 * cs], s.hist_rows) * s.s_hist0;
       h[0] = d.total;

@@ -56,7 +56,9 @@ combines both flags with a max (never a sum, which the fused kernels' ``found_in
 would miss), and always skips an overflowed step whatever ``on_nonfinite`` says: an overflow is
 the scaler's signal to lower the scale, and the scaler's ``update()`` counts it. The guard counts
 that skip once, in its own counters, marks it ``report.amp_overflow``, and does not count it
-toward ``max_consecutive_skips`` (a calibrating scaler overflows several steps in a row). If the
+toward ``max_consecutive_skips`` (a calibrating scaler overflows several steps in a row) unless
+the scale has backed off too far to be undone (0, or an inverse beyond float32: a NaN in every
+batch keeps the scaler's flag set and halves the scale to nothing). If the
 step raises, the scale and flag GradScaler left on the guard are removed (GradScaler removes
 them only after a step that returns). Under FSDP1 shards (``model=``) the scaler's flag is this
 rank's alone, so there the guard does not claim the step: GradScaler unscales, reads its flag
@@ -124,6 +126,18 @@ def _scale(grads, mult, zero_nonfinite: bool, simple: bool) -> None:
 def _capturing(device: torch.device) -> bool:
     """Whether this step is being captured into a CUDA graph (no host read possible)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _bad_loss_scale(loss_scale: torch.Tensor | None, dtype: torch.dtype) -> float | None:
+    """The loss scale's value where unscaling by it is impossible (guard_decide's rule: not
+    positive, or its inverse overflows the multiplier's dtype); None otherwise. For error
+    messages only: it reads the scale (a host sync)."""
+    if loss_scale is None:
+        return None
+    v = float(loss_scale)
+    if v > 0 and not torch.isinf((1.0 / torch.tensor(v, dtype=torch.float64)).to(dtype)):
+        return None
+    return v
 
 
 def _hook_note(err) -> str:
@@ -814,7 +828,7 @@ class GradGuard(torch.optim.Optimizer):
         if mode == "raise" and host[2]:
             hook_error = self._run_hooks(report, keep_going=True)
             msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
-                                         report.norms, raw.out_dtype)
+                                         report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype))
             raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)" + _hook_note(hook_error),
                                      bad, report) from hook_error
 
@@ -880,7 +894,7 @@ class GradGuard(torch.optim.Optimizer):
         hook_error = self._run_hooks(report, keep_going=giving_up) if self._step_hooks else None
         if giving_up:
             msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
-                                         report.norms, raw.out_dtype)
+                                         report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype))
             raise NonFiniteGradError(
                 f"gradguard.GradGuard: {streak_h} steps in a row were skipped "
                 f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}" + _hook_note(hook_error),

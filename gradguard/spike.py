@@ -18,10 +18,18 @@ import numbers
 import torch
 
 
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"gradguard: `{name}` must be an int >= {low}, got {value!r}")
+def _check_int(name: str, value, low: int, high: int | None = None, why: str = "") -> int:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low
+            or (high is not None and value > high)):
+        want = f">= {low}" if high is None else f"in [{low}, {high}]{why}"
+        raise ValueError(f"gradguard: `{name}` must be an int {want}, got {value!r}")
     return int(value)
+
+
+# The window is ranked in full on every step (on a GPU, O(window**2 / 512) comparisons in one
+# block): 100k is already milliseconds there, and a window of 2**40 failed in the allocator
+# without naming the argument.
+MAX_WINDOW = 100_000
 
 
 def _check_real(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> float:
@@ -120,7 +128,8 @@ class PercentileClip(SpikePolicy):
     def __init__(self, q: float = 0.9, window: int = 1000, warmup: int = 25):
         super().__init__()
         self.q = _check_real("q", q, 0.0, 1.0, True, False)
-        self.window = _check_int("window", window, 1)
+        self.window = _check_int("window", window, 1, MAX_WINDOW,
+                                 " (every step ranks the whole window; its state is 8 bytes a slot on the device)")
         self.warmup = _check_int("warmup", warmup, 1)
 
     @property

@@ -383,18 +383,26 @@ def scale_(grads: list[torch.Tensor], coef: torch.Tensor, zero_nonfinite: bool =
 
 
 def nonfinite_message(where: str, names, nan_count, inf_count, norms=None,
-                      total_dtype: torch.dtype = torch.float32) -> tuple[str, list[str]]:
+                      total_dtype: torch.dtype = torch.float32, bad_loss_scale: float | None = None
+                      ) -> tuple[str, list[str]]:
     """A sentence naming the offending tensors (this reads the counts: a host sync). With every
-    element finite, a step is non-finite because the norm overflows `total_dtype`: then it says
-    so and names the tensors whose own norm overflows (`norms`, the per-tensor norms)."""
+    element finite, a step is non-finite because the norm overflows `total_dtype`, or because
+    the loss scale cannot be undone (`bad_loss_scale`: its value, where it is 0, negative or so
+    small that its inverse overflows): then it says so and names the tensors whose own norm
+    overflows (`norms`, the per-tensor norms)."""
     nan_l, inf_l = nan_count.tolist(), inf_count.tolist()
     bad = [(n, a, b) for n, a, b in zip(names, nan_l, inf_l) if a or b]
+    scale = ("" if bad_loss_scale is None else
+             f"the loss scale is {bad_loss_scale!r} (a GradScaler that backed off this far on every step has "
+             "seen NaN/Inf for many steps in a row), and unscaling by it makes the gradients non-finite")
     if not bad:
+        if scale:
+            return f"{where}: every scaled gradient element is finite, but {scale}", []
         return _overflow_message(where, names, norms, total_dtype)
     shown = ", ".join(f"{n} ({a} NaN, {b} Inf)" for n, a, b in bad[:10])
     more = f", and {len(bad) - 10} more" if len(bad) > 10 else ""
-    return (f"{where}: non-finite gradients in {len(bad)} of {len(names)} tensors: {shown}{more}",
-            [n for n, _, _ in bad])
+    return (f"{where}: non-finite gradients in {len(bad)} of {len(names)} tensors: {shown}{more}"
+            + (f"; {scale}" if scale else ""), [n for n, _, _ in bad])
 
 
 def _overflow_message(where: str, names, norms, total_dtype: torch.dtype) -> tuple[str, list[str]]:

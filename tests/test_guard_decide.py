@@ -112,6 +112,7 @@ def run_sequence(seed, device, p, mode, spike, double_out, use_index, max_norm_k
     each step. Returns how many steps were non-finite, clipped, skipped, for the caller's checks
     that the sequence exercised those branches."""
     rng = random.Random(seed)
+    bad_scales = random.Random(seed + 1)
     layers = N + 4 if use_index else N
     index = torch.randperm(layers, generator=torch.Generator().manual_seed(seed))[:N] if use_index else None
     op_state = new_state(spike, layers, device, stateful)
@@ -130,6 +131,10 @@ def run_sequence(seed, device, p, mode, spike, double_out, use_index, max_norm_k
         loss_scale = scaler_found = None
         if amp_kind in ("scale", "both"):
             loss_scale = torch.tensor(rng.choice([1.0, 1024.0, 65536.0]), dtype=torch.float32)
+            if bad_scales.random() < 0.08:
+                # A scale backed off too far to undo (with the scaler's flag too, the streak
+                # counts the step). From a generator of its own: the main sequence is unchanged.
+                loss_scale.fill_(bad_scales.choice([0.0, 1e-40]))
         if amp_kind in ("found", "both"):
             scaler_found = torch.tensor(rng.choices([0.0, 1.0, 2.0], [8, 2, 1])[0], dtype=torch.float32)
         if loss_scale is not None:  # the grads still hold the scale

@@ -159,3 +159,34 @@ def test_a_scaled_norm_that_overflows_is_judged_unscaled(decide_on):
     scaler.step(g)
     assert not bool(g.last.skipped) and not bool(g.last.found_inf)
     assert float(g.last.total_norm) == pytest.approx(4e38 / 2.0 ** 16, rel=1e-6)
+
+
+@pytest.mark.parametrize("finite", [False, True], ids=["nan_every_step", "finite_grads"])
+def test_max_consecutive_skips_fires_once_the_scale_cannot_be_undone(finite, decide_on):
+    # A NaN in every batch sets GradScaler's flag on every step, and overflow skips do not count
+    # toward max_consecutive_skips: the scale backed off to 0 and the run skipped forever without
+    # a word. Once the scale is too small to undo (its inverse overflows float32), the skips count.
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 1)
+    g = GradGuard(torch.optim.SGD(m.parameters(), lr=0.1), max_consecutive_skips=2, model=m)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** -125)  # 2**-128's inverse overflows
+    x = torch.randn(4, 3)
+    if not finite:
+        x[0, 0] = float("nan")
+    else:
+        scaler.scale(torch.zeros(()))
+        scaler.update(new_scale=torch.tensor(0.0))  # finite gradients, a scale of 0
+    before = [p.detach().clone() for p in m.parameters()]
+    steps = 0
+    with pytest.raises(Exception) as info:
+        for steps in range(1, 20):
+            scaler.scale(m(x).sum()).backward()
+            scaler.step(g)
+            scaler.update()
+            g.zero_grad()
+    assert type(info.value).__name__ == "NonFiniteGradError", info.value
+    msg = str(info.value)
+    assert "2 steps in a row were skipped" in msg and "the loss scale is" in msg, msg
+    assert ("weight (1 NaN" in msg or "weight (" in msg) if not finite else "every scaled gradient element is finite" in msg
+    assert steps == (5 if not finite else 2), steps  # -125, -126, -127 overflow only; -128, -129 count
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))

@@ -110,6 +110,8 @@ def test_zscore_bad_input(kwargs, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(q=0.0), "`q`"), (dict(q=1.5), "`q`"), (dict(window=0), "`window`"), (dict(warmup=True), "`warmup`"),
+    # a window of 2**40 was accepted, and the first step failed in the allocator (8 TB)
+    (dict(window=2 ** 40), r"`window` must be an int in \[1, 100000\]"), (dict(window=100_001), "`window`"),
 ])
 def test_percentile_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):

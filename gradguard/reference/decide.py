@@ -48,7 +48,8 @@ The rules:
     The spike policy absorbs the clipped basis (zscore: Welford during warm-up, then an EMA) or
     the raw one (percentile: the ring slot count % window) only on a finite step.
     The streak is reset by a taken step, grows by a skipped one, and is left as it is by a
-    GradScaler overflow. Per parameter: non-finite steps += 1 where the grad held NaN/Inf, max
+    GradScaler overflow, unless the loss scale is itself bad (not positive, or its inverse
+    overflows the multiplier's dtype): a NaN that never goes away keeps the scaler's flag set. Per parameter: non-finite steps += 1 where the grad held NaN/Inf, max
     norm = max(max norm, finite norm, 0 for a non-finite grad).
 """
 from __future__ import annotations
@@ -146,9 +147,11 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
     # Judged unscaled; a loss scale that is not positive or whose inverse overflows the
     # multiplier's dtype is as bad (see guard_decide_math.h).
     found = ((nan_total + inf_total) > 0) | ~torch.isfinite(total)
+    bad_scale = torch.zeros((), dtype=torch.bool, device=dev)
     if loss_scale is not None:
         ls64 = loss_scale.to(device=dev).double()
-        found = found | ~((ls64 > 0) & ~torch.isinf(_round(1.0 / ls64, basis_dtype)))
+        bad_scale = ~((ls64 > 0) & ~torch.isinf(_round(1.0 / ls64, basis_dtype)))
+        found = found | bad_scale
     overflow = torch.zeros((), dtype=torch.bool, device=dev)
     if scaler_found is not None:
         overflow = scaler_found.to(device=dev).double() > 0
@@ -190,7 +193,7 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
 
     if counters is not None:
         streak = torch.where(skipped, counters[3] + 1, 0)
-        streak = torch.where(overflow, counters[3], streak)
+        streak = torch.where(overflow & ~bad_scale, counters[3], streak)
         if history is not None:
             slot = torch.remainder(counters[4], history.shape[0])
             rows = torch.arange(history.shape[0], device=dev) == slot
