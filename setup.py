@@ -138,7 +138,9 @@ def cuda_extension():
     from torch.utils.cpp_extension import CUDAExtension
 
     sources = [os.path.join("csrc", "gradguard.cpp")] + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # +PTX: Blackwell (10.x, 12.x) and later GPUs JIT-compile the 9.0 PTX; without it they had no
+    # kernel image at all. Other GPUs (Turing, 7.5) need their own entry: kernel_image.cu says so.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     # --extended-lambda: ATen/native/cuda/Loops.cuh (gpu_kernel, used by the safe math kernels)
     # has __host__ __device__ lambdas of its own.
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--extended-lambda"]

@@ -71,7 +71,7 @@ EOF
 
 step "build (setup.py build_ext --inplace: ninja, no pip, no download)" | tee "$OUT/build.log"
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  # Only this GPU's architecture: a third of the compile time of the default "8.0;9.0".
+  # Only this GPU's architecture: a third of the compile time of the default "8.0;9.0+PTX".
   TORCH_CUDA_ARCH_LIST="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null)" \
     || stop 2 "no GPU to take the architecture from, and TORCH_CUDA_ARCH_LIST is not set"
 fi

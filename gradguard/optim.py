@@ -94,8 +94,8 @@ from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker
 from gradguard.guard_state import GuardState
 from gradguard.report import History, StepReport
 from gradguard.spike import SpikePolicy
-from gradguard.stats import (_Raw, check_max_norm, check_norm_type, global_raw_stats, grad_or_empty, nonfinite_message,
-                             refuse_unreduced_fsdp1, scale_)
+from gradguard.stats import (_Raw, check_max_norm, check_norm_type, global_raw_stats, grad_or_empty, limit_on,
+                             nonfinite_message, refuse_unreduced_fsdp1, scale_)
 
 ON_NONFINITE = ("skip", "zero", "raise", "ignore")
 _GUARD_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_norm", "spike", "history")
@@ -126,6 +126,19 @@ def _scale(grads, mult, zero_nonfinite: bool, simple: bool) -> None:
 def _capturing(device: torch.device) -> bool:
     """Whether this step is being captured into a CUDA graph (no host read possible)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+_LAYOUTS_KEPT = 16
+
+
+def _index_tensor(present: list[int], device: torch.device) -> torch.Tensor:
+    """`present` as an int64 tensor on `device`. On a GPU through pinned memory and a copy that
+    does not block the host (torch keeps the pinned block until the copy has run), except under
+    a CUDA graph capture, which must not record a copy from a temporary host buffer."""
+    cpu = torch.tensor(present, dtype=torch.int64)
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return cpu.to(device)
+    return cpu.pin_memory().to(device, non_blocking=True)
 
 
 def _bad_loss_scale(loss_scale: torch.Tensor | None, dtype: torch.dtype) -> float | None:
@@ -460,13 +473,22 @@ class GradGuard(torch.optim.Optimizer):
 
     def _layout(self, params, present, device):
         """Names of the parameters that have a gradient, and the index tensor that places them
-        among all parameters (None when all have one), cached while the pattern holds."""
+        among all parameters (None when all have one). The last _LAYOUTS_KEPT patterns are kept:
+        with one, a model whose gradless parameters alternate (MoE experts that got no tokens on
+        every other step) rebuilt the index every step, and on a GPU each rebuild was a blocking
+        host-to-device copy. A rebuild's copy is from pinned memory, without blocking."""
         key = (len(params), tuple(present), device)
-        if self._layout_cache is None or self._layout_cache[0] != key:
+        cache = self._layout_cache
+        if cache is None:
+            cache = self._layout_cache = {}
+        hit = cache.get(key)
+        if hit is None:
             names = self._names(params)
-            idx = None if len(present) == len(params) else torch.tensor(present, dtype=torch.int64, device=device)
-            self._layout_cache = (key, [names[i] for i in present], idx)
-        return self._layout_cache[1], self._layout_cache[2]
+            idx = None if len(present) == len(params) else _index_tensor(present, device)
+            if len(cache) >= _LAYOUTS_KEPT:
+                del cache[next(iter(cache))]  # the oldest
+            hit = cache[key] = ([names[i] for i in present], idx)
+        return hit
 
     # ---- torch.optim.Optimizer interface --------------------------------------------------------
 
@@ -797,7 +819,7 @@ class GradGuard(torch.optim.Optimizer):
         max_norm, spike = self.max_norm, self.spike
         limit_t = None
         if isinstance(max_norm, torch.Tensor):
-            limit_t, max_norm = (max_norm if max_norm.device == device else max_norm.to(device)), None
+            limit_t, max_norm = limit_on(max_norm, device), None
         if loss_scale is not None and loss_scale.device != device:
             loss_scale = loss_scale.to(device)
         if scaler_found is not None and scaler_found.device != device:

@@ -325,6 +325,18 @@ def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep
     return params, names
 
 
+def limit_on(max_norm: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor `max_norm` on `device`. A CPU tensor's value is read (free) and filled on an
+    accelerator: `.to(device)` from pageable memory is a blocking copy, a host sync every step.
+    (Under a CUDA graph capture its value at capture is then fixed; a device tensor can change
+    between replays.)"""
+    if max_norm.device == device:
+        return max_norm
+    if max_norm.device.type == "cpu" and not torch.compiler.is_compiling():
+        return device_scalar(float(max_norm), max_norm.dtype, device)
+    return max_norm.to(device)
+
+
 def check_max_norm(max_norm):
     """A number, or a one-element tensor (returned 0-dim). A CPU tensor's value is checked here
     (reading it costs nothing); an accelerator tensor's is not, since that read would sync: the
@@ -553,7 +565,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> Non
     # clip_grads_with_norm_ scales exactly as clip_grad_norm_ does.
     # A number is filled on the device (torch.tensor would copy it from the host: a sync on a GPU,
     # and no CUDA graph could capture it).
-    limit = (max_norm.to(total.device).double() if isinstance(max_norm, torch.Tensor)
+    limit = (limit_on(max_norm, total.device).double() if isinstance(max_norm, torch.Tensor)
              else device_scalar(max_norm, torch.float64, total.device))
     coef = torch.where(torch.isfinite(total), torch.clamp(limit / (total.double() + 1e-6), max=1.0), 1.0)
     coef = coef.to(total.dtype)
@@ -642,7 +654,7 @@ def _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_gro
         params[i].grad = g
     limit_t = None
     if isinstance(max_norm, torch.Tensor):
-        limit_t, max_norm = max_norm.to(raw.device), None
+        limit_t, max_norm = limit_on(max_norm, raw.device), None
     elif torch.compiler.is_compiling():
         # A number argument of the op is fixed into the graph: a clipping schedule recompiled at
         # every value. As a tensor (device_scalar) it stays symbolic.

@@ -994,3 +994,33 @@ def test_bench_only_cuda_without_gpu_fails_with_one_clear_line():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "--only cuda needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_gpu
+def test_a_cpu_max_norm_tensor_steps_as_the_number_without_a_copy(monkeypatch):
+    # A CPU-tensor max_norm was copied to the GPU with .to() every step: a blocking copy from
+    # pageable memory, a host sync per step. Its value is now read (free) and filled on the device.
+    torch.manual_seed(0)
+    ws = [torch.randn(64, 32, device="cuda", requires_grad=True) for _ in range(3)]
+    vs = [w.detach().clone().requires_grad_() for w in ws]
+    a = gradguard.GradGuard(torch.optim.AdamW(ws, lr=1e-2, fused=True), max_norm=torch.tensor(0.5))
+    b = gradguard.GradGuard(torch.optim.AdamW(vs, lr=1e-2, fused=True), max_norm=0.5)
+    for step in range(3):
+        grads = [torch.randn(64, 32, device="cuda") * 10 for _ in ws]
+        for w, v, g in zip(ws, vs, grads):
+            w.grad, v.grad = g.clone(), g.clone()
+        b.step()
+        real_to = torch.Tensor.to
+        copies = []
+
+        def to(self, *args, **kwargs):
+            if self.device.type == "cpu" and any("cuda" in str(x) for x in list(args) + list(kwargs.values())):
+                copies.append(self.shape)
+            return real_to(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        a.step()
+        monkeypatch.setattr(torch.Tensor, "to", real_to)
+        assert not copies, copies
+    for w, v in zip(ws, vs):
+        assert torch.equal(w, v)

@@ -120,3 +120,34 @@ def test_device_decided_fused_step_reads_nothing(monkeypatch):
     with count_reads(monkeypatch, inner) as reads:
         opt.step()
     assert reads[0] == 0
+
+
+def test_alternating_gradless_parameters_build_each_index_once(monkeypatch):
+    # The index that places the present gradients among all parameters was cached for one
+    # pattern only: parameters without a gradient on alternate steps (MoE experts that got no
+    # tokens) rebuilt it every step, on a GPU a blocking host-to-device copy each time.
+    import gradguard.optim as optim_mod
+    built = []
+    real = optim_mod._index_tensor
+    monkeypatch.setattr(optim_mod, "_index_tensor", lambda present, device: built.append(list(present)) or
+                        real(present, device))
+    params = make_params()
+    opt = GradGuard(torch.optim.AdamW(params, lr=1e-2, fused=True), max_norm=0.5, hygiene=False)
+    opt._decide_on_host_on_cpu = False
+    for step in range(8):
+        set_grads(params, make_grads(step))
+        params[1 + step % 2].grad = None
+        opt.step()
+    assert sorted(map(tuple, built)) == sorted({tuple(b) for b in built}) and len(built) == 2, built
+    assert opt.last.names == [n for i, n in enumerate(opt._names(params)) if i != 2]  # step 7: param 2 gradless
+
+
+def test_a_cpu_max_norm_tensor_is_filled_on_another_device_not_copied(monkeypatch):
+    # (On a GPU .to() from pageable memory is a blocking copy: a sync every step. The meta
+    # device stands in for it here; tests/test_cuda.py steps a guard with one on a GPU.)
+    from gradguard.stats import limit_on
+    t = torch.tensor(2.5, dtype=torch.float64)
+    monkeypatch.setattr(torch.Tensor, "to", lambda *a, **k: pytest.fail("copied with .to()"))
+    got = limit_on(t, torch.device("meta"))
+    assert got.device.type == "meta" and got.dtype == torch.float64 and got.shape == ()
+    assert limit_on(t, torch.device("cpu")) is t

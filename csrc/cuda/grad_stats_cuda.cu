@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "copy_any_dims.h"
+#include "kernel_image.h"
 #include "multi_tensor_apply.cuh"
 #include "strided_walk.h"
 
@@ -384,6 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cu
   TORCH_CHECK(tensors.size() < static_cast<size_t>(std::numeric_limits<int32_t>::max()),
               "gradguard.multi_tensor_stats: too many tensors");
   const c10::cuda::CUDAGuard guard(device);
+  require_kernel_image();
   const int64_t n = static_cast<int64_t>(tensors.size());
 
   std::vector<FlatItem> flat;

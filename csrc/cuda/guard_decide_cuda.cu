@@ -28,6 +28,7 @@
 
 #include "guard_decide_args.h"
 #include "guard_decide_math.h"
+#include "kernel_image.h"
 
 namespace gradguard {
 namespace cuda {
@@ -231,6 +232,7 @@ decide::Outputs guard_decide_cuda(const at::Tensor& acc, const at::Tensor& nan_c
                                   counters, layer_nonfinite, layer_max_norm, spike_state, history, norm_type, mode,
                                   spike, spike_args);
   const c10::cuda::CUDAGuard guard(acc.device());
+  require_kernel_image();
   const bool amp = loss_scale.has_value() || scaler_found.has_value();
   DecideArgs a{};
   a.cfg = decide::make_guard_decide_config(amp, max_norm.has_value(), norm_type, max_norm_value, mode, spike,

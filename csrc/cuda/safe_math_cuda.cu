@@ -23,6 +23,7 @@
 #include <ATen/native/cuda/Loops.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include "kernel_image.h"
 #include "safe_math_args.h"
 
 #include <thrust/tuple.h>
@@ -152,6 +153,7 @@ namespace {
 template <Math M, bool kMin>
 void clamped_math(const at::Tensor& out, const at::Tensor& input, double bound) {
   const c10::cuda::CUDAGuard guard(input.device());
+  require_kernel_image();
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(input).check_all_same_dtype(true).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gradguard_safe_unary_cuda", [&] {
     // Rounded to the dtype first, as torch.clamp does with its scalar bound.
@@ -225,6 +227,7 @@ at::Tensor safe_log_backward_cuda(const at::Tensor& grad, const at::Tensor& inpu
   check_backward_operand(input, grad, "safe_log_backward", "input");
   check_on_kernel_device({{&grad, "grad"}, {&input, "input"}}, "safe_log_backward", at::kCUDA);
   const c10::cuda::CUDAGuard guard(input.device());
+  require_kernel_image();
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_log_backward_cuda", [&] {
@@ -240,6 +243,7 @@ at::Tensor safe_exp_backward_cuda(const at::Tensor& grad, const at::Tensor& resu
   check_backward_operand(input, grad, "safe_exp_backward", "input");
   check_on_kernel_device({{&grad, "grad"}, {&result, "result"}, {&input, "input"}}, "safe_exp_backward", at::kCUDA);
   const c10::cuda::CUDAGuard guard(input.device());
+  require_kernel_image();
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig()
                   .add_output(out)
@@ -258,6 +262,7 @@ at::Tensor safe_sqrt_backward_cuda(const at::Tensor& grad, const at::Tensor& inp
   check_backward_operand(input, grad, "safe_sqrt_backward", "input");
   check_on_kernel_device({{&grad, "grad"}, {&input, "input"}}, "safe_sqrt_backward", at::kCUDA);
   const c10::cuda::CUDAGuard guard(input.device());
+  require_kernel_image();
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_sqrt_backward_cuda", [&] {
@@ -273,6 +278,7 @@ at::Tensor safe_sqrt_backward_cuda(const at::Tensor& grad, const at::Tensor& inp
 // host-to-device copy, and the guard is on the result's device, never the CPU operand's.
 void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
   const c10::cuda::CUDAGuard guard(out.device());
+  require_kernel_image();
   auto iter = at::TensorIteratorConfig()
                   .allow_cpu_scalars(true)
                   .add_output(out)
@@ -321,6 +327,7 @@ std::tuple<at::Tensor, at::Tensor> safe_div_backward_cuda(const at::Tensor& grad
               " but input and other broadcast to ", at::IntArrayRef(shape));
   const auto device = div_device(input, other);
   const c10::cuda::CUDAGuard guard(device);
+  require_kernel_image();
   at::Tensor grad_input = empty_broadcast(input, other);
   at::Tensor grad_other = empty_broadcast(input, other);
   const at::Tensor input_d = on_device(input, device), other_d = on_device(other, device);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "copy_any_dims.h"
+#include "kernel_image.h"
 #include "multi_tensor_apply.cuh"
 #include "strided_walk.h"
 
@@ -116,6 +117,7 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
     TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] is not a strided (dense) tensor");
   }
   const c10::cuda::CUDAGuard guard(device);
+  require_kernel_image();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_scale_cuda", [&] {
