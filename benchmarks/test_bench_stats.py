@@ -56,4 +56,7 @@ def test_clip_grad_norm(benchmark, gpt2_grads, impl):
     total = benchmark(lambda: clip(params, max_norm()))
     assert torch.isfinite(total)
     after = gradguard.grad_stats([p.grad for p in params]).total_norm
-    torch.testing.assert_close(after, torch.tensor(max_norm.value), rtol=1e-4, atol=0)
+    # torch's clip sums float32 norms in float32 and multiplies by a float32 coefficient: on the
+    # 124M list it lands 8.7e-4 (relative) off the limit (4.9e-5 on the 10M list); gradguard, with
+    # its float64 sums, is held to 1e-4.
+    torch.testing.assert_close(after, torch.tensor(max_norm.value), rtol=1e-4 if impl == "gradguard" else 2e-3, atol=0)

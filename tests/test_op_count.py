@@ -46,6 +46,14 @@ def test_op_count_target(counts, path):
     assert ops[:2] == ["gradguard::multi_tensor_stats", "gradguard::guard_decide"], ops
 
 
+@pytest.mark.parametrize("path", [2, 5, 6])
+def test_the_sgd_rows_count_a_step_that_scales(counts, path):
+    # These rows ran on gradients an earlier row had clipped to max_norm: whether they clipped
+    # again was a rounding (4 ops on the extension, 3 on the reference), not the clipping step
+    # their labels say.
+    assert counts[OP_PATHS[path]][-1] == "gradguard::maybe_scale_", counts[OP_PATHS[path]]
+
+
 def test_device_decided_fused_step_is_two_ops_and_no_read(counts):
     # The GPU path: stats, decide, then the fused kernel takes found_inf/grad_scale; no transfer.
     assert counts[OP_PATHS[0]] == ["gradguard::multi_tensor_stats", "gradguard::guard_decide"]

@@ -382,13 +382,7 @@ def guard_op_counts(n_tensors: int = 52) -> dict[str, list[str]]:
         return torch.optim.SGD(params, lr=1e-3, foreach=True)
 
     params = _op_params(n_tensors)
-    device_decided = gradguard.GradGuard(torch.optim.AdamW(params, lr=1e-3, fused=True), max_norm=1e-3,
-                                         hygiene=False)
-    device_decided._decide_on_host_on_cpu = False
-    out[OP_PATHS[0]] = guard_ops(device_decided)
-    out[OP_PATHS[1]] = guard_ops(gradguard.GradGuard(torch.optim.AdamW(params, lr=1e-3, fused=True),
-                                                     max_norm=1e-3, hygiene=False))
-    grads = [p.grad.clone() for p in params]
+    grads = [p.grad.clone() for p in params]  # before any step: every path below clips them
 
     def fresh(guard):
         """A step on the original gradients every call: an earlier clip (of the warm-up step, or of
@@ -398,6 +392,13 @@ def guard_op_counts(n_tensors: int = 52) -> dict[str, list[str]]:
                 p.grad = g.clone()  # outside the guard's step: not counted
             guard.step()
         return run
+
+    device_decided = gradguard.GradGuard(torch.optim.AdamW(params, lr=1e-3, fused=True), max_norm=1e-3,
+                                         hygiene=False)
+    device_decided._decide_on_host_on_cpu = False
+    out[OP_PATHS[0]] = guard_ops(device_decided, fresh(device_decided))
+    host_decided = gradguard.GradGuard(torch.optim.AdamW(params, lr=1e-3, fused=True), max_norm=1e-3, hygiene=False)
+    out[OP_PATHS[1]] = guard_ops(host_decided, fresh(host_decided))
 
     sgd_guard = gradguard.GradGuard(sgd(params), max_norm=1e-3, hygiene=False)
     out[OP_PATHS[2]] = guard_ops(sgd_guard, fresh(sgd_guard))
