@@ -56,10 +56,13 @@ def _measure(rank: int, port: int, size: str, repeats: int) -> dict:
                                         shape=p.shape, stride=p.stride())
         grads = [p.grad for p in params]
         norm = float(gradguard.grad_stats(grads).total_norm)
-        m_torch, m_ours = ShrinkingMaxNorm(norm), ShrinkingMaxNorm(norm)
+        # One limit sequence for both clips, which take turns on the same gradients: with one each,
+        # the second clip of a round asked for the limit the first had just clipped to, and wrote
+        # only where torch's float32 clip had missed it (each call must ask below the last one).
+        limit = ShrinkingMaxNorm(norm)
         cases = {
-            TORCH_CLIP: lambda: torch.nn.utils.clip_grad_norm_(params, m_torch()),
-            GUARD_CLIP: lambda: gradguard.clip_grad_norm_(params, m_ours()),
+            TORCH_CLIP: lambda: torch.nn.utils.clip_grad_norm_(params, limit()),
+            GUARD_CLIP: lambda: gradguard.clip_grad_norm_(params, limit()),
             GUARD_STATS: lambda: gradguard.grad_stats(grads).total_norm,
             TORCH_NORM: lambda: torch.nn.utils.get_total_norm(grads).full_tensor(),
         }
