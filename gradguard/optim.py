@@ -757,9 +757,9 @@ class GradGuard(torch.optim.Optimizer):
         grads = [grad_or_empty(params[i]) for i in present]
         if not self._check_grads(grads, present, params, plan) and check_plan:
             return None
-        self._check_hygiene(grads)
-        if not grads:
+        if not grads:  # nothing to check (a step before any backward): no hygiene warning either
             return grads, None, [], None
+        self._check_hygiene(grads)
         # A sparse COO gradient is judged by its coalesced values (duplicates summed, as the
         # optimizer will see them) and scaled through its stored values (scaling distributes over
         # duplicates), so the clip needs no coalesced copy written back.

@@ -122,3 +122,14 @@ def test_warnings_are_silenceable():
         warnings.filterwarnings("ignore", category=HygieneWarning)
         loop()
     assert not [w for w in caught if issubclass(w.category, HygieneWarning)]
+
+
+def test_a_step_without_gradients_does_not_use_up_the_eval_warning():
+    # A step with no gradient at all has nothing to check (README); it warned about eval() mode
+    # anyway, and the once-only warning was then spent before the first real step.
+    model, opt = _setup()
+    model.eval()
+    assert _hygiene_warnings(opt.step) == []
+    _backward(model)
+    caught = _hygiene_warnings(opt.step)
+    assert len(caught) == 1 and "eval()" in str(caught[0].message)
