@@ -122,7 +122,8 @@ def check_run(trainer, cb, plant, steps, first=1, rtol=1e-5):
 
 def test_nan_in_wpe_is_named_alone_and_skipped(tmp_path):
     trainer, cb, plant = run(tmp_path, max_steps=5)
-    assert isinstance(cb.guard, GradGuard) and trainer.optimizer.optimizer is cb.guard
+    # (Plant checked the inner optimizer through the guard during the run.) Given back after it:
+    assert isinstance(cb.guard, GradGuard) and trainer.optimizer.optimizer is cb.guard.optimizer
     assert len(cb.guard.last.names) == len(list(trainer.model.parameters()))
     s = cb.guard.summary()
     assert (s["steps"], s["skipped"], s["nonfinite_steps"]) == (5, 1, 1)
@@ -385,3 +386,55 @@ def test_mixed_mesh_gradients_reach_the_guard_unclipped(tmp_path):
     assert r["mixed"] and not r["patched_left"]
     assert min(r["seen"].values()) > 100.0  # raw norms: Trainer clipped nothing
     assert r["guard"] == pytest.approx(r["seen"][1], rel=1e-5)
+
+
+class _InnerSeen(transformers.TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        self.seen.append(optimizer.optimizer)
+
+
+def test_a_callback_swapped_or_removed_between_trains_leaves_no_guard_behind(tmp_path):
+    # A second train() with a new callback adopted the first one's guard (its max_norm, no step
+    # hook: NaN grad_norm in every log, no grad/* metrics, the LR schedule stepped on skips), and a
+    # removed callback's guard stayed, behind Trainer's own restored clip.
+    cb1 = GradGuardCallback(max_norm=1.0)
+    trainer, cb1, plant = make_trainer(tmp_path, 3, bad=-1, cb=cb1, save_strategy="no")
+    trainer.train()
+    trainer.remove_callback(cb1)
+    cb2 = GradGuardCallback(max_norm=0.1)
+    seen = _InnerSeen()
+    trainer.add_callback(cb2)
+    trainer.add_callback(seen)
+    plant.bad = 1  # a new run: steps 1-3 again
+    trainer.train()
+    assert cb2.guard is not cb1.guard and cb2.guard.max_norm == 0.1
+    assert all(o is cb2.guard for o in seen.seen) and len(seen.seen) == 3
+    assert cb2.bad_steps == [{"step": 2, "guard_step": 2, "layers": [CULPRIT], "skipped": True, "optimizer": 0}]
+    assert trainer.lr_scheduler.last_epoch == 2  # held on the skipped step
+    logs = train_logs(trainer)
+    assert [logs[s]["grad/skipped"] for s in (1, 2, 3)] == [0.0, 1.0, 0.0]
+    assert logs[3]["grad/clip_coef"] * logs[3]["grad/total_norm"] == pytest.approx(0.1, rel=1e-5)
+    assert math.isfinite(logs[3]["grad_norm"]) and logs[3]["grad_norm"] == logs[3]["grad/total_norm"]
+    trainer.remove_callback(cb2)
+    seen.seen.clear()
+    plant.bad = -1
+    trainer.args.max_steps = 1
+    trainer.train()
+    assert len(seen.seen) == 1 and not isinstance(seen.seen[0], GradGuard)
+
+
+def test_logging_strategy_epoch_carries_the_guards_metrics(tmp_path):
+    # Trainer decides an epoch's log in on_epoch_end, after the last on_step_end: the guard's
+    # metrics missed every log.
+    steps_per_epoch = len(Tokens()) // 4
+    trainer, cb, plant = run(tmp_path, 2 * steps_per_epoch, logging_strategy="epoch", save_strategy="no")
+    logs = train_logs(trainer)
+    assert sorted(logs) == [steps_per_epoch, 2 * steps_per_epoch]
+    for step, e in logs.items():
+        assert e["grad/total_norm"] == e["grad_norm"] and e["grad/skipped"] == 0.0
+        assert e["grad/skipped_total"] == 1.0
+    assert logs[steps_per_epoch][f"grad/nonfinite/{CULPRIT}"] == 1.0
+    assert f"grad/nonfinite/{CULPRIT}" not in logs[2 * steps_per_epoch]

@@ -83,6 +83,8 @@ class GradGuardCallback(transformers.TrainerCallback):
         self._last_report = None
         self._pending_logs = None
         self._trainer_log = None
+        self._wrapped = None  # (Accelerate's wrapper or the optimizer, the inner optimizer, its step patches)
+        self._unlogged = None  # the last step's report, until a log carries it
 
     @property
     def bad_steps(self) -> list[dict]:
@@ -110,27 +112,20 @@ class GradGuardCallback(transformers.TrainerCallback):
             elif float(guard_kwargs["max_norm"]) != float(args.max_grad_norm):
                 log.info("gradguard: GradGuardCallback(max_norm=%s) clips; TrainingArguments.max_grad_norm=%s is "
                          "not used", guard_kwargs["max_norm"], args.max_grad_norm)
-        if isinstance(inner, GradGuard) and not getattr(inner, "_made_by_hf_callback", False):
-            # Adopted as it is, it had neither this callback's step hook (no logs, the LR schedule
-            # stepped on skips) nor Trainer's max_grad_norm, whose clipping the callback takes over.
+        if isinstance(inner, GradGuard):
+            # Adopted as it is, a user's guard had neither this callback's step hook (no logs, the
+            # LR schedule stepped on skips) nor Trainer's max_grad_norm, whose clipping the
+            # callback takes over. (The callback's own guard is taken off at on_train_end.)
             raise ValueError(f"{_WHERE}: the Trainer's optimizer is already a GradGuard (create_optimizer or "
                              "optimizers=); use either the callback or your own GradGuard, not both: give the "
                              "Trainer the plain optimizer and the guard's settings to GradGuardCallback(...)")
-        if isinstance(inner, GradGuard):  # a second train() on the same Trainer keeps its guard
-            guard = inner
-        else:
+        guard = self.guard
+        if guard is None or guard.optimizer is not inner:
+            # A second train() with this callback and the same optimizer keeps the guard (its
+            # counters, spike statistics and history go on); a new optimizer gets a new guard.
             guard = GradGuard(inner, model=trainer.model, **guard_kwargs)
-            guard._made_by_hf_callback = True
             guard.add_step_hook(self._on_step)
-            if acc_opt is inner:
-                trainer.optimizer = guard
-            else:
-                acc_opt.optimizer = guard
-                if getattr(acc_opt, "scaler", None) is not None:
-                    # Accelerate patched the inner optimizer's bound step at prepare(): point it at the guard.
-                    acc_opt._optimizer_original_step_method = guard.step
-                    acc_opt._optimizer_patched_step_method = patch_optimizer_step(acc_opt, guard.step)
-            trainer.callback_handler.optimizer = trainer.optimizer
+        self._install(trainer, acc_opt, guard)
         self.guard = guard
         saved = state.stateful_callbacks.get(STATE_KEY) if state.stateful_callbacks else None
         if saved is not None and state.global_step > 0:
@@ -156,6 +151,36 @@ class GradGuardCallback(transformers.TrainerCallback):
         # event is left before the save) or another callback setting should_save.
         self._trainer_save = trainer._save_checkpoint
         trainer._save_checkpoint = self._save_checkpoint_with_guard
+
+    def _install(self, trainer, acc_opt, guard) -> None:
+        """Puts the guard between the Trainer (or Accelerate's wrapper) and the optimizer; _undo
+        takes it off again, so that a callback removed before the next train(), or replaced by
+        one with other settings, leaves no guard of its own behind."""
+        self._wrapped = (acc_opt, guard.optimizer, getattr(acc_opt, "_optimizer_original_step_method", None),
+                         getattr(acc_opt, "_optimizer_patched_step_method", None))
+        if acc_opt is guard.optimizer:
+            trainer.optimizer = guard
+        else:
+            acc_opt.optimizer = guard
+            if getattr(acc_opt, "scaler", None) is not None:
+                # Accelerate patched the inner optimizer's bound step at prepare(): point it at the guard.
+                acc_opt._optimizer_original_step_method = guard.step
+                acc_opt._optimizer_patched_step_method = patch_optimizer_step(acc_opt, guard.step)
+        trainer.callback_handler.optimizer = trainer.optimizer
+
+    def _uninstall(self, trainer) -> None:
+        if getattr(self, "_wrapped", None) is None:
+            return
+        acc_opt, inner, original_step, patched_step = self._wrapped
+        self._wrapped = None
+        if trainer.optimizer is self.guard:
+            trainer.optimizer = inner
+        elif getattr(acc_opt, "optimizer", None) is self.guard:
+            acc_opt.optimizer = inner
+            if getattr(acc_opt, "scaler", None) is not None:
+                acc_opt._optimizer_original_step_method = original_step
+                acc_opt._optimizer_patched_step_method = patched_step
+        trainer.callback_handler.optimizer = trainer.optimizer
 
     def _clip_grad_norm(self, parameters, max_norm, norm_type=2):
         if (max_norm is not None and math.isfinite(max_norm) and max_norm > 0
@@ -199,11 +224,20 @@ class GradGuardCallback(transformers.TrainerCallback):
         if report is None:
             return
         self._log.add(state.global_step, report)
+        self._unlogged = report
         if control.should_log:
             self._emit(report)
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # logging_strategy="epoch": Trainer decides to log here (DefaultFlowCallback, which runs
+        # before this callback), after the epoch's last on_step_end; the metrics then missed
+        # every log.
+        if control.should_log and self._unlogged is not None:
+            self._emit(self._unlogged)
+
     def _emit(self, report) -> None:
         # One read for the four scalars; a second only when a pending step was bad.
+        self._unlogged = None
         total, coef, skipped, skipped_all = torch.stack([
             report.total_norm.double(), report.clip_coef.double(), report.skipped.double(),
             # The guard's own count (restored on resume), made only on logging steps.
@@ -227,9 +261,11 @@ class GradGuardCallback(transformers.TrainerCallback):
         self._undo()
 
     def _undo(self) -> None:
-        """Gives back what on_train_begin took over: Accelerate's clipping, and this trainer's
-        log and _save_checkpoint."""
+        """Gives back what on_train_begin took over: the optimizer (the guard is taken off, and
+        kept in ``self.guard`` for this callback's next train()), Accelerate's clipping, and this
+        trainer's log and _save_checkpoint."""
         if self._trainer is not None:
+            self._uninstall(self._trainer)
             clip = self._accelerator_clip
             if clip is None:
                 self._trainer.accelerator.__dict__.pop("clip_grad_norm_", None)
