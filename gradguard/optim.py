@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import numbers
 from collections import OrderedDict
 from typing import NamedTuple
@@ -148,7 +149,7 @@ def _bad_loss_scale(loss_scale: torch.Tensor | None, dtype: torch.dtype) -> floa
     if loss_scale is None:
         return None
     v = float(loss_scale)
-    if v > 0 and not torch.isinf((1.0 / torch.tensor(v, dtype=torch.float64)).to(dtype)):
+    if v > 0 and not math.isinf(v) and not torch.isinf((1.0 / torch.tensor(v, dtype=torch.float64)).to(dtype)):
         return None
     return v
 

@@ -318,9 +318,12 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
                    dtype=dtype)
         if _composite_path():
             _ref.write_out(out, _ref.safe_div_composite(x, y, e, f, transforms=_transforms()).to(dtype), "safe_div")
-        elif opmath is not dtype:
-            # The op's out= kernel checks overlap; this path computes into a copy, so check here.
-            _ref.check_no_partial_overlap(out, operands)
+            return out
+        # The op's out= kernel checks overlap against its operands, which may be converted copies
+        # here (float16/bfloat16 by a number, an integer input, a wider divisor): checked against
+        # the caller's.
+        _ref.check_no_partial_overlap(out, operands)
+        if opmath is not dtype:
             out.copy_(torch.ops.gradguard.safe_div(x, y, e, f))
         else:
             torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)

@@ -390,3 +390,16 @@ def test_a_shape_mismatch_names_the_operands_as_torch_div_does(path):
     call = gradguard.safe_div if path == "api" else (lambda a, b: ref.safe_div(a, b, 0.0, 0.0))
     with pytest.raises(RuntimeError, match=r"size of tensor a \(4\) must match the size of tensor b \(3\)"):
         call(torch.ones(4), torch.ones(3))
+
+
+def test_an_out_overlapping_an_input_that_is_converted_is_refused():
+    # An integer input (or one widened by a wider divisor) is divided as a converted copy: the
+    # op's own overlap check saw the copy, and an out partly over the input was accepted.
+    buf = torch.arange(1, 11, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        gradguard.safe_div(buf[:6], 2.0, out=buf.view(torch.float32)[2:8])
+    assert torch.equal(buf, torch.arange(1, 11, dtype=torch.int32))
+    f = torch.arange(1.0, 13.0)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        gradguard.safe_div(f[6:], torch.full((6,), 2.0, dtype=torch.float64), out=f.view(torch.float64))
+    assert torch.equal(f, torch.arange(1.0, 13.0))

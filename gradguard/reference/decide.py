@@ -48,9 +48,10 @@ The rules:
     The spike policy absorbs the clipped basis (zscore: Welford during warm-up, then an EMA) or
     the raw one (percentile: the ring slot count % window) only on a finite step.
     The streak is reset by a taken step, grows by a skipped one, and is left as it is by a
-    GradScaler overflow, unless the loss scale is itself bad (not positive, or its inverse
-    overflows the multiplier's dtype): a NaN that never goes away keeps the scaler's flag set. Per parameter: non-finite steps += 1 where the grad held NaN/Inf, max
-    norm = max(max norm, finite norm, 0 for a non-finite grad).
+    GradScaler overflow, unless the loss scale is itself bad (not positive, inf, or its inverse
+    overflows the multiplier's dtype): a NaN that never goes away keeps the scaler's flag set.
+    Per parameter: non-finite steps += 1 where the grad held NaN/Inf, max norm = max(max norm,
+    finite norm, 0 for a non-finite grad).
 """
 from __future__ import annotations
 
@@ -144,13 +145,13 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
     total64 = torch.where(nan_total > 0, math.nan, torch.where(inf_total > 0, math.inf, finite_total))
     inv = 1.0 if loss_scale is None else 1.0 / loss_scale.to(device=dev).double()
     total = _round(total64 * inv, out_dtype)
-    # Judged unscaled; a loss scale that is not positive or whose inverse overflows the
+    # Judged unscaled; a loss scale that is not positive, inf, or whose inverse overflows the
     # multiplier's dtype is as bad (see guard_decide_math.h).
     found = ((nan_total + inf_total) > 0) | ~torch.isfinite(total)
     bad_scale = torch.zeros((), dtype=torch.bool, device=dev)
     if loss_scale is not None:
         ls64 = loss_scale.to(device=dev).double()
-        bad_scale = ~((ls64 > 0) & ~torch.isinf(_round(1.0 / ls64, basis_dtype)))
+        bad_scale = ~((ls64 > 0) & ~torch.isinf(ls64) & ~torch.isinf(_round(1.0 / ls64, basis_dtype)))
         found = found | bad_scale
     overflow = torch.zeros((), dtype=torch.bool, device=dev)
     if scaler_found is not None:
