@@ -479,16 +479,18 @@ class GradGuard(torch.optim.Optimizer):
         every other step) rebuilt the index every step, and on a GPU each rebuild was a blocking
         host-to-device copy. A rebuild's copy is from pinned memory, without blocking."""
         key = (len(params), tuple(present), device)
-        cache = self._layout_cache
-        if cache is None:
-            cache = self._layout_cache = {}
-        hit = cache.get(key)
+        cache = self._layout_cache  # None, or (last key, its layout, every kept key -> layout)
+        if cache is not None and cache[0] == key:  # the common case first: no hashing of 1,000 indices
+            return cache[1]
+        kept = {} if cache is None else cache[2]
+        hit = kept.get(key)
         if hit is None:
             names = self._names(params)
             idx = None if len(present) == len(params) else _index_tensor(present, device)
-            if len(cache) >= _LAYOUTS_KEPT:
-                del cache[next(iter(cache))]  # the oldest
-            hit = cache[key] = ([names[i] for i in present], idx)
+            if len(kept) >= _LAYOUTS_KEPT:
+                del kept[next(iter(kept))]  # the oldest
+            hit = kept[key] = ([names[i] for i in present], idx)
+        self._layout_cache = (key, hit, kept)
         return hit
 
     # ---- torch.optim.Optimizer interface --------------------------------------------------------
