@@ -24,6 +24,10 @@ class GuardState:
         self.counters: torch.Tensor | None = None         # int64 [5], see the module docstring
         self.layer_nonfinite: torch.Tensor | None = None  # int64 [P]: steps each grad was non-finite
         self.layer_max_norm: torch.Tensor | None = None   # float64 [P]: largest finite grad norm seen
+        # The parameters those [P] totals are for, in order (None: not known, e.g. unpickled from
+        # before this existed; then by position). Pickled with the guard, whose optimizer holds the
+        # same tensors, so a copy's list is the copy's parameters.
+        self.params: list | None = None
 
     def _set_counters(self, t: torch.Tensor | None) -> None:
         # The history reads the rows-written count from the same tensor (a tensor reference,
@@ -49,6 +53,34 @@ class GuardState:
                 t.to(device) for t in (self.counters, self.layer_nonfinite, self.layer_max_norm))
             self._set_counters(counters)
         self.grow(count)
+
+    def follow(self, params: list) -> None:
+        """The per-parameter totals follow their parameters (by identity) into `params`, the
+        optimizer's list now: kept ones keep theirs (moved with them), new ones start at 0,
+        removed ones are dropped. By position alone, a group removed from param_groups left the
+        totals too long, and every later step failed in guard_decide. One look at the list
+        while it is the same object; a gather on the device when parameters were removed or
+        reordered (rare: a host-to-device copy of the index)."""
+        old = self.params
+        if old is params:
+            return
+        self.params = params
+        if self.layer_nonfinite is None:
+            return
+        n = self.layer_nonfinite.numel()
+        if old is None or len(old) != n:  # the list they were kept for is not known: by position
+            src = list(range(min(n, len(params)))) + [-1] * max(len(params) - n, 0)
+        else:
+            where = {id(q): i for i, q in enumerate(old)}
+            src = [where.get(id(q), -1) for q in params]
+        if src[:n] == list(range(n)) and all(i < 0 for i in src[n:]):
+            self.grow(len(params))  # the same, or parameters appended (add_param_group)
+            return
+        dev = self.layer_nonfinite.device
+        at = torch.tensor([max(i, 0) for i in src], dtype=torch.int64).to(dev)
+        kept = torch.tensor([i >= 0 for i in src], dtype=torch.bool).to(dev)
+        self.layer_nonfinite = torch.where(kept, self.layer_nonfinite[at], 0)
+        self.layer_max_norm = torch.where(kept, self.layer_max_norm[at], 0.0)
 
     def grow(self, count: int) -> None:
         """Zero totals for parameters added since (add_param_group appends them last)."""

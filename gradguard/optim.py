@@ -205,6 +205,31 @@ def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
     return replay
 
 
+def _mute(*registries) -> list | None:
+    """Empties torch's global optimizer step hook registries while the guard's step runs, and
+    returns what to put back (None when they are empty: the common case costs two truth tests).
+    The global hooks run once per guarded step, around the guard's step(): the inner optimizer's
+    step inside it ran them a second time (torch's profiler counts steps with such a hook, so
+    it counted two per training step). While muted, another thread's optimizer would not run
+    them either."""
+    if not any(registries):
+        return None
+    muted = [(r, list(r.items())) for r in registries]
+    for r in registries:
+        r.clear()
+    return muted
+
+
+def _unmute(muted) -> None:
+    if muted is None:
+        return
+    for registry, items in muted:
+        added = list(registry.items())  # registered during the step: kept, after the others
+        registry.clear()
+        registry.update(items)
+        registry.update(added)
+
+
 def _lr_may_be_zero(groups) -> bool:
     """The one-look pre-check of is_checkpoint_init_step (a stateless optimizer, plain SGD, has
     no state before every step): the first group's lr is 0 or a tensor."""
@@ -218,7 +243,10 @@ def _lr_may_be_zero(groups) -> bool:
 # only this path pays its wrapper: eager steps do not come here.
 @torch._disable_dynamo
 def _step_outside_dynamo(guard, closure):
-    return guard.step(closure)
+    # The step's own body: dynamo has already run what wraps it (the step pre/post hooks, an LR
+    # scheduler's counting wrapper) around this call; guard.step() ran the hooks a second time.
+    step = type(guard).step
+    return getattr(step, "__wrapped__", step)(guard, closure)
 
 
 class GradGuard(torch.optim.Optimizer):
@@ -404,7 +432,11 @@ class GradGuard(torch.optim.Optimizer):
                     else:
                         raise RuntimeError(f"{func} must return None or a tuple of (new_args, new_kwargs), but got "
                                            f"{result}.")
-            out = func(*args, **kwargs)
+            muted = _mute(_global_optimizer_pre_hooks, _global_optimizer_post_hooks)
+            try:
+                out = func(*args, **kwargs)
+            finally:
+                _unmute(muted)
             self._optimizer_step_code()
             for post_hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
                 post_hook(self, args, kwargs)
@@ -508,11 +540,10 @@ class GradGuard(torch.optim.Optimizer):
             new = [q[1] if isinstance(q, tuple) and len(q) == 2 else q for q in new]  # (name, param) pairs
             self._check_params(self._params() + [q for q in new if isinstance(q, torch.Tensor)])
         self.optimizer.add_param_group(param_group)
-        params = self._params()
         # Now, not at the next step: a checkpoint saved in between is for every parameter (its
         # totals were one group short, and no guard, this one included, could load it).
         with torch.inference_mode(False):
-            self._state.grow(len(params))
+            self._state.follow(self._params())
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups, which here live in the inner
     # optimizer: keep the whole guard instead (minus the weak references of the hygiene check, and
@@ -522,6 +553,12 @@ class GradGuard(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("step", None)
+        # Hooks are not copied, as torch's optimizers copy none: a deep copy's steps ran the
+        # original's hooks (an EMA updated from the copy), and a lambda hook made torch.save fail.
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks", "_step_hooks"):
+            state[name] = OrderedDict()
         state["_tracker"] = None
         state["_layout_cache"] = None
         state["_plan"] = None
@@ -807,6 +844,7 @@ class GradGuard(torch.optim.Optimizer):
         capturing = _capturing(device)
         if capturing:
             self._check_capturable(mode, closure, device)
+        st.follow(plan.params)  # groups added or removed in param_groups since the last step
         st.ensure(device, len(plan.params))
         # The skip streak before this step's decision: an LBFGS step rolled back after its
         # decision continues it (the decision, seeing a finite first evaluation, reset it).
@@ -1097,7 +1135,9 @@ class GradGuard(torch.optim.Optimizer):
         ``name``, ``nonfinite_steps``, ``max_norm``. Reads the counters (a sync)."""
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise ValueError(f"gradguard.GradGuard.summary: `k` must be a non-negative int, got {k!r}")
-        return self._state.summary(self._names(self._params()), k)
+        params = self._params()
+        self._state.follow(params)
+        return self._state.summary(self._names(params), k)
 
     def state_dict(self) -> dict:
         """The inner optimizer's state dict plus a ``"gradguard"`` entry: counters, per-parameter
@@ -1156,6 +1196,10 @@ class GradGuard(torch.optim.Optimizer):
         only an optimizer's ``state`` and ``param_groups`` (``torch.distributed.checkpoint``'s
         ``get_state_dict``, ``FSDP.optim_state_dict``): it is the same on every rank; save it
         beside them and load it with ``load_guard_state_dict``."""
+        # For the parameters as they are now: groups added or removed through param_groups (or
+        # the inner optimizer) since the last step would leave the totals for another count.
+        with torch.inference_mode(False):
+            self._state.follow(self._params())
         return self._state.state_dict(self.spike)
 
     def load_guard_state_dict(self, guard: dict) -> None:
@@ -1178,6 +1222,7 @@ class GradGuard(torch.optim.Optimizer):
                 else:  # a checkpoint without spike state: the policy starts afresh, as documented
                     self.spike._state = None
             self._state.load_state_dict(guard)
+        self._state.params = self._params()  # the check made sure the totals are for these
         self._tracker = ClearTracker()
 
     def _check_guard_state(self, guard: dict, where: str = "gradguard.GradGuard.load_state_dict") -> None:

@@ -667,6 +667,10 @@ def test_a_compiled_step_keeps_its_report():
     opt = GradGuard(torch.optim.AdamW(params, lr=0.1), max_norm=0.5)
     ref = GradGuard(torch.optim.AdamW(ref_params, lr=0.1), max_norm=0.5)
 
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+
     @torch.compile(backend="eager")
     def compiled_step():
         opt.step()
@@ -679,3 +683,30 @@ def test_a_compiled_step_keeps_its_report():
         assert opt.last is not None and opt.last.step == k + 1
         assert bool(opt.last.skipped) == math.isnan(g)
         assert torch.equal(params[0], ref_params[0])
+    # Once per step: the step run outside dynamo called guard.step() again, hooks and all (an EMA
+    # post-hook averaged twice per step).
+    assert calls == ["pre", "post"] * 3, calls
+
+
+def test_global_optimizer_hooks_run_once_per_guarded_step():
+    # torch's global step hooks (the profiler's step counter is one) ran for the guard and again
+    # for the inner optimizer's step inside it: two per training step, one on a skipped one.
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = GradGuard(torch.optim.SGD([p], lr=0.1))
+    inner_hook = []
+    opt.optimizer.register_step_post_hook(lambda o, a, k: inner_hook.append(1))
+    seen = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("pre", type(o).__name__))),
+               register_optimizer_step_post_hook(lambda o, a, k: seen.append(("post", type(o).__name__)))]
+    try:
+        for g in (1.0, math.nan, 2.0):
+            p.grad = torch.full((3,), g)
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [("pre", "GradGuard"), ("post", "GradGuard")] * 3, seen
+    assert len(inner_hook) == 2  # the inner optimizer's own hooks still run on its two steps
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+    assert not _global_optimizer_pre_hooks and not _global_optimizer_post_hooks  # removed, not kept by the guard

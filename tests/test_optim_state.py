@@ -437,3 +437,78 @@ def test_a_copied_lbfgs_guard_steps():
     before = q.detach().clone()
     clone.step(closure)
     assert not torch.equal(q.detach(), before) and torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("how", ["del_group", "pop_param"])
+def test_per_parameter_totals_follow_parameters_removed_from_param_groups(how, decide_on):
+    # The totals were kept by position and only grown: removing a group (or a parameter) from the
+    # shared param_groups made every later step fail inside guard_decide ("must have n = 2
+    # entries"), where the plain optimizer trains on.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    first, second = list(model[0].parameters()), list(model[1].parameters())
+    opt = GradGuard(torch.optim.AdamW([{"params": first}, {"params": second}], lr=0.1), model=model)
+    model(torch.randn(3, 4)).sum().backward()
+    model[1].weight.grad[0, 0] = float("nan")  # 1.weight: one non-finite step
+    opt.step()
+    opt.zero_grad()
+    if how == "del_group":
+        del opt.param_groups[0]
+        kept = ["1.weight", "1.bias"]
+    else:
+        opt.param_groups[1]["params"].pop(0)  # 1.weight
+        kept = ["0.weight", "0.bias", "1.bias"]
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)  # before the next step: for the parameters as they are now
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["gradguard"]["layer_nonfinite"].numel() == len(kept)
+    for _ in range(2):
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    s = opt.summary(k=5)
+    assert sorted(w["name"] for w in s["worst_layers"]) == sorted(kept)
+    bad = {w["name"]: w["nonfinite_steps"] for w in s["worst_layers"]}
+    assert bad == {n: int(n == "1.weight") for n in kept}
+    assert (s["steps"], s["skipped"]) == (3, 1)
+
+
+def test_a_group_added_through_the_inner_optimizer_is_in_the_next_checkpoint():
+    # guard.add_param_group grew the totals at once; a group added through the inner optimizer
+    # (or param_groups.append) left them short until the next step, and a checkpoint saved in
+    # between could not be loaded, by the guard that wrote it either.
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    inner = torch.optim.SGD(a.parameters(), lr=0.1)
+    opt = GradGuard(inner, max_norm=1.0)
+    a(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    inner.add_param_group({"params": list(b.parameters())})
+    sd = opt.state_dict()
+    assert sd["gradguard"]["layer_nonfinite"].tolist() == [0, 0, 0, 0]
+    opt.load_state_dict(sd)
+
+
+def test_copies_and_pickles_of_a_guard_keep_no_hooks():
+    # As torch's optimizers: hooks are not copied. A deep copy's steps ran the original's hooks
+    # (an EMA of the original model updated from the copy), and a lambda hook made torch.save fail.
+    import copy
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = GradGuard(torch.optim.SGD([p], lr=1.0))
+    calls = []
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.register_state_dict_post_hook(lambda o, sd: None)
+    opt.add_step_hook(lambda g, r: calls.append("report"))
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(opt), torch.load(buf, weights_only=False)):
+        q = clone.param_groups[0]["params"][0]
+        q.grad = torch.ones(3)
+        clone.step()
+        clone.state_dict()
+        assert calls == [] and torch.equal(q, -torch.ones(3))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert sorted(calls) == ["post", "report"]  # the original keeps its own
