@@ -57,8 +57,8 @@ would miss), and always skips an overflowed step whatever ``on_nonfinite`` says:
 the scaler's signal to lower the scale, and the scaler's ``update()`` counts it. The guard counts
 that skip once, in its own counters, marks it ``report.amp_overflow``, and does not count it
 toward ``max_consecutive_skips`` (a calibrating scaler overflows several steps in a row) unless
-the scale has backed off too far to be undone (0, or an inverse beyond float32: a NaN in every
-batch keeps the scaler's flag set and halves the scale to nothing). If the
+the scale cannot be undone (0, inf, or an inverse beyond float32: a NaN in every batch keeps the
+scaler's flag set and halves the scale to nothing). If the
 step raises, the scale and flag GradScaler left on the guard are removed (GradScaler removes
 them only after a step that returns). Under FSDP1 shards (``model=``) the scaler's flag is this
 rank's alone, so there the guard does not claim the step: GradScaler unscales, reads its flag
@@ -144,7 +144,7 @@ def _index_tensor(present: list[int], device: torch.device) -> torch.Tensor:
 
 def _bad_loss_scale(loss_scale: torch.Tensor | None, dtype: torch.dtype) -> float | None:
     """The loss scale's value where unscaling by it is impossible (guard_decide's rule: not
-    positive, or its inverse overflows the multiplier's dtype); None otherwise. For error
+    positive, inf, or its inverse overflows the multiplier's dtype); None otherwise. For error
     messages only: it reads the scale (a host sync)."""
     if loss_scale is None:
         return None
