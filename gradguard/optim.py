@@ -989,12 +989,8 @@ class GradGuard(torch.optim.Optimizer):
         if fused_kind and not self._dtensor_grads:
             return  # the fused kernel skips on found_inf: no rollback
         # What _rolled_back_step cannot undo, refused here, before the decision is recorded.
-        from torch.optim.optimizer import _global_optimizer_post_hooks
-        if _global_optimizer_post_hooks:
-            raise RuntimeError(
-                "gradguard.GradGuard: a global optimizer step post-hook is registered "
-                "(torch.optim.optimizer.register_optimizer_step_post_hook); under a CUDA graph capture it would run "
-                "on the parameters of a step that is then rolled back. Remove it to capture a non-fused optimizer")
+        # (Global step post-hooks need no refusal: they run around the guard's step, after the
+        # rollback, not inside the inner step; see _mute.)
         for t in self._stepped_tensors(self._params()):
             if t.device != device:
                 raise RuntimeError(

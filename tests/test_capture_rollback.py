@@ -248,19 +248,28 @@ def test_a_step_that_changes_its_param_groups_is_refused_and_undone(monkeypatch)
     assert_bit_identical(before, snapshot(params, guard.optimizer))
 
 
-def test_zero_and_global_post_hooks_are_refused_under_capture(monkeypatch):
+def test_global_post_hooks_run_once_after_the_rollback_under_capture(monkeypatch):
+    # They ran inside the inner step, on the parameters of a step then rolled back, so a capture
+    # with one registered was refused; they now run once, around the guard's step, after it.
     params, guard = _warm_guard(lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=True))
-    set_grads(params, make_grads(1))
     monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: None)
-    counters = guard._state.counters.clone()
+    seen = []
+    handle = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: seen.append((type(opt).__name__, all(bool(torch.isfinite(p).all()) for p in params))))
     try:
-        with pytest.raises(RuntimeError, match="global optimizer step post-hook"):
+        for k in range(1, 4):
+            set_grads(params, poison(make_grads(k)) if k == 2 else make_grads(k))
             guard.step()
     finally:
         handle.remove()
-    assert torch.equal(guard._state.counters, counters)  # refused before the decision
+    assert seen == [("GradGuard", True)] * 3, seen
+
+
+def test_an_inner_zero_optimizer_is_refused_under_capture(monkeypatch):
+    params, guard = _warm_guard(lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=True))
+    set_grads(params, make_grads(1))
+    monkeypatch.setattr(guard_optim, "_capturing", lambda device: True)
     # An inner ZeroRedundancyOptimizer (the guard's decide group is what marks it).
     monkeypatch.setattr(guard, "_decide_group", object())
     with pytest.raises(RuntimeError, match="ZeroRedundancyOptimizer"):
