@@ -204,7 +204,7 @@ struct Decision {
   float grad_scale;
   bool found;
   bool overflow;
-  bool bad_scale;  // the loss scale is not positive, or its inverse overflows
+  bool bad_scale;  // the loss scale is not positive, is inf, or its inverse overflows
   bool skipped;
   bool clipped;
 };
