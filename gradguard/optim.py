@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import numbers
 from collections import OrderedDict
 from typing import NamedTuple
@@ -93,6 +92,7 @@ from gradguard import hygiene as _hygiene
 from gradguard.errors import NonFiniteGradError
 from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker
 from gradguard.guard_state import GuardState
+from gradguard.reference import decide as _decide_ref
 from gradguard.report import History, StepReport
 from gradguard.spike import SpikePolicy
 from gradguard.stats import (_Raw, check_max_norm, check_norm_type, global_raw_stats, grad_or_empty, limit_on,
@@ -148,10 +148,8 @@ def _bad_loss_scale(loss_scale: torch.Tensor | None, dtype: torch.dtype) -> floa
     messages only: it reads the scale (a host sync)."""
     if loss_scale is None:
         return None
-    v = float(loss_scale)
-    if v > 0 and not math.isinf(v) and not torch.isinf((1.0 / torch.tensor(v, dtype=torch.float64)).to(dtype)):
-        return None
-    return v
+    ls64 = loss_scale.detach().to("cpu", torch.float64).reshape(())
+    return float(ls64) if bool(_decide_ref.bad_loss_scale(ls64, dtype)) else None
 
 
 def _hook_note(err) -> str:

@@ -83,6 +83,12 @@ def _total(acc: torch.Tensor, amax: torch.Tensor, p: float) -> torch.Tensor:
     return m * _root((acc * (w if p == 1.0 else w.pow(p))).sum(), p)
 
 
+def bad_loss_scale(ls64: torch.Tensor, basis_dtype: torch.dtype) -> torch.Tensor:
+    """A loss scale unscaling cannot undo: not positive, inf, or its inverse beyond the
+    multiplier's dtype (guard_decide_math.h's bad_scale; the guard's error message asks it too)."""
+    return ~((ls64 > 0) & ~torch.isinf(ls64) & ~torch.isinf(_round(1.0 / ls64, basis_dtype)))
+
+
 def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x (float64) rounded to `dtype` and back: the value a `dtype` result holds."""
     return x.to(dtype).double()
@@ -151,7 +157,7 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
     bad_scale = torch.zeros((), dtype=torch.bool, device=dev)
     if loss_scale is not None:
         ls64 = loss_scale.to(device=dev).double()
-        bad_scale = ~((ls64 > 0) & ~torch.isinf(ls64) & ~torch.isinf(_round(1.0 / ls64, basis_dtype)))
+        bad_scale = bad_loss_scale(ls64, basis_dtype)
         found = found | bad_scale
     overflow = torch.zeros((), dtype=torch.bool, device=dev)
     if scaler_found is not None:
