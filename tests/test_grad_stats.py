@@ -414,6 +414,39 @@ def test_zero_nonfinite_and_scale_on_any_thread_count(threads):
         torch.set_num_threads(old)
 
 
+def _same_numbers(got, want):
+    """Bit for bit, except that a NaN need only be a NaN (its payload is the kernel's own)."""
+    nan = torch.isnan(want)
+    return torch.equal(torch.isnan(got), nan) and torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scale_kernels_every_16bit_pattern(path, dtype):
+    # Every bit pattern (NaN payloads, infinities, subnormals, -0.0) in a contiguous tensor (the
+    # AVX2 loops of simd16_avx2.h and their tails) and a strided view (the scalar loop), against
+    # torch: zero_nonfinite_and_scale_ as nan_to_num_ + mul_, maybe_scale_ as mul_, bit for bit:
+    # the product formed in float32 and rounded once, scales that round, overflow to inf and
+    # underflow to 0, a negative scale's -0.0 for zeroed elements included.
+    ops = {"reference": (reference.zero_nonfinite_and_scale_, reference.maybe_scale_),
+           "dispatcher": (torch.ops.gradguard.zero_nonfinite_and_scale_, torch.ops.gradguard.maybe_scale_)}[path]
+    g = torch.Generator().manual_seed(16)
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    bits = torch.cat([bits[torch.randperm(bits.numel(), generator=g)], bits[:13]])
+    for zero, fn in zip((True, False), ops):
+        for scale in (0.25, 1 / 3, 3.0, 1e-6, -2.5):
+            x = bits.clone().view(dtype)
+            strided = bits.clone().view(dtype)
+            want = x.clone()
+            if zero:
+                want.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            want.mul_(torch.tensor(scale))
+            fn([x, strided[::3]], torch.tensor(scale))
+            assert _same_numbers(x, want), (zero, dtype, scale)
+            assert _same_numbers(strided[::3], want[::3]), (zero, dtype, scale)
+            assert torch.equal(strided[1::3].view(torch.int16), bits[1::3]), "elements outside the view were written"
+
+
 def test_zero_nonfinite_and_scale_refuses_overlapping_views():
     with pytest.raises(RuntimeError, match="more than one element"):
         torch.ops.gradguard.zero_nonfinite_and_scale_([torch.ones(1).expand(4)], torch.tensor(2.0))

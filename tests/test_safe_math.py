@@ -362,6 +362,47 @@ def test_out_in_place(dtype, n):
         assert_same_bits(o, comp(x))
 
 
+def every_16bit_value(dtype, repeat=1):
+    """All 65536 bit patterns of a 16-bit dtype (NaN payloads, -0.0, infinities, subnormals),
+    shuffled so that the values beyond any bound are scattered (as in a real tensor), then
+    `repeat` copies and 7 more elements: a row of the direct path, its 16-wide loops and their
+    tails."""
+    g = torch.Generator().manual_seed(16)
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    bits = bits[torch.randperm(bits.numel(), generator=g)].repeat(repeat)
+    return torch.cat([bits, bits[:7]]).view(dtype)
+
+
+def random_float32_bits(n=1 << 17):
+    g = torch.Generator().manual_seed(32)
+    bits = torch.randint(-(1 << 31), 1 << 31, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    x[::5] = torch.rand(x[::5].shape, generator=g) * 4 - 1  # around the bounds too
+    return x
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_every_bit_pattern_matches_composite(dtype):
+    # The forward's passes around torch's math (scan, stand-ins beyond the bound, math(bound)
+    # written over them; for float16/bfloat16 AVX2 loops of their own), on the direct path (one
+    # long row), the staged path (in place) and a view with short rows: every 16-bit pattern,
+    # random float32 patterns (float64 from them), bit for bit against the composites.
+    x = every_16bit_value(dtype) if dtype.itemsize == 2 else random_float32_bits().to(dtype)
+    for fn, comp in [(lambda t, **kw: gradguard.safe_log(t, **kw), lambda t: comp_log(t, TINY[dtype])),
+                     (lambda t, **kw: gradguard.safe_log(t, 0.0, **kw), lambda t: comp_log(t, 0.0)),
+                     (lambda t, **kw: gradguard.safe_log(t, 1e-3, **kw), lambda t: comp_log(t, 1e-3)),
+                     (gradguard.safe_sqrt, comp_sqrt),
+                     (lambda t, **kw: gradguard.safe_exp(t, **kw), lambda t: comp_exp(t, EXP_MAX[dtype])),
+                     (lambda t, **kw: gradguard.safe_exp(t, -1.5, **kw), lambda t: comp_exp(t, -1.5))]:
+        want = comp(x)
+        assert_same_bits(fn(x), want)
+        o = x.clone()
+        fn(o, out=o)
+        assert_same_bits(o, want)
+        rows = x[: 60 * 1000].view(60, 1000)[:, 3:]  # rows shorter than the direct path's minimum
+        assert_same_bits(fn(rows), comp(rows))
+
+
 # ---- arguments and errors --------------------------------------------------------------------------
 
 def test_bounds_as_0dim_tensors_equal_numbers():

@@ -6,16 +6,17 @@
 // torch's CPU log/exp/sqrt are MKL VML (float32/64) or Sleef (float16/bfloat16) routines that
 // this library cannot call directly, and a different log (glibc, Sleef) differs from them in
 // the last bit for ~10% of inputs. So the transcendental step is torch's own kernel, called on
-// cache-sized blocks of the output: it computes math(x) straight from the input, then a pass
-// over the block while it is still in cache writes math(bound) where x is beyond the bound
-// (clamped_math_kernel). Main memory sees one read of the input and one write of the output,
-// as with the bare op; the backward kernels are plain fused loops (one read of each operand,
-// one write).
+// cache-sized blocks of the output, with passes over the block while it is in cache that keep
+// the elements beyond the bound away from it and write math(bound) for them
+// (clamped_math_kernel, safe_math_fixup.inc). Main memory sees one read of the input and one
+// write of the output, as with the bare op; the backward kernels are plain fused loops (one read
+// of each operand, one write).
 //
 // Layouts come from TensorIterator (broadcasting, views, 0-d, empty); the arithmetic row
 // kernels (safe_math_loops.inc) are compiled for the default ISA and for avx2+fma and picked at
-// run time, as in grad_stats_cpu.cpp; the fix-up (safe_math_fixup.inc) also for avx512, where its
-// masked stores measured 3-4% of the forward time less than avx2's.
+// run time, as in grad_stats_cpu.cpp; the block passes (safe_math_fixup.inc) also for avx512,
+// where masked stores measured 3-4% of the forward time less than avx2's, and for contiguous
+// float16/bfloat16 with intrinsics (simd16_avx2.h: gcc leaves those loops scalar).
 //
 // Refused with an error: dtypes other than float16/bfloat16/float32/float64 (the Python API
 // promotes integers first), operands of different dtypes, an `out` of another dtype, and
@@ -30,11 +31,13 @@
 
 #include "cpu_isa.h"
 #include "safe_math_args.h"
+#include "simd16_avx2.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace gradguard {
@@ -64,6 +67,68 @@ namespace isa_avx512 {
 
 const bool kHasAvx2 = cpu_has_avx2();
 const bool kHasAvx512 = cpu_has_avx512();
+
+// The passes around torch's math over contiguous blocks (safe_math_fixup.inc), in the widest ISA
+// copy this CPU runs; float16/bfloat16 take the AVX2 loops of simd16_avx2.h.
+template <typename T>
+constexpr bool kIs16Bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+
+// dst = x beyond the bound ? value : x (value = the bound: the clamp); whether any was beyond.
+template <typename T>
+bool replace_beyond(T* dst, const T* x, int64_t n, T bound, T value, bool is_min) {
+#if GG_CPU_X86
+  if constexpr (kIs16Bit<T>) {
+    if (kHasAvx2) {
+      constexpr bool kHalf = std::is_same_v<T, at::Half>;
+      auto* d = reinterpret_cast<uint16_t*>(dst);
+      const auto* xb = reinterpret_cast<const uint16_t*>(x);
+      return is_min ? simd16::select_beyond<kHalf, true>(d, xb, xb, n, static_cast<float>(bound), value.x)
+                    : simd16::select_beyond<kHalf, false>(d, xb, xb, n, static_cast<float>(bound), value.x);
+    }
+  }
+#endif
+  if (kHasAvx512) return isa_avx512::replace_beyond_bound(dst, x, n, bound, value, is_min);
+  if (kHasAvx2) return isa_avx2::replace_beyond_bound(dst, x, n, bound, value, is_min);
+  return isa_default::replace_beyond_bound(dst, x, n, bound, value, is_min);
+}
+
+// Whether any of x is beyond the bound (NaN never is); reads only.
+template <typename T>
+bool any_beyond(const T* x, int64_t n, T bound, bool is_min) {
+#if GG_CPU_X86
+  if constexpr (kIs16Bit<T>) {
+    if (kHasAvx2) {
+      constexpr bool kHalf = std::is_same_v<T, at::Half>;
+      const auto* xb = reinterpret_cast<const uint16_t*>(x);
+      return is_min ? simd16::select_beyond<kHalf, true, false>(nullptr, nullptr, xb, n, static_cast<float>(bound), 0)
+                    : simd16::select_beyond<kHalf, false, false>(nullptr, nullptr, xb, n, static_cast<float>(bound), 0);
+    }
+  }
+#endif
+  if (kHasAvx512) return isa_avx512::any_beyond_bound(x, n, bound, is_min);
+  if (kHasAvx2) return isa_avx2::any_beyond_bound(x, n, bound, is_min);
+  return isa_default::any_beyond_bound(x, n, bound, is_min);
+}
+
+// o = value where x is beyond the bound, o untouched elsewhere.
+template <typename T>
+void overwrite_beyond(T* o, const T* x, int64_t n, T bound, T value, bool is_min) {
+#if GG_CPU_X86
+  if constexpr (kIs16Bit<T>) {
+    if (kHasAvx2) {
+      constexpr bool kHalf = std::is_same_v<T, at::Half>;
+      auto* ob = reinterpret_cast<uint16_t*>(o);
+      const auto* xb = reinterpret_cast<const uint16_t*>(x);
+      if (is_min) simd16::select_beyond<kHalf, true>(ob, ob, xb, n, static_cast<float>(bound), value.x);
+      else simd16::select_beyond<kHalf, false>(ob, ob, xb, n, static_cast<float>(bound), value.x);
+      return;
+    }
+  }
+#endif
+  if (kHasAvx512) isa_avx512::overwrite_beyond_bound(o, x, n, bound, value, is_min);
+  else if (kHasAvx2) isa_avx2::overwrite_beyond_bound(o, x, n, bound, value, is_min);
+  else isa_default::overwrite_beyond_bound(o, x, n, bound, value, is_min);
+}
 
 // Picks the ISA copy and the contiguous or strided instantiation of a row kernel.
 #define GG_ROW(kernel, T, contig, ...)                                   \
@@ -182,12 +247,12 @@ at::TensorIterator unary_iter(const at::Tensor& out, const at::Tensor& in) {
 
 // ---- forward: log, exp, sqrt -------------------------------------------------------------------
 
-// out = math(clamp(x)). Long contiguous rows take the direct path: torch's kernel computes
-// math(x) from the input straight into the output, exactly as torch.log does (same memory
-// traffic, loads overlapped with the math), and a pass over the block while it is still in cache
-// overwrites the elements beyond the bound with math(bound), the value the composite gives them
-// (the same kernel on the same rounded bound). Other rows are staged: clamped into a buffer,
-// math applied there, copied out.
+// out = math(clamp(x)). Long contiguous rows take the direct path, block by block: where no
+// element is beyond the bound, torch's kernel computes math(x) from the input straight into the
+// output, exactly as torch.log does; otherwise it runs on the input with stand-ins for those
+// elements, which then get math(bound), the value the composite gives them (the same kernel on
+// the same rounded bound). See safe_math_fixup.inc. Other rows are staged: clamped into a
+// buffer, math applied there, copied out.
 void clamped_math_kernel(const at::Tensor& out, const at::Tensor& input, Math math, double bound, bool is_min) {
   auto iter = unary_iter(out, input);
   const auto dtype = input.scalar_type();
@@ -198,19 +263,28 @@ void clamped_math_kernel(const at::Tensor& out, const at::Tensor& input, Math ma
     apply_math(math, &lim_value, &lim_value, 1, dtype);
     constexpr int64_t kElem = sizeof(scalar_t);
     constexpr int64_t kBlock = kBlockBytes / kElem;
+    // A value torch's math computes fast: log(1), sqrt(1), exp(0).
+    const scalar_t stand_in = static_cast<scalar_t>(is_min ? 1.0 : 0.0);
     iter.for_each([&](char** data, const int64_t* strides, int64_t n0, int64_t n1) {
-      // In place (out is the input) the fix-up would compare math(x) against the bound: staged.
+      // In place (out is the input) the last pass would compare math(x) against the bound: staged.
       const bool in_place = data[0] == data[1];
       if (strides[0] == kElem && strides[1] == kElem && n0 >= kMinDirectRow && !in_place) {
+        bool expect_beyond = false;
         for (int64_t j = 0; j < n1; ++j) {
           auto* o = reinterpret_cast<scalar_t*>(data[0] + j * strides[2]);
           auto* x = reinterpret_cast<scalar_t*>(data[1] + j * strides[3]);
           for (int64_t b = 0; b < n0; b += kBlock) {
             const int64_t len = std::min(kBlock, n0 - b);
-            apply_math(math, o + b, x + b, len, dtype);
-            if (kHasAvx512) isa_avx512::overwrite_beyond_bound(o + b, x + b, len, lim, lim_value, is_min);
-            else if (kHasAvx2) isa_avx2::overwrite_beyond_bound(o + b, x + b, len, lim, lim_value, is_min);
-            else isa_default::overwrite_beyond_bound(o + b, x + b, len, lim, lim_value, is_min);
+            // Most blocks hold nothing beyond the bound: one read-only scan, then torch's math
+            // straight from the input (now in cache) into the output, as torch.log runs. After a
+            // block that did, the scan is skipped (they tend to come together).
+            if (!expect_beyond && !any_beyond(x + b, len, lim, is_min)) {
+              apply_math(math, o + b, x + b, len, dtype);
+              continue;
+            }
+            expect_beyond = replace_beyond(o + b, x + b, len, lim, stand_in, is_min);
+            apply_math(math, o + b, o + b, len, dtype);
+            if (expect_beyond) overwrite_beyond(o + b, x + b, len, lim, lim_value, is_min);
           }
         }
         return;
@@ -220,8 +294,9 @@ void clamped_math_kernel(const at::Tensor& out, const at::Tensor& input, Math ma
           [&](char** p, const int64_t* s, int64_t len, scalar_t* dst) {
             const auto* x = reinterpret_cast<const scalar_t*>(p[1]);
             const int64_t sx = elems<scalar_t>(s[1]);
-            if (is_min) GG_ROW(clamp_min_row, scalar_t, sx == 1, dst, x, sx, len, lim);
-            else GG_ROW(clamp_max_row, scalar_t, sx == 1, dst, x, sx, len, lim);
+            if (sx == 1) replace_beyond(dst, x, len, lim, lim, is_min);  // the clamp
+            else if (is_min) GG_ROW(clamp_min_row, scalar_t, false, dst, x, sx, len, lim);
+            else GG_ROW(clamp_max_row, scalar_t, false, dst, x, sx, len, lim);
           },
           [&](char** p, const int64_t* s, int64_t len, const scalar_t* src) {
             const int64_t so = elems<scalar_t>(s[0]);
@@ -347,7 +422,9 @@ at::Tensor safe_sqrt_backward_cpu(const at::Tensor& grad, const at::Tensor& inpu
           data, strides, n0, n1, 3, grad.scalar_type(), Math::Sqrt, /*result_is_output=*/false,
           [&](char** p, const int64_t* s, int64_t len, scalar_t* dst) {
             const int64_t sx = elems<scalar_t>(s[2]);
-            GG_ROW(clamp_min_row, scalar_t, sx == 1, dst, reinterpret_cast<const scalar_t*>(p[2]), sx, len, zero);
+            const auto* x = reinterpret_cast<const scalar_t*>(p[2]);
+            if (sx == 1) replace_beyond(dst, x, len, zero, zero, true);  // the clamp
+            else GG_ROW(clamp_min_row, scalar_t, false, dst, x, sx, len, zero);
           },
           [&](char** p, const int64_t* s, int64_t len, const scalar_t* root) {
             GG_ROW(sqrt_backward_row, scalar_t, contiguous<scalar_t>(s, 3), reinterpret_cast<scalar_t*>(p[0]),

@@ -13,8 +13,11 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
+#include "simd16_avx2.h"
 #include "strided_walk.h"
 #include "thread_count.h"
 
@@ -23,15 +26,32 @@ namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
 
+const bool kHasAvx2 = cpu_has_avx2();
+
 template <typename T>
-void zero_nonfinite_scale_row(T* x, int64_t n, int64_t stride, double scale) {
+constexpr bool kIs16Bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+
+// x *= scale, the non-finite elements zeroed first when kZero (so a negative scale gives -0.0
+// there, as nan_to_num_ + mul_ do); float16/bfloat16 computed in float32 and rounded once, as
+// torch's multiply does.
+template <bool kZero, typename T>
+void scale_row(T* x, int64_t n, int64_t stride, double scale) {
   using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const acc_t s = static_cast<acc_t>(scale);
+#if GG_CPU_X86
+  // Contiguous float16/bfloat16: the AVX2 loop (the one below stays scalar for them: 11x slower).
+  if constexpr (kIs16Bit<T>) {
+    if (kHasAvx2 && stride == 1) {
+      simd16::scale<std::is_same_v<T, at::Half>, kZero>(reinterpret_cast<uint16_t*>(x), n, s);
+      return;
+    }
+  }
+#endif
   const acc_t big = std::numeric_limits<acc_t>::max();
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const acc_t v = static_cast<acc_t>(x[j * stride]);
-    x[j * stride] = static_cast<T>(std::abs(v) <= big ? v * s : acc_t(0));
+    x[j * stride] = static_cast<T>((!kZero || std::abs(v) <= big ? v : acc_t(0)) * s);
   }
 }
 
@@ -60,15 +80,12 @@ void check_tensors(const char* op, at::TensorList tensors) {
   }
 }
 
-void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
-  const char* op = "gradguard.zero_nonfinite_and_scale_";
-  check_scale(op, scale);
-  check_tensors(op, tensors);
-  if (tensors.empty()) return;
+// Every element of every tensor through scale_row<kZero>, in 64K-element pieces over threads.
+template <bool kZero>
+void scale_list(at::TensorList tensors, double s) {
   // Written in place without torch's in-place machinery: bump the version counters as it would
   // (before any write: an inference tensor outside inference mode is refused here, untouched).
   for (const auto& t : tensors) t.unsafeGetTensorImpl()->bump_version();
-  const double s = scale.to(at::kDouble).item<double>();  // a CPU tensor: no device sync
   const auto dtype = tensors[0].scalar_type();
   std::vector<StridedWalk> walks;
   std::vector<void*> bases;  // mutable_data_ptr(): a lazily cloned (COW) storage is copied before the write
@@ -88,17 +105,17 @@ void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scal
   const int64_t nthreads = threads_for(2 * numel * int64_t(tensors[0].element_size()),
                                        static_cast<int64_t>(tensors.size()), nwork);
   const int64_t grain = (nwork + nthreads - 1) / nthreads;  // at most nthreads parts; one runs inline
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_zero_nonfinite_and_scale_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_scale_cpu", [&] {
     at::parallel_for(0, nwork, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t w = lo; w < hi; ++w) {
         const WorkItem& item = work[w];
         const StridedWalk& walk = walks[item.tensor];
         scalar_t* base = static_cast<scalar_t*>(bases[item.tensor]);
         if (walk.dense) {
-          zero_nonfinite_scale_row<scalar_t>(base + item.begin, item.end - item.begin, 1, s);
+          scale_row<kZero, scalar_t>(base + item.begin, item.end - item.begin, 1, s);
         } else {
           walk.for_each_row(item.begin, item.end, [&](int64_t off, int64_t len, int64_t stride) {
-            zero_nonfinite_scale_row<scalar_t>(base + off, len, stride, s);
+            scale_row<kZero, scalar_t>(base + off, len, stride, s);
           });
         }
       }
@@ -106,12 +123,28 @@ void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scal
   });
 }
 
+void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
+  const char* op = "gradguard.zero_nonfinite_and_scale_";
+  check_scale(op, scale);
+  check_tensors(op, tensors);
+  if (tensors.empty()) return;
+  scale_list<true>(tensors, scale.to(at::kDouble).item<double>());  // a CPU tensor: no device sync
+}
+
 void maybe_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
   check_scale("gradguard.maybe_scale_", scale);
   check_tensors("gradguard.maybe_scale_", tensors);
-  if (tensors.empty() || scale.to(at::kDouble).item<double>() == 1.0) return;  // CPU tensor: no sync
-  // The multiply itself is torch's own foreach kernel: it is compiled for this CPU's widest ISA
-  // (AVX-512 here), which a plain loop at the portable flags does not match for a read+write pass.
+  if (tensors.empty()) return;
+  const double s = scale.to(at::kDouble).item<double>();  // a CPU tensor: no device sync
+  if (s == 1.0) return;
+  const auto dtype = tensors[0].scalar_type();
+  if (kHasAvx2 && (dtype == at::kHalf || dtype == at::kBFloat16)) {
+    // The AVX2 loop: torch's bfloat16 multiply ran at 1.6x the in-place floor, this at ~1.3x.
+    scale_list<false>(tensors, s);
+    return;
+  }
+  // float32/float64: torch's own foreach kernel, compiled for this CPU's widest ISA, which a
+  // plain loop at the portable flags does not match for a read+write pass.
   at::_foreach_mul_(tensors, scale);
 }
 

@@ -37,7 +37,8 @@ __device__ __forceinline__ T scaled(T x, opmath_t s) {
   const opmath_t v = static_cast<opmath_t>(x);
   if constexpr (kZeroNonfinite) {
     const bool finite = (v < 0 ? -v : v) <= std::numeric_limits<opmath_t>::max();  // false for NaN
-    return static_cast<T>(finite ? v * s : opmath_t(0));
+    // Zeroed, then scaled, as nan_to_num_ + mul_: a negative scale gives -0.0 there.
+    return static_cast<T>((finite ? v : opmath_t(0)) * s);
   } else {
     return static_cast<T>(v * s);
   }

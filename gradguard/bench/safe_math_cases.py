@@ -13,6 +13,9 @@ with allocation (page faults of a fresh 256 MB tensor, most of the time here) ta
 Inputs: safe_log gets uniform [0, 1) with one exact zero per 1024 elements (log of
 probabilities); safe_exp gets N(0, 30^2) logits, so ~0.3% of elements are above the default max.
 
+Out of domain: safe_log and safe_sqrt of uniform(-1, 1), float32 and float16, 2^24 elements,
+against the eager composite and the bare op on |x| (in domain, same bytes).
+
 Under torch.compile (issue 11): a cross-entropy-style loss, softmax -> safe_log -> NLL, forward
 and backward over 2^24 logits, both compiled, against the same loss written with
 torch.log(torch.clamp(p, min=eps)); and the ulp differences inductor's own log/exp/sqrt make
@@ -153,6 +156,41 @@ def _compiled_loss_table(device, quick, rounds):
     return table
 
 
+OOD_N = 1 << 24
+
+
+def _out_of_domain_table(dtype, device, quick, rounds):
+    """safe_log and safe_sqrt where half the inputs are below the bound (uniform(-1, 1)): MKL's
+    log of a negative and sqrt of 0 are its slow special cases, which the kernel keeps away from
+    (stand-ins, then math(bound) written over them). Against the eager composite (which runs
+    log on the clamped values) and the bare op on in-domain inputs of the same size (|x|: the same
+    bytes and math, no special case)."""
+    n = QUICK_N if quick else OOD_N
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(n, generator=g) * 2 - 1).to(dtype).to(device)
+    inside = x.abs()
+    eps = torch.finfo(dtype).tiny
+    fns = {
+        "gradguard.safe_log": lambda: gradguard.safe_log(x),
+        "eager composite log(clamp(x, min=tiny))": lambda: torch.log(torch.clamp(x, min=eps)),
+        "torch.log(|x|) (bare, in domain)": lambda: torch.log(inside),
+        "gradguard.safe_sqrt": lambda: gradguard.safe_sqrt(x),
+        "eager composite sqrt(clamp(x, min=0))": lambda: torch.sqrt(torch.clamp(x, min=0.0)),
+        "torch.sqrt(|x|) (bare, in domain)": lambda: torch.sqrt(inside),
+    }
+    name = str(dtype).replace("torch.", "")
+    table, t = _table(f"half the inputs out of domain, {n} {name}, {device}, {torch.get_num_threads()} threads",
+                      fns, 2 * n * x.element_size(), None, device, rounds)
+    for op in ("log", "sqrt"):
+        ours = f"gradguard.safe_{op}"
+        comp = next(k for k in fns if k.startswith(f"eager composite {op}"))
+        table.check(f"safe_{op} / eager composite", _ratio(t, ours, comp), "<=", 1.0)
+        # No target: the passes that keep the special cases away cost this much over in-domain math.
+        table.checks.append(f"safe_{op} / bare {op} in domain = "
+                            f"{_ratio(t, ours, f'torch.{op}(|x|) (bare, in domain)'):.2f}x (for reference)")
+    return table
+
+
 def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a - b| in float32 ulps (the distance between their positions on the ordered int line)."""
     def ordered(t):
@@ -202,6 +240,8 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
             "safe_exp", gradguard.safe_exp, lambda x: torch.exp(torch.clamp(x, max=m)), torch.exp,
             lambda x, o: torch.exp(x, out=o), _exp_input(n, device), device, rounds,
             bwd_bytes=4 * n * 4)  # backward reads grad, result and input, writes the gradient
+        for dtype in (torch.float32, torch.float16):
+            out.append(_out_of_domain_table(dtype, device, quick, 3 if quick else 7))
         out.append(_compiled_loss_table(device, quick, rounds))
         out.append(_ulp_table(device))
     finally:

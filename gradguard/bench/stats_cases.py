@@ -242,6 +242,12 @@ COPY_FLOOR = "copy floor: gradguard_bench.copy_floor, best of 1/4 streams"
 SCALE_FLOOR = "in-place rewrite floor: gradguard_bench.rewrite_floor, best of 1/4 streams"
 
 
+def _zero_then_mul(tensors, factor):
+    for t in tensors:
+        t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    torch._foreach_mul_(tensors, factor)
+
+
 def scale_table(grads, label: str, device: str, repeats: int) -> Table:
     """The read+write kernels (clipping's scale pass) against the fastest in-place rewrite of the
     same bytes (each word read and written back where it is). Not a copy: a copy to another
@@ -263,6 +269,7 @@ def scale_table(grads, label: str, device: str, repeats: int) -> Table:
         "gradguard maybe_scale_ (x *= c, c != 1)": lambda: torch.ops.gradguard.maybe_scale_(work, factor()),
         "gradguard zero_nonfinite_and_scale_": lambda: torch.ops.gradguard.zero_nonfinite_and_scale_(work, factor()),
         "torch._foreach_mul_ (same grads)": lambda: torch._foreach_mul_(work, factor()),
+        "torch nan_to_num_ each + _foreach_mul_ (\"zero\" mode in torch)": lambda: _zero_then_mul(work, factor()),
     }
     copies, rewrites = [], []
     if have_floor() and device == "cpu":
@@ -390,6 +397,9 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
             f"{numel(grads) * 4 / 1e6:.0f} MB)"
     out = [stats_table(grads, label, device, 21), scale_table(grads, label, device, 11),
            clip_table(grads, label, device, 11)]
+    # The same list in bfloat16: the 16-bit scale loops (simd16_avx2.h) against the same floor.
+    grads = [g.to(torch.bfloat16) for g in grads]
+    out.append(scale_table(grads, f"GPT-2 small-shaped, bfloat16 ({numel(grads) * 2 / 1e6:.0f} MB)", device, 11))
     del grads
     if have_floor() and device == "cpu":
         out.append(dtype_table(gpt2_shapes(), "GPT-2 small-shaped", device, 9))
