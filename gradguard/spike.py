@@ -105,7 +105,9 @@ class ZScoreClip(SpikePolicy):
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("kind") != "ZScoreClip":
             raise ValueError(f"gradguard: the checkpoint holds {sd.get('kind')} spike state, not ZScoreClip")
-        self.z, self.alpha, self.warmup = sd["z"], sd["alpha"], sd["warmup"]
+        # The constructor's checks (a checkpoint is input too), before anything here changes.
+        checked = ZScoreClip(sd["z"], sd["alpha"], sd["warmup"])
+        self.z, self.alpha, self.warmup = checked.z, checked.alpha, checked.warmup
         if sd["mean"] is None:
             self._state = None
         else:
@@ -153,12 +155,18 @@ class PercentileClip(SpikePolicy):
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("kind") != "PercentileClip":
             raise ValueError(f"gradguard: the checkpoint holds {sd.get('kind')} spike state, not PercentileClip")
-        self.q, self.window, self.warmup = sd["q"], sd["window"], sd["warmup"]
-        if sd["buf"] is None:
-            self._state = None
-        else:
-            buf = sd["buf"].to(torch.float64)
-            self._state = torch.cat([sd["count"].to(buf.device, torch.float64).reshape(1), buf])
+        # The constructor's checks (a window beyond MAX_WINDOW included; a checkpoint is input
+        # too), before anything here changes.
+        checked = PercentileClip(sd["q"], sd["window"], sd["warmup"])
+        state = None
+        if sd["buf"] is not None:
+            buf = sd["buf"].to(torch.float64).reshape(-1)
+            if buf.numel() != checked.window:
+                raise ValueError(f"gradguard: the checkpoint's PercentileClip state holds {buf.numel()} norms "
+                                 f"but its `window` is {checked.window}")
+            state = torch.cat([sd["count"].to(buf.device, torch.float64).reshape(1), buf])
+        self.q, self.window, self.warmup = checked.q, checked.window, checked.warmup
+        self._state = state
 
     def __repr__(self) -> str:
         return f"PercentileClip(q={self.q}, window={self.window}, warmup={self.warmup})"

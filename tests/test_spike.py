@@ -118,6 +118,41 @@ def test_percentile_bad_input(kwargs, match):
         gradguard.PercentileClip(**kwargs)
 
 
+def _stepped(policy):
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = gradguard.GradGuard(torch.optim.SGD([w], lr=0.1), spike=policy)
+    w.grad = torch.ones(4)
+    opt.step()
+    return policy
+
+
+@pytest.mark.parametrize("policy,edit,match", [
+    # Loaded as they were: a window of 2**40 failed at the next step, in the allocator, and a
+    # window that disagreed with its saved norms ranked slots that did not exist.
+    (gradguard.PercentileClip(window=8), {"window": 2 ** 40}, r"`window` must be an int in \[1, 100000\]"),
+    (gradguard.PercentileClip(window=8), {"window": 16}, "holds 8 norms but its `window` is 16"),
+    (gradguard.PercentileClip(window=8), {"q": 2.0}, "`q`"),
+    (gradguard.ZScoreClip(), {"alpha": 1.0}, "`alpha`"),
+    (gradguard.ZScoreClip(), {"warmup": 0}, "`warmup`"),
+], ids=["window-huge", "window-mismatch", "q", "alpha", "warmup"])
+def test_load_state_dict_checks_what_the_constructor_checks(policy, edit, match):
+    sd = {**_stepped(policy).state_dict(), **edit}
+    fresh = type(policy)()
+    before = fresh.state_dict()
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(sd)
+    assert fresh.state_dict() == before  # refused before anything was changed
+
+
+def test_load_state_dict_round_trip_still_works():
+    for policy in (gradguard.PercentileClip(window=8), gradguard.ZScoreClip()):
+        sd = _stepped(policy).state_dict()
+        fresh = type(policy)()
+        fresh.load_state_dict(sd)
+        assert fresh.args == policy.args
+        torch.testing.assert_close(fresh._state, policy._state, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("make", [lambda: gradguard.ZScoreClip(warmup=1), lambda: gradguard.PercentileClip(warmup=1)],
                          ids=["zscore", "percentile"])
 def test_a_step_with_no_gradient_at_all_is_not_absorbed(make, device):
