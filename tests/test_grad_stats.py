@@ -424,7 +424,7 @@ def _same_numbers(got, want):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_scale_kernels_every_16bit_pattern(path, dtype):
     # Every bit pattern (NaN payloads, infinities, subnormals, -0.0) in a contiguous tensor (the
-    # AVX2 loops of simd16_avx2.h and their tails) and a strided view (the scalar loop), against
+    # AVX2 loops of simd_avx2.h and their tails) and a strided view (the scalar loop), against
     # torch: zero_nonfinite_and_scale_ as nan_to_num_ + mul_, maybe_scale_ as mul_, bit for bit:
     # the product formed in float32 and rounded once, scales that round, overflow to inf and
     # underflow to 0, a negative scale's -0.0 for zeroed elements included.

@@ -383,11 +383,13 @@ def random_float32_bits(n=1 << 17):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_every_bit_pattern_matches_composite(dtype):
-    # The forward's passes around torch's math (scan, stand-ins beyond the bound, math(bound)
-    # written over them; for float16/bfloat16 AVX2 loops of their own), on the direct path (one
-    # long row), the staged path (in place) and a view with short rows: every 16-bit pattern,
-    # random float32 patterns (float64 from them), bit for bit against the composites.
-    x = every_16bit_value(dtype) if dtype.itemsize == 2 else random_float32_bits().to(dtype)
+    # The forward's passes around torch's math (stand-ins beyond the bound, math(bound) written
+    # over them; AVX2 loops of their own for float16/bfloat16), on the direct path (one long
+    # row), the staged path (in place) and a view with short rows: every 16-bit pattern, random
+    # float32 patterns (float64 from them), bit for bit against the composites.
+    # Several 256 KB blocks: the first runs torch's math on the input, the later ones (after a
+    # block with many elements beyond the bound) on stand-ins.
+    x = every_16bit_value(dtype, repeat=5) if dtype.itemsize == 2 else random_float32_bits().to(dtype)
     for fn, comp in [(lambda t, **kw: gradguard.safe_log(t, **kw), lambda t: comp_log(t, TINY[dtype])),
                      (lambda t, **kw: gradguard.safe_log(t, 0.0, **kw), lambda t: comp_log(t, 0.0)),
                      (lambda t, **kw: gradguard.safe_log(t, 1e-3, **kw), lambda t: comp_log(t, 1e-3)),
@@ -401,6 +403,24 @@ def test_every_bit_pattern_matches_composite(dtype):
         assert_same_bits(o, want)
         rows = x[: 60 * 1000].view(60, 1000)[:, 3:]  # rows shorter than the direct path's minimum
         assert_same_bits(fn(rows), comp(rows))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_a_few_beyond_the_bound_per_block_matches_composite(dtype):
+    # The direct path's other branch: a few elements beyond the bound in a block (zeros among
+    # probabilities) run torch's math on the input itself, then get math(bound) written over.
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(200_003, generator=g, dtype=torch.float64).to(dtype)
+    fi = torch.finfo(dtype)
+    specials = torch.tensor([0.0, -0.0, -1.0, -math.inf, math.nan, fi.tiny, fi.tiny / 4, 2.0, math.inf, 1e-3],
+                            dtype=torch.float64).to(dtype)
+    x[::997] = specials.repeat(x[::997].numel() // specials.numel() + 1)[: x[::997].numel()]
+    for fn, comp in [(lambda t: gradguard.safe_log(t), lambda t: comp_log(t, TINY[dtype])),
+                     (lambda t: gradguard.safe_log(t, 0.0), lambda t: comp_log(t, 0.0)),
+                     (lambda t: gradguard.safe_log(t, 1e-3), lambda t: comp_log(t, 1e-3)),
+                     (gradguard.safe_sqrt, comp_sqrt),
+                     (lambda t: gradguard.safe_exp(t, 0.999), lambda t: comp_exp(t, 0.999))]:
+        assert_same_bits(fn(x), comp(x))
 
 
 # ---- arguments and errors --------------------------------------------------------------------------

@@ -16,7 +16,7 @@
 // kernels (safe_math_loops.inc) are compiled for the default ISA and for avx2+fma and picked at
 // run time, as in grad_stats_cpu.cpp; the block passes (safe_math_fixup.inc) also for avx512,
 // where masked stores measured 3-4% of the forward time less than avx2's, and for contiguous
-// float16/bfloat16 with intrinsics (simd16_avx2.h: gcc leaves those loops scalar).
+// float16/bfloat16 with intrinsics (simd_avx2.h: gcc leaves those loops scalar).
 //
 // Refused with an error: dtypes other than float16/bfloat16/float32/float64 (the Python API
 // promotes integers first), operands of different dtypes, an `out` of another dtype, and
@@ -31,7 +31,7 @@
 
 #include "cpu_isa.h"
 #include "safe_math_args.h"
-#include "simd16_avx2.h"
+#include "simd_avx2.h"
 
 #include <algorithm>
 #include <cmath>
@@ -68,66 +68,45 @@ namespace isa_avx512 {
 const bool kHasAvx2 = cpu_has_avx2();
 const bool kHasAvx512 = cpu_has_avx512();
 
-// The passes around torch's math over contiguous blocks (safe_math_fixup.inc), in the widest ISA
-// copy this CPU runs; float16/bfloat16 take the AVX2 loops of simd16_avx2.h.
 template <typename T>
 constexpr bool kIs16Bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 
-// dst = x beyond the bound ? value : x (value = the bound: the clamp); whether any was beyond.
-template <typename T>
-bool replace_beyond(T* dst, const T* x, int64_t n, T bound, T value, bool is_min) {
+// The passes around torch's math over contiguous blocks (safe_math_fixup.inc), in the widest ISA
+// copy this CPU runs, or the AVX2 loops of simd_avx2.h (float16/bfloat16; float32/float64 for
+// Overwrite, which gcc's vectorized loop does not count well). Both return how
+// many elements of x were beyond the bound (NaN never is).
+// - Replace: dst = x beyond the bound ? value : x (value = the bound: the clamp).
+// - Overwrite: dst = value where x is beyond the bound, dst untouched elsewhere.
+enum class Pass { Replace, Overwrite };
+
+template <Pass kPass, typename T>
+int64_t block_pass(T* dst, const T* x, int64_t n, T bound, T value, bool is_min) {
 #if GG_CPU_X86
   if constexpr (kIs16Bit<T>) {
     if (kHasAvx2) {
       constexpr bool kHalf = std::is_same_v<T, at::Half>;
       auto* d = reinterpret_cast<uint16_t*>(dst);
       const auto* xb = reinterpret_cast<const uint16_t*>(x);
-      return is_min ? simd16::select_beyond<kHalf, true>(d, xb, xb, n, static_cast<float>(bound), value.x)
-                    : simd16::select_beyond<kHalf, false>(d, xb, xb, n, static_cast<float>(bound), value.x);
+      const uint16_t* src = kPass == Pass::Overwrite ? d : xb;
+      const float b = static_cast<float>(bound);
+      return is_min ? simd16::select_beyond<kHalf, true>(d, src, xb, n, b, value.x)
+                    : simd16::select_beyond<kHalf, false>(d, src, xb, n, b, value.x);
     }
   }
-#endif
-  if (kHasAvx512) return isa_avx512::replace_beyond_bound(dst, x, n, bound, value, is_min);
-  if (kHasAvx2) return isa_avx2::replace_beyond_bound(dst, x, n, bound, value, is_min);
-  return isa_default::replace_beyond_bound(dst, x, n, bound, value, is_min);
-}
-
-// Whether any of x is beyond the bound (NaN never is); reads only.
-template <typename T>
-bool any_beyond(const T* x, int64_t n, T bound, bool is_min) {
-#if GG_CPU_X86
-  if constexpr (kIs16Bit<T>) {
+  if constexpr (kPass == Pass::Overwrite && !kIs16Bit<T>) {
     if (kHasAvx2) {
-      constexpr bool kHalf = std::is_same_v<T, at::Half>;
-      const auto* xb = reinterpret_cast<const uint16_t*>(x);
-      return is_min ? simd16::select_beyond<kHalf, true, false>(nullptr, nullptr, xb, n, static_cast<float>(bound), 0)
-                    : simd16::select_beyond<kHalf, false, false>(nullptr, nullptr, xb, n, static_cast<float>(bound), 0);
+      return is_min ? simdf::overwrite_beyond<true>(dst, x, n, bound, value)
+                    : simdf::overwrite_beyond<false>(dst, x, n, bound, value);
     }
   }
 #endif
-  if (kHasAvx512) return isa_avx512::any_beyond_bound(x, n, bound, is_min);
-  if (kHasAvx2) return isa_avx2::any_beyond_bound(x, n, bound, is_min);
-  return isa_default::any_beyond_bound(x, n, bound, is_min);
-}
-
-// o = value where x is beyond the bound, o untouched elsewhere.
-template <typename T>
-void overwrite_beyond(T* o, const T* x, int64_t n, T bound, T value, bool is_min) {
-#if GG_CPU_X86
-  if constexpr (kIs16Bit<T>) {
-    if (kHasAvx2) {
-      constexpr bool kHalf = std::is_same_v<T, at::Half>;
-      auto* ob = reinterpret_cast<uint16_t*>(o);
-      const auto* xb = reinterpret_cast<const uint16_t*>(x);
-      if (is_min) simd16::select_beyond<kHalf, true>(ob, ob, xb, n, static_cast<float>(bound), value.x);
-      else simd16::select_beyond<kHalf, false>(ob, ob, xb, n, static_cast<float>(bound), value.x);
-      return;
-    }
-  }
-#endif
-  if (kHasAvx512) isa_avx512::overwrite_beyond_bound(o, x, n, bound, value, is_min);
-  else if (kHasAvx2) isa_avx2::overwrite_beyond_bound(o, x, n, bound, value, is_min);
-  else isa_default::overwrite_beyond_bound(o, x, n, bound, value, is_min);
+#define GG_BLOCK_PASS(isa)                                                    \
+  return kPass == Pass::Replace ? isa::replace_beyond_bound(dst, x, n, bound, value, is_min) \
+                                : isa::overwrite_beyond_bound(dst, x, n, bound, value, is_min)
+  if (kHasAvx512) GG_BLOCK_PASS(isa_avx512);
+  if (kHasAvx2) GG_BLOCK_PASS(isa_avx2);
+  GG_BLOCK_PASS(isa_default);
+#undef GG_BLOCK_PASS
 }
 
 // Picks the ISA copy and the contiguous or strided instantiation of a row kernel.
@@ -247,12 +226,12 @@ at::TensorIterator unary_iter(const at::Tensor& out, const at::Tensor& in) {
 
 // ---- forward: log, exp, sqrt -------------------------------------------------------------------
 
-// out = math(clamp(x)). Long contiguous rows take the direct path, block by block: where no
-// element is beyond the bound, torch's kernel computes math(x) from the input straight into the
-// output, exactly as torch.log does; otherwise it runs on the input with stand-ins for those
-// elements, which then get math(bound), the value the composite gives them (the same kernel on
-// the same rounded bound). See safe_math_fixup.inc. Other rows are staged: clamped into a
-// buffer, math applied there, copied out.
+// out = math(clamp(x)). Long contiguous rows take the direct path, block by block: torch's
+// kernel computes math(x) from the input straight into the output, exactly as torch.log does
+// (or, where many elements are beyond the bound, from the input with stand-ins for them), and a
+// pass over the block while it is in cache writes math(bound) over those elements, the value the
+// composite gives them (the same kernel on the same rounded bound). See safe_math_fixup.inc.
+// Other rows are staged: clamped into a buffer, math applied there, copied out.
 void clamped_math_kernel(const at::Tensor& out, const at::Tensor& input, Math math, double bound, bool is_min) {
   auto iter = unary_iter(out, input);
   const auto dtype = input.scalar_type();
@@ -269,22 +248,24 @@ void clamped_math_kernel(const at::Tensor& out, const at::Tensor& input, Math ma
       // In place (out is the input) the last pass would compare math(x) against the bound: staged.
       const bool in_place = data[0] == data[1];
       if (strides[0] == kElem && strides[1] == kElem && n0 >= kMinDirectRow && !in_place) {
-        bool expect_beyond = false;
+        bool many_beyond = false;
         for (int64_t j = 0; j < n1; ++j) {
           auto* o = reinterpret_cast<scalar_t*>(data[0] + j * strides[2]);
           auto* x = reinterpret_cast<scalar_t*>(data[1] + j * strides[3]);
           for (int64_t b = 0; b < n0; b += kBlock) {
             const int64_t len = std::min(kBlock, n0 - b);
-            // Most blocks hold nothing beyond the bound: one read-only scan, then torch's math
-            // straight from the input (now in cache) into the output, as torch.log runs. After a
-            // block that did, the scan is skipped (they tend to come together).
-            if (!expect_beyond && !any_beyond(x + b, len, lim, is_min)) {
+            // See safe_math_fixup.inc: torch's math on the input itself unless the last block
+            // had many elements beyond the bound.
+            int64_t beyond;
+            if (!many_beyond) {
               apply_math(math, o + b, x + b, len, dtype);
-              continue;
+              beyond = block_pass<Pass::Overwrite>(o + b, x + b, len, lim, lim_value, is_min);
+            } else {
+              beyond = block_pass<Pass::Replace>(o + b, x + b, len, lim, stand_in, is_min);
+              apply_math(math, o + b, o + b, len, dtype);
+              if (beyond > 0) block_pass<Pass::Overwrite>(o + b, x + b, len, lim, lim_value, is_min);
             }
-            expect_beyond = replace_beyond(o + b, x + b, len, lim, stand_in, is_min);
-            apply_math(math, o + b, o + b, len, dtype);
-            if (expect_beyond) overwrite_beyond(o + b, x + b, len, lim, lim_value, is_min);
+            many_beyond = beyond * 32 > len;
           }
         }
         return;
@@ -294,7 +275,7 @@ void clamped_math_kernel(const at::Tensor& out, const at::Tensor& input, Math ma
           [&](char** p, const int64_t* s, int64_t len, scalar_t* dst) {
             const auto* x = reinterpret_cast<const scalar_t*>(p[1]);
             const int64_t sx = elems<scalar_t>(s[1]);
-            if (sx == 1) replace_beyond(dst, x, len, lim, lim, is_min);  // the clamp
+            if (sx == 1) block_pass<Pass::Replace>(dst, x, len, lim, lim, is_min);  // the clamp
             else if (is_min) GG_ROW(clamp_min_row, scalar_t, false, dst, x, sx, len, lim);
             else GG_ROW(clamp_max_row, scalar_t, false, dst, x, sx, len, lim);
           },
@@ -423,7 +404,7 @@ at::Tensor safe_sqrt_backward_cpu(const at::Tensor& grad, const at::Tensor& inpu
           [&](char** p, const int64_t* s, int64_t len, scalar_t* dst) {
             const int64_t sx = elems<scalar_t>(s[2]);
             const auto* x = reinterpret_cast<const scalar_t*>(p[2]);
-            if (sx == 1) replace_beyond(dst, x, len, zero, zero, true);  // the clamp
+            if (sx == 1) block_pass<Pass::Replace>(dst, x, len, zero, zero, true);  // the clamp
             else GG_ROW(clamp_min_row, scalar_t, false, dst, x, sx, len, zero);
           },
           [&](char** p, const int64_t* s, int64_t len, const scalar_t* root) {

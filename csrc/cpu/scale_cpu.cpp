@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
-#include "simd16_avx2.h"
+#include "simd_avx2.h"
 #include "strided_walk.h"
 #include "thread_count.h"
 

@@ -397,7 +397,7 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
             f"{numel(grads) * 4 / 1e6:.0f} MB)"
     out = [stats_table(grads, label, device, 21), scale_table(grads, label, device, 11),
            clip_table(grads, label, device, 11)]
-    # The same list in bfloat16: the 16-bit scale loops (simd16_avx2.h) against the same floor.
+    # The same list in bfloat16: the 16-bit scale loops (simd_avx2.h) against the same floor.
     grads = [g.to(torch.bfloat16) for g in grads]
     out.append(scale_table(grads, f"GPT-2 small-shaped, bfloat16 ({numel(grads) * 2 / 1e6:.0f} MB)", device, 11))
     del grads
