@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ExpandUtils.h>
 #include <ATen/OpMathType.h>
@@ -54,8 +55,9 @@ inline void check_bound_fits(double v, at::ScalarType dtype, const char* op, con
   TORCH_CHECK_VALUE(a <= mx, "gradguard.", op, ": `", arg, "`=", v, " overflows to ", v > 0 ? "inf" : "-inf", " in ",
                     dtype, " (largest finite value ", mx, "); pass a value the input's dtype can hold");
   TORCH_CHECK_VALUE(!keep_nonzero || a == 0.0 || a >= smallest, "gradguard.", op, ": `", arg, "`=", v,
-                    " rounds to 0 in ", dtype, " (smallest positive value ", smallest,
-                    "); pass at least that, or 0 to mean no bound");
+                    " is below the smallest positive value of ", dtype, " (", smallest,
+                    "): it rounds to 0 or up to that value, depending on the path; pass at least that, or 0 "
+                    "to mean no bound");
 }
 
 // Tensors of one call live on one device, as torch.div requires; the exception is torch's: a
@@ -127,6 +129,26 @@ inline void prepare_out(at::Tensor& out, const at::Tensor& like, at::IntArrayRef
   // As torch's own out= kernels (through ADInplaceOrView): autograd then refuses a backward that
   // needs the overwritten values, and an inference tensor outside inference mode is refused here.
   out.unsafeGetTensorImpl()->bump_version();
+}
+
+// An `out` that shares memory with an operand, other than as exactly its elements (in place),
+// would be written before all of that operand is read. TensorIterator refuses the partial
+// overlaps it can see; between non-dense views of one storage it cannot tell
+// (at::get_overlap_status: TooHard), and the kernels read values they had already overwritten.
+// Such a call computes into a temporary and copies that into `out`, as the composite's out= does.
+template <typename Kernel>
+void write_out(at::Tensor& out, std::initializer_list<at::Tensor> operands, Kernel&& kernel) {
+  for (const auto& t : operands) {
+    if (!out.is_alias_of(t)) continue;
+    const bool in_place = out.data_ptr() == t.data_ptr() && out.sizes() == t.sizes() && out.strides() == t.strides();
+    if (!in_place && at::get_overlap_status(out, t) != at::MemOverlapStatus::No) {
+      at::Tensor tmp = at::empty_like(out);
+      kernel(tmp);
+      out.copy_(tmp);
+      return;
+    }
+  }
+  kernel(out);
 }
 
 // The broadcast result is laid out like whichever operand already has the result's shape and

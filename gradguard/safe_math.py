@@ -18,7 +18,8 @@ Common rules:
   gets no gradient. They are rounded to the input's dtype, as ``torch.clamp`` rounds its bound;
   a bound that rounding would change in kind is a ValueError naming the argument, on every
   kernel path alike: a finite value that overflows the dtype (``eps=1e300`` on float32,
-  ``fill=1e10`` on float16) and a positive ``eps`` that rounds to 0 (``eps=1e-8`` on float16).
+  ``fill=1e10`` on float16) and a positive ``eps`` below its smallest positive value (``eps=1e-8``
+  on float16 rounds to 0).
   ``safe_exp``'s ``max`` must also be at most ``EXP_MAX[dtype]`` (``max=100`` on float16 would
   give inf). NaN or negative bounds where they must be >= 0 raise ValueError too.
 - Under ``torch.compile`` (``torch.compiler.is_compiling()``) the functions take a composite of

@@ -303,7 +303,7 @@ void safe_log_out_cpu(const at::Tensor& input, double eps, bool straight_through
   check_bound_fits(eps, input.scalar_type(), "safe_log", "eps", true);
   const auto device = check_on_kernel_device({{&input, "input"}}, "safe_log", at::kCPU);
   prepare_out(out, input, input.sizes(), "safe_log", device, {input});
-  clamped_math_kernel(out, input, Math::Log, eps, true);
+  write_out(out, {input}, [&](const at::Tensor& o) { clamped_math_kernel(o, input, Math::Log, eps, true); });
 }
 
 at::Tensor safe_exp_cpu(const at::Tensor& input, double max, bool straight_through) {
@@ -322,7 +322,7 @@ void safe_exp_out_cpu(const at::Tensor& input, double max, bool straight_through
   check_bound_fits(max, input.scalar_type(), "safe_exp", "max", false);
   const auto device = check_on_kernel_device({{&input, "input"}}, "safe_exp", at::kCPU);
   prepare_out(out, input, input.sizes(), "safe_exp", device, {input});
-  clamped_math_kernel(out, input, Math::Exp, max, false);
+  write_out(out, {input}, [&](const at::Tensor& o) { clamped_math_kernel(o, input, Math::Exp, max, false); });
 }
 
 at::Tensor safe_sqrt_cpu(const at::Tensor& input, double eps) {
@@ -341,7 +341,7 @@ void safe_sqrt_out_cpu(const at::Tensor& input, double eps, at::Tensor& out) {
   check_bound_fits(eps, input.scalar_type(), "safe_sqrt", "eps", true);
   const auto device = check_on_kernel_device({{&input, "input"}}, "safe_sqrt", at::kCPU);
   prepare_out(out, input, input.sizes(), "safe_sqrt", device, {input});
-  clamped_math_kernel(out, input, Math::Sqrt, 0.0, true);
+  write_out(out, {input}, [&](const at::Tensor& o) { clamped_math_kernel(o, input, Math::Sqrt, 0.0, true); });
 }
 
 // ---- backward: log, exp, sqrt ------------------------------------------------------------------
@@ -444,7 +444,7 @@ void safe_div_out_cpu(const at::Tensor& input, const at::Tensor& other, double e
   check_bound_fits(fill, input.scalar_type(), "safe_div", "fill", false);
   prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div", div_device(input, other),
               {input, other});
-  div_kernel(out, input, other, eps, fill);
+  write_out(out, {input, other}, [&](const at::Tensor& o) { div_kernel(o, input, other, eps, fill); });
 }
 
 // Both gradients at the broadcast shape, in one pass; autograd reduces them to each operand's

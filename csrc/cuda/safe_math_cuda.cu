@@ -178,7 +178,7 @@ void safe_log_out_cuda(const at::Tensor& input, double eps, bool straight_throug
   check_bound_fits(eps, input.scalar_type(), "safe_log", "eps", true);
   const auto device = check_on_kernel_device({{&input, "input"}}, "safe_log", at::kCUDA);
   prepare_out(out, input, input.sizes(), "safe_log", device, {input});
-  clamped_math<Math::Log, true>(out, input, eps);
+  write_out(out, {input}, [&](const at::Tensor& o) { clamped_math<Math::Log, true>(o, input, eps); });
 }
 
 at::Tensor safe_exp_cuda(const at::Tensor& input, double max, bool straight_through) {
@@ -197,7 +197,7 @@ void safe_exp_out_cuda(const at::Tensor& input, double max, bool straight_throug
   check_bound_fits(max, input.scalar_type(), "safe_exp", "max", false);
   const auto device = check_on_kernel_device({{&input, "input"}}, "safe_exp", at::kCUDA);
   prepare_out(out, input, input.sizes(), "safe_exp", device, {input});
-  clamped_math<Math::Exp, false>(out, input, max);
+  write_out(out, {input}, [&](const at::Tensor& o) { clamped_math<Math::Exp, false>(o, input, max); });
 }
 
 // safe_sqrt's forward clamps at 0 whatever eps is; eps only bounds the backward.
@@ -217,7 +217,7 @@ void safe_sqrt_out_cuda(const at::Tensor& input, double eps, at::Tensor& out) {
   check_bound_fits(eps, input.scalar_type(), "safe_sqrt", "eps", true);
   const auto device = check_on_kernel_device({{&input, "input"}}, "safe_sqrt", at::kCUDA);
   prepare_out(out, input, input.sizes(), "safe_sqrt", device, {input});
-  clamped_math<Math::Sqrt, true>(out, input, 0.0);
+  write_out(out, {input}, [&](const at::Tensor& o) { clamped_math<Math::Sqrt, true>(o, input, 0.0); });
 }
 
 // ---- backward: log, exp, sqrt ----------------------------------------------------------------
@@ -312,7 +312,7 @@ void safe_div_out_cuda(const at::Tensor& input, const at::Tensor& other, double 
   check_bound_fits(fill, input.scalar_type(), "safe_div", "fill", false);
   prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div", div_device(input, other),
               {input, other});
-  div_kernel(out, input, other, eps, fill);
+  write_out(out, {input, other}, [&](const at::Tensor& o) { div_kernel(o, input, other, eps, fill); });
 }
 
 // Both gradients at the broadcast shape in one pass; autograd reduces them to each operand's

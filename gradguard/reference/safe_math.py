@@ -74,8 +74,9 @@ def check_bound_fits(v: float, dtype: torch.dtype, op: str, arg: str, keep_nonze
                          f"(largest finite value {fi.max!r}); pass a value the input's dtype can hold")
     smallest = fi.tiny * fi.eps
     if keep_nonzero and 0.0 < a < smallest:
-        raise ValueError(f"gradguard.{op}: `{arg}`={v!r} rounds to 0 in {dtype} (smallest positive value "
-                         f"{smallest!r}); pass at least that, or 0 to mean no bound")
+        raise ValueError(f"gradguard.{op}: `{arg}`={v!r} is below the smallest positive value of {dtype} "
+                         f"({smallest!r}): it rounds to 0 or up to that value, depending on the path; pass at "
+                         "least that, or 0 to mean no bound")
 
 
 def check_no_partial_overlap(out: torch.Tensor, operands) -> None:
