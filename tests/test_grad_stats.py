@@ -447,6 +447,44 @@ def test_scale_kernels_every_16bit_pattern(path, dtype):
             assert torch.equal(strided[1::3].view(torch.int16), bits[1::3]), "elements outside the view were written"
 
 
+@needs_ext
+@pytest.mark.parametrize("op", ["maybe_scale_", "zero_nonfinite_and_scale_"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_scale_kernels_refuse_a_tensor_that_requires_grad_outside_no_grad(op, dtype):
+    # float16/bfloat16 maybe_scale_ (its own loop since 2026-12-06) and zero_nonfinite_and_scale_
+    # wrote into a leaf that requires grad, unrecorded; torch's in-place ops (and the reference)
+    # refuse it. Under no_grad, as every gradguard caller runs them, it is scaled.
+    fn = getattr(torch.ops.gradguard, op)
+    x = torch.ones(40, dtype=dtype, requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        fn([x], torch.tensor(0.5))
+    assert torch.equal(x.detach(), torch.ones(40, dtype=dtype))
+    with torch.no_grad():
+        fn([x], torch.tensor(0.5))
+    assert torch.equal(x.detach(), torch.full((40,), 0.5, dtype=dtype))
+
+
+@pytest.mark.parametrize("op", ["maybe_scale_", "zero_nonfinite_and_scale_"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_scale_kernels_scale_a_tensor_listed_twice_twice(op, dtype):
+    # The same tensor twice (and a view into it) is scaled once per listing, in order, as
+    # torch._foreach_mul_ does: on two threads the work items raced over the same elements.
+    fn = getattr(torch.ops.gradguard, op)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(5):
+            x = torch.full((9 * CHUNK,), 3.0, dtype=dtype)
+            other = [torch.full((CHUNK,), 3.0, dtype=dtype) for _ in range(6)]
+            fn([x, *other, x, x[CHUNK:2 * CHUNK]], torch.tensor(0.5))
+            want = torch.full((9 * CHUNK,), 0.75, dtype=dtype)
+            want[CHUNK:2 * CHUNK] = 0.375
+            assert torch.equal(x, want)
+            assert all(torch.equal(t, torch.full((CHUNK,), 1.5, dtype=dtype)) for t in other)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_zero_nonfinite_and_scale_refuses_overlapping_views():
     with pytest.raises(RuntimeError, match="more than one element"):
         torch.ops.gradguard.zero_nonfinite_and_scale_([torch.ones(1).expand(4)], torch.tensor(2.0))

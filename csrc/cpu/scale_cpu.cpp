@@ -6,14 +6,17 @@
 //   (instead of nan_to_num_ followed by mul_).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -77,7 +80,34 @@ void check_tensors(const char* op, at::TensorList tensors) {
     // Writing through a view whose elements alias each other would scale them twice: refuse it
     // with the same check (and message) as torch's own in-place ops.
     at::assert_no_internal_overlap(t);
+    // The write is not recorded by autograd: refused where torch's in-place ops would record it
+    // or refuse it (a leaf), as the reference's nan_to_num_/mul_ refuse a leaf.
+    TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op, ": tensors[", i,
+                "] requires grad, and an in-place scaling of it would not be recorded by autograd (a leaf "
+                "Variable that requires grad is being used in an in-place operation); call it under "
+                "torch.no_grad(), as optimizers and clip_grad_norm_ do");
   }
+}
+
+// Tensors whose memory overlaps (the same gradient twice in one list) are scaled one after the
+// other, as torch's foreach ops do, not by threads racing over the same elements. Disjoint views
+// of one buffer (DDP's gradient_as_bucket_view, flat gradient buffers) keep the threads: what is
+// compared is the span of bytes each tensor covers.
+bool spans_overlap(at::TensorList tensors) {
+  std::vector<std::pair<const char*, const char*>> spans;
+  spans.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    if (t.numel() == 0) continue;
+    int64_t last = 0;  // offset of the last element, in elements (strides are never negative)
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* begin = static_cast<const char*>(t.const_data_ptr());
+    spans.emplace_back(begin, begin + (last + 1) * t.element_size());
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].first < spans[i - 1].second) return true;
+  }
+  return false;
 }
 
 // Every element of every tensor through scale_row<kZero>, in 64K-element pieces over threads.
@@ -102,8 +132,8 @@ void scale_list(at::TensorList tensors, double s) {
   }
   const int64_t nwork = static_cast<int64_t>(work.size());
   // Bytes moved: each element is read and written.
-  const int64_t nthreads = threads_for(2 * numel * int64_t(tensors[0].element_size()),
-                                       static_cast<int64_t>(tensors.size()), nwork);
+  const int64_t nthreads = spans_overlap(tensors) ? 1 : threads_for(2 * numel * int64_t(tensors[0].element_size()),
+                                                                     static_cast<int64_t>(tensors.size()), nwork);
   const int64_t grain = (nwork + nthreads - 1) / nthreads;  // at most nthreads parts; one runs inline
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_scale_cpu", [&] {
     at::parallel_for(0, nwork, grain, [&](int64_t lo, int64_t hi) {
