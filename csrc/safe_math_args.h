@@ -133,15 +133,14 @@ inline void prepare_out(at::Tensor& out, const at::Tensor& like, at::IntArrayRef
 
 // An `out` that shares memory with an operand, other than as exactly its elements (in place),
 // would be written before all of that operand is read. TensorIterator refuses the partial
-// overlaps it can see; between non-dense views of one storage it cannot tell
-// (at::get_overlap_status: TooHard), and the kernels read values they had already overwritten.
-// Such a call computes into a temporary and copies that into `out`, as the composite's out= does.
+// overlaps it can see, as torch does; between non-dense views of one storage it cannot tell
+// (at::get_overlap_status: TooHard) and lets them through, and the kernels read values they had
+// already overwritten. Such a call computes into a temporary and copies that into `out`, as the
+// composite's out= does.
 template <typename Kernel>
 void write_out(at::Tensor& out, std::initializer_list<at::Tensor> operands, Kernel&& kernel) {
   for (const auto& t : operands) {
-    if (!out.is_alias_of(t)) continue;
-    const bool in_place = out.data_ptr() == t.data_ptr() && out.sizes() == t.sizes() && out.strides() == t.strides();
-    if (!in_place && at::get_overlap_status(out, t) != at::MemOverlapStatus::No) {
+    if (out.is_alias_of(t) && at::get_overlap_status(out, t) == at::MemOverlapStatus::TooHard) {
       at::Tensor tmp = at::empty_like(out);
       kernel(tmp);
       out.copy_(tmp);

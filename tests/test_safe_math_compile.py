@@ -259,7 +259,7 @@ def test_out_compiled():
 
 
 ERROR_CASES = [
-    (lambda x: gradguard.safe_log(x.half(), 1e-8), ValueError, "`eps`=1e-08 rounds to 0"),
+    (lambda x: gradguard.safe_log(x.half(), 1e-8), ValueError, "`eps`=1e-08 is below the smallest positive value"),
     (lambda x: gradguard.safe_exp(x.half(), 100.0), ValueError, "`max`=100.0 is above"),
     (lambda x: gradguard.safe_sqrt(x, -1.0), ValueError, "`eps` must be >= 0"),
     (lambda x: gradguard.safe_div(x.half(), x.half(), fill=1e10), ValueError, "`fill`=.* overflows"),
