@@ -132,8 +132,9 @@ void scale_list(at::TensorList tensors, double s) {
   }
   const int64_t nwork = static_cast<int64_t>(work.size());
   // Bytes moved: each element is read and written.
-  const int64_t nthreads = spans_overlap(tensors) ? 1 : threads_for(2 * numel * int64_t(tensors[0].element_size()),
-                                                                     static_cast<int64_t>(tensors.size()), nwork);
+  int64_t nthreads = threads_for(2 * numel * int64_t(tensors[0].element_size()),
+                                 static_cast<int64_t>(tensors.size()), nwork);
+  if (nthreads > 1 && spans_overlap(tensors)) nthreads = 1;  // checked only where threads would race
   const int64_t grain = (nwork + nthreads - 1) / nthreads;  // at most nthreads parts; one runs inline
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_scale_cpu", [&] {
     at::parallel_for(0, nwork, grain, [&](int64_t lo, int64_t hi) {

@@ -2,16 +2,17 @@
 //
 // simdf: the safe math forward's last pass over float32/float64 blocks (write math(bound) where
 // the input is beyond the bound, counting those elements): with the count, gcc's vectorized
-// loop kept its accumulators on the stack and took 1.2-1.3x the whole bare op's time.
+// loop kept its accumulators on the stack, and the forward with out= took 1.24-1.29x the bare op.
 //
 // simd16: contiguous float16/bfloat16 rows, for the passes that compare or rewrite 16-bit
-// elements: the safe math forward's clamp (safe_math_cpu.cpp), zero_nonfinite_and_scale_
-// and maybe_scale_ (scale_cpu.cpp). gcc 12 vectorizes neither of the first two from C++: c10::Half's conversion is its bit-twiddling
-// path (`__F16C__` is not defined inside a `#pragma GCC target` region, which the header does not
-// see), and a data-dependent select of 16-bit structs compiles to a branch, mispredicted where
-// the elements beyond the bound are scattered: with half of them beyond, the scalar clamp took
-// 3-4x torch's whole clamp + log (and the scalar zero-and-scale 11x nan_to_num_ + mul_), measured;
-// torch's own bfloat16 multiply (maybe_scale_ used _foreach_mul_) ran at 1.6x the in-place floor.
+// elements: the safe math forward's clamp and overwrite (safe_math_cpu.cpp),
+// zero_nonfinite_and_scale_ and maybe_scale_ (scale_cpu.cpp). From C++, gcc 12 converts
+// c10::Half by its bit-twiddling path (`__F16C__` is not defined inside a `#pragma GCC target`
+// region, which the header does not see), and compiles a data-dependent select of 16-bit structs
+// to a branch, mispredicted where the elements beyond the bound are scattered: with half of them
+// beyond, the scalar clamp took 3-4x torch's whole clamp + log, and the scalar zero-and-scale 11x
+// nan_to_num_ + mul_ (measured); torch's own bfloat16 multiply (maybe_scale_ used _foreach_mul_)
+// ran at 1.6x the in-place floor.
 //
 // Results are bit-identical to the scalar loops and to torch's multiply for every number:
 // comparisons in float32 (exact for both formats), a selected element copied bit for bit, a
