@@ -147,14 +147,14 @@ def test_out_that_is_an_operand_of_the_broadcast_shape_works(path):
     assert torch.equal(x, want)
 
 
-@pytest.mark.parametrize("path", ["api", "ref"])
-def test_out_overlapping_a_non_dense_input_gets_the_composites_values(path):
+def _out_overlapping_a_non_dense_input(path, device):
     # A partial overlap between non-dense views of one storage, which TensorIterator cannot see
     # (get_overlap_status: TooHard): the kernels read elements they had already overwritten
     # (8242 of 16000 wrong for safe_log). Computed through a temporary now, as the composite.
     def case():
         base = torch.rand(2, 9000, generator=torch.Generator().manual_seed(3)) + 0.5
         base[:, ::3] = -1.0
+        base = base.to(device)
         return base, base[:, :8000], base[:, 1:8001]
 
     calls = {
@@ -173,6 +173,16 @@ def test_out_overlapping_a_non_dense_input_gets_the_composites_values(path):
         want = want_fn(x.clone())
         (api if path == "api" else via_ref)(x, out)
         assert torch.equal(out, want), (name, int((out != want).sum()))
+
+
+@pytest.mark.parametrize("path", ["api", "ref"])
+def test_out_overlapping_a_non_dense_input_gets_the_composites_values(path):
+    _out_overlapping_a_non_dense_input(path, "cpu")
+
+
+@needs_cuda
+def test_out_overlapping_a_non_dense_input_gets_the_composites_values_cuda():
+    _out_overlapping_a_non_dense_input("api", "cuda")
 
 
 # ---- bounds the dtype cannot hold --------------------------------------------------------------
