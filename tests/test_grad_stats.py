@@ -417,7 +417,31 @@ def test_zero_nonfinite_and_scale_on_any_thread_count(threads):
 def _same_numbers(got, want):
     """Bit for bit, except that a NaN need only be a NaN (its payload is the kernel's own)."""
     nan = torch.isnan(want)
-    return torch.equal(torch.isnan(got), nan) and torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    iv = {2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    return torch.equal(torch.isnan(got), nan) and torch.equal(got.view(iv)[~nan], want.view(iv)[~nan])
+
+
+@pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_nonfinite_and_scale_random_bit_patterns(path, dtype):
+    # float32/float64 rows (an AVX2 loop since 2026-12-06, with its scalar tail) on random bit
+    # patterns (NaN payloads, infinities, subnormals, -0.0), contiguous and strided, against
+    # nan_to_num_ + mul_ bit for bit, overflow to inf and a negative scale's -0.0 included.
+    fn = {"reference": reference.zero_nonfinite_and_scale_,
+          "dispatcher": torch.ops.gradguard.zero_nonfinite_and_scale_}[path]
+    g = torch.Generator().manual_seed(32)
+    iv = torch.int32 if dtype == torch.float32 else torch.int64
+    bits = torch.randint(-(1 << 62), 1 << 62, (200_003,), generator=g, dtype=torch.int64)
+    bits = (bits.to(torch.int32) if iv == torch.int32 else bits * 2 + 1)
+    for scale in (0.25, 1 / 3, 3.0, -2.5, 1e30):
+        x = bits.clone().view(dtype)
+        strided = bits.clone().view(dtype)
+        want = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).mul_(torch.tensor(scale, dtype=torch.float64)
+                                                                          .to(torch.float32 if dtype == torch.float32 else dtype))
+        fn([x, strided[::3]], torch.tensor(scale) if dtype == torch.float32 else torch.tensor(scale, dtype=dtype))
+        assert _same_numbers(x, want), (dtype, scale)
+        assert _same_numbers(strided[::3], want[::3]), (dtype, scale)
+        assert torch.equal(strided[1::3].view(iv), bits[1::3]), "elements outside the view were written"
 
 
 @pytest.mark.parametrize("path", [name for name, _ in stats_paths()])

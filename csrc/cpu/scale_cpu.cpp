@@ -48,6 +48,11 @@ void scale_row(T* x, int64_t n, int64_t stride, double scale) {
       simd16::scale<std::is_same_v<T, at::Half>, kZero>(reinterpret_cast<uint16_t*>(x), n, s);
       return;
     }
+  } else {
+    if (kHasAvx2 && stride == 1) {  // the AVX2 loop: this one is compiled for the portable ISA
+      simdf::scale<kZero>(x, n, s);
+      return;
+    }
   }
 #endif
   const acc_t big = std::numeric_limits<acc_t>::max();
