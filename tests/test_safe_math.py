@@ -384,11 +384,11 @@ def random_float32_bits(n=1 << 17):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_every_bit_pattern_matches_composite(dtype):
     # The forward's passes around torch's math (stand-ins beyond the bound, math(bound) written
-    # over them; AVX2 loops of their own for float16/bfloat16), on the direct path (one long
-    # row), the staged path (in place) and a view with short rows: every 16-bit pattern, random
-    # float32 patterns (float64 from them), bit for bit against the composites.
-    # Several 256 KB blocks: the first runs torch's math on the input, the later ones (after a
-    # block with many elements beyond the bound) on stand-ins.
+    # over them; AVX2 loops of their own for float16/bfloat16), on the direct path (one row of
+    # several 256 KB blocks: the first runs torch's math on the input, the later ones, after a
+    # block with many elements beyond the bound, on stand-ins), the staged path (in place) and a
+    # view with short rows: every 16-bit pattern, random float32 patterns (float64 from them),
+    # bit for bit against the composites.
     x = every_16bit_value(dtype, repeat=5) if dtype.itemsize == 2 else random_float32_bits().to(dtype)
     for fn, comp in [(lambda t, **kw: gradguard.safe_log(t, **kw), lambda t: comp_log(t, TINY[dtype])),
                      (lambda t, **kw: gradguard.safe_log(t, 0.0, **kw), lambda t: comp_log(t, 0.0)),

@@ -14,9 +14,9 @@
 //
 // Layouts come from TensorIterator (broadcasting, views, 0-d, empty); the arithmetic row
 // kernels (safe_math_loops.inc) are compiled for the default ISA and for avx2+fma and picked at
-// run time, as in grad_stats_cpu.cpp; the block passes (safe_math_fixup.inc) also for avx512,
-// where masked stores measured 3-4% of the forward time less than avx2's, and for contiguous
-// float16/bfloat16 with intrinsics (simd_avx2.h: gcc leaves those loops scalar).
+// run time, as in grad_stats_cpu.cpp, and so are the block passes (safe_math_fixup.inc), except
+// where AVX2 intrinsics serve them (simd_avx2.h: float16/bfloat16, which gcc leaves scalar, and
+// the counting overwrite of float32/float64).
 //
 // Refused with an error: dtypes other than float16/bfloat16/float32/float64 (the Python API
 // promotes integers first), operands of different dtypes, an `out` of another dtype, and
@@ -58,15 +58,7 @@ namespace isa_avx2 {
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
-#pragma GCC push_options
-GG_TARGET_AVX512
-namespace isa_avx512 {
-#include "safe_math_fixup.inc"
-}  // namespace isa_avx512
-#pragma GCC pop_options
-
 const bool kHasAvx2 = cpu_has_avx2();
-const bool kHasAvx512 = cpu_has_avx512();
 
 template <typename T>
 constexpr bool kIs16Bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
@@ -103,7 +95,6 @@ int64_t block_pass(T* dst, const T* x, int64_t n, T bound, T value, bool is_min)
 #define GG_BLOCK_PASS(isa)                                                    \
   return kPass == Pass::Replace ? isa::replace_beyond_bound(dst, x, n, bound, value, is_min) \
                                 : isa::overwrite_beyond_bound(dst, x, n, bound, value, is_min)
-  if (kHasAvx512) GG_BLOCK_PASS(isa_avx512);
   if (kHasAvx2) GG_BLOCK_PASS(isa_avx2);
   GG_BLOCK_PASS(isa_default);
 #undef GG_BLOCK_PASS
