@@ -119,6 +119,46 @@ def test_every_tail_length_matches_reference(path, dtype):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def binade_tensors(dtype):
+    """One tensor per exponent of a 16-bit dtype: every mantissa of that exponent, both signs,
+    shuffled, repeated to 4 copies (so the kernel's 32-element loop, not only its tail, sees it)."""
+    bits_per_mantissa = 7 if dtype == torch.bfloat16 else 10
+    n_exp = (1 << (15 - bits_per_mantissa)) - 1  # the all-ones exponent is Inf/NaN
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for e in range(n_exp):
+        words = (e << bits_per_mantissa) + torch.arange(1 << bits_per_mantissa, dtype=torch.int32)
+        words = torch.cat([words, words | 0x8000]).repeat(4)
+        words = words[torch.randperm(words.numel(), generator=g)]
+        out.append(words.to(torch.int16).view(dtype))
+    return out
+
+
+@pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_squares_are_exact_in_every_binade(path, dtype):
+    # The float16/bfloat16 square loops build their doubles from the bits (a shift, a mask and an
+    # exponent rebias per lane): a wrong shift or bias shows in some binade, so every binade is a
+    # tensor of its own and the kernel is held to double rounding, not the 1e-6 of the others. The
+    # mixes: subnormals beside a large element (the fast loop, whose subnormal products are off by
+    # <= 2^-252), subnormals beside a tiny normal (below 2^-60: the exact loop), all patterns at once.
+    fn = dict(stats_paths())[path]
+    ts = binade_tensors(dtype)
+    sub, tiny_normal = ts[0], ts[1]
+    ts += [torch.cat([sub, torch.tensor([1.0], dtype=dtype)]), torch.cat([sub, tiny_normal[:5]]),
+           torch.cat(binade_tensors(dtype))]
+    x = [t.double() for t in ts]
+    want = torch.stack([torch.linalg.vector_norm(v) for v in x])
+    for p in (2.0, INF):
+        acc, nan, inf, amax = fn(ts, p)  # acc: the sum of (|x| / amax)^p (see reference.multi_tensor_stats)
+        assert nan.sum().item() == 0 and inf.sum().item() == 0
+        torch.testing.assert_close(amax, torch.stack([v.abs().max() for v in x]), rtol=0, atol=0)
+        if p == 2.0:
+            # The reference's row path sums float32 squares by torch's cascade (~1e-7, its docstring).
+            rtol = 1e-6 if path == "reference" else 2e-12
+            torch.testing.assert_close(torch.sqrt(acc) * amax, want, rtol=rtol, atol=0)
+
+
 def planted(dtype, value, where, n=3 * CHUNK + 300):
     """A tensor of n random values with `value` written at position `where` (may be a list)."""
     t = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)

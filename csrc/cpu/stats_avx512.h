@@ -1,10 +1,11 @@
 // The AVX2 hot loop of the statistics kernel for float32/float16/bfloat16 with p = 1, 2 or inf:
-// 32 elements per step, widened to float, then to double (vcvtps2pd), squared and summed with FMAs
-// into eight independent double accumulators. Written with intrinsics because gcc's
-// auto-vectorizer, given the same loop in C++, neither converts float16 with vcvtph2ps nor keeps
-// the float->double widening in registers: that left the loop compute-bound at 2-4x the read
-// floor's time (README "Measured (CPU)"). Every square is still formed and summed in double, so
-// the README's "accumulated in float64" holds.
+// 32 elements per step. float32 (and sums of |x|) are widened to double (vcvtps2pd), squared and
+// summed with FMAs into eight independent double accumulators; float16/bfloat16 squares take the
+// integer-built loops of squares16 below. Written with intrinsics because gcc's auto-vectorizer,
+// given the same loop in C++, neither converts float16 with vcvtph2ps nor keeps the float->double
+// widening in registers: that left the loop compute-bound at 2-4x the read floor's time (README
+// "Measured (CPU)"). Every square is exact and summed in double, so the README's "accumulated in
+// float64" holds.
 //
 // Compiled for AVX2+FMA+F16C only, so both the AVX2 and the AVX-512 copies of stats_loops.inc
 // inline it (gcc inlines a callee whose ISA is a subset of the caller's); on other targets the
@@ -22,6 +23,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 
 #pragma GCC push_options
 GG_TARGET_AVX2
@@ -101,13 +104,17 @@ inline float amax_value(__m256i m, const float*) {
   return f;
 }
 
-template <typename T>
-inline float amax_value(__m256i m, const T*) {
+inline uint16_t amax_bits(__m256i m) {
   alignas(32) uint16_t w[16];
   _mm256_store_si256(reinterpret_cast<__m256i*>(w), m);
   uint16_t top = 0;
   for (uint16_t v : w) top = v > top ? v : top;
-  return static_cast<float>(T(top, T::from_bits()));
+  return top;
+}
+
+template <typename T>
+inline float amax_value(__m256i m, const T*) {
+  return static_cast<float>(T(amax_bits(m), T::from_bits()));
 }
 
 // 8 elements as 8 floats (an exact widening for every input type): the tail's step.
@@ -122,6 +129,96 @@ inline __m256 load8(const c10::BFloat16* x) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
+// The main loop for float16/bfloat16 squares, 32 elements a step; returns how many it took.
+// vcvtps2pd runs at one per cycle on Zen 3, and the 16-bit loop above needs one per 4 elements plus
+// the unpacks that feed it: on 2026-12-06 (Zen 3, AVX2) it ran at 13 GB/s a thread from L1, below
+// the memory's ~14, so the 2-thread stats pass took 1.47x (float16) / 1.55x (bfloat16) the read
+// floor. These loops build the doubles from the bits instead, with integer ops:
+// - bfloat16: masking a 64-bit lane's 4 words into place gives d = |x| * 2^-896 as a double (the
+//   bfloat16 exponent lands in the double's, subnormals on double subnormals), and adding 1792 to
+//   d's exponent gives e = |x| * 2^896; d * e = x^2, exactly, in one FMA. For a bfloat16 subnormal
+//   e is off (the add assumes a leading 1): its product is wrong by at most 2^-252, so the caller
+//   redoes a segment whose amax is below 2^-60 (and not 0) with the exact loop.
+// - float16: vcvtph2ps to float32, squared in float32, exactly (11-bit significands, and 65504^2
+//   and (2^-24)^2 are normal floats); each square moved into a double lane's top half and shifted
+//   down 3 bits is sq * 2^-896 exactly (squares are >= 0 and normal), summed with a plain add.
+//   The caller scales the sum by 2^896 (exact: the lanes stay far above double's subnormals).
+// Both give the same sums as squaring in double (same exact squares, summed in double). float16
+// NaN/Inf make finite doubles here (bfloat16's overflow the rebias to Inf/NaN, but no test should
+// rest on that): the caller tests the amax bit pattern.
+// Four accumulators, not eight: eight plus the temporaries spilled two to the stack, and the
+// spilled chains set the pace (14 vs 21 GB/s from L1 for bfloat16).
+inline int64_t squares16(const c10::BFloat16* x, int64_t n, __m256d* s, __m256i& m) {
+  const __m256i place = _mm256_set1_epi64x(0x7fffLL << 45);
+  const __m256i rebias = _mm256_set1_epi64x(1792LL << 52);
+  const __m256i mag = _mm256_set1_epi16(0x7fff);
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    for (int u = 0; u < 2; ++u) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 16 * u));
+      const __m256i w[4] = {_mm256_slli_epi64(v, 45), _mm256_slli_epi64(v, 29), _mm256_slli_epi64(v, 13),
+                            _mm256_srli_epi64(v, 3)};
+      for (int k = 0; k < 4; ++k) {
+        const __m256i d = _mm256_and_si256(w[k], place);
+        s[k % 2 + 2 * u] = _mm256_fmadd_pd(_mm256_castsi256_pd(d), _mm256_castsi256_pd(_mm256_add_epi64(d, rebias)),
+                                           s[k % 2 + 2 * u]);
+      }
+      m = _mm256_max_epu16(m, _mm256_and_si256(v, mag));
+    }
+  }
+  return j;
+}
+
+inline __m256d add_square_bits(__m256d s, __m256 sq_pairs) {
+  return _mm256_add_pd(s, _mm256_castsi256_pd(_mm256_srli_epi64(_mm256_castps_si256(sq_pairs), 3)));
+}
+
+inline int64_t squares16(const c10::Half* x, int64_t n, __m256d* s, __m256i& m) {
+  const __m256i mag = _mm256_set1_epi16(0x7fff);
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    for (int u = 0; u < 2; ++u) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 16 * u));
+      const __m256 f[2] = {_mm256_cvtph_ps(_mm256_castsi256_si128(v)), _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1))};
+      for (int k = 0; k < 2; ++k) {
+        const __m256 sq = _mm256_mul_ps(f[k], f[k]);
+        s[2 * u] = add_square_bits(s[2 * u], _mm256_unpacklo_ps(zero, sq));
+        s[2 * u + 1] = add_square_bits(s[2 * u + 1], _mm256_unpackhi_ps(zero, sq));
+      }
+      m = _mm256_max_epu16(m, _mm256_and_si256(v, mag));
+    }
+  }
+  return j;
+}
+
+constexpr double squares16_scale(const c10::BFloat16*) { return 1.0; }
+constexpr double squares16_scale(const c10::Half*) { return 0x1p896; }
+constexpr uint16_t nonfinite_bits(const c10::BFloat16*) { return 0x7f80; }
+constexpr uint16_t nonfinite_bits(const c10::Half*) { return 0x7c00; }
+// bfloat16 2^-60 (exponent field 67): at or above it the subnormals' error (<= 2^-252 each) is
+// below 2^-130 of the sum, far under its rounding; below it (and not 0) the exact loop runs.
+constexpr bool needs_exact_loop(const c10::BFloat16*, uint16_t amax) { return amax != 0 && amax < (67 << 7); }
+constexpr bool needs_exact_loop(const c10::Half*, uint16_t) { return false; }
+
+inline double add_lanes(const __m256d* s, int count) {
+  __m256d t = s[0];
+  for (int k = 1; k < count; ++k) t = _mm256_add_pd(t, s[k]);
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, t);
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+// The squares of x[0, main) by the convert-and-FMA loop: float32 input, sums of |x|, and the
+// bfloat16 segments squares16 cannot take.
+template <typename T, bool kSquares>
+inline void main_by_convert(const T* x, int64_t main, __m256d* s, __m256i& m) {
+  for (int64_t j = 0; j + 32 <= main; j += 32) {
+    step32<kSquares>(x + j, s);
+    m = amax32(x + j, m);
+  }
+}
+
 // sum = sum of x^2 (kSquares) or of |x|, in double; amax = max |x|. The caller asks for squares
 // for p = inf too: a NaN or Inf element makes the sum non-finite, which is how it learns the
 // segment needs the counting loop. No software prefetch: the hardware prefetchers follow this one
@@ -130,40 +227,51 @@ inline __m256 load8(const c10::BFloat16* x) {
 // two threads 1.26x / 1.49x the read floor's time with it, 1.05x / 1.14x without (two runs each).
 template <typename T, bool kSquares>
 inline void sums(const T* x, int64_t n, double& sum, float& amax) {
+  constexpr bool kBits = kSquares && !std::is_same<T, float>::value;
   __m256d s[8];
   for (auto& v : s) v = _mm256_setzero_pd();
   __m256i m = _mm256_setzero_si256();
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
-    step32<kSquares>(x + j, s);
-    m = amax32(x + j, m);
+  const int64_t main = n - n % 32;
+  double main_sum = 0.0;
+  if constexpr (kBits) {
+    squares16(x, n, s, m);
+    const uint16_t top = amax_bits(m);
+    if (top >= nonfinite_bits(x)) {
+      main_sum = std::numeric_limits<double>::quiet_NaN();
+    } else if (needs_exact_loop(x, top)) {
+      for (auto& v : s) v = _mm256_setzero_pd();
+      main_by_convert<T, true>(x, main, s, m);
+      main_sum = add_lanes(s, 8);
+    } else {
+      main_sum = add_lanes(s, 4) * squares16_scale(x);
+    }
+  } else {
+    main_by_convert<T, kSquares>(x, main, s, m);
   }
   // The tail, 8 elements a step and the last few through a zero-padded copy (zeros change
   // neither the sum nor the max). A tensor of 16 elements is all tail: one element at a time
   // (a chain of dependent double adds) it cost ~18 ns, a fifth of a 1,000-tensor list's time.
   // NaN/Inf may leave mt wrong; their segment's sum is not finite, so it is not used.
+  __m256d t[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
   __m256 mt = _mm256_setzero_ps();
   const __m256 sign = _mm256_set1_ps(-0.0f);
+  int64_t j = main;
   for (; j + 8 <= n; j += 8) {
     const __m256 f = load8(x + j);
-    step32_of8<kSquares>(f, s);
+    step32_of8<kSquares>(f, t);
     mt = _mm256_max_ps(mt, _mm256_andnot_ps(sign, f));
   }
   if (j < n) {
     alignas(32) unsigned char pad[32] = {};
     std::memcpy(pad, x + j, static_cast<size_t>(n - j) * sizeof(T));
     const __m256 f = load8(reinterpret_cast<const T*>(pad));
-    step32_of8<kSquares>(f, s);
+    step32_of8<kSquares>(f, t);
     mt = _mm256_max_ps(mt, _mm256_andnot_ps(sign, f));
   }
-  const __m256d t = _mm256_add_pd(_mm256_add_pd(_mm256_add_pd(s[0], s[1]), _mm256_add_pd(s[2], s[3])),
-                                  _mm256_add_pd(_mm256_add_pd(s[4], s[5]), _mm256_add_pd(s[6], s[7])));
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, t);
-  sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  sum = (kBits ? main_sum : add_lanes(s, 8)) + add_lanes(t, 2);
   alignas(32) float tl[8];
   _mm256_store_ps(tl, mt);
-  float top = n >= 32 ? amax_value(m, x) : 0.f;
+  float top = main > 0 ? amax_value(m, x) : 0.f;
   for (float v : tl) top = v > top ? v : top;
   amax = top;
 }
