@@ -491,21 +491,24 @@ def test_scale_kernels_every_16bit_pattern(path, dtype):
     # AVX2 loops of simd_avx2.h and their tails) and a strided view (the scalar loop), against
     # torch: zero_nonfinite_and_scale_ as nan_to_num_ + mul_, maybe_scale_ as mul_, bit for bit:
     # the product formed in float32 and rounded once, scales that round, overflow to inf and
-    # underflow to 0, a negative scale's -0.0 for zeroed elements included.
+    # underflow to 0, a negative scale's -0.0 for zeroed elements, zero, infinite and NaN scales.
     ops = {"reference": (reference.zero_nonfinite_and_scale_, reference.maybe_scale_),
            "dispatcher": (torch.ops.gradguard.zero_nonfinite_and_scale_, torch.ops.gradguard.maybe_scale_)}[path]
     g = torch.Generator().manual_seed(16)
     bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
     bits = torch.cat([bits[torch.randperm(bits.numel(), generator=g)], bits[:13]])
     for zero, fn in zip((True, False), ops):
-        for scale in (0.25, 1 / 3, 3.0, 1e-6, -2.5):
+        # The last scale is a NaN with every payload bit set: the bfloat16 loop for scales that
+        # are not NaN rounds without a NaN fix-up, which such a payload would carry into -0.0.
+        scales = [torch.tensor(v) for v in (0.25, 1 / 3, 3.0, 1e-6, -2.5, 0.0, -0.0, INF, -INF, NAN, 3e38)]
+        for scale in scales + [torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)]:
             x = bits.clone().view(dtype)
             strided = bits.clone().view(dtype)
             want = x.clone()
             if zero:
                 want.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            want.mul_(torch.tensor(scale))
-            fn([x, strided[::3]], torch.tensor(scale))
+            want.mul_(scale)
+            fn([x, strided[::3]], scale)
             assert _same_numbers(x, want), (zero, dtype, scale)
             assert _same_numbers(strided[::3], want[::3]), (zero, dtype, scale)
             assert torch.equal(strided[1::3].view(torch.int16), bits[1::3]), "elements outside the view were written"

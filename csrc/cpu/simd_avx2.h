@@ -134,23 +134,51 @@ inline int64_t select_beyond(uint16_t* dst, const uint16_t* src, const uint16_t*
   return count;
 }
 
+// The non-finite words of v (all exponent bits set: Inf and NaN) made +0: on the 16-bit words,
+// three instructions for 16 elements (a float32 compare per 8 took six).
+template <bool kHalf>
+inline __m256i zero_nonfinite_words(__m256i v) {
+  const __m256i exponent = _mm256_set1_epi16(kHalf ? 0x7C00 : 0x7F80);
+  return _mm256_andnot_si256(_mm256_cmpeq_epi16(_mm256_and_si256(v, exponent), exponent), v);
+}
+
+// float32 bits + 0x7FFF + the lowest kept bit: the high half is then the bfloat16 rounded to
+// nearest even (c10's rule), for any float whose low half cannot carry out of a NaN (see below).
+inline __m256i round_bf16_high(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  return _mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                               _mm256_set1_epi32(0x7FFF)));
+}
+
 // x[i] = (x[i] finite ? x[i] : 0) * s when kZero, else x[i] * s: in float32, rounded once, for
 // n contiguous elements.
+// bfloat16 with a scale that is not NaN takes a shorter loop (13.0 -> 18.5 GB/s zeroing, 16.8 ->
+// 22.6 multiplying, from L1, one thread, the Zen 3 VM, where the in-place floor needs ~14 a thread
+// of two; the integer zeroing alone took float16's from 13.9 to 15.2): the even and odd words widen by a shift and a mask (the 32-bit lanes' low and high
+// halves), round in place and blend back in their own order, with no NaN fix-up: a NaN product
+// there is a quieted bfloat16 NaN or inf * 0's default NaN, both with a zero low half, which the
+// rounding add cannot carry out of, so it stays a NaN (its payload is the input's, quieted, not
+// 0x7FC0). A NaN scale (any payload) takes the loop with the fix-up.
 template <bool kHalf, bool kZero>
 inline void scale(uint16_t* x, int64_t n, float s) {
   const __m256 sv = _mm256_set1_ps(s);
-  const __m256 big = _mm256_set1_ps(3.40282347e38f);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m256 a, b;
-    widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), a, b);
-    if (kZero) {
-      // |v| <= FLT_MAX is false for NaN and +-inf: those lanes become +0, then are scaled (as
-      // nan_to_num_ + mul_: -0.0 for a negative scale).
-      a = _mm256_and_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, a), big, _CMP_LE_OQ), a);
-      b = _mm256_and_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, b), big, _CMP_LE_OQ), b);
+  if (!kHalf && s == s) {
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (; i + 16 <= n; i += 16) {
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      if (kZero) v = zero_nonfinite_words<false>(v);
+      const __m256i even = round_bf16_high(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), sv));
+      const __m256i odd = round_bf16_high(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), sv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i), _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xAA));
     }
+  }
+  for (; i + 16 <= n; i += 16) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    // Zeroed before the multiply, as nan_to_num_ + mul_: -0.0 for a negative scale.
+    if (kZero) v = zero_nonfinite_words<kHalf>(v);
+    __m256 a, b;
+    widen<kHalf>(v, a, b);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i),
                         narrow_values<kHalf>(_mm256_mul_ps(a, sv), _mm256_mul_ps(b, sv)));
   }
