@@ -140,13 +140,16 @@ def test_16bit_squares_are_exact_in_every_binade(path, dtype):
     # The float16/bfloat16 square loops build their doubles from the bits (a shift, a mask and an
     # exponent rebias per lane): a wrong shift or bias shows in some binade, so every binade is a
     # tensor of its own and the kernel is held to double rounding, not the 1e-6 of the others. The
-    # mixes: subnormals beside a large element (the fast loop, whose subnormal products are off by
-    # <= 2^-252), subnormals beside a tiny normal (below 2^-60: the exact loop), all patterns at once.
+    # mixes: subnormals beside 1.0 and beside 2^-60 (bfloat16: the fast loop, whose subnormal
+    # products are off by <= 2^-252), beside a tiny normal (below 2^-60: the exact loop), all
+    # patterns at once.
     fn = dict(stats_paths())[path]
     ts = binade_tensors(dtype)
     sub, tiny_normal = ts[0], ts[1]
-    ts += [torch.cat([sub, torch.tensor([1.0], dtype=dtype)]), torch.cat([sub, tiny_normal[:5]]),
-           torch.cat(binade_tensors(dtype))]
+    # The large element first: the 32-element loop takes the first 1024 elements, the tail the rest.
+    at_threshold = torch.tensor([2.0 ** -60], dtype=dtype)
+    ts += [torch.cat([torch.tensor([1.0], dtype=dtype), sub]), torch.cat([at_threshold, sub]),
+           torch.cat([tiny_normal[:5], sub]), torch.cat(binade_tensors(dtype))]
     x = [t.double() for t in ts]
     want = torch.stack([torch.linalg.vector_norm(v) for v in x])
     for p in (2.0, INF):

@@ -143,7 +143,8 @@ inline __m256 load8(const c10::BFloat16* x) {
 //   and (2^-24)^2 are normal floats); each square moved into a double lane's top half and shifted
 //   down 3 bits is sq * 2^-896 exactly (squares are >= 0 and normal), summed with a plain add.
 //   The caller scales the sum by 2^896 (exact: the lanes stay far above double's subnormals).
-// Both give the same sums as squaring in double (same exact squares, summed in double). float16
+// Both give the sums of squaring in double (the same exact squares, summed in double), up to the
+// order of the additions (four accumulators here, eight there). float16
 // NaN/Inf make finite doubles here (bfloat16's overflow the rebias to Inf/NaN, but no test should
 // rest on that): the caller tests the amax bit pattern.
 // Four accumulators, not eight: eight plus the temporaries spilled two to the stack, and the
@@ -196,8 +197,9 @@ constexpr double squares16_scale(const c10::BFloat16*) { return 1.0; }
 constexpr double squares16_scale(const c10::Half*) { return 0x1p896; }
 constexpr uint16_t nonfinite_bits(const c10::BFloat16*) { return 0x7f80; }
 constexpr uint16_t nonfinite_bits(const c10::Half*) { return 0x7c00; }
-// bfloat16 2^-60 (exponent field 67): at or above it the subnormals' error (<= 2^-252 each) is
-// below 2^-130 of the sum, far under its rounding; below it (and not 0) the exact loop runs.
+// bfloat16 2^-60 (exponent field 67): at or above it the subnormals' error (<= 2^-252 each, the
+// sum >= 2^-120) is at most n x 2^-132 of the sum, 2^-116 for the longest segment (65536), far
+// under its rounding; below it (and not 0) the exact loop runs.
 constexpr bool needs_exact_loop(const c10::BFloat16*, uint16_t amax) { return amax != 0 && amax < (67 << 7); }
 constexpr bool needs_exact_loop(const c10::Half*, uint16_t) { return false; }
 
