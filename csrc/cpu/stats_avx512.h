@@ -129,7 +129,7 @@ inline __m256 load8(const c10::BFloat16* x) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
-// The main loop for float16/bfloat16 squares, 32 elements a step; returns how many it took.
+// The main loop for float16/bfloat16 squares, 32 elements a step, over the first n - n % 32.
 // vcvtps2pd runs at one per cycle on Zen 3, and the 16-bit loop above needs one per 4 elements plus
 // the unpacks that feed it: on 2026-12-06 (Zen 3, AVX2) it ran at 13 GB/s a thread from L1, below
 // the memory's ~14, so the 2-thread stats pass took 1.47x (float16) / 1.55x (bfloat16) the read
@@ -144,12 +144,12 @@ inline __m256 load8(const c10::BFloat16* x) {
 //   down 3 bits is sq * 2^-896 exactly (squares are >= 0 and normal), summed with a plain add.
 //   The caller scales the sum by 2^896 (exact: the lanes stay far above double's subnormals).
 // Both give the sums of squaring in double (the same exact squares, summed in double), up to the
-// order of the additions (four accumulators here, eight there). float16
-// NaN/Inf make finite doubles here (bfloat16's overflow the rebias to Inf/NaN, but no test should
-// rest on that): the caller tests the amax bit pattern.
+// order of the additions (four accumulators here, eight there). float16 NaN/Inf make finite
+// doubles here (bfloat16's overflow the rebias to Inf/NaN, but nothing should rest on that): the
+// caller tests the amax bit pattern.
 // Four accumulators, not eight: eight plus the temporaries spilled two to the stack, and the
 // spilled chains set the pace (14 vs 21 GB/s from L1 for bfloat16).
-inline int64_t squares16(const c10::BFloat16* x, int64_t n, __m256d* s, __m256i& m) {
+inline void squares16(const c10::BFloat16* x, int64_t n, __m256d* s, __m256i& m) {
   const __m256i place = _mm256_set1_epi64x(0x7fffLL << 45);
   const __m256i rebias = _mm256_set1_epi64x(1792LL << 52);
   const __m256i mag = _mm256_set1_epi16(0x7fff);
@@ -167,14 +167,13 @@ inline int64_t squares16(const c10::BFloat16* x, int64_t n, __m256d* s, __m256i&
       m = _mm256_max_epu16(m, _mm256_and_si256(v, mag));
     }
   }
-  return j;
 }
 
 inline __m256d add_square_bits(__m256d s, __m256 sq_pairs) {
   return _mm256_add_pd(s, _mm256_castsi256_pd(_mm256_srli_epi64(_mm256_castps_si256(sq_pairs), 3)));
 }
 
-inline int64_t squares16(const c10::Half* x, int64_t n, __m256d* s, __m256i& m) {
+inline void squares16(const c10::Half* x, int64_t n, __m256d* s, __m256i& m) {
   const __m256i mag = _mm256_set1_epi16(0x7fff);
   const __m256 zero = _mm256_setzero_ps();
   int64_t j = 0;
@@ -190,7 +189,6 @@ inline int64_t squares16(const c10::Half* x, int64_t n, __m256d* s, __m256i& m) 
       m = _mm256_max_epu16(m, _mm256_and_si256(v, mag));
     }
   }
-  return j;
 }
 
 constexpr double squares16_scale(const c10::BFloat16*) { return 1.0; }
