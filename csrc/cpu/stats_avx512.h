@@ -225,7 +225,9 @@ inline void main_by_convert(const T* x, int64_t main, __m256d* s, __m256i& m) {
 // sequential stream, and on 2026-12-05 (a Zen 4 VM, AVX-512 copy) prefetching 4 KB ahead made the
 // loop slower: one thread over 256 MB 22-24 GB/s with it, 23-28 without; the GPT-2-small list on
 // two threads 1.26x / 1.49x the read floor's time with it, 1.05x / 1.14x without (two runs each).
-template <typename T, bool kSquares>
+// kSumUsed false (p = inf): the sum only tells finite from not, so a bfloat16 segment below 2^-60
+// is not summed again.
+template <typename T, bool kSquares, bool kSumUsed = true>
 inline void sums(const T* x, int64_t n, double& sum, float& amax) {
   constexpr bool kBits = kSquares && !std::is_same<T, float>::value;
   __m256d s[8];
@@ -238,7 +240,7 @@ inline void sums(const T* x, int64_t n, double& sum, float& amax) {
     const uint16_t top = amax_bits(m);
     if (top >= nonfinite_bits(x)) {
       main_sum = std::numeric_limits<double>::quiet_NaN();
-    } else if (needs_exact_loop(x, top)) {
+    } else if (kSumUsed && needs_exact_loop(x, top)) {
       for (auto& v : s) v = _mm256_setzero_pd();
       main_by_convert<T, true>(x, main, s, m);
       main_sum = add_lanes(s, 8);
