@@ -311,26 +311,88 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     if opmath is not dtype:
         # The bounds must fit the input's dtype, as everywhere (eps=1e-8 on float16 is refused).
         _ref.check_div_args("safe_div", x, y, e, f)
-        x = x.to(opmath)
+    # float16/bfloat16 by a number, eagerly: the float32 division runs in pieces (the float32
+    # copies of the whole input took 5x its memory; torch.div needs the output only).
+    pieces = opmath is not dtype and not torch.compiler.is_compiling() and not _transforms()
     if out is not None:
         # Aliasing is checked against the caller's operands: x and y may be float32 copies here.
         operands = (input, other) if isinstance(other, torch.Tensor) else (input,)
         _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), div_device(x, y), *operands,
                    dtype=dtype)
         if _composite_path():
-            _ref.write_out(out, _ref.safe_div_composite(x, y, e, f, transforms=_transforms()).to(dtype), "safe_div")
+            _ref.write_out(out, _ref.safe_div_composite(x.to(opmath), y, e, f, transforms=_transforms()).to(dtype),
+                           "safe_div")
             return out
         # The op's out= kernel checks overlap against its operands, which may be converted copies
-        # here (float16/bfloat16 by a number, an integer input, a wider divisor): checked against
-        # the caller's.
+        # here (an integer input, a wider divisor): checked against the caller's.
         _ref.check_no_partial_overlap(out, operands)
-        if opmath is not dtype:
-            out.copy_(torch.ops.gradguard.safe_div(x, y, e, f))
+        if pieces:
+            out.copy_(_DivInFloat32Pieces.apply(x, y, e, f))
+        elif opmath is not dtype:
+            out.copy_(torch.ops.gradguard.safe_div(x.to(opmath), y, e, f))
         else:
             torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
         return out
+    if pieces:
+        return _DivInFloat32Pieces.apply(x, y, e, f)
     if _composite_path():
-        r = _ref.safe_div_composite(x, y, e, f, transforms=_transforms())
+        r = _ref.safe_div_composite(x.to(opmath), y, e, f, transforms=_transforms())
     else:
-        r = torch.ops.gradguard.safe_div(x, y, e, f)
+        r = torch.ops.gradguard.safe_div(x.to(opmath), y, e, f)
     return r if opmath is dtype else r.to(dtype)
+
+
+# Elements per float32 piece of _DivInFloat32Pieces: 4 MB a float32 buffer, so that the forward's
+# two buffers stay in a CPU's last-level cache between the passes over a piece.
+DIV_PIECE = 1 << 20
+
+
+def _pieces(*tensors: torch.Tensor):
+    """Matching flat slices of same-shaped contiguous tensors, DIV_PIECE elements each."""
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), DIV_PIECE):
+        yield tuple(t[start:start + DIV_PIECE] for t in flat)
+
+
+class _DivInFloat32Pieces(torch.autograd.Function):
+    """A float16/bfloat16 ``input`` divided by a 0-dim float32 ``other`` (a number's float32 value),
+    in float32 and rounded once, as torch.div does, but DIV_PIECE elements at a time, forward
+    and backward: the op on float32 copies of the whole input held 5x the input's bytes at once
+    (out of memory at 2^31 float16 elements on a 24 GiB machine, where torch.div fits), and the
+    float32 copy stayed saved for the backward. The same op on each piece: the same values and
+    input gradients, bit for bit; the divisor's gradient summed piece by piece (in float64)."""
+
+    @staticmethod
+    def forward(ctx, x, y, eps, fill):
+        x = x.contiguous()
+        result = torch.empty_like(x)
+        # Two float32 buffers reused by every piece (a fresh 4 MB tensor a piece is an allocation
+        # and its page faults each time).
+        xbuf = torch.empty(min(x.numel(), DIV_PIECE), dtype=torch.float32, device=x.device)
+        rbuf = torch.empty_like(xbuf)
+        for xp, rp in _pieces(x, result):
+            xb, rb = xbuf[:xp.numel()], rbuf[:xp.numel()]
+            xb.copy_(xp)
+            torch.ops.gradguard.safe_div.out(xb, y, eps, fill, out=rb)
+            rp.copy_(rb)
+        ctx.save_for_backward(x, y)
+        ctx.eps = eps
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # A double backward: the differentiable composite, on whole float32 copies.
+            gi, go = _ref.safe_div_backward(grad.float(), x.float(), y, ctx.eps)
+            return gi.to(x.dtype), go.sum(), None, None
+        grad = grad.contiguous()
+        gi = torch.empty_like(x)
+        # On the result's device, as the op's own formula leaves it (y may be a 0-dim CPU tensor).
+        go = torch.zeros((), dtype=torch.float64, device=x.device) if ctx.needs_input_grad[1] else None
+        for gp, xp, gip in _pieces(grad, x, gi):
+            g_in, g_other = torch.ops.gradguard.safe_div_backward(gp.float(), xp.float(), y, ctx.eps)
+            gip.copy_(g_in)
+            if go is not None:
+                go += g_other.sum(dtype=torch.float64)
+        return gi, None if go is None else go.to(y.dtype), None, None

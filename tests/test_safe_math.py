@@ -682,6 +682,74 @@ def test_div_by_a_number_is_torch_div_exactly(dtype, other):
     assert_same_bits(out, want.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_div_by_a_number_in_pieces_is_torch_div_exactly(dtype, layout, monkeypatch):
+    """The float32 division of a float16/bfloat16 input by a number runs in pieces of DIV_PIECE
+    elements, forward and backward (the whole-input float32 copies took 5x the input's memory):
+    values, input gradients and out= bit for bit torch.div's across piece edges, the divisor's
+    gradient within float32 rounding, and no float32 tensor larger than a piece is made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import gradguard.safe_math as sm
+
+    monkeypatch.setattr(sm, "DIV_PIECE", 7)
+
+    class BiggestFloat32(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    BiggestFloat32.biggest = max(BiggestFloat32.biggest, t.numel())
+            return out
+
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(9, 11, generator=gen).to(dtype)
+    x = base if layout == "contiguous" else base.t()
+    divisor = torch.tensor(0.37, requires_grad=True)  # float32: the float16 input is divided in float32
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g = torch.randn(x.shape, generator=gen).to(dtype)
+    with BiggestFloat32():
+        y = gradguard.safe_div(xa, divisor)
+        y.backward(g)
+    assert BiggestFloat32.biggest <= 7, BiggestFloat32.biggest
+    d2 = divisor.detach().clone().requires_grad_(True)
+    want = torch.div(xb, d2)
+    want.backward(g)
+    assert_same_bits(y.detach(), want.detach())
+    assert_same_bits(xa.grad, xb.grad)
+    # torch.div forms the divisor's gradient in the input's dtype (-5.15625 here in float16, where
+    # float64 math gives -5.1402198); this one in float32 pieces summed in float64.
+    exact = (-(g.double() * x.double()) / 0.37 ** 2).sum()
+    torch.testing.assert_close(divisor.grad.double(), exact, rtol=1e-6, atol=0)
+    out = torch.empty_like(x)
+    assert gradguard.safe_div(x, 0.37, out=out) is out
+    assert_same_bits(out, torch.div(x, 0.37))
+    # A guarded divisor: fill everywhere, zero gradients (NaN input stays NaN).
+    z = x.clone()
+    z[0, 0] = math.nan
+    r = gradguard.safe_div(z, 0.0, fill=2.0)
+    assert torch.isnan(r[0, 0]) and bool((r.view(-1)[1:] == 2.0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_div_by_a_number_in_pieces_has_a_second_derivative(dtype, monkeypatch):
+    # create_graph=True takes the differentiable composite on whole copies: the first derivative
+    # is torch.div's bit for bit, and d/d(divisor) of its sum is -n / divisor^2 (torch.div's,
+    # formed in the input's dtype, is -41.0 in float16 here, against -40.888...).
+    import gradguard.safe_math as sm
+
+    monkeypatch.setattr(sm, "DIV_PIECE", 5)
+    x = torch.randn(23, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_(True)
+    d = torch.tensor(0.75, requires_grad=True)
+    (gx,) = torch.autograd.grad(gradguard.safe_div(x, d).sum(), x, create_graph=True)
+    (gd,) = torch.autograd.grad(gx.float().sum(), d)
+    assert_same_bits(gx.detach(), torch.autograd.grad(torch.div(x, 0.75).sum(), x)[0])
+    torch.testing.assert_close(gd.double(), torch.tensor(-23 / 0.75 ** 2, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
 def test_div_by_a_number_beyond_the_dtype_is_its_signed_inf():
     x = torch.tensor([1.0, -2.0, 0.0])
     assert_same_bits(gradguard.safe_div(x, 1e300), torch.div(x, 1e300))  # raised: cannot be converted
