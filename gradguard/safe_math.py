@@ -313,7 +313,8 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         _ref.check_div_args("safe_div", x, y, e, f)
     # float16/bfloat16 by a number, eagerly: the float32 division runs in pieces (the float32
     # copies of the whole input took 5x its memory; torch.div needs the output only).
-    pieces = opmath is not dtype and not torch.compiler.is_compiling() and not _transforms()
+    pieces = (opmath is not dtype and not torch.compiler.is_compiling() and not _transforms()
+              and x.device.type != "meta" and not isinstance(x, torch._subclasses.FakeTensor))
     if out is not None:
         # Aliasing is checked against the caller's operands: x and y may be float32 copies here.
         operands = (input, other) if isinstance(other, torch.Tensor) else (input,)
@@ -342,16 +343,44 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     return r if opmath is dtype else r.to(dtype)
 
 
-# Elements per float32 piece of _DivInFloat32Pieces: 4 MB a float32 buffer, so that the forward's
-# two buffers stay in a CPU's last-level cache between the passes over a piece.
+# Elements per float32 piece of _DivInFloat32Pieces: 4 MB a float32 buffer, so that the buffers
+# stay in a CPU's last-level cache between the passes over a piece.
 DIV_PIECE = 1 << 20
 
 
+def _flat_memory(t: torch.Tensor) -> torch.Tensor:
+    """The elements of a non-overlapping, dense tensor in memory order, as a 1-D view."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
 def _pieces(*tensors: torch.Tensor):
-    """Matching flat slices of same-shaped contiguous tensors, DIV_PIECE elements each."""
-    flat = [t.view(-1) for t in tensors]
+    """Matching DIV_PIECE-element slices of tensors of one shape and one dense layout."""
+    flat = [_flat_memory(t) for t in tensors]
     for start in range(0, flat[0].numel(), DIV_PIECE):
         yield tuple(t[start:start + DIV_PIECE] for t in flat)
+
+
+def _float32_buffers(count: int, like: torch.Tensor) -> list[torch.Tensor]:
+    # Reused by every piece: a fresh 4 MB tensor a piece is an allocation and its page faults.
+    size = min(like.numel(), DIV_PIECE)
+    return [torch.empty(size, dtype=torch.float32, device=like.device) for _ in range(count)]
+
+
+def _like_dense(x: torch.Tensor):
+    """(x or a contiguous copy, an empty result of its layout): a dense layout is kept
+    (transposed, channels_last), as torch.div keeps it; other views are made contiguous."""
+    result = torch.empty_like(x)
+    if result.stride() == x.stride() and x.numel() > 0 and _flat_memory(x).is_contiguous():
+        dims = sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1)
+        expect = 1
+        for st, sz in dims:
+            if st != expect:
+                break
+            expect *= sz
+        else:
+            return x, result
+    x = x.contiguous()
+    return x, torch.empty_like(x)
 
 
 class _DivInFloat32Pieces(torch.autograd.Function):
@@ -360,39 +389,56 @@ class _DivInFloat32Pieces(torch.autograd.Function):
     and backward: the op on float32 copies of the whole input held 5x the input's bytes at once
     (out of memory at 2^31 float16 elements on a 24 GiB machine, where torch.div fits), and the
     float32 copy stayed saved for the backward. The same op on each piece: the same values and
-    input gradients, bit for bit; the divisor's gradient summed piece by piece (in float64)."""
+    input gradients, bit for bit; the divisor's gradient summed piece by piece (in float64). As
+    torch.div by a number, the input is saved only where the divisor needs a gradient (so it
+    may be changed in place after the call otherwise), and a dense layout is kept."""
 
     @staticmethod
     def forward(ctx, x, y, eps, fill):
-        x = x.contiguous()
-        result = torch.empty_like(x)
-        # Two float32 buffers reused by every piece (a fresh 4 MB tensor a piece is an allocation
-        # and its page faults each time).
-        xbuf = torch.empty(min(x.numel(), DIV_PIECE), dtype=torch.float32, device=x.device)
-        rbuf = torch.empty_like(xbuf)
-        for xp, rp in _pieces(x, result):
+        xs, result = _like_dense(x)
+        xbuf, rbuf = _float32_buffers(2, xs)
+        for xp, rp in _pieces(xs, result):
             xb, rb = xbuf[:xp.numel()], rbuf[:xp.numel()]
             xb.copy_(xp)
             torch.ops.gradguard.safe_div.out(xb, y, eps, fill, out=rb)
             rp.copy_(rb)
-        ctx.save_for_backward(x, y)
+        # The caller's x, not a contiguous copy: a double backward differentiates through it.
+        ctx.save_for_backward(y, x) if ctx.needs_input_grad[1] else ctx.save_for_backward(y)
         ctx.eps = eps
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        x, y = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # A double backward: the differentiable composite, on whole float32 copies.
-            gi, go = _ref.safe_div_backward(grad.float(), x.float(), y, ctx.eps)
-            return gi.to(x.dtype), go.sum(), None, None
-        grad = grad.contiguous()
-        gi = torch.empty_like(x)
-        # On the result's device, as the op's own formula leaves it (y may be a 0-dim CPU tensor).
-        go = torch.zeros((), dtype=torch.float64, device=x.device) if ctx.needs_input_grad[1] else None
-        for gp, xp, gip in _pieces(grad, x, gi):
-            g_in, g_other = torch.ops.gradguard.safe_div_backward(gp.float(), xp.float(), y, ctx.eps)
-            gip.copy_(g_in)
+        y, *rest = ctx.saved_tensors
+        x = rest[0] if rest else None
+        guard = y.abs() <= ctx.eps
+        b = torch.where(guard, 1.0, y)  # as the op's formula: no 0 * inf in a second derivative
+        batched = torch._C._functorch.is_batchedtensor(grad) or torch._C._functorch.is_legacy_batchedtensor(grad)
+        whole = (torch.is_grad_enabled() or y.device != grad.device or batched
+                 or torch._C._functorch.peek_interpreter_stack() is not None)
+        if whole:
+            # A double backward, a batched one (vmap, is_grads_batched) or a 0-dim CPU divisor of
+            # a tensor elsewhere: the differentiable formula on whole float32 copies.
+            g = grad.float()
+            gi = torch.where(guard, 0.0, g / b).to(grad.dtype) if ctx.needs_input_grad[0] else None
+            go = torch.where(guard, 0.0, -g * ((x.float() / b) / b)).sum() if x is not None else None
+            return gi, go, None, None
+        g = grad.contiguous()
+        xs = x.contiguous() if x is not None else None
+        gi = torch.empty_like(g) if ctx.needs_input_grad[0] else None
+        go = torch.zeros((), dtype=torch.float64, device=g.device) if x is not None else None
+        gbuf, xbuf = _float32_buffers(2, g)
+        for start in range(0, g.numel(), DIV_PIECE):
+            part = slice(start, start + DIV_PIECE)
+            gb = gbuf[:g.view(-1)[part].numel()]
+            gb.copy_(g.view(-1)[part])
             if go is not None:
-                go += g_other.sum(dtype=torch.float64)
-        return gi, None if go is None else go.to(y.dtype), None, None
+                xb = xbuf[:gb.numel()]
+                xb.copy_(xs.view(-1)[part])
+                go -= xb.div_(b).div_(b).mul_(gb).sum(dtype=torch.float64)
+            if gi is not None:
+                torch.div(gb, b, out=gb).masked_fill_(guard, 0.0)
+                gi.view(-1)[part].copy_(gb)
+        if go is not None:
+            go = torch.where(guard, 0.0, go).to(y.dtype)
+        return gi, go, None, None

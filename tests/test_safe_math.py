@@ -731,7 +731,39 @@ def test_div_by_a_number_in_pieces_is_torch_div_exactly(dtype, layout, monkeypat
     z = x.clone()
     z[0, 0] = math.nan
     r = gradguard.safe_div(z, 0.0, fill=2.0)
-    assert torch.isnan(r[0, 0]) and bool((r.view(-1)[1:] == 2.0).all())
+    assert torch.isnan(r[0, 0]) and bool((r.reshape(-1)[1:] == 2.0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_div_by_a_number_in_pieces_behaves_as_torch_div_under_autograd(dtype, monkeypatch):
+    # Found by a reviewer in the first version of the pieces: the layout of a transposed or
+    # channels_last input was lost; an input changed in place after the call broke the backward
+    # (it was saved although only the divisor's gradient needs it); the mixed second derivative
+    # through a non-contiguous input was None (a contiguous copy was saved); a batched backward
+    # (is_grads_batched) failed on copy_ under vmap.
+    import gradguard.safe_math as sm
+
+    monkeypatch.setattr(sm, "DIV_PIECE", 7)
+    gen = torch.Generator().manual_seed(5)
+    for x in (torch.randn(11, 9, generator=gen).to(dtype).t(),
+              torch.randn(2, 3, 4, 5, generator=gen).to(dtype).to(memory_format=torch.channels_last)):
+        assert gradguard.safe_div(x, 0.37).stride() == torch.div(x, 0.37).stride()
+    w = torch.randn(6, generator=gen).to(dtype).requires_grad_(True)
+    x = w * 1
+    y = gradguard.safe_div(x, 0.37)
+    x.add_(1)  # torch.div by a number does not save x either
+    y.sum().backward()
+    assert_same_bits(w.grad, torch.autograd.grad(torch.div(w, 0.37).sum(), w)[0])
+    for fn in (gradguard.safe_div, torch.div):
+        x = torch.randn(11, 9, generator=torch.Generator().manual_seed(6)).to(dtype).t().requires_grad_(True)
+        d = torch.tensor(0.75, requires_grad=True)
+        (gd,) = torch.autograd.grad(fn(x, d).sum(), d, create_graph=True)
+        (gx,) = torch.autograd.grad(gd, x)
+        torch.testing.assert_close(gx.float(), torch.full(x.shape, -1 / 0.75 ** 2), rtol=2e-3, atol=0)
+    x = torch.randn(9, 11, generator=gen).to(dtype).requires_grad_(True)
+    eye = torch.eye(99).to(dtype).view(-1, 9, 11)[:5]
+    got = torch.autograd.grad(gradguard.safe_div(x, 0.37), x, eye, is_grads_batched=True)[0]
+    assert_same_bits(got, torch.autograd.grad(torch.div(x, 0.37), x, eye, is_grads_batched=True)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
