@@ -366,21 +366,30 @@ def _float32_buffers(count: int, like: torch.Tensor) -> list[torch.Tensor]:
     return [torch.empty(size, dtype=torch.float32, device=like.device) for _ in range(count)]
 
 
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill numel() consecutive places of memory."""
+    expect = 1
+    for st, sz in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if st != expect:
+            return False
+        expect *= sz
+    return True
+
+
+def _in_layout_of(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """t itself if it has `layout`'s (dense) strides, else a copy of t in them."""
+    return t if t.stride() == layout.stride() and _is_dense(t) else torch.empty_like(layout).copy_(t)
+
+
 def _like_dense(x: torch.Tensor):
-    """(x or a contiguous copy, an empty result of its layout): a dense layout is kept
-    (transposed, channels_last), as torch.div keeps it; other views are made contiguous."""
+    """(x in a dense layout, an empty result of that layout): torch.empty_like's, which keeps a
+    dense input's strides (transposed, channels_last) and follows a view's dimension order
+    otherwise, as torch.div's result does; a view that is not dense is copied into it."""
     result = torch.empty_like(x)
-    if result.stride() == x.stride() and x.numel() > 0 and _flat_memory(x).is_contiguous():
-        dims = sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1)
-        expect = 1
-        for st, sz in dims:
-            if st != expect:
-                break
-            expect *= sz
-        else:
-            return x, result
-    x = x.contiguous()
-    return x, torch.empty_like(x)
+    if not _is_dense(result):  # not expected: empty_like is dense; a contiguous pair then
+        x = x.contiguous()
+        return x, torch.empty_like(x)
+    return _in_layout_of(x, result), result
 
 
 class _DivInFloat32Pieces(torch.autograd.Function):
@@ -423,22 +432,30 @@ class _DivInFloat32Pieces(torch.autograd.Function):
             gi = torch.where(guard, 0.0, g / b).to(grad.dtype) if ctx.needs_input_grad[0] else None
             go = torch.where(guard, 0.0, -g * ((x.float() / b) / b)).sum() if x is not None else None
             return gi, go, None, None
-        g = grad.contiguous()
-        xs = x.contiguous() if x is not None else None
-        gi = torch.empty_like(g) if ctx.needs_input_grad[0] else None
-        go = torch.zeros((), dtype=torch.float64, device=g.device) if x is not None else None
+        # The input gradient in the incoming gradient's layout (a transposed or channels_last
+        # one kept), x read in that same memory order.
+        g, gi = _like_dense(grad)
+        if not ctx.needs_input_grad[0]:
+            gi = None
+        go = None
+        if x is not None:
+            x = _in_layout_of(x, g)
+            go = torch.zeros((), dtype=torch.float64, device=g.device)
         gbuf, xbuf = _float32_buffers(2, g)
-        for start in range(0, g.numel(), DIV_PIECE):
+        flat_g = _flat_memory(g)
+        flat_x = _flat_memory(x) if x is not None else None
+        flat_gi = _flat_memory(gi) if gi is not None else None
+        for start in range(0, flat_g.numel(), DIV_PIECE):
             part = slice(start, start + DIV_PIECE)
-            gb = gbuf[:g.view(-1)[part].numel()]
-            gb.copy_(g.view(-1)[part])
+            gb = gbuf[:flat_g[part].numel()]
+            gb.copy_(flat_g[part])
             if go is not None:
                 xb = xbuf[:gb.numel()]
-                xb.copy_(xs.view(-1)[part])
+                xb.copy_(flat_x[part])
                 go -= xb.div_(b).div_(b).mul_(gb).sum(dtype=torch.float64)
             if gi is not None:
                 torch.div(gb, b, out=gb).masked_fill_(guard, 0.0)
-                gi.view(-1)[part].copy_(gb)
+                flat_gi[part].copy_(gb)
         if go is not None:
             go = torch.where(guard, 0.0, go).to(y.dtype)
         return gi, go, None, None

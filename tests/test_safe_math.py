@@ -736,8 +736,8 @@ def test_div_by_a_number_in_pieces_is_torch_div_exactly(dtype, layout, monkeypat
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_div_by_a_number_in_pieces_behaves_as_torch_div_under_autograd(dtype, monkeypatch):
-    # Found by a reviewer in the first version of the pieces: the layout of a transposed or
-    # channels_last input was lost; an input changed in place after the call broke the backward
+    # Found by reviewers in the first versions of the pieces: the layout of a transposed or
+    # channels_last input, or of a view of one, was lost (and the input gradient's); an input changed in place after the call broke the backward
     # (it was saved although only the divisor's gradient needs it); the mixed second derivative
     # through a non-contiguous input was None (a contiguous copy was saved); a batched backward
     # (is_grads_batched) failed on copy_ under vmap.
@@ -745,9 +745,16 @@ def test_div_by_a_number_in_pieces_behaves_as_torch_div_under_autograd(dtype, mo
 
     monkeypatch.setattr(sm, "DIV_PIECE", 7)
     gen = torch.Generator().manual_seed(5)
-    for x in (torch.randn(11, 9, generator=gen).to(dtype).t(),
-              torch.randn(2, 3, 4, 5, generator=gen).to(dtype).to(memory_format=torch.channels_last)):
+    channels_last = torch.randn(2, 3, 4, 6, generator=gen).to(dtype).to(memory_format=torch.channels_last)
+    for x in (torch.randn(11, 9, generator=gen).to(dtype).t(), channels_last, channels_last[..., ::2],
+              torch.randn(11, 9, generator=gen).to(dtype).t()[:, ::2]):
         assert gradguard.safe_div(x, 0.37).stride() == torch.div(x, 0.37).stride()
+        xa, xb = x.detach().requires_grad_(True), x.detach().clone().requires_grad_(True)
+        g = torch.randn_like(torch.div(x, 0.37))  # in the result's layout
+        got = torch.autograd.grad(gradguard.safe_div(xa, 0.37), xa, g)[0]
+        want = torch.autograd.grad(torch.div(xb, 0.37), xb, g)[0]
+        assert_same_bits(got, want)
+        assert got.stride() == want.stride()
     w = torch.randn(6, generator=gen).to(dtype).requires_grad_(True)
     x = w * 1
     y = gradguard.safe_div(x, 0.37)
