@@ -44,6 +44,7 @@ import numbers
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
 
 from gradguard import _safe_math_ops  # noqa: F401  (defines torch.ops.gradguard.safe_*)
 from gradguard.reference import safe_math as _ref
@@ -314,7 +315,7 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     # float16/bfloat16 by a number, eagerly: the float32 division runs in pieces (the float32
     # copies of the whole input took 5x its memory; torch.div needs the output only).
     pieces = (opmath is not dtype and not torch.compiler.is_compiling() and not _transforms()
-              and x.device.type != "meta" and not isinstance(x, torch._subclasses.FakeTensor))
+              and x.device.type != "meta" and not isinstance(x, _FakeTensor))
     if out is not None:
         # Aliasing is checked against the caller's operands: x and y may be float32 copies here.
         operands = (input, other) if isinstance(other, torch.Tensor) else (input,)
