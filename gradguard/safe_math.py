@@ -442,16 +442,17 @@ class _DivInFloat32Pieces(torch.autograd.Function):
         if x is not None:
             x = _in_layout_of(x, g)
             go = torch.zeros((), dtype=torch.float64, device=g.device)
-        gbuf, xbuf = _float32_buffers(2, g)
+        gbuf, *xbuf = _float32_buffers(1 if x is None else 2, g)  # x's only where it is read
         flat_g = _flat_memory(g)
         flat_x = _flat_memory(x) if x is not None else None
         flat_gi = _flat_memory(gi) if gi is not None else None
         for start in range(0, flat_g.numel(), DIV_PIECE):
             part = slice(start, start + DIV_PIECE)
-            gb = gbuf[:flat_g[part].numel()]
-            gb.copy_(flat_g[part])
+            gp = flat_g[part]
+            gb = gbuf[:gp.numel()]
+            gb.copy_(gp)
             if go is not None:
-                xb = xbuf[:gb.numel()]
+                xb = xbuf[0][:gb.numel()]
                 xb.copy_(flat_x[part])
                 go -= xb.div_(b).div_(b).mul_(gb).sum(dtype=torch.float64)
             if gi is not None:
