@@ -82,12 +82,28 @@ inline void check_backward_operand(const at::Tensor& t, const at::Tensor& grad, 
               grad.sizes(), "; they must match");
 }
 
+// A float16/bfloat16 `input` with a 0-dim float32 `other`: how torch.div divides such a tensor by
+// a number (or by a 0-dim CPU float32 tensor), in float32 by the divisor's float32 value, rounded
+// once to the input's dtype. The forward ops take it (the result has the input's dtype); the
+// backward op does not (its autograd formula computes that case in float32, _safe_math_ops.py).
+inline bool divides_by_float32(const at::Tensor& input, const at::Tensor& other) {
+  const auto dt = input.scalar_type();
+  return other.dim() == 0 && other.scalar_type() == at::kFloat && (dt == at::kHalf || dt == at::kBFloat16);
+}
+
 // `kernel_device` is the device type of the kernel running the call: a call that dispatched here
-// with its result elsewhere (a meta or other-device operand) is refused.
+// with its result elsewhere (a meta or other-device operand) is refused. `float32_divisor`: the
+// forward ops, which also take divides_by_float32().
 inline void check_div_args(const at::Tensor& input, const at::Tensor& other, double eps, const char* op,
-                           c10::DeviceType kernel_device) {
+                           c10::DeviceType kernel_device, bool float32_divisor = false) {
   check_float(input, op, "input");
-  check_same_dtype(other, input, op, "other", "input");
+  if (float32_divisor) {
+    TORCH_CHECK(other.scalar_type() == input.scalar_type() || divides_by_float32(input, other), "gradguard.", op,
+                ": `other` has dtype ", other.scalar_type(), " but `input` has ", input.scalar_type(),
+                "; they must match, or `other` be a 0-dim float32 tensor with a float16/bfloat16 `input`");
+  } else {
+    check_same_dtype(other, input, op, "other", "input");
+  }
   check_param(eps, op, "eps", true);
   check_bound_fits(eps, input.scalar_type(), op, "eps", true);
   const auto device = div_device(input, other);

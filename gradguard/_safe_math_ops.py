@@ -3,7 +3,8 @@ registered as each op's default implementation (gradguard/_C registers the CPU k
 
 Every forward op takes plain floats for its bounds (the Python API has already validated them
 and read a 0-dim tensor bound) and a tensor of one floating dtype; safe_div's two tensors share
-that dtype and broadcast. ``straight_through`` does not change a forward value: it is in the
+that dtype and broadcast, or (torch.div by a number) a float16/bfloat16 input is divided by a
+0-dim float32 divisor, in float32, rounded once to the input's dtype. ``straight_through`` does not change a forward value: it is in the
 forward schema so that autograd knows which backward to run.
 
 Backward ops are ops of their own (one fused pass each). Their outputs are not differentiable
@@ -132,9 +133,7 @@ def _safe_sqrt_backward_fake(grad, input, eps):
 
 def _check_div(input, other, op, eps, fill=None):
     _check_float(input, op)
-    torch._check(other.dtype == input.dtype, lambda: f"gradguard.{op}: `other` has dtype {other.dtype} but `input` "
-                 f"has {input.dtype}; they must match")
-    ref.check_div_args(op, input, other, eps, fill)
+    ref.check_div_args(op, input, other, eps, fill)  # the dtypes too (fill: a forward op)
 
 
 @torch.library.register_fake("gradguard::safe_div", lib=_lib)
@@ -211,6 +210,12 @@ def _div_setup(ctx, inputs, output):
 
 def _div_backward(ctx, grad):
     input, other = ctx.saved_tensors
+    if other.dtype != input.dtype:
+        # A float16/bfloat16 input by a 0-dim float32 divisor (ref.divides_by_float32): the
+        # formulas in float32, as the division was, on float32 copies of the whole tensors.
+        # (gradguard.safe_div runs its own autograd Function for this case, without the copies.)
+        gi, go = ref.safe_div_backward(grad.float(), input.float(), other, ctx.eps)
+        return gi.to(input.dtype), go.sum(), None, None
     if torch.is_grad_enabled():
         gi, go = ref.safe_div_backward(grad, input, other, ctx.eps)
     else:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -312,12 +313,8 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     if opmath is not dtype:
         # The bounds must fit the input's dtype, as everywhere (eps=1e-8 on float16 is refused).
         _ref.check_div_args("safe_div", x, y, e, f)
-    # float16/bfloat16 by a number, eagerly: the float32 division runs in pieces (the float32
-    # copies of the whole input took 5x its memory; torch.div needs the output only).
-    pieces = (opmath is not dtype and not torch.compiler.is_compiling() and not _transforms()
-              and x.device.type != "meta" and not isinstance(x, _FakeTensor))
     if out is not None:
-        # Aliasing is checked against the caller's operands: x and y may be float32 copies here.
+        # Aliasing is checked against the caller's operands: x and y may be converted copies here.
         operands = (input, other) if isinstance(other, torch.Tensor) else (input,)
         _check_out(out, "safe_div", torch.broadcast_shapes(x.shape, y.shape), div_device(x, y), *operands,
                    dtype=dtype)
@@ -328,136 +325,78 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         # The op's out= kernel checks overlap against its operands, which may be converted copies
         # here (an integer input, a wider divisor): checked against the caller's.
         _ref.check_no_partial_overlap(out, operands)
-        if pieces:
-            out.copy_(_DivInFloat32Pieces.apply(x, y, e, f))
-        elif opmath is not dtype:
-            out.copy_(torch.ops.gradguard.safe_div(x.to(opmath), y, e, f))
-        else:
-            torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
+        # float16/bfloat16 by a float32 divisor: the op divides in float32 and rounds once.
+        torch.ops.gradguard.safe_div.out(x, y, e, f, out=out)
         return out
-    if pieces:
-        return _DivInFloat32Pieces.apply(x, y, e, f)
     if _composite_path():
         r = _ref.safe_div_composite(x.to(opmath), y, e, f, transforms=_transforms())
-    else:
-        r = torch.ops.gradguard.safe_div(x.to(opmath), y, e, f)
-    return r if opmath is dtype else r.to(dtype)
+        return r if opmath is dtype else r.to(dtype)
+    if (opmath is not dtype and not torch.compiler.is_compiling() and x.device.type != "meta"
+            and not isinstance(x, _FakeTensor)):
+        # Eagerly, an autograd Function whose backward needs no float32 copy of the whole tensors
+        # either (the op's own formula, for the rest: export, meta and fake tensors, makes them).
+        # Whether the divisor is guarded is known on the host: a number's value, or a CPU tensor.
+        b = _float32_value(other) if isinstance(other, torch.Tensor) else _float32_value(v)
+        return _DivByFloat32.apply(x, y, e, f, abs(b) <= _float32_value(e))
+    return torch.ops.gradguard.safe_div(x, y, e, f)
 
 
-# Elements per float32 piece of _DivInFloat32Pieces: 4 MB a float32 buffer, so that the buffers
-# stay in a CPU's last-level cache between the passes over a piece.
-DIV_PIECE = 1 << 20
+def _float32_value(v) -> float:
+    """A number's (or a 0-dim CPU tensor's) value rounded to float32, as a Python float."""
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().to(torch.float32))
+    return struct.unpack("f", struct.pack("f", v))[0]
 
 
-def _flat_memory(t: torch.Tensor) -> torch.Tensor:
-    """The elements of a non-overlapping, dense tensor in memory order, as a 1-D view."""
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
-def _pieces(*tensors: torch.Tensor):
-    """Matching DIV_PIECE-element slices of tensors of one shape and one dense layout."""
-    flat = [_flat_memory(t) for t in tensors]
-    for start in range(0, flat[0].numel(), DIV_PIECE):
-        yield tuple(t[start:start + DIV_PIECE] for t in flat)
-
-
-def _float32_buffers(count: int, like: torch.Tensor) -> list[torch.Tensor]:
-    # Reused by every piece: a fresh 4 MB tensor a piece is an allocation and its page faults.
-    size = min(like.numel(), DIV_PIECE)
-    return [torch.empty(size, dtype=torch.float32, device=like.device) for _ in range(count)]
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: its elements fill numel() consecutive places of memory."""
-    expect = 1
-    for st, sz in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if st != expect:
-            return False
-        expect *= sz
-    return True
-
-
-def _in_layout_of(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
-    """t itself if it has `layout`'s (dense) strides, else a copy of t in them."""
-    return t if t.stride() == layout.stride() and _is_dense(t) else torch.empty_like(layout).copy_(t)
-
-
-def _like_dense(x: torch.Tensor):
-    """(x in a dense layout, an empty result of that layout): torch.empty_like's, which keeps a
-    dense input's strides (transposed, channels_last) and follows a view's dimension order
-    otherwise, as torch.div's result does; a view that is not dense is copied into it."""
-    result = torch.empty_like(x)
-    if not _is_dense(result):  # not expected: empty_like is dense; a contiguous pair then
-        x = x.contiguous()
-        return x, torch.empty_like(x)
-    return _in_layout_of(x, result), result
-
-
-class _DivInFloat32Pieces(torch.autograd.Function):
+class _DivByFloat32(torch.autograd.Function):
     """A float16/bfloat16 ``input`` divided by a 0-dim float32 ``other`` (a number's float32 value),
-    in float32 and rounded once, as torch.div does, but DIV_PIECE elements at a time, forward
-    and backward: the op on float32 copies of the whole input held 5x the input's bytes at once
-    (out of memory at 2^31 float16 elements on a 24 GiB machine, where torch.div fits), and the
-    float32 copy stayed saved for the backward. The same op on each piece: the same values and
-    input gradients, bit for bit; the divisor's gradient summed piece by piece (in float64). As
-    torch.div by a number, the input is saved only where the divisor needs a gradient (so it
-    may be changed in place after the call otherwise), and a dense layout is kept."""
+    in float32 and rounded once, as torch.div does, eagerly. The op does it in one pass (the
+    reference kernel in float32 pieces); the backward needs no float32 copy of the whole tensors
+    either: the input's gradient is the op again (grad / other, rounded once), the divisor's is
+    summed piece by piece in float64. The op's own autograd formula would save the input and make
+    whole float32 copies; as torch.div by a number, the input is saved only where the divisor
+    needs a gradient (so it may be changed in place after the call otherwise). ``guarded`` is
+    |other| <= eps, known on the host (a number, or a CPU tensor)."""
 
     @staticmethod
-    def forward(ctx, x, y, eps, fill):
-        xs, result = _like_dense(x)
-        xbuf, rbuf = _float32_buffers(2, xs)
-        for xp, rp in _pieces(xs, result):
-            xb, rb = xbuf[:xp.numel()], rbuf[:xp.numel()]
-            xb.copy_(xp)
-            torch.ops.gradguard.safe_div.out(xb, y, eps, fill, out=rb)
-            rp.copy_(rb)
-        # The caller's x, not a contiguous copy: a double backward differentiates through it.
+    def forward(ctx, x, y, eps, fill, guarded):
+        # The caller's x, not a copy: a double backward differentiates through it.
         ctx.save_for_backward(y, x) if ctx.needs_input_grad[1] else ctx.save_for_backward(y)
-        ctx.eps = eps
-        return result
+        ctx.eps, ctx.guarded = eps, guarded
+        return torch.ops.gradguard.safe_div(x, y, eps, fill)
 
     @staticmethod
     def backward(ctx, grad):
         y, *rest = ctx.saved_tensors
         x = rest[0] if rest else None
-        guard = y.abs() <= ctx.eps
-        b = torch.where(guard, 1.0, y)  # as the op's formula: no 0 * inf in a second derivative
         batched = torch._C._functorch.is_batchedtensor(grad) or torch._C._functorch.is_legacy_batchedtensor(grad)
-        whole = (torch.is_grad_enabled() or y.device != grad.device or batched
-                 or torch._C._functorch.peek_interpreter_stack() is not None)
-        if whole:
+        if (torch.is_grad_enabled() or y.device != grad.device or batched
+                or torch._C._functorch.peek_interpreter_stack() is not None):
             # A double backward, a batched one (vmap, is_grads_batched) or a 0-dim CPU divisor of
             # a tensor elsewhere: the differentiable formula on whole float32 copies.
+            guard = y.abs() <= ctx.eps
+            b = torch.where(guard, 1.0, y)  # as the op's formula: no 0 * inf in a second derivative
             g = grad.float()
             gi = torch.where(guard, 0.0, g / b).to(grad.dtype) if ctx.needs_input_grad[0] else None
             go = torch.where(guard, 0.0, -g * ((x.float() / b) / b)).sum() if x is not None else None
-            return gi, go, None, None
-        # The input gradient in the incoming gradient's layout (a transposed or channels_last
-        # one kept), x read in that same memory order.
-        g, gi = _like_dense(grad)
-        if not ctx.needs_input_grad[0]:
-            gi = None
-        go = None
+            return gi, go, None, None, None
+        gi = go = None
+        if ctx.needs_input_grad[0]:
+            # torch.div's grad / other, rounded once, in the incoming gradient's layout: the op
+            # itself, nothing guarded there (|other| > eps >= 0); zeros where the divisor is.
+            gi = torch.zeros_like(grad) if ctx.guarded else torch.ops.gradguard.safe_div(grad, y, 0.0, 0.0)
         if x is not None:
-            x = _in_layout_of(x, g)
-            go = torch.zeros((), dtype=torch.float64, device=g.device)
-        gbuf, *xbuf = _float32_buffers(1 if x is None else 2, g)  # x's only where it is read
-        flat_g = _flat_memory(g)
-        flat_x = _flat_memory(x) if x is not None else None
-        flat_gi = _flat_memory(gi) if gi is not None else None
-        for start in range(0, flat_g.numel(), DIV_PIECE):
-            part = slice(start, start + DIV_PIECE)
-            gp = flat_g[part]
-            gb = gbuf[:gp.numel()]
-            gb.copy_(gp)
-            if go is not None:
-                xb = xbuf[0][:gb.numel()]
-                xb.copy_(flat_x[part])
-                go -= xb.div_(b).div_(b).mul_(gb).sum(dtype=torch.float64)
-            if gi is not None:
-                torch.div(gb, b, out=gb).masked_fill_(guard, 0.0)
-                flat_gi[part].copy_(gb)
-        if go is not None:
-            go = torch.where(guard, 0.0, go).to(y.dtype)
-        return gi, go, None, None
+            go = torch.zeros((), dtype=torch.float64, device=y.device)
+            if not ctx.guarded:
+                # -sum(grad * x / y / y): float32 pieces of both, in one memory order, summed in
+                # float64 (torch.div forms it in the input's dtype).
+                g = grad if _ref.is_dense(grad) else grad.contiguous()
+                x = _ref.in_layout_of(x, g)
+                gbuf, xbuf = _ref.float32_buffers(2, g)
+                for gp, xp in _ref.pieces(g, x):
+                    gb, xb = gbuf[:gp.numel()], xbuf[:gp.numel()]
+                    gb.copy_(gp)
+                    xb.copy_(xp)
+                    go -= xb.div_(y).div_(y).mul_(gb).sum(dtype=torch.float64)
+            go = go.to(y.dtype)
+        return gi, go, None, None, None

@@ -510,6 +510,9 @@ def _opcheck_cases():
         (ops.safe_div.default, (x.t(), x.t().contiguous(), 0.5, 2.0)),
         (ops.safe_div.out, (x, o.detach(), 0.0, 0.0), {"out": torch.empty(4, 5, dtype=torch.float64)}),
         (ops.safe_div_backward.default, (g, x, o.detach(), 0.0)),
+        # A float16 input by a 0-dim float32 divisor (torch.div by a number).
+        (ops.safe_div.default, (x.half().requires_grad_(True), torch.tensor(0.37, requires_grad=True), 0.0, 0.0)),
+        (ops.safe_div.out, (x.half(), torch.tensor(0.37), 0.0, 2.0), {"out": torch.empty(4, 5, dtype=torch.float16)}),
     ]
 
 
@@ -648,6 +651,9 @@ for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         assert_same_bits(gradguard.safe_sqrt(x), comp_sqrt(x))
         d = x.flip(0)
         assert_same_bits(gradguard.safe_div(x, d, eps=0.5), gradguard.reference.safe_div(x, d, 0.5, 0.0))
+        if dt.itemsize == 2:  # by a number: the float32 divisor's rows
+            for v in (0.37, 0.0):
+                assert_same_bits(gradguard.safe_div(x, v, fill=2.0), torch.where(x.isnan() | (v != 0), x / v, 2.0))
 print("ok")
 """
 
@@ -691,9 +697,9 @@ def test_div_by_a_number_in_pieces_is_torch_div_exactly(dtype, layout, monkeypat
     gradient within float32 rounding, and no float32 tensor larger than a piece is made."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import gradguard.safe_math as sm
+    import gradguard.reference.safe_math as ref_sm
 
-    monkeypatch.setattr(sm, "DIV_PIECE", 7)
+    monkeypatch.setattr(ref_sm, "DIV_PIECE", 7)
 
     class BiggestFloat32(TorchDispatchMode):
         biggest = 0
@@ -741,9 +747,9 @@ def test_div_by_a_number_in_pieces_behaves_as_torch_div_under_autograd(dtype, mo
     # (it was saved although only the divisor's gradient needs it); the mixed second derivative
     # through a non-contiguous input was None (a contiguous copy was saved); a batched backward
     # (is_grads_batched) failed on copy_ under vmap.
-    import gradguard.safe_math as sm
+    import gradguard.reference.safe_math as ref_sm
 
-    monkeypatch.setattr(sm, "DIV_PIECE", 7)
+    monkeypatch.setattr(ref_sm, "DIV_PIECE", 7)
     gen = torch.Generator().manual_seed(5)
     channels_last = torch.randn(2, 3, 4, 6, generator=gen).to(dtype).to(memory_format=torch.channels_last)
     for x in (torch.randn(11, 9, generator=gen).to(dtype).t(), channels_last, channels_last[..., ::2],
@@ -778,15 +784,94 @@ def test_div_by_a_number_in_pieces_has_a_second_derivative(dtype, monkeypatch):
     # create_graph=True takes the differentiable composite on whole copies: the first derivative
     # is torch.div's bit for bit, and d/d(divisor) of its sum is -n / divisor^2 (torch.div's,
     # formed in the input's dtype, is -41.0 in float16 here, against -40.888...).
-    import gradguard.safe_math as sm
+    import gradguard.reference.safe_math as ref_sm
 
-    monkeypatch.setattr(sm, "DIV_PIECE", 5)
+    monkeypatch.setattr(ref_sm, "DIV_PIECE", 5)
     x = torch.randn(23, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_(True)
     d = torch.tensor(0.75, requires_grad=True)
     (gx,) = torch.autograd.grad(gradguard.safe_div(x, d).sum(), x, create_graph=True)
     (gd,) = torch.autograd.grad(gx.float().sum(), d)
     assert_same_bits(gx.detach(), torch.autograd.grad(torch.div(x, 0.75).sum(), x)[0])
     torch.testing.assert_close(gd.double(), torch.tensor(-23 / 0.75 ** 2, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_div_op_divides_a_16bit_input_by_a_float32_divisor(dtype, monkeypatch):
+    """The op takes a float16/bfloat16 input with a 0-dim float32 divisor and divides as torch.div
+    divides by a number: in float32, rounded once, in the input's dtype. Both kernels (the CPU
+    one where built: one pass, AVX2 or portable; the reference, in float32 pieces, here of 4099
+    elements), every 16-bit pattern at every position of the 16-wide loop and its tail, a view
+    with short rows, out= in place, and the guard (fill, but a NaN input stays NaN)."""
+    import gradguard.reference.safe_math as ref_sm
+
+    monkeypatch.setattr(ref_sm, "DIV_PIECE", 4099)
+    x = every_16bit_value(dtype)
+    rows = x[: 60 * 1000].view(60, 1000)[:, 3:]
+    kernels = [ref_sm.safe_div] + ([ops.safe_div] if EXT_LOADED else [])
+    for d in (0.37, -3.3, 1e5, 1e-30, 3e38, math.inf, math.nan):
+        y = torch.tensor(d, dtype=torch.float32)
+        for kernel in kernels:
+            for t in (x, rows, x[5:37], x[1::3]):
+                assert_same_bits(kernel(t, y, 0.0, 0.0), torch.div(t, y))
+        o = x.clone()
+        ops.safe_div.out(o, y, 0.0, 0.0, out=o)
+        assert_same_bits(o, torch.div(x, y))
+    fill = torch.full_like(x, 2.5)
+    for kernel in kernels:
+        for d, eps in ((0.0, 0.0), (-1e-3, 1e-3)):
+            assert_same_bits(kernel(x, torch.tensor(d), eps, 2.5), torch.where(x.isnan(), x, fill))
+    # The backward op keeps one dtype; the op's autograd formula computes this case in float32.
+    with pytest.raises(RuntimeError, match="`other` has dtype"):
+        ops.safe_div_backward(x, x, torch.tensor(0.5), 0.0)
+    for bad in (torch.ones(1), torch.tensor(0.5, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match="0-dim float32 tensor with a float16/bfloat16"):
+            ops.safe_div(x, bad, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="`other` has dtype"):
+        ops.safe_div(x.float(), torch.tensor(0.5, dtype=dtype), 0.0, 0.0)
+    # The op's own autograd formula (gradguard.safe_div runs a Function of its own): the input's
+    # gradient is torch.div's, the divisor's the float32 formula's.
+    gen = torch.Generator().manual_seed(7)
+    xa = torch.randn(4099, generator=gen).to(dtype).requires_grad_(True)
+    d = torch.tensor(0.37, requires_grad=True)
+    g = torch.randn(4099, generator=gen).to(dtype)
+    gx, gd = torch.autograd.grad(ops.safe_div(xa, d, 0.0, 0.0), (xa, d), g)
+    assert_same_bits(gx, torch.div(g, 0.37))
+    exact = -(g.double() * xa.detach().double()).sum() / 0.37 ** 2
+    torch.testing.assert_close(gd.double(), exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_div_by_a_number_makes_no_float32_copy(dtype, monkeypatch):
+    """Forward and input gradient of a float16/bfloat16 safe_div by a number make no float32 tensor
+    of more than one element with the extension (the op widens in registers; the input gradient
+    is the op again): before, float32 pieces of DIV_PIECE elements. The reference kernel, called
+    directly, stays within its pieces."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import gradguard.reference.safe_math as ref_sm
+
+    monkeypatch.setattr(ref_sm, "DIV_PIECE", 7)
+
+    class BiggestFloat32(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    BiggestFloat32.biggest = max(BiggestFloat32.biggest, t.numel())
+            return out
+
+    x = torch.randn(9, 11, generator=torch.Generator().manual_seed(8)).to(dtype).requires_grad_(True)
+    with BiggestFloat32():
+        y = gradguard.safe_div(x, 0.37)
+        y.backward(torch.ones_like(y))
+    assert BiggestFloat32.biggest <= (1 if EXT_LOADED else 7), BiggestFloat32.biggest
+    BiggestFloat32.biggest = 0
+    with BiggestFloat32():
+        r = ref_sm.safe_div(x.detach(), torch.tensor(0.37), 0.0, 0.0)
+    assert BiggestFloat32.biggest <= 7, BiggestFloat32.biggest
+    assert_same_bits(r, torch.div(x.detach(), 0.37))
 
 
 def test_div_by_a_number_beyond_the_dtype_is_its_signed_inf():

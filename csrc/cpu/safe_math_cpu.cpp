@@ -19,7 +19,8 @@
 // the counting overwrite of float32/float64).
 //
 // Refused with an error: dtypes other than float16/bfloat16/float32/float64 (the Python API
-// promotes integers first), operands of different dtypes, an `out` of another dtype, and
+// promotes integers first), operands of different dtypes (but for safe_div's float16/bfloat16
+// input by a 0-dim float32 divisor, torch.div by a number), an `out` of another dtype, and
 // outputs that partially overlap an input.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -422,20 +423,51 @@ void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor
   });
 }
 
+// A float16/bfloat16 input by a 0-dim float32 divisor (divides_by_float32: torch.div by a number),
+// in one pass: each element widened, divided in float32, rounded once. The divisor is read here
+// (a CPU tensor: no sync), and the guard is one decision for the whole tensor.
+void div_by_float32_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor& other, double eps,
+                           double fill) {
+  auto iter = unary_iter(out, input);
+  const float b = other.item<float>();
+  const bool guard = std::abs(b) <= static_cast<float>(eps);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "gradguard_safe_div_by_float32_cpu", [&] {
+    // Through float, as the float32 division's fill was before its result was rounded.
+    const scalar_t f = static_cast<scalar_t>(static_cast<float>(fill));
+    rows_for_each(iter, [&](char** p, const int64_t* s, int64_t n) {
+      const bool contig = contiguous<scalar_t>(s, 2);
+#if GG_CPU_X86
+      if (kHasAvx2 && contig && !guard) {
+        simd16::divide<std::is_same_v<scalar_t, at::Half>>(reinterpret_cast<uint16_t*>(p[0]),
+                                                           reinterpret_cast<const uint16_t*>(p[1]), n, b);
+        return;
+      }
+#endif
+      GG_ROW(div_by_float_row, scalar_t, contig, reinterpret_cast<scalar_t*>(p[0]), elems<scalar_t>(s[0]),
+             reinterpret_cast<const scalar_t*>(p[1]), elems<scalar_t>(s[1]), n, b, guard, f);
+    });
+  });
+}
+
+void any_div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
+  if (input.scalar_type() != other.scalar_type()) div_by_float32_kernel(out, input, other, eps, fill);
+  else div_kernel(out, input, other, eps, fill);
+}
+
 at::Tensor safe_div_cpu(const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
-  check_div_args(input, other, eps, "safe_div", at::kCPU);
+  check_div_args(input, other, eps, "safe_div", at::kCPU, /*float32_divisor=*/true);
   check_bound_fits(fill, input.scalar_type(), "safe_div", "fill", false);
   at::Tensor out = empty_broadcast(input, other);
-  div_kernel(out, input, other, eps, fill);
+  any_div_kernel(out, input, other, eps, fill);
   return out;
 }
 
 void safe_div_out_cpu(const at::Tensor& input, const at::Tensor& other, double eps, double fill, at::Tensor& out) {
-  check_div_args(input, other, eps, "safe_div", at::kCPU);
+  check_div_args(input, other, eps, "safe_div", at::kCPU, /*float32_divisor=*/true);
   check_bound_fits(fill, input.scalar_type(), "safe_div", "fill", false);
   prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div", div_device(input, other),
               {input, other});
-  write_out(out, {input, other}, [&](const at::Tensor& o) { div_kernel(o, input, other, eps, fill); });
+  write_out(out, {input, other}, [&](const at::Tensor& o) { any_div_kernel(o, input, other, eps, fill); });
 }
 
 // Both gradients at the broadcast shape, in one pass; autograd reduces them to each operand's

@@ -7,8 +7,8 @@
 // in-place floor, this at 1.01-1.09x (GPT-2-small list, alternating processes).
 //
 // simd16: contiguous float16/bfloat16 rows, for the passes that compare or rewrite 16-bit
-// elements: the safe math forward's clamp and overwrite (safe_math_cpu.cpp),
-// zero_nonfinite_and_scale_ and maybe_scale_ (scale_cpu.cpp). From C++, gcc 12 converts
+// elements: the safe math forward's clamp and overwrite and safe_div by a number
+// (safe_math_cpu.cpp), zero_nonfinite_and_scale_ and maybe_scale_ (scale_cpu.cpp). From C++, gcc 12 converts
 // c10::Half by its bit-twiddling path (`__F16C__` is not defined inside a `#pragma GCC target`
 // region, which the header does not see), and compiles a data-dependent select of 16-bit structs
 // to a branch, mispredicted where the elements beyond the bound are scattered: with half of them
@@ -189,6 +189,22 @@ inline void scale(uint16_t* x, int64_t n, float s) {
     const float v = to_float<kHalf>(x[i]);
     x[i] = from_float<kHalf>((!kZero || std::abs(v) <= 3.40282347e38f ? v : 0.0f) * s);
   }
+}
+
+// dst[i] = x[i] / b in float32, rounded once, for n contiguous elements (dst may be x): a
+// float16/bfloat16 tensor divided by a number, as torch.div computes it (a division, not a
+// multiply by 1/b, which is 1 ulp off for some elements).
+template <bool kHalf>
+inline void divide(uint16_t* dst, const uint16_t* x, int64_t n, float b) {
+  const __m256 bv = _mm256_set1_ps(b);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 lo, hi;
+    widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), lo, hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        narrow_values<kHalf>(_mm256_div_ps(lo, bv), _mm256_div_ps(hi, bv)));
+  }
+  for (; i < n; ++i) dst[i] = from_float<kHalf>(to_float<kHalf>(x[i]) / b);
 }
 
 }  // namespace simd16

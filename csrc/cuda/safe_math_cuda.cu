@@ -3,8 +3,8 @@
 // backward, float16/bfloat16 (computed in float, as torch does), float32 and float64.
 //
 // Values equal the eager composites on CUDA bit for bit (one exception: torch's CUDA division by
-// a 0-dim CPU tensor multiplies by its reciprocal, ~1 ulp from the IEEE division these kernels
-// and the CPU make; tests/test_cuda.py allows that): the bound is rounded to the dtype as
+// a number or a 0-dim CPU tensor multiplies by its reciprocal, ~1 ulp from the IEEE division
+// these kernels and the CPU make; tests/test_cuda.py allows that): the bound is rounded to the dtype as
 // torch.clamp rounds its scalar, the math is the same CUDA libm call torch's log/exp/sqrt kernels
 // make (logf/expf/sqrtf on the float value for half/bfloat16/float32, log/exp/sqrt for float64,
 // no fast-math), and every intermediate the composite stores in a tensor is rounded to the dtype
@@ -116,6 +116,24 @@ struct Div {
     const acc_t av = static_cast<acc_t>(a), bv = static_cast<acc_t>(b);
     const bool guard = (bv < 0 ? -bv : bv) <= static_cast<acc_t>(eps) && av == av;
     return guard ? fill : static_cast<T>(av / bv);
+  }
+};
+
+// A float16/bfloat16 element divided by a float32 number (torch.div by a number): in float32,
+// rounded once. The divisor is a value (a CPU operand, read on the host) or the pointer to a
+// 0-dim device tensor's element, read by every thread (no host read, so no sync).
+template <typename T>
+struct DivByFloat {
+  const float* divisor;
+  float value;
+  float eps;
+  T fill;
+  // __host__ as well, as gpu_kernel's lambdas are; only the device runs it.
+  __host__ __device__ T operator()(T a) const {
+    const float b = divisor != nullptr ? *divisor : value;
+    const float av = static_cast<float>(a);
+    const bool guard = (b < 0 ? -b : b) <= eps && av == av;
+    return guard ? fill : static_cast<T>(av / b);
   }
 };
 
@@ -290,6 +308,29 @@ void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor
   });
 }
 
+// divides_by_float32 (safe_math_args.h): a float16/bfloat16 input by a 0-dim float32 divisor.
+void div_by_float32_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor& other, double eps,
+                           double fill) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  require_kernel_image();
+  const bool on_host = other.device().is_cpu();
+  const float value = on_host ? other.item<float>() : 0.0f;
+  const float* divisor = on_host ? nullptr : other.const_data_ptr<float>();
+  // A 0-dim CPU input (its divisor then on the device) is filled on the device first.
+  const at::Tensor in = input.device() == out.device() ? input : at::scalar_tensor(input.item(), out.options());
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(in).check_all_same_dtype(true).build();
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "gradguard_safe_div_by_float32_cuda", [&] {
+    // Through float, as the float32 division's fill was before its result was rounded.
+    at::native::gpu_kernel(iter, DivByFloat<scalar_t>{divisor, value, static_cast<float>(eps),
+                                                      static_cast<scalar_t>(static_cast<float>(fill))});
+  });
+}
+
+void any_div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
+  if (input.scalar_type() != other.scalar_type()) div_by_float32_kernel(out, input, other, eps, fill);
+  else div_kernel(out, input, other, eps, fill);
+}
+
 // The backward's multi-output kernel takes device tensors only: a 0-dim CPU operand becomes a
 // 0-dim device tensor filled with its value (a fill kernel with the value as its argument, no
 // host-to-device copy and no sync; reading a CPU tensor is not a device sync either).
@@ -299,20 +340,20 @@ at::Tensor on_device(const at::Tensor& t, c10::Device device) {
 }
 
 at::Tensor safe_div_cuda(const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
-  check_div_args(input, other, eps, "safe_div", at::kCUDA);
+  check_div_args(input, other, eps, "safe_div", at::kCUDA, /*float32_divisor=*/true);
   check_bound_fits(fill, input.scalar_type(), "safe_div", "fill", false);
   at::Tensor out = empty_broadcast(input, other);
-  div_kernel(out, input, other, eps, fill);
+  any_div_kernel(out, input, other, eps, fill);
   return out;
 }
 
 void safe_div_out_cuda(const at::Tensor& input, const at::Tensor& other, double eps, double fill,
                               at::Tensor& out) {
-  check_div_args(input, other, eps, "safe_div", at::kCUDA);
+  check_div_args(input, other, eps, "safe_div", at::kCUDA, /*float32_divisor=*/true);
   check_bound_fits(fill, input.scalar_type(), "safe_div", "fill", false);
   prepare_out(out, input, at::infer_size(input.sizes(), other.sizes()), "safe_div", div_device(input, other),
               {input, other});
-  write_out(out, {input, other}, [&](const at::Tensor& o) { div_kernel(o, input, other, eps, fill); });
+  write_out(out, {input, other}, [&](const at::Tensor& o) { any_div_kernel(o, input, other, eps, fill); });
 }
 
 // Both gradients at the broadcast shape in one pass; autograd reduces them to each operand's

@@ -16,6 +16,9 @@ probabilities); safe_exp gets N(0, 30^2) logits, so ~0.3% of elements are above 
 Out of domain: safe_log and safe_sqrt of uniform(-1, 1), float32 and float16, 2^24 elements,
 against the eager composite and the bare op on |x| (in domain, same bytes).
 
+Division by a number: a float16 and a bfloat16 tensor of 2^26 elements divided by 0.37 (computed
+in float32, as torch.div does), forward and forward+backward, against torch.div.
+
 Under torch.compile (issue 11): a cross-entropy-style loss, softmax -> safe_log -> NLL, forward
 and backward over 2^24 logits, both compiled, against the same loss written with
 torch.log(torch.clamp(p, min=eps)); and the ulp differences inductor's own log/exp/sqrt make
@@ -191,6 +194,34 @@ def _out_of_domain_table(dtype, device, quick, rounds):
     return table
 
 
+def _div_by_number_table(dtype, device, quick, rounds):
+    """A float16/bfloat16 tensor divided by a number (a loss scale, 1/n): torch.div divides in
+    float32 by the number's float32 value and rounds once, and so does gradguard.safe_div, in one
+    pass (the op widens each element in registers; the input's gradient is the op again). Against
+    torch.div, forward (one read, one write) and forward+backward (the backward reads the
+    incoming gradient and writes the input's)."""
+    n = QUICK_N if quick else FULL_N
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g).to(dtype).to(device)
+    xg = x.clone().requires_grad_(True)
+    grad = torch.ones_like(x)
+    BARE, OURS = "torch.div(x, 0.37) (bare)", "gradguard.safe_div(x, 0.37)"
+    BARE_FB, OURS_FB = "torch.div forward+backward", "gradguard.safe_div forward+backward"
+    times = _interleaved({
+        BARE: lambda: torch.div(x, 0.37),
+        OURS: lambda: gradguard.safe_div(x, 0.37),
+        BARE_FB: _fwd_bwd(lambda t: torch.div(t, 0.37), xg, grad),
+        OURS_FB: _fwd_bwd(lambda t: gradguard.safe_div(t, 0.37), xg, grad),
+    }, device, rounds)
+    moved = {BARE: 2, OURS: 2, BARE_FB: 4, OURS_FB: 4}  # tensors of n elements read or written
+    rows = [Row(k, statistics.median(ts), moved[k] * n * x.element_size()) for k, ts in times.items()]
+    name = str(dtype).replace("torch.", "")
+    table = Table(f"division by a number, {n} {name}, {device}, {torch.get_num_threads()} threads", rows)
+    table.check("safe_div / torch.div, forward", _ratio(times, OURS, BARE), "<=", 1.1)
+    table.check("safe_div / torch.div, forward+backward", _ratio(times, OURS_FB, BARE_FB), "<=", 1.1)
+    return table
+
+
 def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a - b| in float32 ulps (the distance between their positions on the ordered int line)."""
     def ordered(t):
@@ -242,6 +273,8 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
             bwd_bytes=4 * n * 4)  # backward reads grad, result and input, writes the gradient
         for dtype in (torch.float32, torch.float16):
             out.append(_out_of_domain_table(dtype, device, quick, 3 if quick else 7))
+        for dtype in (torch.float16, torch.bfloat16):
+            out.append(_div_by_number_table(dtype, device, quick, 3 if quick else 7))
         out.append(_compiled_loss_table(device, quick, rounds))
         out.append(_ulp_table(device))
     finally:

@@ -195,7 +195,20 @@ def safe_sqrt_backward(grad: torch.Tensor, input: torch.Tensor, eps: float) -> t
     return torch.where(keep, grad / (2 * root), 0.0)
 
 
+def divides_by_float32(input: torch.Tensor, other: torch.Tensor) -> bool:
+    """A float16/bfloat16 `input` with a 0-dim float32 `other`: how torch.div divides such a tensor
+    by a number (or a 0-dim CPU float32 tensor), in float32 by the divisor's float32 value,
+    rounded once. The forward ops take it (the result has the input's dtype), the backward op
+    does not (csrc/safe_math_args.h has the same rule)."""
+    return other.dim() == 0 and other.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16)
+
+
 def check_div_args(op: str, input: torch.Tensor, other: torch.Tensor, eps: float, fill: float | None = None) -> None:
+    if other.dtype != input.dtype and not (fill is not None and divides_by_float32(input, other)):
+        # `fill` is given by the forward ops only.
+        raise RuntimeError(f"gradguard.{op}: `other` has dtype {other.dtype} but `input` has {input.dtype}; they "
+                           "must match" + (", or `other` be a 0-dim float32 tensor with a float16/bfloat16 `input`"
+                                           if fill is not None else ""))
     check_devices(op, div_device(input, other), ("input", "other"), input=input, other=other)
     check_bound_fits(eps, input.dtype, op, "eps", True)
     if fill is not None:
@@ -208,6 +221,8 @@ def _div_guard(other: torch.Tensor, eps: float) -> torch.Tensor:
 
 def safe_div(input: torch.Tensor, other: torch.Tensor, eps: float, fill: float) -> torch.Tensor:
     check_div_args("safe_div", input, other, eps, fill)
+    if other.dtype != input.dtype:
+        return _div_by_float32(input, other, eps, fill)
     # A NaN numerator is never replaced by `fill`: the guard only hides a division by ~0.
     # (The input first: a shape mismatch then names the operands as torch.div does, a before b.)
     guard = ~torch.isnan(input) & _div_guard(other, eps)
@@ -215,6 +230,66 @@ def safe_div(input: torch.Tensor, other: torch.Tensor, eps: float, fill: float) 
     # A fill on the result's device: no host-to-device copy of the value.
     fill_t = torch.full((), fill, dtype=input.dtype, device=result.device)
     return torch.where(guard, fill_t, input / other, out=result)
+
+
+# Elements per float32 piece of _div_by_float32: 4 MB a float32 buffer, so that the buffers stay in
+# a CPU's last-level cache between the passes over a piece.
+DIV_PIECE = 1 << 20
+
+
+def _div_by_float32(input: torch.Tensor, other: torch.Tensor, eps: float, fill: float) -> torch.Tensor:
+    """divides_by_float32: the float32 division, DIV_PIECE elements at a time through two reused
+    float32 buffers (the compiled kernels widen each element in registers). Float32 copies of the
+    whole input held 5x the input's bytes at once: out of memory at 2^31 float16 elements on a
+    24 GiB machine, where torch.div fits."""
+    result = empty_broadcast(input, other)
+    if input.device != result.device:  # a 0-dim CPU input divided on another device
+        input = input.to(result.device)
+    if not is_dense(result):  # not expected (empty_like is dense but for odd empty shapes): at once
+        return result.copy_(safe_div(input.to(torch.float32), other, eps, fill))
+    xs = in_layout_of(input, result)
+    xbuf, rbuf = float32_buffers(2, xs)
+    guard = _div_guard(other, eps)
+    fill_t = torch.full((), fill, dtype=torch.float32, device=result.device)
+    for xp, rp in pieces(xs, result):
+        xb, rb = xbuf[:xp.numel()], rbuf[:xp.numel()]
+        xb.copy_(xp)
+        torch.div(xb, other, out=rb)
+        rp.copy_(torch.where(guard & ~torch.isnan(xb), fill_t, rb, out=rb))
+    return result
+
+
+def flat_memory(t: torch.Tensor) -> torch.Tensor:
+    """The elements of a non-overlapping, dense tensor in memory order, as a 1-D view."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def pieces(*tensors: torch.Tensor):
+    """Matching DIV_PIECE-element slices of tensors of one shape and one dense layout."""
+    flat = [flat_memory(t) for t in tensors]
+    for start in range(0, flat[0].numel(), DIV_PIECE):
+        yield tuple(t[start:start + DIV_PIECE] for t in flat)
+
+
+def float32_buffers(count: int, like: torch.Tensor) -> list[torch.Tensor]:
+    # Reused by every piece: a fresh 4 MB tensor a piece is an allocation and its page faults.
+    size = min(like.numel(), DIV_PIECE)
+    return [torch.empty(size, dtype=torch.float32, device=like.device) for _ in range(count)]
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill numel() consecutive places of memory."""
+    expect = 1
+    for st, sz in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if st != expect:
+            return False
+        expect *= sz
+    return True
+
+
+def in_layout_of(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """t itself if it has `layout`'s (dense) strides, else a copy of t in them."""
+    return t if t.stride() == layout.stride() and is_dense(t) else torch.empty_like(layout).copy_(t)
 
 
 def safe_div_out(input: torch.Tensor, other: torch.Tensor, eps: float, fill: float, *,
