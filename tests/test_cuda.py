@@ -570,6 +570,43 @@ def test_safe_div_forward_backward_bitwise(dtype):
 
 
 @needs_safe_math
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_safe_div_by_a_float32_divisor_bitwise(dtype):
+    # The op's float16/bfloat16 input by a 0-dim float32 divisor (how gradguard.safe_div divides by
+    # a number): in float32, rounded once, the divisor a value read on the host (a CPU tensor) or
+    # read by every thread through a CUDA tensor's pointer. IEEE division, as the CPU reference's;
+    # torch's CUDA division by a CPU scalar multiplies by the reciprocal (an ulp apart at most).
+    ops = torch.ops.gradguard
+    ref = _ref_ops()
+    a = _special(dtype)
+    for d in (0.37, -3.3, 1e5, 1e-30, 3e38, math.inf, math.nan, 0.0, -1e-4):
+        for other in (torch.tensor(d), torch.tensor(d, device="cuda")):
+            for eps, fill in ((0.0, 0.0), (1e-3, 2.5)):
+                what = f"safe_div by a float32 {other.device.type} {d}, eps={eps}"
+                want = ref.safe_div(a.cpu(), other.cpu(), eps, fill)
+                _bits_equal(ops.safe_div(a, other, eps, fill), want, what)
+                out = torch.empty(0, dtype=dtype, device="cuda")
+                ops.safe_div.out(a, other, eps, fill, out=out)
+                _bits_equal(out, want, what + " out=")
+                if other.is_cuda:  # the reference's torch.div by a CUDA tensor: IEEE division too
+                    _bits_equal(ref.safe_div(a, other, eps, fill), want, what + " (reference on CUDA)")
+    # A 0-dim CPU input with a CUDA divisor is divided on the GPU.
+    one = torch.tensor(1.5, dtype=dtype)
+    r = ops.safe_div(one, torch.tensor(0.37, device="cuda"), 0.0, 0.0)
+    assert r.device.type == "cuda" and r.dtype == dtype
+    _bits_equal(r, torch.div(one, torch.tensor(0.37)), "0-dim CPU input")
+    # The public function: forward and the input's gradient (the op again), as on the CPU.
+    x = _special(dtype).nan_to_num(0.0, 0.0, 0.0).requires_grad_(True)
+    g = _special(dtype, seed=5).nan_to_num(0.0, 0.0, 0.0)
+    y = gradguard.safe_div(x, 0.37)
+    (gx,) = torch.autograd.grad(y, x, g)
+    xc = x.detach().cpu().requires_grad_(True)
+    (gc,) = torch.autograd.grad(gradguard.safe_div(xc, 0.37), xc, g.cpu())
+    _bits_equal(y, gradguard.safe_div(xc.detach(), 0.37), "safe_div(x, 0.37) CUDA vs CPU")
+    _bits_equal(gx, gc, "safe_div(x, 0.37) input gradient CUDA vs CPU")
+
+
+@needs_safe_math
 def test_safe_math_autograd_and_gradcheck():
     ops = torch.ops.gradguard
     x = (torch.rand(257, dtype=torch.float64, device="cuda") + 0.1).requires_grad_()
