@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import EXT_LOADED, FLOAT_DTYPES, needs_ext, run_under_isa
 
 import gradguard
@@ -688,28 +689,34 @@ def test_div_by_a_number_is_torch_div_exactly(dtype, other):
     assert_same_bits(out, want.detach())
 
 
+class BiggestFloat32(TorchDispatchMode):
+    """Records the most elements of any float32 tensor an op made while it is active (the ops run
+    inside an op's kernel, such as the reference kernel's, are not seen)."""
+    biggest = 0
+
+    def __enter__(self):
+        BiggestFloat32.biggest = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                BiggestFloat32.biggest = max(BiggestFloat32.biggest, t.numel())
+        return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_div_by_a_number_in_pieces_is_torch_div_exactly(dtype, layout, monkeypatch):
-    """The float32 division of a float16/bfloat16 input by a number runs in pieces of DIV_PIECE
-    elements, forward and backward (the whole-input float32 copies took 5x the input's memory):
-    values, input gradients and out= bit for bit torch.div's across piece edges, the divisor's
-    gradient within float32 rounding, and no float32 tensor larger than a piece is made."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    """The float32 division of a float16/bfloat16 input by a float32 tensor: one pass in the
+    compiled kernels, pieces of DIV_PIECE elements in the reference kernel and in the divisor's
+    gradient (the whole-input float32 copies took 5x the input's memory): values, input gradients
+    and out= bit for bit torch.div's across piece edges, the divisor's gradient within float32
+    rounding, and no float32 tensor larger than a piece is made."""
     import gradguard.reference.safe_math as ref_sm
 
     monkeypatch.setattr(ref_sm, "DIV_PIECE", 7)
-
-    class BiggestFloat32(TorchDispatchMode):
-        biggest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                    BiggestFloat32.biggest = max(BiggestFloat32.biggest, t.numel())
-            return out
 
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(9, 11, generator=gen).to(dtype)
@@ -846,28 +853,15 @@ def test_div_by_a_number_makes_no_float32_copy(dtype, monkeypatch):
     of more than one element with the extension (the op widens in registers; the input gradient
     is the op again): before, float32 pieces of DIV_PIECE elements. The reference kernel, called
     directly, stays within its pieces."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import gradguard.reference.safe_math as ref_sm
 
     monkeypatch.setattr(ref_sm, "DIV_PIECE", 7)
-
-    class BiggestFloat32(TorchDispatchMode):
-        biggest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                    BiggestFloat32.biggest = max(BiggestFloat32.biggest, t.numel())
-            return out
 
     x = torch.randn(9, 11, generator=torch.Generator().manual_seed(8)).to(dtype).requires_grad_(True)
     with BiggestFloat32():
         y = gradguard.safe_div(x, 0.37)
         y.backward(torch.ones_like(y))
     assert BiggestFloat32.biggest <= (1 if EXT_LOADED else 7), BiggestFloat32.biggest
-    BiggestFloat32.biggest = 0
     with BiggestFloat32():
         r = ref_sm.safe_div(x.detach(), torch.tensor(0.37), 0.0, 0.0)
     assert BiggestFloat32.biggest <= 7, BiggestFloat32.biggest
