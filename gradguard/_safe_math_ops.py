@@ -215,13 +215,18 @@ def _div_backward(ctx, grad):
         # formulas in float32, as the division was, on float32 copies of the whole tensors.
         # (gradguard.safe_div runs its own autograd Function for this case, without the copies.)
         gi, go = ref.safe_div_backward(grad.float(), input.float(), other, ctx.eps)
-        return gi.to(input.dtype), go.sum(), None, None
+        return gi.to(input.dtype), _sum_to(go, other.shape), None, None
     if torch.is_grad_enabled():
         gi, go = ref.safe_div_backward(grad, input, other, ctx.eps)
     else:
         gi, go = torch.ops.gradguard.safe_div_backward(grad, input, other, ctx.eps)
-    # Broadcast operands get their gradient summed back to their own shape, as torch.div's do.
-    return gi.sum_to_size(input.shape), go.sum_to_size(other.shape), None, None
+    return _sum_to(gi, input.shape), _sum_to(go, other.shape), None, None
+
+
+def _sum_to(grad, shape):
+    # A broadcast operand's gradient summed back to its shape, as torch.div's is; not summed where
+    # the shape is already its own (sum_to_size sums a 0-dim tensor: -0.0 came back +0.0).
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
 
 
 torch.library.register_autograd("gradguard::safe_log", _log_backward, setup_context=_log_setup, lib=_lib)

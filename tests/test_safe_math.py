@@ -868,6 +868,23 @@ def test_div_by_a_number_makes_no_float32_copy(dtype, monkeypatch):
     assert_same_bits(r, torch.div(x.detach(), 0.37))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_div_gradient_of_a_0dim_operand_keeps_its_zero_sign(dtype):
+    # A 0-dim operand's gradient was summed back to its shape (sum_to_size sums a 0-dim tensor):
+    # -0.0 came back +0.0, where torch.div's is -0.0.
+    for divisor in (math.inf, torch.tensor(math.inf, dtype=dtype)):
+        xa = torch.tensor(1.5, dtype=dtype, requires_grad=True)
+        xb = torch.tensor(1.5, dtype=dtype, requires_grad=True)
+        g = torch.tensor(-1.0, dtype=dtype)
+        assert_same_bits(torch.autograd.grad(gradguard.safe_div(xa, divisor), xa, g)[0],
+                         torch.autograd.grad(torch.div(xb, divisor), xb, g)[0])
+    x = torch.tensor(0.0, dtype=dtype)
+    da = torch.tensor(2.0, dtype=dtype, requires_grad=True)
+    db = torch.tensor(2.0, dtype=dtype, requires_grad=True)
+    assert_same_bits(torch.autograd.grad(gradguard.safe_div(x, da), da, torch.tensor(1.0, dtype=dtype))[0],
+                     torch.autograd.grad(torch.div(x, db), db, torch.tensor(1.0, dtype=dtype))[0])
+
+
 def test_div_by_a_number_beyond_the_dtype_is_its_signed_inf():
     x = torch.tensor([1.0, -2.0, 0.0])
     assert_same_bits(gradguard.safe_div(x, 1e300), torch.div(x, 1e300))  # raised: cannot be converted
