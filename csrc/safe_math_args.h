@@ -166,13 +166,14 @@ void write_out(at::Tensor& out, std::initializer_list<at::Tensor> operands, Kern
   kernel(out);
 }
 
-// The broadcast result is laid out like whichever operand already has the result's shape and
-// is on the result's device (as the fake kernel does), else contiguous.
+// The broadcast result, of a's dtype (b's may be float32: divides_by_float32), is laid out like
+// whichever operand already has the result's shape and is on the result's device (as the fake
+// kernel does), else contiguous.
 inline at::Tensor empty_broadcast(const at::Tensor& a, const at::Tensor& b) {
   const auto shape = at::infer_size(a.sizes(), b.sizes());
   const auto device = div_device(a, b);
   if (a.sizes() == at::IntArrayRef(shape) && a.device() == device) return at::empty_like(a);
-  if (b.sizes() == at::IntArrayRef(shape) && b.device() == device) return at::empty_like(b);
+  if (b.sizes() == at::IntArrayRef(shape) && b.device() == device) return at::empty_like(b, a.options().device(device));
   return at::empty(shape, a.options().device(device));
 }
 

@@ -102,6 +102,7 @@ def _unary_out_fake(op):
         _check_float(input, op)
         ref.check_bound_fits(bound, input.dtype, op, *_BOUND_ARG[op])
         ref.check_devices(op, input.device, out=out)
+        ref._check_out_dtype(out, input.dtype, op)  # as the kernels refuse it
     return fake
 
 
@@ -146,6 +147,7 @@ def _safe_div_fake(input, other, eps, fill):
 def _safe_div_out_fake(input, other, eps, fill, *, out):
     _check_div(input, other, "safe_div", eps, fill)
     ref.check_devices("safe_div", ref.div_device(input, other), out=out)
+    ref._check_out_dtype(out, input.dtype, "safe_div")
 
 
 @torch.library.register_fake("gradguard::safe_div_backward", lib=_lib)

@@ -305,8 +305,11 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         # device=cuda) would be a blocking host-to-device copy on every call. A number beyond the
         # dtype's range is its signed inf, as a cast makes it (torch.full refuses it).
         v = _number(other, "other", "safe_div", nonneg=False, allow_nan=True)
-        if abs(v) > torch.finfo(opmath).max:
-            v = math.copysign(math.inf, v)
+        if opmath is torch.float32:
+            if abs(v) >= _FLOAT32_OVERFLOW:  # (traceable: a changing divisor is symbolic under compile)
+                v = math.copysign(math.inf, v)
+            elif not torch.compiler.is_compiling():
+                v = _float32_value(other if isinstance(other, numbers.Integral) else v)
         y = _ref.device_scalar(v, opmath, x.device)  # a -0.0 divisor is a guarded zero either way
     e = 0.0 if eps is None else _number(eps, "eps", "safe_div", nonneg=True)
     f = _number(fill, "fill", "safe_div", nonneg=False, allow_nan=True)
@@ -336,16 +339,28 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         # Eagerly, an autograd Function whose backward needs no float32 copy of the whole tensors
         # either (the op's own formula, for the rest: export, meta and fake tensors, makes them).
         # Whether the divisor is guarded is known on the host: a number's value, or a CPU tensor.
-        b = _float32_value(other) if isinstance(other, torch.Tensor) else _float32_value(v)
+        b = _float32_value(other) if isinstance(other, torch.Tensor) else v
         return _DivByFloat32.apply(x, y, e, f, abs(b) <= _float32_value(e))
     return torch.ops.gradguard.safe_div(x, y, e, f)
 
 
+# The smallest magnitude a cast to float32 rounds to inf: its largest value plus half an ulp.
+_FLOAT32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
+
+
 def _float32_value(v) -> float:
-    """A number's (or a 0-dim CPU tensor's) value rounded to float32, as a Python float."""
+    """A number's (or a 0-dim CPU tensor's) value rounded once to float32, as torch casts it, as a
+    Python float: beyond float32's largest value by half an ulp or more, its signed inf (a float
+    just past finfo.max rounds down to it); an integer beyond 2^53 from its own value (through
+    float64 it was rounded twice)."""
     if isinstance(v, torch.Tensor):
         return float(v.detach().to(torch.float32))
-    return struct.unpack("f", struct.pack("f", v))[0]
+    if isinstance(v, numbers.Integral) and abs(v) > 2 ** 53 and -2 ** 63 <= v < 2 ** 63:
+        return float(torch.tensor(int(v), dtype=torch.int64).to(torch.float32))
+    try:
+        return struct.unpack("f", struct.pack("f", float(v)))[0]
+    except OverflowError:
+        return math.copysign(math.inf, float(v))
 
 
 class _DivByFloat32(torch.autograd.Function):
@@ -370,10 +385,9 @@ class _DivByFloat32(torch.autograd.Function):
         y, *rest = ctx.saved_tensors
         x = rest[0] if rest else None
         batched = torch._C._functorch.is_batchedtensor(grad) or torch._C._functorch.is_legacy_batchedtensor(grad)
-        if (torch.is_grad_enabled() or y.device != grad.device or batched
-                or torch._C._functorch.peek_interpreter_stack() is not None):
-            # A double backward, a batched one (vmap, is_grads_batched) or a 0-dim CPU divisor of
-            # a tensor elsewhere: the differentiable formula on whole float32 copies.
+        if torch.is_grad_enabled() or batched or torch._C._functorch.peek_interpreter_stack() is not None:
+            # A double backward or a batched one (vmap, is_grads_batched): the differentiable
+            # formula on whole float32 copies.
             guard = y.abs() <= ctx.eps
             b = torch.where(guard, 1.0, y)  # as the op's formula: no 0 * inf in a second derivative
             g = grad.float()
@@ -386,7 +400,8 @@ class _DivByFloat32(torch.autograd.Function):
             # itself, nothing guarded there (|other| > eps >= 0); zeros where the divisor is.
             gi = torch.zeros_like(grad) if ctx.guarded else torch.ops.gradguard.safe_div(grad, y, 0.0, 0.0)
         if x is not None:
-            go = torch.zeros((), dtype=torch.float64, device=y.device)
+            # On the gradient's device: the divisor may be a 0-dim CPU tensor (as torch.div takes).
+            go = torch.zeros((), dtype=torch.float64, device=grad.device)
             if not ctx.guarded:
                 # -sum(grad * x / y / y): float32 pieces of both, in one memory order, summed in
                 # float64 (torch.div forms it in the input's dtype).
@@ -398,5 +413,5 @@ class _DivByFloat32(torch.autograd.Function):
                     gb.copy_(gp)
                     xb.copy_(xp)
                     go -= xb.div_(y).div_(y).mul_(gb).sum(dtype=torch.float64)
-            go = go.to(y.dtype)
+            go = go.to(device=y.device, dtype=y.dtype)
         return gi, go, None, None, None

@@ -594,16 +594,27 @@ def test_safe_div_by_a_float32_divisor_bitwise(dtype):
     one = torch.tensor(1.5, dtype=dtype)
     r = ops.safe_div(one, torch.tensor(0.37, device="cuda"), 0.0, 0.0)
     assert r.device.type == "cuda" and r.dtype == dtype
-    _bits_equal(r, torch.div(one, torch.tensor(0.37)), "0-dim CPU input")
+    _bits_equal(r, torch.div(one, 0.37), "0-dim CPU input")
     # The public function: forward and the input's gradient (the op again), as on the CPU.
-    x = _special(dtype).nan_to_num(0.0, 0.0, 0.0).requires_grad_(True)
-    g = _special(dtype, seed=5).nan_to_num(0.0, 0.0, 0.0)
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(4099, generator=gen) * 100).to(dtype).cuda().requires_grad_(True)
+    g = torch.randn(4099, generator=gen).to(dtype).cuda()
     y = gradguard.safe_div(x, 0.37)
     (gx,) = torch.autograd.grad(y, x, g)
     xc = x.detach().cpu().requires_grad_(True)
     (gc,) = torch.autograd.grad(gradguard.safe_div(xc, 0.37), xc, g.cpu())
     _bits_equal(y, gradguard.safe_div(xc.detach(), 0.37), "safe_div(x, 0.37) CUDA vs CPU")
     _bits_equal(gx, gc, "safe_div(x, 0.37) input gradient CUDA vs CPU")
+    # A 0-dim CPU tensor divisor (a loss scale), needing a gradient or not: the same one-pass
+    # input gradient (it took the whole-copy formula, with torch's reciprocal multiply).
+    for d in (torch.tensor(0.37), torch.tensor(0.37, requires_grad=True)):
+        (gx2,) = torch.autograd.grad(gradguard.safe_div(x, d), x, g)
+        _bits_equal(gx2, gx, f"input gradient with a CPU divisor (requires_grad={d.requires_grad})")
+    d = torch.tensor(0.37, requires_grad=True)
+    (gd,) = torch.autograd.grad(gradguard.safe_div(x, d), d, g)
+    assert gd.device.type == "cpu"
+    exact = -(g.double() * x.detach().double()).sum().cpu() / 0.37 ** 2
+    torch.testing.assert_close(gd.double(), exact, rtol=1e-5, atol=1e-30)
 
 
 @needs_safe_math

@@ -885,6 +885,32 @@ def test_div_gradient_of_a_0dim_operand_keeps_its_zero_sign(dtype):
                      torch.autograd.grad(torch.div(x, db), db, torch.tensor(1.0, dtype=dtype))[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_div_by_a_number_is_rounded_to_float32_once(dtype):
+    # Found by a reviewer: a float just past float32's largest value (numpy prints its max as
+    # 3.4028235e38) rounds down to it, but was taken as inf (the results NaN and 0); an integer
+    # beyond 2^53 went through float64 to float32, rounded twice (64 of the bfloat16 patterns off).
+    x = every_16bit_value(torch.bfloat16).to(dtype)
+    for d in (3.4028235e38, -3.4028235e38, 3.4028235677973366e38, 2 ** 60 + 2 ** 36 + 1, -(2 ** 62 + 2 ** 38 + 3),
+              2 ** 53 + 1, 7):
+        assert_same_bits(gradguard.safe_div(x, d), torch.div(x, d))
+
+
+def test_div_op_result_has_the_inputs_dtype():
+    # Found by a reviewer: a 0-dim CPU float16 input with a 0-dim float32 divisor elsewhere (meta
+    # here, CUDA alike) was given a float32 result, laid out like the divisor.
+    x0 = torch.tensor(1.5, dtype=torch.float16)
+    for other in (torch.tensor(0.37), torch.tensor(0.37, device="meta")):
+        r = ops.safe_div(x0, other, 0.0, 0.0)
+        assert r.dtype == torch.float16 and r.device == other.device
+    # The out= fake kernel refuses an `out` of another dtype, as the kernels do.
+    m = torch.empty(3, device="meta")
+    with pytest.raises(RuntimeError, match="`out` has dtype"):
+        ops.safe_div.out(m, m, 0.0, 0.0, out=torch.empty(3, dtype=torch.float64, device="meta"))
+    with pytest.raises(RuntimeError, match="`out` has dtype"):
+        ops.safe_log.out(m, 1e-3, False, out=torch.empty(3, dtype=torch.float64, device="meta"))
+
+
 def test_div_by_a_number_beyond_the_dtype_is_its_signed_inf():
     x = torch.tensor([1.0, -2.0, 0.0])
     assert_same_bits(gradguard.safe_div(x, 1e300), torch.div(x, 1e300))  # raised: cannot be converted

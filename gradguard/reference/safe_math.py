@@ -109,14 +109,14 @@ def _check_out_dtype(out: torch.Tensor, dtype: torch.dtype, op: str) -> None:
 
 
 def empty_broadcast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """safe_div's result: laid out like whichever operand already has the broadcast shape and is
-    on the result's device."""
+    """safe_div's result, of a's dtype (b's may be float32: divides_by_float32): laid out like
+    whichever operand already has the broadcast shape and is on the result's device."""
     shape = torch.broadcast_shapes(a.shape, b.shape)
     device = div_device(a, b)
     if a.shape == shape and a.device == device:
         return torch.empty_like(a)
     if b.shape == shape and b.device == device:
-        return torch.empty_like(b)
+        return torch.empty_like(b, dtype=a.dtype)
     return a.new_empty(shape, device=device)
 
 
