@@ -148,7 +148,8 @@ except (OSError, ValueError):
     sys.exit(0)
 print(f"device: {bench.get('device')}, torch {bench.get('torch')}, {bench.get('date')}")
 keep = ("read floor", "(copy bandwidth", "gradguard multi_tensor_stats", "  same, replayed", "gradguard.grad_stats",
-        "_foreach_norm + _amp", "gradguard safe_", "torch.log (bare", "torch.exp (bare", "safe_")
+        "_foreach_norm + _amp", "gradguard safe_", "torch.log (bare", "torch.exp (bare", "safe_", "torch.div",
+        "gradguard.safe_div")
 print(f"{'case':<58} {'ms':>8} {'GB/s':>7} {'/copy':>6}")
 for t in bench["tables"]:
     print(t["title"][:100])

@@ -159,10 +159,41 @@ def tables(device: str = "cuda", quick: bool = False) -> list[Table]:
     out.append(t)
     del grads
     if hasattr(torch.ops.gradguard, "safe_log"):  # the safe math ops (issue 3) are defined
-        t = safe_math_table(device, repeats, 2**22 if quick else 2**26)
-        t.title = f"{t.title} [{card}, {stamp}]"
-        out.append(t)
+        for t in (safe_math_table(device, repeats, 2**22 if quick else 2**26),
+                  div_by_number_table(device, repeats, 2**22 if quick else 2**27)):
+            t.title = f"{t.title} [{card}, {stamp}]"
+            out.append(t)
     return out
+
+
+def div_by_number_table(device, repeats, n):
+    """A float16 tensor divided by a number (a loss scale): gradguard.safe_div in one pass (the op
+    takes the 16-bit input with the float32 divisor) against torch.div, forward and
+    forward+backward."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, generator=g, device=device).half()
+    grad = torch.randn(n, generator=g, device=device).half()
+    xr = x.clone().requires_grad_()
+
+    def fwd_bwd(f):
+        def run():
+            xr.grad = None
+            f(xr).backward(grad)
+        return run
+
+    nbytes = 2 * n * x.element_size()
+    rows = [Row("torch.div(x, 0.37) (bare)", median_ms(lambda: torch.div(x, 0.37), device, repeats), nbytes),
+            Row("gradguard.safe_div(x, 0.37)", median_ms(lambda: gradguard.safe_div(x, 0.37), device, repeats), nbytes),
+            Row("torch.div forward+backward", median_ms(fwd_bwd(lambda t: torch.div(t, 0.37)), device, repeats),
+                2 * nbytes),
+            Row("gradguard.safe_div forward+backward",
+                median_ms(fwd_bwd(lambda t: gradguard.safe_div(t, 0.37)), device, repeats), 2 * nbytes)]
+    t = Table(f"division by a number, {n / 2**20:.0f}M fp16 elements", rows)
+    t.check("safe_div / torch.div, forward", t.ms("gradguard.safe_div(x, 0.37)") / t.ms("torch.div(x, 0.37) (bare)"),
+            "<=", 1.1)
+    t.check("safe_div / torch.div, forward+backward",
+            t.ms("gradguard.safe_div forward+backward") / t.ms("torch.div forward+backward"), "<=", 1.1)
+    return t
 
 
 def main(argv=None):
