@@ -302,15 +302,17 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         y = other.to(opmath)
     else:
         # A fill on the device (the value is the fill kernel's argument): torch.tensor(number,
-        # device=cuda) would be a blocking host-to-device copy on every call. A number beyond the
-        # dtype's range is its signed inf, as a cast makes it (torch.full refuses it).
+        # device=cuda) would be a blocking host-to-device copy on every call. The number is
+        # rounded to the dtype once, as torch casts it (past its range: its signed inf).
         v = _number(other, "other", "safe_div", nonneg=False, allow_nan=True)
-        if opmath is torch.float32:
-            if abs(v) >= _FLOAT32_OVERFLOW:  # (traceable: a changing divisor is symbolic under compile)
-                v = math.copysign(math.inf, v)
-            elif not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            # Symbolic where it changes per call: 0 + number on the device, which torch rounds
+            # (an integer from its own value, not through float64).
+            y = _ref.device_scalar(other if type(other) is int else v, opmath, x.device)
+        else:
+            if opmath is torch.float32:  # torch.full refuses a value past float32's range
                 v = _float32_value(other if isinstance(other, numbers.Integral) else v)
-        y = _ref.device_scalar(v, opmath, x.device)  # a -0.0 divisor is a guarded zero either way
+            y = _ref.device_scalar(v, opmath, x.device)  # a -0.0 divisor is a guarded zero either way
     e = 0.0 if eps is None else _number(eps, "eps", "safe_div", nonneg=True)
     f = _number(fill, "fill", "safe_div", nonneg=False, allow_nan=True)
     if opmath is not dtype:
@@ -344,23 +346,29 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     return torch.ops.gradguard.safe_div(x, y, e, f)
 
 
-# The smallest magnitude a cast to float32 rounds to inf: its largest value plus half an ulp.
-_FLOAT32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
-
-
 def _float32_value(v) -> float:
-    """A number's (or a 0-dim CPU tensor's) value rounded once to float32, as torch casts it, as a
-    Python float: beyond float32's largest value by half an ulp or more, its signed inf (a float
-    just past finfo.max rounds down to it); an integer beyond 2^53 from its own value (through
-    float64 it was rounded twice)."""
+    """A number's (or a 0-dim CPU tensor's) value rounded once to float32 (to nearest, ties to
+    even), as torch casts it, as a Python float: past float32's largest value by half an ulp or
+    more, its signed inf (a float just past finfo.max rounds down to it); an integer from its own
+    value (through float64, one beyond 2^53 was rounded twice)."""
     if isinstance(v, torch.Tensor):
         return float(v.detach().to(torch.float32))
-    if isinstance(v, numbers.Integral) and abs(v) > 2 ** 53 and -2 ** 63 <= v < 2 ** 63:
-        return float(torch.tensor(int(v), dtype=torch.int64).to(torch.float32))
+    if isinstance(v, numbers.Integral):
+        n = int(v)
+        m = abs(n)
+        if m > 2 ** 53:
+            shift = m.bit_length() - 24  # keep float32's 24 significant bits
+            q, r = divmod(m, 1 << shift)
+            if 2 * r > 1 << shift or (2 * r == 1 << shift and q & 1):
+                q += 1
+            try:
+                v = math.ldexp(q if n > 0 else -q, shift)
+            except OverflowError:  # past float64 too: past float32 all the more
+                v = math.inf if n > 0 else -math.inf
     try:
         return struct.unpack("f", struct.pack("f", float(v)))[0]
     except OverflowError:
-        return math.copysign(math.inf, float(v))
+        return math.inf if v > 0 else -math.inf
 
 
 class _DivByFloat32(torch.autograd.Function):
@@ -388,11 +396,14 @@ class _DivByFloat32(torch.autograd.Function):
         if torch.is_grad_enabled() or batched or torch._C._functorch.peek_interpreter_stack() is not None:
             # A double backward or a batched one (vmap, is_grads_batched): the differentiable
             # formula on whole float32 copies.
-            guard = y.abs() <= ctx.eps
-            b = torch.where(guard, 1.0, y)  # as the op's formula: no 0 * inf in a second derivative
+            # A 0-dim CPU divisor goes to the gradient's device: torch's CUDA division by a CPU
+            # scalar multiplies by its reciprocal, where the op divides.
+            yd = y.to(grad.device)
+            guard = yd.abs() <= ctx.eps
+            b = torch.where(guard, 1.0, yd)  # as the op's formula: no 0 * inf in a second derivative
             g = grad.float()
             gi = torch.where(guard, 0.0, g / b).to(grad.dtype) if ctx.needs_input_grad[0] else None
-            go = torch.where(guard, 0.0, -g * ((x.float() / b) / b)).sum() if x is not None else None
+            go = torch.where(guard, 0.0, -g * ((x.float() / b) / b)).sum().to(y.device) if x is not None else None
             return gi, go, None, None, None
         gi = go = None
         if ctx.needs_input_grad[0]:

@@ -892,7 +892,7 @@ def test_div_by_a_number_is_rounded_to_float32_once(dtype):
     # beyond 2^53 went through float64 to float32, rounded twice (64 of the bfloat16 patterns off).
     x = every_16bit_value(torch.bfloat16).to(dtype)
     for d in (3.4028235e38, -3.4028235e38, 3.4028235677973366e38, 2 ** 60 + 2 ** 36 + 1, -(2 ** 62 + 2 ** 38 + 3),
-              2 ** 53 + 1, 7):
+              2 ** 53 + 1, 7, 2 ** 63 + 2 ** 39 + 1, 2 ** 64 - 1, -2 ** 63):
         assert_same_bits(gradguard.safe_div(x, d), torch.div(x, d))
 
 

@@ -394,6 +394,27 @@ def test_changing_numbers_do_not_recompile_every_call():
         assert counters["stats"]["unique_graphs"] <= 2, (name, counters["stats"]["unique_graphs"])
 
 
+def test_divisors_past_float32s_range_do_not_recompile():
+    # Found by a reviewer: every divisor past float32's largest value recompiled (a guard on its
+    # value), and with fullgraph=True the ninth failed; an integer constant beyond 2^53 was
+    # rounded twice (through float64). As torch.div: one graph, then one dynamic one.
+    from torch._dynamo.utils import counters
+
+    for dtype in (torch.float16, torch.float32):
+        torch._dynamo.reset()
+        counters.clear()
+        x = torch.randn(8, generator=torch.Generator().manual_seed(0)).to(dtype)
+        f = torch.compile(lambda x, d: gradguard.safe_div(x, d), fullgraph=True, backend="aot_eager")
+        for d in (0.37, 0.41, 1e39, 2e39, -1e39, 1e300, 3.4028235e38, 3.4028235677973366e38, -7.5):
+            assert torch.equal(f(x, d), torch.div(x, d)), d
+        assert counters["stats"]["unique_graphs"] <= 2, counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    x = torch.tensor([2.0 ** 60, 3.0])
+    d = 2 ** 60 + 2 ** 36 + 1
+    got = torch.compile(lambda x: gradguard.safe_div(x, d), fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(got, torch.div(x, d))
+
+
 @pytest.mark.parametrize("transform", ["grad", "jacfwd", "hessian"])
 def test_torch_func_inside_compile_takes_the_defined_gradients(transform):
     # Under torch.func inside torch.compile dynamo differentiates the composite's forward, not

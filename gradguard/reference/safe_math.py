@@ -245,6 +245,10 @@ def _div_by_float32(input: torch.Tensor, other: torch.Tensor, eps: float, fill: 
     result = empty_broadcast(input, other)
     if input.device != result.device:  # a 0-dim CPU input divided on another device
         input = input.to(result.device)
+    if other.device != result.device:
+        # A 0-dim CPU divisor, filled on the device (reading it costs no sync): torch's CUDA
+        # division by a CPU scalar multiplies by its reciprocal, where the kernels divide.
+        other = torch.full((), float(other), dtype=torch.float32, device=result.device)
     if not is_dense(result):  # not expected (empty_like is dense but for odd empty shapes): at once
         return result.copy_(safe_div(input.to(torch.float32), other, eps, fill))
     xs = in_layout_of(input, result)
