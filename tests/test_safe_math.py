@@ -531,8 +531,13 @@ def _fwd_bwd(x, y):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph(backend):
     torch._dynamo.reset()
-    x = torch.rand(64, dtype=torch.float32) * 4 - 1
-    y = torch.randn(64)
+    # Seeded, and no divisor near 0 but the guarded ones: an unseeded |y| ~ 1e-3 made one term
+    # dominate the sum, and inductor's own log/exp moved it past assert_close's float32 tolerance
+    # now and then.
+    gen = torch.Generator().manual_seed(9)
+    x = torch.rand(64, generator=gen, dtype=torch.float32) * 4 - 1
+    y = torch.randn(64, generator=gen)
+    y = torch.where(y.abs() < 0.1, 0.5, y)
     y[::4] = 0.0
     xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     want = _fwd_bwd(xe, y)
