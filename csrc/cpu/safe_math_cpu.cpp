@@ -411,11 +411,38 @@ at::Tensor safe_sqrt_backward_cpu(const at::Tensor& grad, const at::Tensor& inpu
 
 // ---- div ---------------------------------------------------------------------------------------
 
+// Rows whose float16/bfloat16 operands simd16's division loops take: every operand contiguous,
+// but the divisor (the last) may also be broadcast (stride 0).
+template <typename T>
+inline bool simd16_div_row(const int64_t* s, int n) {
+  if constexpr (!kIs16Bit<T>) {
+    return false;
+  } else {
+    if (!kHasAvx2) return false;
+    for (int t = 0; t + 1 < n; ++t) {
+      if (s[t] != static_cast<int64_t>(sizeof(T))) return false;
+    }
+    return s[n - 1] == static_cast<int64_t>(sizeof(T)) || s[n - 1] == 0;
+  }
+}
+
 void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor& other, double eps, double fill) {
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(input).add_const_input(other).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gradguard_safe_div_cpu", [&] {
     const scalar_t e = static_cast<scalar_t>(eps), f = static_cast<scalar_t>(fill);
     rows_for_each(iter, [&](char** p, const int64_t* s, int64_t n) {
+#if GG_CPU_X86
+      if (simd16_div_row<scalar_t>(s, 3)) {
+        constexpr bool kHalf = std::is_same_v<scalar_t, at::Half>;
+        auto* o = reinterpret_cast<uint16_t*>(p[0]);
+        const auto* a = reinterpret_cast<const uint16_t*>(p[1]);
+        const auto* b = reinterpret_cast<const uint16_t*>(p[2]);
+        const float ef = static_cast<float>(e), ff = static_cast<float>(f);
+        if (s[2] == 0) simd16::div_tensors<kHalf, false>(o, a, b, n, ef, ff);
+        else simd16::div_tensors<kHalf, true>(o, a, b, n, ef, ff);
+        return;
+      }
+#endif
       GG_ROW(div_row, scalar_t, contiguous<scalar_t>(s, 3), reinterpret_cast<scalar_t*>(p[0]), elems<scalar_t>(s[0]),
              reinterpret_cast<const scalar_t*>(p[1]), elems<scalar_t>(s[1]), reinterpret_cast<const scalar_t*>(p[2]),
              elems<scalar_t>(s[2]), n, e, f);
@@ -492,6 +519,19 @@ std::tuple<at::Tensor, at::Tensor> safe_div_backward_cpu(const at::Tensor& grad,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_div_backward_cpu", [&] {
     const scalar_t e = static_cast<scalar_t>(eps);
     rows_for_each(iter, [&](char** p, const int64_t* s, int64_t n) {
+#if GG_CPU_X86
+      if (simd16_div_row<scalar_t>(s, 5)) {
+        constexpr bool kHalf = std::is_same_v<scalar_t, at::Half>;
+        auto* ga = reinterpret_cast<uint16_t*>(p[0]);
+        auto* gb = reinterpret_cast<uint16_t*>(p[1]);
+        const auto* g = reinterpret_cast<const uint16_t*>(p[2]);
+        const auto* a = reinterpret_cast<const uint16_t*>(p[3]);
+        const auto* b = reinterpret_cast<const uint16_t*>(p[4]);
+        if (s[4] == 0) simd16::div_backward_tensors<kHalf, false>(ga, gb, g, a, b, n, static_cast<float>(e));
+        else simd16::div_backward_tensors<kHalf, true>(ga, gb, g, a, b, n, static_cast<float>(e));
+        return;
+      }
+#endif
       GG_ROW(div_backward_row, scalar_t, contiguous<scalar_t>(s, 5), reinterpret_cast<scalar_t*>(p[0]),
              elems<scalar_t>(s[0]), reinterpret_cast<scalar_t*>(p[1]), elems<scalar_t>(s[1]),
              reinterpret_cast<const scalar_t*>(p[2]), elems<scalar_t>(s[2]), reinterpret_cast<const scalar_t*>(p[3]),

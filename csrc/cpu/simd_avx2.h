@@ -207,6 +207,89 @@ inline void divide(uint16_t* dst, const uint16_t* x, int64_t n, float b) {
   for (; i < n; ++i) dst[i] = from_float<kHalf>(to_float<kHalf>(x[i]) / b);
 }
 
+// v rounded to float16/bfloat16 and back: the composite's intermediates stored in a 16-bit tensor.
+// NaN stays NaN (bfloat16's rounding add could carry out of a NaN's low half).
+template <bool kHalf>
+inline __m256 round_through(__m256 v) {
+  if (kHalf) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  const __m256 r = _mm256_castsi256_ps(
+      _mm256_and_si256(round_bf16_high(v), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+// 16 elements of b from b + i: contiguous (kB1), or the one element a stride-0 (broadcast) b has.
+template <bool kHalf, bool kB1>
+inline void load_divisor(const uint16_t* b, int64_t i, __m256 one, __m256& lo, __m256& hi) {
+  if (kB1) {
+    widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i)), lo, hi);
+  } else {
+    lo = hi = one;
+  }
+}
+
+// safe_div's rows for float16/bfloat16 tensor operands (safe_math_loops.inc's div_row and
+// div_backward_row, whose c10 conversions gcc leaves scalar: 25x torch.div's time in float16):
+// out and a contiguous, b contiguous (kB1) or broadcast (stride 0). Same float arithmetic and
+// roundings as those rows; eps and fill come already rounded to the dtype.
+// out[i] = |b| <= eps and a is not NaN ? fill : a / b.
+template <bool kHalf, bool kB1>
+inline void div_tensors(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, float eps, float fill) {
+  const __m256 ev = _mm256_set1_ps(eps), fv = _mm256_set1_ps(fill), b0 = _mm256_set1_ps(to_float<kHalf>(b[0]));
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 a_lo, a_hi, b_lo, b_hi;
+    widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i)), a_lo, a_hi);
+    load_divisor<kHalf, kB1>(b, i, b0, b_lo, b_hi);
+    const auto one = [&](__m256 av, __m256 bv) {
+      const __m256 guard = _mm256_and_ps(_mm256_cmp_ps(_mm256_and_ps(bv, abs_mask), ev, _CMP_LE_OQ),
+                                         _mm256_cmp_ps(av, av, _CMP_ORD_Q));
+      return _mm256_blendv_ps(_mm256_div_ps(av, bv), fv, guard);
+    };
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), narrow_values<kHalf>(one(a_lo, b_lo), one(a_hi, b_hi)));
+  }
+  for (; i < n; ++i) {
+    const float av = to_float<kHalf>(a[i]), bv = to_float<kHalf>(b[kB1 ? i : 0]);
+    out[i] = std::abs(bv) <= eps && av == av ? from_float<kHalf>(fill) : from_float<kHalf>(av / bv);
+  }
+}
+
+// ga[i] = |b| <= eps ? 0 : g / b; gb[i] = |b| <= eps ? 0 : -g * T(T(a / b) / b) (torch.div's
+// formulas with the composite's roundings).
+template <bool kHalf, bool kB1>
+inline void div_backward_tensors(uint16_t* ga, uint16_t* gb, const uint16_t* g, const uint16_t* a, const uint16_t* b,
+                                 int64_t n, float eps) {
+  const __m256 ev = _mm256_set1_ps(eps), zero = _mm256_setzero_ps(), b0 = _mm256_set1_ps(to_float<kHalf>(b[0]));
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 g_lo, g_hi, a_lo, a_hi, b_lo, b_hi;
+    widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i)), g_lo, g_hi);
+    widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i)), a_lo, a_hi);
+    load_divisor<kHalf, kB1>(b, i, b0, b_lo, b_hi);
+    __m256 ga_v[2], gb_v[2];
+    const __m256 gs[2] = {g_lo, g_hi}, as[2] = {a_lo, a_hi}, bs[2] = {b_lo, b_hi};
+    for (int h = 0; h < 2; ++h) {
+      const __m256 guard = _mm256_cmp_ps(_mm256_and_ps(bs[h], abs_mask), ev, _CMP_LE_OQ);
+      const __m256 q1 = round_through<kHalf>(_mm256_div_ps(as[h], bs[h]));
+      const __m256 q2 = round_through<kHalf>(_mm256_div_ps(q1, bs[h]));
+      ga_v[h] = _mm256_blendv_ps(_mm256_div_ps(gs[h], bs[h]), zero, guard);
+      gb_v[h] = _mm256_blendv_ps(_mm256_mul_ps(_mm256_xor_ps(gs[h], sign), q2), zero, guard);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ga + i), narrow_values<kHalf>(ga_v[0], ga_v[1]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(gb + i), narrow_values<kHalf>(gb_v[0], gb_v[1]));
+  }
+  for (; i < n; ++i) {
+    const float gv = to_float<kHalf>(g[i]), av = to_float<kHalf>(a[i]), bv = to_float<kHalf>(b[kB1 ? i : 0]);
+    const bool guard = std::abs(bv) <= eps;
+    const float q1 = to_float<kHalf>(from_float<kHalf>(av / bv));
+    const float q2 = to_float<kHalf>(from_float<kHalf>(q1 / bv));
+    ga[i] = from_float<kHalf>(guard ? 0.0f : gv / bv);
+    gb[i] = from_float<kHalf>(guard ? 0.0f : -gv * q2);
+  }
+}
+
 }  // namespace simd16
 
 namespace simdf {
