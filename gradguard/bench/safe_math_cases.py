@@ -16,8 +16,8 @@ probabilities); safe_exp gets N(0, 30^2) logits, so ~0.3% of elements are above 
 Out of domain: safe_log and safe_sqrt of uniform(-1, 1), float32 and float16, 2^24 elements,
 against the eager composite and the bare op on |x| (in domain, same bytes).
 
-Division by a number: a float16 and a bfloat16 tensor of 2^26 elements divided by 0.37 (computed
-in float32, as torch.div does), forward and forward+backward, against torch.div.
+Division: a float16 and a bfloat16 tensor of 2^26 elements divided by 0.37 (computed in float32,
+as torch.div does) and by a tensor of its dtype, forward and forward+backward, against torch.div.
 
 Under torch.compile (issue 11): a cross-entropy-style loss, softmax -> safe_log -> NLL, forward
 and backward over 2^24 logits, both compiled, against the same loss written with
@@ -194,31 +194,48 @@ def _out_of_domain_table(dtype, device, quick, rounds):
     return table
 
 
-def _div_by_number_table(dtype, device, quick, rounds):
-    """A float16/bfloat16 tensor divided by a number (a loss scale, 1/n): torch.div divides in
-    float32 by the number's float32 value and rounds once, and so does gradguard.safe_div, in one
-    pass (the op widens each element in registers; the input's gradient is the op again). Against
-    torch.div, forward (one read, one write) and forward+backward (the backward reads the
-    incoming gradient and writes the input's)."""
+def _div_16bit_table(dtype, device, quick, rounds):
+    """A float16/bfloat16 tensor divided by a number (a loss scale, 1/n) and by a tensor of its
+    dtype. By a number, torch.div divides in float32 by the number's float32 value and rounds
+    once, and so does gradguard.safe_div, in one pass (the op widens each element in registers;
+    the input's gradient is the op again). By a tensor, both compute each quotient in float32 and
+    round it (the CPU kernel's AVX2 rows). Against torch.div, forward (one read per operand, one
+    write) and forward+backward (the backward reads the incoming gradient, the operands it needs,
+    and writes the gradients)."""
     n = QUICK_N if quick else FULL_N
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, generator=g).to(dtype).to(device)
+    d = (torch.rand(n, generator=g) + 0.5).to(dtype).to(device)
     xg = x.clone().requires_grad_(True)
+    dg = d.clone().requires_grad_(True)
     grad = torch.ones_like(x)
-    BARE, OURS = "torch.div(x, 0.37) (bare)", "gradguard.safe_div(x, 0.37)"
-    BARE_FB, OURS_FB = "torch.div forward+backward", "gradguard.safe_div forward+backward"
-    times = _interleaved({
-        BARE: lambda: torch.div(x, 0.37),
-        OURS: lambda: gradguard.safe_div(x, 0.37),
-        BARE_FB: _fwd_bwd(lambda t: torch.div(t, 0.37), xg, grad),
-        OURS_FB: _fwd_bwd(lambda t: gradguard.safe_div(t, 0.37), xg, grad),
-    }, device, rounds)
-    moved = {BARE: 2, OURS: 2, BARE_FB: 4, OURS_FB: 4}  # tensors of n elements read or written
-    rows = [Row(k, statistics.median(ts), moved[k] * n * x.element_size()) for k, ts in times.items()]
+
+    def fwd_bwd_tensor(fn):
+        def run():
+            xg.grad = dg.grad = None
+            fn(xg, dg).backward(grad)
+        return run
+
+    cases = {  # name: (function, tensors of n elements moved)
+        "torch.div(x, 0.37) (bare)": (lambda: torch.div(x, 0.37), 2),
+        "gradguard.safe_div(x, 0.37)": (lambda: gradguard.safe_div(x, 0.37), 2),
+        "torch.div(x, 0.37) forward+backward": (_fwd_bwd(lambda t: torch.div(t, 0.37), xg, grad), 4),
+        "gradguard.safe_div(x, 0.37) forward+backward": (_fwd_bwd(lambda t: gradguard.safe_div(t, 0.37), xg, grad), 4),
+        "torch.div(x, y) (bare)": (lambda: torch.div(x, d), 3),
+        "gradguard.safe_div(x, y)": (lambda: gradguard.safe_div(x, d), 3),
+        "torch.div(x, y) forward+backward": (fwd_bwd_tensor(torch.div), 8),
+        "gradguard.safe_div(x, y) forward+backward": (fwd_bwd_tensor(gradguard.safe_div), 8),
+    }
+    times = _interleaved({k: fn for k, (fn, _) in cases.items()}, device, rounds)
+    rows = [Row(k, statistics.median(ts), cases[k][1] * n * x.element_size()) for k, ts in times.items()]
     name = str(dtype).replace("torch.", "")
-    table = Table(f"division by a number, {n} {name}, {device}, {torch.get_num_threads()} threads", rows)
-    table.check("safe_div / torch.div, forward", _ratio(times, OURS, BARE), "<=", 1.1)
-    table.check("safe_div / torch.div, forward+backward", _ratio(times, OURS_FB, BARE_FB), "<=", 1.1)
+    table = Table(f"division, {n} {name}, {device}, {torch.get_num_threads()} threads", rows)
+    for by in ("0.37", "y"):
+        table.check(f"safe_div / torch.div by {'a number' if by == '0.37' else 'a tensor'}, forward",
+                    _ratio(times, f"gradguard.safe_div(x, {by})", f"torch.div(x, {by}) (bare)"), "<=", 1.1)
+        table.check(f"safe_div / torch.div by {'a number' if by == '0.37' else 'a tensor'}, forward+backward",
+                    _ratio(times, f"gradguard.safe_div(x, {by}) forward+backward",
+                           f"torch.div(x, {by}) forward+backward"), "<=", 1.1)
     return table
 
 
@@ -274,7 +291,7 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
         for dtype in (torch.float32, torch.float16):
             out.append(_out_of_domain_table(dtype, device, quick, 3 if quick else 7))
         for dtype in (torch.float16, torch.bfloat16):
-            out.append(_div_by_number_table(dtype, device, quick, 3 if quick else 7))
+            out.append(_div_16bit_table(dtype, device, quick, 3 if quick else 7))
         out.append(_compiled_loss_table(device, quick, rounds))
         out.append(_ulp_table(device))
     finally:
