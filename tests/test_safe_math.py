@@ -855,8 +855,8 @@ def test_div_op_divides_a_16bit_input_by_a_float32_divisor(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_div_of_16bit_tensors_every_pattern(dtype):
     # float16/bfloat16 tensor by tensor: AVX2 rows where every operand is contiguous but a
-    # broadcast divisor (their c10 conversions left gcc's loop scalar: 25x torch.div's time in
-    # float16). Every bit pattern against every other (shuffled), forward and both gradients,
+    # broadcast divisor or incoming gradient (their c10 conversions left gcc's loop scalar: 25x
+    # torch.div's time in float16). Every bit pattern against every other (shuffled), forward and both gradients,
     # a divisor contiguous, broadcast (stride 0) and 0-dim, the guard, rows of every tail length,
     # in place: bit for bit the reference's (the composite's roundings).
     a = every_16bit_value(dtype, repeat=2)
@@ -867,8 +867,9 @@ def test_div_of_16bit_tensors_every_pattern(dtype):
         for d in (b, b[:1].expand(a.numel()), b[7], b[:1]):
             assert_same_bits(ops.safe_div(a, d, eps, fill), ref.safe_div(a, d, eps, fill))
             full = d.expand(a.numel())
-            for got, want in zip(ops.safe_div_backward(g, a, full, eps), ref.safe_div_backward(g, a, full, eps)):
-                assert_same_bits(got, want)
+            for gg in (g, g[3].expand(a.numel())):  # the incoming gradient of a .sum() comes expanded
+                for got, want in zip(ops.safe_div_backward(gg, a, full, eps), ref.safe_div_backward(gg, a, full, eps)):
+                    assert_same_bits(got, want)
         rows = a[: 40 * 37].view(40, 37)[:, :-(eps > 0) - 1]  # rows shorter than 16 and not a multiple of it
         assert_same_bits(ops.safe_div(rows, b[: rows.shape[1]], eps, fill), ref.safe_div(rows, b[: rows.shape[1]], eps, fill))
     o = a.clone()

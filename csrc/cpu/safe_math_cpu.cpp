@@ -412,17 +412,18 @@ at::Tensor safe_sqrt_backward_cpu(const at::Tensor& grad, const at::Tensor& inpu
 // ---- div ---------------------------------------------------------------------------------------
 
 // Rows whose float16/bfloat16 operands simd16's division loops take: every operand contiguous,
-// but the divisor (the last) may also be broadcast (stride 0).
+// but those in `broadcast` (a bit per operand: the divisor, and the backward's incoming gradient)
+// may also have stride 0.
 template <typename T>
-inline bool simd16_div_row(const int64_t* s, int n) {
+inline bool simd16_div_row(const int64_t* s, int n, unsigned broadcast) {
   if constexpr (!kIs16Bit<T>) {
     return false;
   } else {
     if (!kHasAvx2) return false;
-    for (int t = 0; t + 1 < n; ++t) {
-      if (s[t] != static_cast<int64_t>(sizeof(T))) return false;
+    for (int t = 0; t < n; ++t) {
+      if (s[t] != static_cast<int64_t>(sizeof(T)) && !(s[t] == 0 && (broadcast >> t & 1u))) return false;
     }
-    return s[n - 1] == static_cast<int64_t>(sizeof(T)) || s[n - 1] == 0;
+    return true;
   }
 }
 
@@ -432,7 +433,7 @@ void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor
     const scalar_t e = static_cast<scalar_t>(eps), f = static_cast<scalar_t>(fill);
     rows_for_each(iter, [&](char** p, const int64_t* s, int64_t n) {
 #if GG_CPU_X86
-      if (simd16_div_row<scalar_t>(s, 3)) {
+      if (simd16_div_row<scalar_t>(s, 3, 0b100u)) {
         constexpr bool kHalf = std::is_same_v<scalar_t, at::Half>;
         auto* o = reinterpret_cast<uint16_t*>(p[0]);
         const auto* a = reinterpret_cast<const uint16_t*>(p[1]);
@@ -520,15 +521,18 @@ std::tuple<at::Tensor, at::Tensor> safe_div_backward_cpu(const at::Tensor& grad,
     const scalar_t e = static_cast<scalar_t>(eps);
     rows_for_each(iter, [&](char** p, const int64_t* s, int64_t n) {
 #if GG_CPU_X86
-      if (simd16_div_row<scalar_t>(s, 5)) {
+      if (simd16_div_row<scalar_t>(s, 5, 0b10100u)) {
         constexpr bool kHalf = std::is_same_v<scalar_t, at::Half>;
         auto* ga = reinterpret_cast<uint16_t*>(p[0]);
         auto* gb = reinterpret_cast<uint16_t*>(p[1]);
         const auto* g = reinterpret_cast<const uint16_t*>(p[2]);
         const auto* a = reinterpret_cast<const uint16_t*>(p[3]);
         const auto* b = reinterpret_cast<const uint16_t*>(p[4]);
-        if (s[4] == 0) simd16::div_backward_tensors<kHalf, false>(ga, gb, g, a, b, n, static_cast<float>(e));
-        else simd16::div_backward_tensors<kHalf, true>(ga, gb, g, a, b, n, static_cast<float>(e));
+        const float ef = static_cast<float>(e);
+        if (s[2] == 0 && s[4] == 0) simd16::div_backward_tensors<kHalf, false, false>(ga, gb, g, a, b, n, ef);
+        else if (s[2] == 0) simd16::div_backward_tensors<kHalf, false, true>(ga, gb, g, a, b, n, ef);
+        else if (s[4] == 0) simd16::div_backward_tensors<kHalf, true, false>(ga, gb, g, a, b, n, ef);
+        else simd16::div_backward_tensors<kHalf, true, true>(ga, gb, g, a, b, n, ef);
         return;
       }
 #endif

@@ -219,7 +219,7 @@ inline __m256 round_through(__m256 v) {
 
 // 16 elements of b from b + i: contiguous (kB1), or the one element a stride-0 (broadcast) b has.
 template <bool kHalf, bool kB1>
-inline void load_divisor(const uint16_t* b, int64_t i, __m256 one, __m256& lo, __m256& hi) {
+inline void load_or_broadcast(const uint16_t* b, int64_t i, __m256 one, __m256& lo, __m256& hi) {
   if (kB1) {
     widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i)), lo, hi);
   } else {
@@ -240,7 +240,7 @@ inline void div_tensors(uint16_t* out, const uint16_t* a, const uint16_t* b, int
   for (; i + 16 <= n; i += 16) {
     __m256 a_lo, a_hi, b_lo, b_hi;
     widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i)), a_lo, a_hi);
-    load_divisor<kHalf, kB1>(b, i, b0, b_lo, b_hi);
+    load_or_broadcast<kHalf, kB1>(b, i, b0, b_lo, b_hi);
     const auto one = [&](__m256 av, __m256 bv) {
       const __m256 guard = _mm256_and_ps(_mm256_cmp_ps(_mm256_and_ps(bv, abs_mask), ev, _CMP_LE_OQ),
                                          _mm256_cmp_ps(av, av, _CMP_ORD_Q));
@@ -255,19 +255,21 @@ inline void div_tensors(uint16_t* out, const uint16_t* a, const uint16_t* b, int
 }
 
 // ga[i] = |b| <= eps ? 0 : g / b; gb[i] = |b| <= eps ? 0 : -g * T(T(a / b) / b) (torch.div's
-// formulas with the composite's roundings).
-template <bool kHalf, bool kB1>
+// formulas with the composite's roundings). g may be broadcast too (kG1 false): the gradient of
+// a .sum() or .mean() comes expanded.
+template <bool kHalf, bool kG1, bool kB1>
 inline void div_backward_tensors(uint16_t* ga, uint16_t* gb, const uint16_t* g, const uint16_t* a, const uint16_t* b,
                                  int64_t n, float eps) {
   const __m256 ev = _mm256_set1_ps(eps), zero = _mm256_setzero_ps(), b0 = _mm256_set1_ps(to_float<kHalf>(b[0]));
+  const __m256 g0 = _mm256_set1_ps(to_float<kHalf>(g[0]));
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m256 g_lo, g_hi, a_lo, a_hi, b_lo, b_hi;
-    widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i)), g_lo, g_hi);
+    load_or_broadcast<kHalf, kG1>(g, i, g0, g_lo, g_hi);
     widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i)), a_lo, a_hi);
-    load_divisor<kHalf, kB1>(b, i, b0, b_lo, b_hi);
+    load_or_broadcast<kHalf, kB1>(b, i, b0, b_lo, b_hi);
     __m256 ga_v[2], gb_v[2];
     const __m256 gs[2] = {g_lo, g_hi}, as[2] = {a_lo, a_hi}, bs[2] = {b_lo, b_hi};
     for (int h = 0; h < 2; ++h) {
@@ -281,7 +283,7 @@ inline void div_backward_tensors(uint16_t* ga, uint16_t* gb, const uint16_t* g, 
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(gb + i), narrow_values<kHalf>(gb_v[0], gb_v[1]));
   }
   for (; i < n; ++i) {
-    const float gv = to_float<kHalf>(g[i]), av = to_float<kHalf>(a[i]), bv = to_float<kHalf>(b[kB1 ? i : 0]);
+    const float gv = to_float<kHalf>(g[kG1 ? i : 0]), av = to_float<kHalf>(a[i]), bv = to_float<kHalf>(b[kB1 ? i : 0]);
     const bool guard = std::abs(bv) <= eps;
     const float q1 = to_float<kHalf>(from_float<kHalf>(av / bv));
     const float q2 = to_float<kHalf>(from_float<kHalf>(q1 / bv));
