@@ -88,6 +88,16 @@ def stats_table(name, grads, device, repeats):
     return table
 
 
+def _fwd_bwd_of(xr, grad):
+    """fwd_bwd(f): a callable running f(xr).backward(grad), xr's gradient cleared first."""
+    def fwd_bwd(f):
+        def run():
+            xr.grad = None
+            f(xr).backward(grad)
+        return run
+    return fwd_bwd
+
+
 def safe_math_table(device, repeats, n):
     """safe_log/safe_exp on CUDA: forward against bare torch.log/torch.exp, forward+backward
     against the eager composites (the ops through autograd, as users call them)."""
@@ -106,12 +116,7 @@ def safe_math_table(device, repeats, n):
             Row("torch.exp(torch.clamp(x, max=m)) (composite)",
                 median_ms(lambda: torch.exp(torch.clamp(x, max=80.0)), device, repeats), nbytes)]
     xr = x.clone().requires_grad_()
-
-    def fwd_bwd(f):
-        def run():
-            xr.grad = None
-            f(xr).backward(grad)
-        return run
+    fwd_bwd = _fwd_bwd_of(xr, grad)
 
     rows += [Row("safe_log forward+backward (gradguard)",
                  median_ms(fwd_bwd(lambda t: ops.safe_log(t, 1e-6, False)), device, repeats)),
@@ -174,12 +179,7 @@ def div_by_number_table(device, repeats, n):
     x = torch.randn(n, generator=g, device=device).half()
     grad = torch.randn(n, generator=g, device=device).half()
     xr = x.clone().requires_grad_()
-
-    def fwd_bwd(f):
-        def run():
-            xr.grad = None
-            f(xr).backward(grad)
-        return run
+    fwd_bwd = _fwd_bwd_of(xr, grad)
 
     nbytes = 2 * n * x.element_size()
     rows = [Row("torch.div(x, 0.37) (bare)", median_ms(lambda: torch.div(x, 0.37), device, repeats), nbytes),
