@@ -439,8 +439,8 @@ void div_kernel(const at::Tensor& out, const at::Tensor& input, const at::Tensor
         const auto* a = reinterpret_cast<const uint16_t*>(p[1]);
         const auto* b = reinterpret_cast<const uint16_t*>(p[2]);
         const float ef = static_cast<float>(e), ff = static_cast<float>(f);
-        if (s[2] == 0) simd16::div_tensors<kHalf, false>(o, a, b, n, ef, ff);
-        else simd16::div_tensors<kHalf, true>(o, a, b, n, ef, ff);
+        if (s[2] == 0) simd16::div_tensors<kHalf, false>(o, a, nullptr, simd16::to_float<kHalf>(b[0]), n, ef, ff);
+        else simd16::div_tensors<kHalf, true>(o, a, b, 0.0f, n, ef, ff);
         return;
       }
 #endif
@@ -465,9 +465,10 @@ void div_by_float32_kernel(const at::Tensor& out, const at::Tensor& input, const
     rows_for_each(iter, [&](char** p, const int64_t* s, int64_t n) {
       const bool contig = contiguous<scalar_t>(s, 2);
 #if GG_CPU_X86
-      if (kHasAvx2 && contig && !guard) {
-        simd16::divide<std::is_same_v<scalar_t, at::Half>>(reinterpret_cast<uint16_t*>(p[0]),
-                                                           reinterpret_cast<const uint16_t*>(p[1]), n, b);
+      if (kHasAvx2 && contig) {
+        simd16::div_tensors<std::is_same_v<scalar_t, at::Half>, false>(
+            reinterpret_cast<uint16_t*>(p[0]), reinterpret_cast<const uint16_t*>(p[1]), nullptr, b, n,
+            static_cast<float>(eps), static_cast<float>(f));
         return;
       }
 #endif

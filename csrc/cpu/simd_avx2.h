@@ -7,7 +7,7 @@
 // in-place floor, this at 1.01-1.09x (GPT-2-small list, alternating processes).
 //
 // simd16: contiguous float16/bfloat16 rows, for the passes that compare or rewrite 16-bit
-// elements: the safe math forward's clamp and overwrite and safe_div by a number
+// elements: the safe math forward's clamp and overwrite and safe_div's rows
 // (safe_math_cpu.cpp), zero_nonfinite_and_scale_ and maybe_scale_ (scale_cpu.cpp). From C++, gcc 12 converts
 // c10::Half by its bit-twiddling path (`__F16C__` is not defined inside a `#pragma GCC target`
 // region, which the header does not see), and compiles a data-dependent select of 16-bit structs
@@ -191,22 +191,6 @@ inline void scale(uint16_t* x, int64_t n, float s) {
   }
 }
 
-// dst[i] = x[i] / b in float32, rounded once, for n contiguous elements (dst may be x): a
-// float16/bfloat16 tensor divided by a number, as torch.div computes it (a division, not a
-// multiply by 1/b, which is 1 ulp off for some elements).
-template <bool kHalf>
-inline void divide(uint16_t* dst, const uint16_t* x, int64_t n, float b) {
-  const __m256 bv = _mm256_set1_ps(b);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m256 lo, hi;
-    widen<kHalf>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), lo, hi);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        narrow_values<kHalf>(_mm256_div_ps(lo, bv), _mm256_div_ps(hi, bv)));
-  }
-  for (; i < n; ++i) dst[i] = from_float<kHalf>(to_float<kHalf>(x[i]) / b);
-}
-
 // v rounded to float16/bfloat16 and back: the composite's intermediates stored in a 16-bit tensor.
 // NaN stays NaN (bfloat16's rounding add could carry out of a NaN's low half).
 template <bool kHalf>
@@ -227,14 +211,17 @@ inline void load_or_broadcast(const uint16_t* b, int64_t i, __m256 one, __m256& 
   }
 }
 
-// safe_div's rows for float16/bfloat16 tensor operands (safe_math_loops.inc's div_row and
+// safe_div's rows for float16/bfloat16 (safe_math_loops.inc's div_row, div_by_float_row and
 // div_backward_row, whose c10 conversions gcc leaves scalar: 25x torch.div's time in float16):
-// out and a contiguous, b contiguous (kB1) or broadcast (stride 0). Same float arithmetic and
-// roundings as those rows; eps and fill come already rounded to the dtype.
-// out[i] = |b| <= eps and a is not NaN ? fill : a / b.
+// out and a contiguous, b contiguous (kB1) or one value for every element (b_value: a broadcast
+// divisor's element, or the float32 number of a division by a number, as torch.div divides by it:
+// a division, not a multiply by 1/b, which is 1 ulp off for some elements). Same float arithmetic
+// and roundings as those rows; eps and fill come already rounded as the rows round them.
+// out[i] = |b| <= eps and a is not NaN ? fill : a / b, in float32, rounded once.
 template <bool kHalf, bool kB1>
-inline void div_tensors(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, float eps, float fill) {
-  const __m256 ev = _mm256_set1_ps(eps), fv = _mm256_set1_ps(fill), b0 = _mm256_set1_ps(to_float<kHalf>(b[0]));
+inline void div_tensors(uint16_t* out, const uint16_t* a, const uint16_t* b, float b_value, int64_t n, float eps,
+                        float fill) {
+  const __m256 ev = _mm256_set1_ps(eps), fv = _mm256_set1_ps(fill), b0 = _mm256_set1_ps(b_value);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -249,7 +236,7 @@ inline void div_tensors(uint16_t* out, const uint16_t* a, const uint16_t* b, int
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), narrow_values<kHalf>(one(a_lo, b_lo), one(a_hi, b_hi)));
   }
   for (; i < n; ++i) {
-    const float av = to_float<kHalf>(a[i]), bv = to_float<kHalf>(b[kB1 ? i : 0]);
+    const float av = to_float<kHalf>(a[i]), bv = kB1 ? to_float<kHalf>(b[i]) : b_value;
     out[i] = std::abs(bv) <= eps && av == av ? from_float<kHalf>(fill) : from_float<kHalf>(av / bv);
   }
 }
