@@ -21,6 +21,7 @@ from gradguard import _extension, _ops  # noqa: F401  (_ops defines the ops befo
 from gradguard import _safe_math_ops  # noqa: F401  (likewise for the safe math ops)
 
 _extension.load()
+_safe_math_ops.register_python_autograd()  # where the compiled module registered none
 
 from gradguard._extension import backend  # noqa: E402
 from gradguard.errors import NonFiniteGradError  # noqa: E402

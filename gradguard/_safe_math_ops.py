@@ -231,7 +231,19 @@ def _sum_to(grad, shape):
     return grad if grad.shape == shape else grad.sum_to_size(shape)
 
 
-torch.library.register_autograd("gradguard::safe_log", _log_backward, setup_context=_log_setup, lib=_lib)
-torch.library.register_autograd("gradguard::safe_exp", _exp_backward, setup_context=_exp_setup, lib=_lib)
-torch.library.register_autograd("gradguard::safe_sqrt", _sqrt_backward, setup_context=_sqrt_setup, lib=_lib)
-torch.library.register_autograd("gradguard::safe_div", _div_backward, setup_context=_div_setup, lib=_lib)
+_AUTOGRAD = {
+    "safe_log": (_log_backward, _log_setup),
+    "safe_exp": (_exp_backward, _exp_setup),
+    "safe_sqrt": (_sqrt_backward, _sqrt_setup),
+    "safe_div": (_div_backward, _div_setup),
+}
+
+
+def register_python_autograd() -> None:
+    """Registers the formulas above on each forward op that has no Autograd kernel yet; called
+    once the compiled modules are loaded (gradguard/__init__.py). The CPU module registers the
+    same formulas in C++ (csrc/cpu/safe_math_autograd.cpp): a Python autograd kernel runs a Python
+    wrapper on every call, 10-55 us, the whole cost of the op on a small tensor."""
+    for name, (backward, setup) in _AUTOGRAD.items():
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"gradguard::{name}", "Autograd"):
+            torch.library.register_autograd(f"gradguard::{name}", backward, setup_context=setup, lib=_lib)

@@ -90,6 +90,18 @@ def _dense(t: torch.Tensor, op: str, arg: str) -> None:
 
 
 def _number(value, name: str, op: str, *, nonneg: bool, allow_nan: bool = False) -> float:
+    if type(value) is float:  # the common case, without the ABC checks below (~1 us each)
+        v = value
+    else:
+        v = _to_float(value, name, op)
+    if v != v and not allow_nan:  # not math.isnan: that does not trace when torch.compile makes v symbolic
+        raise ValueError(f"gradguard.{op}: `{name}` must not be NaN")
+    if nonneg and v < 0.0:
+        raise ValueError(f"gradguard.{op}: `{name}` must be >= 0, got {v}")
+    return v
+
+
+def _to_float(value, name: str, op: str) -> float:
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.is_complex():
             raise ValueError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim real tensor, got a "
@@ -98,15 +110,10 @@ def _number(value, name: str, op: str, *, nonneg: bool, allow_nan: bool = False)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim tensor, got {value!r}")
     try:
-        v = float(value)
+        return float(value)
     except OverflowError:  # a Python int beyond float64
         raise ValueError(f"gradguard.{op}: `{name}` is an integer of {len(str(abs(value)))} digits, beyond "
                          "float64's range") from None
-    if v != v and not allow_nan:  # not math.isnan: that does not trace when torch.compile makes v symbolic
-        raise ValueError(f"gradguard.{op}: `{name}` must not be NaN")
-    if nonneg and v < 0.0:
-        raise ValueError(f"gradguard.{op}: `{name}` must be >= 0, got {v}")
-    return v
 
 
 def _straight_through(grad, op: str) -> bool:
@@ -281,12 +288,15 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         _dense(other, "safe_div", "other")
         if other.is_complex():
             raise TypeError(f"gradguard.safe_div: `other` is complex ({other.dtype}); only real tensors are supported")
-    elif isinstance(other, bool) or not isinstance(other, numbers.Real):
+    elif type(other) not in (float, int) and (isinstance(other, bool) or not isinstance(other, numbers.Real)):
         raise TypeError(f"gradguard.safe_div: `other` must be a tensor or a real number, got {type(other).__name__}")
     dtype = _div_dtype(input, other)
     # An integer input goes to the result dtype in one cast: through the default dtype first,
     # int64 2**24 + 1 divided by a float64 tensor lost its last bit.
-    x = (x if input.is_floating_point() else input).to(dtype)
+    if not input.is_floating_point():
+        x = input.to(dtype)
+    elif x.dtype != dtype:
+        x = x.to(dtype)
     # torch.div divides a float16/bfloat16 tensor by a number (or a 0-dim CPU tensor) in float32,
     # by the divisor's float32 value: rounded to the input's dtype first, 1e5 became inf in
     # float16 (x / 1e5 gave 0), 1e-8 became 0 (the fill), and 0.1 gave results 1 ulp off
@@ -299,7 +309,7 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
     if isinstance(other, torch.Tensor):
         # Devices are not moved: the op takes a 0-dim CPU operand with a tensor anywhere (as
         # torch.div does) and refuses other mixes, naming the operand.
-        y = other.to(opmath)
+        y = other if other.dtype == opmath else other.to(opmath)
     else:
         # A fill on the device (the value is the fill kernel's argument): torch.tensor(number,
         # device=cuda) would be a blocking host-to-device copy on every call. The number is

@@ -19,6 +19,10 @@ against the eager composite and the bare op on |x| (in domain, same bytes).
 Division: a float16 and a bfloat16 tensor of 2^26 elements divided by 0.37 (computed in float32,
 as torch.div does) and by a tensor of its dtype, forward and forward+backward, against torch.div.
 
+Per call on a small tensor: 1,024 float32 elements, safe_log and safe_div against the bare ops
+(and safe_log against the eager composite), forward and forward+backward, in us per call: where
+the host's work is the whole cost (on a GPU, below millions of elements).
+
 Under torch.compile (issue 11): a cross-entropy-style loss, softmax -> safe_log -> NLL, forward
 and backward over 2^24 logits, both compiled, against the same loss written with
 torch.log(torch.clamp(p, min=eps)); and the ulp differences inductor's own log/exp/sqrt make
@@ -239,6 +243,61 @@ def _div_16bit_table(dtype, device, quick, rounds):
     return table
 
 
+SMALL_N = 1024
+SMALL_CALLS = 1000
+
+
+def _small_tensor_table(device, rounds):
+    """What a call costs where the tensor is small and the host's work is the whole cost (on a
+    GPU, below millions of elements): 1,024 float32 elements, each case a loop of 1,000 calls, so
+    the ms of a row are us per call. gradguard's fixed cost is its Python wrapper (argument
+    checks, the dtype rule) and the op's dispatch; the ops' autograd is C++ where the extension
+    is loaded (a Python autograd kernel cost ~10 us a call without grad, ~55 us with it)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(SMALL_N, generator=g) + 0.1).to(device)
+    d = (torch.rand(SMALL_N, generator=g) + 0.5).to(device)
+    xg = x.clone().requires_grad_(True)
+    eps = torch.finfo(torch.float32).tiny
+
+    def calls(fn):
+        def run():
+            for _ in range(SMALL_CALLS):
+                fn()
+        return run
+
+    def fwd_bwd(fn):
+        def once():
+            xg.grad = None
+            fn(xg).sum().backward()
+        return calls(once)
+
+    fns = {
+        "torch.log(x) (bare)": lambda t: torch.log(t),
+        "torch.log(torch.clamp(x, min=tiny)) (eager composite)": lambda t: torch.log(torch.clamp(t, min=eps)),
+        "gradguard.safe_log(x)": gradguard.safe_log,
+        "torch.div(x, y) (bare)": lambda t: torch.div(t, d),
+        "gradguard.safe_div(x, y)": lambda t: gradguard.safe_div(t, d),
+        "torch.div(x, 0.37) (bare)": lambda t: torch.div(t, 0.37),
+        "gradguard.safe_div(x, 0.37)": lambda t: gradguard.safe_div(t, 0.37),
+    }
+    cases = {}
+    for name, fn in fns.items():
+        cases[f"{name} forward"] = calls(lambda fn=fn: fn(x))
+        cases[f"{name} forward+backward"] = fwd_bwd(fn)
+    times = _interleaved(cases, device, rounds)
+    rows = [Row(k, statistics.median(ts)) for k, ts in times.items()]
+    table = Table(f"per call on a small tensor ({SMALL_N} float32, {device}, {torch.get_num_threads()} threads; "
+                  f"ms per {SMALL_CALLS} calls = us per call)", rows)
+    for ours, theirs in (("gradguard.safe_log(x)", "torch.log(torch.clamp(x, min=tiny)) (eager composite)"),
+                         ("gradguard.safe_log(x)", "torch.log(x) (bare)"),
+                         ("gradguard.safe_div(x, y)", "torch.div(x, y) (bare)"),
+                         ("gradguard.safe_div(x, 0.37)", "torch.div(x, 0.37) (bare)")):
+        for part in ("forward", "forward+backward"):
+            table.checks.append(f"{ours} / {theirs}, {part}: "
+                                f"{_ratio(times, f'{ours} {part}', f'{theirs} {part}'):.2f}x")
+    return table
+
+
 def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a - b| in float32 ulps (the distance between their positions on the ordered int line)."""
     def ordered(t):
@@ -292,6 +351,7 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
             out.append(_out_of_domain_table(dtype, device, quick, 3 if quick else 7))
         for dtype in (torch.float16, torch.bfloat16):
             out.append(_div_16bit_table(dtype, device, quick, 3 if quick else 7))
+        out.append(_small_tensor_table(device, 3 if quick else 7))
         out.append(_compiled_loss_table(device, quick, rounds))
         out.append(_ulp_table(device))
     finally:
