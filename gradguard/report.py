@@ -6,6 +6,7 @@ Both hold device tensors only. Nothing here reads a value back to the host until
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -175,10 +176,10 @@ class History:
     _COLUMNS = ("total_norm", "clip_coef", "skipped")
 
     def __init__(self, size: int):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size > MAX_HISTORY:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1 or size > MAX_HISTORY:
             raise ValueError(f"gradguard: `history_size` must be an int in [1, {MAX_HISTORY}] (the ring buffer "
                              f"takes 24 bytes per step on the device), got {size!r}")
-        self.size = size
+        self.size = int(size)  # a numpy integer too
         self._values: torch.Tensor | None = None  # [size, 3] float64 on the device
         self._steps: list[int] = []               # host-side step numbers, same ring order
         self._count = 0

@@ -69,8 +69,13 @@ def check_norm_type(norm_type, *, torch_compat: bool = False) -> float:
             raise ValueError(f"gradguard: `norm_type` must be a number or a numeric string such as 'inf', "
                              f"got {norm_type!r}") from None
     elif isinstance(norm_type, str):
-        raise ValueError(f"gradguard: `norm_type` must be a positive number or inf, got the string {norm_type!r}: "
-                         f"pass a number, e.g. float({norm_type!r}) (only the clip functions take strings, as torch's)")
+        try:  # suggest the conversion only where it works ('inf', '2')
+            float(norm_type)
+            hint = f": pass a number, e.g. float({norm_type!r})"
+        except ValueError:
+            hint = ""
+        raise ValueError(f"gradguard: `norm_type` must be a positive number or inf, got the string {norm_type!r}"
+                         f"{hint} (only the clip functions take numeric strings, as torch's)")
     elif isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
         raise ValueError(f"gradguard: `norm_type` must be a positive number or inf, got {norm_type!r}")
     else:

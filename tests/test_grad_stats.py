@@ -618,6 +618,9 @@ def test_a_string_norm_type_says_to_pass_a_number():
     # The message said "must be a positive number or inf, got 'inf'", which reads as a contradiction.
     with pytest.raises(ValueError, match=r"got the string 'inf': pass a number, e\.g\. float\('inf'\)"):
         gradguard.GradGuard(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), norm_type="inf")
+    # ... but only where that conversion works (it suggested float('two')).
+    with pytest.raises(ValueError, match=r"got the string 'two' \(only the clip functions"):
+        gradguard.GradGuard(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), norm_type="two")
 
 
 def test_meta_tensors_are_refused_by_name():

@@ -102,6 +102,15 @@ def test_history_size_has_a_bound():
         GradGuard(torch.optim.SGD(make_params(), lr=0.1), history_size=10 ** 9)
 
 
+def test_history_size_takes_any_integer_type():
+    # As max_consecutive_skips and the spike policies' integers do (a numpy integer was refused).
+    import numpy as np
+    opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1), history_size=np.int64(3))
+    assert opt.history.size == 3 and type(opt.history.size) is int
+    with pytest.raises(ValueError, match="`history_size` must be an int in"):
+        GradGuard(torch.optim.SGD(make_params(), lr=0.1), history_size=3.0)
+
+
 def test_truncated_guard_state_is_a_clear_error():
     opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1))
     sd = opt.state_dict()
