@@ -54,6 +54,14 @@ def check_process_group(group, where: str) -> None:
     collective (there an int or a name failed as a bare KeyError from torch)."""
     if group is None or (dist is not None and isinstance(group, dist.ProcessGroup)):
         return
+    non_member = getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None)
+    if non_member is not None and not isinstance(group, bool) and group == non_member:
+        # What dist.new_group(ranks) returns on a rank outside `ranks`: the message below told
+        # the user to call new_group, which they had just done.
+        raise ValueError(f"{where}: this rank (rank {dist.get_rank()}) is not a member of `process_group`: "
+                         "dist.new_group(ranks) returns GroupMember.NON_GROUP_MEMBER on the ranks outside `ranks`. "
+                         "Every rank that steps must belong to the group it reduces over: pass a group that "
+                         "contains this rank")
     raise TypeError(f"{where}: `process_group` must be None or a torch.distributed.ProcessGroup (e.g. "
                     f"dist.new_group(ranks) or dist.group.WORLD), got {type(group).__name__} {group!r}")
 
@@ -391,3 +399,12 @@ def zero_group(optimizer):
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         return optimizer.process_group
     return None
+
+
+def is_ddp(model) -> bool:
+    """Whether `model` is a DistributedDataParallel module (whole gradients, all-reduced)."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:
+        return False
+    return isinstance(model, DistributedDataParallel)

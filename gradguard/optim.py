@@ -60,12 +60,13 @@ toward ``max_consecutive_skips`` (a calibrating scaler overflows several steps i
 the scale cannot be undone (0, inf, or an inverse beyond float32: a NaN in every batch keeps the
 scaler's flag set and halves the scale to nothing). If the
 step raises, the scale and flag GradScaler left on the guard are removed (GradScaler removes
-them only after a step that returns). Under FSDP1 shards (``model=``) the scaler's flag is this
-rank's alone, so there the guard does not claim the step: GradScaler unscales, reads its flag
-(``ShardedGradScaler``, which FSDP1 needs, all-reduces it) and skips an overflowed step itself,
-which the guard then never sees or counts. Under ``process_group=`` or an inner
-ZeroRedundancyOptimizer the guard keeps the contract: its global statistics skip an overflow on
-every rank, while each rank's GradScaler backs off on its own flag.
+them only after a step that returns). Under FSDP1 shards (``model=``, or ``process_group=``
+over FSDP1 parameters) the scaler's flag is this rank's alone, so there the guard does not claim
+the step: GradScaler unscales, reads its flag (``ShardedGradScaler``, which FSDP1 needs,
+all-reduces it) and skips an overflowed step itself, which the guard then never sees or counts.
+Under ``process_group=`` over other (hand-made) shards or an inner ZeroRedundancyOptimizer the
+guard keeps the contract: its global statistics skip an overflow on every rank, while each rank's
+GradScaler backs off on its own flag.
 
 Distributed (see gradguard.distributed): DTensor gradients (FSDP2, tensor parallel), FSDP1
 shards (``model=`` the FSDP module, or ``process_group=``) and an inner ZeroRedundancyOptimizer
@@ -336,6 +337,13 @@ class GradGuard(torch.optim.Optimizer):
         self._fsdp_group = _distributed.fsdp1_group(model) if model is not None and process_group is None else None
         # FSDP1 units that do not shard (NO_SHARD, or one rank): whole gradients, never summed.
         self._fsdp_whole = _distributed.fsdp1_whole(model) if model is not None else frozenset()
+        if process_group is not None and _distributed.is_ddp(model):
+            # DDP's gradients are whole and the same on every rank: summed as shards, the norm
+            # came out sqrt(world size) too large, and every step clipped that much harder.
+            raise ValueError("gradguard.GradGuard: `model` is a DistributedDataParallel module, whose gradients are "
+                             "already all-reduced (whole and the same on every rank), but process_group= sums each "
+                             "gradient's statistics over the group as if it were a shard; drop process_group= (DDP "
+                             "needs no collective)")
         self._decide_group = _distributed.zero_group(optimizer)
         self._state = GuardState(history_size)
         if not isinstance(hygiene, bool):
@@ -364,7 +372,11 @@ class GradGuard(torch.optim.Optimizer):
         # itself, with its all-reduced flag. Not under process_group= or ZeRO, whose users take a
         # plain GradScaler: its rank-local skip would leave the other ranks alone in the guard's
         # collective, while through the contract the guard's global statistics skip on every rank.
-        self._step_supports_amp_scaling = self._fsdp_group is None
+        # FSDP1 shards under process_group= alike (the refusal of unreduced shards suggested it):
+        # the same rank-local flag, and the ranks' scales drifted apart there too.
+        self._step_supports_amp_scaling = self._fsdp_group is None and not (
+            process_group is not None
+            and any(_distributed.is_fsdp1_sharded(q, self._fsdp_whole) for q in self._params()))
 
         self.last: StepReport | None = None
         self._step_hooks: OrderedDict = OrderedDict()

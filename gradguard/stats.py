@@ -190,8 +190,12 @@ def global_raw_stats(tensors: list[torch.Tensor], norm_type: float, *, process_g
     (DTensor placements, `process_group` for every plain tensor or `groups` per tensor) by one
     collective (see gradguard.distributed). Partial DTensors are reduced first (into `reduced`,
     see distributed.localize). Returns (raw, local tensors)."""
-    if process_group is not None and groups is None:
+    if process_group is not None and groups is None:  # the functional API's process_group=
         _distributed.check_process_group(process_group, "gradguard")
+        # The statistics are gathered by position: a rank with fewer tensors made gloo abort on
+        # another, and one with none returned alone while the others hung. A host read.
+        _distributed.check_same_count(len(tensors), process_group, tensors[0].device if tensors else None,
+                                      "gradguard")
         groups = [process_group] * len(tensors)
     local, plan = _distributed.localize(tensors, groups=groups, decide_group=decide_group, names=names,
                                         reduced=reduced)
@@ -275,7 +279,9 @@ def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, *, proce
     tensors, reduced over the mesh dimensions that shard them and not over those that replicate
     them; ``process_group`` says that every plain tensor is a shard summed over that group
     (FSDP1 flat parameters, hand-rolled sharding). Either costs one collective, which every rank
-    of the group must join with the same number of tensors.
+    of the group must join with the same number of tensors (an empty tensor where a rank holds
+    nothing); with ``process_group`` that is checked first (a small gather and a host read:
+    a rank with another count raises ValueError on every rank instead of a hang or a gloo abort).
     """
     p = check_norm_type(norm_type)
     got = _host.plain_grad_stats(tensors, p) if process_group is None else None
@@ -445,11 +451,15 @@ def refuse_unreduced_fsdp1(params, names, where: str, whole: frozenset = frozens
     """FSDP1 shards are plain tensors: without a group to sum over, a norm would be this rank's."""
     for p, n in zip(params, names):
         if _distributed.is_fsdp1_sharded(p, whole):
+            if where == "gradguard.GradGuard":
+                hint = ("pass model=<the FSDP module> (it finds the group, and tells units that do not shard, "
+                        "NO_SHARD or a single rank, from those that do)")
+            else:
+                hint = ("pass process_group=<the FSDP module's process_group> when every FSDP unit shards over it "
+                        "(GradGuard takes model=<the FSDP module>, which also tells units that do not shard, "
+                        "NO_SHARD or a single rank, from those that do)")
             raise ValueError(f"{where}: parameter {n!r} is an FSDP1 (FullyShardedDataParallel) parameter, so this "
-                             "rank may hold only a shard of its gradient; pass process_group=<the FSDP module's "
-                             "process_group> when every FSDP unit shards over it (GradGuard also takes model=<the "
-                             "FSDP module>, which also tells units that do not shard, NO_SHARD or a single rank, "
-                             "from those that do)")
+                             f"rank may hold only a shard of its gradient; {hint}")
 
 
 def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -624,6 +634,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
         refuse_unreduced_fsdp1(params, names, where)
     grads = as_tensor_list([grad_or_empty(q) for q in params], what="grads")
     if not grads:
+        if process_group is not None:  # joins the others' count check: they would wait for this rank
+            _distributed.check_process_group(process_group, where)
+            _distributed.check_same_count(0, process_group, None, where)
         return torch.tensor(0.0)
     if any(g.is_complex() or g.layout != torch.strided for g in (q.grad for q in params if q.grad is not None)):
         raise TypeError(f"{where}: sparse and complex gradients are not supported for clipping")

@@ -313,10 +313,16 @@ def scenario_fsdp1_sharded_grad_scaler(rank, world):
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
     out = {}
-    for guarded in (False, True):
+    # How the guard is told about the shards: model=, process_group= (which the refusal of
+    # unreduced FSDP1 shards suggested; the ranks' scales drifted apart there, until 2026-12-06)
+    # or both.
+    for how in (None, "model", "process_group", "both"):
         model = FSDP(make_model().float(), device_id=torch.device("cpu"))
         inner = torch.optim.AdamW(model.parameters(), lr=0.01)
-        opt = gradguard.GradGuard(inner, max_norm=1e9, model=model, max_consecutive_skips=1) if guarded else inner
+        kw = {"model": model} if how in ("model", "both") else {}
+        if how in ("process_group", "both"):
+            kw["process_group"] = model.process_group
+        opt = gradguard.GradGuard(inner, max_norm=1e9, max_consecutive_skips=1, **kw) if how else inner
         scaler = ShardedGradScaler(device="cpu", init_scale=1024.0)
         scales = []
         for step in range(4):
@@ -330,9 +336,9 @@ def scenario_fsdp1_sharded_grad_scaler(rank, world):
             scales.append(float(scaler.get_scale()))
         with FSDP.summon_full_params(model):
             params = {clean(n): p.detach().clone() for n, p in model.named_parameters()}
-        out["guarded" if guarded else "plain"] = {"scales": scales, "params": params}
-        if guarded:
-            out["summary"] = {k: v for k, v in opt.summary().items() if k != "worst_layers"}
+        out[how or "plain"] = {"scales": scales, "params": params}
+        if how:
+            out[how]["summary"] = {k: v for k, v in opt.summary().items() if k != "worst_layers"}
     return out
 
 
@@ -396,6 +402,46 @@ def scenario_process_group_uneven_params(rank, world):
         except ValueError as e:
             out[held] = {"error": str(e), "untouched": all(
                 torch.equal(p.detach(), torch.zeros(4, dtype=torch.float64)) for p in params)}
+    return out
+
+
+def scenario_misuse_refused_on_every_rank(rank, world):
+    """What a reviewer found hanging, aborting or silently wrong (2026-12-06), each refused with a
+    ValueError on every rank, the group still usable after it:
+    - a group this rank is not in (dist.new_group's answer there; the message told the user to call
+      new_group);
+    - `model=` a DDP module with process_group= (whole gradients summed as shards: the norm
+      sqrt(world) too large, every step clipped that much harder);
+    - the functional API with process_group= and another number of tensors on one rank (none:
+      that rank returned alone and the others hung; fewer: gloo aborted a rank)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def error_of(fn):
+        try:
+            fn()
+            return None
+        except ValueError as e:
+            return str(e)
+
+    out = {}
+    pg = dist.new_group([0])  # every rank calls new_group; rank 1 gets NON_GROUP_MEMBER
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    p.grad = torch.ones(3, dtype=torch.float64)
+    out["non_member"] = error_of(lambda: gradguard.GradGuard(torch.optim.SGD([p], lr=0.1), process_group=pg))
+    torch.manual_seed(0)
+    m = DDP(torch.nn.Linear(3, 2).double())
+    out["ddp_pg"] = error_of(lambda: gradguard.GradGuard(torch.optim.SGD(m.parameters(), lr=0.1), model=m,
+                                                          process_group=dist.group.WORLD))
+    W = dist.group.WORLD
+    mine = [p] if rank == 0 else []
+    out["clip_empty_rank"] = error_of(lambda: gradguard.clip_grad_norm_(mine, 1.0, process_group=W))
+    two = [torch.ones(2, dtype=torch.float64)] * (2 if rank == 0 else 1)
+    out["stats_fewer"] = error_of(lambda: gradguard.grad_stats(two, process_group=W))
+    out["finite_fewer"] = error_of(lambda: gradguard.all_finite(two, process_group=W))
+    out["clip_all_empty"] = float(gradguard.clip_grad_norm_([], 1.0, process_group=W))
+    # The group still works, and the same counts on every rank still reduce as shards.
+    out["stats_same"] = float(gradguard.grad_stats([torch.full((2,), 3.0, dtype=torch.float64)],
+                                                   process_group=W).total_norm)
     return out
 
 
@@ -616,6 +662,7 @@ def run_all(rank, world) -> dict:
         "fsdp1_sharded_scaler": scenario_fsdp1_sharded_grad_scaler(rank, world),
         "pg_uneven_params": scenario_process_group_uneven_params(rank, world),
         "pg_plain_scaler": scenario_process_group_plain_grad_scaler(rank, world),
+        "misuse": scenario_misuse_refused_on_every_rank(rank, world),
         "zero_ddp": scenario_zero(rank, world, counter, with_ddp=True),
         "zero_plain": scenario_zero(rank, world, counter, with_ddp=False),
         "zero_missing_grad": scenario_zero_missing_grad(rank, world),

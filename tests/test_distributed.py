@@ -144,7 +144,9 @@ def test_fsdp1_refusals_and_process_group(runs):
     for r in runs[0]:
         for key in ("fsdp1_flat", "fsdp1_orig"):
             d = r[key]
-            assert "FSDP1" in d["refusal"] and "process_group=" in d["refusal"] and "model=" in d["refusal"]
+            # GradGuard's refusal points to model= (process_group= over FSDP1 shards is taken too,
+            # but model= also tells the units that do not shard).
+            assert "FSDP1" in d["refusal"] and "pass model=<the FSDP module>" in d["refusal"]
             assert "gradguard.clip_grad_norm_" in d["clip_refusal"] and "process_group=" in d["clip_refusal"]
             _same([d["pg_total"][0]], [d["pg_total"][1]])
 
@@ -229,16 +231,34 @@ def test_process_group_shards_missing_a_grad_on_one_rank(runs):
 def test_fsdp1_with_sharded_grad_scaler_keeps_one_scale_and_one_decision(runs):
     # An overflow in one rank's shard: every rank backs off its loss scale and skips the step,
     # as without the guard, and no rank raises alone for max_consecutive_skips.
+    # Told by model=, by process_group= or by both.
     ranks, _ = runs
     want = ranks[0]["fsdp1_sharded_scaler"]["plain"]
     assert want["scales"] == [1024.0, 512.0, 512.0, 512.0]
     for r in ranks:
         d = r["fsdp1_sharded_scaler"]
-        assert d["guarded"]["scales"] == want["scales"] == d["plain"]["scales"]
-        for k, v in want["params"].items():
-            assert torch.equal(d["guarded"]["params"][k], v), k
-        # GradScaler skipped the overflowed step itself: the guard took and counted the other three.
-        assert d["summary"]["steps"] == 3 and d["summary"]["skipped"] == 0, d["summary"]
+        assert d["plain"]["scales"] == want["scales"]
+        for how in ("model", "process_group", "both"):
+            assert d[how]["scales"] == want["scales"], how
+            for k, v in want["params"].items():
+                assert torch.equal(d[how]["params"][k], v), (how, k)
+            # GradScaler skipped the overflowed step itself: the guard took and counted the other three.
+            assert d[how]["summary"]["steps"] == 3 and d[how]["summary"]["skipped"] == 0, (how, d[how]["summary"])
+
+
+def test_misuse_is_refused_on_every_rank_and_the_group_still_works(runs):
+    ranks, _ = runs
+    for rank, r in enumerate(ranks):
+        d = r["misuse"]
+        if rank == 0:
+            assert d["non_member"] is None, d
+        else:
+            assert "is not a member of `process_group`" in d["non_member"], d
+        assert "DistributedDataParallel" in d["ddp_pg"] and "drop process_group=" in d["ddp_pg"], d
+        assert "hold [1, 0] parameters" in d["clip_empty_rank"], d
+        assert "hold [2, 1] parameters" in d["stats_fewer"] and "hold [2, 1] parameters" in d["finite_fewer"], d
+        assert d["clip_all_empty"] == 0.0
+        assert math.isclose(d["stats_same"], math.sqrt(4 * 9.0), rel_tol=1e-15), d
 
 
 def test_process_group_ranks_holding_different_parameter_counts_are_refused_on_every_rank(runs):
