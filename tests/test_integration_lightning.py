@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 
@@ -76,9 +77,12 @@ def _csv_metrics(trainer) -> dict[int, dict[str, float]]:
     return rows
 
 
-def _check_run(trainer, cb, model, steps, max_norm=1.0, rtol=1e-5):
+def _check_run(trainer, cb, model, steps, max_norm=1.0, rtol=1e-5, overflow=False):
+    # overflow: under a GradScaler, whose flag the NaN sets: the step is one of GradScaler's
+    # overflow steps (named as well), logged as grad/amp_overflow, not as a bad step.
     assert model.before_bad == "checked"
-    assert cb.bad_steps == [{"step": BAD, "guard_step": BAD + 1, "layers": ["net.2.weight"], "skipped": True, "optimizer": 0}]
+    entry = {"step": BAD, "guard_step": BAD + 1, "layers": ["net.2.weight"], "skipped": True, "optimizer": 0}
+    assert (cb.bad_steps, cb.overflow_steps) == (([], [entry]) if overflow else ([entry], []))
     rows = _csv_metrics(trainer)
     assert sorted(rows) == list(range(steps))
     for step in range(steps):
@@ -87,14 +91,18 @@ def _check_run(trainer, cb, model, steps, max_norm=1.0, rtol=1e-5):
         if step == BAD:
             assert row["grad/skipped"] == 1.0 and math.isnan(row["grad/total_norm"])
             assert row["grad/clip_coef"] == 1.0
-            assert row["grad/nonfinite/net.2.weight"] == 1.0
+            if overflow:
+                assert row["grad/amp_overflow"] == 1.0
+            else:
+                assert row["grad/nonfinite/net.2.weight"] == 1.0 and "grad/amp_overflow" not in row
         else:
             assert row["grad/skipped"] == 0.0
-            assert "grad/nonfinite/net.2.weight" not in row
+            assert "grad/nonfinite/net.2.weight" not in row and "grad/amp_overflow" not in row
             assert row["grad/total_norm"] == pytest.approx(ref, rel=rtol)
             assert row["grad/clip_coef"] == pytest.approx(ref_clip_coef(ref, max_norm), rel=rtol)
         assert row["grad/skipped_total"] == float(step >= BAD)
-    assert [k for k in rows[BAD] if k.startswith("grad/nonfinite/")] == ["grad/nonfinite/net.2.weight"]
+    named = [k for k in rows[BAD] if k.startswith("grad/nonfinite/")]
+    assert named == ([] if overflow else ["grad/nonfinite/net.2.weight"])
 
 
 def test_nan_step_skipped_named_logged_and_params_untouched(tmp_path):
@@ -320,7 +328,51 @@ def test_16_mixed_with_grad_scaler(tmp_path, fused):
     trainer.fit(model, _loader())
     assert cb.guard.last.amp
     # The guard's norms are divided by the loss scale (a power of two): equal to the reference.
-    _check_run(trainer, cb, model, 5)
+    _check_run(trainer, cb, model, 5, overflow=True)
+
+
+def test_grad_scaler_overflows_are_not_bad_steps(tmp_path, caplog):
+    # A scale too large for fp16 overflows until GradScaler has backed off: each such step was
+    # warned about as "non-finite gradients in <every layer>", listed in bad_steps and logged as
+    # grad/nonfinite/<every layer>, like a NaN in the data.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 126)
+    model, cb = Tiny(bad_step=-1), GradGuardCallback(max_norm=1.0)
+    trainer = _trainer(tmp_path, cb, max_steps=6, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    with caplog.at_level(logging.INFO, logger="gradguard.integrations"):
+        trainer.fit(model, _loader())
+    s = cb.guard.summary()
+    assert s["skipped"] == 6 and float(scaler.get_scale()) == 2.0 ** 120  # six back-offs
+    assert cb.bad_steps == [] and [o["step"] for o in cb.overflow_steps] == list(range(6))
+    assert len(cb.overflow_steps[0]["layers"]) == 4 and all(o["skipped"] for o in cb.overflow_steps)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "gradguard.integrations"]
+    infos = [r.getMessage() for r in caplog.records if r.name == "gradguard.integrations"]
+    assert len(infos) == 6 and all("loss-scale overflow, skipped; GradScaler lowers the scale" in m for m in infos)
+    rows = _csv_metrics(trainer)
+    assert all(rows[step]["grad/amp_overflow"] == 1.0 and rows[step]["grad/skipped"] == 1.0 for step in range(6))
+    assert not any(k.startswith("grad/nonfinite/") for row in rows.values() for k in row)
+
+
+@pytest.mark.parametrize("trainer_kw", [{"logger": False}, {"barebones": True}], ids=["no_logger", "barebones"])
+def test_no_logger_or_barebones_gives_no_self_log_warnings(tmp_path, trainer_kw, recwarn):
+    # The callback's log_dict(..., logger=True) made Lightning warn at every logged step: "You
+    # called `self.log(...)` but have no logger configured", or under barebones=True "You are
+    # trying to `self.log()` but `Trainer(barebones=True)` is configured".
+    model, cb = Tiny(), GradGuardCallback(max_norm=1.0)
+    kw = dict(max_steps=5, callbacks=[cb], accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, **trainer_kw)
+    if not trainer_kw.get("barebones"):
+        kw["log_every_n_steps"] = 1
+    trainer = pl.Trainer(**kw)
+    trainer.fit(model, _loader())
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "self.log" in m], messages
+    assert [b["step"] for b in cb.bad_steps] == [BAD]  # still checked and reported
+    if not trainer_kw.get("barebones"):
+        # Without a logger the metrics still reach callback_metrics (for a ModelCheckpoint or
+        # EarlyStopping to monitor), as before.
+        assert trainer.callback_metrics["grad/skipped_total"] == 1.0
 
 
 def test_warns_when_the_module_clips_itself(tmp_path):

@@ -118,9 +118,57 @@ def test_step_fn_and_prefix():
     assert {c[3] for c in rec.calls} == {101, 102, 103}
 
 
+def test_lightning_step_fn_aligns_the_hook_with_the_callback(tmp_path):
+    # The hook writes at the guard's 1-based step count, the Lightning callback at Lightning's
+    # 0-based step: a NaN showed at step 4 under hook/ and step 3 under grad/. The README's
+    # step_fn (Lightning's global_step, read while the guarded step runs) puts both at one step.
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def on_before_optimizer_step(self, optimizer):
+            if self.trainer.global_step == 3:
+                plant_nan(self.net.weight.grad)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class AddHook(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            guard_cb.guard.add_step_hook(TensorBoardHook(trainer.logger.experiment, prefix="hook/",
+                                                         step_fn=lambda report: trainer.global_step))
+
+    torch.manual_seed(0)
+    x = torch.randn(48, 8)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=8)
+    guard_cb = GradGuardCallback(max_norm=1.0)
+    trainer = pl.Trainer(max_steps=6, callbacks=[guard_cb, AddHook()], accelerator="cpu", log_every_n_steps=1,
+                         logger=TensorBoardLogger(str(tmp_path)), enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Tiny(), data)
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    hook = {e.step: e.value for e in acc.Scalars("hook/skipped")}
+    callback = {e.step: e.value for e in acc.Scalars("grad/skipped")}
+    assert hook == callback and sorted(hook) == list(range(6)) and hook[3] == 1.0
+    texts = {tag: [t.step for t in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
+    assert texts == {"hook/nonfinite_layers/text_summary": [3], "grad/nonfinite_layers/text_summary": [3]}
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="`writer`"):
         TensorBoardHook(42)
+    with pytest.raises(TypeError, match="`step_fn`"):
+        TensorBoardHook(Recorder(), step_fn=3)
     with pytest.raises(ValueError, match="`every`"):
         TensorBoardHook(Recorder(), every=0)
     with pytest.raises(ValueError, match="`histogram_every`"):

@@ -3,6 +3,7 @@ a 2-layer GPT-2 built from a config: no download)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -150,16 +151,28 @@ def test_bf16(tmp_path):
     check_run(trainer, cb, plant, 4)
 
 
-def test_fp16_grad_scaler(tmp_path):
+def test_fp16_grad_scaler(tmp_path, caplog):
     # Accelerate makes no GradScaler on the CPU (fp16=True then runs without loss scaling); the
     # scaler path is the GPU one, so the test hands Accelerate a CPU GradScaler before training:
     # accelerator.backward scales the loss, AcceleratedOptimizer.step runs scaler.step(guard).
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    trainer, cb, plant = run(tmp_path, max_steps=5, fp16=True, scaler=scaler)
+    with caplog.at_level(logging.INFO, logger="gradguard.integrations"):
+        trainer, cb, plant = run(tmp_path, max_steps=5, fp16=True, scaler=scaler)
     assert trainer.optimizer.scaler is scaler and cb.guard.last.amp
-    assert cb.bad_steps == [{"step": BAD + 1, "guard_step": BAD + 1, "layers": [CULPRIT], "skipped": True, "optimizer": 0}]
+    # The NaN sets GradScaler's found-inf flag, which cannot tell it from an fp16 overflow: one of
+    # GradScaler's overflow steps (skipped, the scale halved), named, but not a bad step, and no
+    # warning (routine back-offs used to warn, and count as bad steps, naming every layer).
+    assert cb.bad_steps == []
+    assert cb.overflow_steps == [{"step": BAD + 1, "guard_step": BAD + 1, "layers": [CULPRIT], "skipped": True,
+                                  "optimizer": 0}]
+    records = [r for r in caplog.records if r.name == "gradguard.integrations"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.INFO, f"gradguard: step {BAD + 1}: loss-scale overflow, skipped; GradScaler lowers the scale "
+                       f"(non-finite scaled gradients in {CULPRIT})")]
     logs = train_logs(trainer)
-    assert logs[BAD + 1]["grad/skipped"] == 1.0
+    assert logs[BAD + 1]["grad/skipped"] == 1.0 and logs[BAD + 1]["grad/amp_overflow"] == 1.0
+    assert not any(k.startswith("grad/nonfinite/") for e in logs.values() for k in e)
+    assert [s for s, e in logs.items() if "grad/amp_overflow" in e] == [BAD + 1]
     # The scaler backs off once (the NaN step), from 256 to 128: the reference saw scaled grads.
     assert float(scaler.get_scale()) == 128.0
     for step in (1, 2):
@@ -438,3 +451,84 @@ def test_logging_strategy_epoch_carries_the_guards_metrics(tmp_path):
         assert e["grad/skipped_total"] == 1.0
     assert logs[steps_per_epoch][f"grad/nonfinite/{CULPRIT}"] == 1.0
     assert f"grad/nonfinite/{CULPRIT}" not in logs[2 * steps_per_epoch]
+
+
+def _guard_left(trainer) -> list[str]:
+    """What of a GradGuardCallback is still in the Trainer."""
+    left = [k for k in ("log", "_save_checkpoint", "_mixed_mesh_grad_norm") if k in trainer.__dict__]
+    left += ["accelerator.clip_grad_norm_"] if "clip_grad_norm_" in trainer.accelerator.__dict__ else []
+    if isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), GradGuard):
+        left.append("optimizer")
+    return left
+
+
+@pytest.mark.parametrize("then", ["fixed", "dropped", "fixed_noresume", "dropped_noresume"])
+def test_a_refused_resume_leaves_the_trainer_as_it_was(tmp_path, then):
+    # The refused guard was installed before its state was loaded, and nothing undid it: resuming
+    # again failed the same way (Trainer loaded optimizer.pt into it), a fitting callback without
+    # resuming was refused ("already a GradGuard"), and no callback ran through the stale guard.
+    run(tmp_path, max_steps=4, bad=-1, cb=GradGuardCallback(history_size=100))
+    ckpt = str(tmp_path / "out" / "checkpoint-4")
+    wrong = GradGuardCallback(history_size=50)
+    trainer, _, plant = make_trainer(tmp_path, 6, bad=-1, cb=wrong, save_strategy="no")
+    with pytest.raises(ValueError, match="history holds 100 steps but this GradGuard was built with history_size=50"):
+        trainer.train(resume_from_checkpoint=ckpt)
+    assert _guard_left(trainer) == [] and wrong.guard is None
+    trainer.remove_callback(wrong)
+    seen = _InnerSeen()
+    trainer.add_callback(seen)
+    cb = GradGuardCallback(history_size=100) if then.startswith("fixed") else None
+    if cb is not None:
+        trainer.add_callback(cb)
+    resume = None if then.endswith("noresume") else ckpt
+    trainer.train(resume_from_checkpoint=resume)
+    steps = 6 if resume is None else 2
+    assert len(seen.seen) == steps
+    assert all(isinstance(o, GradGuard) == (cb is not None) for o in seen.seen)
+    if cb is not None:
+        assert cb.guard.summary()["steps"] == 6  # 4 restored + 2, or 6 from scratch
+    assert _guard_left(trainer) == []
+
+
+class _RaiseAt(transformers.TrainerCallback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            raise RuntimeError("stopped by a user callback")
+
+
+@pytest.mark.parametrize("how", ["on_nonfinite_raise", "max_consecutive_skips", "elsewhere"])
+def test_a_callback_removed_after_a_train_that_raised_leaves_no_guard_behind(tmp_path, how):
+    # train() raised (the guard's step, or anything else: no on_train_end), the user removed the
+    # callback and trained again: the guard was still inside Accelerate's optimizer and this
+    # trainer's clip_grad_norm_, log and _save_checkpoint still the callback's, so the second
+    # train() ran through the guard (and raised NonFiniteGradError again).
+    kw = {"on_nonfinite_raise": {"on_nonfinite": "raise"}, "max_consecutive_skips": {"max_consecutive_skips": 1},
+          "elsewhere": {}}[how]
+    cb = GradGuardCallback(**kw)
+    trainer, cb, plant = make_trainer(tmp_path, 4, cb=cb, save_strategy="no", lr_scheduler_type="linear")
+    raiser = _RaiseAt(1)
+    if how == "elsewhere":
+        trainer.add_callback(raiser)
+    with pytest.raises(RuntimeError if how == "elsewhere" else NonFiniteGradError):
+        trainer.train()
+    if how != "elsewhere":
+        # Undone as the guard's step raised; the step that ended the run is reported.
+        assert _guard_left(trainer) == [] and "step" not in cb.guard.__dict__
+        assert cb.bad_steps == [{"step": BAD + 1, "guard_step": BAD + 1, "layers": [CULPRIT], "skipped": True,
+                                 "optimizer": 0}]
+    else:
+        trainer.remove_callback(raiser)
+    trainer.remove_callback(cb)
+    seen = _InnerSeen()
+    trainer.add_callback(seen)
+    plant.bad = -1
+    trainer.train()  # no guard: nothing raises, nothing skips
+    assert len(seen.seen) == 4 and not any(isinstance(o, GradGuard) for o in seen.seen)
+    assert _guard_left(trainer) == []
+    # The guard's last skip no longer reads as Accelerate's optimizer_step_was_skipped: the LR
+    # schedule steps on every step of the run without the guard.
+    assert trainer.lr_scheduler.last_epoch == 4
+    assert "grad/total_norm" not in trainer.state.log_history[-2]

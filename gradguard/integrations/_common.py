@@ -93,28 +93,53 @@ def skipped_total(guard) -> torch.Tensor:
 
 class BadStepLog:
     """Reports of steps not yet checked for NaN/Inf. ``flush()`` reads all their flags in one
-    transfer and returns the bad ones with their non-finite layer names."""
+    transfer and returns the bad ones with their non-finite layer names.
+
+    A step whose report says ``amp_overflow`` (GradScaler's found-inf flag was set, and its loss
+    scale can still be undone) goes to ``overflow_steps`` instead of ``bad_steps``, and is logged at
+    INFO with its own wording: GradScaler skips such a step and lowers the scale, which is how it
+    calibrates (and a scale grown every ``growth_interval`` steps overflows again now and then). A
+    warning naming every layer at each of those steps was noise, and counting them as bad steps made
+    them look like a NaN in the data. GradScaler's flag cannot tell the two apart; a NaN that keeps
+    coming drives the scale down until it cannot be undone, and from then on the guard reports
+    those steps as non-finite (``amp_overflow`` False): bad steps again."""
 
     def __init__(self):
         self.pending = []   # (framework step, StepReport, optimizer index)
         self.bad_steps = []  # dicts: step, guard_step, layers, skipped, optimizer
+        self.overflow_steps = []  # the same dicts, for GradScaler's loss-scale overflows
 
     def add(self, step: int, report, optimizer: int = 0) -> None:
         self.pending.append((step, report, optimizer))
 
-    def flush(self) -> list[dict]:
+    def flush(self) -> tuple[list[dict], list[dict]]:
+        """Checks the pending steps; returns the bad steps and the loss-scale overflow steps
+        found now."""
         if not self.pending:
-            return []
+            return [], []
         pending, self.pending = self.pending, []
-        flags = torch.stack([r.found_inf.to(pending[0][1].found_inf.device) for _, r, _ in pending]).double().tolist()
-        found = []
-        for (step, report, optimizer), flag in zip(pending, flags):
-            if flag:
-                entry = {"step": step, "guard_step": report.step, "layers": report.nonfinite_layers,
-                         "skipped": bool(report.skipped), "optimizer": optimizer}
-                found.append(entry)
-                log.warning("gradguard: step %d had non-finite gradients in %s (%s)", step,
-                            ", ".join(entry["layers"]) or "(none named)",
-                            "skipped" if entry["skipped"] else f"on_nonfinite={report.mode!r}")
+        device = pending[0][1].found_inf.device
+        # Both flags of every pending step in the one transfer.
+        flags = torch.stack([torch.stack([r.found_inf.to(device=device, dtype=torch.float64),
+                                          r.amp_overflow.to(device=device, dtype=torch.float64)])
+                             for _, r, _ in pending]).tolist()
+        found, overflows = [], []
+        for (step, report, optimizer), (flag, overflow) in zip(pending, flags):
+            if not flag:
+                continue
+            entry = {"step": step, "guard_step": report.step, "layers": report.nonfinite_layers,
+                     "skipped": bool(report.skipped), "optimizer": optimizer}
+            if overflow:
+                overflows.append(entry)
+                names = entry["layers"]
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                log.info("gradguard: step %d: loss-scale overflow, skipped; GradScaler lowers the scale "
+                         "(non-finite scaled gradients in %s)", step, shown or "(none named)")
+                continue
+            found.append(entry)
+            log.warning("gradguard: step %d had non-finite gradients in %s (%s)", step,
+                        ", ".join(entry["layers"]) or "(none named)",
+                        "skipped" if entry["skipped"] else f"on_nonfinite={report.mode!r}")
         self.bad_steps += found
-        return found
+        self.overflow_steps += overflows
+        return found, overflows

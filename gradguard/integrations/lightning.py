@@ -31,8 +31,13 @@ text), ``callback.bad_steps`` gets ``{"step", "guard_step", "layers", "skipped",
 step Lightning logs that batch's metrics at, its count of batches that stepped before it, which is
 ``trainer.global_step - 1`` with one optimizer but not when a batch steps several; ``guard_step``:
 the guard's 1-based count) and a warning is
-logged. Each guard gets its own copy of a ``spike`` policy (two optimizers, or a second ``fit``,
-must not share one set of statistics).
+logged. GradScaler's loss-scale overflow steps are not bad steps: ``callback.overflow_steps``
+(same keys), ``grad/amp_overflow = 1`` at that step and an INFO line instead (see
+``_common.BadStepLog``). Without a logger (``logger=False``) the metrics go to
+``callback_metrics`` only (``self.log(..., logger=False)``: Lightning warned at every call
+otherwise); under ``barebones=True``, where ``self.log`` is off, they are not logged. Each guard
+gets its own copy of a ``spike`` policy (two optimizers, or a second ``fit``, must not share one
+set of statistics).
 """
 from __future__ import annotations
 
@@ -68,6 +73,11 @@ class GradGuardCallback(pl.Callback):
     @property
     def bad_steps(self) -> list[dict]:
         return self._log.bad_steps
+
+    @property
+    def overflow_steps(self) -> list[dict]:
+        """GradScaler's loss-scale overflow steps (skipped; not in ``bad_steps``), same keys."""
+        return self._log.overflow_steps
 
     def _take_over_clipping(self, trainer, kwargs: dict) -> dict:
         val = trainer.gradient_clip_val
@@ -136,14 +146,18 @@ class GradGuardCallback(pl.Callback):
         for index, guard, report in reports:
             self._log.add(step, report, index)
             last[index] = (guard, report)
-        for index in sorted(last):
-            guard, report = last[index]
-            prefix = "grad/" if index == 0 else f"grad/optimizer_{index}/"
-            pl_module.log_dict({prefix + "total_norm": report.total_norm.to(torch.float32),
-                                prefix + "clip_coef": report.clip_coef.to(torch.float32),
-                                prefix + "skipped": report.skipped.to(torch.float32),
-                                prefix + "skipped_total": skipped_total(guard)},
-                               on_step=True, on_epoch=False, logger=True, batch_size=1)
+        # barebones=True turns self.log off (and warns at every call); without a logger the
+        # metrics still reach trainer.callback_metrics (a ModelCheckpoint or EarlyStopping may
+        # monitor them), but logger=True would warn at every call that there is no logger.
+        if not trainer.barebones:
+            for index in sorted(last):
+                guard, report = last[index]
+                prefix = "grad/" if index == 0 else f"grad/optimizer_{index}/"
+                pl_module.log_dict({prefix + "total_norm": report.total_norm.to(torch.float32),
+                                    prefix + "clip_coef": report.clip_coef.to(torch.float32),
+                                    prefix + "skipped": report.skipped.to(torch.float32),
+                                    prefix + "skipped_total": skipped_total(guard)},
+                                   on_step=True, on_epoch=False, logger=trainer.logger is not None, batch_size=1)
         # Lightning flushes the loggers when that count + 1 is a multiple of log_every_n_steps: so do we.
         if (step + 1) % max(trainer.log_every_n_steps, 1) == 0:
             self._flush(trainer)
@@ -164,12 +178,17 @@ class GradGuardCallback(pl.Callback):
             self._give_back_clipping(trainer)
 
     def _flush(self, trainer) -> None:
-        for bad in self._log.flush():
+        bad_steps, overflows = self._log.flush()
+        for bad in bad_steps:
             for logger in trainer.loggers:
                 logger.log_metrics({f"grad/nonfinite/{name}": 1.0 for name in bad["layers"]}, step=bad["step"])
                 add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
                 if callable(add_text):
                     add_text("grad/nonfinite_layers", ", ".join(bad["layers"]), bad["step"])
+        # GradScaler's overflow steps: one flag at the step, not a metric for each of their layers.
+        for over in overflows:
+            for logger in trainer.loggers:
+                logger.log_metrics({"grad/amp_overflow": 1.0}, step=over["step"])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._flush(trainer)

@@ -53,6 +53,9 @@ class TensorBoardHook:
             raise TypeError(f"gradguard.integrations.tensorboard.TensorBoardHook: `prefix` must be a str, "
                             f"got {type(prefix).__name__}")
         self.prefix = prefix
+        if step_fn is not None and not callable(step_fn):  # else it failed at the first logged step
+            raise TypeError(f"gradguard.integrations.tensorboard.TensorBoardHook: `step_fn` must be None or a "
+                            f"callable report -> int, got {type(step_fn).__name__}")
         self.step_fn = step_fn
 
     def __call__(self, guard, report) -> None:

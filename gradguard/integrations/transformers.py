@@ -34,7 +34,14 @@ optimizer without the guard). Logged at Trainer's logging steps, merged into the
 log Trainer writes there (``trainer.log`` of this trainer is wrapped for the run, so
 ``state.log_history`` and every ``report_to`` integration get them next to ``loss`` and ``grad_norm``): ``grad/total_norm``,
 ``grad/clip_coef``, ``grad/skipped``, ``grad/skipped_total`` and, for each bad step since the last
-log, ``grad/nonfinite/<parameter name> = 1`` (also in ``callback.bad_steps``). Refused: DeepSpeed,
+log, ``grad/nonfinite/<parameter name> = 1`` (also in ``callback.bad_steps``; GradScaler's
+loss-scale overflows go to ``callback.overflow_steps`` and ``grad/amp_overflow = 1`` instead).
+
+Everything taken over is given back at ``on_train_end``; when the guarded step raises
+(``on_nonfinite="raise"``, ``max_consecutive_skips``), right there; after a ``train()`` that
+raised elsewhere, at the callback's next ``on_train_begin``, or, when the callback was removed
+from the Trainer meanwhile, at the next ``train()``'s first call of a patched method. A resumed
+guard state that does not fit is refused before anything is taken over. Refused: DeepSpeed,
 FSDP and XLA, whose clipping and optimizers are their own, and a Trainer whose optimizer is
 already a ``GradGuard`` (use the callback or your own guard, not both).
 """
@@ -90,6 +97,11 @@ class GradGuardCallback(transformers.TrainerCallback):
     def bad_steps(self) -> list[dict]:
         return self._log.bad_steps
 
+    @property
+    def overflow_steps(self) -> list[dict]:
+        """GradScaler's loss-scale overflow steps (skipped; not in ``bad_steps``), same keys."""
+        return self._log.overflow_steps
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         trainer = _find_trainer()
         # A train() that raised (on_nonfinite="raise", max_consecutive_skips) never reached
@@ -98,6 +110,7 @@ class GradGuardCallback(transformers.TrainerCallback):
         stale = getattr(trainer.__dict__.get("log"), "__self__", None)
         if isinstance(stale, GradGuardCallback):
             stale._undo()
+        self._undo()  # this callback's own patches of another Trainer, left by a train() that raised
         accelerator = trainer.accelerator
         kind = str(accelerator.distributed_type).split(".")[-1]
         if kind in ("DEEPSPEED", "FSDP", "XLA"):
@@ -125,14 +138,17 @@ class GradGuardCallback(transformers.TrainerCallback):
             # counters, spike statistics and history go on); a new optimizer gets a new guard.
             guard = GradGuard(inner, model=trainer.model, **guard_kwargs)
             guard.add_step_hook(self._on_step)
-        self._install(trainer, acc_opt, guard)
-        self.guard = guard
         saved = state.stateful_callbacks.get(STATE_KEY) if state.stateful_callbacks else None
         if saved is not None and state.global_step > 0:
+            # Loaded before anything of the Trainer is touched: a checkpoint this guard refuses
+            # (other history_size, spike policy, parameters) leaves the Trainer as it was, so that
+            # it can be resumed again with a fitting callback, or trained without one. (Installed
+            # first, the refused guard stayed inside the optimizer with nothing left to undo it.)
             device = next((p.device for p in trainer.model.parameters()), torch.device("cpu"))
             load_guard_state_json(guard, saved, device)
-
-        self._trainer = trainer
+        self._trainer = trainer  # from here on, _undo() gives back whatever is taken over
+        self._install(trainer, acc_opt, guard)
+        self.guard = guard
         self._norm_outs = []
         # Trainer clips with args.max_grad_norm when it is > 0: that call (and its inf call when
         # it is 0) gets the guard's norm instead. args stays untouched, so that everything that
@@ -158,6 +174,12 @@ class GradGuardCallback(transformers.TrainerCallback):
         one with other settings, leaves no guard of its own behind."""
         self._wrapped = (acc_opt, guard.optimizer, getattr(acc_opt, "_optimizer_original_step_method", None),
                          getattr(acc_opt, "_optimizer_patched_step_method", None))
+        # A step that raises (on_nonfinite="raise", max_consecutive_skips) ends train() without
+        # on_train_end: the guard's step, for this run, undoes everything there, so that the Trainer
+        # is left without the guard whether or not this callback stays registered. (On the guard,
+        # our own object: the LR scheduler has wrapped the Accelerate optimizer's step, and warns
+        # when that wrapper is replaced.)
+        guard.step = self._step_or_undo
         if acc_opt is guard.optimizer:
             trainer.optimizer = guard
         else:
@@ -173,6 +195,8 @@ class GradGuardCallback(transformers.TrainerCallback):
             return
         acc_opt, inner, original_step, patched_step = self._wrapped
         self._wrapped = None
+        # Ours, or Accelerate's patched step, which a step that raised inside scaler.step left there.
+        self.guard.__dict__.pop("step", None)
         if trainer.optimizer is self.guard:
             trainer.optimizer = inner
         elif getattr(acc_opt, "optimizer", None) is self.guard:
@@ -180,9 +204,45 @@ class GradGuardCallback(transformers.TrainerCallback):
             if getattr(acc_opt, "scaler", None) is not None:
                 acc_opt._optimizer_original_step_method = original_step
                 acc_opt._optimizer_patched_step_method = patched_step
+            if hasattr(acc_opt, "_is_overflow"):
+                # Without a GradScaler only _on_step sets it: a skipped last step would otherwise
+                # keep optimizer_step_was_skipped True, and hold the LR schedule, in every later
+                # train() without the guard. (Accelerate starts it at False.)
+                acc_opt._is_overflow = False
         trainer.callback_handler.optimizer = trainer.optimizer
 
+    def _step_or_undo(self, *args, **kwargs):
+        guard = self.guard
+        try:
+            return type(guard).step(guard, *args, **kwargs)
+        except BaseException:
+            trainer, report, self._last_report = self._trainer, self._last_report, None
+            self._undo()
+            if report is not None:
+                # The step that ended the run (its hook ran before the guard raised): in
+                # bad_steps, with its warning, as on_step_end would have put it.
+                try:
+                    self._log.add(trainer.state.global_step + 1, report)
+                    self._log.flush()
+                except Exception as e:  # noqa: BLE001  (the step's own error is the one to raise)
+                    log.warning("gradguard: could not report the bad step of a train() that raised: %r", e)
+            raise
+
+    def _removed(self):
+        """This callback's Trainer, when the callback is no longer among its callbacks while its
+        patches are still in place (it was removed after a train() that raised somewhere other
+        than in the guarded step: no on_train_end ran, and none of its events will run again):
+        everything is undone first, so that the caller can go on with the Trainer's own method."""
+        trainer = self._trainer
+        if trainer is None or any(cb is self for cb in trainer.callback_handler.callbacks):
+            return None
+        self._undo()
+        return trainer
+
     def _clip_grad_norm(self, parameters, max_norm, norm_type=2):
+        trainer = self._removed()
+        if trainer is not None:  # Trainer calls this before every optimizer step
+            return trainer.accelerator.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
         if (max_norm is not None and math.isfinite(max_norm) and max_norm > 0
                 and max_norm != self._trainer_max_norm):
             raise RuntimeError(f"{_WHERE}: accelerator.clip_grad_norm_(max_norm={max_norm}) was called while the "
@@ -195,9 +255,15 @@ class GradGuardCallback(transformers.TrainerCallback):
         return out
 
     def _mixed_mesh_grad_norm(self, model, max_norm):
+        trainer = self._removed()
+        if trainer is not None:
+            return trainer._mixed_mesh_grad_norm(model, max_norm)
         return self._clip_grad_norm(list(model.parameters()), max_norm)
 
     def _save_checkpoint_with_guard(self, *args, **kwargs):
+        trainer = self._removed()
+        if trainer is not None:
+            return trainer._save_checkpoint(*args, **kwargs)
         if self.guard is None or self._trainer is None:
             return self._trainer_save(*args, **kwargs)
         self._trainer.state.stateful_callbacks[STATE_KEY] = guard_state_json(self.guard)
@@ -244,13 +310,19 @@ class GradGuardCallback(transformers.TrainerCallback):
             skipped_total(self.guard).to(report.total_norm.device).double()]).tolist()
         logs = {"grad/total_norm": total, "grad/clip_coef": coef, "grad/skipped": skipped,
                 "grad/skipped_total": skipped_all}
-        for bad in self._log.flush():
+        bad_steps, overflows = self._log.flush()
+        for bad in bad_steps:
             logs.update({f"grad/nonfinite/{name}": 1.0 for name in bad["layers"]})
+        if overflows:  # GradScaler's loss-scale overflows since the last log: one flag, not every layer
+            logs["grad/amp_overflow"] = 1.0
         self._pending_logs = {**(self._pending_logs or {}), **logs}
 
     def _log_with_guard(self, logs, *args, **kwargs):
         # Trainer.log: the guard's metrics join the log Trainer writes at this step, so they reach
         # state.log_history and every report_to integration with Trainer's own loss and grad_norm.
+        trainer = self._removed()
+        if trainer is not None:
+            return trainer.log(logs, *args, **kwargs)
         if self._pending_logs:
             logs = {**logs, **self._pending_logs}
             self._pending_logs = None
