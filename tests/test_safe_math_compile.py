@@ -394,6 +394,42 @@ def test_changing_numbers_do_not_recompile_every_call():
         assert counters["stats"]["unique_graphs"] <= 2, (name, counters["stats"]["unique_graphs"])
 
 
+def test_the_ops_compiled_with_dynamic_shapes_trace_once():
+    # The ops themselves under torch.compile (the public functions take the composite there, but a
+    # library may call torch.ops.gradguard.* directly), forward and backward: the C++ autograd's
+    # safe_div backward read the operands' sizes as integers, which pinned every size (a recompile
+    # per shape, and a dim marked dynamic refused as specialized). One graph, as with the Python
+    # autograd, and mark_dynamic honoured.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    ops = torch.ops.gradguard
+    fns = {
+        "safe_div broadcast": lambda a, b: ops.safe_div(a, b, 0.0, 0.0),
+        "safe_div same shape": lambda a, b: ops.safe_div(a, a * b, 0.0, 0.0),
+        "safe_log": lambda a, b: ops.safe_log(a, 1e-3, False) * b,
+    }
+    for name, fn in fns.items():
+        torch._dynamo.reset()
+        count = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(fn, backend=count, dynamic=True)
+        for n in range(3, 7):
+            a = (torch.rand(n, n + 1) + 0.1).requires_grad_(True)
+            b = (torch.rand(n + 1) + 0.5).requires_grad_(True)
+            compiled(a, b).sum().backward()
+            ga, gb = a.grad, b.grad
+            a.grad = b.grad = None
+            fn(a, b).sum().backward()
+            torch.testing.assert_close(ga, a.grad)
+            torch.testing.assert_close(gb, b.grad)
+        assert count.frame_count == 1, (name, count.frame_count)
+    torch._dynamo.reset()
+    a = (torch.rand(6, 5) + 0.1).requires_grad_(True)
+    b = (torch.rand(5) + 0.5).requires_grad_(True)
+    torch._dynamo.mark_dynamic(a, 0)
+    torch.compile(fns["safe_div broadcast"], backend="aot_eager")(a, b).sum().backward()
+    assert a.grad.shape == (6, 5) and b.grad.shape == (5,)
+
+
 def test_divisors_past_float32s_range_do_not_recompile():
     # Found by a reviewer: every divisor past float32's largest value recompiled (a guard on its
     # value), and with fullgraph=True the ninth failed; an integer constant beyond 2^53 was

@@ -10,7 +10,7 @@
 // Values are those of the Python formulas, which stay the fallback and the oracle:
 // - a first backward (grad mode off) calls the fused backward op below autograd;
 // - a backward that builds a graph (create_graph=True, a second derivative) composes the same
-//   differentiable aten ops as gradguard/reference/safe_math.py's *_backward, in the same order;
+//   differentiable aten ops as gradguard/reference/safe_math.py's *_backward (same values);
 // - safe_div of a float16/bfloat16 input by a 0-dim float32 divisor takes the formulas in
 //   float32 on float32 copies, as the Python formula does (gradguard.safe_div itself runs an
 //   autograd Function of its own for that case, without the copies).
@@ -79,7 +79,8 @@ std::tuple<Tensor, Tensor> div_backward_op(const Tensor& g, const Tensor& x, con
   return op.call(g, x, y, eps);
 }
 
-// The differentiable formulas (reference/safe_math.py's safe_*_backward, op for op). Masked
+// The differentiable formulas (reference/safe_math.py's safe_*_backward: the same operations on
+// the same operands, so the same values; a dispatch mode may see them in another order). Masked
 // elements divide by 1, so a second derivative has no 0 * inf.
 Tensor log_backward_formula(const Tensor& g, const Tensor& x, double eps, bool st) {
   const Tensor c = at::clamp(x, eps);
@@ -104,7 +105,11 @@ std::tuple<Tensor, Tensor> div_backward_formula(const Tensor& g, const Tensor& x
 
 // A broadcast operand's gradient summed back to its shape, as torch.div's is; not summed where
 // the shape is already its own (sum_to_size sums a 0-dim tensor: -0.0 would come back +0.0).
-Tensor sum_to_shape(const Tensor& g, at::IntArrayRef shape) { return g.sizes() == shape ? g : g.sum_to_size(shape); }
+// Symbolic sizes: under torch.compile with dynamic shapes, sizes() pinned every size to a
+// constant (a recompile per shape, and mark_dynamic's dims refused as specialized).
+Tensor sum_to_shape(const Tensor& g, c10::SymIntArrayRef shape) {
+  return g.sym_sizes() == shape ? g : g.sum_to_size_symint(shape);
+}
 
 struct SafeLog : public torch::autograd::Function<SafeLog> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, double eps, bool st) {
@@ -171,10 +176,10 @@ struct SafeDiv : public torch::autograd::Function<SafeDiv> {
     if (y.scalar_type() != x.scalar_type()) {
       // A float16/bfloat16 input by a 0-dim float32 divisor: in float32, as the division was.
       auto [gi, go] = div_backward_formula(g.to(at::kFloat), x.to(at::kFloat), y, eps);
-      return {gi.to(x.scalar_type()), sum_to_shape(go, y.sizes()), Tensor(), Tensor()};
+      return {gi.to(x.scalar_type()), sum_to_shape(go, y.sym_sizes()), Tensor(), Tensor()};
     }
     auto [gi, go] = at::GradMode::is_enabled() ? div_backward_formula(g, x, y, eps) : div_backward_op(g, x, y, eps);
-    return {sum_to_shape(gi, x.sizes()), sum_to_shape(go, y.sizes()), Tensor(), Tensor()};
+    return {sum_to_shape(gi, x.sym_sizes()), sum_to_shape(go, y.sym_sizes()), Tensor(), Tensor()};
   }
 };
 
