@@ -55,7 +55,7 @@ def check_process_group(group, where: str) -> None:
     if group is None or (dist is not None and isinstance(group, dist.ProcessGroup)):
         return
     non_member = getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None)
-    if non_member is not None and not isinstance(group, bool) and group == non_member:
+    if type(group) is type(non_member) and group == non_member:  # an int (-100), not a tensor or a bool
         # What dist.new_group(ranks) returns on a rank outside `ranks`: the message below told
         # the user to call new_group, which they had just done.
         raise ValueError(f"{where}: this rank (rank {dist.get_rank()}) is not a member of `process_group`: "
