@@ -95,26 +95,24 @@ class BadStepLog:
     """Reports of steps not yet checked for NaN/Inf. ``flush()`` reads all their flags in one
     transfer and returns the bad ones with their non-finite layer names.
 
-    A step whose report says ``amp_overflow`` (GradScaler's found-inf flag was set, and its loss
-    scale can still be undone) goes to ``overflow_steps`` instead of ``bad_steps``, and is logged at
-    INFO with its own wording: GradScaler skips such a step and lowers the scale, which is how it
-    calibrates (and a scale grown every ``growth_interval`` steps overflows again now and then). A
-    warning naming every layer at each of those steps was noise, and counting them as bad steps made
-    them look like a NaN in the data. GradScaler's flag cannot tell the two apart; a NaN that keeps
-    coming drives the scale down until it cannot be undone, and from then on the guard reports
-    those steps as non-finite (``amp_overflow`` False): bad steps again."""
+    A step whose report says ``amp_overflow`` (GradScaler's found-inf flag was set) is a bad step
+    too, also listed in ``overflow_steps``, and its warning says so: GradScaler skips such a step
+    and lowers the scale, routinely while it calibrates, but its flag cannot tell an fp16
+    overflow from a NaN in the data, so it is not hidden (filed as a routine overflow at INFO, a
+    NaN in every batch went unreported for hundreds of steps: GradScaler's flag stays set, and
+    the report's ``amp_overflow`` with it, however far the scale falls)."""
 
     def __init__(self):
         self.pending = []   # (framework step, StepReport, optimizer index)
         self.bad_steps = []  # dicts: step, guard_step, layers, skipped, optimizer
-        self.overflow_steps = []  # the same dicts, for GradScaler's loss-scale overflows
+        self.overflow_steps = []  # those of bad_steps that were GradScaler overflows
 
     def add(self, step: int, report, optimizer: int = 0) -> None:
         self.pending.append((step, report, optimizer))
 
     def flush(self) -> tuple[list[dict], list[dict]]:
-        """Checks the pending steps; returns the bad steps and the loss-scale overflow steps
-        found now."""
+        """Checks the pending steps; returns the bad steps found now, and those of them that were
+        GradScaler overflows."""
         if not self.pending:
             return [], []
         pending, self.pending = self.pending, []
@@ -129,14 +127,15 @@ class BadStepLog:
                 continue
             entry = {"step": step, "guard_step": report.step, "layers": report.nonfinite_layers,
                      "skipped": bool(report.skipped), "optimizer": optimizer}
+            found.append(entry)
             if overflow:
                 overflows.append(entry)
-                names = entry["layers"]
+                names = entry["layers"]  # an fp16 overflow often reaches every layer: the first few
                 shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                log.info("gradguard: step %d: loss-scale overflow, skipped; GradScaler lowers the scale "
-                         "(non-finite scaled gradients in %s)", step, shown or "(none named)")
+                log.warning("gradguard: step %d: GradScaler overflow, non-finite scaled gradients in %s (skipped; "
+                            "GradScaler lowers the scale, routinely while it calibrates; a NaN or Inf in the data "
+                            "looks the same, and then recurs)", step, shown or "(none named)")
                 continue
-            found.append(entry)
             log.warning("gradguard: step %d had non-finite gradients in %s (%s)", step,
                         ", ".join(entry["layers"]) or "(none named)",
                         "skipped" if entry["skipped"] else f"on_nonfinite={report.mode!r}")

@@ -31,9 +31,10 @@ text), ``callback.bad_steps`` gets ``{"step", "guard_step", "layers", "skipped",
 step Lightning logs that batch's metrics at, its count of batches that stepped before it, which is
 ``trainer.global_step - 1`` with one optimizer but not when a batch steps several; ``guard_step``:
 the guard's 1-based count) and a warning is
-logged. GradScaler's loss-scale overflow steps are not bad steps: ``callback.overflow_steps``
-(same keys), ``grad/amp_overflow = 1`` at that step and an INFO line instead (see
-``_common.BadStepLog``). Without a logger (``logger=False``) the metrics go to
+logged. A GradScaler overflow step (GradScaler's found-inf flag) is a bad step too, also listed
+in ``callback.overflow_steps`` and logged as ``grad/amp_overflow = 1``, and its warning says so:
+GradScaler lowers the scale, routinely while it calibrates, but its flag cannot tell an fp16
+overflow from a NaN in the data (see ``_common.BadStepLog``). Without a logger (``logger=False``) the metrics go to
 ``callback_metrics`` only (``self.log(..., logger=False)``: Lightning warned at every call
 otherwise); under ``barebones=True``, where ``self.log`` is off, they are not logged. Each guard
 gets its own copy of a ``spike`` policy (two optimizers, or a second ``fit``, must not share one
@@ -76,7 +77,7 @@ class GradGuardCallback(pl.Callback):
 
     @property
     def overflow_steps(self) -> list[dict]:
-        """GradScaler's loss-scale overflow steps (skipped; not in ``bad_steps``), same keys."""
+        """Those of ``bad_steps`` that were GradScaler overflows (skipped, the scale lowered)."""
         return self._log.overflow_steps
 
     def _take_over_clipping(self, trainer, kwargs: dict) -> dict:
@@ -185,7 +186,7 @@ class GradGuardCallback(pl.Callback):
                 add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
                 if callable(add_text):
                     add_text("grad/nonfinite_layers", ", ".join(bad["layers"]), bad["step"])
-        # GradScaler's overflow steps: one flag at the step, not a metric for each of their layers.
+        # GradScaler's overflow steps: a flag at the step, beside their layers' metrics.
         for over in overflows:
             for logger in trainer.loggers:
                 logger.log_metrics({"grad/amp_overflow": 1.0}, step=over["step"])

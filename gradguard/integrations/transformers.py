@@ -34,8 +34,8 @@ optimizer without the guard). Logged at Trainer's logging steps, merged into the
 log Trainer writes there (``trainer.log`` of this trainer is wrapped for the run, so
 ``state.log_history`` and every ``report_to`` integration get them next to ``loss`` and ``grad_norm``): ``grad/total_norm``,
 ``grad/clip_coef``, ``grad/skipped``, ``grad/skipped_total`` and, for each bad step since the last
-log, ``grad/nonfinite/<parameter name> = 1`` (also in ``callback.bad_steps``; GradScaler's
-loss-scale overflows go to ``callback.overflow_steps`` and ``grad/amp_overflow = 1`` instead).
+log, ``grad/nonfinite/<parameter name> = 1`` (also in ``callback.bad_steps``; those that were
+GradScaler overflows also in ``callback.overflow_steps``, with ``grad/amp_overflow = 1``).
 
 Everything taken over is given back at ``on_train_end``; when the guarded step raises
 (``on_nonfinite="raise"``, ``max_consecutive_skips``), right there; after a ``train()`` that
@@ -99,7 +99,7 @@ class GradGuardCallback(transformers.TrainerCallback):
 
     @property
     def overflow_steps(self) -> list[dict]:
-        """GradScaler's loss-scale overflow steps (skipped; not in ``bad_steps``), same keys."""
+        """Those of ``bad_steps`` that were GradScaler overflows (skipped, the scale lowered)."""
         return self._log.overflow_steps
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -313,7 +313,7 @@ class GradGuardCallback(transformers.TrainerCallback):
         bad_steps, overflows = self._log.flush()
         for bad in bad_steps:
             logs.update({f"grad/nonfinite/{name}": 1.0 for name in bad["layers"]})
-        if overflows:  # GradScaler's loss-scale overflows since the last log: one flag, not every layer
+        if overflows:  # GradScaler overflows since the last log: a flag beside their layers' metrics
             logs["grad/amp_overflow"] = 1.0
         self._pending_logs = {**(self._pending_logs or {}), **logs}
 
