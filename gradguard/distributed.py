@@ -102,17 +102,22 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp, group=group)
 
 
-def check_same_count(n: int, group, device, where: str) -> None:
+def _count_device(group) -> torch.device:
+    # One rule on every rank, whatever tensors it holds (a rank with none, CPU tensors beside a
+    # CUDA group): a NCCL group (or a default one, "cpu:gloo,cuda:nccl") gathers on the current GPU.
+    backend = str(dist.get_backend(group)).lower()
+    if ("nccl" in backend or backend == "undefined") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_same_count(n: int, group, where: str) -> None:
     """Refuses ranks of `group` that hold different numbers of parameters: the statistics are
     gathered by position, so a rank with fewer entries made gloo abort on another rank and the
     rest read rows never sent; a rank with none returned before any collective and the others
-    hung. One small gather and one read, where the parameter layout is new; `device` None: a rank
-    with no parameter."""
+    hung. One small gather and one host read; every rank of the group must call it."""
     world = len(_group_ranks(group))
-    if device is None:  # a rank that holds no parameter joins on the group's own device
-        device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
-                  else torch.device("cpu"))
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    mine = torch.tensor([n], dtype=torch.int64, device=_count_device(group))
     every = mine.new_empty(world)
     _all_gather(every, mine, group=group)
     counts = every.tolist()
@@ -120,6 +125,26 @@ def check_same_count(n: int, group, device, where: str) -> None:
         raise ValueError(f"{where}: with process_group= every rank must hold the same parameters, in the same order "
                          f"(a shard of each; an empty gradient where it has none), but the ranks of the group hold "
                          f"{counts} parameters")
+
+
+_counts_checked: dict = {}
+
+
+def check_same_count_once(n: int, group, where: str) -> None:
+    """check_same_count at the first call with each count on this group, not after (the
+    functional API's process_group=: a host read on every call was a sync per step on a GPU, and
+    broke torch.compile(fullgraph=True)). A rank whose count changes later, alone, is not caught
+    (its check would meet the others' statistics gather). Not under torch.compile, which would
+    trace the read."""
+    if torch.compiler.is_compiling():
+        return
+    key = (id(group), n)
+    if _counts_checked.get(key) is group:
+        return
+    check_same_count(n, group, where)
+    if len(_counts_checked) > 64:
+        _counts_checked.clear()
+    _counts_checked[key] = group
 
 
 def is_checkpoint_init_step(param_groups) -> bool:
@@ -401,10 +426,17 @@ def zero_group(optimizer):
     return None
 
 
-def is_ddp(model) -> bool:
-    """Whether `model` is a DistributedDataParallel module (whole gradients, all-reduced)."""
+def ddp_overlaps(model, group) -> bool:
+    """Whether `model` holds a DistributedDataParallel module (itself, inside a container, or under
+    torch.compile) whose ranks share more than this one with `group`: those ranks hold the same
+    whole gradient, which summed over `group` as shards would count once per rank. (DDP over a
+    data-parallel group of one beside tensor-parallel shards does not overlap.)"""
     try:
         from torch.nn.parallel import DistributedDataParallel
     except ImportError:
         return False
-    return isinstance(model, DistributedDataParallel)
+    if not isinstance(model, torch.nn.Module):
+        return False
+    mine = set(_group_ranks(group))
+    return any(isinstance(m, DistributedDataParallel) and len(mine & set(_group_ranks(m.process_group))) > 1
+               for m in model.modules())

@@ -337,13 +337,13 @@ class GradGuard(torch.optim.Optimizer):
         self._fsdp_group = _distributed.fsdp1_group(model) if model is not None and process_group is None else None
         # FSDP1 units that do not shard (NO_SHARD, or one rank): whole gradients, never summed.
         self._fsdp_whole = _distributed.fsdp1_whole(model) if model is not None else frozenset()
-        if process_group is not None and _distributed.is_ddp(model):
-            # DDP's gradients are whole and the same on every rank: summed as shards, the norm
-            # came out sqrt(world size) too large, and every step clipped that much harder.
-            raise ValueError("gradguard.GradGuard: `model` is a DistributedDataParallel module, whose gradients are "
-                             "already all-reduced (whole and the same on every rank), but process_group= sums each "
-                             "gradient's statistics over the group as if it were a shard; drop process_group= (DDP "
-                             "needs no collective)")
+        if process_group is not None and _distributed.ddp_overlaps(model, process_group):
+            # DDP's gradients are whole and the same on its ranks: summed as shards over them, the
+            # norm came out sqrt(world size) too large, and every step clipped that much harder.
+            raise ValueError("gradguard.GradGuard: `model` holds a DistributedDataParallel module whose ranks share "
+                             "`process_group`: its gradients are already all-reduced (whole and the same on each of "
+                             "those ranks), but process_group= sums each gradient's statistics over the group as if it "
+                             "were a shard; drop process_group= (DDP needs no collective)")
         self._decide_group = _distributed.zero_group(optimizer)
         self._state = GuardState(history_size)
         if not isinstance(hygiene, bool):
@@ -758,8 +758,7 @@ class GradGuard(torch.optim.Optimizer):
         params = self._params()
         self._check_params(params)  # a model converted in place since (model.to(torch.cfloat))
         if self.process_group is not None:  # every rank, one holding no parameter too
-            _distributed.check_same_count(len(params), self.process_group, params[0].device if params else None,
-                                          "gradguard.GradGuard")
+            _distributed.check_same_count(len(params), self.process_group, "gradguard.GradGuard")
         kinds = {(q.device, q.dtype) for q in params}
         simple = (len(kinds) == 1 and self.process_group is None and self._fsdp_group is None
                   and self._decide_group is None

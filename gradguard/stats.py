@@ -193,9 +193,9 @@ def global_raw_stats(tensors: list[torch.Tensor], norm_type: float, *, process_g
     if process_group is not None and groups is None:  # the functional API's process_group=
         _distributed.check_process_group(process_group, "gradguard")
         # The statistics are gathered by position: a rank with fewer tensors made gloo abort on
-        # another, and one with none returned alone while the others hung. A host read.
-        _distributed.check_same_count(len(tensors), process_group, tensors[0].device if tensors else None,
-                                      "gradguard")
+        # another, and one with none returned alone while the others hung. Checked at the first
+        # call with each count (a host read), not at every call.
+        _distributed.check_same_count_once(len(tensors), process_group, "gradguard")
         groups = [process_group] * len(tensors)
     local, plan = _distributed.localize(tensors, groups=groups, decide_group=decide_group, names=names,
                                         reduced=reduced)
@@ -280,8 +280,9 @@ def grad_stats(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, *, proce
     them; ``process_group`` says that every plain tensor is a shard summed over that group
     (FSDP1 flat parameters, hand-rolled sharding). Either costs one collective, which every rank
     of the group must join with the same number of tensors (an empty tensor where a rank holds
-    nothing); with ``process_group`` that is checked first (a small gather and a host read:
-    a rank with another count raises ValueError on every rank instead of a hang or a gloo abort).
+    nothing); with ``process_group`` that is checked at the first call with each count (a small
+    gather and a host read; not under torch.compile): a rank with another count raises ValueError
+    on every rank instead of a hang or a gloo abort.
     """
     p = check_norm_type(norm_type)
     got = _host.plain_grad_stats(tensors, p) if process_group is None else None
@@ -636,7 +637,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
     if not grads:
         if process_group is not None:  # joins the others' count check: they would wait for this rank
             _distributed.check_process_group(process_group, where)
-            _distributed.check_same_count(0, process_group, None, where)
+            _distributed.check_same_count_once(0, process_group, where)
         return torch.tensor(0.0)
     if any(g.is_complex() or g.layout != torch.strided for g in (q.grad for q in params if q.grad is not None)):
         raise TypeError(f"{where}: sparse and complex gradients are not supported for clipping")

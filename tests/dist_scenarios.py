@@ -432,7 +432,9 @@ def scenario_misuse_refused_on_every_rank(rank, world):
     m = DDP(torch.nn.Linear(3, 2).double())
     out["ddp_pg"] = error_of(lambda: gradguard.GradGuard(torch.optim.SGD(m.parameters(), lr=0.1), model=m,
                                                           process_group=dist.group.WORLD))
-    W = dist.group.WORLD
+    # A group of its own: counts are checked at the first call with each count on a group, and
+    # the scenarios before this one called the functional API on WORLD with counts of their own.
+    W = dist.new_group(list(range(world)))
     mine = [p] if rank == 0 else []
     out["clip_empty_rank"] = error_of(lambda: gradguard.clip_grad_norm_(mine, 1.0, process_group=W))
     two = [torch.ones(2, dtype=torch.float64)] * (2 if rank == 0 else 1)
@@ -442,6 +444,32 @@ def scenario_misuse_refused_on_every_rank(rank, world):
     # The group still works, and the same counts on every rank still reduce as shards.
     out["stats_same"] = float(gradguard.grad_stats([torch.full((2,), 3.0, dtype=torch.float64)],
                                                    process_group=W).total_norm)
+    # The count is checked at the first call with it, not at every call (a host read per step was
+    # a sync on a GPU), and not under torch.compile (fullgraph failed on that read).
+    from gradguard import distributed as gd
+    checks = []
+    real = gd.check_same_count
+    gd.check_same_count = lambda *a: (checks.append(a), real(*a))
+    try:
+        for _ in range(3):
+            gradguard.grad_stats([torch.full((2,), 3.0, dtype=torch.float64)], process_group=W)
+        q = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        q.grad = torch.full((3,), 1.0, dtype=torch.float64)
+        compiled = torch.compile(lambda: gradguard.clip_grad_norm_([q], 1e9, process_group=W), backend="eager",
+                                 fullgraph=True)
+        out["compiled_clip"] = float(compiled())
+    finally:
+        gd.check_same_count = real
+    out["count_checks_repeated"] = len(checks)
+    # DDP inside a container is found too; DDP over a group of one (tensor-parallel ranks
+    # beside it, data parallel of 1) does not share process_group's ranks: accepted.
+    torch.manual_seed(0)
+    out["ddp_wrapped"] = error_of(lambda: gradguard.GradGuard(
+        torch.optim.SGD(m.parameters(), lr=0.1), model=torch.nn.Sequential(m), process_group=dist.group.WORLD))
+    alone = [dist.new_group([r]) for r in range(world)]  # every rank makes every group
+    single = DDP(torch.nn.Linear(3, 2).double(), process_group=alone[rank])
+    out["ddp_group_of_one"] = error_of(lambda: gradguard.GradGuard(
+        torch.optim.SGD(single.parameters(), lr=0.1), model=single, process_group=dist.group.WORLD))
     return out
 
 

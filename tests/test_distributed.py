@@ -259,6 +259,8 @@ def test_misuse_is_refused_on_every_rank_and_the_group_still_works(runs):
         assert "hold [2, 1] parameters" in d["stats_fewer"] and "hold [2, 1] parameters" in d["finite_fewer"], d
         assert d["clip_all_empty"] == 0.0
         assert math.isclose(d["stats_same"], math.sqrt(4 * 9.0), rel_tol=1e-15), d
+        assert d["count_checks_repeated"] == 0 and math.isclose(d["compiled_clip"], math.sqrt(6.0), rel_tol=1e-15), d
+        assert "DistributedDataParallel" in d["ddp_wrapped"] and d["ddp_group_of_one"] is None, d
 
 
 def test_process_group_ranks_holding_different_parameter_counts_are_refused_on_every_rank(runs):
