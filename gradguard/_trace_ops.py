@@ -8,11 +8,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+_CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def checkable(t) -> bool:
     """A dense tensor that can hold NaN/Inf and has elements (max-abs of an empty tensor is an
-    error; aminmax has no sparse kernel: a sparse activation crashed the forward)."""
-    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and (t.is_floating_point() or t.is_complex())
-            and t.numel() > 0)
+    error; aminmax has no sparse, nested or float8 kernel: a sparse activation, the nested
+    tensors of a TransformerEncoder's fast path and a float8 one each crashed the forward)."""
+    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
+            and (t.dtype in _CHECKED_FLOATS or t.is_complex()) and t.numel() > 0)
 
 
 def all_finite(tensors) -> bool:

@@ -105,6 +105,8 @@ class _Record:
         self.judged = None     # () -> the parameters the report's counts are of
         self.op = None         # set by a replay's op checker
         self.origin = None     # the answer, once computed (without a loss)
+        self.replay_origin = None  # a replay's answer (computed with its loss)
+        self.step = None       # the tracer's step count when this record was kept (see first_nonfinite)
         self.param_names = None
         # The gradient hooks placed this step, removed when it ends (release()): a hook on a leaf
         # tensor (a Parameter passed straight to a submodule) or on any tensor that outlives the
@@ -181,6 +183,7 @@ class NanTracer:
         self._rng = self._rng_done = None
         self._rec_op = None
         self._ended = False
+        self._gen = 0  # counts step boundaries: a kept record answers only until the next one
         self.last_origin: Origin | None = None
         if mode == "always":
             self._attach()
@@ -217,11 +220,13 @@ class NanTracer:
         self._last = None
         self._stack = []
         self.last_origin = None
+        self._gen += 1
 
     def begin_step(self) -> None:
         """Saves the RNG state the next step starts from (for ``replay``; a few microseconds)."""
         self._rng = _rng_state()
         self._ended = False
+        self._gen += 1
 
     def _end_step(self, found_inf=None, report=None, judged=None) -> None:
         """Called by ``GradGuard.step()``: keeps this step's events for ``first_nonfinite()``,
@@ -231,7 +236,9 @@ class NanTracer:
         parameters those counts are of, in the report's order (asked for on a bad step only)."""
         rec = self._rec
         rec.release()  # the step's backward is over
+        self._gen += 1
         if rec.flags or rec.op is not None:
+            rec.step = self._gen
             rec.found_inf = found_inf
             rec.report, rec.judged = report, judged
             self._last = rec
@@ -247,8 +254,10 @@ class NanTracer:
         # Dynamo inlines hooks: inside a compiled region record nothing (the eager replay does).
         # A forward run inside backward is a gradient-checkpoint recompute, already recorded.
         # Under torch.inference_mode() (an evaluation loop) no training step is being traced.
+        # Inside a torch.func transform (vmap of grad: per-sample gradients) the tensors are the
+        # transform's wrappers, which must not outlive it: reading their flags after it raised.
         return (torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1
-                or torch.is_inference_mode_enabled())
+                or torch.is_inference_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None)
 
     def _known(self, rec, t) -> bool:
         hit = rec.seen.get(id(t))
@@ -340,7 +349,15 @@ class NanTracer:
             t0 = leaves[idx[0]]
             if t0.dim() > self.batch_dim:
                 rec.batch_size = t0.shape[self.batch_dim]
-        self._check(rec, "input", frame, leaves, idx)
+        checked = idx
+        if kwargs:
+            # An additive attention mask holds -inf by design (torch's TransformerEncoder turns a
+            # boolean padding mask into one for every layer): a keyword argument named *mask* is
+            # not checked (a NaN in one shows in the output of the module that applies it).
+            masks = {id(v) for k, v in kwargs.items() if "mask" in k.lower() and isinstance(v, torch.Tensor)}
+            if masks:
+                checked = [i for i in idx if id(leaves[i]) not in masks]
+        self._check(rec, "input", frame, leaves, checked)
         if torch.is_grad_enabled():
             self._hook_grads(rec, leaves, idx, frame, as_output=False)
         self._stack.append(frame)
@@ -364,9 +381,16 @@ class NanTracer:
         """The first NaN/Inf of the step, or None when every recorded value was finite. Reads one
         index from the device. ``loss``: the step's loss, to tell a non-finite loss computed from
         finite model outputs (phase ``"loss"``) from the rest."""
+        if self._last is not None and self._last.step != self._gen:
+            # Kept at an earlier step boundary (a replay's, or a step the guard ended) and a step
+            # has begun or ended since: its answer is not this step's (a replay's answer was given
+            # for every later good step, and hid a new fault).
+            self._last = None
         rec = self._rec if (self._rec.flags or self._rec.op is not None or self._last is None) else self._last
+        if loss is None and rec.replay_origin is not None:
+            return rec.replay_origin
         if not rec.flags and loss is None:
-            return self.last_origin if self.mode == "on_failure" else None
+            return None
         if loss is None and rec.origin is not None:
             return rec.origin
         flags = list(rec.flags)
@@ -557,8 +581,16 @@ class NanTracer:
             if self.check_ops:
                 rec.op = checker.found
             origin = self.first_nonfinite(loss=loss)
+            rec.replay_origin = origin
         finally:
             rec.release()
+            if self._rec is rec:
+                # The replay's record answers for the step it replayed, until the next step
+                # boundary; the next step records into a fresh one (it appended to this one,
+                # whose cached answer it then gave).
+                rec.step = self._gen
+                self._last = rec
+                self._rec = _Record()
             self._keep = self.keep_tensors
             if not attached:
                 self._detach()

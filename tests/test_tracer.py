@@ -884,3 +884,126 @@ def test_a_frozen_teacher_called_under_no_grad_in_a_training_forward_is_traced()
     model(torch.randn(B, D)).sum().backward()
     origin = tracer.first_nonfinite()
     assert origin.phase == "forward" and origin.module == "teacher.1" and origin.where == "output"
+
+
+# ---- found by a review on 2026-12-06 ---------------------------------------------------------------
+
+def test_a_replayed_step_answers_for_itself_only():
+    # replay() left its record in place: the next step appended to it, and first_nonfinite() gave
+    # the replay's cached answer for every later good step and for a new fault.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    for mode in ("always", "on_failure"):
+        tracer = gradguard.NanTracer(model, mode=mode)
+        opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.0), model=model, tracer=tracer)
+
+        def fwd_bwd(x, y):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        y = torch.randint(0, 3, (8,))
+        bad = torch.randn(8, 4)
+        bad[6] = math.inf
+        tracer.begin_step()
+        fwd_bwd(bad, y)
+        opt.step()
+        first = tracer.replay(fwd_bwd, bad, y)
+        assert first.phase == "input" and tracer.first_nonfinite() is first, mode
+        opt.zero_grad()
+        tracer.begin_step()
+        fwd_bwd(torch.randn(8, 4), y)
+        assert tracer.first_nonfinite() is None, mode  # mid-step
+        opt.step()
+        assert not opt.last.skipped and tracer.first_nonfinite() is None, mode
+        opt.zero_grad()
+        saved = model[2].weight[0, 0].item()
+        with torch.no_grad():
+            model[2].weight[0, 0] = math.nan  # a new fault: its own answer
+        tracer.begin_step()
+        fwd_bwd(torch.randn(8, 4), y)
+        opt.step()
+        got = tracer.first_nonfinite() if mode == "always" else tracer.replay(fwd_bwd, torch.randn(8, 4), y)
+        assert opt.last.skipped and got.module == "2" and "weight" in str(got), (mode, str(got))
+        with torch.no_grad():
+            model[2].weight[0, 0] = saved
+        opt.zero_grad()
+        tracer.remove()
+
+
+def test_attention_masks_are_not_faults():
+    # A boolean padding mask (torch turns it into a -inf float mask for every layer) and a causal
+    # float mask made every finite step of a TransformerEncoder report an Inf.
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
+                                enable_nested_tensor=False)
+    tracer = gradguard.NanTracer(enc)
+    opt = gradguard.GradGuard(torch.optim.SGD(enc.parameters(), lr=0.1), model=enc, tracer=tracer)
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    for kw in ({"src_key_padding_mask": pad}, {"mask": causal, "is_causal": True}):
+        enc(x, **kw).sum().backward()
+        opt.step()
+        assert not opt.last.skipped and tracer.first_nonfinite() is None, kw
+        opt.zero_grad()
+    # A NaN the model makes is still found.
+    with torch.no_grad():
+        enc.layers[1].linear1.bias[0] = math.nan
+    enc(x, src_key_padding_mask=pad).sum().backward()
+    opt.step()
+    assert opt.last.skipped and "layers.1" in tracer.first_nonfinite().module
+
+
+def test_nested_float8_and_functorch_tensors_are_not_checked():
+    # Each crashed a forward that runs without the tracer: the nested tensors of a
+    # TransformerEncoder's fast path (an eval() teacher with a padding mask), a float8 activation
+    # (aminmax has no kernel for either), and torch.func's per-sample gradients (flags read after
+    # the vmap had ended).
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+
+    class Student(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.teacher = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x, pad):
+            with torch.no_grad():
+                t = self.teacher(x, src_key_padding_mask=pad)
+            return self.head(x + t)
+
+    m = Student()
+    m.teacher.eval()
+    tracer = gradguard.NanTracer(m)
+    m(torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])).sum().backward()
+    assert tracer.first_nonfinite() is None
+    tracer.remove()
+
+    class Q(nn.Module):
+        def forward(self, x):
+            return x.to(torch.float8_e4m3fn)  # an fp8 quantize step
+
+    class DQ(nn.Module):
+        def forward(self, x):
+            return x.to(torch.float32)
+
+    q = nn.Sequential(nn.Linear(4, 4), Q(), DQ(), nn.Linear(4, 1))
+    tracer = gradguard.NanTracer(q)
+    q(torch.randn(3, 4)).sum().backward()
+    assert tracer.first_nonfinite() is None
+    tracer.remove()
+
+    s = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    params = {k: v.detach() for k, v in s.named_parameters()}
+
+    def loss(p, x):
+        return functional_call(s, p, (x.unsqueeze(0),)).sum()
+
+    x = torch.randn(5, 4)
+    want = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    tracer = gradguard.NanTracer(s)
+    got = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    assert all(torch.equal(got[k], want[k]) for k in want) and tracer.first_nonfinite() is None
