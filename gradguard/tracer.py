@@ -394,7 +394,12 @@ class NanTracer:
         if loss is None and rec.origin is not None:
             return rec.origin
         flags = list(rec.flags)
-        cut = rec.first_backward if rec.first_backward is not None else len(flags)
+        # The loss is computed after the last forward (micro-batch) and before the backward that
+        # follows it: with gradient accumulation, not at the first backward (a NaN made in a later
+        # micro-batch's forward was reported as the loss's).
+        cut = len(flags)
+        if rec.first_backward is not None:
+            cut = next((i + 1 for i in range(len(rec.meta) - 1, -1, -1) if rec.meta[i][0] != "grad"), 0)
         loss_at = None
         if loss is not None:
             if not isinstance(loss, torch.Tensor):

@@ -1007,3 +1007,29 @@ def test_nested_float8_and_functorch_tensors_are_not_checked():
     tracer = gradguard.NanTracer(s)
     got = vmap(grad(loss), in_dims=(None, 0))(params, x)
     assert all(torch.equal(got[k], want[k]) for k in want) and tracer.first_nonfinite() is None
+
+
+def test_loss_is_judged_after_the_last_micro_batch_forward():
+    # With gradient accumulation the loss's flag went in at the first micro-batch's backward: a
+    # NaN made in the second micro-batch's forward was reported as the loss's.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    tracer = gradguard.NanTracer(model)
+    y = torch.randint(0, 3, (8,))
+    for i in range(2):
+        if i == 1:
+            with torch.no_grad():
+                model[2].weight[1, 1] = math.nan
+        loss = nn.functional.cross_entropy(model(torch.randn(8, 4)), y) / 2
+        loss.backward()
+    got = tracer.first_nonfinite(loss=loss)
+    assert got.phase == "forward" and got.module == "2", str(got)
+    # A loss made non-finite from finite outputs is still the loss's.
+    tracer.reset()
+    with torch.no_grad():
+        model[2].weight[1, 1] = 0.0
+    for i in range(2):
+        out = model(torch.randn(8, 4))
+        loss = out.sum() * (math.inf if i == 1 else 1.0)
+        loss.backward()
+    assert tracer.first_nonfinite(loss=loss).phase == "loss"
