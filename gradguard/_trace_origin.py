@@ -37,7 +37,7 @@ class Origin:
     distributed: bool = False          # several processes: a gradient may come from another rank
 
     def __str__(self) -> str:
-        m = f"`{self.module}`"
+        m = f"`{self.module}`" if self.module else "the model itself"  # "": the root module's own code
         if self.phase == "input":
             s = f"the input batch already held {self.kind}"
             if self.tensor:
@@ -77,8 +77,9 @@ class Origin:
                  "sum of theirs)")
         else:
             s = f"forward finite; the first non-finite gradient ({self.kind}) appeared in the backward of {m}"
-            if len(self.consumers) > 1:
-                s += f" (the tensor also went to {', '.join(f'`{c}`' for c in self.consumers[1:])})"
+            others = [c for c in self.consumers if c != self.module]  # the named one need not be first
+            if others:
+                s += f" (the tensor also went to {', '.join(f'`{c}`' for c in others)})"
         if self.rows is not None:
             shown = self.rows if len(self.rows) <= 10 else self.rows[:10] + ["..."]
             s += f"; {len(self.rows)} of {self.batch_size} rows: batch rows {shown}".replace("'...'", "...")

@@ -1033,3 +1033,17 @@ def test_loss_is_judged_after_the_last_micro_batch_forward():
         loss = out.sum() * (math.inf if i == 1 else 1.0)
         loss.backward()
     assert tracer.first_nonfinite(loss=loss).phase == "loss"
+
+
+def test_sentences_name_the_root_and_the_other_consumers():
+    # The root module's own output read "the output of ``"; a backward origin named in a child
+    # listed its parent as "also went to" by position, and the named child itself where the
+    # parent came first.
+    from gradguard import Origin
+
+    s = str(Origin(phase="forward", module="", where="output", call=1))
+    assert "the output of the model itself" in s and "``" not in s
+    s = str(Origin(phase="backward", module="1.fc", where="gradient", consumers=["1", "1.fc"]))
+    assert s.endswith("appeared in the backward of `1.fc` (the tensor also went to `1`)"), s
+    s = str(Origin(phase="backward", module="1.fc", where="gradient", consumers=["1.fc"]))
+    assert "also went to" not in s
