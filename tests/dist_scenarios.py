@@ -455,9 +455,21 @@ def scenario_misuse_refused_on_every_rank(rank, world):
             gradguard.grad_stats([torch.full((2,), 3.0, dtype=torch.float64)], process_group=W)
         q = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
         q.grad = torch.full((3,), 1.0, dtype=torch.float64)
-        compiled = torch.compile(lambda: gradguard.clip_grad_norm_([q], 1e9, process_group=W), backend="eager",
-                                 fullgraph=True)
-        out["compiled_clip"] = float(compiled())
+        def clip():
+            return gradguard.clip_grad_norm_([q], 1e9, process_group=W)
+
+        try:
+            out["compiled_clip"] = float(torch.compile(clip, backend="eager", fullgraph=True)())
+            out["compiled_fullgraph"] = True
+        except torch._dynamo.exc.Unsupported as e:
+            # torch 2.11's dynamo cannot trace id() of a ProcessGroup, which the group-ranks cache
+            # reads in every process_group= call (before the count check existed too): there the
+            # call compiles with a graph break.
+            if "id()" not in str(e):
+                raise
+            torch._dynamo.reset()
+            out["compiled_clip"] = float(torch.compile(clip, backend="eager")())
+            out["compiled_fullgraph"] = False
     finally:
         gd.check_same_count = real
     out["count_checks_repeated"] = len(checks)
