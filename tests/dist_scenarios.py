@@ -458,18 +458,12 @@ def scenario_misuse_refused_on_every_rank(rank, world):
         def clip():
             return gradguard.clip_grad_norm_([q], 1e9, process_group=W)
 
-        try:
-            out["compiled_clip"] = float(torch.compile(clip, backend="eager", fullgraph=True)())
-            out["compiled_fullgraph"] = True
-        except torch._dynamo.exc.Unsupported as e:
-            # torch 2.11's dynamo cannot trace id() of a ProcessGroup, which the group-ranks cache
-            # reads in every process_group= call (before the count check existed too): there the
-            # call compiles with a graph break.
-            if "id()" not in str(e):
-                raise
-            torch._dynamo.reset()
-            out["compiled_clip"] = float(torch.compile(clip, backend="eager")())
-            out["compiled_fullgraph"] = False
+        # torch 2.11's dynamo cannot compile a process_group= call at all (id() of a ProcessGroup
+        # in the group-ranks cache, then an IndexError of its own on the plan): that torch (CI's
+        # CUDA variant) runs it eagerly here.
+        if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13):
+            clip = torch.compile(clip, backend="eager", fullgraph=True)
+        out["compiled_clip"] = float(clip())
     finally:
         gd.check_same_count = real
     out["count_checks_repeated"] = len(checks)
