@@ -102,13 +102,19 @@ def _number(value, name: str, op: str, *, nonneg: bool, allow_nan: bool = False)
 
 
 def _to_float(value, name: str, op: str) -> float:
+    # The wrong kind of object is a TypeError, a wrong shape or value a ValueError, as in Python's own
+    # float() and torch's argument checks.
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.is_complex():
+        if value.dim() != 0:
             raise ValueError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim real tensor, got a "
                              f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim real tensor, got a "
+                            f"0-dim {value.dtype} tensor")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim tensor, got {value!r}")
+        raise TypeError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim tensor, got "
+                        f"{type(value).__name__} {value!r}")
     try:
         return float(value)
     except OverflowError:  # a Python int beyond float64

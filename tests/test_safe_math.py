@@ -445,8 +445,6 @@ def test_bounds_as_0dim_tensors_equal_numbers():
     (lambda x: gradguard.safe_log(x, -1e-3), "eps"),
     (lambda x: gradguard.safe_log(x, math.nan), "eps"),
     (lambda x: gradguard.safe_log(x, torch.tensor([1e-3, 1e-3])), "eps"),
-    (lambda x: gradguard.safe_log(x, "small"), "eps"),
-    (lambda x: gradguard.safe_log(x, True), "eps"),
     (lambda x: gradguard.safe_log(x, grad="ste"), "grad"),
     (lambda x: gradguard.safe_exp(x, math.nan), "max"),
     (lambda x: gradguard.safe_exp(x, torch.tensor(math.nan)), "max"),
@@ -454,10 +452,24 @@ def test_bounds_as_0dim_tensors_equal_numbers():
     (lambda x: gradguard.safe_sqrt(x, -1.0), "eps"),
     (lambda x: gradguard.safe_div(x, x, eps=-1.0), "eps"),
     (lambda x: gradguard.safe_div(x, x, eps=math.nan), "eps"),
-    (lambda x: gradguard.safe_div(x, x, fill="zero"), "fill"),
 ])
 def test_invalid_arguments_raise_value_error_naming_them(call, arg):
     with pytest.raises(ValueError, match=f"`{arg}`"):
+        call(torch.ones(3))
+
+
+@pytest.mark.parametrize("call,arg", [
+    (lambda x: gradguard.safe_log(x, "small"), "eps"),
+    (lambda x: gradguard.safe_log(x, True), "eps"),
+    (lambda x: gradguard.safe_log(x, torch.tensor(True)), "eps"),
+    (lambda x: gradguard.safe_exp(x, 1j), "max"),
+    (lambda x: gradguard.safe_exp(x, torch.tensor(1j)), "max"),
+    (lambda x: gradguard.safe_sqrt(x, [0.1]), "eps"),
+    (lambda x: gradguard.safe_div(x, x, fill="zero"), "fill"),
+])
+def test_arguments_of_the_wrong_type_raise_type_error_naming_them(call, arg):
+    # The kind of object is wrong, not its value: a TypeError, as Python and torch raise for a wrong type
+    with pytest.raises(TypeError, match=f"`{arg}` must be a real number"):
         call(torch.ones(3))
 
 
