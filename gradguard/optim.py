@@ -384,6 +384,8 @@ class GradGuard(torch.optim.Optimizer):
         self._fused_state_ready = False  # every parameter with a gradient has fused-step state
         self._fused_missing = None       # trainable parameters without it (see _fused_ready)
         self._fused_state_seen = None    # (id, len) of the inner state when it was complete
+        self._fused_stateless = ()       # the parameters without it then (frozen ones)
+        self._fused_layout = None        # the gradients' layout last seen with all their state
         self._tracker = ClearTracker()
         self._warned = set()
 
@@ -573,12 +575,15 @@ class GradGuard(torch.optim.Optimizer):
         state["_layout_cache"] = None
         state["_plan"] = None
         state["_fused_missing"] = None  # rebuilt with the plan
+        state["_fused_layout"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_fused_missing", None)  # pickled before it existed
         self.__dict__.setdefault("_fused_state_seen", None)
+        self.__dict__.setdefault("_fused_stateless", ())
+        self.__dict__.setdefault("_fused_layout", None)
         self._tracker = ClearTracker()
         self._patch_step_function()
         # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups: a copied
@@ -628,9 +633,10 @@ class GradGuard(torch.optim.Optimizer):
                     seen.add(id(t))
                     yield t
 
-    def _fused_ready(self) -> bool:
+    def _fused_ready(self, layout=None) -> bool:
         """Whether the inner optimizer takes grad_scale/found_inf (the GradScaler contract) in
-        every group, with its first-step trap avoided."""
+        every group, with its first-step trap avoided. `layout`: the step's list of names of the
+        parameters with a gradient, one object per layout (see _layout)."""
         opt = self.optimizer
         if not self._fused_kind():
             return False
@@ -649,6 +655,13 @@ class GradGuard(torch.optim.Optimizer):
             # The state was emptied or replaced since it was complete (opt.state.clear() to reset
             # the moments): a skipped step would create it again. Look again.
             self._fused_state_ready, self._fused_missing = False, None
+        if self._fused_state_ready and layout is not None and layout is not self._fused_layout:
+            # Another set of parameters has a gradient than when the state was last complete: one
+            # frozen then (requires_grad=False, so not waited for) may have been unfrozen since,
+            # and has no state (gradual unfreezing). Looked at only when the layout changes.
+            if any(p.grad is not None and not state.get(p) for p in self._fused_stateless):
+                return False
+            self._fused_layout = layout
         if not self._fused_state_ready:
             # Fused Adam/AdamW create their state (zero moments, step 0) before the kernel sees
             # found_inf: a skipped first step would leave state where there was none. Until every
@@ -665,6 +678,11 @@ class GradGuard(torch.optim.Optimizer):
                 return False
             self._fused_missing = [p for p in missing if p.requires_grad and not state.get(p)]
             self._fused_state_ready = not self._fused_missing
+            if self._fused_state_ready:
+                # Frozen parameters are not waited for; they are looked at again when the layout
+                # of the gradients changes (above). One walk, when the state becomes complete.
+                self._fused_stateless = [p for g in opt.param_groups for p in g["params"] if not state.get(p)]
+                self._fused_layout = layout
             # Another count of entries, or another dict, from now on means: look again.
             self._fused_state_seen = (id(state), len(state))
         return True
@@ -859,7 +877,7 @@ class GradGuard(torch.optim.Optimizer):
         # decision continues it (the decision, seeing a finite first evaluation, reset it).
         prev_streak = (st.counters[3].clone() if closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)
                        and mode in ("skip", "raise", "zero") else None)
-        fused = self._fused_ready() and not self._dtensor_grads
+        fused = self._fused_ready(names) and not self._dtensor_grads
         read = (not fused or mode == "raise" or self.max_consecutive_skips is not None
                 or (device.type == "cpu" and self._decide_on_host_on_cpu))
         if capturing:

@@ -410,6 +410,28 @@ def test_a_skipped_step_after_the_fused_state_was_cleared_creates_none(decide_on
         assert set(opt.optimizer.state[w]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_a_skipped_step_creates_no_state_for_a_parameter_unfrozen_after_the_state_was_complete(decide_on, amsgrad):
+    # Gradual unfreezing: a frozen parameter (requires_grad=False) is not waited for, so the state
+    # counted as complete without it; unfrozen later, its first gradient came on a step to skip,
+    # and on the device-decided path the fused step made its state before it saw found_inf.
+    a = torch.nn.Parameter(torch.randn(4))
+    b = torch.nn.Parameter(torch.randn(4), requires_grad=False)
+    opt = GradGuard(torch.optim.AdamW([a, b], lr=0.1, fused=True, amsgrad=amsgrad), hygiene=False)
+    for _ in range(2):
+        a.grad = torch.ones(4)
+        opt.step()
+    b.requires_grad_(True)
+    a.grad, b.grad = torch.ones(4), torch.full((4,), math.nan)
+    before = [q.detach().clone() for q in (a, b)]
+    opt.step()
+    assert bool(opt.last.skipped) and b not in opt.optimizer.state
+    assert all(torch.equal(q.detach(), x) for q, x in zip((a, b), before))
+    b.grad = torch.ones(4)
+    opt.step()  # its first good step makes its state
+    assert not bool(opt.last.skipped) and "exp_avg" in opt.optimizer.state[b]
+
+
 def _sparse_pair(optimizer):
     torch.manual_seed(0)
     a = torch.nn.Embedding(10, 4, sparse=True)
