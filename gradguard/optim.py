@@ -356,6 +356,8 @@ class GradGuard(torch.optim.Optimizer):
         self._layout_cache = None
         self._explicit_names = self._check_names(names)
         self._check_params(self._params())
+        if model is not None:
+            self._check_model_holds_params(model)
 
         # What torch.optim.Optimizer.__init__ sets up, minus the parameter groups (shared below).
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -495,6 +497,15 @@ class GradGuard(torch.optim.Optimizer):
         return fits
 
     # ---- parameters and names -----------------------------------------------------------------
+
+    def _check_model_holds_params(self, model) -> None:
+        # model= names the layers and is checked for eval() mode: a model that holds none of the
+        # optimizer's parameters (a teacher, a copy, the model before FSDP1 flattened it) named
+        # every layer param[i] and watched the wrong module's mode, without a word.
+        held = {id(q) for q in model.parameters()}
+        if not any(id(q) in held for q in self._params()):
+            raise ValueError(f"gradguard.GradGuard: `model` ({type(model).__name__}) holds none of the optimizer's "
+                             "parameters; pass the module whose parameters the optimizer steps (or leave model= out)")
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -203,3 +203,25 @@ def test_setup_py_false_switch_configures_without_writing_a_record(value, tmp_pa
     assert r.stdout.strip().splitlines()[-1] == "gradguard"
     after = os.stat(record).st_mtime_ns if os.path.exists(record) else None
     assert after == before  # the record is written by the build step, not by importing setup.py
+
+
+@pytest.mark.parametrize("disable", ["0", "1"])
+def test_everyday_use_emits_no_warning(disable):
+    # Under -W error (pytest's filterwarnings = error) a plain GradGuard() raised: it imported
+    # torch.distributed.optim to recognize ZeRO, which fires 67 DeprecationWarnings of torch.jit.
+    code = """if True:
+        import torch, gradguard
+        m = torch.nn.Linear(3, 1)
+        opt = gradguard.GradGuard(torch.optim.SGD(m.parameters(), lr=0.1), max_norm=1.0, model=m)
+        m(torch.randn(2, 3)).sum().backward()
+        opt.step(); opt.summary(); opt.last.as_dict()
+        gradguard.clip_grad_norm_(m.parameters(), 1.0)
+        gradguard.grad_stats([p.grad for p in m.parameters()]).total_norm.item()
+        gradguard.safe_log(torch.rand(3, requires_grad=True)).sum().backward()
+        tracer = gradguard.NanTracer(m)
+        m(torch.randn(2, 3)); tracer.first_nonfinite()
+        print("ok")
+    """
+    r = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "GRADGUARD_DISABLE_EXT": disable}, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -127,7 +127,7 @@ def test_takes_over_gradient_clip_val(tmp_path):
 
 
 @pytest.mark.parametrize("trainer_kw, match", [
-    ({"gradient_clip_val": 1.0, "gradient_clip_algorithm": "value"}, "clips by value"),
+    ({"gradient_clip_val": 1.0, "gradient_clip_algorithm": "value"}, r"gradient_clip_algorithm='value'\) clips by value"),
     ({"gradient_clip_val": 2.0}, "disagree"),
 ])
 def test_refuses_conflicting_clipping(tmp_path, trainer_kw, match):

@@ -732,3 +732,19 @@ def test_global_optimizer_hooks_run_once_per_guarded_step():
     assert len(inner_hook) == 2  # the inner optimizer's own hooks still run on its two steps
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
     assert not _global_optimizer_pre_hooks and not _global_optimizer_post_hooks  # removed, not kept by the guard
+
+
+@pytest.mark.parametrize("model", [lambda m: torch.nn.Sequential(torch.nn.Linear(4, 2)), lambda m: torch.nn.ReLU()])
+def test_a_model_that_holds_none_of_the_parameters_is_refused(model):
+    # Before, every layer was named param[i] and the wrong module's eval() mode was watched.
+    m = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"`model` \((Sequential|ReLU)\) holds none of the optimizer's parameters"):
+        GradGuard(torch.optim.SGD(m.parameters(), lr=0.1), model=model(m))
+    # The same module wrapped (compiled, in a container) holds them: accepted, and names them.
+    for wrapped in (torch.compile(m), torch.nn.ModuleDict({"net": m})):
+        opt = GradGuard(torch.optim.SGD(m.parameters(), lr=0.1), model=wrapped)
+        m(torch.ones(1, 4)).sum().backward()
+        opt.step()
+        assert {n for n, _ in opt.last.worst_layers(2)} in ({"_orig_mod.weight", "_orig_mod.bias"},
+                                                            {"net.weight", "net.bias"})
+        opt.zero_grad()

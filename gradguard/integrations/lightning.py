@@ -85,6 +85,7 @@ class GradGuardCallback(pl.Callback):
         if not val:
             return kwargs
         algo = trainer.gradient_clip_algorithm or "norm"
+        algo = getattr(algo, "value", algo)  # Lightning keeps a GradClipAlgorithmType: the user's string is its value
         where = "gradguard.integrations.lightning.GradGuardCallback"
         if str(algo) not in ("norm", "GradClipAlgorithmType.NORM"):
             raise ValueError(f"{where}: Trainer(gradient_clip_algorithm={str(algo)!r}) clips by value, which the "
