@@ -206,23 +206,31 @@ def _sqrt_backward(ctx, grad):
 
 def _div_setup(ctx, inputs, output):
     input, other, eps, fill = inputs
-    ctx.save_for_backward(input, other)
+    # As torch.div: the input is saved only where the divisor needs a gradient (the input's needs
+    # the divisor alone), so that otherwise it may be changed in place after the call.
+    ctx.save_for_backward(other, input) if other.requires_grad else ctx.save_for_backward(other)
+    ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
     ctx.eps = eps
 
 
 def _div_backward(ctx, grad):
-    input, other = ctx.saved_tensors
-    if other.dtype != input.dtype:
+    other, *rest = ctx.saved_tensors
+    input = rest[0] if rest else None
+    # Without the input the gradient stands in for it (its dtype, the broadcast shape); the
+    # divisor's gradient made from it is dropped.
+    if other.dtype != ctx.input_dtype:
         # A float16/bfloat16 input by a 0-dim float32 divisor (ref.divides_by_float32): the
         # formulas in float32, as the division was, on float32 copies of the whole tensors.
         # (gradguard.safe_div runs its own autograd Function for this case, without the copies.)
-        gi, go = ref.safe_div_backward(grad.float(), input.float(), other, ctx.eps)
-        return gi.to(input.dtype), _sum_to(go, other.shape), None, None
+        g = grad.float()
+        gi, go = ref.safe_div_backward(g, g if input is None else input.float(), other, ctx.eps)
+        return gi.to(ctx.input_dtype), None if input is None else _sum_to(go, other.shape), None, None
+    xs = grad if input is None else input
     if torch.is_grad_enabled():
-        gi, go = ref.safe_div_backward(grad, input, other, ctx.eps)
+        gi, go = ref.safe_div_backward(grad, xs, other, ctx.eps)
     else:
-        gi, go = torch.ops.gradguard.safe_div_backward(grad, input, other, ctx.eps)
-    return _sum_to(gi, input.shape), _sum_to(go, other.shape), None, None
+        gi, go = torch.ops.gradguard.safe_div_backward(grad, xs, other, ctx.eps)
+    return _sum_to(gi, ctx.input_shape), None if input is None else _sum_to(go, other.shape), None, None
 
 
 def _sum_to(grad, shape):

@@ -864,6 +864,45 @@ def test_div_by_a_number_in_pieces_behaves_as_torch_div_under_autograd(dtype, mo
     assert_same_bits(got, torch.autograd.grad(torch.div(x, 0.37), x, eye, is_grads_batched=True)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("path", ["api", "op", "composite", "transformable"])
+def test_div_input_changed_in_place_after_the_call_as_torch_div_allows(dtype, path):
+    # torch.div saves its input only where the divisor needs a gradient: an input changed in place
+    # after the call backpropagates there. safe_div saved it always (the custom op's C++ and Python
+    # autograd, and the composites), and the backward raised torch's in-place error.
+    from gradguard.reference.safe_math import safe_div_composite
+
+    div = {"api": lambda a, d: gradguard.safe_div(a, d),
+           "op": lambda a, d: torch.ops.gradguard.safe_div(a, d, 0.0, 0.0),
+           "composite": lambda a, d: safe_div_composite(a, d, 0.0, 0.0),
+           "transformable": lambda a, d: safe_div_composite(a, d, 0.0, 0.0, transforms=True)}[path]
+    gen = torch.Generator().manual_seed(3)
+    divisors = [torch.rand(3, 5, generator=gen).to(dtype) + 0.5, torch.rand(5, generator=gen).to(dtype) + 0.5]
+    if path == "api":
+        divisors.append(0.37)
+    for d in divisors:
+        for need in ((False, True) if isinstance(d, torch.Tensor) else (False,)):
+            w = torch.randn(3, 5, generator=gen).to(dtype).requires_grad_(True)
+            dd = d.detach().clone().requires_grad_(need) if isinstance(d, torch.Tensor) else d
+            x = w * 1
+            y = div(x, dd)
+            x.add_(1)
+            if need:  # the divisor's gradient needs the input: torch.div refuses too
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    y.sum().backward()
+                continue
+            y.sum().backward()
+            want = torch.autograd.grad(torch.div(w, d).sum(), w)[0]
+            assert_same_bits(w.grad, want)
+    # The divisor's gradient, and its second derivative, still come (the input is saved there)
+    x = torch.randn(4, generator=gen).to(dtype).requires_grad_(True)
+    d = torch.rand(4, generator=gen).to(dtype).add(0.5).requires_grad_(True)
+    (gd,) = torch.autograd.grad(div(x, d).sum(), d, create_graph=True)
+    (gx,) = torch.autograd.grad(gd.sum(), x)
+    torch.testing.assert_close(gd, -x.detach() / d.detach() ** 2, rtol=1e-2, atol=0)
+    torch.testing.assert_close(gx, -1 / d.detach() ** 2, rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_div_by_a_number_in_pieces_has_a_second_derivative(dtype, monkeypatch):
     # create_graph=True takes the differentiable composite on whole copies: the first derivative

@@ -163,23 +163,38 @@ struct SafeSqrt : public torch::autograd::Function<SafeSqrt> {
 
 struct SafeDiv : public torch::autograd::Function<SafeDiv> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y, double eps, double fill) {
-    ctx->save_for_backward({x, y});
+    // As torch.div: the input is saved only where the divisor needs a gradient (the input's
+    // gradient needs the divisor alone), so that otherwise it may be changed in place after the
+    // call; its sizes and dtype are kept instead.
+    if (y.requires_grad()) {
+      ctx->save_for_backward({y, x});
+    } else {
+      ctx->save_for_backward({y});
+    }
+    ctx->saved_data["x_sizes"] = x.sym_sizes();
+    ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["eps"] = eps;
     return call_div(x, y, eps, fill);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor& x = saved[0];
-    const Tensor& y = saved[1];
+    const Tensor& y = saved[0];
+    const Tensor x = saved.size() > 1 ? saved[1] : Tensor();
+    const std::vector<c10::SymInt> x_sizes = ctx->saved_data["x_sizes"].toSymIntVector();
+    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
     const double eps = ctx->saved_data["eps"].toDouble();
     const Tensor& g = grads[0];
-    if (y.scalar_type() != x.scalar_type()) {
+    if (y.scalar_type() != x_dtype) {
       // A float16/bfloat16 input by a 0-dim float32 divisor: in float32, as the division was.
-      auto [gi, go] = div_backward_formula(g.to(at::kFloat), x.to(at::kFloat), y, eps);
-      return {gi.to(x.scalar_type()), sum_to_shape(go, y.sym_sizes()), Tensor(), Tensor()};
+      const Tensor gf = g.to(at::kFloat);
+      auto [gi, go] = div_backward_formula(gf, x.defined() ? x.to(at::kFloat) : gf, y, eps);
+      return {gi.to(x_dtype), x.defined() ? sum_to_shape(go, y.sym_sizes()) : Tensor(), Tensor(), Tensor()};
     }
-    auto [gi, go] = at::GradMode::is_enabled() ? div_backward_formula(g, x, y, eps) : div_backward_op(g, x, y, eps);
-    return {sum_to_shape(gi, x.sym_sizes()), sum_to_shape(go, y.sym_sizes()), Tensor(), Tensor()};
+    // Without the input (the divisor needs no gradient) the gradient stands in for it: the same
+    // dtype and the broadcast shape, and the divisor's gradient made from it is dropped.
+    const Tensor& xs = x.defined() ? x : g;
+    auto [gi, go] = at::GradMode::is_enabled() ? div_backward_formula(g, xs, y, eps) : div_backward_op(g, xs, y, eps);
+    return {sum_to_shape(gi, x_sizes), x.defined() ? sum_to_shape(go, y.sym_sizes()) : Tensor(), Tensor(), Tensor()};
   }
 };
 

@@ -491,17 +491,26 @@ class _SafeSqrtComposite(torch.autograd.Function):
 class _SafeDivComposite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, other, eps, fill):
-        ctx.save_for_backward(input, other)
+        _save_div(ctx, input, other)
         ctx.eps = eps
         return _div_value(input, other, eps, fill)
 
     @staticmethod
     def backward(ctx, grad):
-        input, other = ctx.saved_tensors
+        other, *rest = ctx.saved_tensors
         guard, b = _div_parts(other, ctx.eps)
-        grad_input = torch.where(guard, 0.0, grad / b)
-        grad_other = torch.where(guard, 0.0, -grad * ((input / b) / b))
-        return grad_input.sum_to_size(input.shape), grad_other.sum_to_size(other.shape), None, None
+        grad_input = torch.where(guard, 0.0, grad / b).sum_to_size(ctx.input_shape)
+        if not rest:
+            return grad_input, None, None, None
+        grad_other = torch.where(guard, 0.0, -grad * ((rest[0] / b) / b))
+        return grad_input, grad_other.sum_to_size(other.shape), None, None
+
+
+def _save_div(ctx, input, other):
+    # As torch.div: the input is saved only where the divisor needs a gradient (the input's needs
+    # the divisor alone), so that otherwise it may be changed in place after the call.
+    ctx.save_for_backward(other, input) if other.requires_grad else ctx.save_for_backward(other)
+    ctx.input_shape = input.shape
 
 
 # For forward-mode AD (torch.autograd.forward_ad, torch.func.jvp/jacfwd) and torch.func's
@@ -589,7 +598,7 @@ class _SafeDivTransformable(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, other, ctx.eps, _ = inputs
-        ctx.save_for_backward(input, other)
+        _save_div(ctx, input, other)
         ctx.save_for_forward(input, other)
 
     @staticmethod
@@ -598,7 +607,7 @@ class _SafeDivTransformable(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, t_input, t_other, *_):
-        input, other = ctx.saved_tensors
+        input, other = ctx.saved_tensors  # what save_for_forward saved
         guard, b = _div_parts(other, ctx.eps)
         out = torch.zeros((), dtype=input.dtype, device=input.device)
         if t_input is not None:
