@@ -115,12 +115,14 @@ def _fused_adam_readonly_grads_fake(params, grads, exp_avgs, exp_avg_sqs, state_
 @torch.library.register_fake("gradguard::maybe_scale_", lib=_lib)
 def _maybe_scale_fake(tensors, scale):
     _check_one_device("maybe_scale_", tensors, scale)
+    reference.check_scale_args("maybe_scale_", tensors, scale, autograd=False)
     return None
 
 
 @torch.library.register_fake("gradguard::zero_nonfinite_and_scale_", lib=_lib)
 def _zero_nonfinite_and_scale_fake(tensors, scale):
     _check_one_device("zero_nonfinite_and_scale_", tensors, scale)
+    reference.check_scale_args("zero_nonfinite_and_scale_", tensors, scale, autograd=False)
     return None
 
 

@@ -517,6 +517,57 @@ def test_scale_kernels_every_16bit_pattern(path, dtype):
             assert torch.equal(strided[1::3].view(torch.int16), bits[1::3]), "elements outside the view were written"
 
 
+SCALE_REFUSALS = [
+    # (tensors, scale, error, message, also refused by the fake kernel)
+    (lambda: [torch.ones(3, requires_grad=True) * 2], torch.tensor(0.5), RuntimeError, r"tensors\[0\] requires grad",
+     False),
+    (lambda: [torch.ones(3, requires_grad=True)], torch.tensor(1.0), RuntimeError, r"tensors\[0\] requires grad", False),
+    (lambda: [torch.ones(2)], torch.tensor([0.5, 1.0]), RuntimeError, r"`scale` must hold one element, got shape \[2\]",
+     True),
+    (lambda: [], torch.tensor([0.5, 1.0]), RuntimeError, r"`scale` must hold one element", True),
+    (lambda: [torch.ones(2), torch.ones(2, dtype=torch.float64)], torch.tensor(0.5), RuntimeError,
+     r"tensors\[1\] has dtype (Double|torch.float64) but tensors\[0\] has", True),
+    (lambda: [torch.ones(2)], torch.tensor(2j), TypeError, r"`scale` must be real", True),
+    (lambda: [torch.ones(2, dtype=torch.complex64)], torch.tensor(0.5), NotImplementedError,
+     r"dtype (ComplexFloat|torch.complex64) is not supported; the op takes float16", True),
+    (lambda: [torch.ones(2, dtype=torch.int32)], torch.tensor(0.5), NotImplementedError,
+     r"dtype (Int|torch.int32) is not supported", True),
+    (lambda: [torch.zeros(2, dtype=torch.float8_e4m3fn)], torch.tensor(0.5), NotImplementedError,
+     r"dtype (Float8_e4m3fn|torch.float8_e4m3fn) is not supported", True),
+]
+
+
+@pytest.mark.parametrize("path", ["reference", "dispatcher", "fake"])
+@pytest.mark.parametrize("op", ["maybe_scale_", "zero_nonfinite_and_scale_"])
+@pytest.mark.parametrize("case", range(len(SCALE_REFUSALS)))
+def test_scale_kernels_refuse_the_same_arguments_on_every_kernel(path, op, case):
+    # The reference kernels took what the compiled ones refuse: a tensor that requires grad (scaled
+    # through autograd), a scale of several elements (element by element), a mixed-dtype list and
+    # complex tensors; and the compiled CPU kernel took a complex scale (its real part, with a
+    # warning: a gradient times 2j came back zeroed).
+    make, scale, error, msg, fake_too = SCALE_REFUSALS[case]
+    tensors = make()
+    if path == "fake":
+        if not fake_too:
+            pytest.skip("autograd is checked by the real kernels only")
+        tensors = [t.detach().to("meta") for t in tensors]
+        scale = scale.to("meta")
+    before = [t.detach().clone() for t in tensors]
+    fn = getattr(reference if path == "reference" else torch.ops.gradguard, op)
+    with pytest.raises(error, match=msg):
+        fn(tensors, scale)
+    if path != "fake":
+        assert all(torch.equal(t.detach(), b) for t, b in zip(tensors, before))  # nothing written
+
+
+def test_stats_op_refuses_float8_and_a_norm_type_of_0_alike_on_every_kernel():
+    for fn in (reference.multi_tensor_stats, torch.ops.gradguard.multi_tensor_stats):
+        with pytest.raises(NotImplementedError, match=r"dtype (Float8_e4m3fn|torch.float8_e4m3fn) is not supported"):
+            fn([torch.zeros(2, dtype=torch.float8_e4m3fn)], 2.0)
+        with pytest.raises(ValueError, match=r"`norm_type` must be > 0"):
+            fn([torch.zeros(2)], 0.0)
+
+
 @needs_ext
 @pytest.mark.parametrize("op", ["maybe_scale_", "zero_nonfinite_and_scale_"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

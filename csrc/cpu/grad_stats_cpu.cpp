@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "kernel_dtypes.h"
 #include "stats_avx512.h"
 #include "strided_walk.h"
 #include "thread_count.h"
@@ -235,7 +236,7 @@ void stats_kernel(at::TensorList ts, double p, const Outputs& res) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cpu(at::TensorList tensors,
                                                                                   double norm_type) {
   TORCH_CHECK(!tensors.empty(), "gradguard.multi_tensor_stats: `tensors` must not be empty");
-  TORCH_CHECK(norm_type > 0.0, "gradguard.multi_tensor_stats: `norm_type` must be > 0, got ", norm_type);
+  TORCH_CHECK_VALUE(norm_type > 0.0, "gradguard.multi_tensor_stats: `norm_type` must be > 0, got ", norm_type);
   const auto dtype = tensors[0].scalar_type();
   for (const auto i : c10::irange(tensors.size())) {
     const auto& t = tensors[i];
@@ -246,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cp
     TORCH_CHECK(t.layout() == at::kStrided, "gradguard.multi_tensor_stats: tensors[", i,
                 "] is not a strided (dense) tensor; pass the values of a sparse tensor instead");
   }
-  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(dtype), "gradguard.multi_tensor_stats: dtype ", dtype,
+  TORCH_CHECK_NOT_IMPLEMENTED(is_kernel_dtype(dtype), "gradguard.multi_tensor_stats: dtype ", dtype,
                               " is not supported; the op takes float16, bfloat16, float32 and float64 tensors");
   // The list is not copied: a copy would bump and drop a reference count per tensor.
   const int64_t n = static_cast<int64_t>(tensors.size());

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "kernel_dtypes.h"
 #include "simd_avx2.h"
 #include "strided_walk.h"
 #include "thread_count.h"
@@ -70,7 +71,7 @@ struct WorkItem {
 };
 
 void check_scale(const char* op, const at::Tensor& scale) {
-  TORCH_CHECK(scale.numel() == 1, op, ": `scale` must hold one element, got shape ", scale.sizes());
+  check_scale_kind(op, scale);
   TORCH_CHECK(scale.device().is_cpu(), op, " (CPU kernel): `scale` is on ", scale.device(),
               "; it must be on the CPU with the tensors");
 }
@@ -163,6 +164,7 @@ void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scal
   const char* op = "gradguard.zero_nonfinite_and_scale_";
   check_scale(op, scale);
   check_tensors(op, tensors);
+  check_scaled_dtype(op, tensors);
   if (tensors.empty()) return;
   scale_list<true>(tensors, scale.to(at::kDouble).item<double>());  // a CPU tensor: no device sync
 }
@@ -170,6 +172,7 @@ void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scal
 void maybe_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
   check_scale("gradguard.maybe_scale_", scale);
   check_tensors("gradguard.maybe_scale_", tensors);
+  check_scaled_dtype("gradguard.maybe_scale_", tensors);
   if (tensors.empty()) return;
   const double s = scale.to(at::kDouble).item<double>();  // a CPU tensor: no device sync
   if (s == 1.0) return;

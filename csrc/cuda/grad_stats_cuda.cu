@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "copy_any_dims.h"
+#include "kernel_dtypes.h"
 #include "kernel_image.h"
 #include "multi_tensor_apply.cuh"
 #include "strided_walk.h"
@@ -368,7 +369,7 @@ void launch_stats(const std::vector<FlatItem>& flat, const std::vector<StridedIt
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cuda(at::TensorList tensors,
                                                                                    double norm_type) {
   TORCH_CHECK(!tensors.empty(), "gradguard.multi_tensor_stats: `tensors` must not be empty");
-  TORCH_CHECK(norm_type > 0.0, "gradguard.multi_tensor_stats: `norm_type` must be > 0, got ", norm_type);
+  TORCH_CHECK_VALUE(norm_type > 0.0, "gradguard.multi_tensor_stats: `norm_type` must be > 0, got ", norm_type);
   const at::Device device = tensors[0].device();
   const auto dtype = tensors[0].scalar_type();
   for (const auto i : c10::irange(tensors.size())) {
@@ -380,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cu
     TORCH_CHECK(t.layout() == at::kStrided, "gradguard.multi_tensor_stats: tensors[", i,
                 "] is not a strided (dense) tensor; pass the values of a sparse tensor instead");
   }
-  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(dtype), "gradguard.multi_tensor_stats: dtype ", dtype,
+  TORCH_CHECK_NOT_IMPLEMENTED(is_kernel_dtype(dtype), "gradguard.multi_tensor_stats: dtype ", dtype,
                               " is not supported; the op takes float16, bfloat16, float32 and float64 tensors");
   TORCH_CHECK(tensors.size() < static_cast<size_t>(std::numeric_limits<int32_t>::max()),
               "gradguard.multi_tensor_stats: too many tensors");

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "copy_any_dims.h"
+#include "kernel_dtypes.h"
 #include "kernel_image.h"
 #include "multi_tensor_apply.cuh"
 #include "strided_walk.h"
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 template <bool kZeroNonfinite>
 void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale) {
-  TORCH_CHECK(scale.numel() == 1, op, ": `scale` must hold one element, got shape ", scale.sizes());
+  check_scale_kind(op, scale);
   if (tensors.empty()) return;
   const at::Device device = tensors[0].device();
   const auto dtype = tensors[0].scalar_type();
@@ -116,7 +117,12 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
     TORCH_CHECK(t.scalar_type() == dtype, op, ": tensors[", i, "] has dtype ", t.scalar_type(),
                 " but tensors[0] has ", dtype);
     TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] is not a strided (dense) tensor");
+    // As the CPU kernel: the write is not recorded by autograd.
+    TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op, ": tensors[", i,
+                "] requires grad, and an in-place scaling of it would not be recorded by autograd; call it under "
+                "torch.no_grad(), as optimizers and clip_grad_norm_ do");
   }
+  check_scaled_dtype(op, tensors);
   const c10::cuda::CUDAGuard guard(device);
   require_kernel_image();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -17,12 +17,13 @@ from gradguard.reference.safe_math import (
 from gradguard.reference import decide
 from gradguard.reference.decide import guard_decide
 from gradguard.reference.fused_adam import fused_adam_readonly_grads_
-from gradguard.reference.stats import maybe_scale_, multi_tensor_stats, zero_nonfinite_and_scale_
+from gradguard.reference.stats import check_scale_args, maybe_scale_, multi_tensor_stats, zero_nonfinite_and_scale_
 
 __all__ = [
     "decide",
     "fused_adam_readonly_grads_",
     "guard_decide",
+    "check_scale_args",
     "maybe_scale_",
     "multi_tensor_stats",
     "safe_div",

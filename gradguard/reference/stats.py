@@ -371,9 +371,35 @@ def multi_tensor_stats(tensors: list[torch.Tensor], norm_type: float):
     return out_acc, nan_count, inf_count, out_max
 
 
+def check_scale_args(op: str, tensors, scale, *, autograd: bool = True) -> None:
+    """What every kernel of the in-place scaling ops refuses, with the compiled kernels' messages
+    and error types (the reference multiplied a tensor that requires grad through autograd, a
+    scale of several elements element by element, a mixed-dtype list, and complex tensors; and
+    the compiled CPU kernel zeroed a gradient scaled by a complex number). `autograd`: also refuse
+    a tensor that requires grad while grad mode is on (not in the fake kernels: the compiled
+    graph's tensors are not the caller's)."""
+    where = f"gradguard.{op}"
+    if scale.numel() != 1:
+        raise RuntimeError(f"{where}: `scale` must hold one element, got shape {list(scale.shape)}")
+    if scale.is_complex():
+        raise TypeError(f"{where}: `scale` must be real, got a {scale.dtype} tensor")
+    grad_mode = autograd and torch.is_grad_enabled()
+    for i, t in enumerate(tensors):
+        if t.dtype != tensors[0].dtype:
+            raise RuntimeError(f"{where}: tensors[{i}] has dtype {t.dtype} but tensors[0] has {tensors[0].dtype}")
+        if grad_mode and t.requires_grad:
+            raise RuntimeError(f"{where}: tensors[{i}] requires grad, and an in-place scaling of it would not be "
+                               "recorded by autograd (a leaf Variable that requires grad is being used in an in-place "
+                               "operation); call it under torch.no_grad(), as optimizers and clip_grad_norm_ do")
+    if tensors and tensors[0].dtype not in _OP_DTYPES:
+        raise NotImplementedError(f"{where}: dtype {tensors[0].dtype} is not supported; the op takes float16, "
+                                  "bfloat16, float32 and float64 tensors")
+
+
 def zero_nonfinite_and_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
     """In place: every non-finite element becomes 0, every other one is multiplied by `scale`."""
     _check_same_device("zero_nonfinite_and_scale_", tensors, scale)
+    check_scale_args("zero_nonfinite_and_scale_", tensors, scale)
     for t in tensors:
         t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(scale.to(t.device))
 
@@ -395,9 +421,10 @@ def maybe_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
     reference always multiplies (x * 1 keeps every value, though float16/bfloat16 NaN payloads may
     come back canonicalized); the compiled CUDA kernel makes the check on the device.
     """
+    _check_same_device("maybe_scale_", tensors, scale)
+    check_scale_args("maybe_scale_", tensors, scale)
     if not tensors:
         return
-    _check_same_device("maybe_scale_", tensors, scale)
     if scale.device.type == "cpu" and scale.item() == 1.0:
         return
     torch._foreach_mul_(tensors, scale.to(tensors[0].device))
