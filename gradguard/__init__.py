@@ -24,7 +24,7 @@ _extension.load()
 _safe_math_ops.register_python_autograd()  # where the compiled module registered none
 
 from gradguard._extension import backend  # noqa: E402
-from gradguard.errors import NonFiniteGradError  # noqa: E402
+from gradguard.errors import ArgumentTypeError, NonFiniteGradError  # noqa: E402
 from gradguard.safe_math import safe_div, safe_exp, safe_log, safe_sqrt  # noqa: E402
 from gradguard.stats import GradStats, all_finite, clip_grad_norm_, grad_stats  # noqa: E402
 from gradguard.stats import clip_grads_with_norm_, get_total_norm  # noqa: E402
@@ -37,6 +37,7 @@ from gradguard.tracer import NanTracer, Origin  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentTypeError",
     "GradGuard",
     "GradStats",
     "History",

@@ -13,3 +13,9 @@ class NonFiniteGradError(RuntimeError):
         super().__init__(message)
         self.names = list(names)
         self.report = report
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind (``None``, a string, a bool or a complex number where a real
+    number is taken). A ``TypeError``, as torch and Python raise for these; also a ``ValueError``,
+    which gradguard raised for them before, so that code catching either keeps working."""

@@ -48,6 +48,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
 
 from gradguard import _safe_math_ops  # noqa: F401  (defines torch.ops.gradguard.safe_*)
+from gradguard.errors import ArgumentTypeError
 from gradguard.reference import safe_math as _ref
 from gradguard.reference.safe_math import check_devices, div_device, resize_out
 
@@ -102,19 +103,19 @@ def _number(value, name: str, op: str, *, nonneg: bool, allow_nan: bool = False)
 
 
 def _to_float(value, name: str, op: str) -> float:
-    # The wrong kind of object is a TypeError, a wrong shape or value a ValueError, as in Python's own
-    # float() and torch's argument checks.
+    # The wrong kind of object is a TypeError (also a ValueError, as it was before: ArgumentTypeError),
+    # a wrong shape or value a ValueError, as in Python's own float() and torch's argument checks.
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise ValueError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim real tensor, got a "
                              f"{value.dtype} tensor of shape {tuple(value.shape)}")
         if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim real tensor, got a "
-                            f"0-dim {value.dtype} tensor")
+            raise ArgumentTypeError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim real tensor, got a "
+                                    f"0-dim {value.dtype} tensor")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim tensor, got "
-                        f"{type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim tensor, got "
+                                f"{type(value).__name__} {value!r}")
     try:
         return float(value)
     except OverflowError:  # a Python int beyond float64

@@ -21,7 +21,7 @@ import torch
 from gradguard import _host
 from gradguard import _ops  # noqa: F401  (defines torch.ops.gradguard.*)
 from gradguard import distributed as _distributed
-from gradguard.errors import NonFiniteGradError
+from gradguard.errors import ArgumentTypeError, NonFiniteGradError
 # The same float64 norm math as the decision op's reference kernel (one copy of it).
 from gradguard.reference.decide import _root
 from gradguard.reference.decide import _total as _total64
@@ -59,8 +59,9 @@ def check_norm_type(norm_type, *, torch_compat: bool = False) -> float:
     other orders 0 (nonzero count), negative p and -inf."""
     if torch_compat and isinstance(norm_type, torch.Tensor):
         if norm_type.numel() != 1 or norm_type.is_complex() or norm_type.dtype == torch.bool:
-            raise ValueError(f"gradguard: `norm_type` must be a real number, a numeric string or a one-element real "
-                             f"tensor, got a {norm_type.dtype} tensor of shape {tuple(norm_type.shape)}")
+            err = ValueError if norm_type.numel() != 1 else ArgumentTypeError
+            raise err(f"gradguard: `norm_type` must be a real number, a numeric string or a one-element real "
+                      f"tensor, got a {norm_type.dtype} tensor of shape {tuple(norm_type.shape)}")
         norm_type = norm_type.item()
     if torch_compat and isinstance(norm_type, str):
         try:
@@ -74,10 +75,11 @@ def check_norm_type(norm_type, *, torch_compat: bool = False) -> float:
             hint = f": pass a number, e.g. float({norm_type!r})"
         except ValueError:
             hint = ""
-        raise ValueError(f"gradguard: `norm_type` must be a positive number or inf, got the string {norm_type!r}"
+        raise ArgumentTypeError(f"gradguard: `norm_type` must be a positive number or inf, got the string {norm_type!r}"
                          f"{hint} (only the clip functions take numeric strings, as torch's)")
     elif isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
-        raise ValueError(f"gradguard: `norm_type` must be a positive number or inf, got {norm_type!r}")
+        raise ArgumentTypeError(f"gradguard: `norm_type` must be a positive number or inf, got "
+                                f"{type(norm_type).__name__} {norm_type!r}")
     else:
         p = float(norm_type)
     if math.isnan(p):
@@ -355,8 +357,9 @@ def check_max_norm(max_norm):
     guard checks it on the device (``guard_decide``) and skips a step whose limit is bad."""
     if isinstance(max_norm, torch.Tensor):
         if max_norm.numel() != 1 or not (max_norm.is_floating_point() or max_norm.dtype in (torch.int32, torch.int64)):
-            raise ValueError(f"gradguard: `max_norm` must be a number or a one-element real tensor, got a tensor of "
-                             f"shape {tuple(max_norm.shape)} and dtype {max_norm.dtype}")
+            err = ValueError if max_norm.numel() != 1 else ArgumentTypeError
+            raise err(f"gradguard: `max_norm` must be a number or a one-element real tensor, got a tensor of "
+                      f"shape {tuple(max_norm.shape)} and dtype {max_norm.dtype}")
         max_norm = max_norm.detach().reshape(())
         if not max_norm.is_floating_point():  # torch takes integer limits; the decision op wants a float
             max_norm = max_norm.to(torch.float64)
@@ -366,7 +369,8 @@ def check_max_norm(max_norm):
                 raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got tensor({v})")
         return max_norm
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
-        raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got {max_norm!r}")
+        raise ArgumentTypeError(f"gradguard: `max_norm` must be a non-negative number, got "
+                                f"{type(max_norm).__name__} {max_norm!r}")
     # not math.isnan, nor float(): under torch.compile a changing max_norm (a clipping schedule)
     # is a symbolic float, which neither traces.
     if max_norm != max_norm or max_norm < 0:
@@ -547,13 +551,17 @@ def _check_total_norm(total_norm, where: str) -> torch.Tensor:
             # torch.nn.utils.get_total_norm of DTensor gradients returns a DTensor: its value is
             # the same on every rank (a Partial one is reduced here, on every rank alike).
             total_norm = total_norm.full_tensor()
-        if total_norm.numel() != 1 or not total_norm.is_floating_point():
-            raise ValueError(f"{where}: `total_norm` must be a one-element floating-point tensor, got a "
-                             f"{total_norm.dtype} tensor of shape {tuple(total_norm.shape)}")
+        if total_norm.numel() != 1:
+            raise ValueError(f"{where}: `total_norm` must be a one-element tensor, got a {total_norm.dtype} tensor of "
+                             f"shape {tuple(total_norm.shape)}")
+        if total_norm.is_complex() or total_norm.dtype == torch.bool:
+            raise ArgumentTypeError(f"{where}: `total_norm` must be a real tensor, got a {total_norm.dtype} tensor")
+        if not total_norm.is_floating_point():  # an integer norm, as torch takes it
+            total_norm = total_norm.to(torch.float64)
         return total_norm.reshape(())
     if isinstance(total_norm, bool) or not isinstance(total_norm, numbers.Real):
-        raise ValueError(f"{where}: `total_norm` must be a tensor (as get_total_norm returns) or a number, "
-                         f"got {total_norm!r}")
+        raise ArgumentTypeError(f"{where}: `total_norm` must be a tensor (as get_total_norm returns) or a number, "
+                                f"got {type(total_norm).__name__} {total_norm!r}")
     return torch.tensor(float(total_norm), dtype=torch.float64)
 
 

@@ -348,3 +348,45 @@ def test_an_integer_tensor_max_norm_clips_as_torch_does(limit):
     a.grad = torch.tensor([3.0, 4.0, 0.0])
     opt.step()
     torch.testing.assert_close(opt.last.clip_coef, torch.tensor(1.0 / (5.0 + 1e-6)))
+
+
+@pytest.mark.parametrize("call", [
+    lambda ps: gradguard.clip_grad_norm_(ps, None),
+    lambda ps: gradguard.clip_grad_norm_(ps, 1.0, None),
+    lambda ps: gradguard.clip_grad_norm_(ps, 1j),
+    lambda ps: gradguard.clip_grad_norm_(ps, 1.0, 2j),
+    lambda ps: gradguard.get_total_norm([p.grad for p in ps], None),
+    lambda ps: gradguard.clip_grads_with_norm_(ps, None, torch.tensor(5.0)),
+])
+def test_an_argument_of_the_wrong_kind_is_a_type_error_as_in_torch(call):
+    # torch raises TypeError for these; gradguard raised ValueError, which code written for torch
+    # does not catch. ArgumentTypeError is both, so code catching the old ValueError still works.
+    ps = [torch.nn.Parameter(torch.zeros(2))]
+    ps[0].grad = torch.tensor([3.0, 4.0])
+    torch_ps = [torch.nn.Parameter(torch.zeros(2))]
+    torch_ps[0].grad = torch.tensor([3.0, 4.0])
+    with pytest.raises(TypeError):
+        eval_with_torch(call, torch_ps)
+    with pytest.raises(gradguard.ArgumentTypeError) as info:
+        call(ps)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+    assert torch.equal(ps[0].grad, torch.tensor([3.0, 4.0]))
+
+
+def eval_with_torch(call, ps):
+    # The same call with torch's functions in gradguard's place.
+    import types
+    fake = types.SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_,
+                                 get_total_norm=torch.nn.utils.get_total_norm,
+                                 clip_grads_with_norm_=torch.nn.utils.clip_grads_with_norm_)
+    return types.FunctionType(call.__code__, {**call.__globals__, "gradguard": fake})(ps)
+
+
+def test_an_integer_total_norm_clips_as_in_torch():
+    ours, theirs = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    ours.grad, theirs.grad = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])
+    gradguard.clip_grads_with_norm_([ours], 1.0, torch.tensor(5))
+    torch.nn.utils.clip_grads_with_norm_([theirs], 1.0, torch.tensor(5))
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    with pytest.raises(TypeError, match="`total_norm` must be a real tensor"):
+        gradguard.clip_grads_with_norm_([ours], 1.0, torch.tensor(True))
