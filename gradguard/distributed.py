@@ -426,6 +426,27 @@ def zero_group(optimizer):
     return None
 
 
+def fsdp1_replicas_overlap(model, group) -> bool:
+    """Whether `model` holds an FSDP1 module with hybrid sharding (``HYBRID_SHARD``,
+    ``_HYBRID_SHARD_ZERO2``) whose replica group (the ranks holding this rank's shard, one per
+    replica) shares more than this rank with `group`: the same shard summed over `group` would
+    count once per replica (the norm sqrt(replicas) too large, every step clipped that much
+    harder)."""
+    if not isinstance(model, torch.nn.Module) or "torch.distributed.fsdp" not in sys.modules:
+        return False
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+    except ImportError:
+        return False
+    hybrid = {ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2}
+    mine = set(_group_ranks(group))
+    for m in FSDP.fsdp_modules(model):
+        replicas = getattr(m, "_inter_node_pg", None)
+        if m.sharding_strategy in hybrid and replicas is not None and len(mine & set(_group_ranks(replicas))) > 1:
+            return True
+    return False
+
+
 def ddp_overlaps(model, group) -> bool:
     """Whether `model` holds a DistributedDataParallel module (itself, inside a container, or under
     torch.compile) whose ranks share more than this one with `group`: those ranks hold the same

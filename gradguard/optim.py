@@ -344,6 +344,12 @@ class GradGuard(torch.optim.Optimizer):
                              "`process_group`: its gradients are already all-reduced (whole and the same on each of "
                              "those ranks), but process_group= sums each gradient's statistics over the group as if it "
                              "were a shard; drop process_group= (DDP needs no collective)")
+        if process_group is not None and _distributed.fsdp1_replicas_overlap(model, process_group):
+            # The same silent error with FSDP1's hybrid sharding: a shard is held once per replica.
+            raise ValueError("gradguard.GradGuard: `model` holds an FSDP1 module with hybrid sharding whose replicas "
+                             "share `process_group`: each shard is held once per replica, and process_group= would "
+                             "sum it once per replica; pass model= alone (the guard finds FSDP1's shard group) or "
+                             "process_group= that shard group")
         self._decide_group = _distributed.zero_group(optimizer)
         self._state = GuardState(history_size)
         if not isinstance(hygiene, bool):

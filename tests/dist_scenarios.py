@@ -706,3 +706,37 @@ def run_all(rank, world) -> dict:
         "fsdp2_tp_2d_strided": scenario_fsdp2_tp_2d(rank, world, counter, tp_first=True),
     }
     return results
+
+
+def scenario_fsdp1_hybrid_process_group(rank, world):
+    """FSDP1 with HYBRID_SHARD on a 2 x 2 mesh (2 replicas of 2 shards; 4 ranks): process_group=
+    the whole world summed each shard once per replica, the norm sqrt(2) too large, silently."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = FSDP(make_model(), device_mesh=mesh, sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+                 device_id=torch.device("cpu"), use_orig_params=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = {}
+    try:
+        gradguard.GradGuard(opt, max_norm=MAX_NORM, model=model, process_group=dist.group.WORLD)
+    except ValueError as e:
+        out["refusal"] = str(e)
+    # Its own shard group is right, and so is model= alone (the guard finds that group).
+    gradguard.GradGuard(opt, max_norm=MAX_NORM, model=model, process_group=mesh.get_group("shard"))
+    guard = gradguard.GradGuard(opt, max_norm=MAX_NORM, model=model)
+    x, y = batch(0)
+    rows = ROWS // world
+    loss_of(model, x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]).backward()
+    guard.step()
+    out["total_norm"] = float(guard.last.total_norm)
+    return out
+
+
+def reference_first_norm() -> float:
+    """The total norm of the first step's full-batch gradient, single process."""
+    model = make_model()
+    x, y = batch(0)
+    loss_of(model, x, y).backward()
+    return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))

@@ -276,3 +276,13 @@ def test_process_group_with_a_plain_grad_scaler_skips_on_every_rank(runs):
     for r in ranks:
         d = r["pg_plain_scaler"]
         assert d["contract"] and d["steps"] == 4 and d["skipped"] == [False, True, False, False], d
+
+
+def test_fsdp1_hybrid_shard_refuses_a_process_group_over_its_replicas():
+    # 4 ranks: FSDP1 HYBRID_SHARD, 2 replicas x 2 shards. process_group= the world summed each
+    # shard once per replica (norm sqrt(2) too large, every step clipped harder) without a word.
+    ranks = dist_spawn.run(dist_scenarios.scenario_fsdp1_hybrid_process_group, world_size=4, timeout=240)
+    want = dist_scenarios.reference_first_norm()
+    for r in ranks:
+        assert "hybrid sharding whose replicas share `process_group`" in r["refusal"]
+        assert math.isclose(r["total_norm"], want, rel_tol=1e-12)
