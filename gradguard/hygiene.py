@@ -49,13 +49,13 @@ EVAL_MODE = (
 )
 
 
-def warn(message: str) -> None:
+def warn(message: str, category: type[Warning] = HygieneWarning) -> None:
     """Warns at the user's frame: step() is reached through torch's hook and no_grad wrappers
     (and an LR scheduler's), so a fixed stacklevel would point into torch."""
     frame, level = sys._getframe(0), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, HygieneWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 class ClearTracker:

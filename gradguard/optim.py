@@ -362,8 +362,6 @@ class GradGuard(torch.optim.Optimizer):
         self._layout_cache = None
         self._explicit_names = self._check_names(names)
         self._check_params(self._params())
-        if model is not None:
-            self._check_model_holds_params(model)
 
         # What torch.optim.Optimizer.__init__ sets up, minus the parameter groups (shared below).
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -392,8 +390,7 @@ class GradGuard(torch.optim.Optimizer):
         self._fused_state_ready = False  # every parameter with a gradient has fused-step state
         self._fused_missing = None       # trainable parameters without it (see _fused_ready)
         self._fused_state_seen = None    # (id, len) of the inner state when it was complete
-        self._fused_stateless = ()       # the parameters without it then (frozen ones)
-        self._fused_layout = None        # the gradients' layout last seen with all their state
+        self._fused_stateless = ()       # the parameters without it then (frozen ones), see _fused_ready
         self._tracker = ClearTracker()
         self._warned = set()
 
@@ -504,28 +501,29 @@ class GradGuard(torch.optim.Optimizer):
 
     # ---- parameters and names -----------------------------------------------------------------
 
-    def _check_model_holds_params(self, model) -> None:
-        # model= names the layers and is checked for eval() mode: a model that holds none of the
-        # optimizer's parameters (a teacher, a copy, the model before FSDP1 flattened it) named
-        # every layer param[i] and watched the wrong module's mode, without a word.
-        held = {id(q) for q in model.parameters()}
-        if not any(id(q) in held for q in self._params()):
-            raise ValueError(f"gradguard.GradGuard: `model` ({type(model).__name__}) holds none of the optimizer's "
-                             "parameters; pass the module whose parameters the optimizer steps (or leave model= out)")
-
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _names(self, params) -> list[str]:
         if self._name_list is None or len(self._name_list) != len(params):
             by_id = {}
+            explicit = self._explicit_names or []
             if self.model is not None:
                 # FSDP1 keeps its wrapper's prefix in named_parameters(); the user's names lack it.
                 by_id = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in self.model.named_parameters()}
+                if (len(explicit) < len(params) and "model_names" not in self._warned
+                        and not any(id(p) in by_id for p in params)):
+                    # A model that holds none of the parameters (a teacher, a copy, the model
+                    # before FSDP1 flattened it) named every layer param[i] without a word. A
+                    # warning, not an error: model= may be there for the eval() check alone
+                    # (fp32 master weights of a bf16 model, stacked ensembles).
+                    self._warned.add("model_names")
+                    _hygiene.warn(f"gradguard.GradGuard: `model` ({type(self.model).__name__}) holds none of the "
+                                  "optimizer's parameters, so no layer can be named from it (they read param[i]); "
+                                  "pass the module whose parameters the optimizer steps, or names=", UserWarning)
             for g in self.optimizer.param_groups:
                 for p, n in zip(g["params"], g.get("param_names", ())):
                     by_id.setdefault(id(p), n)
-            explicit = self._explicit_names or []
             self._name_list = [explicit[i] if i < len(explicit) else by_id.get(id(p), f"param[{i}]")
                                for i, p in enumerate(params)]
         return self._name_list
@@ -592,7 +590,7 @@ class GradGuard(torch.optim.Optimizer):
         state["_layout_cache"] = None
         state["_plan"] = None
         state["_fused_missing"] = None  # rebuilt with the plan
-        state["_fused_layout"] = None
+        state["_fused_stateless"] = ()  # rebuilt when the copy's state is found complete
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -600,7 +598,6 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.setdefault("_fused_missing", None)  # pickled before it existed
         self.__dict__.setdefault("_fused_state_seen", None)
         self.__dict__.setdefault("_fused_stateless", ())
-        self.__dict__.setdefault("_fused_layout", None)
         self._tracker = ClearTracker()
         self._patch_step_function()
         # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups: a copied
@@ -650,10 +647,9 @@ class GradGuard(torch.optim.Optimizer):
                     seen.add(id(t))
                     yield t
 
-    def _fused_ready(self, layout=None) -> bool:
+    def _fused_ready(self) -> bool:
         """Whether the inner optimizer takes grad_scale/found_inf (the GradScaler contract) in
-        every group, with its first-step trap avoided. `layout`: the step's list of names of the
-        parameters with a gradient, one object per layout (see _layout)."""
+        every group, with its first-step trap avoided."""
         opt = self.optimizer
         if not self._fused_kind():
             return False
@@ -671,14 +667,18 @@ class GradGuard(torch.optim.Optimizer):
         if self._fused_state_ready and self._fused_state_seen != (id(state), len(state)):
             # The state was emptied or replaced since it was complete (opt.state.clear() to reset
             # the moments): a skipped step would create it again. Look again.
-            self._fused_state_ready, self._fused_missing = False, None
-        if self._fused_state_ready and layout is not None and layout is not self._fused_layout:
-            # Another set of parameters has a gradient than when the state was last complete: one
-            # frozen then (requires_grad=False, so not waited for) may have been unfrozen since,
-            # and has no state (gradual unfreezing). Looked at only when the layout changes.
-            if any(p.grad is not None and not state.get(p) for p in self._fused_stateless):
+            self._fused_state_ready, self._fused_missing, self._fused_stateless = False, None, ()
+        stateless = self._fused_stateless
+        if self._fused_state_ready and stateless and any(p.grad is not None for p in stateless):
+            # A parameter frozen when the state became complete (requires_grad=False, so not
+            # waited for) has a gradient: unfrozen since (gradual unfreezing). Without state yet,
+            # a skipped step would make it, as above: decided on the host until it has state.
+            # The list only shrinks: one that has state is dropped from it. Per step, one look
+            # at each frozen parameter without state (the general path walks every parameter's
+            # gradient anyway).
+            if any(p.grad is not None and not state.get(p) for p in stateless):
                 return False
-            self._fused_layout = layout
+            self._fused_stateless = [p for p in stateless if not state.get(p)]
         if not self._fused_state_ready:
             # Fused Adam/AdamW create their state (zero moments, step 0) before the kernel sees
             # found_inf: a skipped first step would leave state where there was none. Until every
@@ -695,11 +695,10 @@ class GradGuard(torch.optim.Optimizer):
                 return False
             self._fused_missing = [p for p in missing if p.requires_grad and not state.get(p)]
             self._fused_state_ready = not self._fused_missing
-            if self._fused_state_ready:
-                # Frozen parameters are not waited for; they are looked at again when the layout
-                # of the gradients changes (above). One walk, when the state becomes complete.
-                self._fused_stateless = [p for g in opt.param_groups for p in g["params"] if not state.get(p)]
-                self._fused_layout = layout
+            # Frozen parameters are not waited for; they are watched from then on (above). One
+            # walk, when the state becomes complete.
+            self._fused_stateless = ([p for g in opt.param_groups for p in g["params"] if not state.get(p)]
+                                     if self._fused_state_ready else ())
             # Another count of entries, or another dict, from now on means: look again.
             self._fused_state_seen = (id(state), len(state))
         return True
@@ -790,6 +789,7 @@ class GradGuard(torch.optim.Optimizer):
         self._name_list = self._layout_cache = None
         self._fused_state_ready = False  # new parameters may have no state yet
         self._fused_missing = None
+        self._fused_stateless = ()
         params = self._params()
         self._check_params(params)  # a model converted in place since (model.to(torch.cfloat))
         if self.process_group is not None:  # every rank, one holding no parameter too
@@ -894,7 +894,7 @@ class GradGuard(torch.optim.Optimizer):
         # decision continues it (the decision, seeing a finite first evaluation, reset it).
         prev_streak = (st.counters[3].clone() if closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)
                        and mode in ("skip", "raise", "zero") else None)
-        fused = self._fused_ready(names) and not self._dtensor_grads
+        fused = self._fused_ready() and not self._dtensor_grads
         read = (not fused or mode == "raise" or self.max_consecutive_skips is not None
                 or (device.type == "cpu" and self._decide_on_host_on_cpu))
         if capturing:

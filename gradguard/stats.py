@@ -356,7 +356,7 @@ def check_max_norm(max_norm):
     (reading it costs nothing); an accelerator tensor's is not, since that read would sync: the
     guard checks it on the device (``guard_decide``) and skips a step whose limit is bad."""
     if isinstance(max_norm, torch.Tensor):
-        if max_norm.numel() != 1 or not (max_norm.is_floating_point() or max_norm.dtype in (torch.int32, torch.int64)):
+        if max_norm.numel() != 1 or max_norm.is_complex() or max_norm.dtype == torch.bool:
             err = ValueError if max_norm.numel() != 1 else ArgumentTypeError
             raise err(f"gradguard: `max_norm` must be a number or a one-element real tensor, got a tensor of "
                       f"shape {tuple(max_norm.shape)} and dtype {max_norm.dtype}")
@@ -389,7 +389,7 @@ def max_norm_ok(max_norm):
 def _check_foreach(foreach, where: str) -> None:
     # Accepted for torch's signature; gradguard's kernels are multi-tensor whatever its value.
     if foreach is not None and not isinstance(foreach, bool):
-        raise ValueError(f"{where}: `foreach` must be None, True or False, got {foreach!r}")
+        raise ArgumentTypeError(f"{where}: `foreach` must be None, True or False, got {foreach!r}")
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm) -> torch.Tensor:

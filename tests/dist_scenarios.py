@@ -740,3 +740,27 @@ def reference_first_norm() -> float:
     x, y = batch(0)
     loss_of(model, x, y).backward()
     return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+
+
+def scenario_unfrozen_fused_process_group(rank, world):
+    """Gradual unfreezing under process_group=, the skip decided on the device (emulated on the
+    CPU by the class flag): every parameter is present there (an empty gradient where a rank has
+    none), so a frozen one unfrozen later was never looked at again, and the skipped step made
+    its Adam state."""
+    gradguard.GradGuard._decide_on_host_on_cpu = False
+    a = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(4, dtype=torch.float64), requires_grad=False)
+    opt = gradguard.GradGuard(torch.optim.AdamW([a, b], lr=0.1, fused=True), hygiene=False,
+                              process_group=dist.group.WORLD)
+    for _ in range(2):
+        a.grad = torch.ones(4, dtype=torch.float64)
+        opt.step()
+    b.requires_grad_(True)
+    a.grad = torch.ones(4, dtype=torch.float64)
+    b.grad = torch.full((4,), math.nan if rank == 0 else 1.0, dtype=torch.float64)
+    opt.step()
+    out = {"skipped": bool(opt.last.skipped), "b_state": sorted(opt.optimizer.state.get(b, {}))}
+    b.grad = torch.ones(4, dtype=torch.float64)
+    opt.step()
+    out["b_state_after"] = sorted(opt.optimizer.state.get(b, {}))
+    return out

@@ -382,7 +382,7 @@ def eval_with_torch(call, ps):
     return types.FunctionType(call.__code__, {**call.__globals__, "gradguard": fake})(ps)
 
 
-def test_an_integer_total_norm_clips_as_in_torch():
+def test_an_integer_total_norm_or_max_norm_clips_as_in_torch():
     ours, theirs = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
     ours.grad, theirs.grad = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])
     gradguard.clip_grads_with_norm_([ours], 1.0, torch.tensor(5))
@@ -390,3 +390,11 @@ def test_an_integer_total_norm_clips_as_in_torch():
     torch.testing.assert_close(ours.grad, theirs.grad)
     with pytest.raises(TypeError, match="`total_norm` must be a real tensor"):
         gradguard.clip_grads_with_norm_([ours], 1.0, torch.tensor(True))
+    for dtype in (torch.int8, torch.int16, torch.uint8):  # an integer max_norm tensor too (int32/int64 before)
+        ours.grad, theirs.grad = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])
+        got = gradguard.clip_grad_norm_([ours], torch.tensor(1, dtype=dtype))
+        want = torch.nn.utils.clip_grad_norm_([theirs], torch.tensor(1, dtype=dtype))
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(ours.grad, theirs.grad)
+    with pytest.raises(ValueError, match="`foreach`"):  # an ArgumentTypeError: a TypeError too
+        gradguard.clip_grad_norm_([ours], 1.0, foreach="yes")

@@ -286,3 +286,9 @@ def test_fsdp1_hybrid_shard_refuses_a_process_group_over_its_replicas():
     for r in ranks:
         assert "hybrid sharding whose replicas share `process_group`" in r["refusal"]
         assert math.isclose(r["total_norm"], want, rel_tol=1e-12)
+
+
+def test_a_parameter_unfrozen_under_process_group_gets_no_state_on_a_skipped_step():
+    for r in dist_spawn.run(dist_scenarios.scenario_unfrozen_fused_process_group, world_size=2, timeout=120):
+        assert r["skipped"] and r["b_state"] == []
+        assert r["b_state_after"] == ["exp_avg", "exp_avg_sq", "step"]

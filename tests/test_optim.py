@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -735,16 +736,28 @@ def test_global_optimizer_hooks_run_once_per_guarded_step():
 
 
 @pytest.mark.parametrize("model", [lambda m: torch.nn.Sequential(torch.nn.Linear(4, 2)), lambda m: torch.nn.ReLU()])
-def test_a_model_that_holds_none_of_the_parameters_is_refused(model):
-    # Before, every layer was named param[i] and the wrong module's eval() mode was watched.
+def test_a_model_that_holds_none_of_the_parameters_is_warned_about(model):
+    # Before, every layer was named param[i] without a word. A warning, not an error (model= may be
+    # there for the eval() check alone), given when the layers are named: at the first step, after
+    # any add_param_group.
     m = torch.nn.Linear(4, 2)
-    with pytest.raises(ValueError, match=r"`model` \((Sequential|ReLU)\) holds none of the optimizer's parameters"):
-        GradGuard(torch.optim.SGD(m.parameters(), lr=0.1), model=model(m))
-    # The same module wrapped (compiled, in a container) holds them: accepted, and names them.
+    opt = GradGuard(torch.optim.SGD(m.parameters(), lr=0.1), model=model(m))
+    m(torch.ones(1, 4)).sum().backward()
+    with pytest.warns(UserWarning, match=r"`model` \((Sequential|ReLU)\) holds none of the optimizer's parameters"):
+        opt.step()
+    # Parameters of the model added after construction: named, no warning.
+    temp = torch.nn.Parameter(torch.zeros(()))
+    opt = GradGuard(torch.optim.SGD([temp], lr=0.1), model=m)
+    opt.add_param_group({"params": list(m.parameters())})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert {n for n, _ in opt.last.worst_layers(3)} == {"weight", "bias"}
+    # The same module wrapped (compiled, in a container) holds them: named, no warning.
     for wrapped in (torch.compile(m), torch.nn.ModuleDict({"net": m})):
         opt = GradGuard(torch.optim.SGD(m.parameters(), lr=0.1), model=wrapped)
-        m(torch.ones(1, 4)).sum().backward()
-        opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()
         assert {n for n, _ in opt.last.worst_layers(2)} in ({"_orig_mod.weight", "_orig_mod.bias"},
                                                             {"net.weight", "net.bias"})
-        opt.zero_grad()
