@@ -55,4 +55,8 @@ def test_tensorboard_example(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     ns = _run("TensorBoard", tmp_path, monkeypatch)
     assert ns["opt"].summary()["steps"] == 20
+    # Closed while the working directory is still tmp_path: the writer's flush thread resolves the
+    # relative "runs/guard" later, and wrote (FileNotFoundError in a thread) against the repository.
+    for hook in ns["opt"]._step_hooks.values():
+        hook.writer.close()
     assert list(tmp_path.glob("runs/guard/events.out.tfevents.*"))
