@@ -363,7 +363,9 @@ def check_max_norm(max_norm):
         max_norm = max_norm.detach().reshape(())
         if not max_norm.is_floating_point():  # torch takes integer limits; the decision op wants a float
             max_norm = max_norm.to(torch.float64)
-        if max_norm.device.type == "cpu":
+        # Under torch.compile a read would be a data-dependent branch (fullgraph fails): there,
+        # as for an accelerator tensor, the device checks it (max_norm_ok, guard_decide).
+        if max_norm.device.type == "cpu" and not torch.compiler.is_compiling():
             v = float(max_norm)
             if math.isnan(v) or v < 0:
                 raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got tensor({v})")
@@ -381,7 +383,7 @@ def check_max_norm(max_norm):
 def max_norm_ok(max_norm):
     """None when `max_norm` was checked on the host; else a 0-dim device bool: is it >= 0
     (NaN is not)."""
-    if isinstance(max_norm, torch.Tensor) and max_norm.device.type != "cpu":
+    if isinstance(max_norm, torch.Tensor) and (max_norm.device.type != "cpu" or torch.compiler.is_compiling()):
         return max_norm >= 0
     return None
 
@@ -592,6 +594,9 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> Non
     limit = (limit_on(max_norm, total.device).double() if isinstance(max_norm, torch.Tensor)
              else device_scalar(max_norm, torch.float64, total.device))
     coef = torch.where(torch.isfinite(total), torch.clamp(limit / (total.double() + 1e-6), max=1.0), 1.0)
+    ok = max_norm_ok(max_norm)
+    if ok is not None:  # a negative or NaN max_norm not checked on the host: leave the grads untouched
+        coef = torch.where(ok.to(coef.device), coef, 1.0)
     coef = coef.to(total.dtype)
     # DTensor grads are scaled through their local shards (the factor is the same on every rank).
     scale_([_distributed._local(g) if _distributed.is_dtensor(g) else g.detach() for g in grads], coef)

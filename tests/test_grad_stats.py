@@ -413,6 +413,39 @@ def test_torch_compile_fullgraph():
     assert math.isnan(total2.item()) and found.item() == 1.0 and not ok.item()
 
 
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_"])
+def test_a_tensor_max_norm_compiles_with_fullgraph_as_in_torch(fn):
+    # torch's clip functions compile a 0-dim CPU tensor max_norm (a clipping schedule) with
+    # fullgraph=True; gradguard's read it with float() while compiling: a data-dependent branch,
+    # which fullgraph refused. Under compile the device checks it, as for an accelerator tensor:
+    # a negative one leaves the gradients untouched.
+    def run(clip_fn, total_fn, mn, compiled):
+        ps = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
+        for p in ps:
+            p.grad = torch.ones_like(p)
+
+        def f(limit):
+            if fn == "clip_grad_norm_":
+                return clip_fn(ps, limit)
+            return clip_fn(ps, limit, total_fn([p.grad for p in ps]))
+
+        if compiled:
+            torch._dynamo.reset()
+            f = torch.compile(f, backend="aot_eager", fullgraph=True)
+        f(mn)
+        return [p.grad for p in ps]
+
+    ours = getattr(gradguard, fn), gradguard.get_total_norm
+    theirs = getattr(torch.nn.utils, fn), torch.nn.utils.get_total_norm
+    for mn in (torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64)):
+        want = run(*theirs, mn, compiled=False)
+        for got in (run(*ours, mn, compiled=True), run(*ours, mn, compiled=False)):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w)
+    for g in run(*ours, torch.tensor(-1.0), compiled=True):
+        assert torch.equal(g, torch.ones_like(g))
+
+
 @pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
 def test_zero_nonfinite_and_scale_op(path):
     fn = {"reference": reference.zero_nonfinite_and_scale_,
