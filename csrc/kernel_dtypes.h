@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/grad_mode.h>
 
 namespace gradguard {
 
@@ -23,6 +25,21 @@ inline void check_scaled_dtype(const char* op, at::TensorList tensors) {
   const auto dtype = tensors[0].scalar_type();
   TORCH_CHECK_NOT_IMPLEMENTED(is_kernel_dtype(dtype), op, ": dtype ", dtype,
                               " is not supported; the op takes float16, bfloat16, float32 and float64 tensors");
+}
+
+// What the in-place scaling ops refuse of each tensor besides its device (checked per kernel).
+inline void check_scaled_tensor(const char* op, size_t i, const at::Tensor& t, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": tensors[", i, "] has dtype ", t.scalar_type(), " but tensors[0] has ",
+              dtype);
+  // Writing through a view whose elements alias each other (an expand) would scale them twice:
+  // refused with the same check (and message) as torch's own in-place ops.
+  at::assert_no_internal_overlap(t);
+  // The write is not recorded by autograd: refused where torch's in-place ops would record it or
+  // refuse it (a leaf), as the reference's nan_to_num_/mul_ refuse a leaf.
+  TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op, ": tensors[", i,
+              "] requires grad, and an in-place scaling of it would not be recorded by autograd (a leaf "
+              "Variable that requires grad is being used in an in-place operation); call it under "
+              "torch.no_grad(), as optimizers and clip_grad_norm_ do");
 }
 
 }  // namespace gradguard

@@ -639,9 +639,18 @@ def test_scale_kernels_scale_a_tensor_listed_twice_twice(op, dtype):
         torch.set_num_threads(old)
 
 
-def test_zero_nonfinite_and_scale_refuses_overlapping_views():
+@pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
+@pytest.mark.parametrize("kernel", ["dispatcher", "reference"])
+def test_scaling_ops_refuse_overlapping_views_before_writing_anything(op, kernel):
+    # A view whose elements alias each other would be scaled twice. The reference refused it only
+    # when it reached that tensor, the tensors before it already scaled.
+    fn = getattr(torch.ops.gradguard if kernel == "dispatcher" else reference, op)
+    first = torch.arange(6.0)[::2]  # non-contiguous: the strided path
+    second = torch.ones(1).expand(4)
     with pytest.raises(RuntimeError, match="more than one element"):
-        torch.ops.gradguard.zero_nonfinite_and_scale_([torch.ones(1).expand(4)], torch.tensor(2.0))
+        fn([first, second], torch.tensor(2.0))
+    assert torch.equal(first, torch.tensor([0.0, 2.0, 4.0]))
+    assert torch.equal(second, torch.ones(4))
 
 
 shape_st = st.lists(st.integers(0, 40), min_size=0, max_size=3)

@@ -7,7 +7,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/grad_mode.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
@@ -81,17 +80,7 @@ void check_tensors(const char* op, at::TensorList tensors) {
     const auto& t = tensors[i];
     TORCH_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] is on ", t.device(),
                 "; every tensor of one call must be on the CPU");
-    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(), op, ": tensors[", i, "] has dtype ", t.scalar_type(),
-                " but tensors[0] has ", tensors[0].scalar_type());
-    // Writing through a view whose elements alias each other would scale them twice: refuse it
-    // with the same check (and message) as torch's own in-place ops.
-    at::assert_no_internal_overlap(t);
-    // The write is not recorded by autograd: refused where torch's in-place ops would record it
-    // or refuse it (a leaf), as the reference's nan_to_num_/mul_ refuse a leaf.
-    TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op, ": tensors[", i,
-                "] requires grad, and an in-place scaling of it would not be recorded by autograd (a leaf "
-                "Variable that requires grad is being used in an in-place operation); call it under "
-                "torch.no_grad(), as optimizers and clip_grad_norm_ do");
+    check_scaled_tensor(op, i, t, tensors[0].scalar_type());
   }
 }
 

@@ -12,7 +12,6 @@
 // sync) and passed by value.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -114,13 +113,10 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
     const auto& t = tensors[i];
     TORCH_CHECK(t.device() == device, op, " (CUDA kernel): tensors[", i, "] is on ", t.device(),
                 " but tensors[0] is on ", device, "; every tensor of one call must be on one device");
-    TORCH_CHECK(t.scalar_type() == dtype, op, ": tensors[", i, "] has dtype ", t.scalar_type(),
-                " but tensors[0] has ", dtype);
     TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] is not a strided (dense) tensor");
-    // As the CPU kernel: the write is not recorded by autograd.
-    TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op, ": tensors[", i,
-                "] requires grad, and an in-place scaling of it would not be recorded by autograd; call it under "
-                "torch.no_grad(), as optimizers and clip_grad_norm_ do");
+    // Every tensor is checked before the first launch: a refusal leaves the whole list untouched
+    // (the overlap check ran inside the launch loop, after earlier tensors' kernels were queued).
+    check_scaled_tensor(op, i, t, dtype);
   }
   check_scaled_dtype(op, tensors);
   const c10::cuda::CUDAGuard guard(device);
@@ -150,9 +146,6 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
       const at::Tensor& t = tensors[i];
       const int64_t numel = t.numel();
       if (numel == 0) continue;
-      // Writing through a view whose elements alias each other would scale them twice: refuse
-      // it with the same check (and message) as torch's own in-place ops.
-      at::assert_no_internal_overlap(t);
       if (t.is_non_overlapping_and_dense()) {
         flat.push_back({t.data_ptr(), numel, chunks_of(numel), static_cast<int32_t>(i)});
         continue;

@@ -376,8 +376,8 @@ def check_scale_args(op: str, tensors, scale, *, autograd: bool = True) -> None:
     and error types (the reference multiplied a tensor that requires grad through autograd, a
     scale of several elements element by element, a mixed-dtype list, and complex tensors; and
     the compiled CPU kernel zeroed a gradient scaled by a complex number). `autograd`: also refuse
-    a tensor that requires grad while grad mode is on (not in the fake kernels: the compiled
-    graph's tensors are not the caller's)."""
+    a tensor that requires grad while grad mode is on, and one whose elements alias each other
+    (not in the fake kernels: the compiled graph's tensors are not the caller's)."""
     where = f"gradguard.{op}"
     if scale.numel() != 1:
         raise RuntimeError(f"{where}: `scale` must hold one element, got shape {list(scale.shape)}")
@@ -387,6 +387,11 @@ def check_scale_args(op: str, tensors, scale, *, autograd: bool = True) -> None:
     for i, t in enumerate(tensors):
         if t.dtype != tensors[0].dtype:
             raise RuntimeError(f"{where}: tensors[{i}] has dtype {t.dtype} but tensors[0] has {tensors[0].dtype}")
+        # Refused before anything is written (nan_to_num_/mul_ refused it at that tensor, after
+        # the ones before it were scaled), with torch's message, as the compiled kernels do.
+        if autograd and torch._debug_has_internal_overlap(t) == 1:
+            raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
+                               "single memory location. Please clone() the tensor before performing the operation.")
         if grad_mode and t.requires_grad:
             raise RuntimeError(f"{where}: tensors[{i}] requires grad, and an in-place scaling of it would not be "
                                "recorded by autograd (a leaf Variable that requires grad is being used in an in-place "
