@@ -135,10 +135,16 @@ _LAYOUTS_KEPT = 16
 
 def _index_tensor(present: list[int], device: torch.device) -> torch.Tensor:
     """`present` as an int64 tensor on `device`. On a GPU through pinned memory and a copy that
-    does not block the host (torch keeps the pinned block until the copy has run), except under
-    a CUDA graph capture, which must not record a copy from a temporary host buffer."""
+    does not block the host (torch keeps the pinned block until the copy has run). Refused under
+    a CUDA graph capture: it would record a copy from a temporary host buffer (and a copy from
+    pageable memory, which it made before, synchronizes: the capture failed with CUDA's error)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "gradguard.GradGuard: under a CUDA graph capture, the parameters that have a gradient (some have none) "
+            "are not those of any recent eager step: their index would be copied from the host, which a capture "
+            "cannot hold. Take an eager warm-up step in which the same parameters have gradients before capturing")
     cpu = torch.tensor(present, dtype=torch.int64)
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda":
         return cpu.to(device)
     return cpu.pin_memory().to(device, non_blocking=True)
 
@@ -246,6 +252,18 @@ def _step_outside_dynamo(guard, closure):
     # scheduler's counting wrapper) around this call; guard.step() ran the hooks a second time.
     step = type(guard).step
     return getattr(step, "__wrapped__", step)(guard, closure)
+
+
+# What wrappers add to named_parameters() names: FSDP1's unit, activation checkpointing's
+# checkpoint_wrapper, torch.compile's OptimizedModule. The user's names (names=, the unwrapped
+# model's, the state dict torch's FSDP writes) lack them.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
 
 
 class GradGuard(torch.optim.Optimizer):
@@ -360,7 +378,10 @@ class GradGuard(torch.optim.Optimizer):
         self.tracer = tracer
         self._name_list = None
         self._layout_cache = None
+        # names= names the parameters the optimizer holds now, by identity: by position, a
+        # param group removed later gave every later parameter the name of the one before it.
         self._explicit_names = self._check_names(names)
+        self._explicit_params = self._params() if names is not None else []
         self._check_params(self._params())
 
         # What torch.optim.Optimizer.__init__ sets up, minus the parameter groups (shared below).
@@ -476,6 +497,12 @@ class GradGuard(torch.optim.Optimizer):
         if len(names) != count:
             raise ValueError(f"gradguard.GradGuard: `names` has {len(names)} entries but the optimizer holds "
                              f"{count} parameters")
+        seen = set()
+        for i, n in enumerate(names):
+            if n in seen:  # one layer's totals would be reported under the other's name
+                raise ValueError(f"gradguard.GradGuard: `names` holds {n!r} twice (entry {i}); one name per "
+                                 "parameter")
+            seen.add(n)
         return names
 
     def _check_params(self, params) -> None:
@@ -507,11 +534,10 @@ class GradGuard(torch.optim.Optimizer):
     def _names(self, params) -> list[str]:
         if self._name_list is None or len(self._name_list) != len(params):
             by_id = {}
-            explicit = self._explicit_names or []
+            explicit = {id(q): n for q, n in zip(self._explicit_params, self._explicit_names or ())}
             if self.model is not None:
-                # FSDP1 keeps its wrapper's prefix in named_parameters(); the user's names lack it.
-                by_id = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in self.model.named_parameters()}
-                if (len(explicit) < len(params) and "model_names" not in self._warned
+                by_id = {id(p): _unwrapped_name(n) for n, p in self.model.named_parameters()}
+                if (not all(id(p) in explicit for p in params) and "model_names" not in self._warned
                         and not any(id(p) in by_id for p in params)):
                     # A model that holds none of the parameters (a teacher, a copy, the model
                     # before FSDP1 flattened it) named every layer param[i] without a word. A
@@ -524,8 +550,13 @@ class GradGuard(torch.optim.Optimizer):
             for g in self.optimizer.param_groups:
                 for p, n in zip(g["params"], g.get("param_names", ())):
                     by_id.setdefault(id(p), n)
-            self._name_list = [explicit[i] if i < len(explicit) else by_id.get(id(p), f"param[{i}]")
+            self._name_list = [explicit[id(p)] if id(p) in explicit else by_id.get(id(p), f"param[{i}]")
                                for i, p in enumerate(params)]
+            if explicit:  # a parameter no longer in the optimizer is let go (and its name)
+                now = {id(p) for p in params}
+                kept = [(q, n) for q, n in zip(self._explicit_params, self._explicit_names) if id(q) in now]
+                self._explicit_params = [q for q, _ in kept]
+                self._explicit_names = [n for _, n in kept]
         return self._name_list
 
     def _name_of(self, i, params) -> str:
@@ -567,6 +598,7 @@ class GradGuard(torch.optim.Optimizer):
             new = [q[1] if isinstance(q, tuple) and len(q) == 2 else q for q in new]  # (name, param) pairs
             self._check_params(self._params() + [q for q in new if isinstance(q, torch.Tensor)])
         self.optimizer.add_param_group(param_group)
+        self._name_list = None  # named afresh (a removed group's names stayed at their positions)
         # Now, not at the next step: a checkpoint saved in between is for every parameter (its
         # totals were one group short, and no guard, this one included, could load it).
         with torch.inference_mode(False):
@@ -598,6 +630,8 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.setdefault("_fused_missing", None)  # pickled before it existed
         self.__dict__.setdefault("_fused_state_seen", None)
         self.__dict__.setdefault("_fused_stateless", ())
+        if "_explicit_params" not in self.__dict__:  # pickled before names= followed identity
+            self._explicit_params = self._params()[:len(self._explicit_names or ())]
         self._tracker = ClearTracker()
         self._patch_step_function()
         # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups: a copied
@@ -686,19 +720,19 @@ class GradGuard(torch.optim.Optimizer):
             # only) and do not call the step when it is skipped. Checked until every trainable
             # parameter has state, not after: one that had no gradient so far (an expert that got
             # no tokens) may get its first on a step to skip.
-            # The trainable parameters still without state are remembered, so that a model with
-            # one that never gets a gradient (an unused head) checks that one per step, not all.
+            # The parameters still without state are remembered, so that a model with one that
+            # never gets a gradient (an unused head) checks those per step, not all. Frozen ones
+            # stay in the list: one unfrozen while the state is still incomplete (the unused
+            # head keeps it so) was dropped from it, and a skipped step made its state.
             missing = self._fused_missing
             if missing is None:
                 missing = [p for g in opt.param_groups for p in g["params"]]
             if any(p.grad is not None and not state.get(p) for p in missing):
                 return False
-            self._fused_missing = [p for p in missing if p.requires_grad and not state.get(p)]
-            self._fused_state_ready = not self._fused_missing
-            # Frozen parameters are not waited for; they are watched from then on (above). One
-            # walk, when the state becomes complete.
-            self._fused_stateless = ([p for g in opt.param_groups for p in g["params"] if not state.get(p)]
-                                     if self._fused_state_ready else ())
+            missing = self._fused_missing = [p for p in missing if not state.get(p)]
+            self._fused_state_ready = not any(p.requires_grad for p in missing)
+            # Frozen parameters are not waited for; they are watched from then on (above).
+            self._fused_stateless = missing if self._fused_state_ready else ()
             # Another count of entries, or another dict, from now on means: look again.
             self._fused_state_seen = (id(state), len(state))
         return True
@@ -1003,7 +1037,7 @@ class GradGuard(torch.optim.Optimizer):
             msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
                                          report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype))
             raise NonFiniteGradError(
-                f"gradguard.GradGuard: {streak_h} steps in a row were skipped "
+                f"gradguard.GradGuard: {'1 step was' if streak_h == 1 else f'{streak_h} steps in a row were'} skipped "
                 f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}" + _hook_note(hook_error),
                 bad, report) from hook_error
         return loss
@@ -1177,6 +1211,9 @@ class GradGuard(torch.optim.Optimizer):
             raise ValueError(f"gradguard.GradGuard.summary: `k` must be a non-negative int, got {k!r}")
         params = self._params()
         self._state.follow(params)
+        # Named afresh: the names are cached by position until the next step looks at the
+        # groups, and the totals have just followed their parameters by identity.
+        self._name_list = None
         return self._state.summary(self._names(params), k)
 
     def state_dict(self) -> dict:

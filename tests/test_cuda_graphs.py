@@ -160,3 +160,16 @@ def test_an_optimizer_keeping_state_on_the_cpu_is_refused_under_capture():
     with pytest.raises(RuntimeError, match="must be on cuda"):
         with torch.cuda.graph(graph):
             guard.step()
+
+
+def test_parameters_with_gradients_first_seen_under_capture_are_refused_with_a_clear_error():
+    # The index of the parameters that have a gradient is copied from the host when a set is new;
+    # under a capture that copy (from pageable memory, before) failed with CUDA's own error.
+    params, guard = _setup(dict(fused=True), dict(max_norm=1.0))
+    for _ in range(2):
+        guard.step()  # every parameter has a gradient: warm
+    params[1].grad = None
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="eager warm-up step in which the same parameters have gradients"):
+        with torch.cuda.graph(graph):
+            guard.step()

@@ -222,6 +222,14 @@ def test_max_consecutive_skips(name, decide_on):
     assert opt.summary()["skipped"] == 5
 
 
+def test_max_consecutive_skips_of_one_says_one_step():
+    params = make_params()
+    opt = GradGuard(torch.optim.SGD(params, lr=0.1), max_consecutive_skips=1)
+    set_grads(params, poison(make_grads(0)))
+    with pytest.raises(NonFiniteGradError, match=r"GradGuard: 1 step was skipped \(max_consecutive_skips=1\)"):
+        opt.step()
+
+
 def test_closure_is_evaluated_once_and_its_loss_returned():
     model = TinyNet()
     opt = GradGuard(torch.optim.Adam(model.parameters(), lr=1e-2), max_norm=1.0)
@@ -313,6 +321,7 @@ BAD_INPUT = [
     (dict(model="net"), TypeError, "`model` must be an nn.Module"),
     (dict(names=["only_one"]), ValueError, "`names` has 1 entries but the optimizer holds 3 parameters"),
     (dict(names=3), TypeError, "`names` must be a list of str"),
+    (dict(names=["x", "x", "y"]), ValueError, r"`names` holds 'x' twice \(entry 1\)"),
     (dict(history_size=0), ValueError, "`history_size`"),
     (dict(process_group=1), TypeError, "`process_group` must be None or a torch.distributed.ProcessGroup"),
 ]
@@ -411,14 +420,18 @@ def test_a_skipped_step_after_the_fused_state_was_cleared_creates_none(decide_on
         assert set(opt.optimizer.state[w]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
+@pytest.mark.parametrize("unused", [False, True], ids=["state_complete", "unused_trainable"])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_a_skipped_step_creates_no_state_for_a_parameter_unfrozen_after_the_state_was_complete(decide_on, amsgrad):
+def test_a_skipped_step_creates_no_state_for_a_parameter_unfrozen_later(decide_on, amsgrad, unused):
     # Gradual unfreezing: a frozen parameter (requires_grad=False) is not waited for, so the state
     # counted as complete without it; unfrozen later, its first gradient came on a step to skip,
     # and on the device-decided path the fused step made its state before it saw found_inf.
+    # `unused`: a trainable parameter that never gets a gradient (an unused head) keeps the state
+    # incomplete; the frozen one was dropped from the parameters still looked at then.
     a = torch.nn.Parameter(torch.randn(4))
     b = torch.nn.Parameter(torch.randn(4), requires_grad=False)
-    opt = GradGuard(torch.optim.AdamW([a, b], lr=0.1, fused=True, amsgrad=amsgrad), hygiene=False)
+    head = [torch.nn.Parameter(torch.randn(4))] if unused else []
+    opt = GradGuard(torch.optim.AdamW([a, b] + head, lr=0.1, fused=True, amsgrad=amsgrad), hygiene=False)
     for _ in range(2):
         a.grad = torch.ones(4)
         opt.step()
@@ -759,5 +772,16 @@ def test_a_model_that_holds_none_of_the_parameters_is_warned_about(model):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             opt.step()
-        assert {n for n, _ in opt.last.worst_layers(2)} in ({"_orig_mod.weight", "_orig_mod.bias"},
-                                                            {"net.weight", "net.bias"})
+        assert {n for n, _ in opt.last.worst_layers(2)} in ({"weight", "bias"}, {"net.weight", "net.bias"})
+
+
+def test_a_new_set_of_parameters_with_gradients_under_a_capture_is_refused(monkeypatch):
+    # Its index is copied from the host, which a CUDA graph capture cannot hold (a copy from
+    # pageable memory, made before, failed inside the capture with CUDA's error). Where no GPU
+    # exists the capture is emulated (tests/test_cuda_graphs.py runs the real one).
+    from gradguard import optim as optim_mod
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="eager warm-up step in which the same parameters have gradients"):
+        optim_mod._index_tensor([0, 2], torch.device("cuda"))
+    assert torch.equal(optim_mod._index_tensor([0, 2], torch.device("cpu")), torch.tensor([0, 2]))

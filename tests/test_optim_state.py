@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -213,6 +214,66 @@ def test_summary_names_the_worst_layers():
     assert [w["name"] for w in s["worst_layers"]] == ["b", "c"]
     assert s["worst_layers"][0]["nonfinite_steps"] == 2
     torch.testing.assert_close(s["worst_layers"][1]["max_norm"], 3.0 * 24 ** 0.5)
+
+
+def _named_groups_step(opt, params, bad):
+    for q in params:
+        q.grad = torch.ones_like(q) * 2.0
+    bad.grad[0] = float("nan")
+    opt.step()
+
+
+def test_names_follow_their_parameters_when_a_group_is_removed():
+    # names= was read by position: after the first group was removed, the second group's
+    # parameters were reported under the first group's names, in the step and the summary.
+    enc, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    inner = torch.optim.SGD([{"params": enc.parameters()}, {"params": head.parameters()}], lr=0.1)
+    opt = GradGuard(inner, names=["enc.weight", "enc.bias", "head.weight", "head.bias"], hygiene=False)
+    del opt.param_groups[0]
+    _named_groups_step(opt, list(head.parameters()), head.bias)
+    assert opt.last.nonfinite_layers == ["head.bias"] and opt.last.names == ["head.weight", "head.bias"]
+    assert opt.summary()["worst_layers"][0]["name"] == "head.bias"
+    extra = torch.nn.Parameter(torch.zeros(3))
+    opt.add_param_group({"params": [extra]})  # not named by names=: param[i]
+    _named_groups_step(opt, list(head.parameters()) + [extra], extra)
+    assert opt.last.nonfinite_layers == ["param[2]"]
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):  # identity kept in copies
+        _named_groups_step(clone, [q for g in clone.param_groups for q in g["params"]],
+                           clone.param_groups[0]["params"][0])
+        assert clone.last.nonfinite_layers == ["head.weight"]
+
+
+def test_summary_names_the_totals_right_after_the_groups_change():
+    # The names were cached by position until the next step: after one group was removed and
+    # another of the same size added, the totals (moved by identity) showed the old names.
+    m = torch.nn.ModuleDict({k: torch.nn.Linear(2, 2) for k in "abc"})
+    opt = GradGuard(torch.optim.SGD([{"params": m["a"].parameters()}, {"params": m["b"].parameters()}], lr=0.1),
+                    model=m, hygiene=False)
+    for k, q in m.named_parameters():
+        q.grad = torch.full_like(q, 3.0 if k.startswith("b") else 1.0)
+    opt.step()
+    del opt.param_groups[0]
+    opt.add_param_group({"params": m["c"].parameters()})
+    peaks = {w["name"]: w["max_norm"] for w in opt.summary(k=4)["worst_layers"]}
+    assert set(peaks) == {"b.weight", "b.bias", "c.weight", "c.bias"}
+    assert peaks["b.weight"] == pytest.approx(6.0) and peaks["c.weight"] == 0.0
+
+
+def test_wrapped_models_are_named_as_the_model_inside():
+    # torch.compile's OptimizedModule and checkpoint_wrapper add their own parts to the names
+    # (`_orig_mod.1.bias`): the same layer read two ways, as FSDP1's prefix (already removed).
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    wrapped = torch.nn.Sequential(checkpoint_wrapper(inner[0]), inner[1])
+    for model in (torch.compile(inner, backend="eager"), wrapped):
+        assert any("_orig_mod." in n or "_checkpoint_wrapped_module." in n for n, _ in model.named_parameters())
+        opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), model=model, hygiene=False)
+        for q in model.parameters():
+            q.grad = torch.ones_like(q)
+        inner[0].bias.grad[0] = float("nan")
+        opt.step()
+        assert opt.last.names == ["0.weight", "0.bias", "1.weight", "1.bias"] and opt.last.nonfinite_layers == ["0.bias"]
 
 
 def test_deepcopy_and_pickle_keep_the_whole_guard():
