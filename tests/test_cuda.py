@@ -319,6 +319,18 @@ def test_scale_many_tensors_and_internal_overlap(device):
     assert torch.equal(first.cpu(), torch.tensor([0.0, 2.0, 4.0]))
 
 
+@pytest.mark.parametrize("op", [scale_op, maybe_scale_op], ids=["zero_nonfinite_and_scale_", "maybe_scale_"])
+def test_scale_a_tensor_listed_twice_is_scaled_twice(op, device):
+    # One launch held both copies' chunks: blocks raced over the shared elements, each ending as
+    # x*s or x*s^2 at random. Now one launch per tensor, in order, as the CPU kernel runs them.
+    g = torch.arange(1.0, 1 + 3 * CHUNK, device=device)
+    other = torch.ones(CHUNK + 5, device=device)
+    op([g, other, g.view(3, CHUNK)[1:]], torch.tensor(2.0, device=device))
+    want = torch.arange(1.0, 1 + 3 * CHUNK) * 2
+    want[CHUNK:] *= 2
+    assert torch.equal(g.cpu(), want) and torch.equal(other.cpu(), torch.full((CHUNK + 5,), 2.0))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_maybe_scale_matches_cpu_and_leaves_bits_at_one(dtype, device):
     ts = planted(SIZES, dtype, device)

@@ -20,6 +20,7 @@
 
 #include "cpu_isa.h"
 #include "kernel_dtypes.h"
+#include "memory_spans.h"
 #include "simd_avx2.h"
 #include "strided_walk.h"
 #include "thread_count.h"
@@ -84,27 +85,6 @@ void check_tensors(const char* op, at::TensorList tensors) {
   }
 }
 
-// Tensors whose memory overlaps (the same gradient twice in one list) are scaled one after the
-// other, as torch's foreach ops do, not by threads racing over the same elements. Disjoint views
-// of one buffer (DDP's gradient_as_bucket_view, flat gradient buffers) keep the threads: what is
-// compared is the span of bytes each tensor covers.
-bool spans_overlap(at::TensorList tensors) {
-  std::vector<std::pair<const char*, const char*>> spans;
-  spans.reserve(tensors.size());
-  for (const auto& t : tensors) {
-    if (t.numel() == 0) continue;
-    int64_t last = 0;  // offset of the last element, in elements (strides are never negative)
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    const char* begin = static_cast<const char*>(t.const_data_ptr());
-    spans.emplace_back(begin, begin + (last + 1) * t.element_size());
-  }
-  std::sort(spans.begin(), spans.end());
-  for (size_t i = 1; i < spans.size(); ++i) {
-    if (spans[i].first < spans[i - 1].second) return true;
-  }
-  return false;
-}
-
 // Every element of every tensor through scale_row<kZero>, in 64K-element pieces over threads.
 template <bool kZero>
 void scale_list(at::TensorList tensors, double s) {
@@ -129,7 +109,7 @@ void scale_list(at::TensorList tensors, double s) {
   // Bytes moved: each element is read and written.
   int64_t nthreads = threads_for(2 * numel * int64_t(tensors[0].element_size()),
                                  static_cast<int64_t>(tensors.size()), nwork);
-  if (nthreads > 1 && spans_overlap(tensors)) nthreads = 1;  // checked only where threads would race
+  if (nthreads > 1 && spans_overlap(tensors)) nthreads = 1;  // checked only where threads would race (memory_spans.h)
   const int64_t grain = (nwork + nthreads - 1) / nthreads;  // at most nthreads parts; one runs inline
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_scale_cpu", [&] {
     at::parallel_for(0, nwork, grain, [&](int64_t lo, int64_t hi) {

@@ -25,6 +25,7 @@
 #include "copy_any_dims.h"
 #include "kernel_dtypes.h"
 #include "kernel_image.h"
+#include "memory_spans.h"
 #include "multi_tensor_apply.cuh"
 #include "strided_walk.h"
 
@@ -170,11 +171,19 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
         write_back.emplace_back(t, c);
       }
     }
-    for_each_launch(flat, [&](const ChunkTable& tab, int64_t nblocks) {
+    const auto launch = [&](const ChunkTable& tab, int64_t nblocks) {
       scale_flat_kernel<kZeroNonfinite, scalar_t, opmath_t>
           <<<static_cast<unsigned>(nblocks), kBlockThreads, 0, stream>>>(tab, scale_ptr, scale_value);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    };
+    // Dense tensors sharing memory (one gradient listed twice) go one launch each, in list
+    // order (memory_spans.h): in one launch their blocks would race over the shared elements.
+    // The strided ones above already run one launch each, in stream order.
+    if (flat.size() > 1 && spans_overlap(tensors)) {
+      for (const FlatItem& item : flat) for_each_launch(std::vector<FlatItem>{item}, launch);
+    } else {
+      for_each_launch(flat, launch);
+    }
     for (auto& [view, copy] : write_back) copy_any_dims(view, copy);
   });
 }
