@@ -639,6 +639,27 @@ def test_scale_kernels_scale_a_tensor_listed_twice_twice(op, dtype):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
+@pytest.mark.parametrize("kernel", ["dispatcher", "reference"])
+def test_a_float64_scale_is_rounded_alike_for_0_dim_tensors(op, kernel, dtype):
+    # Two 0-dim operands promote: a 0-dim float32 gradient times a float64 scale was computed in
+    # float64 and rounded once (1 ulp from the kernels' product by the float32-rounded scale,
+    # which every other tensor got): clip_grad_norm_(nonfinite="zero") on a learned temperature.
+    fn = getattr(torch.ops.gradguard if kernel == "dispatcher" else reference, op)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200, generator=g, dtype=torch.float64).add_(0.5).to(dtype)
+    scale = torch.tensor(1 / 7, dtype=torch.float64)
+    op_math = torch.float64 if dtype == torch.float64 else torch.float32
+    want = (x.to(op_math) * scale.to(op_math)).to(dtype)
+    zero_dim = [v.clone() for v in x]
+    fn(zero_dim, scale)
+    assert torch.equal(torch.stack(zero_dim), want)
+    flat = x.clone()
+    fn([flat], scale)
+    assert torch.equal(flat, want)
+
+
 @pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
 @pytest.mark.parametrize("kernel", ["dispatcher", "reference"])
 def test_scaling_ops_refuse_overlapping_views_before_writing_anything(op, kernel):

@@ -152,8 +152,11 @@ void maybe_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
     return;
   }
   // float32/float64: torch's own foreach kernel, compiled for this CPU's widest ISA, which a
-  // plain loop at the portable flags does not match for a read+write pass.
-  at::_foreach_mul_(tensors, scale);
+  // plain loop at the portable flags does not match for a read+write pass. The scale in the
+  // tensors' dtype, as every kernel rounds it: a float64 scale made a 0-dim float32 tensor's
+  // product float64 (two 0-dim operands promote), rounded once, unlike every other tensor's.
+  const auto op_math = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::_foreach_mul_(tensors, scale.scalar_type() == op_math ? scale : scale.to(op_math));
 }
 
 }  // namespace

@@ -406,7 +406,15 @@ def zero_nonfinite_and_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) 
     _check_same_device("zero_nonfinite_and_scale_", tensors, scale)
     check_scale_args("zero_nonfinite_and_scale_", tensors, scale)
     for t in tensors:
-        t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(scale.to(t.device))
+        t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(_op_math_scale(scale, t))
+
+
+def _op_math_scale(scale: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`scale` rounded to the dtype the kernels multiply in (float64 for float64 tensors, else
+    float32), as the compiled kernels round it. A float64 scale kept as it was made a 0-dim
+    float32 tensor's product float64 (two 0-dim operands promote), rounded once, while every
+    other tensor, and every kernel, multiplied by the float32 scale: a 1-ulp difference."""
+    return scale.to(t.device, torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
 def _check_same_device(op: str, tensors, scale) -> None:
@@ -432,4 +440,4 @@ def maybe_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
         return
     if scale.device.type == "cpu" and scale.item() == 1.0:
         return
-    torch._foreach_mul_(tensors, scale.to(tensors[0].device))
+    torch._foreach_mul_(tensors, _op_math_scale(scale, tensors[0]))
