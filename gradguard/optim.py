@@ -378,8 +378,10 @@ class GradGuard(torch.optim.Optimizer):
         self.tracer = tracer
         self._name_list = None
         self._layout_cache = None
-        # names= names the parameters the optimizer holds now, by identity: by position, a
-        # param group removed later gave every later parameter the name of the one before it.
+        # names= names the parameters the optimizer holds now, and follows them by identity: by
+        # position alone, a param group removed later gave every later parameter the name of the
+        # one before it. (_explicit_params: the parameters when last named; _explicit_names: their
+        # names= names, None for one names= did not name.)
         self._explicit_names = self._check_names(names)
         self._explicit_params = self._params() if names is not None else []
         self._check_params(self._params())
@@ -534,7 +536,7 @@ class GradGuard(torch.optim.Optimizer):
     def _names(self, params) -> list[str]:
         if self._name_list is None or len(self._name_list) != len(params):
             by_id = {}
-            explicit = {id(q): n for q, n in zip(self._explicit_params, self._explicit_names or ())}
+            explicit = self._follow_explicit_names(params)
             if self.model is not None:
                 by_id = {id(p): _unwrapped_name(n) for n, p in self.model.named_parameters()}
                 if (not all(id(p) in explicit for p in params) and "model_names" not in self._warned
@@ -552,12 +554,26 @@ class GradGuard(torch.optim.Optimizer):
                     by_id.setdefault(id(p), n)
             self._name_list = [explicit[id(p)] if id(p) in explicit else by_id.get(id(p), f"param[{i}]")
                                for i, p in enumerate(params)]
-            if explicit:  # a parameter no longer in the optimizer is let go (and its name)
-                now = {id(p) for p in params}
-                kept = [(q, n) for q, n in zip(self._explicit_params, self._explicit_names) if id(q) in now]
-                self._explicit_params = [q for q, _ in kept]
-                self._explicit_names = [n for _, n in kept]
         return self._name_list
+
+    def _follow_explicit_names(self, params) -> dict:
+        """id -> names= name for `params`, the optimizer's list now. A parameter keeps its name
+        wherever it moved (groups removed, added); one that took the place of a parameter no
+        longer held (swapped inside param_groups: model surgery, re-tied weights) takes that
+        one's name. Parameters no longer held are let go, with their names."""
+        if not self._explicit_names:
+            return {}
+        old, old_names = self._explicit_params, self._explicit_names
+        known = {id(q): n for q, n in zip(old, old_names)}
+        now = {id(p) for p in params}
+        names = []
+        for i, p in enumerate(params):
+            n = known.get(id(p))
+            if n is None and id(p) not in known and i < len(old) and id(old[i]) not in now:
+                n = old_names[i]
+            names.append(n)
+        self._explicit_params, self._explicit_names = list(params), names
+        return {id(p): n for p, n in zip(params, names) if n is not None}
 
     def _name_of(self, i, params) -> str:
         return repr(self._names(params)[i])

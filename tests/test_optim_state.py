@@ -241,6 +241,11 @@ def test_names_follow_their_parameters_when_a_group_is_removed():
         _named_groups_step(clone, [q for g in clone.param_groups for q in g["params"]],
                            clone.param_groups[0]["params"][0])
         assert clone.last.nonfinite_layers == ["head.weight"]
+    # A parameter swapped inside its group (model surgery) takes the name of the one it replaced.
+    new_bias = torch.nn.Parameter(torch.zeros(2))
+    opt.param_groups[0]["params"][1] = new_bias
+    _named_groups_step(opt, [head.weight, new_bias, extra], new_bias)
+    assert opt.last.nonfinite_layers == ["head.bias"] and opt.last.names == ["head.weight", "head.bias", "param[2]"]
 
 
 def test_summary_names_the_totals_right_after_the_groups_change():
