@@ -257,13 +257,12 @@ def _step_outside_dynamo(guard, closure):
 # What wrappers add to named_parameters() names: FSDP1's unit, activation checkpointing's
 # checkpoint_wrapper, torch.compile's OptimizedModule. The user's names (names=, the unwrapped
 # model's, the state dict torch's FSDP writes) lack them.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
 
 def _unwrapped_name(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
+    # Whole components only: `my_orig_mod.weight` is a user's attribute, not a wrapper's.
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 class GradGuard(torch.optim.Optimizer):

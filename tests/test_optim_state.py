@@ -279,6 +279,11 @@ def test_wrapped_models_are_named_as_the_model_inside():
         inner[0].bias.grad[0] = float("nan")
         opt.step()
         assert opt.last.names == ["0.weight", "0.bias", "1.weight", "1.bias"] and opt.last.nonfinite_layers == ["0.bias"]
+    # Only whole components are a wrapper's: a user's attribute ending in one is kept.
+    user = torch.nn.Module()
+    user.my_orig_mod = torch.nn.Linear(2, 2)
+    opt = GradGuard(torch.optim.SGD(user.parameters(), lr=0.1), model=torch.compile(user, backend="eager"))
+    assert opt._names(opt._params()) == ["my_orig_mod.weight", "my_orig_mod.bias"]
 
 
 def test_deepcopy_and_pickle_keep_the_whole_guard():
