@@ -255,3 +255,25 @@ def register_python_autograd() -> None:
     for name, (backward, setup) in _AUTOGRAD.items():
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"gradguard::{name}", "Autograd"):
             torch.library.register_autograd(f"gradguard::{name}", backward, setup_context=setup, lib=_lib)
+
+
+# Under CUDA autocast torch.log and torch.exp run in float32 (autocast's fp32 list): a float16
+# input gives a float32 result. These ops had no autocast kernel, so safe_log(x16) stayed float16,
+# where the composite it stands for is float32 (the sigmoid outputs of the README's first example
+# differed by up to 9e-4). As aten's fp32 policy: float16/bfloat16 tensors are cast to float32,
+# float32/float64 are left as they are, and the op runs with autocast off. (CPU autocast keeps
+# log/exp in the input's dtype, and so do these; sqrt and div are on neither list.)
+_AUTOCAST_CUDA = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA)
+
+
+def _autocast_to_float32(op):
+    def kernel(keyset, input, *args):
+        if input.dtype in (torch.float16, torch.bfloat16):
+            input = input.float()
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CUDA):
+            return op(input, *args)
+    return kernel
+
+
+for _op in ("safe_log", "safe_exp"):
+    _lib.impl(_op, _autocast_to_float32(getattr(torch.ops.gradguard, _op).default), "AutocastCUDA", with_keyset=True)
