@@ -85,9 +85,15 @@ def _dense(t: torch.Tensor, op: str, arg: str) -> None:
     if t.is_nested:
         raise TypeError(f"gradguard.{op}: `{arg}` is a nested tensor; safe math takes dense (strided) tensors "
                         "(apply it to each component, or to the padded tensor)")
+    if t.layout == torch._mkldnn:
+        raise TypeError(f"gradguard.{op}: `{arg}` is an MKLDNN tensor; safe math takes dense (strided) tensors "
+                        "(pass .to_dense())")
     if t.layout != torch.strided:
         raise TypeError(f"gradguard.{op}: `{arg}` is a sparse tensor ({t.layout}); safe math takes dense (strided) "
                         "tensors (apply it to .values(), or pass .to_dense())")
+    if t.is_quantized:  # torch's own error named no argument ("Creation of quantized tensor requires ...")
+        raise TypeError(f"gradguard.{op}: `{arg}` is a quantized tensor ({t.dtype}); safe math takes floating-point "
+                        "tensors (pass .dequantize())")
 
 
 def _number(value, name: str, op: str, *, nonneg: bool, allow_nan: bool = False) -> float:
@@ -295,6 +301,9 @@ def safe_div(input: torch.Tensor, other, *, eps=None, fill=0.0, out: torch.Tenso
         _dense(other, "safe_div", "other")
         if other.is_complex():
             raise TypeError(f"gradguard.safe_div: `other` is complex ({other.dtype}); only real tensors are supported")
+        if other.is_floating_point() and other.dtype not in _FLOAT_DTYPES:  # float8: a KeyError in promotion
+            raise TypeError(f"gradguard.safe_div: `other` has dtype {other.dtype}; supported: float16, bfloat16, "
+                            "float32, float64 (and integer types, promoted)")
     elif type(other) not in (float, int) and (isinstance(other, bool) or not isinstance(other, numbers.Real)):
         raise TypeError(f"gradguard.safe_div: `other` must be a tensor or a real number, got {type(other).__name__}")
     dtype = _div_dtype(input, other)

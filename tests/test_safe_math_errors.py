@@ -300,14 +300,28 @@ LAYOUT_CASES = {
     "safe_div(sparse, dense)": (lambda: gradguard.safe_div(torch.eye(3).to_sparse(), torch.ones(3)), "input", "sparse"),
     "safe_div(dense, sparse)": (lambda: gradguard.safe_div(torch.ones(3), torch.eye(3).to_sparse()), "other", "sparse"),
     "safe_log(out=sparse)": (lambda: gradguard.safe_log(torch.ones(3), out=torch.zeros(3).to_sparse()), "out", "sparse"),
+    # An MKLDNN tensor was called sparse; a quantized one failed in torch naming no argument.
+    "safe_log(mkldnn)": (lambda: gradguard.safe_log(torch.rand(3, 3).to_mkldnn()), "input", "MKLDNN"),
+    "safe_exp(quantized)": (lambda: gradguard.safe_exp(torch.quantize_per_tensor(torch.rand(3), 0.1, 0, torch.quint8)),
+                            "input", "quantized"),
+    "safe_div(dense, quantized)": (lambda: gradguard.safe_div(torch.rand(3), torch.quantize_per_tensor(
+        torch.rand(3), 0.1, 0, torch.quint8)), "other", "quantized"),
 }
 
 
 @pytest.mark.parametrize("case", list(LAYOUT_CASES))
 def test_sparse_and_nested_input_is_a_type_error_naming_the_argument(case):
     fn, arg, kind = LAYOUT_CASES[case]
-    with pytest.raises(TypeError, match=f"`{arg}` is a {kind} tensor"):
+    with pytest.raises(TypeError, match=f"`{arg}` is an? {kind} tensor"):
         fn()
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.int64])
+def test_a_float8_divisor_is_a_type_error_naming_it(input_dtype):
+    # It failed with a KeyError from the promotion table (a float input) or named `input`.
+    other = torch.rand(3).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="`other` has dtype torch.float8_e4m3fn"):
+        gradguard.safe_div(torch.ones(3, dtype=input_dtype), other)
 
 
 # ---- a Python-number divisor: a fill on the device, not a copy ------------------------------------
