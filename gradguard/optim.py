@@ -379,10 +379,9 @@ class GradGuard(torch.optim.Optimizer):
         self._layout_cache = None
         # names= names the parameters the optimizer holds now, and follows them by identity: by
         # position alone, a param group removed later gave every later parameter the name of the
-        # one before it. (_explicit_params: the parameters when last named; _explicit_names: their
-        # names= names, None for one names= did not name.)
-        self._explicit_names = self._check_names(names)
-        self._explicit_params = self._params() if names is not None else []
+        # one before it. (group dict, index in it, parameter, name) of each named parameter.
+        self._explicit_slots = self._slots(self._check_names(names))
+        self._warned = set()  # before the first naming (a refused complex parameter is named)
         self._check_params(self._params())
 
         # What torch.optim.Optimizer.__init__ sets up, minus the parameter groups (shared below).
@@ -410,11 +409,10 @@ class GradGuard(torch.optim.Optimizer):
         self._step_hooks: OrderedDict = OrderedDict()
         self._plan = None              # the parameters' layout, found once (see _current_plan)
         self._fused_state_ready = False  # every parameter with a gradient has fused-step state
-        self._fused_missing = None       # trainable parameters without it (see _fused_ready)
+        self._fused_missing = None       # (trainable, frozen) parameters without it (see _fused_ready)
         self._fused_state_seen = None    # (id, len) of the inner state when it was complete
         self._fused_stateless = ()       # the parameters without it then (frozen ones), see _fused_ready
         self._tracker = ClearTracker()
-        self._warned = set()
 
     @property
     def history(self) -> History:
@@ -555,24 +553,43 @@ class GradGuard(torch.optim.Optimizer):
                                for i, p in enumerate(params)]
         return self._name_list
 
+    def _slots(self, names) -> list:
+        """(group dict, index in its params, parameter, name) for the optimizer's parameters in
+        order, named by `names` (None: none named)."""
+        if names is None:
+            return []
+        flat = [(g, j, p) for g in self.optimizer.param_groups for j, p in enumerate(g["params"])]
+        return [(g, j, p, n) for (g, j, p), n in zip(flat, names) if n is not None]
+
     def _follow_explicit_names(self, params) -> dict:
-        """id -> names= name for `params`, the optimizer's list now. A parameter keeps its name
-        wherever it moved (groups removed, added); one that took the place of a parameter no
-        longer held (swapped inside param_groups: model surgery, re-tied weights) takes that
-        one's name. Parameters no longer held are let go, with their names."""
-        if not self._explicit_names:
+        """id -> names= name for `params`. A parameter keeps its name wherever it moved (groups
+        removed, added); one swapped into a slot of a group (model surgery, re-tied weights)
+        takes the name of the parameter it replaced there, if that one is no longer held.
+        Parameters no longer held are let go, with their names. A list that is not the
+        optimizer's (a refused add_param_group's) is named without changing what is kept."""
+        slots = self._explicit_slots
+        if not slots:
             return {}
-        old, old_names = self._explicit_params, self._explicit_names
-        known = {id(q): n for q, n in zip(old, old_names)}
-        now = {id(p) for p in params}
-        names = []
-        for i, p in enumerate(params):
-            n = known.get(id(p))
-            if n is None and id(p) not in known and i < len(old) and id(old[i]) not in now:
-                n = old_names[i]
-            names.append(n)
-        self._explicit_params, self._explicit_names = list(params), names
-        return {id(p): n for p, n in zip(params, names) if n is not None}
+        known = {id(p): n for _, _, p, n in slots}
+        groups = self.optimizer.param_groups
+        current = [p for g in groups for p in g["params"]]
+        if len(current) != len(params) or any(a is not b for a, b in zip(current, params)):
+            return {id(p): known[id(p)] for p in params if id(p) in known}
+        # The slots' group dicts are held in `slots`, so their ids cannot be reused meanwhile.
+        by_slot = {(id(g), j): (p, n) for g, j, p, n in slots}
+        now = {id(p) for p in current}
+        kept = []
+        for g in groups:
+            for j, p in enumerate(g["params"]):
+                n = known.get(id(p))
+                if n is None:
+                    old = by_slot.get((id(g), j))
+                    if old is not None and id(old[0]) not in now:
+                        n = old[1]
+                if n is not None:
+                    kept.append((g, j, p, n))
+        self._explicit_slots = kept
+        return {id(p): n for _, _, p, n in kept}
 
     def _name_of(self, i, params) -> str:
         return repr(self._names(params)[i])
@@ -645,8 +662,8 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.setdefault("_fused_missing", None)  # pickled before it existed
         self.__dict__.setdefault("_fused_state_seen", None)
         self.__dict__.setdefault("_fused_stateless", ())
-        if "_explicit_params" not in self.__dict__:  # pickled before names= followed identity
-            self._explicit_params = self._params()[:len(self._explicit_names or ())]
+        if "_explicit_slots" not in self.__dict__:  # pickled before names= followed identity: by position
+            self._explicit_slots = self._slots(self.__dict__.pop("_explicit_names", None))
         self._tracker = ClearTracker()
         self._patch_step_function()
         # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups: a copied
@@ -735,19 +752,31 @@ class GradGuard(torch.optim.Optimizer):
             # only) and do not call the step when it is skipped. Checked until every trainable
             # parameter has state, not after: one that had no gradient so far (an expert that got
             # no tokens) may get its first on a step to skip.
-            # The parameters still without state are remembered, so that a model with one that
-            # never gets a gradient (an unused head) checks those per step, not all. Frozen ones
-            # stay in the list: one unfrozen while the state is still incomplete (the unused
-            # head keeps it so) was dropped from it, and a skipped step made its state.
-            missing = self._fused_missing
-            if missing is None:
-                missing = [p for g in opt.param_groups for p in g["params"]]
+            # The trainable parameters still without state are remembered, so that a model with
+            # one that never gets a gradient (an unused head) checks those per step, not all.
+            # The frozen ones without state are kept apart and only their .grad is looked at (no
+            # state lookup, a Python hash each): one unfrozen while the state is still incomplete
+            # (the unused head keeps it so) was dropped from every list, and a skipped step made
+            # its state.
+            if self._fused_missing is None:
+                every = [p for g in opt.param_groups for p in g["params"]]
+                missing, frozen = [p for p in every if p.requires_grad], [p for p in every if not p.requires_grad]
+            else:
+                missing, frozen = self._fused_missing
             if any(p.grad is not None and not state.get(p) for p in missing):
                 return False
-            missing = self._fused_missing = [p for p in missing if not state.get(p)]
-            self._fused_state_ready = not any(p.requires_grad for p in missing)
+            if any(p.grad is not None for p in frozen):
+                if any(p.grad is not None and not state.get(p) for p in frozen):
+                    return False
+                frozen = [p for p in frozen if not state.get(p)]
+            still = [p for p in missing if not state.get(p)]
+            missing = [p for p in still if p.requires_grad]
+            if len(missing) != len(still):  # frozen since, without state: watched as the others
+                frozen = frozen + [p for p in still if not p.requires_grad]
+            self._fused_missing = (missing, frozen)
+            self._fused_state_ready = not missing
             # Frozen parameters are not waited for; they are watched from then on (above).
-            self._fused_stateless = missing if self._fused_state_ready else ()
+            self._fused_stateless = [p for p in frozen if not state.get(p)] if self._fused_state_ready else ()
             # Another count of entries, or another dict, from now on means: look again.
             self._fused_state_seen = (id(state), len(state))
         return True

@@ -248,6 +248,32 @@ def test_names_follow_their_parameters_when_a_group_is_removed():
     assert opt.last.nonfinite_layers == ["head.bias"] and opt.last.names == ["head.weight", "head.bias", "param[2]"]
 
 
+def test_a_swapped_parameter_takes_a_name_only_from_its_own_slot():
+    # By flat position, a parameter swapped into the first slot of group B after group A was
+    # removed took A's first name; new parameters added after the last group was removed took
+    # that group's names.
+    ps = {k: torch.nn.Parameter(torch.zeros(2)) for k in ("a1", "a2", "b1", "b2", "c1", "c2")}
+    groups = [{"params": [ps["a1"], ps["a2"]]}, {"params": [ps["b1"], ps["b2"]]}, {"params": [ps["c1"], ps["c2"]]}]
+    opt = GradGuard(torch.optim.SGD(groups, lr=0.1), names=list(ps), hygiene=False)
+    del opt.param_groups[0]
+    new = torch.nn.Parameter(torch.zeros(2))
+    opt.param_groups[0]["params"][0] = new
+    _named_groups_step(opt, [new, ps["b2"], ps["c1"], ps["c2"]], new)
+    assert opt.last.names == ["b1", "b2", "c1", "c2"] and opt.last.nonfinite_layers == ["b1"]
+    del opt.param_groups[-1]
+    extra = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    opt.add_param_group({"params": extra})
+    _named_groups_step(opt, [new, ps["b2"]] + extra, extra[0])
+    assert opt.last.names == ["b1", "b2", "param[2]", "param[3]", "param[4]"]
+
+
+def test_a_complex_parameter_is_refused_with_model_given():
+    # It raised AttributeError ('_warned') while naming the parameter, not the TypeError.
+    m = torch.nn.Linear(2, 2).to(torch.cfloat)
+    with pytest.raises(TypeError, match="is complex"):
+        GradGuard(torch.optim.SGD(m.parameters(), lr=0.1), model=m)
+
+
 def test_summary_names_the_totals_right_after_the_groups_change():
     # The names were cached by position until the next step: after one group was removed and
     # another of the same size added, the totals (moved by identity) showed the old names.
