@@ -741,6 +741,21 @@ def _on_host(base, view):
 
 
 @needs_gpu
+@pytest.mark.parametrize("op", [scale_op, maybe_scale_op], ids=["zero_nonfinite_and_scale_", "maybe_scale_"])
+def test_scale_a_copied_view_sharing_memory_is_scaled_in_list_order(op):
+    # The CUDA kernel scales a view of more than 25 dims through a copy: written back after every
+    # other tensor, it overwrote what they had scaled ([base, view] gave x*2, not x*4 where they
+    # meet). (The CPU kernel walks any view in place; a 26-dim view needs 2^27 elements: 50 s.)
+    device = "cuda"
+    base, view = _over_25_dims(device)
+    base.nan_to_num_(nan=1.0, posinf=1.0)
+    for lst in ([view, view], [base, view], [view, base]):
+        want = _on_host(base, view).clone() * 4
+        op(lst, torch.tensor(2.0, device=device))
+        assert torch.equal(_on_host(base, view), want)
+
+
+@needs_gpu
 def test_stats_and_scale_views_over_25_dims():
     base, view = _over_25_dims("cuda")
     host = _on_host(base, view)

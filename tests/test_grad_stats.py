@@ -642,6 +642,18 @@ def test_scale_kernels_scale_a_tensor_listed_twice_twice(op, dtype):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
 @pytest.mark.parametrize("kernel", ["dispatcher", "reference"])
+def test_a_one_element_scale_of_any_shape_is_taken_by_every_kernel(op, kernel, dtype):
+    # The checks take one element of any shape; torch's _foreach_mul_ under the float32/float64
+    # kernels and the reference wanted a 0-dim one.
+    fn = getattr(torch.ops.gradguard if kernel == "dispatcher" else reference, op)
+    t = torch.ones(3, dtype=dtype)
+    fn([t], torch.tensor([[2.0]]))
+    assert torch.equal(t, torch.full((3,), 2.0, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
+@pytest.mark.parametrize("kernel", ["dispatcher", "reference"])
 def test_a_float64_scale_is_rounded_alike_for_0_dim_tensors(op, kernel, dtype):
     # Two 0-dim operands promote: a 0-dim float32 gradient times a float64 scale was computed in
     # float64 and rounded once (1 ulp from the kernels' product by the float32-rounded scale,

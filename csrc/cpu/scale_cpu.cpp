@@ -155,8 +155,10 @@ void maybe_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
   // plain loop at the portable flags does not match for a read+write pass. The scale in the
   // tensors' dtype, as every kernel rounds it: a float64 scale made a 0-dim float32 tensor's
   // product float64 (two 0-dim operands promote), rounded once, unlike every other tensor's.
+  // 0-dim: the op takes any one-element scale, torch's foreach op only a 0-dim one.
   const auto op_math = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::_foreach_mul_(tensors, scale.scalar_type() == op_math ? scale : scale.to(op_math));
+  const at::Tensor s0 = scale.reshape({});
+  at::_foreach_mul_(tensors, s0.scalar_type() == op_math ? s0 : s0.to(op_math));
 }
 
 }  // namespace

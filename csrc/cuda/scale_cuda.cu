@@ -141,6 +141,16 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
     // Written in place without torch's in-place machinery: bump the version counters as it
     // would (before any write: an inference tensor outside inference mode is refused untouched).
     for (const auto& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+    const auto launch = [&](const ChunkTable& tab, int64_t nblocks) {
+      scale_flat_kernel<kZeroNonfinite, scalar_t, opmath_t>
+          <<<static_cast<unsigned>(nblocks), kBlockThreads, 0, stream>>>(tab, scale_ptr, scale_value);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    // Tensors sharing memory (one gradient listed twice, a view and its base) are scaled one
+    // after the other, each wholly, in list order, as the CPU kernel runs them (memory_spans.h):
+    // in one launch their blocks would race over the shared elements, and a copied view (more
+    // than 25 dims) written back last would overwrite what the others had scaled.
+    const bool in_order = tensors.size() > 1 && spans_overlap(tensors);
     std::vector<FlatItem> flat;
     std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (view, contiguous copy)
     for (const auto i : c10::irange(tensors.size())) {
@@ -148,7 +158,12 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
       const int64_t numel = t.numel();
       if (numel == 0) continue;
       if (t.is_non_overlapping_and_dense()) {
-        flat.push_back({t.data_ptr(), numel, chunks_of(numel), static_cast<int32_t>(i)});
+        const FlatItem item{t.data_ptr(), numel, chunks_of(numel), static_cast<int32_t>(i)};
+        if (in_order) {
+          for_each_launch(std::vector<FlatItem>{item}, launch);
+        } else {
+          flat.push_back(item);
+        }
         continue;
       }
       const StridedWalk walk(t);
@@ -167,23 +182,17 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
         // More than 25 non-mergeable dims: scale a device copy and copy it back (no host sync),
         // slice by slice where torch's own copy refuses the dims (copy_any_dims.h).
         at::Tensor c = contiguous_any_dims(t);
-        flat.push_back({c.data_ptr(), numel, chunks_of(numel), static_cast<int32_t>(i)});
-        write_back.emplace_back(t, c);
+        const FlatItem item{c.data_ptr(), numel, chunks_of(numel), static_cast<int32_t>(i)};
+        if (in_order) {
+          for_each_launch(std::vector<FlatItem>{item}, launch);
+          copy_any_dims(t, c);
+        } else {
+          flat.push_back(item);
+          write_back.emplace_back(t, c);
+        }
       }
     }
-    const auto launch = [&](const ChunkTable& tab, int64_t nblocks) {
-      scale_flat_kernel<kZeroNonfinite, scalar_t, opmath_t>
-          <<<static_cast<unsigned>(nblocks), kBlockThreads, 0, stream>>>(tab, scale_ptr, scale_value);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    // Dense tensors sharing memory (one gradient listed twice) go one launch each, in list
-    // order (memory_spans.h): in one launch their blocks would race over the shared elements.
-    // The strided ones above already run one launch each, in stream order.
-    if (flat.size() > 1 && spans_overlap(tensors)) {
-      for (const FlatItem& item : flat) for_each_launch(std::vector<FlatItem>{item}, launch);
-    } else {
-      for_each_launch(flat, launch);
-    }
+    for_each_launch(flat, launch);
     for (auto& [view, copy] : write_back) copy_any_dims(view, copy);
   });
 }

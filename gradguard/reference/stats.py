@@ -414,7 +414,8 @@ def _op_math_scale(scale: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     float32), as the compiled kernels round it. A float64 scale kept as it was made a 0-dim
     float32 tensor's product float64 (two 0-dim operands promote), rounded once, while every
     other tensor, and every kernel, multiplied by the float32 scale: a 1-ulp difference."""
-    return scale.to(t.device, torch.float64 if t.dtype == torch.float64 else torch.float32)
+    # 0-dim: the op takes any one-element scale, torch's _foreach_mul_ only a 0-dim one.
+    return scale.reshape(()).to(t.device, torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
 def _check_same_device(op: str, tensors, scale) -> None:
