@@ -133,6 +133,14 @@ def _capturing(device: torch.device) -> bool:
 _LAYOUTS_KEPT = 16
 
 
+# The fused kernels divide the gradients by grad_scale = loss_scale / clip_coef, a float32: past
+# float32's range (a GradScaler scale grown to 2^124 over ~216k overflow-free steps, and a clip
+# coefficient below 1/16) it is inf and the kernel zeroed every gradient, reported as a clipped
+# step. Where the host decides, such a step is scaled by the multiplier (clip_coef / loss_scale)
+# instead; where the device decides (a GPU) it is not yet caught (README: Mixed precision).
+_FUSED_MIN_MULTIPLIER = 2.0 ** -126
+
+
 def _index_tensor(present: list[int], device: torch.device) -> torch.Tensor:
     """`present` as an int64 tensor on `device`. On a GPU through pinned memory and a copy that
     does not block the host (torch keeps the pinned block until the copy has run). Refused under
@@ -1063,7 +1071,7 @@ class GradGuard(torch.optim.Optimizer):
                                     prev_streak):
                     streak_h = int(st.counters[3])  # the rolled-back step counts as skipped
             elif not (is_bad and mode in ("skip", "raise")):
-                if fused and not is_bad and mult_h != 1.0 and not exact:
+                if fused and not is_bad and mult_h != 1.0 and not exact and mult_h >= _FUSED_MIN_MULTIPLIER:
                     # The kernel unscales/clips while it reads the grads: no separate pass.
                     self._fused_step(replay, None, grad_scale, loss_scale is not None)
                 else:

@@ -205,3 +205,26 @@ def test_an_infinite_loss_scale_cannot_be_undone_either(decide_on):
             scaler.step(g)
             scaler.update()
             g.zero_grad()
+
+
+@pytest.mark.parametrize("exponent", [16, 124, 127])
+def test_a_huge_loss_scale_with_a_small_clip_coefficient_clips_a_fused_step(exponent):
+    # grad_scale = loss_scale / clip_coef is float32: a GradScaler scale grown to 2^124 (about
+    # 216k overflow-free steps, as with float32/bfloat16 gradients) over a coefficient below 1/16
+    # made it inf, and the fused kernel zeroed the gradients of a step reported as clipped. Where
+    # the host decides (here, the CPU) such a step is scaled by the multiplier; where the device
+    # decides it is not yet caught (README).
+    p, q = torch.nn.Parameter(torch.ones(64)), torch.nn.Parameter(torch.ones(64))
+    opt = GradGuard(torch.optim.AdamW([p], lr=0.1, fused=True), max_norm=0.4, hygiene=False)
+    ref = torch.optim.AdamW([q], lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** exponent, growth_interval=10 ** 9)
+    g = torch.ones(64)  # norm 8: a clip coefficient of 0.05
+    for _ in range(3):
+        scaler.scale((p * g).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        q.grad = g * (0.4 / (8 + 1e-6))
+        ref.step()
+        assert not bool(opt.last.skipped) and float(opt.last.clip_coef) < 0.06
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=0)
