@@ -102,17 +102,38 @@ class BadStepLog:
     NaN in every batch went unreported for hundreds of steps: GradScaler's flag stays set, and
     the report's ``amp_overflow`` with it, however far the scale falls)."""
 
+    # Reports hold per-layer tensors (device memory on a GPU): a run that never logs
+    # (logging_strategy="no", one long epoch) kept every step's, ~6 KB a step for 100 layers.
+    # Past this many the pending steps are checked in add() (one read per 1,024 steps), and what
+    # that finds is returned by the next flush().
+    MAX_PENDING = 1024
+
     def __init__(self):
         self.pending = []   # (framework step, StepReport, optimizer index)
         self.bad_steps = []  # dicts: step, guard_step, layers, skipped, optimizer
         self.overflow_steps = []  # those of bad_steps that were GradScaler overflows
+        self._found_early = ([], [])  # found by add()'s checks since the last flush()
 
     def add(self, step: int, report, optimizer: int = 0) -> None:
         self.pending.append((step, report, optimizer))
+        if len(self.pending) >= self.MAX_PENDING:
+            found, overflows = self._check()
+            self._found_early[0].extend(found)
+            self._found_early[1].extend(overflows)
+
+    def discard_unreported(self) -> None:
+        """Forgets the steps not yet returned by flush() (a run that raised left them)."""
+        self.pending = []
+        self._found_early = ([], [])
 
     def flush(self) -> tuple[list[dict], list[dict]]:
-        """Checks the pending steps; returns the bad steps found now, and those of them that were
-        GradScaler overflows."""
+        """Checks the pending steps; returns the bad steps found since the last flush, and those
+        of them that were GradScaler overflows."""
+        found, overflows = self._check()
+        early, self._found_early = self._found_early, ([], [])
+        return early[0] + found, early[1] + overflows
+
+    def _check(self) -> tuple[list[dict], list[dict]]:
         if not self.pending:
             return [], []
         pending, self.pending = self.pending, []

@@ -108,7 +108,7 @@ class GradGuardCallback(pl.Callback):
             if isinstance(opt, GradGuard):
                 raise ValueError("gradguard.integrations.lightning.GradGuardCallback: configure_optimizers already "
                                  "returns a GradGuard; use either the callback or your own GradGuard, not both")
-        self._log.pending = []  # a fit that raised left its unchecked steps: they are not this fit's
+        self._log.discard_unreported()  # a fit that raised left its unchecked steps: they are not this fit's
         kwargs = self._take_over_clipping(trainer, self.guard_kwargs)
         if is_overridden("configure_gradient_clipping", pl_module):
             warnings.warn("gradguard.integrations.lightning.GradGuardCallback: the module overrides "
