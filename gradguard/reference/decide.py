@@ -202,10 +202,11 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
         streak = torch.where(skipped, counters[3] + 1, 0)
         streak = torch.where(overflow & ~bad_scale, counters[3], streak)
         if history is not None:
-            slot = torch.remainder(counters[4], history.shape[0])
-            rows = torch.arange(history.shape[0], device=dev) == slot
-            row = torch.stack([total, coef, skipped.double()])
-            history.copy_(torch.where(rows[:, None], row[None, :], history))
+            # One row written in place, at an index the device holds (no host read): a where()
+            # over the whole ring cost ~13 ms a step at history_size=1e6.
+            slot = torch.remainder(counters[4], history.shape[0]).reshape(1)
+            row = torch.stack([total, coef, skipped.double()]).to(history.dtype)
+            history.index_copy_(0, slot, row[None, :])
         counters.copy_(counters + torch.stack([skipped.long(), clipped.long(), found.long(),
                                                streak - counters[3], torch.ones_like(counters[4])]))
         written = counters[4].double()
