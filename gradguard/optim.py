@@ -613,12 +613,14 @@ class GradGuard(torch.optim.Optimizer):
         if cache is not None and cache[0] == key:  # the common case first: no hashing of 1,000 indices
             return cache[1]
         kept = {} if cache is None else cache[2]
-        hit = kept.get(key)
-        if hit is None:
+        hit = kept.pop(key, None)  # re-inserted last: the least recently used is evicted first
+        if hit is not None:
+            kept[key] = hit
+        else:
             names = self._names(params)
             idx = None if len(present) == len(params) else _index_tensor(present, device)
             if len(kept) >= _LAYOUTS_KEPT:
-                del kept[next(iter(kept))]  # the oldest
+                del kept[next(iter(kept))]  # the least recently used
             hit = kept[key] = ([names[i] for i in present], idx)
         self._layout_cache = (key, hit, kept)
         return hit
