@@ -85,10 +85,10 @@ def _dense(t: torch.Tensor, op: str, arg: str) -> None:
     if t.is_nested:
         raise TypeError(f"gradguard.{op}: `{arg}` is a nested tensor; safe math takes dense (strided) tensors "
                         "(apply it to each component, or to the padded tensor)")
-    if t.layout == torch._mkldnn:
-        raise TypeError(f"gradguard.{op}: `{arg}` is an MKLDNN tensor; safe math takes dense (strided) tensors "
-                        "(pass .to_dense())")
     if t.layout != torch.strided:
+        if t.layout == torch._mkldnn:
+            raise TypeError(f"gradguard.{op}: `{arg}` is an MKLDNN tensor; safe math takes dense (strided) tensors "
+                            "(pass .to_dense())")
         raise TypeError(f"gradguard.{op}: `{arg}` is a sparse tensor ({t.layout}); safe math takes dense (strided) "
                         "tensors (apply it to .values(), or pass .to_dense())")
     if t.is_quantized:  # torch's own error named no argument ("Creation of quantized tensor requires ...")

@@ -389,7 +389,7 @@ def check_scale_args(op: str, tensors, scale, *, autograd: bool = True) -> None:
             raise RuntimeError(f"{where}: tensors[{i}] has dtype {t.dtype} but tensors[0] has {tensors[0].dtype}")
         # Refused before anything is written (nan_to_num_/mul_ refused it at that tensor, after
         # the ones before it were scaled), with torch's message, as the compiled kernels do.
-        if autograd and torch._debug_has_internal_overlap(t) == 1:
+        if autograd and not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
             raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
                                "single memory location. Please clone() the tensor before performing the operation.")
         if grad_mode and t.requires_grad:
