@@ -20,7 +20,7 @@ namespace gradguard {
 namespace decide {
 
 using OptTensor = std::optional<at::Tensor>;
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline constexpr const char* kWhere = "gradguard.guard_decide";
 

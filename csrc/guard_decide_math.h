@@ -202,6 +202,7 @@ struct Decision {
   double coef;
   double multiplier;
   float grad_scale;
+  float pre_scale;  // 1, or the clip coefficient where loss_scale / coef is past float32 (below)
   bool found;
   bool overflow;
   bool bad_scale;  // the loss scale is not positive, is inf, or its inverse overflows
@@ -261,6 +262,16 @@ GG_HD Decision decide(const Config& c, const Inputs& in) {
   const double ls = in.has_loss_scale ? in.loss_scale : 1.0;
   d.multiplier = round_to(div(d.coef, ls), c.basis_double);
   d.grad_scale = static_cast<float>(div(ls, d.coef));
+  d.pre_scale = 1.0f;
+  // A fused optimizer divides the gradients by grad_scale, a float32: a GradScaler scale grown to
+  // 2^124 (~216k overflow-free steps) over a clip coefficient below 1/16 made it inf, and the
+  // kernel zeroed every gradient of a step reported as clipped. There the coefficient is applied
+  // first (GradGuard scales the gradients by pre_scale) and the kernel divides by the loss scale
+  // alone. (Without a loss scale only max_norm=0 reaches inf: dividing by it zeroes, as asked.)
+  if (in.has_loss_scale && isinf_(static_cast<double>(d.grad_scale)) && !isinf_(in.loss_scale)) {
+    d.pre_scale = static_cast<float>(d.coef);
+    d.grad_scale = static_cast<float>(ls);
+  }
   return d;
 }
 
@@ -309,6 +320,7 @@ struct ScalarOuts {
   float* found_inf;
   void* multiplier;  // double when c.basis_double, else float
   float* grad_scale;
+  float* pre_scale;
 };
 
 // Everything the step writes after its decision: the spike policy's state (a finite step only),
@@ -364,6 +376,7 @@ GG_HD void record(const Config& c, const Decision& d, const StateRefs& s, const 
     *static_cast<float*>(o.multiplier) = static_cast<float>(d.multiplier);
   }
   *o.grad_scale = d.grad_scale;
+  *o.pre_scale = d.pre_scale;
 }
 
 }  // namespace decide

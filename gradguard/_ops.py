@@ -34,14 +34,15 @@ _lib.define("zero_nonfinite_and_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()
 # The whole decision of a guarded step in one op (see gradguard/reference/decide.py, the default
 # kernel and the specification): norms, flag, clip coefficient, skip, the multiplier and the
 # fused optimizers' grad_scale, and every counter, spike statistic and history slot updated in
-# place. Six outputs: norms, amax (result dtype, [n]), scalars (float64 [9], one transfer for the
-# host), found_inf (float32), multiplier, grad_scale (float32).
+# place. Seven outputs: norms, amax (result dtype, [n]), scalars (float64 [9], one transfer for the
+# host), found_inf (float32), multiplier, grad_scale (float32), pre_scale (float32: 1, or the clip
+# coefficient to apply before a fused step where loss_scale / clip_coef is past float32).
 _lib.define(
     "guard_decide(Tensor acc, Tensor nan_count, Tensor inf_count, Tensor amax, Tensor? index, Tensor? max_norm, "
     "Tensor? loss_scale, Tensor? scaler_found, Tensor(a!)? counters, Tensor(b!)? layer_nonfinite, "
     "Tensor(c!)? layer_max_norm, Tensor(d!)? spike_state, Tensor(e!)? history, float norm_type, "
     "float? max_norm_value, str nonfinite, str spike, float[] spike_args, bool double_out) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 # PyTorch's CPU fused Adam/AdamW step (aten::_fused_adam_/_fused_adamw_ handed grad_scale), except
 # that the gradients are divided by grad_scale as they are read and never written back: the clip
@@ -187,7 +188,7 @@ def _guard_decide_fake(acc, nan_count, inf_count, amax, index, max_norm, loss_sc
     basis = torch.float64 if (double_out or (nonfinite == "zero" and not amp)) else torch.float32
     return (acc.new_empty((n,), dtype=out), acc.new_empty((n,), dtype=out), acc.new_empty((9,), dtype=torch.float64),
             acc.new_empty((), dtype=torch.float32), acc.new_empty((), dtype=basis),
-            acc.new_empty((), dtype=torch.float32))
+            acc.new_empty((), dtype=torch.float32), acc.new_empty((), dtype=torch.float32))
 
 
 def _guard_decide_default(*args):

@@ -133,14 +133,6 @@ def _capturing(device: torch.device) -> bool:
 _LAYOUTS_KEPT = 16
 
 
-# The fused kernels divide the gradients by grad_scale = loss_scale / clip_coef, a float32: past
-# float32's range (a GradScaler scale grown to 2^124 over ~216k overflow-free steps, and a clip
-# coefficient below 1/16) it is inf and the kernel zeroed every gradient, reported as a clipped
-# step. Where the host decides, such a step is scaled by the multiplier (clip_coef / loss_scale)
-# instead; where the device decides (a GPU) it is not yet caught (README: Mixed precision).
-_FUSED_MIN_MULTIPLIER = 2.0 ** -126
-
-
 def _index_tensor(present: list[int], device: torch.device) -> torch.Tensor:
     """`present` as an int64 tensor on `device`. On a GPU through pinned memory and a copy that
     does not block the host (torch keeps the pinned block until the copy has run). Refused under
@@ -998,7 +990,7 @@ class GradGuard(torch.optim.Optimizer):
         if scaler_found is not None and scaler_found.device != device:
             scaler_found = scaler_found.to(device)
         # The decision, the counters, the spike statistics and the history slot: one op.
-        norms, amax, scalars, found, mult, grad_scale = torch.ops.gradguard.guard_decide.default(
+        norms, amax, scalars, found, mult, grad_scale, pre_scale = torch.ops.gradguard.guard_decide.default(
             raw.acc, raw.nan_count, raw.inf_count, raw.amax, idx, limit_t, loss_scale, scaler_found,
             st.counters, st.layer_nonfinite, st.layer_max_norm,
             None if spike is None else spike.state_tensor(device), st.history.values(device),
@@ -1064,6 +1056,12 @@ class GradGuard(torch.optim.Optimizer):
                 self._fused_step(replay, found if mode in ("skip", "raise") else None, None)
             else:
                 divisor = grad_scale if (clipping or loss_scale is not None) else None
+                if loss_scale is not None and clipping:
+                    # loss_scale / clip_coef past float32 (a GradScaler scale grown to 2^124
+                    # over a coefficient below 1/16): guard_decide's grad_scale is then the loss
+                    # scale alone, and its pre_scale the coefficient, applied here (1 otherwise,
+                    # and the kernel writes nothing). Dividing by the inf zeroed every gradient.
+                    _scale(grads, pre_scale, False, plan.simple)
                 self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor,
                                  loss_scale is not None)
         else:
@@ -1073,8 +1071,12 @@ class GradGuard(torch.optim.Optimizer):
                                     prev_streak):
                     streak_h = int(st.counters[3])  # the rolled-back step counts as skipped
             elif not (is_bad and mode in ("skip", "raise")):
-                if fused and not is_bad and mult_h != 1.0 and not exact and mult_h >= _FUSED_MIN_MULTIPLIER:
-                    # The kernel unscales/clips while it reads the grads: no separate pass.
+                if fused and not is_bad and mult_h != 1.0 and not exact:
+                    # The kernel unscales/clips while it reads the grads: no separate pass (but
+                    # where loss_scale / clip_coef is past float32, the coefficient first, as above;
+                    # on the CPU a pre_scale of 1 is read on the host and nothing is written).
+                    if loss_scale is not None and clipping:
+                        _scale(grads, pre_scale, False, plan.simple)
                     self._fused_step(replay, None, grad_scale, loss_scale is not None)
                 else:
                     if is_bad and mode == "zero":

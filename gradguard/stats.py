@@ -246,7 +246,7 @@ def finalize(raw: _Raw, p: float) -> GradStats:
     factor would be 0 and zero every gradient) or step with it. One op: guard_decide without
     state or limit computes the same norms, total and flag GradGuard's steps use (the ~20 small
     tensor ops this took before cost more than the stats pass itself on a 30 MB list)."""
-    norms, amax, scalars, found, _, _ = torch.ops.gradguard.guard_decide.default(
+    norms, amax, scalars, found, _, _, _ = torch.ops.gradguard.guard_decide.default(
         raw.acc, raw.nan_count, raw.inf_count, raw.amax, None, None, None, None, None, None, None, None, None,
         p, None, "ignore", "none", [], raw.out_dtype == torch.float64)
     return GradStats(
@@ -691,7 +691,7 @@ def _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_gro
         # A number argument of the op is fixed into the graph: a clipping schedule recompiled at
         # every value. As a tensor (device_scalar) it stays symbolic.
         limit_t, max_norm = device_scalar(max_norm, torch.float64, raw.device), None
-    _, _, scalars, found, mult, _ = torch.ops.gradguard.guard_decide(
+    _, _, scalars, found, mult, _, _ = torch.ops.gradguard.guard_decide(
         raw.acc, raw.nan_count, raw.inf_count, raw.amax, None, limit_t, None, None, None, None, None, None, None,
         p, max_norm, nonfinite, "none", [], raw.out_dtype == torch.float64)
     total = scalars[0].to(raw.out_dtype)

@@ -91,7 +91,7 @@ def _close(name, got, want, rtol):
 
 def compare(got_out, want_out, got_state, want_state, double_out):
     rtol = F64_RTOL if double_out else F32_RTOL
-    names = ("norms", "amax", "scalars", "found_inf", "multiplier", "grad_scale")
+    names = ("norms", "amax", "scalars", "found_inf", "multiplier", "grad_scale", "pre_scale")
     for name, g, w in zip(names, got_out, want_out):
         _close(name, g, w, F64_RTOL if g.dtype == torch.float64 and double_out else F32_RTOL if g.dtype == torch.float32
                else rtol)
@@ -446,10 +446,39 @@ def test_an_invalid_max_norm_tensor_never_clips(kernel, mode, limit, value, devi
                 spike_args=[],
                 **{k: st[k] for k in ("counters", "layer_nonfinite", "layer_max_norm", "spike_state", "history")})
     fn = _call if kernel == "op" else (lambda a: reference.guard_decide(*[a[k] for k in ARG_ORDER]))
-    norms, amax, scalars, found, mult, grad_scale = fn(args)
+    norms, amax, scalars, found, mult, grad_scale, pre_scale = fn(args)
     assert float(found) == 1.0
     if mode == "zero" and value is not None:  # clipped by the number, over the finite elements' norm
         want = value / (math.sqrt(12.0) + 1e-6)
         assert float(scalars[1]) == pytest.approx(want, rel=1e-15) and float(mult) == float(scalars[1])
     else:
-        assert float(scalars[1]) == 1.0 and float(mult) == 1.0 and float(grad_scale) == 1.0
+        assert float(scalars[1]) == 1.0 and float(mult) == 1.0 and float(grad_scale) == 1.0 and float(pre_scale) == 1.0
+
+
+@pytest.mark.parametrize("kernel", ["op", "reference"])
+@pytest.mark.parametrize("exponent", [16, 120, 124, 127])
+def test_a_grad_scale_past_float32_moves_the_clip_into_pre_scale(kernel, exponent, device):
+    # grad_scale = loss_scale / clip_coef is a float32 a fused optimizer divides by: a GradScaler
+    # scale grown to 2^124 over a coefficient below 1/16 made it inf (every gradient zeroed).
+    # There it is the loss scale alone and pre_scale the coefficient; 1 everywhere else.
+    ls = 2.0 ** exponent
+    st = new_state("none", 1, device)
+    args = _good_args()
+    args.update(acc=torch.tensor([64.0], dtype=torch.float64, device=device),
+                nan_count=torch.zeros(1, dtype=torch.int64, device=device),
+                inf_count=torch.zeros(1, dtype=torch.int64, device=device),
+                amax=torch.tensor([ls], dtype=torch.float64, device=device), max_norm=None, max_norm_value=0.4,
+                loss_scale=torch.tensor(ls, device=device), spike="none", spike_args=[],
+                **{k: st[k] for k in ("counters", "layer_nonfinite", "layer_max_norm", "spike_state", "history")})
+    fn = _call if kernel == "op" else (lambda a: reference.guard_decide(*[a[k] for k in ARG_ORDER]))
+    norms, amax, scalars, found, mult, grad_scale, pre_scale = fn(args)
+    coef = 0.4 / (8.0 + 1e-6)
+    assert float(found) == 0.0 and float(scalars[1]) == pytest.approx(coef, rel=1e-7)
+    past = math.isinf(float(torch.tensor(ls / float(scalars[1]), dtype=torch.float32)))
+    assert past == (exponent >= 124)
+    if past:
+        assert float(pre_scale) == float(torch.tensor(float(scalars[1]), dtype=torch.float32))
+        assert float(grad_scale) == ls
+    else:
+        assert float(pre_scale) == 1.0
+        assert float(grad_scale) == float(torch.tensor(ls / float(scalars[1]), dtype=torch.float32))

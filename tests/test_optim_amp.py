@@ -208,12 +208,11 @@ def test_an_infinite_loss_scale_cannot_be_undone_either(decide_on):
 
 
 @pytest.mark.parametrize("exponent", [16, 124, 127])
-def test_a_huge_loss_scale_with_a_small_clip_coefficient_clips_a_fused_step(exponent):
+def test_a_huge_loss_scale_with_a_small_clip_coefficient_clips_a_fused_step(exponent, decide_on):
     # grad_scale = loss_scale / clip_coef is float32: a GradScaler scale grown to 2^124 (about
     # 216k overflow-free steps, as with float32/bfloat16 gradients) over a coefficient below 1/16
-    # made it inf, and the fused kernel zeroed the gradients of a step reported as clipped. Where
-    # the host decides (here, the CPU) such a step is scaled by the multiplier; where the device
-    # decides it is not yet caught (README).
+    # made it inf, and the fused kernel zeroed the gradients of a step reported as clipped. There
+    # guard_decide's pre_scale clips first and grad_scale is the loss scale alone.
     p, q = torch.nn.Parameter(torch.ones(64)), torch.nn.Parameter(torch.ones(64))
     opt = GradGuard(torch.optim.AdamW([p], lr=0.1, fused=True), max_norm=0.4, hygiene=False)
     ref = torch.optim.AdamW([q], lr=0.1, fused=True)

@@ -71,6 +71,7 @@ Outputs guard_decide_cpu(const at::Tensor& acc, const at::Tensor& nan_count, con
   at::Tensor found_inf = at::empty({}, opts.dtype(at::kFloat));
   at::Tensor multiplier = at::empty({}, opts.dtype(cfg.basis_double ? at::kDouble : at::kFloat));
   at::Tensor grad_scale = at::empty({}, opts.dtype(at::kFloat));
+  at::Tensor pre_scale = at::empty({}, opts.dtype(at::kFloat));
 
   // Per tensor: the norms and the totals.
   const double inv = decide::inverse_scale(in.has_loss_scale, in.loss_scale);
@@ -158,8 +159,9 @@ Outputs guard_decide_cpu(const at::Tensor& acc, const at::Tensor& nan_count, con
   }
   decide::record(cfg, d, refs,
                  {scalars.mutable_data_ptr<double>(), found_inf.mutable_data_ptr<float>(),
-                  multiplier.mutable_data_ptr(), grad_scale.mutable_data_ptr<float>()});
-  return {norms, amax_out, scalars, found_inf, multiplier, grad_scale};
+                  multiplier.mutable_data_ptr(), grad_scale.mutable_data_ptr<float>(),
+                  pre_scale.mutable_data_ptr<float>()});
+  return {norms, amax_out, scalars, found_inf, multiplier, grad_scale, pre_scale};
 }
 
 }  // namespace

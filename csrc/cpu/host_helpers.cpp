@@ -180,18 +180,18 @@ bool plain_list(PyObject* seq, std::vector<at::Tensor>& ts) {
 // caches cold (right after a large read) the three cost ~190 us on top of the read, 2026-12-05.
 PyObject* finalize_stats(const Stats& raw, double norm_type, bool double_out) {
   using Opt = std::optional<at::Tensor>;
-  using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  using Seven = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static const auto decide =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("gradguard::guard_decide", "")
-          .typed<Six(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
+          .typed<Seven(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
                      const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&,
                      double, std::optional<double>, c10::string_view, c10::string_view, at::ArrayRef<double>, bool)>();
   at::Tensor parts[6];
   {
     pybind11::gil_scoped_release no_gil;
     const Opt none;
-    const Six d = decide.call(std::get<0>(raw), std::get<1>(raw), std::get<2>(raw), std::get<3>(raw), none, none,
+    const Seven d = decide.call(std::get<0>(raw), std::get<1>(raw), std::get<2>(raw), std::get<3>(raw), none, none,
                               none, none, none, none, none, none, none, norm_type, std::nullopt, "ignore", "none",
                               {}, double_out);
     parts[0] = std::get<0>(d);

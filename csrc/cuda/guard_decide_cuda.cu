@@ -69,6 +69,7 @@ struct DecideArgs {
   float* found_inf;
   void* multiplier;
   float* grad_scale;
+  float* pre_scale;
   decide::Config cfg;
 };
 
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(kDecideThreads) guard_decide_kernel(const Deci
   }
   const decide::Decision d = decide::decide(c, in);
   decide::record(c, d, {sp, ss, a.counters, a.s_counters, a.history, a.s_hist0, a.s_hist1, a.hist_rows},
-                 {a.scalars, a.found_inf, a.multiplier, a.grad_scale});
+                 {a.scalars, a.found_inf, a.multiplier, a.grad_scale, a.pre_scale});
 }
 
 ScalarRef scalar_ref(const std::optional<at::Tensor>& t) {
@@ -246,6 +247,7 @@ decide::Outputs guard_decide_cuda(const at::Tensor& acc, const at::Tensor& nan_c
   at::Tensor found_inf = at::empty({}, opts.dtype(at::kFloat));
   at::Tensor multiplier = at::empty({}, opts.dtype(a.cfg.basis_double ? at::kDouble : at::kFloat));
   at::Tensor grad_scale = at::empty({}, opts.dtype(at::kFloat));
+  at::Tensor pre_scale = at::empty({}, opts.dtype(at::kFloat));
 
   a.acc = acc.const_data_ptr<double>();
   a.nan = nan_count.const_data_ptr<int64_t>();
@@ -290,10 +292,11 @@ decide::Outputs guard_decide_cuda(const at::Tensor& acc, const at::Tensor& nan_c
   a.found_inf = found_inf.mutable_data_ptr<float>();
   a.multiplier = multiplier.mutable_data_ptr();
   a.grad_scale = grad_scale.mutable_data_ptr<float>();
+  a.pre_scale = pre_scale.mutable_data_ptr<float>();
 
   guard_decide_kernel<<<1, kDecideThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {norms, amax_out, scalars, found_inf, multiplier, grad_scale};
+  return {norms, amax_out, scalars, found_inf, multiplier, grad_scale, pre_scale};
 }
 
 }  // namespace

@@ -34,7 +34,11 @@ Outputs:
         One transfer reads everything the host may need.
     found_inf float32 0-dim (exactly 0 or 1; what a fused optimizer takes).
     multiplier 0-dim (float64 in "zero" mode or with float64 results, else float32).
-    grad_scale float32 0-dim: loss_scale / clip_coef, the divisor a fused optimizer applies.
+    grad_scale float32 0-dim: loss_scale / clip_coef, the divisor a fused optimizer applies;
+        with a loss scale, where that is past float32 (a GradScaler scale grown to 2^124 over a
+        clip coefficient below 1/16: inf, and a fused kernel zeroed every gradient), the loss
+        scale alone, and
+    pre_scale float32 0-dim the clip coefficient, to multiply the gradients by first; else 1.
 
 The rules:
     found_inf = any NaN/Inf element, or a total norm of finite elements too large for the result
@@ -197,6 +201,11 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
     ls = 1.0 if loss_scale is None else loss_scale.to(device=dev).double()
     multiplier = _round(coef / ls, basis_dtype)
     grad_scale = (ls / coef).to(torch.float32)
+    pre_scale = torch.ones((), dtype=torch.float32, device=dev)
+    if loss_scale is not None:
+        past = torch.isinf(grad_scale) & ~torch.isinf(ls)
+        pre_scale = torch.where(past, coef.to(torch.float32), pre_scale)
+        grad_scale = torch.where(past, ls.to(torch.float32), grad_scale)
 
     if counters is not None:
         streak = torch.where(skipped, counters[3] + 1, 0)
@@ -222,4 +231,4 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
     scalars = torch.stack([total, coef, found.double(), skipped.double(), overflow.double(), streak.double(),
                            multiplier, clipped.double(), written])
     return (norms.to(out_dtype), amax_out.to(out_dtype), scalars, found.to(torch.float32),
-            multiplier.to(basis_dtype), grad_scale)
+            multiplier.to(basis_dtype), grad_scale, pre_scale)
