@@ -90,3 +90,30 @@ def test_float64_fused_clip_is_one_scaling_op(decide):
     assert ops[:2] == ["gradguard::multi_tensor_stats", "gradguard::guard_decide"], ops
     assert ops.count("gradguard::maybe_scale_") == 1, ops
     assert len(ops) == (4 if decide == "host" else 3), ops  # the host path's one read
+
+
+@pytest.mark.parametrize("decided_on", ["device", "host"])
+def test_grad_scaler_clipped_fused_step_adds_one_scaling_op(decided_on):
+    # Under GradScaler with clipping, a fused step is preceded by guard_decide's pre_scale (1 but
+    # where loss_scale / clip_coef is past float32: then the clip coefficient), applied with one
+    # maybe_scale_ that writes nothing at 1; the count stays within the target.
+    from gradguard import GradGuard
+    from gradguard.bench.optim_cases import _op_params, guard_ops
+
+    params = _op_params(52)
+    grads = [p.grad.clone() for p in params]
+    guard = GradGuard(torch.optim.AdamW(params, lr=1e-3, fused=True), max_norm=1e-3, hygiene=False)
+    guard._decide_on_host_on_cpu = decided_on == "host"
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+
+    def scaled():
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        scaler.scale(torch.ones(()))
+        scaler.step(guard)
+        scaler.update()
+
+    ops = guard_ops(guard, scaled)
+    assert len(ops) <= OP_COUNT_TARGET, ops
+    assert ops[:2] == ["gradguard::multi_tensor_stats", "gradguard::guard_decide"] and ops[-1] == "gradguard::maybe_scale_", ops
+    assert len(ops) == (3 if decided_on == "device" else 4), ops
