@@ -84,6 +84,10 @@ class Plan(NamedTuple):
 _NOTHING = Plan(None, ())
 
 
+# The module's caches are keyed by id() with the object kept beside it (an id is reused once its
+# object is freed) and emptied past _CACHE_LIMIT entries: a sweep that makes new groups or meshes
+# per run must not keep every one alive.
+_CACHE_LIMIT = 64
 _ranks_cache: dict = {}
 
 
@@ -92,6 +96,8 @@ def _group_ranks(group) -> tuple[int, ...]:
     hit = _ranks_cache.get(id(group))
     if hit is None or hit[0] is not group:
         hit = (group, tuple(dist.get_process_group_ranks(group)))
+        if len(_ranks_cache) >= _CACHE_LIMIT:
+            _ranks_cache.clear()
         _ranks_cache[id(group)] = hit
     return hit[1]
 
@@ -142,7 +148,7 @@ def check_same_count_once(n: int, group, where: str) -> None:
     if _counts_checked.get(key) is group:
         return
     check_same_count(n, group, where)
-    if len(_counts_checked) > 64:
+    if len(_counts_checked) >= _CACHE_LIMIT:
         _counts_checked.clear()
     _counts_checked[key] = group
 
@@ -209,6 +215,8 @@ def _dtensor_ranks(t, where: str) -> tuple[tuple[int, ...] | None, list]:
             raise ValueError(f"{where} is a DTensor on a mesh this rank is not part of")
         ranks = shard_ranks(mesh.mesh, coord, shard_dims)
         groups = [mesh.get_group(d) for d in shard_dims]
+    if len(_mesh_cache) >= _CACHE_LIMIT:
+        _mesh_cache.clear()
     _mesh_cache[key] = (mesh, ranks, groups)
     return ranks, groups
 
@@ -297,8 +305,8 @@ def _masks(plan: Plan, device):
     built on the host and copied to the device once per layout."""
     key = (id(plan.group), plan.entries, device)
     hit = _mask_cache.get(key)
-    if hit is not None:
-        return hit
+    if hit is not None and hit[0] is plan.group:
+        return hit[1], hit[2]
     ranks = _group_ranks(plan.group)
     me = dist.get_rank()
     pos = {r: w for w, r in enumerate(ranks)}
@@ -308,11 +316,11 @@ def _masks(plan: Plan, device):
         for r in (entry_ranks if kind != LOCAL else (me,)):
             contrib[pos[r], j] = True
         is_max[j] = kind == MAX
-    hit = (contrib.to(device), is_max.to(device))
-    if len(_mask_cache) > 64:
+    hit = (plan.group, contrib.to(device), is_max.to(device))
+    if len(_mask_cache) >= _CACHE_LIMIT:
         _mask_cache.clear()
     _mask_cache[key] = hit
-    return hit
+    return hit[1], hit[2]
 
 
 def combine(gathered: torch.Tensor, contrib: torch.Tensor, is_max: torch.Tensor, p: float):

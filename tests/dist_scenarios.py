@@ -682,6 +682,27 @@ def scenario_fsdp2_tp_2d(rank, world, counter, tp_first=False):
     return out
 
 
+def scenario_module_caches(rank, world):
+    """gradguard.distributed's caches, keyed by id(), across many process groups: bounded (a sweep
+    making a group per run kept every one alive), and an entry whose group is not the one asked
+    about (a freed group's id reused) is rebuilt, not returned."""
+    from gradguard import distributed as gd
+
+    grad = torch.full((3,), float(rank + 1), dtype=torch.float64)
+    true = math.sqrt(sum(3 * (r + 1) ** 2 for r in range(world)))
+    totals = []
+    for _ in range(gd._CACHE_LIMIT + 6):
+        g = dist.new_group(list(range(world)))
+        totals.append(float(gradguard.grad_stats([grad], process_group=g).total_norm))
+    sizes = {name: len(getattr(gd, name)) for name in ("_ranks_cache", "_counts_checked", "_mask_cache")}
+    # A stale mask entry under this group's key, as if a freed group's id had been reused: the
+    # masks of a group of other ranks would mis-sum the statistics.
+    (key, hit), = [(k, v) for k, v in gd._mask_cache.items() if k[0] == id(g)]
+    gd._mask_cache[key] = (object(), ~hit[1], hit[2])
+    stale_total = float(gradguard.grad_stats([grad], process_group=g).total_norm)
+    return {"true": true, "totals": totals, "sizes": sizes, "limit": gd._CACHE_LIMIT, "stale_total": stale_total}
+
+
 def run_all(rank, world) -> dict:
     counter = CollectiveCounter()
     results = {
@@ -704,6 +725,7 @@ def run_all(rank, world) -> dict:
         "tp_sequence_parallel": scenario_tp_sequence_parallel(rank, world, counter),
         "fsdp2_tp_2d": scenario_fsdp2_tp_2d(rank, world, counter),
         "fsdp2_tp_2d_strided": scenario_fsdp2_tp_2d(rank, world, counter, tp_first=True),
+        "module_caches": scenario_module_caches(rank, world),
     }
     return results
 

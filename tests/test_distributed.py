@@ -292,3 +292,12 @@ def test_a_parameter_unfrozen_under_process_group_gets_no_state_on_a_skipped_ste
     for r in dist_spawn.run(dist_scenarios.scenario_unfrozen_fused_process_group, world_size=2, timeout=120):
         assert r["skipped"] and r["b_state"] == []
         assert r["b_state_after"] == ["exp_avg", "exp_avg_sq", "step"]
+
+
+def test_module_caches_stay_bounded_and_ignore_a_reused_id(runs):
+    ranks, _ = runs
+    for r in ranks:
+        out = r["module_caches"]
+        _same(out["totals"], [out["true"]] * len(out["totals"]))
+        assert all(n <= out["limit"] for n in out["sizes"].values()), out["sizes"]
+        _same([out["stale_total"]], [out["true"]])
