@@ -6,7 +6,13 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/grad_mode.h>
 
+#include <type_traits>
+
 namespace gradguard {
+
+// The 16-bit types, which the kernels widen to float32 to compute.
+template <typename T>
+constexpr bool kIs16Bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 
 // Not at::isFloatingType: that admits the float8 types, which then failed inside AT_DISPATCH with
 // a message that named neither the op's argument nor what it takes.

@@ -80,6 +80,7 @@ from __future__ import annotations
 import copy
 import functools
 import numbers
+import weakref
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -90,6 +91,7 @@ from gradguard import _host
 from gradguard import distributed as _distributed
 from gradguard import fused_adam as _fused_adam
 from gradguard import hygiene as _hygiene
+from gradguard._numbers import check_int
 from gradguard.errors import NonFiniteGradError
 from gradguard.hygiene import EVAL_MODE, NOT_CLEARED, ClearTracker
 from gradguard.guard_state import GuardState
@@ -100,6 +102,7 @@ from gradguard.stats import (_Raw, check_max_norm, check_norm_type, global_raw_s
                              nonfinite_message, refuse_unreduced_fsdp1, scale_)
 
 ON_NONFINITE = ("skip", "zero", "raise", "ignore")
+_REAL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 _GUARD_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_norm", "spike", "history")
 
 
@@ -167,6 +170,40 @@ class _BadEvaluation(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+
+def _check_guard_fields(guard: dict, where: str) -> None:
+    """The kinds and shapes of a guard checkpoint's fields, each named where it is wrong: loaded
+    unchecked, a None step count failed half-way with int()'s message, and a history of the wrong
+    width was taken and made every later step raise."""
+    def wrong(key: str, want: str, value):
+        got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+               else f"{type(value).__name__} {value!r}")
+        raise ValueError(f"{where}: state_dict['gradguard'][{key}] must be {want}, got {got}")
+
+    def is_count(v) -> bool:
+        return not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 0
+
+    if not is_count(guard["steps"]):
+        wrong("'steps'", "an int >= 0", guard["steps"])
+    history = guard["history"]
+    if not is_count(history["count"]):
+        wrong("'history']['count'", "an int >= 0", history["count"])
+    if not isinstance(history["steps"], (list, tuple)) or not all(is_count(s) for s in history["steps"]):
+        wrong("'history']['steps'", "a list of step numbers", history["steps"])
+    values = history["values"]
+    if values is not None and not (isinstance(values, torch.Tensor) and values.is_floating_point()
+                                   and tuple(values.shape) == (history["size"], 3)):
+        wrong("'history']['values'", f"None or a float tensor of shape ({history['size']}, 3)", values)
+    if guard["totals"] is None:
+        return  # saved before any step: nothing else is read
+    for key, numel in (("totals", 3), ("consecutive", 1), ("layer_nonfinite", None), ("layer_max_norm", None)):
+        value = guard[key]
+        if not isinstance(value, torch.Tensor) or (numel is not None and value.numel() != numel):
+            wrong(repr(key), "a tensor" + (f" of {numel} element{'s' * (numel > 1)}" if numel else ""), value)
+    if guard["layer_max_norm"].numel() != guard["layer_nonfinite"].numel():
+        wrong("'layer_max_norm'", f"a tensor of {guard['layer_nonfinite'].numel()} elements (one a parameter, as "
+              "'layer_nonfinite')", guard["layer_max_norm"])
 
 
 def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
@@ -333,15 +370,16 @@ class GradGuard(torch.optim.Optimizer):
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"gradguard.GradGuard: `on_nonfinite` must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
-        if max_consecutive_skips is not None and (
-                isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, numbers.Integral)
-                or max_consecutive_skips < 1):
-            raise ValueError(f"gradguard.GradGuard: `max_consecutive_skips` must be None or an int >= 1, "
-                             f"got {max_consecutive_skips!r}")
-        self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
+        self.max_consecutive_skips = None if max_consecutive_skips is None else check_int(
+            max_consecutive_skips, "gradguard.GradGuard: `max_consecutive_skips`", 1)
         if spike is not None and (not isinstance(spike, SpikePolicy) or spike.kind not in ("zscore", "percentile")):
             raise TypeError(f"gradguard.GradGuard: `spike` must be None or a spike policy such as "
                             f"gradguard.ZScoreClip() or gradguard.PercentileClip(), got {type(spike).__name__}")
+        if spike is not None and getattr(spike, "_bound", False):
+            # Its statistics are another guard's norms: shared, each guard clipped by the other's.
+            raise ValueError(f"gradguard.GradGuard: this `spike` policy ({spike!r}) belongs to another GradGuard "
+                             "already, and its statistics are that guard's; give each guard a policy of its own "
+                             f"(a new {type(spike).__name__}(...))")
         self.spike = spike
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"gradguard.GradGuard: `model` must be an nn.Module, got {type(model).__name__}")
@@ -372,7 +410,7 @@ class GradGuard(torch.optim.Optimizer):
         if not isinstance(hygiene, bool):
             raise TypeError(f"gradguard.GradGuard: `hygiene` must be True or False, got {hygiene!r}")
         self.hygiene = hygiene
-        if tracer is not None and not callable(getattr(tracer, "_end_step", None)):
+        if tracer is not None and (isinstance(tracer, type) or not callable(getattr(tracer, "_end_step", None))):
             raise TypeError(f"gradguard.GradGuard: `tracer` must be a gradguard.NanTracer, got {type(tracer).__name__}")
         self.tracer = tracer
         self._name_list = None
@@ -413,6 +451,10 @@ class GradGuard(torch.optim.Optimizer):
         self._fused_state_seen = None    # (id, len) of the inner state when it was complete
         self._fused_stateless = ()       # the parameters without it then (frozen ones), see _fused_ready
         self._tracker = ClearTracker()
+        self._apply_watch = None  # (grads, the first one's version) while a scaled step applies
+        self._unscaled = None     # [(grad ref, version)] a raised step left unscaled, see _note_unscaled
+        if spike is not None:
+            spike._bound = True  # last: a guard refused above leaves the policy free for another
 
     @property
     def history(self) -> History:
@@ -461,14 +503,20 @@ class GradGuard(torch.optim.Optimizer):
             return _hooked_call(self, func, args, kwargs)
 
         def _hooked_call(self, func, args, kwargs):
-            for pre_hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
-                result = pre_hook(self, args, kwargs)
-                if result is not None:
-                    if isinstance(result, tuple) and len(result) == 2:
-                        args, kwargs = result
-                    else:
-                        raise RuntimeError(f"{func} must return None or a tuple of (new_args, new_kwargs), but got "
-                                           f"{result}.")
+            try:
+                for pre_hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
+                    result = pre_hook(self, args, kwargs)
+                    if result is not None:
+                        if isinstance(result, tuple) and len(result) == 2:
+                            args, kwargs = result
+                        else:
+                            raise RuntimeError(f"{func} must return None or a tuple of (new_args, new_kwargs), "
+                                               f"but got {result}.")
+            except BaseException:
+                # As where step() raises: a scale and flag GradScaler.step set, left behind, were
+                # the next step's (a plain step took its unscaled grads as scaled by them).
+                self._drop_scaler_attrs()
+                raise
             muted = _mute(_global_optimizer_pre_hooks, _global_optimizer_post_hooks)
             try:
                 out = func(*args, **kwargs)
@@ -520,9 +568,9 @@ class GradGuard(torch.optim.Optimizer):
             if g.layout not in (torch.strided, torch.sparse_coo):
                 raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} has layout "
                                 f"{g.layout}; GradGuard supports dense and sparse COO gradients")
-            if g.is_complex():
-                raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} is complex; "
-                                "GradGuard supports real floating-point gradients only")
+            if g.dtype not in _REAL_FLOATS:
+                raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} has dtype "
+                                f"{g.dtype}; GradGuard supports real floating-point gradients only")
         return fits
 
     # ---- parameters and names -----------------------------------------------------------------
@@ -657,6 +705,7 @@ class GradGuard(torch.optim.Optimizer):
         state["_plan"] = None
         state["_fused_missing"] = None  # rebuilt with the plan
         state["_fused_stateless"] = ()  # rebuilt when the copy's state is found complete
+        state["_apply_watch"] = state["_unscaled"] = None  # the original's gradients (weak references)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -664,6 +713,8 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.setdefault("_fused_missing", None)  # pickled before it existed
         self.__dict__.setdefault("_fused_state_seen", None)
         self.__dict__.setdefault("_fused_stateless", ())
+        self.__dict__.setdefault("_apply_watch", None)
+        self.__dict__.setdefault("_unscaled", None)
         if "_explicit_slots" not in self.__dict__:  # pickled before names= followed identity: by position
             self._explicit_slots = self._slots(self.__dict__.pop("_explicit_names", None))
         self._tracker = ClearTracker()
@@ -845,9 +896,26 @@ class GradGuard(torch.optim.Optimizer):
             # GradScaler.step sets these before calling us and deletes them only after a step
             # that returns: left behind, the next step would reuse a stale scale and flag.
             self._drop_scaler_attrs()
+            self._note_unscaled()
             raise
         finally:
+            self._apply_watch = None  # it holds the gradients: never past the step
             torch._C._set_grad_enabled(grad_was)
+
+    def _note_unscaled(self) -> None:
+        """After a step that raised once its in-place scaling pass had unscaled the gradients
+        under GradScaler (the inner step, or its hook, raised): remembers those gradients, so
+        that a retried scaler.step(opt) with no backward in between does not unscale them again
+        (GradScaler's stage stays READY, as the step never returned; its own unscale_ marks the
+        grads as unscaled first, and a retry of a plain optimizer's step divides once)."""
+        watch, self._apply_watch = self._apply_watch, None
+        if watch is not None and watch[0][0]._version != watch[1]:
+            self._unscaled = [(weakref.ref(g), g._version) for g in watch[0]]
+
+    def _still_unscaled(self, grads) -> bool:
+        """Whether `grads` are the gradients _note_unscaled remembered, untouched since."""
+        marks, self._unscaled = self._unscaled, None
+        return len(marks) == len(grads) and all(r() is g and g._version == v for (r, v), g in zip(marks, grads))
 
     def _drop_scaler_attrs(self) -> None:
         for attr in ("grad_scale", "found_inf"):
@@ -951,6 +1019,7 @@ class GradGuard(torch.optim.Optimizer):
         loss_scale = getattr(self, "grad_scale", None)
         scaler_found = getattr(self, "found_inf", None)
         amp = loss_scale is not None or scaler_found is not None
+        self._apply_watch = None
 
         plan = self._current_plan()
         got = self._gather(plan)
@@ -959,6 +1028,8 @@ class GradGuard(torch.optim.Optimizer):
             plan = self._current_plan()
             got = self._gather(plan, check_plan=False)
         grads, raw, names, idx = got
+        if self._unscaled is not None and self._still_unscaled(grads) and loss_scale is not None:
+            loss_scale = None  # unscaled by the attempt that raised (_note_unscaled)
         if raw is None:
             self.optimizer.step(_replay(loss, closure))
             return loss
@@ -1036,6 +1107,8 @@ class GradGuard(torch.optim.Optimizer):
         # the float64 multiplier in a pass of their own instead, so that the clip is as exact as
         # clip_grad_norm_'s (through a float32 divisor it was off by up to ~3e-8 relative).
         exact = raw.out_dtype == torch.float64
+        if loss_scale is not None and not fused:  # see _note_unscaled
+            self._apply_watch = (grads, grads[0]._version)
         if host is None and not fused:  # under a CUDA graph capture: decided on the device, no read
             if mode == "zero":
                 _scale(grads, mult, True, plan.simple)
@@ -1263,8 +1336,7 @@ class GradGuard(torch.optim.Optimizer):
         ``clipped``, ``nonfinite_steps``, ``consecutive_skips``, and ``worst_layers``: the k
         parameters most often non-finite, then with the largest gradient norm seen, as dicts of
         ``name``, ``nonfinite_steps``, ``max_norm``. Reads the counters (a sync)."""
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
-            raise ValueError(f"gradguard.GradGuard.summary: `k` must be a non-negative int, got {k!r}")
+        k = check_int(k, "gradguard.GradGuard.summary: `k`", 0)
         params = self._params()
         self._state.follow(params)
         # Named afresh: the names are cached by position until the next step looks at the
@@ -1303,11 +1375,16 @@ class GradGuard(torch.optim.Optimizer):
         self._drop_scaler_attrs()  # a scale and flag from before the checkpoint mean nothing now
         if guard is not None:
             self._check_guard_state(guard)
-        self.optimizer.load_state_dict(sd)
-        self._fused_state_ready = False  # the loaded state may cover fewer parameters
-        self._fused_missing = None
-        if guard is not None:
-            self._load_guard_state(guard)
+
+        def load_inner():
+            self.optimizer.load_state_dict(sd)
+            self._fused_state_ready = False  # the loaded state may cover fewer parameters
+            self._fused_missing = None
+
+        if guard is None:
+            load_inner()
+        else:  # the guard's state first, undone if it or the optimizer's load fails
+            self._load_guard_state(guard, then=load_inner)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -1344,17 +1421,32 @@ class GradGuard(torch.optim.Optimizer):
         self._check_guard_state(guard, "gradguard.GradGuard.load_guard_state_dict")
         self._load_guard_state(guard)
 
-    def _load_guard_state(self, guard: dict) -> None:
-        # Loaded under inference_mode (a restore helper decorated with it), the copies made here
-        # were inference tensors: the steps' in-place updates refused them (fallback) or wrote
-        # into them (extension). As in step(), the guard's own tensors are normal ones.
-        with torch.inference_mode(False):
-            if self.spike is not None:
-                if guard["spike"] is not None:
-                    self.spike.load_state_dict(guard["spike"])
-                else:  # a checkpoint without spike state: the policy starts afresh, as documented
-                    self.spike._state = None
-            self._state.load_state_dict(guard)
+    def _load_guard_state(self, guard: dict, then=None) -> None:
+        """Loads `guard`, then calls `then` (the inner optimizer's load); if either raises, the
+        guard's state is as it was. _check_guard_state refuses a checkpoint that does not fit; a
+        malformed value in one that does (a None step count) failed half-way, the history loaded
+        and the counters not. Each load below assigns new objects, so the attributes as they were
+        are the state as it was."""
+        held = [o for o in (self._state, self._state.history, self.spike) if o is not None]
+        before = [dict(vars(o)) for o in held]
+        try:
+            # Loaded under inference_mode (a restore helper decorated with it), the copies made
+            # here were inference tensors: the steps' in-place updates refused them (fallback)
+            # or wrote into them (extension). As in step(), the guard's own tensors are normal ones.
+            with torch.inference_mode(False):
+                if self.spike is not None:
+                    if guard["spike"] is not None:
+                        self.spike.load_state_dict(guard["spike"])
+                    else:  # a checkpoint without spike state: the policy starts afresh, as documented
+                        self.spike._state = None
+                self._state.load_state_dict(guard)
+            if then is not None:
+                then()
+        except BaseException:
+            for o, attrs in zip(held, before):
+                vars(o).clear()
+                vars(o).update(attrs)
+            raise
         self._state.params = self._params()  # the check made sure the totals are for these
         self._tracker = ClearTracker()
 
@@ -1372,6 +1464,7 @@ class GradGuard(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"{where}: state_dict['gradguard'] is incomplete (missing {', '.join(missing)}); "
                              "it is not a GradGuard.state_dict() of this version")
+        _check_guard_fields(guard, where)
         saved = guard["spike"]
         if saved is not None and self.spike is None:
             raise ValueError(f"{where}: the checkpoint holds {saved.get('kind')} state but this GradGuard has "

@@ -6,9 +6,10 @@ Both hold device tensors only. Nothing here reads a value back to the host until
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
+
+from gradguard._numbers import check_int
 
 
 class StepReport:
@@ -129,8 +130,7 @@ class StepReport:
     def worst_layers(self, k: int = 5) -> list[tuple[str, float]]:
         """The k parameters with the largest gradient norm, non-finite ones first, as
         (name, norm) pairs (reads the norms)."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"gradguard.StepReport.worst_layers: `k` must be a non-negative int, got {k!r}")
+        k = check_int(k, "gradguard.StepReport.worst_layers: `k`", 0)
         norms = self._fetch()["norms"]
         order = sorted(range(len(norms)),
                        key=lambda i: (0, 0.0) if not math.isfinite(norms[i]) else (1, -norms[i]))
@@ -176,10 +176,8 @@ class History:
     _COLUMNS = ("total_norm", "clip_coef", "skipped")
 
     def __init__(self, size: int):
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1 or size > MAX_HISTORY:
-            raise ValueError(f"gradguard: `history_size` must be an int in [1, {MAX_HISTORY}] (the ring buffer "
-                             f"takes 24 bytes per step on the device), got {size!r}")
-        self.size = int(size)  # a numpy integer too
+        self.size = check_int(size, "gradguard: `history_size`", 1, MAX_HISTORY,
+                              " (the ring buffer takes 24 bytes per step on the device)")
         self._values: torch.Tensor | None = None  # [size, 3] float64 on the device
         self._steps: list[int] = []               # host-side step numbers, same ring order
         self._count = 0

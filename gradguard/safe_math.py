@@ -118,6 +118,8 @@ def _to_float(value, name: str, op: str) -> float:
         if value.is_complex() or value.dtype == torch.bool:
             raise ArgumentTypeError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim real tensor, got a "
                                     f"0-dim {value.dtype} tensor")
+        if value.device.type == "meta":
+            raise ValueError(f"gradguard.{op}: `{name}` is a meta tensor, which holds no value")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim tensor, got "

@@ -13,17 +13,15 @@ until the warm-up is over and whenever the norm is within the policy's limit.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
+from gradguard._numbers import check_int, real_number
+from gradguard.errors import ArgumentTypeError
+
 
 def _check_int(name: str, value, low: int, high: int | None = None, why: str = "") -> int:
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low
-            or (high is not None and value > high)):
-        want = f">= {low}" if high is None else f"in [{low}, {high}]{why}"
-        raise ValueError(f"gradguard: `{name}` must be an int {want}, got {value!r}")
-    return int(value)
+    return check_int(value, f"gradguard: `{name}`", low, high, why)
 
 
 # The window is ranked in full on every step (on a GPU, O(window**2 / 512) comparisons in one
@@ -33,14 +31,18 @@ MAX_WINDOW = 100_000
 
 
 def _check_real(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> float:
-    bad = isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
-    if not bad:
-        v = float(value)
-        bad = (v <= low if low_open else v < low) or (v >= high if high_open else v > high)
-    if bad:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"gradguard: `{name}` must be a number in {lo}{low}, {high}{hi}, got {value!r}")
-    return float(value)
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+    want = f"gradguard: `{name}` must be a number in {lo}{low}, {high}{hi}"
+    number = real_number(value)
+    if number is None:
+        raise ArgumentTypeError(f"{want}, got {type(value).__name__} {value!r}")
+    try:
+        v = float(number)
+    except OverflowError:  # an integer beyond float's range: above any bound
+        v = math.inf
+    if math.isnan(v) or (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
+        raise ValueError(f"{want}, got {value!r}")
+    return v
 
 
 class SpikePolicy:

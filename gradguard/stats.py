@@ -21,6 +21,7 @@ import torch
 from gradguard import _host
 from gradguard import _ops  # noqa: F401  (defines torch.ops.gradguard.*)
 from gradguard import distributed as _distributed
+from gradguard._numbers import real_number, to_float
 from gradguard.errors import ArgumentTypeError, NonFiniteGradError
 # The same float64 norm math as the decision op's reference kernel (one copy of it).
 from gradguard.reference.decide import _root
@@ -77,16 +78,19 @@ def check_norm_type(norm_type, *, torch_compat: bool = False) -> float:
             hint = ""
         raise ArgumentTypeError(f"gradguard: `norm_type` must be a positive number or inf, got the string {norm_type!r}"
                          f"{hint} (only the clip functions take numeric strings, as torch's)")
-    elif isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
+    elif real_number(norm_type) is None:
         raise ArgumentTypeError(f"gradguard: `norm_type` must be a positive number or inf, got "
                                 f"{type(norm_type).__name__} {norm_type!r}")
     else:
-        p = float(norm_type)
+        p = to_float(real_number(norm_type), "gradguard: `norm_type`")
     if math.isnan(p):
         raise ValueError(f"gradguard: `norm_type` must not be NaN, got {norm_type!r}")
     if p <= 0.0 and not torch_compat:
         raise ValueError(f"gradguard: `norm_type` must be > 0 (or inf), got {norm_type!r}")
     return p
+
+
+_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
 
 
 def as_tensor_list(tensors, what: str = "tensors") -> list[torch.Tensor]:
@@ -107,8 +111,12 @@ def as_tensor_list(tensors, what: str = "tensors") -> list[torch.Tensor]:
             raise TypeError(f"gradguard: {what}[{i}] is a {type(t).__name__}, expected a floating-point or complex tensor")
         if t.layout == torch.sparse_coo:
             t = t.coalesce().values()
-        elif t.layout != torch.strided:
+        elif t.layout in _COMPRESSED:
             t = t.values()  # compressed layouts hold no duplicates
+        elif t.layout != torch.strided or t.is_nested:
+            kind = "a nested tensor" if t.is_nested else f"a tensor of layout {t.layout}"
+            raise TypeError(f"gradguard: {what}[{i}] is {kind}; gradguard takes strided, sparse COO and compressed "
+                            "sparse tensors")
         if t.is_complex():
             t = t.abs()
         if t.dtype not in _FLOAT_DTYPES:
@@ -142,12 +150,13 @@ def _runs(order: list[int]):
     return runs
 
 
-def _refuse_meta(device: torch.device, index: int) -> None:
+def _refuse_meta(device: torch.device, index: int, names=None) -> None:
     if device.type == "meta":  # the statistics of tensors without values could never be read
-        raise ValueError(f"gradguard: tensors[{index}] is on the meta device: it holds no values to check")
+        what = f"the gradient of {names[index]!r}" if names is not None else f"tensors[{index}]"
+        raise ValueError(f"gradguard: {what} is on the meta device: it holds no values to check")
 
 
-def raw_stats(tensors, norm_type: float) -> _Raw:
+def raw_stats(tensors, norm_type: float, names=None) -> _Raw:
     """One kernel call per (device, dtype) group; results in input order on the first device."""
     if not tensors:
         device = torch.device("cpu")
@@ -159,7 +168,7 @@ def raw_stats(tensors, norm_type: float) -> _Raw:
     groups = _grouped(tensors)
     parts = []
     for idx in groups:
-        _refuse_meta(tensors[idx[0]].device, idx[0])
+        _refuse_meta(tensors[idx[0]].device, idx[0], names)
         res = torch.ops.gradguard.multi_tensor_stats([tensors[i] for i in idx], norm_type)
         parts.append([r.to(device) for r in res])
     if len(parts) == 1:
@@ -201,7 +210,7 @@ def global_raw_stats(tensors: list[torch.Tensor], norm_type: float, *, process_g
         groups = [process_group] * len(tensors)
     local, plan = _distributed.localize(tensors, groups=groups, decide_group=decide_group, names=names,
                                         reduced=reduced)
-    return _distributed.reduce_raw(raw_stats(local, norm_type), plan, norm_type), local
+    return _distributed.reduce_raw(raw_stats(local, norm_type, names), plan, norm_type), local
 
 
 def _mark_nonfinite(value: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor) -> torch.Tensor:
@@ -360,6 +369,9 @@ def check_max_norm(max_norm):
             err = ValueError if max_norm.numel() != 1 else ArgumentTypeError
             raise err(f"gradguard: `max_norm` must be a number or a one-element real tensor, got a tensor of "
                       f"shape {tuple(max_norm.shape)} and dtype {max_norm.dtype}")
+        if max_norm.device.type == "meta":
+            raise ValueError("gradguard: `max_norm` is a meta tensor, which holds no value; pass a number or a "
+                             "tensor on the gradients' device (or on the CPU)")
         max_norm = max_norm.detach().reshape(())
         if not max_norm.is_floating_point():  # torch takes integer limits; the decision op wants a float
             max_norm = max_norm.to(torch.float64)
@@ -370,14 +382,15 @@ def check_max_norm(max_norm):
             if math.isnan(v) or v < 0:
                 raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got tensor({v})")
         return max_norm
-    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+    number = real_number(max_norm)
+    if number is None:
         raise ArgumentTypeError(f"gradguard: `max_norm` must be a non-negative number, got "
                                 f"{type(max_norm).__name__} {max_norm!r}")
     # not math.isnan, nor float(): under torch.compile a changing max_norm (a clipping schedule)
     # is a symbolic float, which neither traces.
-    if max_norm != max_norm or max_norm < 0:
+    if number != number or number < 0:
         raise ValueError(f"gradguard: `max_norm` must be a non-negative number, got {max_norm!r}")
-    return max_norm if type(max_norm) is float or torch.compiler.is_compiling() else float(max_norm)
+    return number if type(number) is float or torch.compiler.is_compiling() else to_float(number, "gradguard: `max_norm`")
 
 
 def max_norm_ok(max_norm):
@@ -556,15 +569,33 @@ def _check_total_norm(total_norm, where: str) -> torch.Tensor:
         if total_norm.numel() != 1:
             raise ValueError(f"{where}: `total_norm` must be a one-element tensor, got a {total_norm.dtype} tensor of "
                              f"shape {tuple(total_norm.shape)}")
+        if total_norm.device.type == "meta":
+            raise ValueError(f"{where}: `total_norm` is a meta tensor, which holds no value")
         if total_norm.is_complex() or total_norm.dtype == torch.bool:
             raise ArgumentTypeError(f"{where}: `total_norm` must be a real tensor, got a {total_norm.dtype} tensor")
         if not total_norm.is_floating_point():  # an integer norm, as torch takes it
             total_norm = total_norm.to(torch.float64)
         return total_norm.reshape(())
-    if isinstance(total_norm, bool) or not isinstance(total_norm, numbers.Real):
+    number = real_number(total_norm)
+    if number is None:
         raise ArgumentTypeError(f"{where}: `total_norm` must be a tensor (as get_total_norm returns) or a number, "
                                 f"got {type(total_norm).__name__} {total_norm!r}")
-    return torch.tensor(float(total_norm), dtype=torch.float64)
+    try:
+        number = float(number)
+    except OverflowError:  # an integer past float's range: an infinite norm, left alone as one
+        number = math.inf
+    return torch.tensor(number, dtype=torch.float64)
+
+
+def _check_clippable(params, names, where: str) -> None:
+    """The clip functions scale strided real gradients (as torch's clip_grad_norm_, whose norm
+    refuses sparse ones); checked before anything is read."""
+    for q, name in zip(params, names):
+        g = q.grad
+        if g is not None and (g.layout is not torch.strided or g.is_complex()):
+            kind = "complex" if g.is_complex() else "nested" if g.is_nested else f"a tensor of layout {g.layout}"
+            raise TypeError(f"{where}: the gradient of {name!r} is {kind}; the clip functions take strided real "
+                            "gradients (sparse, complex and other layouts are not supported)")
 
 
 def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> None:
@@ -572,19 +603,18 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> Non
     ``min(max_norm / (total_norm + 1e-6), 1)`` in one pass, no host sync, nothing written when the
     factor is exactly 1.
 
-    Unlike torch, a NaN or infinite ``total_norm`` leaves the gradients untouched (torch multiplies
-    them by NaN or 0). ``foreach`` is accepted and changes nothing.
+    Unlike torch, a NaN, infinite or negative ``total_norm`` leaves the gradients untouched (torch
+    multiplies them by NaN or 0, or flips their sign). ``foreach`` is accepted and changes nothing.
     """
     where = "gradguard.clip_grads_with_norm_"
     _check_foreach(foreach, where)
     max_norm = check_max_norm(max_norm)
     total = _check_total_norm(total_norm, where)
-    params, _ = _params_and_names(parameters, where)
+    params, names = _params_and_names(parameters, where)
     grads = [q.grad for q in params]
     if not grads:
         return
-    if any(g.is_complex() or g.layout != torch.strided for g in grads):
-        raise TypeError(f"{where}: sparse and complex gradients are not supported for clipping")
+    _check_clippable(params, names, where)
     if total.dtype not in (torch.float32, torch.float64):
         total = total.to(torch.float32)  # a float16 norm's 1e-6 and quotient would round in float16
     # Computed as guard_decide computes it (float64, rounded once), so that get_total_norm then
@@ -593,7 +623,10 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> Non
     # and no CUDA graph could capture it).
     limit = (limit_on(max_norm, total.device).double() if isinstance(max_norm, torch.Tensor)
              else device_scalar(max_norm, torch.float64, total.device))
-    coef = torch.where(torch.isfinite(total), torch.clamp(limit / (total.double() + 1e-6), max=1.0), 1.0)
+    total64 = total.double()
+    # A norm is never negative: a negative one (not a norm; torch flips and inflates the grads by
+    # it) is as unusable as a NaN, and its root is NaN: one test for NaN, inf and negative.
+    coef = torch.where(torch.isfinite(total64.sqrt()), torch.clamp(limit / (total64 + 1e-6), max=1.0), 1.0)
     ok = max_norm_ok(max_norm)
     if ok is not None:  # a negative or NaN max_norm not checked on the host: leave the grads untouched
         coef = torch.where(ok.to(coef.device), coef, 1.0)
@@ -646,14 +679,13 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
     params, names = _params_and_names(parameters, where, keep_gradless=process_group is not None)
     if process_group is None:
         refuse_unreduced_fsdp1(params, names, where)
+    _check_clippable(params, names, where)
     grads = as_tensor_list([grad_or_empty(q) for q in params], what="grads")
     if not grads:
         if process_group is not None:  # joins the others' count check: they would wait for this rank
             _distributed.check_process_group(process_group, where)
             _distributed.check_same_count_once(0, process_group, where)
         return torch.tensor(0.0)
-    if any(g.is_complex() or g.layout != torch.strided for g in (q.grad for q in params if q.grad is not None)):
-        raise TypeError(f"{where}: sparse and complex gradients are not supported for clipping")
     if p > 0:
         return _clip_decided(grads, p, max_norm, nonfinite, error_if_nonfinite, process_group, names, where, params)
     tot, grads = _total_norm(grads, p, process_group=process_group, names=names)

@@ -26,13 +26,14 @@ the model's gradients and buffers restored afterwards.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 import weakref
 
 import torch
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
+from gradguard._numbers import check_int
+from gradguard.errors import ArgumentTypeError
 from gradguard._trace_ops import FirstNonfiniteOp, bad_rows, checkable, nonfinite_kind
 from gradguard._trace_origin import Origin
 
@@ -162,12 +163,13 @@ class NanTracer:
             raise TypeError(f"gradguard.NanTracer: `model` must be an nn.Module, got {type(model).__name__}")
         if mode not in MODES:
             raise ValueError(f"gradguard.NanTracer: `mode` must be one of {MODES}, got {mode!r}")
-        if isinstance(batch_dim, bool) or not isinstance(batch_dim, numbers.Integral) or batch_dim < 0:
-            raise ValueError(f"gradguard.NanTracer: `batch_dim` must be an int >= 0, got {batch_dim!r}")
+        self.batch_dim = check_int(batch_dim, "gradguard.NanTracer: `batch_dim`", 0)
+        for name, flag in (("check_ops", check_ops), ("keep_tensors", keep_tensors)):
+            if not isinstance(flag, bool):  # bool("false") is True
+                raise TypeError(f"gradguard.NanTracer: `{name}` must be True or False, got {flag!r}")
         self.model = model
         self.mode = mode
-        self.batch_dim = int(batch_dim)
-        self.check_ops = bool(check_ops)
+        self.check_ops = check_ops
         self._names = {}
         for name, mod in model.named_modules():
             self._names.setdefault(mod, name)
@@ -175,7 +177,7 @@ class NanTracer:
         self._rec = _Record()
         self._last: _Record | None = None
         self._stack: list = []
-        self.keep_tensors = bool(keep_tensors)
+        self.keep_tensors = keep_tensors
         self._keep = self.keep_tensors  # hold tensors strongly (rows, op replay of any event)
         self._quiet = False      # hooks only track the module stack (per-module op replay)
         self._removed = False
@@ -403,7 +405,14 @@ class NanTracer:
         loss_at = None
         if loss is not None:
             if not isinstance(loss, torch.Tensor):
-                loss = torch.as_tensor(loss)
+                try:  # of a dict (a model's outputs): "Could not infer dtype of dict", naming nothing
+                    loss = torch.as_tensor(loss)
+                except (TypeError, ValueError, RuntimeError):
+                    raise ArgumentTypeError(f"gradguard.NanTracer.first_nonfinite: `loss` must be a tensor or a "
+                                            f"number (the loss itself, e.g. outputs.loss), got {type(loss).__name__}"
+                                            ) from None
+            elif loss.device.type == "meta":
+                raise ValueError("gradguard.NanTracer.first_nonfinite: `loss` is a meta tensor, which holds no value")
             with torch.no_grad():
                 flags.insert(cut, torch.linalg.vector_norm(loss.detach().to(torch.float64), _INF)
                              if loss.numel() else loss.new_zeros((), dtype=torch.float64))

@@ -55,9 +55,12 @@ def _load(params, grads):
 def test_captured_step_replays_like_eager_steps(optim_kwargs, guard_kwargs):
     warm, steps, nan_at = 3, 8, 5
     seq = _grad_sequence(warm + steps, warm + nan_at)
-    kw = dict(guard_kwargs)
-    eager_params, eager = _setup(optim_kwargs, {**kw, "spike": gradguard.ZScoreClip(warmup=2)} if "spike" in kw else kw)
-    graph_params, guard = _setup(optim_kwargs, kw)
+    # A policy of its own for each guard (the parametrized one is one object across the tests).
+    def kw():
+        return {**guard_kwargs, "spike": gradguard.ZScoreClip(warmup=2)} if "spike" in guard_kwargs else guard_kwargs
+
+    eager_params, eager = _setup(optim_kwargs, kw())
+    graph_params, guard = _setup(optim_kwargs, kw())
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -87,7 +90,7 @@ def test_captured_step_replays_like_eager_steps(optim_kwargs, guard_kwargs):
             sa, sb = guard.optimizer.state[a], eager.optimizer.state[b]
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0)
-        skipped_now = k == warm + nan_at and kw.get("on_nonfinite", "skip") == "skip"
+        skipped_now = k == warm + nan_at and guard_kwargs.get("on_nonfinite", "skip") == "skip"
         assert bool(guard.last.skipped) == skipped_now
     # An eager step after the replays is numbered after them (the host counts no step once a
     # guard was captured: the number comes from the device).

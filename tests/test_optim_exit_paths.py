@@ -180,7 +180,83 @@ def test_grad_scaler_warmup_overflows_do_not_count_as_consecutive_skips():
 
 def test_argument_errors_name_the_argument():
     opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1))
-    with pytest.raises(ValueError, match="`k` must be a non-negative int"):
+    with pytest.raises(ValueError, match="`k` must be an int >= 0"):
         opt.summary(k=-1)
     with pytest.raises(TypeError, match="`hygiene` must be True or False"):
         GradGuard(torch.optim.SGD(make_params(), lr=0.1), hygiene="no")
+
+
+class _Interrupt(BaseException):
+    """A KeyboardInterrupt-like exception (a notebook cell stopped), raised once from a hook."""
+
+
+def _interrupted_scaler_step(guarded: bool, hook_on: str, device_decides: bool, monkeypatch):
+    monkeypatch.setattr(GradGuard, "_decide_on_host_on_cpu", not device_decides)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = GradGuard(inner, max_norm=100.0, model=model) if guarded else inner
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    fire = [True]
+
+    def hook(o, args, kwargs):
+        if fire[0]:
+            fire[0] = False
+            raise _Interrupt()
+
+    (inner if hook_on == "inner" else opt).register_step_pre_hook(hook)
+    before = model.weight.detach().clone()
+    scaler.scale((model(torch.ones(2, 4)) ** 2).sum()).backward()
+    with pytest.raises(_Interrupt):
+        scaler.step(opt)
+    return model, opt, scaler, before
+
+
+@pytest.mark.parametrize("device_decides", [False, True])
+def test_a_retried_scaler_step_after_an_interrupted_inner_step_unscales_once(device_decides, monkeypatch):
+    # The guard had unscaled .grad in place when the inner step raised; GradScaler's stage stayed
+    # READY, and the retry divided the grads by the scale again (an update 1/1024 of torch's).
+    updates = []
+    for guarded in (False, True):
+        model, opt, scaler, before = _interrupted_scaler_step(guarded, "inner", device_decides, monkeypatch)
+        scaler.step(opt)  # the retry
+        scaler.update()
+        updates.append(model.weight.detach() - before)
+    torch.testing.assert_close(updates[1], updates[0], rtol=1e-6, atol=0)
+
+
+def test_a_retry_after_a_new_backward_unscales_the_new_gradients(monkeypatch):
+    # The remembered unscaled gradients count only while untouched: a backward since makes them
+    # scaled gradients again.
+    model, opt, scaler, before = _interrupted_scaler_step(True, "inner", False, monkeypatch)
+    opt.zero_grad()
+    scaler.scale((model(torch.ones(2, 4)) ** 2).sum()).backward()
+    grads = [p.grad.clone() / 2.0 ** 10 for p in model.parameters()]
+    scaler.step(opt)
+    for p, g, b in zip(model.parameters(), grads, [before, None]):
+        if b is not None:
+            torch.testing.assert_close(p.detach(), b - 0.1 * g, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device_decides", [False, True])
+def test_a_raising_step_pre_hook_leaves_no_scaler_attributes(device_decides, monkeypatch):
+    # The cleanup was in step(): a pre-hook runs before it, and the next plain step took the
+    # unscaled gradients as scaled by 1024 (a norm of 0.00618 for 6.33).
+    model, opt, scaler, before = _interrupted_scaler_step(True, "guard", device_decides, monkeypatch)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+def test_a_scaled_step_keeps_no_gradient_alive():
+    # The retry bookkeeping above held the step's gradient list until the next step: under
+    # GradScaler a second copy of every gradient through the next forward and backward.
+    import weakref
+
+    model = torch.nn.Linear(4, 1)
+    opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale((model(torch.ones(2, 4)) ** 2).sum()).backward()
+    refs = [weakref.ref(p.grad) for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    assert all(r() is None for r in refs)

@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include "cpu_isa.h"
+#include "kernel_dtypes.h"
 #include "safe_math_args.h"
 #include "simd_avx2.h"
 
@@ -60,9 +61,6 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 
 const bool kHasAvx2 = cpu_has_avx2();
-
-template <typename T>
-constexpr bool kIs16Bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 
 // The passes around torch's math over contiguous blocks (safe_math_fixup.inc), in the widest ISA
 // copy this CPU runs, or the AVX2 loops of simd_avx2.h (float16/bfloat16; float32/float64 for

@@ -32,9 +32,6 @@ constexpr int64_t kChunk = int64_t(1) << 16;
 
 const bool kHasAvx2 = cpu_has_avx2();
 
-template <typename T>
-constexpr bool kIs16Bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
-
 // x *= scale, the non-finite elements zeroed first when kZero (so a negative scale gives -0.0
 // there, as nan_to_num_ + mul_ do); float16/bfloat16 computed in float32 and rounded once, as
 // torch's multiply does.

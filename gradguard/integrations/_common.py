@@ -3,6 +3,7 @@ state as JSON (Hugging Face keeps callback state in trainer_state.json), and the
 for bad steps (a host read once per logged step, not once per step)."""
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import math
@@ -36,8 +37,17 @@ def check_guard_kwargs(where: str, kwargs: dict) -> dict:
         raise TypeError(f"{where}: do not pass {', '.join(map(repr, owned))}; the callback wraps the "
                         "framework's optimizer and takes the parameter names from the model")
     probe = torch.nn.Parameter(torch.zeros(1))
-    GradGuard(torch.optim.SGD([probe], lr=0.0), **kwargs)
+    GradGuard(torch.optim.SGD([probe], lr=0.0), **guard_kwargs_copy(kwargs))
     return dict(kwargs)
+
+
+def guard_kwargs_copy(kwargs: dict) -> dict:
+    """`kwargs` for one more guard: a spike policy belongs to one guard (its statistics are that
+    guard's norms), so each guard the callback builds gets a copy of the one it was given."""
+    own = dict(kwargs)
+    if own.get("spike") is not None:
+        own["spike"] = copy.deepcopy(own["spike"])
+    return own
 
 
 def _encode(value):

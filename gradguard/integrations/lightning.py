@@ -42,12 +42,12 @@ set of statistics).
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
 
-from gradguard.integrations._common import BadStepLog, check_guard_kwargs, log, require, skipped_total
+from gradguard.integrations._common import (BadStepLog, check_guard_kwargs, guard_kwargs_copy, log, require,
+                                             skipped_total)
 from gradguard.optim import GradGuard
 
 pl = require("lightning.pytorch", "lightning", "lightning")
@@ -117,10 +117,7 @@ class GradGuardCallback(pl.Callback):
                           UserWarning, stacklevel=2)
         guards = []
         for opt in trainer.strategy.optimizers:
-            own = dict(kwargs)
-            if own.get("spike") is not None:
-                own["spike"] = copy.deepcopy(own["spike"])
-            guard = GradGuard(opt, model=pl_module, **own)
+            guard = GradGuard(opt, model=pl_module, **guard_kwargs_copy(kwargs))
             guard.add_step_hook(self._on_step)
             guards.append(guard)
         trainer.strategy.optimizers = guards

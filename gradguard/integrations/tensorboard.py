@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from gradguard._numbers import check_int
 from gradguard.integrations._common import require, skipped_total
 
 
@@ -33,13 +34,6 @@ def _writer(target):
                     f"a SummaryWriter-like object with add_scalar/add_text/add_histogram, got {type(target).__name__}")
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"gradguard.integrations.tensorboard.TensorBoardHook: `{name}` must be an int >= 1, "
-                         f"got {value!r}")
-    return value
-
-
 class TensorBoardHook:
     """``fn(guard, report)`` for :meth:`gradguard.GradGuard.add_step_hook`. ``writer``: a log
     directory or a SummaryWriter; ``prefix``: the tag prefix; ``step_fn(report) -> int``: the
@@ -47,8 +41,9 @@ class TensorBoardHook:
 
     def __init__(self, writer, every: int = 1, histogram_every: int = 100, prefix: str = "grad/", step_fn=None):
         self.writer = _writer(writer)
-        self.every = _positive_int("every", every)
-        self.histogram_every = _positive_int("histogram_every", histogram_every)
+        where = "gradguard.integrations.tensorboard.TensorBoardHook"
+        self.every = check_int(every, f"{where}: `every`", 1)
+        self.histogram_every = check_int(histogram_every, f"{where}: `histogram_every`", 1)
         if not isinstance(prefix, str):
             raise TypeError(f"gradguard.integrations.tensorboard.TensorBoardHook: `prefix` must be a str, "
                             f"got {type(prefix).__name__}")

@@ -52,8 +52,8 @@ import sys
 
 import torch
 
-from gradguard.integrations._common import (BadStepLog, log, check_guard_kwargs, guard_state_json, load_guard_state_json,
-                                            require, skipped_total)
+from gradguard.integrations._common import (BadStepLog, log, check_guard_kwargs, guard_kwargs_copy, guard_state_json,
+                                            load_guard_state_json, require, skipped_total)
 from gradguard.optim import GradGuard
 
 transformers = require("transformers", "transformers", "transformers")
@@ -118,7 +118,7 @@ class GradGuardCallback(transformers.TrainerCallback):
                                       "single-device and DDP training")
         acc_opt = trainer.optimizer
         inner = getattr(acc_opt, "optimizer", acc_opt)
-        guard_kwargs = dict(self.guard_kwargs)
+        guard_kwargs = guard_kwargs_copy(self.guard_kwargs)
         if args.max_grad_norm and args.max_grad_norm > 0:
             if guard_kwargs.get("max_norm") is None:
                 guard_kwargs["max_norm"] = float(args.max_grad_norm)
