@@ -134,3 +134,17 @@ def test_foreach_table_measures_its_bound():
     assert {oc.GRADS_FLOOR, oc.REWRITE_FLOOR, oc.BOUND_FOREACH} <= set(by)
     assert by[oc.REWRITE_FLOOR].bytes == 2 * by[oc.GRADS_FLOOR].bytes == 8 * sum(p.numel() for p in params)
     assert any(c.startswith("bound: (bare step + the grads read at the floor + rewritten") for c in tab.checks)
+
+
+@pytest.mark.skipif(not sc.have_floor(), reason="the bench's read floor (compiled extension) is not built")
+def test_the_read_floors_include_torch_sum():
+    # torch.sum read the bytes faster than every C++ walk on some days (1 thread: 25 against 27 ms
+    # over 498 MB): a floor that left it out judged the kernels against a slower read.
+    flat = torch.ones(1024)
+    cases = sc.read_floor_cases(flat)
+    assert sc.TORCH_SUM in cases and float(cases[sc.TORCH_SUM]()) == 1024.0
+    assert f"{oc.FLOOR_PART}torch.sum" in oc._floor_cases([flat], "cpu")
+    times = {name: [2.0, 3.0] for name in cases}
+    times[sc.TORCH_SUM] = [1.0, 4.0]
+    sc.add_best(times, sc.READ_FLOOR, list(cases))
+    assert times[sc.READ_FLOOR] == [1.0, 3.0]

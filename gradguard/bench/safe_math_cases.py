@@ -31,12 +31,11 @@ against the eager kernels (2^20 float32 inputs per op).
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 import gradguard
-from gradguard.bench.timing import Row, Table, sync
+from gradguard.bench.timing import Row, Table, interleaved_times
 from gradguard.safe_math import EXP_MAX
 
 FULL_N = 1 << 26
@@ -62,30 +61,13 @@ def _fwd_bwd(fn, x, g):
     return run
 
 
-def _interleaved(fns: dict, device, rounds: int, warmup: int = 1) -> dict:
-    """Times every case once per round, round after round, so that load from other processes on
-    a shared machine falls on all cases alike; returns each case's times (ms) by round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def _ratio(times, a, b) -> float:
     """Median over rounds of a's time / b's time in the same round."""
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def _table(title, fns, nbytes, floor, device, rounds):
-    times = _interleaved(fns, device, rounds)
+    times = interleaved_times(fns, device, rounds)
     rows = [Row(name, statistics.median(ts), nbytes) for name, ts in times.items()]
     return Table(title, rows, floor=floor), times
 
@@ -230,7 +212,7 @@ def _div_16bit_table(dtype, device, quick, rounds):
         "torch.div(x, y) forward+backward": (fwd_bwd_tensor(torch.div), 8),
         "gradguard.safe_div(x, y) forward+backward": (fwd_bwd_tensor(gradguard.safe_div), 8),
     }
-    times = _interleaved({k: fn for k, (fn, _) in cases.items()}, device, rounds)
+    times = interleaved_times({k: fn for k, (fn, _) in cases.items()}, device, rounds)
     rows = [Row(k, statistics.median(ts), cases[k][1] * n * x.element_size()) for k, ts in times.items()]
     name = str(dtype).replace("torch.", "")
     table = Table(f"division, {n} {name}, {device}, {torch.get_num_threads()} threads", rows)
@@ -284,7 +266,7 @@ def _small_tensor_table(device, rounds):
     for name, fn in fns.items():
         cases[f"{name} forward"] = calls(lambda fn=fn: fn(x))
         cases[f"{name} forward+backward"] = fwd_bwd(fn)
-    times = _interleaved(cases, device, rounds)
+    times = interleaved_times(cases, device, rounds)
     rows = [Row(k, statistics.median(ts)) for k, ts in times.items()]
     table = Table(f"per call on a small tensor ({SMALL_N} float32, {device}, {torch.get_num_threads()} threads; "
                   f"ms per {SMALL_CALLS} calls = us per call)", rows)

@@ -59,6 +59,7 @@ class Table:
     rows: list[Row]
     floor: str | None = None  # name of the row that is the bandwidth floor
     checks: list[str] = field(default_factory=list)
+    floor_label: str = "x floor"  # the ratio column's header ("x bare" where the floor row is a bare step)
 
     def ms(self, name: str) -> float:
         for r in self.rows:
@@ -74,7 +75,7 @@ class Table:
 
     def format(self) -> str:
         floor_ms = self.ms(self.floor) if self.floor else None
-        head = f"{'case':<58} {'median ms':>10} {'GB/s':>7}" + (f" {'x floor':>8}" if floor_ms else "")
+        head = f"{'case':<58} {'median ms':>10} {'GB/s':>7}" + (f" {self.floor_label:>8}" if floor_ms else "")
         lines = [self.title, head, "-" * len(head)]
         for r in self.rows:
             gb = f"{r.gbps:7.1f}" if r.gbps else f"{'':>7}"

@@ -129,7 +129,9 @@ def _workloads(quick: bool):
     def cls_loss(model, batch):
         return F.cross_entropy(model(batch[0]), batch[1])
 
-    return [("6-layer transformer", tr, tokens, lm_loss, "batch 4 x 64 tokens"),
+    # The titles from the workloads themselves (the quick run's are smaller).
+    return [(f"{len(tr.blocks)}-layer transformer", tr, tokens, lm_loss,
+             f"batch {tokens.shape[0]} x {tokens.shape[1]} tokens"),
             ("ResNet-18, 32x32", rn, (images, labels), cls_loss, f"batch {images.shape[0]}")]
 
 
