@@ -4,9 +4,15 @@ never a bool; and its float value, an integer beyond float's range refused by na
 raised a bare ``OverflowError``)."""
 from __future__ import annotations
 
+import math
 import numbers
 
 from gradguard.errors import ArgumentTypeError
+
+
+def is_bool(value) -> bool:
+    """A bool, or numpy's (np.True_), not 0/1 or a string: bool("false") is True."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
 
 
 def real_number(value):
@@ -18,6 +24,14 @@ def real_number(value):
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and value.dtype.kind in "fiu":
         return value.item()
     return None
+
+
+def float_or_inf(value) -> float:
+    """float(value) of a real number, an integer beyond float's range as +-inf (above any bound)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def to_float(value, what: str) -> float:

@@ -226,10 +226,6 @@ def _div_backward(ctx, grad):
         gi, go = ref.safe_div_backward(g, g if input is None else input.float(), other, ctx.eps)
         return gi.to(ctx.input_dtype), None if input is None else _sum_to(go, other.shape), None, None
     xs = grad if input is None else input
-    if input is None and not torch.is_grad_enabled():
-        # The divisor needs no gradient: the input's is safe_div itself with a fill of 0, one
-        # output (the two-output op allocated the divisor's too, to drop it).
-        return _sum_to(torch.ops.gradguard.safe_div(grad, other, ctx.eps, 0.0), ctx.input_shape), None, None, None
     if torch.is_grad_enabled():
         gi, go = ref.safe_div_backward(grad, xs, other, ctx.eps)
     else:

@@ -173,5 +173,7 @@ class GuardState:
         count = torch.full((1,), self.history._count, dtype=torch.int64, device=totals.device)
         self._set_counters(torch.cat([totals.reshape(3),
                                       guard["consecutive"].to(totals.device, torch.int64).reshape(1), count]))
-        self.layer_nonfinite = guard["layer_nonfinite"].clone()
-        self.layer_max_norm = guard["layer_max_norm"].clone()
+        # In the dtypes the decision op updates in place (a checkpoint cast to float32 loaded, then
+        # every step raised in guard_decide).
+        self.layer_nonfinite = guard["layer_nonfinite"].to(torch.int64, copy=True)
+        self.layer_max_norm = guard["layer_max_norm"].to(torch.float64, copy=True)

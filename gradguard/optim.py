@@ -98,11 +98,10 @@ from gradguard.guard_state import GuardState
 from gradguard.reference import decide as _decide_ref
 from gradguard.report import History, StepReport
 from gradguard.spike import SpikePolicy
-from gradguard.stats import (_Raw, check_max_norm, check_norm_type, global_raw_stats, grad_or_empty, limit_on,
-                             nonfinite_message, refuse_unreduced_fsdp1, scale_)
+from gradguard.stats import (_FLOAT_DTYPES, _Raw, check_max_norm, check_norm_type, global_raw_stats, grad_or_empty,
+                             limit_on, nonfinite_message, refuse_unreduced_fsdp1, scale_)
 
 ON_NONFINITE = ("skip", "zero", "raise", "ignore")
-_REAL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 _GUARD_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_norm", "spike", "history")
 
 
@@ -375,11 +374,11 @@ class GradGuard(torch.optim.Optimizer):
         if spike is not None and (not isinstance(spike, SpikePolicy) or spike.kind not in ("zscore", "percentile")):
             raise TypeError(f"gradguard.GradGuard: `spike` must be None or a spike policy such as "
                             f"gradguard.ZScoreClip() or gradguard.PercentileClip(), got {type(spike).__name__}")
-        if spike is not None and getattr(spike, "_bound", False):
-            # Its statistics are another guard's norms: shared, each guard clipped by the other's.
-            raise ValueError(f"gradguard.GradGuard: this `spike` policy ({spike!r}) belongs to another GradGuard "
-                             "already, and its statistics are that guard's; give each guard a policy of its own "
-                             f"(a new {type(spike).__name__}(...))")
+        if spike is not None and spike._guard() is not None:
+            # Its statistics are another live guard's norms: shared, each guard clipped by the other's.
+            raise ValueError(f"gradguard.GradGuard: this `spike` policy ({spike!r}) belongs to another GradGuard, "
+                             "whose norms its statistics are; give each guard a policy of its own: a new "
+                             f"{type(spike).__name__}(...), or copy.deepcopy(policy) to start from its statistics")
         self.spike = spike
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"gradguard.GradGuard: `model` must be an nn.Module, got {type(model).__name__}")
@@ -454,7 +453,7 @@ class GradGuard(torch.optim.Optimizer):
         self._apply_watch = None  # (grads, the first one's version) while a scaled step applies
         self._unscaled = None     # [(grad ref, version)] a raised step left unscaled, see _note_unscaled
         if spike is not None:
-            spike._bound = True  # last: a guard refused above leaves the policy free for another
+            spike._owner = weakref.ref(self)  # last: a guard refused above leaves the policy free
 
     @property
     def history(self) -> History:
@@ -568,7 +567,7 @@ class GradGuard(torch.optim.Optimizer):
             if g.layout not in (torch.strided, torch.sparse_coo):
                 raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} has layout "
                                 f"{g.layout}; GradGuard supports dense and sparse COO gradients")
-            if g.dtype not in _REAL_FLOATS:
+            if g.dtype not in _FLOAT_DTYPES:
                 raise TypeError(f"gradguard.GradGuard: the gradient of {self._name_of(i, params)} has dtype "
                                 f"{g.dtype}; GradGuard supports real floating-point gradients only")
         return fits
@@ -718,6 +717,8 @@ class GradGuard(torch.optim.Optimizer):
         if "_explicit_slots" not in self.__dict__:  # pickled before names= followed identity: by position
             self._explicit_slots = self._slots(self.__dict__.pop("_explicit_names", None))
         self._tracker = ClearTracker()
+        if self.spike is not None:  # a copy's policy is the copy's (a policy's copy is ownerless)
+            self.spike._owner = weakref.ref(self)
         self._patch_step_function()
         # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups: a copied
         # fused optimizer lost the flag that says it takes grad_scale/found_inf (its __init__

@@ -273,4 +273,4 @@ class History:
                              f"GradGuard was built with history_size={self.size}")
         self._count = int(sd["count"])
         self._steps = list(sd["steps"])
-        self._values = None if sd["values"] is None else sd["values"].clone()
+        self._values = None if sd["values"] is None else sd["values"].to(torch.float64, copy=True)

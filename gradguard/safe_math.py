@@ -48,6 +48,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
 
 from gradguard import _safe_math_ops  # noqa: F401  (defines torch.ops.gradguard.safe_*)
+from gradguard._numbers import real_number
 from gradguard.errors import ArgumentTypeError
 from gradguard.reference import safe_math as _ref
 from gradguard.reference.safe_math import check_devices, div_device, resize_out
@@ -121,9 +122,11 @@ def _to_float(value, name: str, op: str) -> float:
         if value.device.type == "meta":
             raise ValueError(f"gradguard.{op}: `{name}` is a meta tensor, which holds no value")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    number = real_number(value)  # a 0-dim numpy array unwrapped
+    if number is None:
         raise ArgumentTypeError(f"gradguard.{op}: `{name}` must be a real number or a 0-dim tensor, got "
                                 f"{type(value).__name__} {value!r}")
+    value = number
     try:
         return float(value)
     except OverflowError:  # a Python int beyond float64

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from gradguard._numbers import check_int, real_number
+from gradguard._numbers import check_int, float_or_inf, real_number
 from gradguard.errors import ArgumentTypeError
 
 
@@ -28,6 +28,8 @@ def _check_int(name: str, value, low: int, high: int | None = None, why: str = "
 # block): 100k is already milliseconds there, and a window of 2**40 failed in the allocator
 # without naming the argument.
 MAX_WINDOW = 100_000
+# Counted in float64 in the policy's state: beyond 2^53 a count no longer moves.
+MAX_WARMUP = 2 ** 53
 
 
 def _check_real(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> float:
@@ -36,10 +38,7 @@ def _check_real(name: str, value, low: float, high: float, low_open: bool, high_
     number = real_number(value)
     if number is None:
         raise ArgumentTypeError(f"{want}, got {type(value).__name__} {value!r}")
-    try:
-        v = float(number)
-    except OverflowError:  # an integer beyond float's range: above any bound
-        v = math.inf
+    v = float_or_inf(number)
     if math.isnan(v) or (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
         raise ValueError(f"{want}, got {value!r}")
     return v
@@ -53,6 +52,19 @@ class SpikePolicy:
 
     def __init__(self):
         self._state: torch.Tensor | None = None
+        self._owner = None  # weakref to the GradGuard using it: one guard's norms per policy
+
+    def _guard(self):
+        """The live GradGuard this policy belongs to, or None."""
+        owner = getattr(self, "_owner", None)  # pickled before it existed
+        return None if owner is None else owner()
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) belongs to no guard: the guard that copies it with itself
+        # takes it (GradGuard.__setstate__), and a policy copied alone may go to a new guard.
+        state = self.__dict__.copy()
+        state["_owner"] = None
+        return state
 
     @property
     def args(self) -> list[float]:
@@ -88,7 +100,7 @@ class ZScoreClip(SpikePolicy):
         super().__init__()
         self.z = _check_real("z", z, 0.0, math.inf, True, True)
         self.alpha = _check_real("alpha", alpha, 0.0, 1.0, True, True)
-        self.warmup = _check_int("warmup", warmup, 1)
+        self.warmup = _check_int("warmup", warmup, 1, MAX_WARMUP, " (the step count is kept in float64)")
 
     @property
     def args(self) -> list[float]:
@@ -134,7 +146,7 @@ class PercentileClip(SpikePolicy):
         self.q = _check_real("q", q, 0.0, 1.0, True, False)
         self.window = _check_int("window", window, 1, MAX_WINDOW,
                                  " (every step ranks the whole window; its state is 8 bytes a slot on the device)")
-        self.warmup = _check_int("warmup", warmup, 1)
+        self.warmup = _check_int("warmup", warmup, 1, MAX_WARMUP, " (the step count is kept in float64)")
 
     @property
     def args(self) -> list[float]:

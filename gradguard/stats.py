@@ -21,7 +21,7 @@ import torch
 from gradguard import _host
 from gradguard import _ops  # noqa: F401  (defines torch.ops.gradguard.*)
 from gradguard import distributed as _distributed
-from gradguard._numbers import real_number, to_float
+from gradguard._numbers import float_or_inf, real_number, to_float
 from gradguard.errors import ArgumentTypeError, NonFiniteGradError
 # The same float64 norm math as the decision op's reference kernel (one copy of it).
 from gradguard.reference.decide import _root
@@ -580,11 +580,8 @@ def _check_total_norm(total_norm, where: str) -> torch.Tensor:
     if number is None:
         raise ArgumentTypeError(f"{where}: `total_norm` must be a tensor (as get_total_norm returns) or a number, "
                                 f"got {type(total_norm).__name__} {total_norm!r}")
-    try:
-        number = float(number)
-    except OverflowError:  # an integer past float's range: an infinite norm, left alone as one
-        number = math.inf
-    return torch.tensor(number, dtype=torch.float64)
+    # An integer past float's range is an infinite norm, left alone as one.
+    return torch.tensor(float_or_inf(number), dtype=torch.float64)
 
 
 def _check_clippable(params, names, where: str) -> None:

@@ -32,7 +32,7 @@ import weakref
 import torch
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from gradguard._numbers import check_int
+from gradguard._numbers import check_int, is_bool
 from gradguard.errors import ArgumentTypeError
 from gradguard._trace_ops import FirstNonfiniteOp, bad_rows, checkable, nonfinite_kind
 from gradguard._trace_origin import Origin
@@ -165,11 +165,11 @@ class NanTracer:
             raise ValueError(f"gradguard.NanTracer: `mode` must be one of {MODES}, got {mode!r}")
         self.batch_dim = check_int(batch_dim, "gradguard.NanTracer: `batch_dim`", 0)
         for name, flag in (("check_ops", check_ops), ("keep_tensors", keep_tensors)):
-            if not isinstance(flag, bool):  # bool("false") is True
+            if not is_bool(flag):  # bool("false") is True
                 raise TypeError(f"gradguard.NanTracer: `{name}` must be True or False, got {flag!r}")
         self.model = model
         self.mode = mode
-        self.check_ops = check_ops
+        self.check_ops = bool(check_ops)
         self._names = {}
         for name, mod in model.named_modules():
             self._names.setdefault(mod, name)
@@ -177,7 +177,7 @@ class NanTracer:
         self._rec = _Record()
         self._last: _Record | None = None
         self._stack: list = []
-        self.keep_tensors = keep_tensors
+        self.keep_tensors = bool(keep_tensors)
         self._keep = self.keep_tensors  # hold tensors strongly (rows, op replay of any event)
         self._quiet = False      # hooks only track the module stack (per-module op replay)
         self._removed = False

@@ -96,9 +96,10 @@ def test_a_spike_policy_belongs_to_one_guard():
     # Shared, each guard clipped by the other's norms: A's first step (warm-up not reached) was
     # clipped to 0.001 by B's.
     policy = ZScoreClip(z=2.0, warmup=3)
-    _guarded_linear(spike=policy)
+    first = _guarded_linear(spike=policy)
     with pytest.raises(ValueError, match="belongs to another GradGuard"):
         _guarded_linear(spike=policy)
+    assert first[1].spike is policy
 
 
 def test_a_refused_guard_leaves_its_spike_policy_free():
@@ -111,12 +112,36 @@ def test_a_refused_guard_leaves_its_spike_policy_free():
     assert guard.spike is policy
 
 
-def test_a_deep_copy_of_a_guard_has_its_own_policy():
+def test_copies_of_a_policy_and_of_a_guard_belong_to_their_own_guards():
     import copy
+    import pickle
 
-    model, guard = _guarded_linear(spike=ZScoreClip())
+    model, guard = _guarded_linear(spike=ZScoreClip(warmup=2))
+    for _ in range(3):
+        _backward(model)
+        guard.step()
     clone = copy.deepcopy(guard)
-    assert clone.spike is not guard.spike
+    assert clone.spike is not guard.spike and clone.spike._guard() is clone and guard.spike._guard() is guard
+    with pytest.raises(ValueError, match="belongs to another GradGuard"):
+        _guarded_linear(spike=clone.spike)
+    # What the error says to do: a copy of the policy, alone or through pickle, starts from its
+    # statistics in a new guard.
+    for copied in (copy.deepcopy(guard.spike), pickle.loads(pickle.dumps(guard.spike))):
+        _, other = _guarded_linear(spike=copied)
+        assert torch.equal(other.spike._state, guard.spike._state)
+
+
+def test_a_policy_whose_guard_is_gone_can_be_given_to_a_new_one():
+    import gc
+
+    policy = ZScoreClip()
+    model, guard = _guarded_linear(spike=policy)
+    _backward(model)
+    guard.step()
+    del guard
+    gc.collect()
+    _, again = _guarded_linear(spike=policy)  # an optimizer rebuilt around the same policy
+    assert again.spike is policy
 
 
 def test_a_refused_guard_state_load_changes_nothing():
@@ -212,7 +237,10 @@ def test_numpy_integers_are_counts_everywhere():
 @pytest.mark.parametrize("flag", ["check_ops", "keep_tensors"])
 def test_tracer_flags_are_booleans(flag):
     with pytest.raises(TypeError, match=f"`{flag}` must be True or False"):
-        NanTracer(torch.nn.Linear(2, 1), **{flag: "false"})
+        NanTracer(torch.nn.Linear(2, 1), **{flag: "false"})  # bool("false") is True
+    tracer = NanTracer(torch.nn.Linear(2, 1), **{flag: np.False_})
+    assert getattr(tracer, flag) is False
+    tracer.remove()
 
 
 @pytest.mark.parametrize("loss", [{"loss": torch.tensor(1.0)}, "nan"])
@@ -251,3 +279,49 @@ def test_a_malformed_guard_checkpoint_field_is_named_and_nothing_loads(field, va
     assert other.summary()["steps"] == 1
     _backward(model2)
     other.step()
+
+
+def test_a_checkpoint_in_other_dtypes_loads_in_the_decision_ops_dtypes():
+    # A guard state cast to float32/int32 (a checkpoint converted wholesale) loaded, and every
+    # later step raised inside guard_decide.
+    model, guard = _guarded_linear()
+    for _ in range(2):
+        _backward(model)
+        guard.step()
+    sd = guard.guard_state_dict()
+    sd["history"]["values"] = sd["history"]["values"].float()
+    sd["layer_max_norm"] = sd["layer_max_norm"].float()
+    sd["layer_nonfinite"] = sd["layer_nonfinite"].int()
+    model2, other = _guarded_linear()
+    other.load_guard_state_dict(sd)
+    _backward(model2)
+    other.step()
+    assert other.summary()["steps"] == 3 and other.history.as_dict()["step"] == [1, 2, 3]
+
+
+def test_a_malformed_spike_entry_loads_nothing():
+    # Past the field checks, the policy's own load raised half-way (a KeyError for a missing
+    # buffer): the guard's state is rolled back whole.
+    model, guard = _guarded_linear(spike=PercentileClip(window=4, warmup=2))
+    for _ in range(3):
+        _backward(model)
+        guard.step()
+    sd = guard.guard_state_dict()
+    del sd["spike"]["buf"]
+    model2, other = _guarded_linear(spike=PercentileClip(window=4, warmup=2))
+    _backward(model2)
+    other.step()
+    before = other.guard_state_dict()
+    with pytest.raises(KeyError):
+        other.load_guard_state_dict(sd)
+    after = other.guard_state_dict()
+    assert after["steps"] == before["steps"] == 1
+    assert torch.equal(after["spike"]["buf"], before["spike"]["buf"], ) or torch.allclose(
+        after["spike"]["buf"], before["spike"]["buf"], equal_nan=True)
+
+
+def test_numbers_as_numpy_arrays_in_the_safe_ops_and_warmup_bounds():
+    x = torch.tensor([0.0, 1.0])
+    assert torch.equal(gradguard.safe_log(x, eps=np.array(1e-3)), gradguard.safe_log(x, eps=1e-3))
+    with pytest.raises(ValueError, match="`warmup` must be an int in"):
+        ZScoreClip(warmup=2 ** 2000)  # accepted before: the first step raised a bare OverflowError

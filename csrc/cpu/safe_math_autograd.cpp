@@ -190,14 +190,8 @@ struct SafeDiv : public torch::autograd::Function<SafeDiv> {
       auto [gi, go] = div_backward_formula(gf, x.defined() ? x.to(at::kFloat) : gf, y, eps);
       return {gi.to(x_dtype), x.defined() ? sum_to_shape(go, y.sym_sizes()) : Tensor(), Tensor(), Tensor()};
     }
-    if (!x.defined() && !at::GradMode::is_enabled()) {
-      // The divisor needs no gradient: the input's, g / y (0 where |y| <= eps), is safe_div itself
-      // with a fill of 0, one output (the two-output op allocated the divisor's at the broadcast
-      // shape to drop it: twice torch.div's memory).
-      return {sum_to_shape(call_div(g, y, eps, 0.0), x_sizes), Tensor(), Tensor(), Tensor()};
-    }
-    // Without the input the gradient stands in for it: the same dtype and the broadcast shape,
-    // and the divisor's gradient made from it is dropped.
+    // Without the input (the divisor needs no gradient) the gradient stands in for it: the same
+    // dtype and the broadcast shape, and the divisor's gradient made from it is dropped.
     const Tensor& xs = x.defined() ? x : g;
     auto [gi, go] = at::GradMode::is_enabled() ? div_backward_formula(g, xs, y, eps) : div_backward_op(g, xs, y, eps);
     return {sum_to_shape(gi, x_sizes), x.defined() ? sum_to_shape(go, y.sym_sizes()) : Tensor(), Tensor(), Tensor()};
