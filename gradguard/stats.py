@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import types
 import warnings
 from typing import Iterable, NamedTuple
