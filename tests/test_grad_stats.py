@@ -100,17 +100,17 @@ def test_each_kernel_matches_reference_per_layout(path, dtype, layout):
 @pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_every_tail_length_matches_reference(path, dtype):
-    # The CPU loop takes 32 elements a step, then 8, then the last few through a zero-padded copy:
-    # every length up to 80, the largest element placed at the end (in the padded part), and
-    # lengths with a NaN last.
+    # The CPU loop takes 64 elements a step (AVX-512), then 32, then 8, then the last few through a
+    # zero-padded copy: every length up to 150, the largest element placed at the end (in the
+    # padded part), and lengths with a NaN last.
     fn = dict(stats_paths())[path]
     g = torch.Generator().manual_seed(3)
     ts = []
-    for n in range(1, 81):
+    for n in range(1, 151):
         t = torch.rand(n, generator=g) + 0.5
         t[-1] = -4.0 if n % 2 else 4.0
         ts.append(t.to(dtype))
-    ts += [torch.cat([torch.ones(n - 1), torch.tensor([NAN])]).to(dtype) for n in (9, 17, 40)]
+    ts += [torch.cat([torch.ones(n - 1), torch.tensor([NAN])]).to(dtype) for n in (9, 17, 40, 64, 130)]
     for p in NORM_TYPES:
         got = fn(ts, p)
         want = reference.multi_tensor_stats(ts, p)
@@ -160,6 +160,37 @@ def test_16bit_squares_are_exact_in_every_binade(path, dtype):
             # The reference's row path sums float32 squares by torch's cascade (~1e-7, its docstring).
             rtol = 1e-6 if path == "reference" else 2e-12
             torch.testing.assert_close(torch.sqrt(acc) * amax, want, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_zeros_and_subnormals_are_exact(path, dtype):
+    # The AVX-512 bfloat16 loop gives a zero or subnormal word a leading 1 it lacks (a square
+    # below 2^-252); it must not show: an all-zero segment sums to 0, a subnormal among zeros
+    # (below 2^-60: the segment is summed again) is its own norm, and 1.0 among zeros is 1.0.
+    # Exact equality: a spurious 2^-252 shows against a sum of 2^-200.
+    fn = dict(stats_paths())[path]
+    sub = torch.tensor([0], dtype=torch.int16).add_(3).view(dtype)  # the third-smallest subnormal
+
+    def among_zeros(value, where):
+        t = torch.zeros(4096, dtype=dtype)
+        t[where] = value
+        return t
+
+    # The kernel's segments are 4096 elements: an all-zero one beside a tiny one (summed exactly)
+    # would add its zeros' squares to the tiny sum.
+    tiny = 2.0 ** -100 if dtype == torch.bfloat16 else float(sub)
+    two_segments = torch.cat([torch.zeros(4096, dtype=dtype), among_zeros(tiny, 100)])
+    ts = [torch.zeros(4096, dtype=dtype), among_zeros(sub, 100), among_zeros(-sub, 4095), among_zeros(1.0, 7),
+          among_zeros(2.0 ** -14, 64), two_segments]
+    want = [0.0, float(sub), float(sub), 1.0, 2.0 ** -14, tiny]
+    for p in (1.0, 2.0, INF):
+        acc, nan, inf, amax = fn(ts, p)  # acc: the sum of (|x| / amax)^p
+        assert nan.sum().item() == 0 and inf.sum().item() == 0
+        assert amax.double().tolist() == want
+        assert acc[0].item() == 0.0
+        norms = torch.where(amax > 0, acc.double() ** (1 / p) * amax.double(), 0.0) if p != INF else amax.double()
+        assert norms.tolist() == want
 
 
 def planted(dtype, value, where, n=3 * CHUNK + 300):

@@ -19,7 +19,8 @@
 
 #include "cpu_isa.h"
 #include "kernel_dtypes.h"
-#include "stats_avx512.h"
+#include "stats_ymm.h"
+#include "stats_zmm.h"
 #include "strided_walk.h"
 #include "thread_count.h"
 
@@ -74,6 +75,7 @@ inline void merge_scaled(Partial& out, double r, double m, double p) {
 
 namespace isa_default {
 constexpr bool kSimdCopy = false;
+constexpr bool kZmmCopy = false;
 #include "stats_loops.inc"
 }  // namespace isa_default
 
@@ -81,6 +83,7 @@ constexpr bool kSimdCopy = false;
 GG_TARGET_AVX2
 namespace isa_avx2 {
 constexpr bool kSimdCopy = GG_CPU_X86 != 0;
+constexpr bool kZmmCopy = false;
 #include "stats_loops.inc"
 }  // namespace isa_avx2
 #pragma GCC pop_options
@@ -89,6 +92,7 @@ constexpr bool kSimdCopy = GG_CPU_X86 != 0;
 GG_TARGET_AVX512
 namespace isa_avx512 {
 constexpr bool kSimdCopy = GG_CPU_X86 != 0;
+constexpr bool kZmmCopy = GG_CPU_X86 != 0;
 #include "stats_loops.inc"
 }  // namespace isa_avx512
 #pragma GCC pop_options

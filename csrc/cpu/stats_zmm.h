@@ -1,0 +1,173 @@
+// The 512-bit hot loop of the statistics kernel (the AVX-512 copy): float32/float16/bfloat16 with
+// p = 2 or inf, and float32 with p = 1. Its steps are the 256-bit loop's (stats_ymm.h) at twice
+// the width; what is left after the last whole step goes through that loop, as does a 16-bit
+// sum of |x| (p = 1, rare).
+//
+// Why a copy of its own: on an Intel Xeon with AVX-512 (2026-12-07, the dev VM of that day, one
+// thread, 1 MB from cache) the 256-bit loop summed float32 at 26 GB/s, bfloat16 at 12 and
+// float16 at 11, against a read of 66-92: compute-bound, so the 2-thread stats pass over the
+// GPT-2-small list took 1.3x (float32), 2.6x (bfloat16) and 3.1x (float16) the read floor's
+// time. Intel cores run 512-bit ops on two ports and the 256-bit unpacks and conversions of the
+// 16-bit loops all wait for one (port 5).
+//
+// - float32: eight floats widened by one vcvtps2pd into a 512-bit register, squared and summed
+//   by FMA into eight independent double accumulators.
+// - float16/bfloat16: the squares' bits moved into double lanes by shifts and masks, not by the
+//   256-bit loop's unpacks and conversions (see squares16). A NaN/Inf word makes a finite double
+//   there: the amax bit pattern tells them, as in the 256-bit loop.
+// Every square is exact in double and summed in double, so these give the 256-bit loop's sums up
+// to the order of the additions (and bfloat16's zeros and subnormals, below 2^-252 each: see
+// squares16).
+#pragma once
+
+#include "cpu_isa.h"
+
+#if GG_CPU_X86
+#include <immintrin.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "stats_ymm.h"
+
+#pragma GCC push_options
+GG_TARGET_AVX512
+namespace gradguard {
+namespace simd512 {
+
+constexpr int kAcc = 8;
+
+inline double add_lanes(const __m512d* s) {
+  const __m512d a = _mm512_add_pd(_mm512_add_pd(s[0], s[1]), _mm512_add_pd(s[2], s[3]));
+  const __m512d b = _mm512_add_pd(_mm512_add_pd(s[4], s[5]), _mm512_add_pd(s[6], s[7]));
+  return _mm512_reduce_add_pd(_mm512_add_pd(a, b));
+}
+
+template <bool kSquares>
+inline __m512d accumulate(__m512d s, __m512d d) {
+  if (kSquares) return _mm512_fmadd_pd(d, d, s);
+  return _mm512_add_pd(s, _mm512_abs_pd(d));
+}
+
+// float32, 64 elements a step: eight widenings into eight chains, then the amax of the same bytes
+// (from L1) on the sign-cleared bit patterns, whose unsigned order is the magnitudes' for finite
+// values.
+template <bool kSquares>
+inline void main_f32(const float* x, int64_t main, __m512d* s, float& amax) {
+  const __m512i mag = _mm512_set1_epi32(0x7fffffff);
+  __m512i m = _mm512_setzero_si512();
+  for (int64_t j = 0; j < main; j += 64) {
+    for (int k = 0; k < kAcc; ++k) s[k] = accumulate<kSquares>(s[k], _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8 * k)));
+    for (int k = 0; k < 4; ++k) m = _mm512_max_epu32(m, _mm512_and_si512(mag, _mm512_loadu_si512(x + j + 16 * k)));
+  }
+  const uint32_t top = _mm512_reduce_max_epu32(m);
+  std::memcpy(&amax, &top, sizeof amax);
+}
+
+// float16/bfloat16 squares, 64 elements a step, into eight chains; the amax as a bit pattern. The
+// bits of the squares move into double lanes by shifts and masks (no shuffle), and no double they
+// make is subnormal: a subnormal operand costs a microcode assist on Intel cores, ~10x the whole
+// loop's time on float16 gradients of std 1e-3 (5% of them subnormal), measured on 2026-12-07.
+//
+// bfloat16: a word's 15 magnitude bits moved to bits [45, 60) of its 64-bit lane (one shift; word
+// k sits at bit 16k) put its exponent field in the double's, and bits 60 and 61 add 768 to it,
+// mask and exponent in one vpternlogq ((w & place) | exponent): the double is |x| x 2^-128, its
+// square x^2 x 2^-256 is normal and finite, and one FMA adds it; the sum is scaled by 2^256 once.
+// A zero or subnormal word takes the leading 1 it lacks and comes out as a square below 2^-252
+// (times 2^-256): sums() sums a segment again where that could show.
+inline uint16_t squares16(const c10::BFloat16* x, int64_t main, __m512d* s, double& scale) {
+  const __m512i place = _mm512_set1_epi64(int64_t(0x7fff) << 45);
+  const __m512i exponent = _mm512_set1_epi64(int64_t(3) << 60);
+  const __m512i mag = _mm512_set1_epi16(0x7fff);
+  __m512i m = _mm512_setzero_si512();
+  for (int64_t j = 0; j < main; j += 64) {
+    for (int u = 0; u < 2; ++u) {
+      const __m512i v = _mm512_loadu_si512(x + j + 32 * u);
+      const __m512i w[4] = {_mm512_slli_epi64(v, 45), _mm512_slli_epi64(v, 29), _mm512_slli_epi64(v, 13),
+                            _mm512_srli_epi64(v, 3)};
+      for (int k = 0; k < 4; ++k) {
+        const __m512d a = _mm512_castsi512_pd(_mm512_ternarylogic_epi64(w[k], place, exponent, 0xEA));
+        s[4 * u + k] = _mm512_fmadd_pd(a, a, s[4 * u + k]);
+      }
+      m = _mm512_max_epu16(m, _mm512_and_si512(v, mag));
+    }
+  }
+  scale = 0x1p256;
+  const __m256i half = _mm256_max_epu16(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64(m, 1));
+  return simd::amax_bits(half);
+}
+
+// float16: vcvtph2ps, then squared in float32, exactly (11-bit significands; 65504^2 and
+// (2^-24)^2 are normal floats). A square's bits moved to bits [29, 60) of a 64-bit lane (the low
+// float's by a left shift, the high one's by a right shift, each then masked) are the double
+// sq x 2^-896, normal, added with a plain add; the sum is scaled by 2^896 once.
+inline uint16_t squares16(const c10::Half* x, int64_t main, __m512d* s, double& scale) {
+  const __m512i place = _mm512_set1_epi64(int64_t(0x7fffffff) << 29);
+  const __m512i mag = _mm512_set1_epi16(0x7fff);
+  __m512i m = _mm512_setzero_si512();
+  for (int64_t j = 0; j < main; j += 64) {
+    for (int k = 0; k < 4; ++k) {
+      const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 16 * k)));
+      const __m512i sq = _mm512_castps_si512(_mm512_mul_ps(f, f));
+      s[2 * k] = _mm512_add_pd(s[2 * k], _mm512_castsi512_pd(_mm512_and_si512(_mm512_slli_epi64(sq, 29), place)));
+      s[2 * k + 1] = _mm512_add_pd(s[2 * k + 1], _mm512_castsi512_pd(_mm512_and_si512(_mm512_srli_epi64(sq, 3), place)));
+    }
+    m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(x + j), mag));
+    m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(x + j + 32), mag));
+  }
+  scale = 0x1p896;
+  const __m256i half = _mm256_max_epu16(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64(m, 1));
+  return simd::amax_bits(half);
+}
+
+// sum = sum of x^2 (kSquares) or of |x|, in double; amax = max |x|; the contract of simd::sums
+// (stats_ymm.h), which takes the last n % 64 elements and 16-bit sums of |x|.
+template <typename T, bool kSquares, bool kSumUsed = true>
+inline void sums(const T* x, int64_t n, double& sum, float& amax) {
+  constexpr bool kFloat = std::is_same<T, float>::value;
+  if constexpr (!kFloat && !kSquares) {
+    simd::sums<T, kSquares, kSumUsed>(x, n, sum, amax);
+  } else {
+    const int64_t main = n - n % 64;
+    __m512d s[kAcc];
+    for (auto& v : s) v = _mm512_setzero_pd();
+    double main_sum;
+    float main_amax = 0.f;
+    if constexpr (kFloat) {
+      if (main > 0) main_f32<kSquares>(x, main, s, main_amax);
+      main_sum = add_lanes(s);
+    } else {
+      double scale = 1.0;
+      const uint16_t top = main > 0 ? squares16(x, main, s, scale) : 0;
+      if (top >= simd::nonfinite_bits(x)) {
+        main_sum = std::numeric_limits<double>::quiet_NaN();
+      } else if (top == 0) {
+        main_sum = 0.0;  // all zeros (bfloat16's came out as tiny squares)
+      } else if (kSumUsed && simd::needs_exact_loop(x, top)) {
+        // bfloat16 below 2^-60: the zeros' and subnormals' wrong squares could show (at or above
+        // it, each is below 2^-252 against a sum of at least 2^-120). The 256-bit loop sums the
+        // whole segment again, exactly.
+        simd::sums<T, kSquares, kSumUsed>(x, n, sum, amax);
+        return;
+      } else {
+        main_sum = add_lanes(s) * scale;
+      }
+      main_amax = static_cast<float>(T(top, T::from_bits()));
+    }
+    double rest_sum = 0.0;
+    float rest_amax = 0.f;
+    if (main < n) simd::sums<T, kSquares, kSumUsed>(x + main, n - main, rest_sum, rest_amax);
+    sum = main_sum + rest_sum;
+    amax = main_amax > rest_amax ? main_amax : rest_amax;
+  }
+}
+
+}  // namespace simd512
+}  // namespace gradguard
+#pragma GCC pop_options
+#endif
