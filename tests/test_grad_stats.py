@@ -193,6 +193,32 @@ def test_16bit_zeros_and_subnormals_are_exact(path, dtype):
         assert norms.tolist() == want
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_subnormal_16bit_gradients_take_no_slow_path(dtype):
+    # Intel cores take a microcode assist for each subnormal double operand: the bfloat16 square
+    # loop made one per subnormal element, and a list of subnormals took 60x a list of normals
+    # (2026-12-07, Intel Xeon; AMD cores show no such cost, so there this passes either way).
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    tiny = 1e-39 if dtype == torch.bfloat16 else 1e-6  # below each format's smallest normal
+    normal = (torch.rand(1 << 19, generator=g, dtype=torch.float64) + 0.25).to(dtype)
+    subnormal = ((torch.rand(1 << 19, generator=g, dtype=torch.float64) + 0.25) * tiny).to(dtype)
+    assert subnormal.abs().max() < torch.finfo(dtype).tiny
+
+    def median_time(t):
+        times = []
+        for _ in range(15):
+            start = time.perf_counter()
+            torch.ops.gradguard.multi_tensor_stats([t], 2.0)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[7]
+
+    ratio = median_time(subnormal) / median_time(normal)
+    assert ratio < 6, f"subnormal {dtype} list took {ratio:.1f}x a normal one"
+
+
 def planted(dtype, value, where, n=3 * CHUNK + 300):
     """A tensor of n random values with `value` written at position `where` (may be a list)."""
     t = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -759,6 +785,10 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         torch.testing.assert_close(got[0], want[0], rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
         for g, w in zip(got[1:], want[1:]):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
+from test_grad_stats import test_16bit_squares_are_exact_in_every_binade, test_16bit_zeros_and_subnormals_are_exact
+for dtype in (torch.float16, torch.bfloat16):
+    test_16bit_squares_are_exact_in_every_binade("dispatcher", dtype)
+    test_16bit_zeros_and_subnormals_are_exact("dispatcher", dtype)
 print("ok")
 """
 

@@ -134,24 +134,26 @@ inline __m256 load8(const c10::BFloat16* x) {
 // the unpacks that feed it: on 2026-12-06 (Zen 3, AVX2) it ran at 13 GB/s a thread from L1, below
 // the memory's ~14, so the 2-thread stats pass took 1.47x (float16) / 1.55x (bfloat16) the read
 // floor. These loops build the doubles from the bits instead, with integer ops:
-// - bfloat16: masking a 64-bit lane's 4 words into place gives d = |x| * 2^-896 as a double (the
-//   bfloat16 exponent lands in the double's, subnormals on double subnormals), and adding 1792 to
-//   d's exponent gives e = |x| * 2^896; d * e = x^2, exactly, in one FMA. For a bfloat16 subnormal
-//   e is off (the add assumes a leading 1): its product is wrong by at most 2^-252, so the caller
-//   redoes a segment whose amax is below 2^-60 (and not 0) with the exact loop.
+// - bfloat16: masking a 64-bit lane's 4 words into place puts each word's exponent in a double's,
+//   and or-ing in bits 60 and 61 adds 768 to it: d = |x| * 2^-128, and d * d = x^2 * 2^-256, exact
+//   and normal, in one FMA; the caller scales the sum by 2^256. No double here is subnormal: an
+//   earlier version made |x| * 2^-896, subnormal for a subnormal word, and a bfloat16 list of
+//   subnormals took 60x a normal one's time on an Intel Xeon (2026-12-07; a microcode assist per
+//   subnormal operand). A zero or subnormal word takes the leading 1 it lacks and comes out as a
+//   square below 2^-252: the caller sums an all-zero segment as 0, and redoes a segment whose
+//   amax is below 2^-60 (and not 0) with the exact loop.
 // - float16: vcvtph2ps to float32, squared in float32, exactly (11-bit significands, and 65504^2
 //   and (2^-24)^2 are normal floats); each square moved into a double lane's top half and shifted
 //   down 3 bits is sq * 2^-896 exactly (squares are >= 0 and normal), summed with a plain add.
 //   The caller scales the sum by 2^896 (exact: the lanes stay far above double's subnormals).
 // Both give the sums of squaring in double (the same exact squares, summed in double), up to the
-// order of the additions (four accumulators here, eight there). float16 NaN/Inf make finite
-// doubles here (bfloat16's overflow the rebias to Inf/NaN, but nothing should rest on that): the
-// caller tests the amax bit pattern.
+// order of the additions (four accumulators here, eight there). NaN/Inf make finite doubles here:
+// the caller tests the amax bit pattern.
 // Four accumulators, not eight: eight plus the temporaries spilled two to the stack, and the
 // spilled chains set the pace (14 vs 21 GB/s from L1 for bfloat16).
 inline void squares16(const c10::BFloat16* x, int64_t n, __m256d* s, __m256i& m) {
   const __m256i place = _mm256_set1_epi64x(0x7fffLL << 45);
-  const __m256i rebias = _mm256_set1_epi64x(1792LL << 52);
+  const __m256i exponent = _mm256_set1_epi64x(3LL << 60);
   const __m256i mag = _mm256_set1_epi16(0x7fff);
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
@@ -160,9 +162,8 @@ inline void squares16(const c10::BFloat16* x, int64_t n, __m256d* s, __m256i& m)
       const __m256i w[4] = {_mm256_slli_epi64(v, 45), _mm256_slli_epi64(v, 29), _mm256_slli_epi64(v, 13),
                             _mm256_srli_epi64(v, 3)};
       for (int k = 0; k < 4; ++k) {
-        const __m256i d = _mm256_and_si256(w[k], place);
-        s[k % 2 + 2 * u] = _mm256_fmadd_pd(_mm256_castsi256_pd(d), _mm256_castsi256_pd(_mm256_add_epi64(d, rebias)),
-                                           s[k % 2 + 2 * u]);
+        const __m256d d = _mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(w[k], place), exponent));
+        s[k % 2 + 2 * u] = _mm256_fmadd_pd(d, d, s[k % 2 + 2 * u]);
       }
       m = _mm256_max_epu16(m, _mm256_and_si256(v, mag));
     }
@@ -191,11 +192,11 @@ inline void squares16(const c10::Half* x, int64_t n, __m256d* s, __m256i& m) {
   }
 }
 
-constexpr double squares16_scale(const c10::BFloat16*) { return 1.0; }
+constexpr double squares16_scale(const c10::BFloat16*) { return 0x1p256; }
 constexpr double squares16_scale(const c10::Half*) { return 0x1p896; }
 constexpr uint16_t nonfinite_bits(const c10::BFloat16*) { return 0x7f80; }
 constexpr uint16_t nonfinite_bits(const c10::Half*) { return 0x7c00; }
-// bfloat16 2^-60 (exponent field 67): at or above it the subnormals' error (<= 2^-252 each, the
+// bfloat16 2^-60 (exponent field 67): at or above it the zeros' and subnormals' error (< 2^-252 each, the
 // sum >= 2^-120) is at most n x 2^-132 of the sum, 2^-116 for the longest segment (65536), far
 // under its rounding; below it (and not 0) the exact loop runs.
 constexpr bool needs_exact_loop(const c10::BFloat16*, uint16_t amax) { return amax != 0 && amax < (67 << 7); }
@@ -240,6 +241,8 @@ inline void sums(const T* x, int64_t n, double& sum, float& amax) {
     const uint16_t top = amax_bits(m);
     if (top >= nonfinite_bits(x)) {
       main_sum = std::numeric_limits<double>::quiet_NaN();
+    } else if (top == 0) {
+      main_sum = 0.0;  // all zeros (bfloat16's came out as tiny squares)
     } else if (kSumUsed && needs_exact_loop(x, top)) {
       for (auto& v : s) v = _mm256_setzero_pd();
       main_by_convert<T, true>(x, main, s, m);
