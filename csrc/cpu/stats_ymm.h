@@ -228,9 +228,10 @@ inline void main_by_convert(const T* x, int64_t main, __m256d* s, __m256i& m) {
 // two threads 1.26x / 1.49x the read floor's time with it, 1.05x / 1.14x without (two runs each).
 // kSumUsed false (p = inf): the sum only tells finite from not, so a bfloat16 segment below 2^-60
 // is not summed again.
-template <typename T, bool kSquares, bool kSumUsed = true>
+// kWiden: the widening loop only (the exact one; for the 512-bit loop's own second pass).
+template <typename T, bool kSquares, bool kSumUsed = true, bool kWiden = false>
 inline void sums(const T* x, int64_t n, double& sum, float& amax) {
-  constexpr bool kBits = kSquares && !std::is_same<T, float>::value;
+  constexpr bool kBits = kSquares && !kWiden && !std::is_same<T, float>::value;
   __m256d s[8];
   for (auto& v : s) v = _mm256_setzero_pd();
   __m256i m = _mm256_setzero_si256();

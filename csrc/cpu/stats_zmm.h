@@ -150,9 +150,9 @@ inline void sums(const T* x, int64_t n, double& sum, float& amax) {
         main_sum = 0.0;  // all zeros (bfloat16's came out as tiny squares)
       } else if (kSumUsed && simd::needs_exact_loop(x, top)) {
         // bfloat16 below 2^-60: the zeros' and subnormals' wrong squares could show (at or above
-        // it, each is below 2^-252 against a sum of at least 2^-120). The 256-bit loop sums the
-        // whole segment again, exactly.
-        simd::sums<T, kSquares, kSumUsed>(x, n, sum, amax);
+        // it, each is below 2^-252 against a sum of at least 2^-120). The 256-bit widening loop
+        // sums the whole segment again, exactly.
+        simd::sums<T, kSquares, kSumUsed, true>(x, n, sum, amax);
         return;
       } else {
         main_sum = add_lanes(s) * scale;
