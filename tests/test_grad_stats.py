@@ -581,7 +581,7 @@ def test_zero_nonfinite_and_scale_random_bit_patterns(path, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_scale_kernels_every_16bit_pattern(path, dtype):
     # Every bit pattern (NaN payloads, infinities, subnormals, -0.0) in a contiguous tensor (the
-    # AVX2 loops of simd_avx2.h and their tails) and a strided view (the scalar loop), against
+    # AVX-512 loops of scale_zmm.h or the AVX2 ones of simd_avx2.h, and their tails) and a strided view (the scalar loop), against
     # torch: zero_nonfinite_and_scale_ as nan_to_num_ + mul_, maybe_scale_ as mul_, bit for bit:
     # the product formed in float32 and rounded once, scales that round, overflow to inf and
     # underflow to 0, a negative scale's -0.0 for zeroed elements, zero, infinite and NaN scales.
@@ -785,10 +785,12 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         torch.testing.assert_close(got[0], want[0], rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
         for g, w in zip(got[1:], want[1:]):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
-from test_grad_stats import test_16bit_squares_are_exact_in_every_binade, test_16bit_zeros_and_subnormals_are_exact
+from test_grad_stats import (test_16bit_squares_are_exact_in_every_binade, test_16bit_zeros_and_subnormals_are_exact,
+                             test_scale_kernels_every_16bit_pattern)
 for dtype in (torch.float16, torch.bfloat16):
     test_16bit_squares_are_exact_in_every_binade("dispatcher", dtype)
     test_16bit_zeros_and_subnormals_are_exact("dispatcher", dtype)
+    test_scale_kernels_every_16bit_pattern("dispatcher", dtype)
 print("ok")
 """
 
@@ -797,7 +799,8 @@ print("ok")
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_stats_kernel_copies_of_other_isas(isa):
     # This CPU runs its widest copy; each copy (portable, AVX2, AVX-512 where the CPU has it: else
-    # the widest below it) runs here in a subprocess.
+    # the widest below it) runs here in a subprocess: the stats kernel's, and the 16-bit scaling
+    # loops'.
     run_under_isa(_ISA_CHECK, isa)
 
 

@@ -21,6 +21,7 @@
 #include "cpu_isa.h"
 #include "kernel_dtypes.h"
 #include "memory_spans.h"
+#include "scale_zmm.h"
 #include "simd_avx2.h"
 #include "strided_walk.h"
 #include "thread_count.h"
@@ -31,6 +32,7 @@ namespace {
 constexpr int64_t kChunk = int64_t(1) << 16;
 
 const bool kHasAvx2 = cpu_has_avx2();
+const bool kHasAvx512 = cpu_has_avx512();
 
 // x *= scale, the non-finite elements zeroed first when kZero (so a negative scale gives -0.0
 // there, as nan_to_num_ + mul_ do); float16/bfloat16 computed in float32 and rounded once, as
@@ -40,8 +42,13 @@ void scale_row(T* x, int64_t n, int64_t stride, double scale) {
   using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const acc_t s = static_cast<acc_t>(scale);
 #if GG_CPU_X86
-  // Contiguous float16/bfloat16: the AVX2 loop (the one below stays scalar for them: 11x slower).
+  // Contiguous float16/bfloat16: the AVX-512 or AVX2 loop (the one below stays scalar for them:
+  // 11x slower).
   if constexpr (kIs16Bit<T>) {
+    if (kHasAvx512 && stride == 1) {
+      simd16_512::scale<std::is_same_v<T, at::Half>, kZero>(reinterpret_cast<uint16_t*>(x), n, s);
+      return;
+    }
     if (kHasAvx2 && stride == 1) {
       simd16::scale<std::is_same_v<T, at::Half>, kZero>(reinterpret_cast<uint16_t*>(x), n, s);
       return;
