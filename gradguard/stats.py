@@ -101,9 +101,10 @@ def as_tensor_list(tensors, what: str = "tensors") -> list[torch.Tensor]:
     strided = torch.strided
     for i, t in enumerate(tensors):
         # The common case first, in as few attribute reads as possible (this loop runs per
-        # gradient per step): a dense real floating-point tensor that needs no detach.
+        # gradient per step): a dense real floating-point tensor that needs no detach (a nested
+        # tensor's layout is strided too).
         if (isinstance(t, torch.Tensor) and t.layout is strided and t.dtype in _FLOAT_DTYPES
-                and not t.requires_grad):
+                and not t.requires_grad and not t.is_nested):
             out.append(t)
             continue
         if not isinstance(t, torch.Tensor):

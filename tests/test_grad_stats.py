@@ -820,3 +820,19 @@ def test_meta_tensors_are_refused_by_name():
     for fn in (gradguard.all_finite, gradguard.grad_stats):  # the same on both backends
         with pytest.raises(ValueError, match=r"tensors\[0\] is on the meta device"):
             fn([torch.ones(3, device="meta")])
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_nested_tensors_are_refused_by_name(layout):
+    # A nested tensor's layout reads strided: it passed the plain-list checks and reached the
+    # dispatcher, whose error named the NestedTensorCPU backend and no argument.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "nested tensors are in prototype stage"
+        nt = torch.nested.nested_tensor([torch.ones(3), torch.ones(2)], layout=layout)
+    for fn in (gradguard.all_finite, gradguard.grad_stats):
+        with pytest.raises(TypeError, match=r"tensors\[1\] is a nested tensor"):
+            fn([torch.ones(3), nt])
+        with pytest.raises(TypeError, match=r"tensors\[0\] is a nested tensor"):
+            fn([nt])

@@ -152,8 +152,8 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
 }
 
 // The tensors of `seq` when they are the plain common case of grad_stats/all_finite: a list or
-// tuple of at least one plain tensor (torch.Tensor or Parameter, not a subclass), strided,
-// float16/bfloat16/float32/float64, not requiring grad, all of one device and dtype. Otherwise
+// tuple of at least one plain tensor (torch.Tensor or Parameter, not a subclass), strided and not
+// nested, float16/bfloat16/float32/float64, not requiring grad, all of one device and dtype. Otherwise
 // false, and those take the Python path (as_tensor_list, the grouping, the distributed plan),
 // which costs 40-110 us on a 52-tensor list, much of it cold after the read.
 bool plain_list(PyObject* seq, std::vector<at::Tensor>& ts) {
@@ -167,7 +167,8 @@ bool plain_list(PyObject* seq, std::vector<at::Tensor>& ts) {
     const at::Tensor& t = THPVariable_Unpack(items[i]);
     const auto dtype = t.scalar_type();
     const bool floating = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble;
-    if (!floating || t.layout() != at::kStrided || t.requires_grad()) return false;
+    // A nested tensor's layout is strided too: the Python path refuses it by name.
+    if (!floating || t.layout() != at::kStrided || t.requires_grad() || t.is_nested()) return false;
     if (i > 0 && (dtype != ts[0].scalar_type() || t.device() != ts[0].device())) return false;
     ts.push_back(t);
   }
