@@ -42,7 +42,11 @@ inline void check_param(double v, const char* op, const char* arg, bool nonneg) 
 // torch casts a double bound through float for float16/bfloat16, so values just past a limit
 // round differently by path, and torch's own checked conversion already refuses past float's max.
 // gradguard/reference/safe_math.py applies the same rule.
+// An eps (`keep_nonzero`) of +inf is refused too: every element would be at or below it, the
+// whole result the bound's (log(inf), sqrt's zero gradient, safe_div's fill).
 inline void check_bound_fits(double v, at::ScalarType dtype, const char* op, const char* arg, bool keep_nonzero) {
+  TORCH_CHECK_VALUE(!keep_nonzero || v != std::numeric_limits<double>::infinity(), "gradguard.", op, ": `", arg,
+                    "` must be finite: at inf every element is at or below it");
   if (!std::isfinite(v)) return;
   double mx = 0.0, smallest = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradguard_check_bound", [&] {

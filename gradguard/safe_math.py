@@ -21,7 +21,8 @@ Common rules:
   ``fill=1e10`` on float16) and a positive ``eps`` below its smallest positive value (``eps=1e-8``
   on float16 rounds to 0).
   ``safe_exp``'s ``max`` must also be at most ``EXP_MAX[dtype]`` (``max=100`` on float16 would
-  give inf). NaN or negative bounds where they must be >= 0 raise ValueError too.
+  give inf). NaN or negative bounds where they must be >= 0 raise ValueError too, and so does an
+  infinite ``eps`` (every element would be at or below it).
 - Under ``torch.compile`` (``torch.compiler.is_compiling()``) the functions take a composite of
   aten ops instead of the custom ops (reference/safe_math.py's ``*_composite``: autograd Functions
   whose backward is the defined gradient), so inductor fuses them with their neighbours instead

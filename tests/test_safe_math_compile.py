@@ -262,6 +262,7 @@ ERROR_CASES = [
     (lambda x: gradguard.safe_log(x.half(), 1e-8), ValueError, "`eps`=1e-08 is below the smallest positive value"),
     (lambda x: gradguard.safe_exp(x.half(), 100.0), ValueError, "`max`=100.0 is above"),
     (lambda x: gradguard.safe_sqrt(x, -1.0), ValueError, "`eps` must be >= 0"),
+    (lambda x: gradguard.safe_log(x, math.inf), ValueError, "`eps` must be finite"),
     (lambda x: gradguard.safe_div(x.half(), x.half(), fill=1e10), ValueError, "`fill`=.* overflows"),
     (lambda x: gradguard.safe_log(x, grad="pass"), ValueError, "must be 'clamp' or 'straight_through'"),
     (lambda x: gradguard.safe_log(x, out=torch.empty(8, dtype=torch.float64)), RuntimeError,

@@ -203,6 +203,10 @@ BOUND_CASES = [
     ("safe_div", torch.float16, "eps", 1e-9, "rounds to 0"),
     # float32 rounds 1e-45 up to its smallest subnormal (1.4e-45): the message said "rounds to 0"
     ("safe_log", torch.float32, "eps", 1e-45, "is below the smallest positive value of"),
+    # An infinite eps was taken: safe_log gave inf everywhere, safe_div its fill everywhere.
+    ("safe_log", torch.float32, "eps", math.inf, "must be finite"),
+    ("safe_sqrt", torch.bfloat16, "eps", math.inf, "must be finite"),
+    ("safe_div", torch.float64, "eps", math.inf, "must be finite"),
 ]
 
 

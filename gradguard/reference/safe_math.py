@@ -64,7 +64,10 @@ def check_bound_fits(v: float, dtype: torch.dtype, op: str, arg: str, keep_nonze
     """A bound the tensor's dtype cannot hold is refused rather than rounded into something else in
     kind: a finite one beyond the dtype's largest finite value (eps=1e300 on float32, fill=1e10 on
     float16), or, with `keep_nonzero`, a positive one below its smallest positive value (eps=1e-8
-    on float16, where log would give -inf). Strict limits, the same as csrc/safe_math_args.h's."""
+    on float16, where log would give -inf). Strict limits, the same as csrc/safe_math_args.h's.
+    An eps (`keep_nonzero`) of +inf is refused too: every element would be at or below it."""
+    if keep_nonzero and v == math.inf:
+        raise ValueError(f"gradguard.{op}: `{arg}` must be finite: at inf every element is at or below it")
     if v != v or v in (math.inf, -math.inf):
         return
     fi = torch.finfo(dtype)
