@@ -123,6 +123,22 @@ def test_rewrite_floor_writes_back_what_it_read():
     assert torch.equal(x.view(torch.int64), before.view(torch.int64) ^ 1)
     with pytest.raises(RuntimeError, match="streams"):
         torch.ops.gradguard_bench.rewrite_floor(x, 0, 0)
+    # With a prefetch: the same walk (every word, once), and the tail of a length that is not a
+    # multiple of the 8-word line.
+    for streams, ahead in ((1, 2048), (4, 64), (3, 1 << 20)):
+        y = before.clone()
+        torch.ops.gradguard_bench.rewrite_floor(y, 5, streams, ahead)
+        assert torch.equal(y.view(torch.int64), before.view(torch.int64) ^ 5)
+    with pytest.raises(RuntimeError, match="prefetch"):
+        torch.ops.gradguard_bench.rewrite_floor(x, 0, 1, -1)
+
+
+@pytest.mark.skipif(not sc.have_floor(), reason="the bench's floors (compiled extension) are not built")
+def test_read_floor_sums_every_word_with_and_without_a_prefetch():
+    x = torch.randint(0, 1 << 40, (4099,), dtype=torch.int64)
+    want = int(x.sum())
+    for streams, ahead in ((1, 0), (4, 0), (8, 0), (1, 2048), (4, 2048), (3, 64)):
+        assert int(torch.ops.gradguard_bench.read_floor(x, streams, ahead)) == want & (2**63 - 1)
 
 
 @pytest.mark.skipif(not sc.have_floor(), reason="the bench's floors (compiled extension) are not built")

@@ -30,7 +30,7 @@ def _assert_both_states(tab, cases):
 def test_cache_state_table_with_read_floor():
     tab = sc.cache_state_table(_small_grads(), "t", "cpu", 3)
     _assert_both_states(tab, [sc.READ_FLOOR, sc.KERNEL_ALONE, sc.KERNEL_FLAT, sc.GRAD_STATS, sc.FOREACH_NORM,
-                              sc.TORCH_SUM] + [f"read floor, {k} stream(s) per thread" for k in sc.STREAMS])
+                              sc.TORCH_SUM] + [f"read floor, {sc.walk_label(k, p)}" for k, p in sc.READ_WALKS])
     assert tab.state_floor == sc.READ_FLOOR and tab.floor is None
     checks = tab.checks
     for what in ("kernel alone", "grad_stats"):

@@ -556,12 +556,14 @@ def _same_numbers(got, want):
 
 @pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_zero_nonfinite_and_scale_random_bit_patterns(path, dtype):
-    # float32/float64 rows (an AVX2 loop since 2026-12-06, with its scalar tail) on random bit
-    # patterns (NaN payloads, infinities, subnormals, -0.0), contiguous and strided, against
-    # nan_to_num_ + mul_ bit for bit, overflow to inf and a negative scale's -0.0 included.
-    fn = {"reference": reference.zero_nonfinite_and_scale_,
-          "dispatcher": torch.ops.gradguard.zero_nonfinite_and_scale_}[path]
+@pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
+def test_scaling_random_bit_patterns(path, dtype, op):
+    # float32/float64 rows (an AVX2 loop since 2026-12-06, AVX-512 since 2026-12-07, with their
+    # scalar tails) on random bit patterns (NaN payloads, infinities, subnormals, -0.0),
+    # contiguous and strided, against nan_to_num_ + mul_ (maybe_scale_: mul_) bit for bit,
+    # overflow to inf and a negative scale's -0.0 included.
+    fn = getattr(reference if path == "reference" else torch.ops.gradguard, op)
+    zero = op == "zero_nonfinite_and_scale_"
     g = torch.Generator().manual_seed(32)
     iv = torch.int32 if dtype == torch.float32 else torch.int64
     bits = torch.randint(-(1 << 62), 1 << 62, (200_003,), generator=g, dtype=torch.int64)
@@ -569,8 +571,8 @@ def test_zero_nonfinite_and_scale_random_bit_patterns(path, dtype):
     for scale in (0.25, 1 / 3, 3.0, -2.5, 1e30):
         x = bits.clone().view(dtype)
         strided = bits.clone().view(dtype)
-        want = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).mul_(torch.tensor(scale, dtype=torch.float64)
-                                                                          .to(torch.float32 if dtype == torch.float32 else dtype))
+        want = (torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if zero else x.clone()).mul_(
+            torch.tensor(scale, dtype=torch.float64).to(torch.float32 if dtype == torch.float32 else dtype))
         fn([x, strided[::3]], torch.tensor(scale) if dtype == torch.float32 else torch.tensor(scale, dtype=dtype))
         assert _same_numbers(x, want), (dtype, scale)
         assert _same_numbers(strided[::3], want[::3]), (dtype, scale)
@@ -786,11 +788,14 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for g, w in zip(got[1:], want[1:]):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 from test_grad_stats import (test_16bit_squares_are_exact_in_every_binade, test_16bit_zeros_and_subnormals_are_exact,
-                             test_scale_kernels_every_16bit_pattern)
+                             test_scale_kernels_every_16bit_pattern, test_scaling_random_bit_patterns)
 for dtype in (torch.float16, torch.bfloat16):
     test_16bit_squares_are_exact_in_every_binade("dispatcher", dtype)
     test_16bit_zeros_and_subnormals_are_exact("dispatcher", dtype)
     test_scale_kernels_every_16bit_pattern("dispatcher", dtype)
+for dtype in (torch.float32, torch.float64):
+    for op in ("zero_nonfinite_and_scale_", "maybe_scale_"):
+        test_scaling_random_bit_patterns("dispatcher", dtype, op)
 print("ok")
 """
 

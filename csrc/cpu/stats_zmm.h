@@ -33,6 +33,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "prefetch.h"
 #include "stats_ymm.h"
 
 #pragma GCC push_options
@@ -42,20 +43,12 @@ namespace simd512 {
 
 constexpr int kAcc = 8;
 
-// Software prefetch, on Intel cores only: bytes ahead of the loads. On this day's Intel Xeon
-// (2026-12-07, the GPT-2-small list, two threads, three alternating runs of each distance) the
-// stats pass took 1.30-1.31x the read floor without it and 1.18-1.24x at 1 KB ahead (float32;
-// 512 B 1.21-1.26x, 2 KB 1.24-1.29x); bfloat16 1.50-1.57x without, 1.26-1.29x at 2 KB; float16
-// 1.66-1.70x without, 1.31-1.33x at 2 KB. On a Zen 4 VM (2026-12-05) 4 KB ahead made the 256-bit
-// loop slower (1.26x / 1.49x vs 1.05x / 1.14x) and these distances were not measured there, so
-// AMD cores take none.
+// Software prefetch (prefetch.h), bytes ahead of the loads. On this day's Intel Xeon (2026-12-07,
+// the GPT-2-small list, two threads, three alternating runs of each distance) the stats pass took
+// 1.30-1.31x the read floor without it and 1.18-1.24x at 1 KB ahead (float32; 512 B 1.21-1.26x,
+// 2 KB 1.24-1.29x); bfloat16 1.50-1.57x without, 1.26-1.29x at 2 KB; float16 1.66-1.70x without,
+// 1.31-1.33x at 2 KB.
 constexpr int64_t kPrefetchF32 = 1024, kPrefetch16 = 2048;
-inline bool prefetch_on() {
-  static const bool on = __builtin_cpu_is("intel");
-  return on;
-}
-// An address, not a pointer: it may lie past the end of the tensor (a prefetch never faults).
-inline void prefetch(uintptr_t a) { _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0); }
 
 inline double add_lanes(const __m512d* s) {
   const __m512d a = _mm512_add_pd(_mm512_add_pd(s[0], s[1]), _mm512_add_pd(s[2], s[3]));
@@ -76,11 +69,11 @@ template <bool kSquares>
 inline void main_f32(const float* x, int64_t main, __m512d* s, float& amax) {
   const __m512i mag = _mm512_set1_epi32(0x7fffffff);
   __m512i m = _mm512_setzero_si512();
-  const bool pf = prefetch_on();
+  const bool pf = prefetch_helps();
   const uintptr_t ahead = reinterpret_cast<uintptr_t>(x) + kPrefetchF32;
   for (int64_t j = 0; j < main; j += 64) {
     if (pf) {
-      for (int k = 0; k < 4; ++k) prefetch(ahead + 4 * j + 64 * k);
+      for (int k = 0; k < 4; ++k) prefetch_t0(ahead + 4 * j + 64 * k);
     }
     for (int k = 0; k < kAcc; ++k) s[k] = accumulate<kSquares>(s[k], _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8 * k)));
     for (int k = 0; k < 4; ++k) m = _mm512_max_epu32(m, _mm512_and_si512(mag, _mm512_loadu_si512(x + j + 16 * k)));
@@ -105,12 +98,12 @@ inline uint16_t squares16(const c10::BFloat16* x, int64_t main, __m512d* s, doub
   const __m512i exponent = _mm512_set1_epi64(int64_t(3) << 60);
   const __m512i mag = _mm512_set1_epi16(0x7fff);
   __m512i m = _mm512_setzero_si512();
-  const bool pf = prefetch_on();
+  const bool pf = prefetch_helps();
   const uintptr_t ahead = reinterpret_cast<uintptr_t>(x) + kPrefetch16;
   for (int64_t j = 0; j < main; j += 64) {
     if (pf) {
-      prefetch(ahead + 2 * j);
-      prefetch(ahead + 2 * j + 64);
+      prefetch_t0(ahead + 2 * j);
+      prefetch_t0(ahead + 2 * j + 64);
     }
     for (int u = 0; u < 2; ++u) {
       const __m512i v = _mm512_loadu_si512(x + j + 32 * u);
@@ -136,12 +129,12 @@ inline uint16_t squares16(const c10::Half* x, int64_t main, __m512d* s, double& 
   const __m512i place = _mm512_set1_epi64(int64_t(0x7fffffff) << 29);
   const __m512i mag = _mm512_set1_epi16(0x7fff);
   __m512i m = _mm512_setzero_si512();
-  const bool pf = prefetch_on();
+  const bool pf = prefetch_helps();
   const uintptr_t ahead = reinterpret_cast<uintptr_t>(x) + kPrefetch16;
   for (int64_t j = 0; j < main; j += 64) {
     if (pf) {
-      prefetch(ahead + 2 * j);
-      prefetch(ahead + 2 * j + 64);
+      prefetch_t0(ahead + 2 * j);
+      prefetch_t0(ahead + 2 * j + 64);
     }
     for (int k = 0; k < 4; ++k) {
       const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 16 * k)));

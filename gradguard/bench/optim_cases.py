@@ -28,7 +28,8 @@ import torch
 import gradguard
 from gradguard import fused_adam
 from gradguard.bench.shapes import GPT2_SIZES, gpt2_shapes, make_grads, numel
-from gradguard.bench.stats_cases import STREAMS, ShrinkingMaxNorm, _as_words, _params_with, have_floor
+from gradguard.bench.stats_cases import (READ_WALKS, REWRITE_WALKS, ShrinkingMaxNorm, _as_words, _params_with,
+                                         have_floor, walk_label)
 from gradguard.bench.timing import Row, Table, fastest_ratio, interleaved_times, ratio
 
 BARE_FUSED = "torch AdamW(fused=True).step(), unprotected"
@@ -38,13 +39,13 @@ TORCH_SKIP = "torch get_total_norm, if finite: clip + fused step"
 GUARD_FUSED_DEVICE = "gradguard.GradGuard, device-decided (the GPU path: PyTorch's kernel)"
 STATS_ONLY = "gradguard.grad_stats alone (the extra read)"
 SCALED_FUSED = "torch AdamW(fused=True).step() handed grad_scale, unprotected"
-GRADS_FLOOR = "read floor of the grads' bytes, the fastest of 1/4/8 streams and torch.sum"
+GRADS_FLOOR = "read floor of the grads' bytes, the fastest of 1/4/8 streams (1/4 with a prefetch) and torch.sum"
 BOUND_BARE = "bound: bare step + the grads read at the floor"
 BOUND_SCALED = "bound: step handed grad_scale + the grads read at the floor"
 BARE_FOREACH = "torch AdamW(foreach=True).step(), unprotected"
 GUARD_FOREACH = "gradguard.GradGuard(AdamW(foreach=True)).step()"
 TORCH_FOREACH = "torch clip_grad_norm_(error_if_nonfinite) + foreach step"
-REWRITE_FLOOR = "in-place rewrite floor of the grads' bytes, best of 1/4 streams"
+REWRITE_FLOOR = "in-place rewrite floor of the grads' bytes, best of 1/4 streams with and without a prefetch"
 BOUND_FOREACH = "bound: bare step + the grads read and rewritten at the floors"
 
 
@@ -143,9 +144,10 @@ def _floor_cases(grads, device: str) -> dict:
     if device != "cpu" or not have_floor():
         return {}
     out = {}
-    for k in STREAMS:
+    for k, p in READ_WALKS:
         words = _as_words(torch.cat([g.reshape(-1) for g in grads]))
-        out[f"{FLOOR_PART}{k} stream(s) per thread"] = lambda w=words, k=k: torch.ops.gradguard_bench.read_floor(w, k)
+        out[f"{FLOOR_PART}{walk_label(k, p)}"] = (
+            lambda w=words, k=k, p=p: torch.ops.gradguard_bench.read_floor(w, k, p))
     # torch.sum reads the same bytes faster than every walk on some days (read_floor_cases).
     flat = torch.cat([g.reshape(-1) for g in grads])
     out[f"{FLOOR_PART}torch.sum"] = lambda f=flat: f.sum()
@@ -159,10 +161,10 @@ def _rewrite_floor_cases(grads, device: str) -> dict:
     if device != "cpu" or not have_floor():
         return {}
     out = {}
-    for k in (1, 4):
+    for k, p in REWRITE_WALKS:
         words = _as_words(torch.cat([g.reshape(-1) for g in grads]))
-        out[f"in-place rewrite floor, {k} stream(s) per thread"] = (
-            lambda w=words, k=k: torch.ops.gradguard_bench.rewrite_floor(w, 0, k))
+        out[f"in-place rewrite floor, {walk_label(k, p)}"] = (
+            lambda w=words, k=k, p=p: torch.ops.gradguard_bench.rewrite_floor(w, 0, k, p))
     return out
 
 
