@@ -17,8 +17,10 @@ inline bool prefetch_helps() {
   return on;
 }
 
-// An address, not a pointer: it may lie past the end of the tensor (a prefetch never faults).
-inline void prefetch_t0(uintptr_t a) { _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0); }
+// A line into L1 (T0) or into L2 (T1). An address, not a pointer: it may lie past the end of the
+// tensor (a prefetch never faults).
+inline void prefetch_l1(uintptr_t a) { _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0); }
+inline void prefetch_l2(uintptr_t a) { _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T1); }
 
 }  // namespace gradguard
 #endif

@@ -60,7 +60,7 @@ inline void scale(uint16_t* x, int64_t n, float s) {
   int64_t i = 0;
   if constexpr (kHalf) {
     for (; i + 32 <= n; i += 32) {
-      if (pf) prefetch_t0(ahead + 2 * i);
+      if (pf) prefetch_l1(ahead + 2 * i);
       __m512i v = _mm512_loadu_si512(x + i);
       if (kZero) v = zero_nonfinite_words<true>(v);
       const __m512 a = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
@@ -74,7 +74,7 @@ inline void scale(uint16_t* x, int64_t n, float s) {
     // halves), rounded in place, and blended back in their own order.
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (; i + 32 <= n; i += 32) {
-      if (pf) prefetch_t0(ahead + 2 * i);
+      if (pf) prefetch_l1(ahead + 2 * i);
       __m512i v = _mm512_loadu_si512(x + i);
       if (kZero) v = zero_nonfinite_words<false>(v);
       const __m512i even = round_bf16_high(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), sv));
@@ -105,7 +105,7 @@ inline void scale(T* x, int64_t n, T s) {
   if constexpr (std::is_same_v<T, float>) {
     const __m512 sv = _mm512_set1_ps(s), big = _mm512_set1_ps(std::numeric_limits<float>::max());
     for (; i + kLanes <= n; i += kLanes) {
-      if (pf) prefetch_t0(ahead + sizeof(T) * i);
+      if (pf) prefetch_l1(ahead + sizeof(T) * i);
       __m512 v = _mm512_loadu_ps(x + i);
       // |v| <= max is false for NaN and +-inf: zeroed, then scaled (-0.0 for a negative scale).
       if (kZero) v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(v), big, _CMP_LE_OQ), v);
@@ -114,7 +114,7 @@ inline void scale(T* x, int64_t n, T s) {
   } else {
     const __m512d sv = _mm512_set1_pd(s), big = _mm512_set1_pd(std::numeric_limits<double>::max());
     for (; i + kLanes <= n; i += kLanes) {
-      if (pf) prefetch_t0(ahead + sizeof(T) * i);
+      if (pf) prefetch_l1(ahead + sizeof(T) * i);
       __m512d v = _mm512_loadu_pd(x + i);
       if (kZero) v = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(_mm512_abs_pd(v), big, _CMP_LE_OQ), v);
       _mm512_storeu_pd(x + i, _mm512_mul_pd(v, sv));

@@ -43,12 +43,47 @@ namespace simd512 {
 
 constexpr int kAcc = 8;
 
-// Software prefetch (prefetch.h), bytes ahead of the loads. On this day's Intel Xeon (2026-12-07,
-// the GPT-2-small list, two threads, three alternating runs of each distance) the stats pass took
-// 1.30-1.31x the read floor without it and 1.18-1.24x at 1 KB ahead (float32; 512 B 1.21-1.26x,
-// 2 KB 1.24-1.29x); bfloat16 1.50-1.57x without, 1.26-1.29x at 2 KB; float16 1.66-1.70x without,
-// 1.31-1.33x at 2 KB.
-constexpr int64_t kPrefetchF32 = 1024, kPrefetch16 = 2048;
+// Software prefetch into L2 (prefetch.h), 4 KB ahead of the loads, on Intel cores. On this day's
+// Intel Xeon (2026-12-07, the GPT-2-small list, two threads, against the 1-stream read walk
+// without a prefetch, alternating processes; float32 / bfloat16 / float16): without one
+// 1.23-1.33x / 1.41-1.57x / 1.66-1.70x; into L1 1-2 KB ahead 1.10-1.24x / 1.15-1.29x / 1.31-1.40x;
+// into L2 4 KB ahead 1.18-1.24x / 1.23-1.38x / 1.29-1.30x, and with the accumulators in memory
+// as well (Chains, below: what runs) 1.05-1.11x / 1.14-1.20x / 1.21-1.31x. 8 KB ahead was no
+// better than 4.
+constexpr int64_t kPrefetchBytes = 4096;
+
+// On Intel cores (kPaced) the loops also keep their eight accumulators in memory: each FMA's sum
+// is stored and reloaded (an L1 round trip; the empty asm keeps the compiler from holding them in
+// registers). That makes the loop slower from cache and faster from memory (numbers above; one
+// thread over 256 MB of float32 12.0 against ~10 GB/s, from L2 27.6 against 31). It was found
+// when a build that read its prefetch distance at run time, and whose accumulators gcc spilled,
+// ran faster than the clean one; why the Xeon's memory pipeline prefers the slower loop was not
+// worked out, so it is kept because it measured so, on Intel only.
+template <bool kPaced>
+struct Chains {
+  __m512d* reg;
+  alignas(64) double mem[8 * kAcc];
+
+  explicit Chains(__m512d* s) : reg(s) {
+    if (kPaced) {
+      for (int k = 0; k < kAcc; ++k) _mm512_store_pd(mem + 8 * k, reg[k]);
+    }
+  }
+  ~Chains() {
+    if (kPaced) {
+      for (int k = 0; k < kAcc; ++k) reg[k] = _mm512_load_pd(mem + 8 * k);
+    }
+  }
+  template <typename F>
+  void update(int k, F&& f) {
+    if constexpr (kPaced) {
+      _mm512_store_pd(mem + 8 * k, f(_mm512_load_pd(mem + 8 * k)));
+      asm volatile("" ::: "memory");
+    } else {
+      reg[k] = f(reg[k]);
+    }
+  }
+};
 
 inline double add_lanes(const __m512d* s) {
   const __m512d a = _mm512_add_pd(_mm512_add_pd(s[0], s[1]), _mm512_add_pd(s[2], s[3]));
@@ -65,18 +100,23 @@ inline __m512d accumulate(__m512d s, __m512d d) {
 // float32, 64 elements a step: eight widenings into eight chains, then the amax of the same bytes
 // (from L1) on the sign-cleared bit patterns, whose unsigned order is the magnitudes' for finite
 // values.
-template <bool kSquares>
+template <bool kSquares, bool kPaced>
 inline void main_f32(const float* x, int64_t main, __m512d* s, float& amax) {
   const __m512i mag = _mm512_set1_epi32(0x7fffffff);
   __m512i m = _mm512_setzero_si512();
-  const bool pf = prefetch_helps();
-  const uintptr_t ahead = reinterpret_cast<uintptr_t>(x) + kPrefetchF32;
-  for (int64_t j = 0; j < main; j += 64) {
-    if (pf) {
-      for (int k = 0; k < 4; ++k) prefetch_t0(ahead + 4 * j + 64 * k);
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(x) + kPrefetchBytes;
+  {
+    Chains<kPaced> c(s);
+    for (int64_t j = 0; j < main; j += 64) {
+      if (kPaced) {
+        for (int k = 0; k < 4; ++k) prefetch_l2(ahead + 4 * j + 64 * k);
+      }
+      for (int k = 0; k < kAcc; ++k) {
+        const __m512d d = _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8 * k));
+        c.update(k, [&](__m512d a) { return accumulate<kSquares>(a, d); });
+      }
+      for (int k = 0; k < 4; ++k) m = _mm512_max_epu32(m, _mm512_and_si512(mag, _mm512_loadu_si512(x + j + 16 * k)));
     }
-    for (int k = 0; k < kAcc; ++k) s[k] = accumulate<kSquares>(s[k], _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8 * k)));
-    for (int k = 0; k < 4; ++k) m = _mm512_max_epu32(m, _mm512_and_si512(mag, _mm512_loadu_si512(x + j + 16 * k)));
   }
   const uint32_t top = _mm512_reduce_max_epu32(m);
   std::memcpy(&amax, &top, sizeof amax);
@@ -93,27 +133,30 @@ inline void main_f32(const float* x, int64_t main, __m512d* s, float& amax) {
 // square x^2 x 2^-256 is normal and finite, and one FMA adds it; the sum is scaled by 2^256 once.
 // A zero or subnormal word takes the leading 1 it lacks and comes out as a square below 2^-252
 // (times 2^-256): sums() sums a segment again where that could show.
+template <bool kPaced>
 inline uint16_t squares16(const c10::BFloat16* x, int64_t main, __m512d* s, double& scale) {
   const __m512i place = _mm512_set1_epi64(int64_t(0x7fff) << 45);
   const __m512i exponent = _mm512_set1_epi64(int64_t(3) << 60);
   const __m512i mag = _mm512_set1_epi16(0x7fff);
   __m512i m = _mm512_setzero_si512();
-  const bool pf = prefetch_helps();
-  const uintptr_t ahead = reinterpret_cast<uintptr_t>(x) + kPrefetch16;
-  for (int64_t j = 0; j < main; j += 64) {
-    if (pf) {
-      prefetch_t0(ahead + 2 * j);
-      prefetch_t0(ahead + 2 * j + 64);
-    }
-    for (int u = 0; u < 2; ++u) {
-      const __m512i v = _mm512_loadu_si512(x + j + 32 * u);
-      const __m512i w[4] = {_mm512_slli_epi64(v, 45), _mm512_slli_epi64(v, 29), _mm512_slli_epi64(v, 13),
-                            _mm512_srli_epi64(v, 3)};
-      for (int k = 0; k < 4; ++k) {
-        const __m512d a = _mm512_castsi512_pd(_mm512_ternarylogic_epi64(w[k], place, exponent, 0xEA));
-        s[4 * u + k] = _mm512_fmadd_pd(a, a, s[4 * u + k]);
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(x) + kPrefetchBytes;
+  {
+    Chains<kPaced> c(s);
+    for (int64_t j = 0; j < main; j += 64) {
+      if (kPaced) {
+        prefetch_l2(ahead + 2 * j);
+        prefetch_l2(ahead + 2 * j + 64);
       }
-      m = _mm512_max_epu16(m, _mm512_and_si512(v, mag));
+      for (int u = 0; u < 2; ++u) {
+        const __m512i v = _mm512_loadu_si512(x + j + 32 * u);
+        const __m512i w[4] = {_mm512_slli_epi64(v, 45), _mm512_slli_epi64(v, 29), _mm512_slli_epi64(v, 13),
+                              _mm512_srli_epi64(v, 3)};
+        for (int k = 0; k < 4; ++k) {
+          const __m512d a = _mm512_castsi512_pd(_mm512_ternarylogic_epi64(w[k], place, exponent, 0xEA));
+          c.update(4 * u + k, [&](__m512d acc) { return _mm512_fmadd_pd(a, a, acc); });
+        }
+        m = _mm512_max_epu16(m, _mm512_and_si512(v, mag));
+      }
     }
   }
   scale = 0x1p256;
@@ -125,25 +168,30 @@ inline uint16_t squares16(const c10::BFloat16* x, int64_t main, __m512d* s, doub
 // (2^-24)^2 are normal floats). A square's bits moved to bits [29, 60) of a 64-bit lane (the low
 // float's by a left shift, the high one's by a right shift, each then masked) are the double
 // sq x 2^-896, normal, added with a plain add; the sum is scaled by 2^896 once.
+template <bool kPaced>
 inline uint16_t squares16(const c10::Half* x, int64_t main, __m512d* s, double& scale) {
   const __m512i place = _mm512_set1_epi64(int64_t(0x7fffffff) << 29);
   const __m512i mag = _mm512_set1_epi16(0x7fff);
   __m512i m = _mm512_setzero_si512();
-  const bool pf = prefetch_helps();
-  const uintptr_t ahead = reinterpret_cast<uintptr_t>(x) + kPrefetch16;
-  for (int64_t j = 0; j < main; j += 64) {
-    if (pf) {
-      prefetch_t0(ahead + 2 * j);
-      prefetch_t0(ahead + 2 * j + 64);
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(x) + kPrefetchBytes;
+  {
+    Chains<kPaced> c(s);
+    for (int64_t j = 0; j < main; j += 64) {
+      if (kPaced) {
+        prefetch_l2(ahead + 2 * j);
+        prefetch_l2(ahead + 2 * j + 64);
+      }
+      for (int k = 0; k < 4; ++k) {
+        const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 16 * k)));
+        const __m512i sq = _mm512_castps_si512(_mm512_mul_ps(f, f));
+        const __m512d lo = _mm512_castsi512_pd(_mm512_and_si512(_mm512_slli_epi64(sq, 29), place));
+        const __m512d hi = _mm512_castsi512_pd(_mm512_and_si512(_mm512_srli_epi64(sq, 3), place));
+        c.update(2 * k, [&](__m512d acc) { return _mm512_add_pd(acc, lo); });
+        c.update(2 * k + 1, [&](__m512d acc) { return _mm512_add_pd(acc, hi); });
+      }
+      m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(x + j), mag));
+      m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(x + j + 32), mag));
     }
-    for (int k = 0; k < 4; ++k) {
-      const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 16 * k)));
-      const __m512i sq = _mm512_castps_si512(_mm512_mul_ps(f, f));
-      s[2 * k] = _mm512_add_pd(s[2 * k], _mm512_castsi512_pd(_mm512_and_si512(_mm512_slli_epi64(sq, 29), place)));
-      s[2 * k + 1] = _mm512_add_pd(s[2 * k + 1], _mm512_castsi512_pd(_mm512_and_si512(_mm512_srli_epi64(sq, 3), place)));
-    }
-    m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(x + j), mag));
-    m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(x + j + 32), mag));
   }
   scale = 0x1p896;
   const __m256i half = _mm256_max_epu16(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64(m, 1));
@@ -164,11 +212,18 @@ inline void sums(const T* x, int64_t n, double& sum, float& amax) {
     double main_sum;
     float main_amax = 0.f;
     if constexpr (kFloat) {
-      if (main > 0) main_f32<kSquares>(x, main, s, main_amax);
+      if (main > 0) {
+        if (prefetch_helps()) {
+          main_f32<kSquares, true>(x, main, s, main_amax);
+        } else {
+          main_f32<kSquares, false>(x, main, s, main_amax);
+        }
+      }
       main_sum = add_lanes(s);
     } else {
       double scale = 1.0;
-      const uint16_t top = main > 0 ? squares16(x, main, s, scale) : 0;
+      uint16_t top = 0;
+      if (main > 0) top = prefetch_helps() ? squares16<true>(x, main, s, scale) : squares16<false>(x, main, s, scale);
       if (top >= simd::nonfinite_bits(x)) {
         main_sum = std::numeric_limits<double>::quiet_NaN();
       } else if (top == 0) {

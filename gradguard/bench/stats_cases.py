@@ -27,19 +27,20 @@ def _params_with(grads):
     return params
 
 
-READ_FLOOR = ("read floor: the fastest of gradguard_bench.read_floor (1/4/8 streams, 1/4 with a prefetch) "
+READ_FLOOR = ("read floor: the fastest of gradguard_bench.read_floor (1/4/8 streams, 1 with a prefetch) "
               "and torch.sum")
 TORCH_SUM = "torch.sum over one flat buffer, same bytes (reference)"
 GRAD_STATS = "gradguard.grad_stats (norms, NaN/Inf counts, amax, total)"
 FOREACH_NORM = "torch._foreach_norm (norms only, no finiteness check)"
 STREAMS = (1, 4, 8)
-# The walks the floors are the fastest of, as (streams per thread, software prefetch in bytes
-# ahead, 0 for none). With a prefetch 2 KB ahead the walks read 5-10% and rewrote 15-20% faster
-# on an Intel Xeon (2026-12-07, 256 MB), and the 512-bit kernels that prefetch (csrc/cpu/
-# prefetch.h) beat the walks without one: a floor must be the fastest way to move the bytes.
-PREFETCH_BYTES = 2048
-READ_WALKS = tuple((k, 0) for k in STREAMS) + ((1, PREFETCH_BYTES), (4, PREFETCH_BYTES))
-REWRITE_WALKS = ((1, 0), (4, 0), (1, PREFETCH_BYTES), (4, PREFETCH_BYTES))
+# The walks the floors are the fastest of, as (streams per thread, software prefetch into L2 in
+# bytes ahead, 0 for none). With a prefetch 4-16 KB ahead the walks read and rewrote 15-30%
+# faster on an Intel Xeon (2026-12-07, 256 MB, two threads: ~26 GB/s against 22-23 and 20), and
+# the 512-bit kernels that prefetch (csrc/cpu/prefetch.h) beat the walks without one: a floor
+# must be the fastest way to move the bytes.
+PREFETCH_BYTES = (4096, 8192)
+READ_WALKS = tuple((k, 0) for k in STREAMS) + tuple((1, p) for p in PREFETCH_BYTES)
+REWRITE_WALKS = ((1, 0), (4, 0)) + tuple((1, p) for p in PREFETCH_BYTES)
 
 
 def walk_label(streams: int, prefetch: int) -> str:
@@ -255,7 +256,7 @@ def dtype_table(shapes, label: str, device: str, repeats: int) -> Table:
 
 
 COPY_FLOOR = "copy floor: gradguard_bench.copy_floor, best of 1/4 streams"
-SCALE_FLOOR = "in-place rewrite floor: gradguard_bench.rewrite_floor, best of 1/4 streams with and without a prefetch"
+SCALE_FLOOR = "in-place rewrite floor: gradguard_bench.rewrite_floor, best of 1/4 streams and 1 with a prefetch"
 
 
 def _zero_then_mul(tensors, factor):
