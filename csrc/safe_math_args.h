@@ -64,6 +64,15 @@ inline void check_bound_fits(double v, at::ScalarType dtype, const char* op, con
                     "to mean no bound");
 }
 
+// The backward ops' eps (safe_log_backward, safe_sqrt_backward), called directly or by the
+// autograd formula after the forward's checks: not NaN, >= 0, finite (the forward's rules; the
+// bound-fits rule is the forward's alone, as the backward computes in its own dtype's terms).
+inline void check_backward_eps(double eps, const char* op) {
+  check_param(eps, op, "eps", true);
+  TORCH_CHECK_VALUE(eps != std::numeric_limits<double>::infinity(), "gradguard.", op,
+                    ": `eps` must be finite: at inf every element is at or below it");
+}
+
 // Tensors of one call live on one device, as torch.div requires; the exception is torch's: a
 // 0-dim CPU tensor operand (`scalar_ok`) goes with a tensor on any device. Without this a meta
 // or other-device operand would be read as if it were memory of this device.

@@ -115,6 +115,7 @@ for _op in ("safe_log", "safe_exp", "safe_sqrt"):
 def _safe_log_backward_fake(grad, input, eps, straight_through):
     _check_float(grad, "safe_log_backward", "grad")
     ref.check_devices("safe_log_backward", grad.device, input=input)
+    ref.check_backward_eps(eps, "safe_log_backward")
     return torch.empty_like(input)
 
 
@@ -129,6 +130,7 @@ def _safe_exp_backward_fake(grad, result, input, max, straight_through):
 def _safe_sqrt_backward_fake(grad, input, eps):
     _check_float(grad, "safe_sqrt_backward", "grad")
     ref.check_devices("safe_sqrt_backward", grad.device, input=input)
+    ref.check_backward_eps(eps, "safe_sqrt_backward")
     return torch.empty_like(input)
 
 

@@ -788,7 +788,8 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for g, w in zip(got[1:], want[1:]):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 from test_grad_stats import (test_16bit_squares_are_exact_in_every_binade, test_16bit_zeros_and_subnormals_are_exact,
-                             test_scale_kernels_every_16bit_pattern, test_scaling_random_bit_patterns)
+                             test_scale_kernels_every_16bit_pattern, test_scaling_random_bit_patterns,
+                             test_a_scale_that_is_an_element_of_a_tensor_counts_with_the_value_it_had)
 for dtype in (torch.float16, torch.bfloat16):
     test_16bit_squares_are_exact_in_every_binade("dispatcher", dtype)
     test_16bit_zeros_and_subnormals_are_exact("dispatcher", dtype)
@@ -796,6 +797,7 @@ for dtype in (torch.float16, torch.bfloat16):
 for dtype in (torch.float32, torch.float64):
     for op in ("zero_nonfinite_and_scale_", "maybe_scale_"):
         test_scaling_random_bit_patterns("dispatcher", dtype, op)
+        test_a_scale_that_is_an_element_of_a_tensor_counts_with_the_value_it_had("dispatcher", op, dtype)
 print("ok")
 """
 
@@ -841,3 +843,28 @@ def test_nested_tensors_are_refused_by_name(layout):
             fn([torch.ones(3), nt])
         with pytest.raises(TypeError, match=r"tensors\[0\] is a nested tensor"):
             fn([nt])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
+@pytest.mark.parametrize("kernel", ["dispatcher", "reference"])
+def test_a_scale_that_is_an_element_of_a_tensor_counts_with_the_value_it_had(kernel, op, dtype):
+    # The scale is read once, before anything is written. Before: the AVX-512 loops did so, torch's
+    # _foreach_mul_ (the AVX2 copy's float32 maybe_scale_, and the reference) refused the alias,
+    # and the reference's zeroing loop re-read it per tensor (bfloat16: 12.0 for the second).
+    fn = getattr(torch.ops.gradguard if kernel == "dispatcher" else reference, op)
+    a, b = torch.full((100,), 2.0, dtype=dtype), torch.full((100,), 3.0, dtype=dtype)
+    fn([a, b], a[0])
+    assert (a[0].item(), a[1].item(), b[0].item()) == (4.0, 4.0, 6.0)
+
+
+@pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
+@pytest.mark.parametrize("kernel", ["dispatcher", "reference"])
+def test_an_integer_scale_beyond_2_53_is_rounded_once(kernel, op):
+    # Read as a double and then rounded to float32, 2^60 + 2^36 + 1 came out 1 ulp from torch's
+    # single rounding (int64 -> float32).
+    fn = getattr(torch.ops.gradguard if kernel == "dispatcher" else reference, op)
+    scale = torch.tensor(2**60 + 2**36 + 1)
+    x = torch.ones(40)
+    fn([x], scale)
+    assert torch.equal(x, torch.ones(40) * scale.to(torch.float32))

@@ -461,3 +461,25 @@ def test_an_out_overlapping_an_input_that_is_converted_is_refused():
     with pytest.raises(RuntimeError, match="refer to a single memory location"):
         gradguard.safe_div(f[6:], torch.full((6,), 2.0, dtype=torch.float64), out=f.view(torch.float64))
     assert torch.equal(f, torch.arange(1.0, 13.0))
+
+
+# ---- the backward ops' eps ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, error, msg", [(math.inf, ValueError, "must be finite"),
+                                               (math.nan, RuntimeError, "must not be NaN"),
+                                               (-1.0, RuntimeError, "must be >= 0")])
+@pytest.mark.parametrize("path", ["op", "ref", "fake"])
+@pytest.mark.parametrize("op", ["safe_log_backward", "safe_sqrt_backward"])
+def test_the_backward_ops_check_their_eps(op, path, value, error, msg):
+    # Called directly, safe_log_backward/safe_sqrt_backward took any eps (inf: zeros everywhere);
+    # their forwards refused it. safe_div_backward checked it already.
+    x = torch.rand(4) + 0.5
+    if path == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode:
+            x = mode.from_tensor(x)
+    fn = getattr(ref if path == "ref" else ops, op)
+    args = (x, x, value, False) if op == "safe_log_backward" else (x, x, value)
+    with pytest.raises(error, match=f"`eps` {msg}"):
+        fn(*args)

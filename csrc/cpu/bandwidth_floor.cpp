@@ -14,8 +14,9 @@
 // read_floor and rewrite_floor take `prefetch` (bytes, default 0): a software prefetch into L2
 // that many bytes ahead of every 64-byte line. On an Intel Xeon (2026-12-07) the 512-bit kernels
 // with a prefetch (csrc/cpu/prefetch.h) moved memory faster than every walk without one, so the
-// bench's floors take the fastest of both kinds (there, 4-16 KB ahead: read and rewrite ~26 GB/s
-// on two threads, against 22-23 and 20 without).
+// bench's floors take the fastest of both kinds (there, 4, 8 and 16 KB ahead all read and
+// rewrote at ~26 GB/s on two threads, against 22-23 and 20 without; the bench walks 4 and 8).
+// The walks prefetch on every CPU; the kernels on Intel cores only (csrc/cpu/prefetch.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

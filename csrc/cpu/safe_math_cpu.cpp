@@ -340,6 +340,7 @@ at::Tensor safe_log_backward_cpu(const at::Tensor& grad, const at::Tensor& input
   check_float(grad, "safe_log_backward", "grad");
   check_backward_operand(input, grad, "safe_log_backward", "input");
   check_on_kernel_device({{&grad, "grad"}, {&input, "input"}}, "safe_log_backward", at::kCPU);
+  check_backward_eps(eps, "safe_log_backward");
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_log_backward_cpu", [&] {
@@ -382,6 +383,7 @@ at::Tensor safe_sqrt_backward_cpu(const at::Tensor& grad, const at::Tensor& inpu
   check_float(grad, "safe_sqrt_backward", "grad");
   check_backward_operand(input, grad, "safe_sqrt_backward", "input");
   check_on_kernel_device({{&grad, "grad"}, {&input, "input"}}, "safe_sqrt_backward", at::kCPU);
+  check_backward_eps(eps, "safe_sqrt_backward");
   at::Tensor out = at::empty_like(input);
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(grad).add_const_input(input).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gradguard_safe_sqrt_bwd_cpu", [&] {

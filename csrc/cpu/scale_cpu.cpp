@@ -137,13 +137,25 @@ void scale_list(at::TensorList tensors, double s) {
   });
 }
 
+// The scale as the kernels multiply by it, from `s`, the scale read once as a double before
+// anything is written (so a scale that is an element of one of the tensors counts with the value
+// it had, on every path). An integer scale beyond 2^53 was rounded in that read: it is rounded
+// once to float32 from its own value instead (as torch's `.to(float32)` does), not twice.
+double op_math_scale(const at::Tensor& scale, double s, at::ScalarType dtype) {
+  if (dtype != at::kDouble && at::isIntegralType(scale.scalar_type(), /*includeBool=*/true)) {
+    return static_cast<double>(scale.to(at::kFloat).item<float>());
+  }
+  return s;
+}
+
 void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
   const char* op = "gradguard.zero_nonfinite_and_scale_";
   check_scale(op, scale);
   check_tensors(op, tensors);
   check_scaled_dtype(op, tensors);
   if (tensors.empty()) return;
-  scale_list<true>(tensors, scale.to(at::kDouble).item<double>());  // a CPU tensor: no device sync
+  const double s = scale.to(at::kDouble).item<double>();  // a CPU tensor: no device sync
+  scale_list<true>(tensors, op_math_scale(scale, s, tensors[0].scalar_type()));
 }
 
 void maybe_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
@@ -158,17 +170,19 @@ void maybe_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
     // The AVX2 loop: torch's bfloat16 multiply ran at 1.6x the in-place floor, this at ~1.3x.
     // The AVX-512 loops (scale_zmm.h) for every dtype: float32 at 1.01x the rewrite floor where
     // torch's _foreach_mul_ took 1.24-1.27x (GPT-2-small list, 2026-12-07, Intel Xeon).
-    scale_list<false>(tensors, s);
+    scale_list<false>(tensors, op_math_scale(scale, s, dtype));
     return;
   }
-  // float32/float64: torch's own foreach kernel, compiled for this CPU's widest ISA, which a
-  // plain loop at the portable flags does not match for a read+write pass. The scale in the
-  // tensors' dtype, as every kernel rounds it: a float64 scale made a 0-dim float32 tensor's
-  // product float64 (two 0-dim operands promote), rounded once, unlike every other tensor's.
-  // 0-dim: the op takes any one-element scale, torch's foreach op only a 0-dim one.
+  // float32/float64 (and float16/bfloat16 without AVX2): torch's own foreach kernel, compiled for
+  // this CPU's widest ISA, which a plain loop at the portable flags does not match for a
+  // read+write pass. By a new 0-dim tensor of the value already read, in the op's math dtype: a
+  // scale that is an element of one of the tensors then counts with the value it had, as in the
+  // loops above (torch's op refused the alias), and a 0-dim float32 tensor is multiplied by the
+  // float32 value as every other (a float64 0-dim scale promoted its product to float64, rounded
+  // once: 1 ulp off). A tensor, not a Scalar: torch multiplies a float16 tensor by a Scalar in
+  // another rounding than by a 0-dim float32 tensor (the every-pattern test saw it).
   const auto op_math = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor s0 = scale.reshape({});
-  at::_foreach_mul_(tensors, s0.scalar_type() == op_math ? s0 : s0.to(op_math));
+  at::_foreach_mul_(tensors, at::scalar_tensor(op_math_scale(scale, s, dtype), at::TensorOptions().dtype(op_math)));
 }
 
 }  // namespace

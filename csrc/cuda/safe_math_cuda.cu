@@ -244,6 +244,7 @@ at::Tensor safe_log_backward_cuda(const at::Tensor& grad, const at::Tensor& inpu
   check_float(grad, "safe_log_backward", "grad");
   check_backward_operand(input, grad, "safe_log_backward", "input");
   check_on_kernel_device({{&grad, "grad"}, {&input, "input"}}, "safe_log_backward", at::kCUDA);
+  check_backward_eps(eps, "safe_log_backward");
   const c10::cuda::CUDAGuard guard(input.device());
   require_kernel_image();
   at::Tensor out = at::empty_like(input);
@@ -279,6 +280,7 @@ at::Tensor safe_sqrt_backward_cuda(const at::Tensor& grad, const at::Tensor& inp
   check_float(grad, "safe_sqrt_backward", "grad");
   check_backward_operand(input, grad, "safe_sqrt_backward", "input");
   check_on_kernel_device({{&grad, "grad"}, {&input, "input"}}, "safe_sqrt_backward", at::kCUDA);
+  check_backward_eps(eps, "safe_sqrt_backward");
   const c10::cuda::CUDAGuard guard(input.device());
   require_kernel_image();
   at::Tensor out = at::empty_like(input);

@@ -142,8 +142,20 @@ def safe_log_out(input: torch.Tensor, eps: float, straight_through: bool, *, out
     torch.log(torch.clamp(input, min=eps), out=out)
 
 
+def check_backward_eps(eps: float, op: str) -> None:
+    """The backward ops' eps: not NaN, >= 0 (RuntimeError, as the compiled kernels' check_param),
+    finite (ValueError); csrc/safe_math_args.h's check_backward_eps."""
+    if eps != eps:
+        raise RuntimeError(f"gradguard.{op}: `eps` must not be NaN")
+    if eps < 0.0:
+        raise RuntimeError(f"gradguard.{op}: `eps` must be >= 0, got {eps}")
+    if eps == math.inf:
+        raise ValueError(f"gradguard.{op}: `eps` must be finite: at inf every element is at or below it")
+
+
 def safe_log_backward(grad: torch.Tensor, input: torch.Tensor, eps: float, straight_through: bool) -> torch.Tensor:
     check_devices("safe_log_backward", grad.device, input=input)
+    check_backward_eps(eps, "safe_log_backward")
     # torch's log backward (grad / x) applied to the clamped x, then clamp's backward (pass where
     # input >= eps, including the boundary) unless the gradient goes straight through.
     c = torch.clamp(input, min=eps)
@@ -190,6 +202,7 @@ def safe_sqrt_out(input: torch.Tensor, eps: float, *, out: torch.Tensor) -> None
 
 def safe_sqrt_backward(grad: torch.Tensor, input: torch.Tensor, eps: float) -> torch.Tensor:
     check_devices("safe_sqrt_backward", grad.device, input=input)
+    check_backward_eps(eps, "safe_sqrt_backward")
     # torch's sqrt backward (grad / (2 sqrt(x))) where x > eps; zero at and below eps, where it
     # would be inf (x = 0) or huge. Above eps the clamp is the identity, so sqrt of the masked
     # input has the forward's values, and a second derivative never sees sqrt'(0).

@@ -411,8 +411,11 @@ def zero_nonfinite_and_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) 
     """In place: every non-finite element becomes 0, every other one is multiplied by `scale`."""
     _check_same_device("zero_nonfinite_and_scale_", tensors, scale)
     check_scale_args("zero_nonfinite_and_scale_", tensors, scale)
+    if not tensors:
+        return
+    s = _op_math_scale(scale, tensors[0])  # one dtype and device for all (checked)
     for t in tensors:
-        t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(_op_math_scale(scale, t))
+        t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(s)
 
 
 def _op_math_scale(scale: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -420,8 +423,11 @@ def _op_math_scale(scale: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     float32), as the compiled kernels round it. A float64 scale kept as it was made a 0-dim
     float32 tensor's product float64 (two 0-dim operands promote), rounded once, while every
     other tensor, and every kernel, multiplied by the float32 scale: a 1-ulp difference."""
-    # 0-dim: the op takes any one-element scale, torch's _foreach_mul_ only a 0-dim one.
-    return scale.reshape(()).to(t.device, torch.float64 if t.dtype == torch.float64 else torch.float32)
+    # 0-dim: the op takes any one-element scale, torch's _foreach_mul_ only a 0-dim one. A copy,
+    # read before anything is written: a scale that is an element of one of the tensors counts
+    # with the value it had, as in the compiled kernels (an alias of it changed under the loop,
+    # or torch's op refused it).
+    return scale.reshape(()).to(t.device, torch.float64 if t.dtype == torch.float64 else torch.float32, copy=True)
 
 
 def _check_same_device(op: str, tensors, scale) -> None:
