@@ -1,5 +1,6 @@
 // The 512-bit hot loop of the statistics kernel (the AVX-512 copy): float32/float16/bfloat16 with
-// p = 2 or inf, and float32 with p = 1. Its steps are the 256-bit loop's (stats_ymm.h) at twice
+// p = 2 or inf, float32 with p = 1, and float64's raw sums (p = 1, 2, inf) inside the scaled
+// blocks of stats_loops.inc. Its steps are the 256-bit loop's (stats_ymm.h) at twice
 // the width; what is left after the last whole step goes through that loop, as does a 16-bit
 // sum of |x| (p = 1, rare).
 //
@@ -14,7 +15,10 @@
 //   by FMA into eight independent double accumulators.
 // - float16/bfloat16: the squares' bits moved into double lanes by shifts and masks, not by the
 //   256-bit loop's unpacks and conversions (see squares16). A NaN/Inf word makes a finite double
-//   there: the amax bit pattern tells them, as in the 256-bit loop.
+//   there: the amax bit pattern tells them, as in the 256-bit loop. (AVX512-FP16's vcvtph2pd,
+//   one conversion straight to double, was tried for float16 on the same Xeon on 2026-12-07 and
+//   was slower from cache, 8.3-8.5 GB/s against 11.5-15 for squares16, and no faster from memory.)
+// - float64: eight doubles a load, FMA into eight chains, amax by vmaxpd (main_f64).
 // Every square is exact in double and summed in double, so these give the 256-bit loop's sums up
 // to the order of the additions (and bfloat16's zeros and subnormals, below 2^-252 each: see
 // squares16).
@@ -43,7 +47,17 @@ namespace simd512 {
 
 constexpr int kAcc = 8;
 
-// Software prefetch into L2 (prefetch.h), 4 KB ahead of the loads, on Intel cores. On this day's
+// Software prefetch into L2 (prefetch.h), 4 KB ahead of the loads, on Intel cores: one prefetch
+// just before the loads of each line, not the step's lines prefetched together at its top. That
+// placement, on the Xeon of 2026-12-07 (second session, GPT-2-small list, two threads, against the
+// fastest floor walk, alternating builds; float64 / float32 / bfloat16 / float16), took the stats
+// pass from 1.37-1.40x / 0.98-0.99x / 1.52-1.58x / 1.71-1.82x to 1.16x / 0.99-1.04x / 1.28x /
+// 1.26-1.29x (float64's "before" is main_f64 prefetching at the top of each step, no faster than
+// the auto-vectorized loop it replaced: 1.21-1.38x); one thread over 256 MB of float64 went from
+// 8.1-8.7 GB/s to 9.8-11.1 (the prefetching floor walk, which also prefetches line by line:
+// 9.6-11.3). Chains (below) still paid with this placement: without it, one thread over 256 MB
+// read float32 at 7.6-7.8 GB/s against 9.4-9.9 with it. The earlier figures, with
+// the prefetches at the top of each step (the first session of 2026-12-07): on this day's
 // Intel Xeon (2026-12-07, the GPT-2-small list, two threads, against the 1-stream read walk
 // without a prefetch, alternating processes; float32 / bfloat16 / float16): without one
 // 1.23-1.33x / 1.41-1.57x / 1.66-1.70x; into L1 1-2 KB ahead 1.10-1.24x / 1.15-1.29x / 1.31-1.40x;
@@ -108,10 +122,8 @@ inline void main_f32(const float* x, int64_t main, __m512d* s, float& amax) {
   {
     Chains<kPaced> c(s);
     for (int64_t j = 0; j < main; j += 64) {
-      if (kPaced) {
-        for (int k = 0; k < 4; ++k) prefetch_l2(ahead + 4 * j + 64 * k);
-      }
       for (int k = 0; k < kAcc; ++k) {
+        if (kPaced && k % 2 == 0) prefetch_l2(ahead + 4 * j + 32 * k);
         const __m512d d = _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8 * k));
         c.update(k, [&](__m512d a) { return accumulate<kSquares>(a, d); });
       }
@@ -120,6 +132,52 @@ inline void main_f32(const float* x, int64_t main, __m512d* s, float& amax) {
   }
   const uint32_t top = _mm512_reduce_max_epu32(m);
   std::memcpy(&amax, &top, sizeof amax);
+}
+
+// float64, 64 elements a step (eight lines): eight loads summed into eight chains, amax by
+// vmaxpd on |x|. Raw sums, as the loop it replaces in stats_loops.inc (scaled_fast): the caller
+// checks the sum and sums a block again relative to its amax when it left the safe range.
+template <bool kSquares, bool kPaced>
+inline void main_f64(const double* x, int64_t main, __m512d* s, double& amax) {
+  __m512d m = _mm512_setzero_pd();
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(x) + kPrefetchBytes;
+  {
+    Chains<kPaced> c(s);
+    for (int64_t j = 0; j < main; j += 64) {
+      for (int k = 0; k < kAcc; ++k) {
+        if (kPaced) prefetch_l2(ahead + 8 * j + 64 * k);
+        const __m512d d = _mm512_loadu_pd(x + j + 8 * k);
+        c.update(k, [&](__m512d a) { return accumulate<kSquares>(a, d); });
+        m = _mm512_max_pd(m, _mm512_abs_pd(d));
+      }
+    }
+  }
+  amax = _mm512_reduce_max_pd(m);
+}
+
+// float64: raw sum of x^2 (kSquares) or |x| and max |x| of n elements, NaN/Inf making the sum
+// NaN/Inf (their amax is then meaningless, as in the loop this replaces).
+template <bool kSquares>
+inline void raw_sums_f64(const double* x, int64_t n, double& sum, double& amax) {
+  const int64_t main = n - n % 64;
+  __m512d s[kAcc];
+  for (auto& v : s) v = _mm512_setzero_pd();
+  double m = 0.0;
+  if (main > 0) {
+    if (prefetch_helps()) {
+      main_f64<kSquares, true>(x, main, s, m);
+    } else {
+      main_f64<kSquares, false>(x, main, s, m);
+    }
+  }
+  double r = add_lanes(s);
+  for (int64_t j = main; j < n; ++j) {
+    const double a = x[j] < 0 ? -x[j] : x[j];
+    r += kSquares ? a * a : a;
+    m = m > a ? m : a;
+  }
+  sum = r;
+  amax = m;
 }
 
 // float16/bfloat16 squares, 64 elements a step, into eight chains; the amax as a bit pattern. The
@@ -143,11 +201,8 @@ inline uint16_t squares16(const c10::BFloat16* x, int64_t main, __m512d* s, doub
   {
     Chains<kPaced> c(s);
     for (int64_t j = 0; j < main; j += 64) {
-      if (kPaced) {
-        prefetch_l2(ahead + 2 * j);
-        prefetch_l2(ahead + 2 * j + 64);
-      }
       for (int u = 0; u < 2; ++u) {
+        if (kPaced) prefetch_l2(ahead + 2 * j + 64 * u);
         const __m512i v = _mm512_loadu_si512(x + j + 32 * u);
         const __m512i w[4] = {_mm512_slli_epi64(v, 45), _mm512_slli_epi64(v, 29), _mm512_slli_epi64(v, 13),
                               _mm512_srli_epi64(v, 3)};
@@ -177,11 +232,8 @@ inline uint16_t squares16(const c10::Half* x, int64_t main, __m512d* s, double& 
   {
     Chains<kPaced> c(s);
     for (int64_t j = 0; j < main; j += 64) {
-      if (kPaced) {
-        prefetch_l2(ahead + 2 * j);
-        prefetch_l2(ahead + 2 * j + 64);
-      }
       for (int k = 0; k < 4; ++k) {
+        if (kPaced && k % 2 == 0) prefetch_l2(ahead + 2 * j + 32 * k);
         const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 16 * k)));
         const __m512i sq = _mm512_castps_si512(_mm512_mul_ps(f, f));
         const __m512d lo = _mm512_castsi512_pd(_mm512_and_si512(_mm512_slli_epi64(sq, 29), place));
