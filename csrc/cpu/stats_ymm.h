@@ -274,7 +274,8 @@ inline void sums(const T* x, int64_t n, double& sum, float& amax) {
     step32_of8<kSquares>(f, t);
     mt = _mm256_max_ps(mt, _mm256_andnot_ps(sign, f));
   }
-  sum = (kBits ? main_sum : add_lanes(s, 8)) + add_lanes(t, 2);
+  const double tail_sum = add_lanes(t, 2);  // >= 0 or NaN: adding a +0.0 main sum changes no bit
+  sum = main == 0 ? tail_sum : (kBits ? main_sum : add_lanes(s, 8)) + tail_sum;
   alignas(32) float tl[8];
   _mm256_store_ps(tl, mt);
   float top = main > 0 ? amax_value(m, x) : 0.f;

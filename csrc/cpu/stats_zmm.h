@@ -255,27 +255,30 @@ inline uint16_t squares16(const c10::Half* x, int64_t main, __m512d* s, double& 
 template <typename T, bool kSquares, bool kSumUsed = true>
 inline void sums(const T* x, int64_t n, double& sum, float& amax) {
   constexpr bool kFloat = std::is_same<T, float>::value;
-  if constexpr (!kFloat && !kSquares) {
+  const int64_t main = n - n % 64;
+  // A 16-bit sum of |x|, or fewer elements than one step: the 16-element tensors of a long list,
+  // where reducing the empty chains (these and the 256-bit loop's, see simd::sums) took a quarter
+  // of the time (1,000 such float32 tensors, one thread, the Xeon of 2026-12-07: GradGuard's
+  // grad_stats_of call 76-81 us before, 56-59 after).
+  if (!(kFloat || kSquares) || main == 0) {
     simd::sums<T, kSquares, kSumUsed>(x, n, sum, amax);
-  } else {
-    const int64_t main = n - n % 64;
+    return;
+  }
+  if constexpr (kFloat || kSquares) {
     __m512d s[kAcc];
     for (auto& v : s) v = _mm512_setzero_pd();
     double main_sum;
     float main_amax = 0.f;
     if constexpr (kFloat) {
-      if (main > 0) {
-        if (prefetch_helps()) {
-          main_f32<kSquares, true>(x, main, s, main_amax);
-        } else {
-          main_f32<kSquares, false>(x, main, s, main_amax);
-        }
+      if (prefetch_helps()) {
+        main_f32<kSquares, true>(x, main, s, main_amax);
+      } else {
+        main_f32<kSquares, false>(x, main, s, main_amax);
       }
       main_sum = add_lanes(s);
     } else {
       double scale = 1.0;
-      uint16_t top = 0;
-      if (main > 0) top = prefetch_helps() ? squares16<true>(x, main, s, scale) : squares16<false>(x, main, s, scale);
+      const uint16_t top = prefetch_helps() ? squares16<true>(x, main, s, scale) : squares16<false>(x, main, s, scale);
       if (top >= simd::nonfinite_bits(x)) {
         main_sum = std::numeric_limits<double>::quiet_NaN();
       } else if (top == 0) {
