@@ -1,8 +1,10 @@
 // The 512-bit hot loop of the statistics kernel (the AVX-512 copy): float32/float16/bfloat16 with
 // p = 2 or inf, float32 with p = 1, and float64's raw sums (p = 1, 2, inf) inside the scaled
-// blocks of stats_loops.inc. Its steps are the 256-bit loop's (stats_ymm.h) at twice
-// the width; what is left after the last whole step goes through that loop, as does a 16-bit
-// sum of |x| (p = 1, rare).
+// blocks of stats_loops.inc. The float32/16-bit steps are the 256-bit loop's (stats_ymm.h) at
+// twice the width; what is left after the last whole step goes through that loop, as do a whole
+// segment shorter than one step and a 16-bit sum of |x| (p = 1, rare). float64 has no 256-bit
+// loop: the other copies sum it in the auto-vectorized loop of scaled_fast (stats_loops.inc), and
+// main_f64's tail is a scalar loop.
 //
 // Why a copy of its own: on an Intel Xeon with AVX-512 (2026-12-07, the dev VM of that day, one
 // thread, 1 MB from cache) the 256-bit loop summed float32 at 26 GB/s, bfloat16 at 12 and
@@ -18,10 +20,12 @@
 //   there: the amax bit pattern tells them, as in the 256-bit loop. (AVX512-FP16's vcvtph2pd,
 //   one conversion straight to double, was tried for float16 on the same Xeon on 2026-12-07 and
 //   was slower from cache, 8.3-8.5 GB/s against 11.5-15 for squares16, and no faster from memory.)
-// - float64: eight doubles a load, FMA into eight chains, amax by vmaxpd (main_f64).
-// Every square is exact in double and summed in double, so these give the 256-bit loop's sums up
-// to the order of the additions (and bfloat16's zeros and subnormals, below 2^-252 each: see
-// squares16).
+// - float64: eight doubles a load, squared by FMA (p = 2) or their |x| added (p = 1, inf) into
+//   eight chains, amax by vmaxpd (main_f64).
+// Every float32/16-bit square is exact in double and summed in double, so these give the 256-bit
+// loop's sums up to the order of the additions (and bfloat16's zeros and subnormals, below
+// 2^-252 each: see squares16). float64 squares round, as in the other copies' loop; the two
+// orders of addition differ in the last bits (about 1e-15 relative).
 #pragma once
 
 #include "cpu_isa.h"
@@ -135,7 +139,7 @@ inline void main_f32(const float* x, int64_t main, __m512d* s, float& amax) {
 }
 
 // float64, 64 elements a step (eight lines): eight loads summed into eight chains, amax by
-// vmaxpd on |x|. Raw sums, as the loop it replaces in stats_loops.inc (scaled_fast): the caller
+// vmaxpd on |x|. Raw sums, as the other copies' loop in stats_loops.inc (scaled_fast): the caller
 // checks the sum and sums a block again relative to its amax when it left the safe range.
 template <bool kSquares, bool kPaced>
 inline void main_f64(const double* x, int64_t main, __m512d* s, double& amax) {
