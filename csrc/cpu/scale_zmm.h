@@ -9,9 +9,15 @@
 // loop rescaled bfloat16 at 24 GB/s and float16 at 18 from L2, against an in-place rewrite of 57,
 // and over 256 MB at 1.7-2.1x the rewrite floor's time: compute-bound. Intel cores run 512-bit
 // ops on two ports, the 256-bit conversions and inserts on one. This loop alone took 1.24-1.36x
-// (maybe_scale_) and 1.46-1.54x (zeroing); with a prefetch 2 KB ahead (prefetch.h: Intel only)
-// 0.95-1.00x and 0.97-1.00x (two alternating runs each of 0, 512 B, 1 KB, 2 KB: 1.27-1.36x,
-// 1.09-1.14x, 0.99-1.05x, 0.95-1.00x for maybe_scale_).
+// (maybe_scale_) and 1.46-1.54x (zeroing); with a prefetch into L1 2 KB ahead (prefetch.h: Intel
+// only) 0.95-1.00x and 0.97-1.00x (two alternating runs each of 0, 512 B, 1 KB, 2 KB: 1.27-1.36x,
+// 1.09-1.14x, 0.99-1.05x, 0.95-1.00x for maybe_scale_). The loops now prefetch into L2 4 KB ahead,
+// as the stats loops do: on the same Xeon (second session of 2026-12-07, alternating builds,
+// against the rewrite walk that prefetches into L2 4 KB ahead), the GPT-2-small list on two
+// threads, bfloat16 maybe_scale_ / zeroing 1.26-1.30x / 1.27-1.31x with the L1 prefetch and
+// 1.09-1.12x / 1.11-1.14x with this one, float32 1.03-1.07x / 1.08-1.11x and 1.00-1.03x /
+// 1.02-1.05x; one thread over 256 MB, bfloat16 1.26x against 1.09-1.11x, float32 0.97-0.98x
+// against 0.89-0.92x.
 #pragma once
 
 #include "cpu_isa.h"
@@ -31,7 +37,7 @@ GG_TARGET_AVX512
 namespace gradguard {
 namespace simd16_512 {
 
-constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kPrefetchBytes = 4096;
 
 // The non-finite words of v (all exponent bits set: Inf and NaN) made +0.
 template <bool kHalf>
@@ -60,7 +66,7 @@ inline void scale(uint16_t* x, int64_t n, float s) {
   int64_t i = 0;
   if constexpr (kHalf) {
     for (; i + 32 <= n; i += 32) {
-      if (pf) prefetch_l1(ahead + 2 * i);
+      if (pf) prefetch_l2(ahead + 2 * i);
       __m512i v = _mm512_loadu_si512(x + i);
       if (kZero) v = zero_nonfinite_words<true>(v);
       const __m512 a = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
@@ -74,7 +80,7 @@ inline void scale(uint16_t* x, int64_t n, float s) {
     // halves), rounded in place, and blended back in their own order.
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (; i + 32 <= n; i += 32) {
-      if (pf) prefetch_l1(ahead + 2 * i);
+      if (pf) prefetch_l2(ahead + 2 * i);
       __m512i v = _mm512_loadu_si512(x + i);
       if (kZero) v = zero_nonfinite_words<false>(v);
       const __m512i even = round_bf16_high(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), sv));
@@ -105,7 +111,7 @@ inline void scale(T* x, int64_t n, T s) {
   if constexpr (std::is_same_v<T, float>) {
     const __m512 sv = _mm512_set1_ps(s), big = _mm512_set1_ps(std::numeric_limits<float>::max());
     for (; i + kLanes <= n; i += kLanes) {
-      if (pf) prefetch_l1(ahead + sizeof(T) * i);
+      if (pf) prefetch_l2(ahead + sizeof(T) * i);
       __m512 v = _mm512_loadu_ps(x + i);
       // |v| <= max is false for NaN and +-inf: zeroed, then scaled (-0.0 for a negative scale).
       if (kZero) v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(v), big, _CMP_LE_OQ), v);
@@ -114,7 +120,7 @@ inline void scale(T* x, int64_t n, T s) {
   } else {
     const __m512d sv = _mm512_set1_pd(s), big = _mm512_set1_pd(std::numeric_limits<double>::max());
     for (; i + kLanes <= n; i += kLanes) {
-      if (pf) prefetch_l1(ahead + sizeof(T) * i);
+      if (pf) prefetch_l2(ahead + sizeof(T) * i);
       __m512d v = _mm512_loadu_pd(x + i);
       if (kZero) v = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(_mm512_abs_pd(v), big, _CMP_LE_OQ), v);
       _mm512_storeu_pd(x + i, _mm512_mul_pd(v, sv));
