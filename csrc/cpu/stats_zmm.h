@@ -36,6 +36,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -176,7 +177,7 @@ inline void raw_sums_f64(const double* x, int64_t n, double& sum, double& amax) 
   }
   double r = add_lanes(s);
   for (int64_t j = main; j < n; ++j) {
-    const double a = x[j] < 0 ? -x[j] : x[j];
+    const double a = std::fabs(x[j]);  // +0.0 for -0.0, as vandpd makes in the main loop
     r += kSquares ? a * a : a;
     m = m > a ? m : a;
   }
