@@ -4,6 +4,8 @@ extension is loaded."""
 from __future__ import annotations
 
 import gc
+import sys
+import weakref
 
 import pytest
 import torch
@@ -38,6 +40,35 @@ def test_grad_stats_of_returns_the_grads_themselves_and_the_ops_results(impl):
     for got, w in zip((acc, nan, inf, amax), want):
         torch.testing.assert_close(got, w, rtol=0, atol=0, equal_nan=True)
     assert nan.tolist() == [0, 0, 1, 0, 0] and inf.tolist() == [0, 0, 0, 0, 1]
+
+
+def test_grad_stats_of_owns_what_it_returns_and_leaks_nothing(impl):
+    # Gradients made by a backward have no Python object until read: the call makes them. The
+    # compiled call lends the op handles that own no reference (the returned list's objects keep
+    # the tensors alive): a handle released as if owned would free a gradient still in use, one
+    # kept would never let it go.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model(torch.randn(5, 4)).square().sum().backward()
+    ps = list(model.parameters())
+    for _ in range(50):
+        _host.grad_stats_of(ps, 2.0, True)
+    grads, acc, *_ = _host.grad_stats_of(ps, 2.0, True)
+    counts = [sys.getrefcount(g) for g in grads]
+    for _ in range(50):
+        _host.grad_stats_of(ps, 2.0, True)
+    assert [sys.getrefcount(g) for g in grads] == counts
+    want = [g.clone() for g in grads]
+    refs = [weakref.ref(g) for g in grads]
+    for p in ps:
+        p.grad = None
+    gc.collect()
+    assert all(r() is not None for r in refs)  # held by the returned list alone now
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    torch.testing.assert_close(acc, torch.ops.gradguard.multi_tensor_stats.default(want, 2.0)[0], rtol=0, atol=0)
+    del grads, g
+    gc.collect()
+    assert all(r() is None for r in refs)
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, float("inf")])

@@ -195,6 +195,13 @@ void stats_kernel(at::TensorList ts, double p, const Outputs& res) {
     // One thread: tensor by tensor, with no work list. The same chunks merged in the same order
     // as below, so the same bits; at 1,000 tensors of 16 elements the lists below cost ~10 ns a
     // tensor.
+    // A tensor's data is two dependent loads away (its storage, then the data), both cold when
+    // the list was written long ago. Fetched list-wide first, one link a pass, their misses
+    // overlap; tensor by tensor below, each small tensor waited for its own.
+    for (const auto& t : ts) __builtin_prefetch(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+    for (const auto& t : ts) {
+      if (t.numel() > 0) __builtin_prefetch(t.const_data_ptr());
+    }
     for (const auto i : c10::irange(ts.size())) {
       const StridedWalk walk(ts[i]);
       Partial out;

@@ -46,6 +46,23 @@ bool check_list(PyObject* obj, const char* where) {
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// at::Tensor handles that do not own a reference: for tensors that something else (a Python
+// object the caller holds) keeps alive while the handles are used.
+class BorrowedTensors {
+ public:
+  explicit BorrowedTensors(Py_ssize_t n) { ts_.reserve(static_cast<size_t>(n)); }
+  BorrowedTensors(const BorrowedTensors&) = delete;
+  BorrowedTensors& operator=(const BorrowedTensors&) = delete;
+  ~BorrowedTensors() {
+    for (auto& t : ts_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+  void push_back(const at::Tensor& t) { ts_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t)); }
+  const std::vector<at::Tensor>& get() const { return ts_; }
+
+ private:
+  std::vector<at::Tensor> ts_;
+};
+
 // gradguard::multi_tensor_stats over `ts` through the dispatcher, as torch.ops would call it (same
 // kernels, errors and profiler record), with the GIL released while it runs (a 124M-parameter
 // list reads for ~10 ms).
@@ -120,17 +137,6 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
   double norm_type = 2.0;
   if (!PyArg_ParseTuple(args, "Od", &params, &norm_type) || !check_list(params, "grad_stats_of")) return nullptr;
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  std::vector<at::Tensor> grads;
-  grads.reserve(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    const at::Tensor* p = tensor_at(params, i, "grad_stats_of");
-    if (p == nullptr) return nullptr;
-    const at::Tensor& g = p->grad();
-    if (!g.defined()) Py_RETURN_NONE;
-    grads.push_back(g);
-  }
-  const Stats out = call_stats(grads, norm_type);
-  // (grads, acc, nan_count, inf_count, amax); a failed wrap drops what was built.
   PyObject* result = PyTuple_New(5);
   PyObject* list = PyList_New(n);
   if (result == nullptr || list == nullptr) {
@@ -138,14 +144,63 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
     Py_XDECREF(list);
     return nullptr;
   }
-  PyTuple_SET_ITEM(result, 0, list);
+  PyTuple_SET_ITEM(result, 0, list);  // unset list and tuple items are NULL, which their dealloc skips
+  // Each parameter's gradient sits at the end of a chain of dependent loads (the parameter's
+  // Python object, its TensorImpl, its AutogradMeta, the gradient's TensorImpl, the gradient's
+  // Python object), cold after an optimizer step over many tensors. Taken one link at a time
+  // over the whole list, the loads of one pass are independent and the core overlaps their
+  // misses; one tensor at a time, each waited for the last.
+  std::vector<const void*> links(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* g = THPVariable_Wrap(grads[i]);
-    if (g == nullptr) {
+    const at::Tensor* p = tensor_at(params, i, "grad_stats_of");
+    if (p == nullptr) {
       Py_DECREF(result);
       return nullptr;
     }
-    PyList_SET_ITEM(list, i, g);
+    links[i] = p->unsafeGetTensorImpl();
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    links[i] = static_cast<const c10::TensorImpl*>(links[i])->autograd_meta();
+    if (links[i] != nullptr) __builtin_prefetch(links[i]);
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const auto* meta = static_cast<const c10::AutogradMetaInterface*>(links[i]);
+    const c10::TensorImpl* g = meta == nullptr ? nullptr : meta->grad().unsafeGetTensorImpl();
+    links[i] = g == c10::UndefinedTensorImpl::singleton() ? nullptr : g;
+    if (links[i] != nullptr) __builtin_prefetch(g->pyobj_slot());
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (links[i] == nullptr) continue;
+    PyObject* obj = static_cast<const c10::TensorImpl*>(links[i])->pyobj_slot()->load_pyobj();
+    if (obj != nullptr) __builtin_prefetch(obj, 1);
+  }
+  // The grads go into the returned list, and the op gets borrowed handles: each list item's
+  // Python object holds its tensor, so the handles stay valid while the op runs without the GIL,
+  // and no reference count is bumped and dropped per tensor. Those are atomic read-modify-writes:
+  // each holds back the loads after it until its own cache line is in, which serialized the
+  // misses of consecutive tensors.
+  BorrowedTensors grads(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    // Read as autograd's own accessor does: the passes above only warmed the caches.
+    const at::Tensor& g = THPVariable_Unpack(PyList_GET_ITEM(params, i)).grad();
+    if (!g.defined()) {
+      Py_DECREF(result);
+      Py_RETURN_NONE;
+    }
+    PyObject* wrapped = THPVariable_Wrap(g);
+    if (wrapped == nullptr) {
+      Py_DECREF(result);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, i, wrapped);
+    grads.push_back(THPVariable_Unpack(wrapped));
+  }
+  Stats out;
+  try {
+    out = call_stats(grads.get(), norm_type);
+  } catch (...) {
+    Py_DECREF(result);
+    throw;
   }
   return wrap_stats_into(out, result, 1);
   END_HANDLE_TH_ERRORS
