@@ -1062,7 +1062,7 @@ class GradGuard(torch.optim.Optimizer):
         if scaler_found is not None and scaler_found.device != device:
             scaler_found = scaler_found.to(device)
         # The decision, the counters, the spike statistics and the history slot: one op.
-        norms, amax, scalars, found, mult, grad_scale, pre_scale = torch.ops.gradguard.guard_decide.default(
+        norms, amax, scalars, found, mult, grad_scale, pre_scale = _host.guard_decide(
             raw.acc, raw.nan_count, raw.inf_count, raw.amax, idx, limit_t, loss_scale, scaler_found,
             st.counters, st.layer_nonfinite, st.layer_max_norm,
             None if spike is None else spike.state_tensor(device), st.history.values(device),

@@ -12,7 +12,7 @@ import torch
 import torch.testing._internal.optests
 
 from conftest import DEVICES, EXT_LOADED, needs_ext
-from gradguard import reference
+from gradguard import _host, reference
 
 op = torch.ops.gradguard.guard_decide
 STEPS = 30
@@ -107,7 +107,8 @@ def compare(got_out, want_out, got_state, want_state, double_out):
         assert torch.equal(got_state["history"].cpu()[:, 2], want_state["history"].cpu()[:, 2])
 
 
-def run_sequence(seed, device, p, mode, spike, double_out, use_index, max_norm_kind, amp_kind, stateful=True):
+def run_sequence(seed, device, p, mode, spike, double_out, use_index, max_norm_kind, amp_kind, stateful=True,
+                 call=op):
     """STEPS steps of the op (on `device`) and of the reference (on CPU clones), compared after
     each step. Returns how many steps were non-finite, clipped, skipped, for the caller's checks
     that the sequence exercised those branches."""
@@ -146,7 +147,7 @@ def run_sequence(seed, device, p, mode, spike, double_out, use_index, max_norm_k
             return (*[None if t is None else t.to(dev) for t in tensors], state["counters"], state["layer_nonfinite"],
                     state["layer_max_norm"], state["spike_state"], state["history"], *common)
 
-        got = op(*on(device, op_state))
+        got = call(*on(device, op_state))
         want = reference.guard_decide(*on("cpu", ref_state))
         try:
             compare(got, want, op_state, ref_state, double_out)
@@ -191,6 +192,37 @@ def test_random_sequences_match_reference(device, k, spike, mode, double_out):
     assert (total["spike_clipped"] > 0) == (spike != "none"), total  # the policy's own limit was hit
     if mode in ("skip", "raise") or any(AMP_KINDS[(j + 2 * k) % 4] != "none" for j in range(4)):
         assert total["skipped"] > 0, total
+
+
+def _compiled_entry(*args):
+    got = _host._C.guard_decide(*args)
+    assert got is not None, "plain tensors: the compiled entry takes the call"
+    return got
+
+
+@pytest.mark.skipif(_host._C is None, reason="the compiled host helpers are not loaded")
+@pytest.mark.parametrize("spike", reference.decide.SPIKES)
+@pytest.mark.parametrize("mode", ["skip", "zero"])
+def test_compiled_entry_matches_reference(spike, mode):
+    # GradGuard's typed call (gradguard._C.guard_decide, csrc/cpu/host_helpers.cpp) parses the
+    # arguments itself: every kind of max_norm, loss scale, index and spike argument through it.
+    for j, p in enumerate(P_VALUES):
+        run_sequence(seed=77 + j, device="cpu", p=p, mode=mode, spike=spike, double_out=j % 2 == 1,
+                     use_index=j % 2 == 0, max_norm_kind=MAX_NORM_KINDS[j], amp_kind=AMP_KINDS[j],
+                     call=_compiled_entry)
+
+
+@pytest.mark.skipif(_host._C is None, reason="the compiled host helpers are not loaded")
+def test_compiled_entry_leaves_a_tensor_subclass_to_torch_ops():
+    class Marked(torch.Tensor):
+        pass
+
+    args = {**_good_args(), "max_norm": torch.tensor(1.0).as_subclass(Marked)}
+    assert _host._C.guard_decide(*[args[k] for k in ARG_ORDER]) is None
+    args = {**_good_args(), "acc": torch.ones(3, dtype=torch.float64).as_subclass(Marked)}
+    assert _host._C.guard_decide(*[args[k] for k in ARG_ORDER]) is None
+    out = _host.guard_decide(*[args[k] for k in ARG_ORDER])  # through torch.ops
+    assert len(out) == 7
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -360,17 +392,22 @@ KERNEL_NAMED = {
 }
 
 
-def _call(args):
-    return op(*[args[k] for k in ARG_ORDER])
+def _call(args, call=op):
+    return call(*[args[k] for k in ARG_ORDER])
 
 
+# torch.ops, and GradGuard's typed compiled call where it is loaded: the same refusals.
+CALLERS = ["torch.ops"] + (["compiled"] if _host._C is not None else [])
+
+
+@pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_argument_is_named(case):
+def test_bad_argument_is_named(case, caller):
     name, change = BAD[case]
     args = {**_good_args(), **change}
     before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
     with pytest.raises(RuntimeError, match=f"gradguard.guard_decide: .*`{name}`"):
-        _call(args)
+        _call(args, op if caller == "torch.ops" else _compiled_entry)
     for k, v in before.items():  # a refused call writes nothing
         assert torch.equal(args[k], v), k
 

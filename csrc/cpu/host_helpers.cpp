@@ -230,24 +230,36 @@ bool plain_list(PyObject* seq, std::vector<at::Tensor>& ts) {
   return true;
 }
 
+using DecideOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using OptT = std::optional<at::Tensor>;
+
+// gradguard::guard_decide, typed (the dispatcher's own kernels, errors and profiler record).
+const c10::TypedOperatorHandle<DecideOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
+                                         const OptT&, const OptT&, const OptT&, double, std::optional<double>,
+                                         c10::string_view, c10::string_view, at::ArrayRef<double>, bool)>&
+guard_decide_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("gradguard::guard_decide", "")
+          .typed<DecideOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
+                           const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
+                           const OptT&, double, std::optional<double>, c10::string_view, c10::string_view,
+                           at::ArrayRef<double>, bool)>();
+  return op;
+}
+
 // The whole of grad_stats from the op's results, as gradguard.stats.finalize computes it
 // (guard_decide without state or limit, then scalars[0] in the result dtype), with the ops called
 // typed from here: each op called from Python parses its arguments there first, and with the
 // caches cold (right after a large read) the three cost ~190 us on top of the read, 2026-12-05.
 PyObject* finalize_stats(const Stats& raw, double norm_type, bool double_out) {
   using Opt = std::optional<at::Tensor>;
-  using Seven = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-  static const auto decide =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("gradguard::guard_decide", "")
-          .typed<Seven(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
-                     const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&,
-                     double, std::optional<double>, c10::string_view, c10::string_view, at::ArrayRef<double>, bool)>();
   at::Tensor parts[6];
   {
     pybind11::gil_scoped_release no_gil;
     const Opt none;
-    const Seven d = decide.call(std::get<0>(raw), std::get<1>(raw), std::get<2>(raw), std::get<3>(raw), none, none,
+    const DecideOut d = guard_decide_op().call(std::get<0>(raw), std::get<1>(raw), std::get<2>(raw), std::get<3>(raw), none, none,
                               none, none, none, none, none, none, none, norm_type, std::nullopt, "ignore", "none",
                               {}, double_out);
     parts[0] = std::get<0>(d);
@@ -274,6 +286,62 @@ PyObject* finalize_stats(const Stats& raw, double norm_type, bool double_out) {
   PyObject* result = PyTuple_New(6);
   return result == nullptr ? nullptr
                            : wrap_into({&parts[0], &parts[1], &parts[2], &parts[3], &parts[4], &parts[5]}, result, 0);
+}
+
+// guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, scaler_found,
+// counters, layer_nonfinite, layer_max_norm, spike_state, history, norm_type, max_norm_value,
+// mode, spike, spike_args, double_out) -> the op's seven outputs, or None when a tensor argument
+// is not a plain torch.Tensor (a subclass may handle the op itself: the caller then calls it
+// through torch.ops). GradGuard's one call per step: through torch.ops the 19 arguments are
+// matched against the schema and boxed, then unboxed for the kernel, 4-5 us of a 7 us call at
+// 52 tensors.
+PyObject* guard_decide(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* t[13];
+  double norm_type = 2.0;
+  PyObject* max_norm_obj = nullptr;
+  PyObject* spike_args_obj = nullptr;
+  const char* mode = nullptr;
+  const char* spike = nullptr;
+  int double_out = 0;
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOdOssOp", &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8],
+                        &t[9], &t[10], &t[11], &t[12], &norm_type, &max_norm_obj, &mode, &spike, &spike_args_obj,
+                        &double_out)) {
+    return nullptr;
+  }
+  for (int k = 0; k < 13; ++k) {
+    if (k < 4 ? !THPVariable_CheckExact(t[k]) : (t[k] != Py_None && !THPVariable_CheckExact(t[k]))) Py_RETURN_NONE;
+  }
+  OptT opt[9];
+  for (int k = 4; k < 13; ++k) {
+    if (t[k] != Py_None) opt[k - 4] = THPVariable_Unpack(t[k]);
+  }
+  std::optional<double> max_norm_value;
+  if (max_norm_obj != Py_None) {
+    const double v = PyFloat_AsDouble(max_norm_obj);
+    if (v == -1.0 && PyErr_Occurred()) return nullptr;
+    max_norm_value = v;
+  }
+  if (!PyList_Check(spike_args_obj)) {
+    PyErr_Format(PyExc_TypeError, "gradguard._C.guard_decide: `spike_args` must be a list, got %s",
+                 Py_TYPE(spike_args_obj)->tp_name);
+    return nullptr;
+  }
+  std::vector<double> spike_args(static_cast<size_t>(PyList_GET_SIZE(spike_args_obj)));
+  for (size_t k = 0; k < spike_args.size(); ++k) {
+    spike_args[k] = PyFloat_AsDouble(PyList_GET_ITEM(spike_args_obj, k));
+    if (spike_args[k] == -1.0 && PyErr_Occurred()) return nullptr;
+  }
+  const DecideOut d = guard_decide_op().call(
+      THPVariable_Unpack(t[0]), THPVariable_Unpack(t[1]), THPVariable_Unpack(t[2]), THPVariable_Unpack(t[3]), opt[0],
+      opt[1], opt[2], opt[3], opt[4], opt[5], opt[6], opt[7], opt[8], norm_type, max_norm_value, mode, spike,
+      spike_args, double_out != 0);
+  PyObject* result = PyTuple_New(7);
+  return result == nullptr ? nullptr
+                           : wrap_into({&std::get<0>(d), &std::get<1>(d), &std::get<2>(d), &std::get<3>(d),
+                                        &std::get<4>(d), &std::get<5>(d), &std::get<6>(d)},
+                                       result, 0);
+  END_HANDLE_TH_ERRORS
 }
 
 // plain_stats(tensors: list | tuple, norm_type: float) -> (acc, nan_count, inf_count, amax) of
@@ -480,6 +548,8 @@ PyMethodDef kMethods[] = {
      "same_items(lists, flat) -> whether the lists, one after another, hold exactly the objects of flat"},
     {"grad_stats_of", grad_stats_of, METH_VARARGS,
      "grad_stats_of(params, norm_type) -> (grads, acc, nan_count, inf_count, amax) of multi_tensor_stats, or None"},
+    {"guard_decide", guard_decide, METH_VARARGS,
+     "guard_decide(<gradguard::guard_decide's 19 arguments>) -> its 7 outputs, or None unless the tensors are plain"},
     {"plain_grad_stats", plain_grad_stats, METH_VARARGS,
      "plain_grad_stats(tensors, norm_type) -> (norms, nan_count, inf_count, amax, total_norm, found_inf) of "
      "grad_stats for a plain one-device, one-dtype list, or None"},
