@@ -59,12 +59,15 @@ def plain_grad_stats(tensors, norm_type: float):
 
 
 def guard_decide(*args):
-    """``gradguard::guard_decide(*args)``'s seven outputs, through one typed compiled call when
-    its tensor arguments are plain torch.Tensor objects (torch.ops matches the 19 arguments
-    against the schema and boxes them, 4-5 us of a 7 us call at 52 tensors), else through
-    torch.ops: the same kernels, errors and profiler record either way."""
+    """``gradguard::guard_decide(*args)``'s seven outputs, as GradGuard calls it: through one typed
+    compiled call when its tensor arguments are plain torch.Tensor objects and no
+    TorchFunctionMode is active (torch.ops matches the 19 arguments against the schema and boxes
+    them: ~4 us of a 6.5 us call at 52 tensors), else through torch.ops. The same kernels and
+    profiler record either way, and the same errors for every argument the kernels refuse; the
+    compiled call parses its Python arguments by itself (a non-float norm type or a non-bool
+    ``double_out`` is a TypeError there), which GradGuard's own arguments never reach."""
     c = _compiled_now()
-    got = None if c is None else c.guard_decide(*args)
+    got = None if c is None or torch._C._is_torch_function_mode_enabled() else c.guard_decide(*args)
     return torch.ops.gradguard.guard_decide.default(*args) if got is None else got
 
 

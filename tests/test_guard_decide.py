@@ -213,6 +213,45 @@ def test_compiled_entry_matches_reference(spike, mode):
 
 
 @pytest.mark.skipif(_host._C is None, reason="the compiled host helpers are not loaded")
+def test_compiled_entry_reads_its_python_arguments_safely():
+    args = _good_args()
+    want = _call(args, op)
+    st = _good_args()  # fresh state: the op updates its counters in place
+    got = _call({**st, "spike_args": tuple(st["spike_args"])}, _compiled_entry)  # a tuple, as torch.ops takes
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+    class Shrinks:  # a number whose __float__ edits the list being read
+        def __init__(self, value):
+            self.value = value
+
+        def __float__(self):
+            box.clear()
+            return 2.0
+
+    box = [Shrinks(2.0), 0.9, 3.0]
+    _call({**_good_args(), "spike_args": box}, _compiled_entry)  # read from a snapshot: no crash
+    assert box == []
+    with pytest.raises(TypeError, match="bool"):
+        _call({**_good_args(), "double_out": 1}, _compiled_entry)
+
+
+@pytest.mark.skipif(_host._C is None, reason="the compiled host helpers are not loaded")
+def test_a_torch_function_mode_sees_guard_decide():
+    seen = []
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    args = _good_args()
+    with Watch():
+        _host.guard_decide(*[args[k] for k in ARG_ORDER])
+    assert any("guard_decide" in f for f in seen), seen
+
+
+@pytest.mark.skipif(_host._C is None, reason="the compiled host helpers are not loaded")
 def test_compiled_entry_leaves_a_tensor_subclass_to_torch_ops():
     class Marked(torch.Tensor):
         pass

@@ -71,6 +71,57 @@ def test_grad_stats_of_owns_what_it_returns_and_leaks_nothing(impl):
     assert all(r() is None for r in refs)
 
 
+@pytest.mark.parametrize("edit", ["clear grads", "empty the list", "replace items"])
+def test_grad_stats_of_survives_python_run_by_a_collection_inside_the_call(impl, edit):
+    # Allocating the returned objects can start a garbage collection, which runs Python
+    # (gc.callbacks here; finalizers in real code) that may set p.grad = None or edit the list
+    # while the call is reading it. The compiled call holds the collector off while it reads:
+    # before, these crashed (a freed gradient, an index past the emptied list). The Python
+    # version reads the list as any comprehension does (an edit mid-read is seen).
+    if impl == "python" and edit != "clear grads":
+        pytest.skip("a list comprehension sees the edit: Python's own semantics")
+    ps = [torch.nn.Parameter(torch.randn(64)) for _ in range(300)]
+    sum((p * p).sum() for p in ps).backward()  # gradients with no Python object yet: not read here
+    want = torch.ops.gradguard.multi_tensor_stats.default([2 * p.detach() for p in ps], 2.0)
+    armed = [True]
+
+    def callback(phase, info):
+        if not (armed[0] and phase == "start"):
+            return
+        armed[0] = False
+        if edit == "clear grads":
+            for p in ps:
+                p.grad = None
+            callback.junk = [torch.full((64,), 7.0) for _ in range(50)]  # reuses freed memory
+            for p in ps:
+                p.grad = torch.full((64,), 3.0)
+        elif edit == "empty the list":
+            ps_view.clear()
+        else:
+            ps_view[:] = [12345] * len(ps_view)
+
+    ps_view = list(ps)
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.callbacks.append(callback)
+    try:
+        gc.set_threshold(20)
+        got = _host.grad_stats_of(ps_view, 2.0, True)
+    finally:
+        gc.callbacks.remove(callback)
+        gc.set_threshold(*threshold)
+    assert not armed[0], "no collection ran inside the call: the test tests nothing"
+    grads, acc, *_ = got
+    assert len(grads) == len(ps)
+    # Either the gradients as they were when read, or (Python path: the collection ran between
+    # reads) the new ones; never freed memory.
+    old = [torch.equal(g, 2 * p.detach()) for g, p in zip(grads, ps)]
+    new = [bool((g == 3.0).all()) for g in grads]
+    assert all(a or b for a, b in zip(old, new))
+    if all(old):
+        torch.testing.assert_close(acc, want[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, float("inf")])
 def test_grad_stats_of_norm_types_and_dtypes(impl, p):
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
