@@ -14,6 +14,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/version.h>
 
 #include "adam_readonly_grads.h"
 
@@ -189,11 +190,15 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
     links[i] = g == c10::UndefinedTensorImpl::singleton() ? nullptr : g;
     if (links[i] != nullptr) __builtin_prefetch(g->pyobj_slot());
   }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
+  // The gradients' Python objects. (The slot's load_pyobj() is in torch 2.11 and 2.13, not in
+  // 2.6; older releases skip this pass, which only prefetches.)
   for (Py_ssize_t i = 0; i < n; ++i) {
     if (links[i] == nullptr) continue;
     PyObject* obj = static_cast<const c10::TensorImpl*>(links[i])->pyobj_slot()->load_pyobj();
     if (obj != nullptr) __builtin_prefetch(obj, 1);
   }
+#endif
   // The grads go into the returned list, and the op gets borrowed handles: each list item's
   // Python object holds its tensor, so the handles stay valid while the op runs without the GIL,
   // and the handles bump and drop no reference count (a gradient that had no Python object yet
