@@ -170,7 +170,9 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
   // Python object, its TensorImpl, its AutogradMeta, the gradient's TensorImpl, the gradient's
   // Python object), cold after an optimizer step over many tensors. Taken one link at a time
   // over the whole list, the loads of one pass are independent and the core overlaps their
-  // misses; one tensor at a time, each waited for the last.
+  // misses; one tensor at a time, each waited for the last. links[i] holds chain i's current link,
+  // replaced pass by pass (the parameter's TensorImpl, its AutogradMeta, its gradient), and the
+  // last loop wraps the gradient the chain ends at.
   std::vector<const void*> links(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     const at::Tensor* p = tensor_at(params, i, "grad_stats_of");
@@ -184,18 +186,21 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
     links[i] = static_cast<const c10::TensorImpl*>(links[i])->autograd_meta();
     if (links[i] != nullptr) __builtin_prefetch(links[i]);
   }
+  // The gradient itself, as TensorImpl::grad() reads it (no AutogradMeta: no gradient). Nothing
+  // but this code runs until the last loop (the collector is paused), so the addresses stay valid.
   for (Py_ssize_t i = 0; i < n; ++i) {
     const auto* meta = static_cast<const c10::AutogradMetaInterface*>(links[i]);
-    const c10::TensorImpl* g = meta == nullptr ? nullptr : meta->grad().unsafeGetTensorImpl();
-    links[i] = g == c10::UndefinedTensorImpl::singleton() ? nullptr : g;
-    if (links[i] != nullptr) __builtin_prefetch(g->pyobj_slot());
+    const at::Tensor* g = meta == nullptr ? nullptr : &meta->grad();
+    links[i] = g;
+    if (g != nullptr && g->defined()) __builtin_prefetch(g->unsafeGetTensorImpl()->pyobj_slot());
   }
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
   // The gradients' Python objects. (The slot's load_pyobj() is in torch 2.11 and 2.13, not in
   // 2.6; older releases skip this pass, which only prefetches.)
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (links[i] == nullptr) continue;
-    PyObject* obj = static_cast<const c10::TensorImpl*>(links[i])->pyobj_slot()->load_pyobj();
+    const auto* g = static_cast<const at::Tensor*>(links[i]);
+    if (g == nullptr || !g->defined()) continue;
+    PyObject* obj = g->unsafeGetTensorImpl()->pyobj_slot()->load_pyobj();
     if (obj != nullptr) __builtin_prefetch(obj, 1);
   }
 #endif
@@ -207,13 +212,12 @@ PyObject* grad_stats_of(PyObject*, PyObject* args) {
   // consecutive tensors.
   BorrowedTensors grads(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    // Read as autograd's own accessor does: the passes above only warmed the caches.
-    const at::Tensor& g = THPVariable_Unpack(PyList_GET_ITEM(params, i)).grad();
-    if (!g.defined()) {
+    const auto* g = static_cast<const at::Tensor*>(links[i]);
+    if (g == nullptr || !g->defined()) {
       Py_DECREF(result);
       Py_RETURN_NONE;
     }
-    PyObject* wrapped = THPVariable_Wrap(g);
+    PyObject* wrapped = THPVariable_Wrap(*g);
     if (wrapped == nullptr) {
       Py_DECREF(result);
       return nullptr;
@@ -259,20 +263,15 @@ bool plain_list(PyObject* seq, std::vector<at::Tensor>& ts) {
 
 using DecideOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptT = std::optional<at::Tensor>;
+using DecideSig = DecideOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
+                            const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
+                            const OptT&, double, std::optional<double>, c10::string_view, c10::string_view,
+                            at::ArrayRef<double>, bool);
 
 // gradguard::guard_decide, typed (the dispatcher's own kernels, errors and profiler record).
-const c10::TypedOperatorHandle<DecideOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
-                                         const OptT&, const OptT&, const OptT&, double, std::optional<double>,
-                                         c10::string_view, c10::string_view, at::ArrayRef<double>, bool)>&
-guard_decide_op() {
+const c10::TypedOperatorHandle<DecideSig>& guard_decide_op() {
   static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("gradguard::guard_decide", "")
-          .typed<DecideOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-                           const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
-                           const OptT&, double, std::optional<double>, c10::string_view, c10::string_view,
-                           at::ArrayRef<double>, bool)>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("gradguard::guard_decide", "").typed<DecideSig>();
   return op;
 }
 
@@ -281,11 +280,10 @@ guard_decide_op() {
 // typed from here: each op called from Python parses its arguments there first, and with the
 // caches cold (right after a large read) the three cost ~190 us on top of the read, 2026-12-05.
 PyObject* finalize_stats(const Stats& raw, double norm_type, bool double_out) {
-  using Opt = std::optional<at::Tensor>;
   at::Tensor parts[6];
   {
     pybind11::gil_scoped_release no_gil;
-    const Opt none;
+    const OptT none;
     const DecideOut d =
         guard_decide_op().call(std::get<0>(raw), std::get<1>(raw), std::get<2>(raw), std::get<3>(raw), none, none,
                                none, none, none, none, none, none, none, norm_type, std::nullopt, "ignore", "none",
