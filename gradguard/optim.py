@@ -106,7 +106,6 @@ _GUARD_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_n
 
 
 class _Plan(NamedTuple):
-    key: tuple
     params: list
     names: list
     simple: bool            # one device and dtype, nothing distributed: the one-pass gather
@@ -129,7 +128,7 @@ def _scale(grads, mult, zero_nonfinite: bool, simple: bool) -> None:
 
 def _capturing(device: torch.device) -> bool:
     """Whether this step is being captured into a CUDA graph (no host read possible)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return _host.device_type(device) == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 _LAYOUTS_KEPT = 16
@@ -835,7 +834,7 @@ class GradGuard(torch.optim.Optimizer):
             self._fused_state_seen = (id(state), len(state))
         return True
 
-    def _fused_step(self, replay, found_inf, divisor, loss_scaled: bool = False) -> None:
+    def _fused_step(self, replay, found_inf, divisor, device: torch.device, loss_scaled: bool = False) -> None:
         """The inner fused step with the GradScaler contract: it skips on the device when
         found_inf is 1, and divides the grads by grad_scale, hence the divisor loss_scale /
         clip_coef. PyTorch's kernels write the divided grads back to .grad; a CPU Adam/AdamW
@@ -846,7 +845,7 @@ class GradGuard(torch.optim.Optimizer):
                 inner.found_inf = found_inf
             if divisor is not None:
                 inner.grad_scale = divisor  # guard_decide's grad_scale: float32 already
-                if (divisor.device.type == "cpu" and not loss_scaled and self._cpu_readonly_adam
+                if (self._cpu_readonly_adam and not loss_scaled and _host.device_type(device) == "cpu"
                         and _fused_adam.takes(inner)):
                     # Adam/AdamW on the CPU: the clip inside the update, no write-back to .grad. Not
                     # under GradScaler, whose contract is unscaled grads after the step (PyTorch's
@@ -926,13 +925,10 @@ class GradGuard(torch.optim.Optimizer):
         """The parameter list and what is known of it without looking at the gradients, rebuilt
         only when the parameter groups change (add_param_group, load_state_dict, an edited
         list): the per-step cost is then one look at each gradient."""
-        groups = self.optimizer.param_groups
-        lists = [g["params"] for g in groups]
-        key = (id(groups), tuple(id(x) for x in lists))
         plan = self._plan
         # Identity, not only the lists' ids and lengths: a parameter swapped inside an existing
         # list (model surgery, re-tied weights) must be the one checked, as the optimizer steps it.
-        if plan is not None and plan.key == key and _host.same_items(lists, plan.params):
+        if plan is not None and _host.same_params(self.optimizer.param_groups, plan.params):
             return plan
         # Names and the layout are cached by position: a new plan names its parameters afresh.
         self._name_list = self._layout_cache = None
@@ -949,7 +945,7 @@ class GradGuard(torch.optim.Optimizer):
                   and not any(_distributed.is_dtensor(q) or _distributed.is_fsdp1_sharded(q, self._fsdp_whole)
                               for q in params))
         device, dtype = (params[0].device, params[0].dtype) if simple else (None, None)
-        plan = _Plan(key, params, self._names(params), simple, device, dtype,
+        plan = _Plan(params, self._names(params), simple, device, dtype,
                      simple and params[0].dtype == torch.float64, all(type(q) in _host.PLAIN_TYPES for q in params))
         self._plan = plan
         return plan
@@ -1048,7 +1044,7 @@ class GradGuard(torch.optim.Optimizer):
                        and mode in ("skip", "raise", "zero") else None)
         fused = self._fused_ready() and not self._dtensor_grads
         read = (not fused or mode == "raise" or self.max_consecutive_skips is not None
-                or (device.type == "cpu" and self._decide_on_host_on_cpu))
+                or (_host.device_type(device) == "cpu" and self._decide_on_host_on_cpu))
         if capturing:
             # A non-fused inner step runs unconditionally and is rolled back on the device where
             # the decision says skip (_rolled_back_step): no read.
@@ -1127,7 +1123,7 @@ class GradGuard(torch.optim.Optimizer):
                 # On a step to skip, the multiplier only unscales (GradScaler's own unscale_ does
                 # that too), and the fused kernel, handed found_inf, touches nothing else.
                 _scale(grads, mult, False, plan.simple)
-                self._fused_step(replay, found if mode in ("skip", "raise") else None, None)
+                self._fused_step(replay, found if mode in ("skip", "raise") else None, None, device)
             else:
                 divisor = grad_scale if (clipping or loss_scale is not None) else None
                 if loss_scale is not None and clipping:
@@ -1136,7 +1132,7 @@ class GradGuard(torch.optim.Optimizer):
                     # scale alone, and its pre_scale the coefficient, applied here (1 otherwise,
                     # and the kernel writes nothing). Dividing by the inf zeroed every gradient.
                     _scale(grads, pre_scale, False, plan.simple)
-                self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor,
+                self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor, device,
                                  loss_scale is not None)
         else:
             is_bad = found_h != 0.0
@@ -1151,7 +1147,7 @@ class GradGuard(torch.optim.Optimizer):
                     # on the CPU a pre_scale of 1 is read on the host and nothing is written).
                     if loss_scale is not None and clipping:
                         _scale(grads, pre_scale, False, plan.simple)
-                    self._fused_step(replay, None, grad_scale, loss_scale is not None)
+                    self._fused_step(replay, None, grad_scale, device, loss_scale is not None)
                 else:
                     if is_bad and mode == "zero":
                         _scale(grads, mult, True, plan.simple)

@@ -291,22 +291,64 @@ def test_grad_stats_and_all_finite_equal_on_both_paths(monkeypatch, p):
                 torch.testing.assert_close(f, s, rtol=0, atol=0, equal_nan=True)
 
 
-def test_same_items_is_identity_in_order(impl):
+def test_same_params_is_identity_in_order(impl):
     a, b, c = object(), object(), object()
-    same = _host.same_items
-    assert same([[a, b], (c,)], [a, b, c])
-    assert same([], []) and same([[]], [])
-    assert not same([[a, b], [c]], [a, c, b])          # order
-    assert not same([[a, b]], [a, b, c])               # shorter
-    assert not same([[a, b], [c, a]], [a, b, c])       # longer
+    same = _host.same_params
+
+    def groups(*lists):
+        return [{"params": l, "lr": 0.1} for l in lists]
+
+    assert same(groups([a, b], (c,)), [a, b, c])
+    assert same((), []) and same(groups([]), [])
+    assert not same(groups([a, b], [c]), [a, c, b])          # order
+    assert not same(groups([a, b]), [a, b, c])               # shorter
+    assert not same(groups([a, b], [c, a]), [a, b, c])       # longer
     x, y = [1000], [1000]
-    assert x == y and not same([x], [y])               # equal is not the same object
-    assert not same([{a}], [a])                        # a set is no parameter list
+    assert x == y and not same(groups([x]), [y])             # equal is not the same object
+    assert not same(groups({a}), [a])                        # a set is no parameter list
+    assert not same([{"lr": 0.1}], [])                       # a group without params
+    assert not same([[a]], [a])                              # a group that is no dict
+
+    class Group(dict):
+        pass
+
+    assert not same([Group(params=[a])], [a])                # a dict subclass: the plan is rebuilt
+
+
+class _CollidesWithParams:
+    """A dict key whose hash equals that of "params": a lookup of "params" then calls its __eq__,
+    which here empties the flat list and the group list (Python run inside the compiled call)."""
+
+    def __init__(self, victims):
+        self.victims = victims
+        self.armed = False  # inserting "params" after it compares them too
+
+    def __hash__(self):
+        return hash("params")
+
+    def __eq__(self, other):
+        if self.armed:
+            for v in self.victims:
+                v.clear()
+        return False
+
+
+def test_same_params_survives_python_run_by_the_lookup(impl):
+    a, b = object(), object()
+    flat = [a, b]
+    outer = [{}]
+    group = outer[0]
+    key = _CollidesWithParams([flat, outer])
+    group[key] = 1  # first in the dict: the lookup meets it first
+    group["params"] = [a, b]
+    key.armed = True
+    assert _host.same_params(outer, flat) is False
+    assert flat == [] and outer == []
 
 
 @pytest.mark.skipif(_host._C is None, reason="the compiled helpers are not loaded")
-def test_same_items_refuses_what_is_not_a_list():
+def test_same_params_refuses_what_is_not_a_list():
     with pytest.raises(TypeError, match="expected a list, got tuple"):
-        _host._C.same_items([[1]], (1,))
-    with pytest.raises(TypeError, match="expected a list or tuple of lists, got int"):
-        _host._C.same_items(3, [1])
+        _host._C.same_params([{"params": [1]}], (1,))
+    with pytest.raises(TypeError, match="expected a list or tuple of parameter groups, got int"):
+        _host._C.same_params(3, [1])
