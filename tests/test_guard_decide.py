@@ -194,6 +194,50 @@ def test_random_sequences_match_reference(device, k, spike, mode, double_out):
         assert total["skipped"] > 0, total
 
 
+def _bits(t):
+    """A tensor's bytes as integers: NaN payloads and signs compared too."""
+    t = t.detach().cpu().contiguous()
+    return t.view({torch.float64: torch.int64, torch.float32: torch.int32}.get(t.dtype, t.dtype))
+
+
+@needs_ext
+@pytest.mark.parametrize("double_out", [False, True])
+@pytest.mark.parametrize("loss_scale", [None, 1024.0, 0.0, 3.0])
+def test_cpu_vector_loop_equals_the_scalar_loop_bit_for_bit(double_out, loss_scale):
+    # The CPU kernel's per-tensor loop runs four tensors a step with AVX2 for p = 2 and unit-stride
+    # arrays (guard_decide_cpu.cpp); stride-2 views of the same values take its scalar loop. Both
+    # must give the same bits, NaN and Inf counts, zero grads, NaN and Inf norms, NaN maxima in
+    # the per-layer state and every tail length included. (Without AVX2 both calls are scalar.)
+    rng = random.Random(5 + int(double_out))
+    for n in (1, 3, 4, 5, 8, 37, 1000, 1003):
+        acc = [rng.choice([0.0, rng.uniform(0.0, 1.0), rng.uniform(1.0, 1e6)]) for _ in range(n)]
+        amax = [rng.choice([0.0, rng.uniform(1e-30, 1.0), rng.uniform(1.0, 1e30), 3e38]) for _ in range(n)]
+        nan = [rng.choice([0, 0, 0, 1, 7]) for _ in range(n)]
+        inf = [rng.choice([0, 0, 0, 2]) for _ in range(n)]
+        lnf = [rng.randint(0, 5) for _ in range(n)]
+        lmn = [rng.choice([0.0, rng.uniform(0.0, 10.0), math.nan, math.inf]) for _ in range(n)]
+        calls = []
+        for stride in (1, 2):
+            def spread(values, dtype):
+                t = torch.zeros(n * stride, dtype=dtype)
+                t[::stride] = torch.tensor(values, dtype=dtype)
+                return t[::stride]
+            state = dict(counters=torch.zeros(5, dtype=torch.int64), layer_nonfinite=spread(lnf, torch.int64),
+                         layer_max_norm=spread(lmn, torch.float64))
+            out = op(spread(acc, torch.float64), spread(nan, torch.int64), spread(inf, torch.int64),
+                     spread(amax, torch.float64), None, None,
+                     None if loss_scale is None else torch.tensor(loss_scale), None, state["counters"],
+                     state["layer_nonfinite"], state["layer_max_norm"], None, None, 2.0, 1.0, "skip", "none", [],
+                     double_out)
+            calls.append((out, state))
+        (vec, vec_state), (sca, sca_state) = calls
+        for name, a, b in zip(("norms", "amax", "scalars", "found_inf", "multiplier", "grad_scale", "pre_scale"),
+                              vec, sca):
+            assert torch.equal(_bits(a), _bits(b)), (n, name, a, b)
+        for k in vec_state:
+            assert torch.equal(_bits(vec_state[k]), _bits(sca_state[k])), (n, k)
+
+
 def _compiled_entry(*args):
     got = _host._C.guard_decide(*args)
     assert got is not None, "plain tensors: the compiled entry takes the call"

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_empty.h"
 #include "cpu_isa.h"
 #include "kernel_dtypes.h"
 #include "stats_ymm.h"
@@ -262,11 +263,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_stats_cp
                               " is not supported; the op takes float16, bfloat16, float32 and float64 tensors");
   // The list is not copied: a copy would bump and drop a reference count per tensor.
   const int64_t n = static_cast<int64_t>(tensors.size());
-  auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
-  auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCPU);
-  // Every entry is written by stats_kernel: no zero fill.
-  at::Tensor acc = at::empty({n}, f64), amax = at::empty({n}, f64);
-  at::Tensor nan_count = at::empty({n}, i64), inf_count = at::empty({n}, i64);
+  // Every entry is written by stats_kernel: no zero fill (cpu_empty.h).
+  at::Tensor acc = cpu_empty({n}, at::kDouble), amax = cpu_empty({n}, at::kDouble);
+  at::Tensor nan_count = cpu_empty({n}, at::kLong), inf_count = cpu_empty({n}, at::kLong);
 
   const Outputs res{acc.mutable_data_ptr<double>(), amax.mutable_data_ptr<double>(),
                     nan_count.mutable_data_ptr<int64_t>(), inf_count.mutable_data_ptr<int64_t>()};

@@ -14,8 +14,14 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_empty.h"
+#include "cpu_isa.h"
 #include "guard_decide_args.h"
 #include "guard_decide_math.h"
+
+#if GG_CPU_X86
+#include <immintrin.h>
+#endif
 
 namespace gradguard {
 namespace {
@@ -23,6 +29,65 @@ namespace {
 using decide::OptTensor;
 using decide::kWhere;
 using decide::Outputs;
+
+// The per-tensor loop below for its common call (p = 2, no index, every array unit-stride, the
+// guard's per-layer state given), four tensors a step with AVX2: at 1,000 tensors the scalar loop
+// took 5.8-6.2 us, a quarter of the op (15 cycles a tensor: a square root, NaN-aware maxima and
+// branches). The same IEEE operations on the same operands in the same order as the scalar loop
+// (a correctly rounded square root and products, the float rounding of round_to, max_nan's
+// blends), so the same values. Returns how many tensors it did; the scalar loop does the rest,
+// and the totals and the largest amax, which it leaves to that loop's first pass.
+#if GG_CPU_X86
+#pragma GCC push_options
+GG_TARGET_AVX2
+namespace isa_avx2 {
+
+// max_nan(old, cand) per lane: old if NaN, else cand if NaN, else the larger (old on ties).
+inline __m256d max_nan4(__m256d old, __m256d cand) {
+  __m256d r = _mm256_blendv_pd(old, cand, _mm256_cmp_pd(cand, old, _CMP_GT_OQ));
+  r = _mm256_blendv_pd(r, cand, _mm256_cmp_pd(cand, cand, _CMP_UNORD_Q));
+  return _mm256_blendv_pd(r, old, _mm256_cmp_pd(old, old, _CMP_UNORD_Q));
+}
+
+template <bool kDouble>
+int64_t per_tensor_l2(int64_t n, const double* acc, const int64_t* nanc, const int64_t* infc, const double* amax,
+                      double inv_s, void* norms_out, void* amax_out, int64_t* lnf, double* lmn) {
+  const __m256d inv = _mm256_set1_pd(inv_s);
+  const __m256d inf = _mm256_set1_pd(decide::inf());
+  const __m256d qnan = _mm256_set1_pd(decide::nan());
+  const __m256i zero = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m256i nc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nanc + i));
+    const __m256i ic = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(infc + i));
+    const __m256d a = _mm256_loadu_pd(amax + i);
+    // tensor_norm: NaN where a NaN was counted, else inf where an Inf was, else amax * sqrt(acc).
+    __m256d raw = _mm256_mul_pd(a, _mm256_sqrt_pd(_mm256_loadu_pd(acc + i)));
+    raw = _mm256_blendv_pd(raw, inf, _mm256_castsi256_pd(_mm256_cmpgt_epi64(ic, zero)));
+    raw = _mm256_blendv_pd(raw, qnan, _mm256_castsi256_pd(_mm256_cmpgt_epi64(nc, zero)));
+    __m256d norm = _mm256_mul_pd(raw, inv);
+    __m256d am = _mm256_mul_pd(a, inv);
+    if constexpr (kDouble) {
+      _mm256_storeu_pd(static_cast<double*>(norms_out) + i, norm);
+      _mm256_storeu_pd(static_cast<double*>(amax_out) + i, am);
+    } else {
+      const __m128 nf = _mm256_cvtpd_ps(norm);  // round_to: the float the result holds
+      _mm_storeu_ps(static_cast<float*>(norms_out) + i, nf);
+      _mm_storeu_ps(static_cast<float*>(amax_out) + i, _mm256_cvtpd_ps(am));
+      norm = _mm256_cvtps_pd(nf);
+    }
+    const __m256i bad = _mm256_cmpgt_epi64(_mm256_add_epi64(nc, ic), zero);  // all ones where bad
+    __m256i* lnf_i = reinterpret_cast<__m256i*>(lnf + i);
+    _mm256_storeu_si256(lnf_i, _mm256_sub_epi64(_mm256_loadu_si256(lnf_i), bad));
+    const __m256d cand = _mm256_andnot_pd(_mm256_castsi256_pd(bad), norm);  // bad ? 0.0 : norm
+    _mm256_storeu_pd(lmn + i, max_nan4(_mm256_loadu_pd(lmn + i), cand));
+  }
+  return i;
+}
+
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
 
 Outputs guard_decide_cpu(const at::Tensor& acc, const at::Tensor& nan_count, const at::Tensor& inf_count,
                          const at::Tensor& amax, const OptTensor& index, const OptTensor& max_norm,
@@ -64,14 +129,14 @@ Outputs guard_decide_cpu(const at::Tensor& acc, const at::Tensor& nan_count, con
   in.scaler_found = in.has_scaler_found ? decide::read_one_host(*scaler_found, "scaler_found") : 0.0;
 
   const auto out_dtype = double_out ? at::kDouble : at::kFloat;
-  const auto opts = acc.options();
-  at::Tensor norms = at::empty({n}, opts.dtype(out_dtype));
-  at::Tensor amax_out = at::empty({n}, opts.dtype(out_dtype));
-  at::Tensor scalars = at::empty({9}, opts.dtype(at::kDouble));
-  at::Tensor found_inf = at::empty({}, opts.dtype(at::kFloat));
-  at::Tensor multiplier = at::empty({}, opts.dtype(cfg.basis_double ? at::kDouble : at::kFloat));
-  at::Tensor grad_scale = at::empty({}, opts.dtype(at::kFloat));
-  at::Tensor pre_scale = at::empty({}, opts.dtype(at::kFloat));
+  // Every element of each output is written below (cpu_empty.h).
+  at::Tensor norms = cpu_empty({n}, out_dtype);
+  at::Tensor amax_out = cpu_empty({n}, out_dtype);
+  at::Tensor scalars = cpu_empty({9}, at::kDouble);
+  at::Tensor found_inf = cpu_empty({}, at::kFloat);
+  at::Tensor multiplier = cpu_empty({}, cfg.basis_double ? at::kDouble : at::kFloat);
+  at::Tensor grad_scale = cpu_empty({}, at::kFloat);
+  at::Tensor pre_scale = cpu_empty({}, at::kFloat);
 
   // Per tensor: the norms and the totals.
   const double inv = decide::inverse_scale(in.has_loss_scale, in.loss_scale);
@@ -86,7 +151,22 @@ Outputs guard_decide_cpu(const at::Tensor& acc, const at::Tensor& nan_count, con
   float* amax_f = double_out ? nullptr : amax_out.mutable_data_ptr<float>();
   int64_t nan_total = 0, inf_total = 0;
   double m = -decide::inf();
-  for (const auto i : c10::irange(n)) {
+  int64_t done = 0;
+#if GG_CPU_X86
+  static const bool kAvx2 = cpu_has_avx2();
+  if (kAvx2 && p == 2.0 && idx_p == nullptr && lnf_p != nullptr && sa == 1 && sn == 1 && si == 1 && sm == 1 &&
+      s_lnf == 1 && s_lmn == 1) {
+    done = double_out ? isa_avx2::per_tensor_l2<true>(n, acc_p, nan_p, inf_p, amax_p, inv, norms_d, amax_d, lnf_p, lmn_p)
+                      : isa_avx2::per_tensor_l2<false>(n, acc_p, nan_p, inf_p, amax_p, inv, norms_f, amax_f, lnf_p,
+                                                        lmn_p);
+    for (const auto i : c10::irange(done)) {  // the totals and the largest amax of those tensors
+      nan_total += nan_p[i];
+      inf_total += inf_p[i];
+      m = decide::max_nan(m, amax_p[i]);
+    }
+  }
+#endif
+  for (int64_t i = done; i < n; ++i) {
     const int64_t nc = nan_p[i * sn], ic = inf_p[i * si];
     const double a = amax_p[i * sm];
     nan_total += nc;
