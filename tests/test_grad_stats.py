@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -868,3 +869,53 @@ def test_an_integer_scale_beyond_2_53_is_rounded_once(kernel, op):
     x = torch.ones(40)
     fn([x], scale)
     assert torch.equal(x, torch.ones(40) * scale.to(torch.float32))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _simd_tail_acc(values: list[float]) -> float:
+    """The AVX2/AVX-512 copies' sum of squares of fewer than 32 float32 values (stats_ymm.h,
+    simd::sums's tail): 8 values a step, the last step zero-padded, lanes 0-3 into one 4-lane
+    chain and 4-7 into another (an FMA each: a float32 square is exact in float64, so FMA and
+    square-then-add round alike), the chains added lane by lane, then (0 + 1) + (2 + 3); divided
+    by amax^2 as the op's `acc` is."""
+    lo, hi = [0.0] * 4, [0.0] * 4
+    for b in range(0, len(values), 8):
+        block = values[b:b + 8] + [0.0] * (8 - len(values[b:b + 8]))
+        for k in range(4):
+            lo[k] = lo[k] + block[k] * block[k]
+            hi[k] = hi[k] + block[4 + k] * block[4 + k]
+    t = [lo[k] + hi[k] for k in range(4)]
+    total = (t[0] + t[1]) + (t[2] + t[3])
+    amax = max(abs(v) for v in values)
+    return total / (amax * amax) if amax > 0 else 0.0
+
+
+@needs_ext
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags() or os.environ.get("GRADGUARD_CPU_ISA") == "default",
+                    reason="the order pinned here is that of the AVX2 and AVX-512 copies")
+def test_small_float32_sums_keep_the_simd_tail_order_bit_for_bit():
+    # Tensors of 1-31 float32 elements are all tail in the SIMD copies; the one-thread kernel
+    # calls that tail directly for them (grad_stats_cpu.cpp) and it loads the last few lanes
+    # masked (stats_ymm.h). The bits must stay those of the order above, for every length.
+    g = torch.Generator().manual_seed(3)
+    for n in range(1, 32):
+        for scale in (1e-30, 1.0, 1e30):
+            t = (torch.randn(n, generator=g, dtype=torch.float64) * scale).to(torch.float32)
+            if n > 2:
+                t[1] = 0.0
+            acc, nan, inf, amax = torch.ops.gradguard.multi_tensor_stats([t], 2.0)
+            want = _simd_tail_acc(t.tolist())
+            assert acc.item() == want, (n, scale, acc.item(), want)  # exact: no tolerance
+            assert amax.item() == max(abs(v) for v in t.tolist()) and nan.item() == inf.item() == 0
+    zeros = torch.zeros(5)
+    assert torch.ops.gradguard.multi_tensor_stats([zeros], 2.0)[0].item() == 0.0
