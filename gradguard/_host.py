@@ -58,7 +58,7 @@ def plain_grad_stats(tensors, norm_type: float):
     return None if c is None else c.plain_grad_stats(tensors, norm_type)
 
 
-_last_device: tuple = (None, None)
+_last_device: tuple = (object(), None)  # no device is this object: the first call reads .type
 
 
 def device_type(device: torch.device) -> str:
@@ -89,15 +89,19 @@ def guard_decide(*args):
 
 
 def same_params(groups, flat: list) -> bool:
-    """Whether the optimizer's ``param_groups`` (a list or tuple of dicts), their ``"params"``
+    """Whether the optimizer's ``param_groups`` (an iterable of mappings), their ``"params"``
     lists or tuples one after another, hold exactly the objects of ``flat`` in order, by
-    identity: GradGuard's check that its parameter plan still matches the live groups."""
+    identity: GradGuard's check that its parameter plan still matches the live groups. A group
+    without ``"params"``, or that is no mapping, is no match."""
     c = _compiled_now()
     if c is not None:
         return c.same_params(groups, flat)
     k = 0
-    for g in groups:
-        items = g.get("params") if type(g) is dict else None
+    for g in list(groups):
+        try:
+            items = g["params"]
+        except (KeyError, TypeError):
+            return False
         if not isinstance(items, (list, tuple)) or len(items) > len(flat) - k:
             return False
         if not all(a is b for a, b in zip(items, flat[k:k + len(items)])):

@@ -106,6 +106,7 @@ _GUARD_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_n
 
 
 class _Plan(NamedTuple):
+    groups: list            # the param_groups list it was made from (held: its id cannot be reused)
     params: list
     names: list
     simple: bool            # one device and dtype, nothing distributed: the one-pass gather
@@ -926,9 +927,12 @@ class GradGuard(torch.optim.Optimizer):
         only when the parameter groups change (add_param_group, load_state_dict, an edited
         list): the per-step cost is then one look at each gradient."""
         plan = self._plan
-        # Identity, not only the lists' ids and lengths: a parameter swapped inside an existing
-        # list (model surgery, re-tied weights) must be the one checked, as the optimizer steps it.
-        if plan is not None and _host.same_params(self.optimizer.param_groups, plan.params):
+        groups = self.optimizer.param_groups
+        # The same groups list (load_state_dict replaces it, and the groups' param_names with it:
+        # the names are read afresh), and in it the same parameters by identity, not only the same
+        # lists and lengths: a parameter swapped inside an existing list (model surgery, re-tied
+        # weights) must be the one checked, as the optimizer steps it.
+        if plan is not None and plan.groups is groups and _host.same_params(groups, plan.params):
             return plan
         # Names and the layout are cached by position: a new plan names its parameters afresh.
         self._name_list = self._layout_cache = None
@@ -945,7 +949,7 @@ class GradGuard(torch.optim.Optimizer):
                   and not any(_distributed.is_dtensor(q) or _distributed.is_fsdp1_sharded(q, self._fsdp_whole)
                               for q in params))
         device, dtype = (params[0].device, params[0].dtype) if simple else (None, None)
-        plan = _Plan(params, self._names(params), simple, device, dtype,
+        plan = _Plan(groups, params, self._names(params), simple, device, dtype,
                      simple and params[0].dtype == torch.float64, all(type(q) in _host.PLAIN_TYPES for q in params))
         self._plan = plan
         return plan

@@ -202,12 +202,14 @@ def _bits(t):
 
 @needs_ext
 @pytest.mark.parametrize("double_out", [False, True])
-@pytest.mark.parametrize("loss_scale", [None, 1024.0, 0.0, 3.0])
+@pytest.mark.parametrize("loss_scale", [None, 1024.0, 0.0, 3.0, math.nan])
 def test_cpu_vector_loop_equals_the_scalar_loop_bit_for_bit(double_out, loss_scale):
     # The CPU kernel's per-tensor loop runs four tensors a step with AVX2 for p = 2 and unit-stride
     # arrays (guard_decide_cpu.cpp); stride-2 views of the same values take its scalar loop. Both
     # must give the same bits, NaN and Inf counts, zero grads, NaN and Inf norms, NaN maxima in
-    # the per-layer state and every tail length included. (Without AVX2 both calls are scalar.)
+    # the per-layer state and every tail length included; a NaN loss scale too, whose NaN factor
+    # meets NaN operands, the case where x86's choice of operand decides the NaN's bits (the
+    # kernel keeps it on the scalar loop). (Without AVX2 both calls are scalar.)
     rng = random.Random(5 + int(double_out))
     for n in (1, 3, 4, 5, 8, 37, 1000, 1003):
         acc = [rng.choice([0.0, rng.uniform(0.0, 1.0), rng.uniform(1.0, 1e6)]) for _ in range(n)]

@@ -307,12 +307,21 @@ def test_same_params_is_identity_in_order(impl):
     assert x == y and not same(groups([x]), [y])             # equal is not the same object
     assert not same(groups({a}), [a])                        # a set is no parameter list
     assert not same([{"lr": 0.1}], [])                       # a group without params
-    assert not same([[a]], [a])                              # a group that is no dict
+    assert not same([[a]], [a])                              # a list is no group
 
     class Group(dict):
         pass
 
-    assert not same([Group(params=[a])], [a])                # a dict subclass: the plan is rebuilt
+    assert same([Group(params=[a])], [a])                    # a dict subclass
+    assert same(iter(groups([a, b])), [a, b])                # any iterable of groups
+    assert not same([3], [])                                 # a group that is no mapping
+
+    class Missing(dict):
+        def __missing__(self, key):
+            raise RuntimeError("not a KeyError")
+
+    with pytest.raises(RuntimeError, match="not a KeyError"):  # other errors propagate
+        same([Missing(lr=0.1)], [])
 
 
 class _CollidesWithParams:
@@ -350,5 +359,5 @@ def test_same_params_survives_python_run_by_the_lookup(impl):
 def test_same_params_refuses_what_is_not_a_list():
     with pytest.raises(TypeError, match="expected a list, got tuple"):
         _host._C.same_params([{"params": [1]}], (1,))
-    with pytest.raises(TypeError, match="expected a list or tuple of parameter groups, got int"):
+    with pytest.raises(TypeError, match="the parameter groups must be iterable"):
         _host._C.same_params(3, [1])

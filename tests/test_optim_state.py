@@ -267,6 +267,48 @@ def test_a_swapped_parameter_takes_a_name_only_from_its_own_slot():
     assert opt.last.names == ["b1", "b2", "param[2]", "param[3]", "param[4]"]
 
 
+def test_names_are_read_again_after_load_state_dict():
+    # load_state_dict replaces param_groups (and with it the groups' param_names) but keeps the
+    # params lists: a plan kept because the same parameters sat in the same lists reported the
+    # names of before the load (found in review, 2026-12-07).
+    import math
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    opt = GradGuard(torch.optim.SGD(m.named_parameters(), lr=0.1), hygiene=False)
+    _named_groups_step(opt, list(m.parameters()), m[1].weight)
+    assert opt.last.nonfinite_layers == ["1.weight"]
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["param_names"] = ["enc.weight", "enc.bias", "head.weight", "head.bias"]
+    opt.load_state_dict(sd)
+    _named_groups_step(opt, list(m.parameters()), m[1].weight)
+    assert opt.last.names == ["enc.weight", "enc.bias", "head.weight", "head.bias"]
+    assert opt.last.nonfinite_layers == ["head.weight"] and not math.isfinite(opt.last.norms[2])
+
+
+@pytest.mark.parametrize("groups_kind", ["dict", "OrderedDict", "UserList of groups"])
+def test_the_plan_is_kept_across_steps_for_any_kind_of_groups(groups_kind):
+    # torch keeps the group objects it is given (an OrderedDict stays one) and steps with any
+    # iterable param_groups: the plan, read from them, must still be kept from step to step (an
+    # OrderedDict group rebuilt it at every step, twice the step's time at 1,000 parameters) and
+    # still follow a parameter swapped in.
+    import collections
+
+    ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    kind = {"dict": dict, "OrderedDict": collections.OrderedDict, "UserList of groups": dict}[groups_kind]
+    inner = torch.optim.SGD([kind(params=ps[:2]), kind(params=ps[2:])], lr=0.1)
+    if groups_kind == "UserList of groups":
+        inner.param_groups = collections.UserList(inner.param_groups)
+    opt = GradGuard(inner, hygiene=False)
+    _named_groups_step(opt, ps, ps[0])
+    plan = opt._plan
+    _named_groups_step(opt, ps, ps[1])
+    assert opt._plan is plan and opt.last.nonfinite_layers == ["param[1]"]
+    new = torch.nn.Parameter(torch.zeros(2))
+    inner.param_groups[1]["params"][0] = new
+    _named_groups_step(opt, ps[:2] + [new], new)
+    assert opt._plan is not plan and opt.last.nonfinite_layers == ["param[2]"]
+
+
 def test_a_complex_parameter_is_refused_with_model_given():
     # It raised AttributeError ('_warned') while naming the parameter, not the TypeError.
     m = torch.nn.Linear(2, 2).to(torch.cfloat)

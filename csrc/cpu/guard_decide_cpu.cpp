@@ -33,10 +33,13 @@ using decide::Outputs;
 // The per-tensor loop below for its common call (p = 2, no index, every array unit-stride, the
 // guard's per-layer state given), four tensors a step with AVX2: at 1,000 tensors the scalar loop
 // took 5.8-6.2 us, a quarter of the op (15 cycles a tensor: a square root, NaN-aware maxima and
-// branches). The same IEEE operations on the same operands in the same order as the scalar loop
-// (a correctly rounded square root and products, the float rounding of round_to, max_nan's
-// blends), so the same values. Returns how many tensors it did; the scalar loop does the rest,
-// and the totals and the largest amax, which it leaves to that loop's first pass.
+// branches). The same IEEE operations on the same operands as the scalar loop (a correctly
+// rounded square root and products, the float rounding of round_to, max_nan's blends), so the
+// same values. Where both operands of a product are NaN, x86 returns the first, and the compiler
+// orders each loop's operands its own way: the caller takes this loop only with a non-NaN loss
+// scale factor, so that a NaN loss scale gives the same NaN bits either way (amax and acc are
+// both NaN only in hand-made inputs). Returns how many tensors it did; the scalar loop does the
+// rest, and the caller adds up the totals and the largest amax of the ones it did.
 #if GG_CPU_X86
 #pragma GCC push_options
 GG_TARGET_AVX2
@@ -154,8 +157,8 @@ Outputs guard_decide_cpu(const at::Tensor& acc, const at::Tensor& nan_count, con
   int64_t done = 0;
 #if GG_CPU_X86
   static const bool kAvx2 = cpu_has_avx2();
-  if (kAvx2 && p == 2.0 && idx_p == nullptr && lnf_p != nullptr && sa == 1 && sn == 1 && si == 1 && sm == 1 &&
-      s_lnf == 1 && s_lmn == 1) {
+  if (kAvx2 && p == 2.0 && !std::isnan(inv) && idx_p == nullptr && lnf_p != nullptr && sa == 1 && sn == 1 &&
+      si == 1 && sm == 1 && s_lnf == 1 && s_lmn == 1) {
     done = double_out ? isa_avx2::per_tensor_l2<true>(n, acc_p, nan_p, inf_p, amax_p, inv, norms_d, amax_d, lnf_p, lmn_p)
                       : isa_avx2::per_tensor_l2<false>(n, acc_p, nan_p, inf_p, amax_p, inv, norms_f, amax_f, lnf_p,
                                                         lmn_p);

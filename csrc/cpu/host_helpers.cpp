@@ -110,42 +110,51 @@ PyObject* wrap_stats_into(const Stats& out, PyObject* result, Py_ssize_t first) 
   return wrap_into({&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out)}, result, first);
 }
 
-// same_params(groups, flat) -> bool: whether the optimizer's param_groups (a list or tuple of
-// dicts), their "params" lists (or tuples) one after another, hold exactly the objects of `flat`,
-// in order (identity, not equality). GradGuard's parameter plan is rebuilt when this fails: a
-// parameter swapped inside an existing param_groups list keeps the list's id and length, and a
-// stale plan would check the old parameter's gradient while the optimizer steps the new one.
-// One call for what took three Python expressions and this compare (the lists, a key of their
-// ids, the compare: 9-10 us at 1,000 parameters at the start of a step, 2026-12-07).
+// same_params(groups, flat) -> bool: whether the optimizer's param_groups (any iterable of
+// mappings), their "params" lists (or tuples) one after another, hold exactly the objects of
+// `flat`, in order (identity, not equality). GradGuard's parameter plan is rebuilt when this
+// fails: a parameter swapped inside an existing param_groups list keeps the list's id and
+// length, and a stale plan would check the old parameter's gradient while the optimizer steps
+// the new one. One call for what took three Python expressions and this compare (the lists, a
+// key of their ids, the compare: 9-10 us at 1,000 parameters at the start of a step, 2026-12-07).
+// A group without "params" (KeyError) or that is no mapping (TypeError) is no match: the caller
+// then rebuilds the plan, which reads the groups as torch does and says what is wrong.
 PyObject* same_params(PyObject*, PyObject* args) {
   static PyObject* const kParams = PyUnicode_InternFromString("params");
-  PyObject* groups = nullptr;
+  PyObject* groups_in = nullptr;
   PyObject* flat = nullptr;
-  if (!PyArg_ParseTuple(args, "OO", &groups, &flat) || !check_list(flat, "same_params")) return nullptr;
-  if (kParams == nullptr) return nullptr;
-  if (!PyList_Check(groups) && !PyTuple_Check(groups)) {
-    PyErr_Format(PyExc_TypeError, "gradguard._C.same_params: expected a list or tuple of parameter groups, got %s",
-                 Py_TYPE(groups)->tp_name);
-    return nullptr;
-  }
+  if (!PyArg_ParseTuple(args, "OO", &groups_in, &flat) || !check_list(flat, "same_params")) return nullptr;
+  if (kParams == nullptr) return PyErr_NoMemory();
+  // A list or tuple as it is; any other iterable (a UserList, a generator) copied into a list.
+  PyObject* groups = PySequence_Fast(groups_in, "gradguard._C.same_params: the parameter groups must be iterable");
+  if (groups == nullptr) return nullptr;
   Py_ssize_t k = 0;
-  for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(groups); ++j) {
-    // Exact dicts only (a dict subclass may look keys up its own way). Not a match either way;
-    // the caller then rebuilds the plan, which reads the groups as torch does.
+  bool same = true;
+  for (Py_ssize_t j = 0; same && j < PySequence_Fast_GET_SIZE(groups); ++j) {
+    // The group and its list are held while in use: a lookup may run Python code (a dict
+    // subclass's __getitem__ or __missing__, or the __eq__ of a key whose hash equals that of
+    // "params"), which may change the groups, the group or `flat`; sizes are read again after.
     PyObject* group = PySequence_Fast_ITEMS(groups)[j];
-    if (!PyDict_CheckExact(group)) Py_RETURN_FALSE;
-    // The lookup runs Python code only if another key's hash equals that of "params" (its
-    // __eq__); what that code could change (the lists, the group) is held or read again after.
     Py_INCREF(group);
-    PyObject* l = PyDict_GetItemWithError(group, kParams);
-    Py_XINCREF(l);
+    PyObject* l = nullptr;
+    if (PyDict_CheckExact(group)) {
+      l = PyDict_GetItemWithError(group, kParams);
+      Py_XINCREF(l);
+    } else {
+      l = PyObject_GetItem(group, kParams);
+    }
     Py_DECREF(group);
     if (l == nullptr) {
-      if (PyErr_Occurred()) return nullptr;
-      Py_RETURN_FALSE;
+      if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_KeyError) && !PyErr_ExceptionMatches(PyExc_TypeError)) {
+        Py_DECREF(groups);
+        return nullptr;
+      }
+      PyErr_Clear();
+      same = false;
+      break;
     }
     // No Python code runs from here to the end of the compare.
-    bool same = PyList_Check(l) || PyTuple_Check(l);
+    same = PyList_Check(l) || PyTuple_Check(l);
     if (same) {
       const Py_ssize_t m = PySequence_Fast_GET_SIZE(l);
       const Py_ssize_t n = PyList_GET_SIZE(flat);
@@ -156,10 +165,10 @@ PyObject* same_params(PyObject*, PyObject* args) {
       k += m;
     }
     Py_DECREF(l);
-    if (!same) Py_RETURN_FALSE;
   }
-  if (k != PyList_GET_SIZE(flat)) Py_RETURN_FALSE;
-  Py_RETURN_TRUE;
+  Py_DECREF(groups);
+  if (same && k == PyList_GET_SIZE(flat)) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
 }
 
 // grad_stats_of(params: list[Tensor], norm_type: float) -> (grads, acc, nan_count, inf_count,
