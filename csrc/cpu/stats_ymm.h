@@ -266,8 +266,8 @@ inline void sums(const T* x, int64_t n, double& sum, float& amax) {
       main_by_convert<T, kSquares>(x, main, s, m);
     }
   }
-  // The tail, 8 elements a step and the last few zero-padded (a masked load for float32; zeros change
-  // neither the sum nor the max). A tensor of 16 elements is all tail: one element at a time
+  // The tail, 8 elements a step and the last few zero-padded (a masked load for float32; zeros
+  // change neither the sum nor the max). A tensor of 16 elements is all tail: one element at a time
   // (a chain of dependent double adds) it cost ~18 ns, a fifth of a 1,000-tensor list's time.
   // NaN/Inf may leave mt wrong; their segment's sum is not finite, so it is not used.
   __m256d t[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
