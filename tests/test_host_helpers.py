@@ -361,3 +361,11 @@ def test_same_params_refuses_what_is_not_a_list():
         _host._C.same_params([{"params": [1]}], (1,))
     with pytest.raises(TypeError, match="the parameter groups must be iterable"):
         _host._C.same_params(3, [1])
+
+
+def test_device_type_answers_for_the_device_asked_about():
+    # _host.device_type remembers the last device object it read: another object, of another
+    # type or not, must be read afresh (GradGuard asks about its plan's device at every step).
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert [_host.device_type(d) for d in (cpu, cpu, meta, meta, cpu, torch.device("meta"))] == \
+        ["cpu", "cpu", "meta", "meta", "cpu", "meta"]

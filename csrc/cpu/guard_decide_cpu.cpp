@@ -156,8 +156,7 @@ Outputs guard_decide_cpu(const at::Tensor& acc, const at::Tensor& nan_count, con
   double m = -decide::inf();
   int64_t done = 0;
 #if GG_CPU_X86
-  static const bool kAvx2 = cpu_has_avx2();
-  if (kAvx2 && p == 2.0 && !std::isnan(inv) && idx_p == nullptr && lnf_p != nullptr && sa == 1 && sn == 1 &&
+  if (cpu_has_avx2() && p == 2.0 && !std::isnan(inv) && idx_p == nullptr && lnf_p != nullptr && sa == 1 && sn == 1 &&
       si == 1 && sm == 1 && s_lnf == 1 && s_lmn == 1) {
     done = double_out
                ? isa_avx2::per_tensor_l2<true>(n, acc_p, nan_p, inf_p, amax_p, inv, norms_d, amax_d, lnf_p, lmn_p)
