@@ -28,7 +28,8 @@ def _assert_both_states(tab, cases):
 
 @pytest.mark.skipif(not sc.have_floor(), reason="the bench's read floor (compiled extension) is not built")
 def test_cache_state_table_with_read_floor():
-    tab = sc.cache_state_table(_small_grads(), "t", "cpu", 3)
+    tab = sc.cache_state_table(_small_grads(), "t", "cpu", 3, evict=8 << 20)
+    assert tab.title.startswith("grad_stats in equal cache states (cold: 8 MB read before each call;"), tab.title
     _assert_both_states(tab, [sc.READ_FLOOR, sc.KERNEL_ALONE, sc.KERNEL_FLAT, sc.GRAD_STATS, sc.FOREACH_NORM,
                               sc.TORCH_SUM] + [f"read floor, {sc.walk_label(k, p)}" for k, p in sc.READ_WALKS])
     assert tab.state_floor == sc.READ_FLOOR and tab.floor is None
@@ -45,9 +46,31 @@ def test_cache_state_table_without_read_floor(monkeypatch):
     # What a build without the floor (or GRADGUARD_DISABLE_EXT=1) runs: torch.sum is the floor,
     # and the eviction reads its buffer with torch.sum.
     monkeypatch.setattr(sc, "have_floor", lambda: False)
-    tab = sc.cache_state_table(_small_grads(), "t", "cpu", 3, evict_bytes=8 << 20)
+    tab = sc.cache_state_table(_small_grads(), "t", "cpu", 3, evict=8 << 20)
     _assert_both_states(tab, [sc.KERNEL_ALONE, sc.KERNEL_FLAT, sc.GRAD_STATS, sc.FOREACH_NORM, sc.TORCH_SUM])
     assert tab.state_floor == sc.TORCH_SUM
     assert not any(r.name.endswith(sc.READ_FLOOR) for r in tab.rows)
     assert sum("torch.sum (no read floor built)" in c for c in tab.checks) == 4
     assert any(c.startswith("cold: ") for c in tab.checks) and any(c.startswith("warm: ") for c in tab.checks)
+
+
+def test_cold_state_reads_twice_the_largest_cache(monkeypatch):
+    # A fixed 128 MB left a 40 MB list partly in a 480 MB L3 (2026-12-07): "cold" compared an L3
+    # read with a DRAM read.
+    assert sc.evict_bytes() == max(sc.EVICT_MIN_BYTES, min(sc.EVICT_MAX_BYTES, 2 * sc.largest_cache_bytes()))
+    monkeypatch.setattr(sc, "largest_cache_bytes", lambda: 480 << 20)
+    assert sc.evict_bytes() == 960 << 20
+    monkeypatch.setattr(sc, "largest_cache_bytes", lambda: 32 << 20)
+    assert sc.evict_bytes() == 128 << 20
+    monkeypatch.setattr(sc, "largest_cache_bytes", lambda: 0)
+    assert sc.evict_bytes() == 128 << 20
+    monkeypatch.setattr(sc, "largest_cache_bytes", lambda: 8 << 30)
+    assert sc.evict_bytes() == 4 << 30
+
+
+def test_largest_cache_reads_this_machine():
+    # Linux reports its caches in sysfs; the VMs of this project report an L3 of 32-480 MB.
+    import os
+    if not os.path.exists("/sys/devices/system/cpu/cpu0/cache/index0/size"):
+        pytest.skip("no cache sizes in sysfs")
+    assert sc.largest_cache_bytes() >= 1 << 20

@@ -1,6 +1,8 @@
 """Benchmark cases for grad_stats, all_finite and clip_grad_norm_ (issue bar: GPT-2 small, fp32)."""
 from __future__ import annotations
 
+import glob
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -115,7 +117,38 @@ def stats_table(grads, label: str, device: str, repeats: int, target: float = 0.
 KERNEL_ALONE = "gradguard multi_tensor_stats op (the kernel alone)"
 KERNEL_FLAT = "multi_tensor_stats op over one flat tensor, same bytes"
 STATES = ("cold", "warm")
-EVICT_BYTES = 128 << 20  # well above the L3 of the machines we bench on (32 MB here)
+EVICT_MIN_BYTES = 128 << 20
+EVICT_MAX_BYTES = 4 << 30
+
+
+def largest_cache_bytes() -> int:
+    """The largest CPU cache this machine reports (sysfs, then sysconf), 0 where none is."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        digits = text[:-1] if scale > 1 else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    try:
+        sizes.append(max(0, os.sysconf("SC_LEVEL3_CACHE_SIZE")))
+    except (ValueError, OSError, AttributeError):
+        pass
+    return max(sizes, default=0)
+
+
+def evict_bytes() -> int:
+    """What the cold state reads before each call: twice the largest cache reported, at least
+    128 MB (at most 4 GB). A fixed 128 MB was not enough on the Intel Xeon VM of 2026-12-07,
+    which reports a 480 MB L3: after it the floor read the 52-tensor list's flat copy (read by
+    seven cases a round) at warm speed, 0.70 against 1.38-1.60 ms after 0.5-2 GB, while the list
+    itself (read by three) came partly from DRAM: 'cold' then judged a DRAM read against an L3
+    one (kernel 2.5x the floor; 1.1-1.4x after 0.5-2 GB)."""
+    return min(EVICT_MAX_BYTES, max(EVICT_MIN_BYTES, 2 * largest_cache_bytes()))
 
 
 @dataclass
@@ -152,23 +185,25 @@ class CacheStateTable(Table):
 
 
 def cache_state_table(grads, label: str, device: str, repeats: int, target: float = 0.8,
-                      evict_bytes: int = EVICT_BYTES) -> CacheStateTable:
+                      evict: int | None = None) -> CacheStateTable:
     """grad_stats against the read floor, every case in the same cache state. A list inside L3
-    (GPT-2 10M: 30.5 MB, L3 32 MB here) is read from L3 or DRAM by what ran before: interleaved,
-    the floor rounds re-read one flat copy from L3 while grad_stats reads its tensors, which they
-    evicted, from DRAM. So each case is timed cold (caches evicted by reading `evict_bytes` before
-    each call, untimed) and warm (the same call just before, untimed), interleaved round by round;
-    `target` is the share of the floor's speed the kernel must reach in either state."""
+    (GPT-2 10M: 30.5 MB; L3 32 MB on the VMs of 2026-12-03/05) is read from L3 or DRAM by what
+    ran before: interleaved, the floor rounds re-read one flat copy from L3 while grad_stats reads
+    its tensors, which they evicted, from DRAM. So each case is timed cold (caches evicted by
+    reading `evict` bytes before each call, untimed; evict_bytes() by default) and warm (the same
+    call just before, untimed), interleaved round by round; `target` is the share of the floor's
+    speed the kernel must reach in either state."""
+    evict_bytes_ = evict_bytes() if evict is None else evict
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     flat = torch.cat([g.reshape(-1) for g in grads])
     with_floor = have_floor() and device == "cpu"
     # Ones, not empty: pages never written all map to the one zero page and evict nothing.
-    evict_buf = torch.ones(evict_bytes // 4, dtype=torch.float32, device=device)
+    evict_buf = torch.ones(evict_bytes_ // 4, dtype=torch.float32, device=device)
     if with_floor:
         evict_words = _as_words(evict_buf)
-        evict = lambda: torch.ops.gradguard_bench.read_floor(evict_words, 1)  # noqa: E731
+        evict_caches = lambda: torch.ops.gradguard_bench.read_floor(evict_words, 1)  # noqa: E731
     else:
-        evict = lambda: evict_buf.sum()  # noqa: E731
+        evict_caches = lambda: evict_buf.sum()  # noqa: E731
     cases = {}
     floor_parts = []
     if with_floor:
@@ -195,7 +230,7 @@ def cache_state_table(grads, label: str, device: str, repeats: int, target: floa
 
     def run(name: str, state: str) -> float:
         if state == "cold":
-            evict()
+            evict_caches()
         else:
             cases[name]()
         sync(device)
@@ -217,8 +252,8 @@ def cache_state_table(grads, label: str, device: str, repeats: int, target: floa
             add_best(times, f"{s}: {READ_FLOOR}", [f"{s}: {p}" for p in floor_parts])
     order = ([READ_FLOOR] if floor_parts else []) + list(cases)
     rows = [Row(f"{s}: {n}", statistics.median(times[f"{s}: {n}"]), nbytes) for n in order for s in STATES]
-    tab = CacheStateTable(f"grad_stats in equal cache states (cold: caches evicted before each call; warm: "
-                          f"the same call just before), {label}, {device}, {torch.get_num_threads()} threads, "
+    tab = CacheStateTable(f"grad_stats in equal cache states (cold: {evict_bytes_ >> 20} MB read before each "
+                          f"call; warm: the same call just before), {label}, {device}, {torch.get_num_threads()} threads, "
                           f"median of {repeats} interleaved rounds", rows, state_floor=floor)
     floor_word = "read floor" if floor_parts else "torch.sum (no read floor built)"
     bar = round(1.0 / target, 2)
@@ -425,7 +460,7 @@ def tables(device: str = "cpu", quick: bool = False) -> list[Table]:
     if have_floor() and device == "cpu":
         out.append(dtype_table(gpt2_shapes(), "GPT-2 small-shaped", device, 9))
     grads10 = make_grads(small, device=device)
-    # 30.5 MB, inside a 32 MB L3: measured in equal cache states (see cache_state_table).
+    # 30.5 MB, inside L3: measured in equal cache states (see cache_state_table).
     out.append(cache_state_table(grads10, f"GPT-2 10M-shaped ({len(grads10)} tensors, "
                                  f"{numel(grads10) / 1e6:.1f}M fp32)", device, 41, target=0.8))
     del grads10
