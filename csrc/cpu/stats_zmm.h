@@ -77,7 +77,12 @@ constexpr int64_t kPrefetchBytes = 4096;
 // thread over 256 MB of float32 12.0 against ~10 GB/s, from L2 27.6 against 31). It was found
 // when a build that read its prefetch distance at run time, and whose accumulators gcc spilled,
 // ran faster than the clean one; why the Xeon's memory pipeline prefers the slower loop was not
-// worked out, so it is kept because it measured so, on Intel only.
+// worked out, so it is kept because it measured so, on Intel only. Measured again for the 16-bit
+// loops on the same Xeon (2026-12-07, a later session, alternating builds): with their chains in
+// registers they ran faster from L2 (one thread, 1 MB: bfloat16 17.8-21.2 against 16.3-17.5 GB/s,
+// float16 15.8-18.6 against 13.4-13.8) and much slower from memory (GPT-2-small list, two threads:
+// 1.83-2.14x the read floor against 1.33-1.54x; with the prefetch 8 or 16 KB ahead 1.72-1.80x);
+// half or a quarter of the chains in memory was no better than all (1.29-1.47x against 1.30-1.45x).
 template <bool kPaced>
 struct Chains {
   __m512d* reg;
