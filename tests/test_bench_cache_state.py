@@ -55,7 +55,7 @@ def test_cache_state_table_without_read_floor(monkeypatch):
 
 
 def test_cold_state_reads_twice_the_largest_cache(monkeypatch):
-    # A fixed 128 MB left a 40 MB list partly in a 480 MB L3 (2026-12-07): "cold" compared an L3
+    # A fixed 128 MB left the 30.5 MB list partly in a 480 MB L3 (2026-12-07): "cold" compared an L3
     # read with a DRAM read.
     assert sc.evict_bytes() == max(sc.EVICT_MIN_BYTES, min(sc.EVICT_MAX_BYTES, 2 * sc.largest_cache_bytes()))
     monkeypatch.setattr(sc, "largest_cache_bytes", lambda: 480 << 20)

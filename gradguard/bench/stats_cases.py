@@ -253,8 +253,9 @@ def cache_state_table(grads, label: str, device: str, repeats: int, target: floa
     order = ([READ_FLOOR] if floor_parts else []) + list(cases)
     rows = [Row(f"{s}: {n}", statistics.median(times[f"{s}: {n}"]), nbytes) for n in order for s in STATES]
     tab = CacheStateTable(f"grad_stats in equal cache states (cold: {evict_bytes_ >> 20} MB read before each "
-                          f"call; warm: the same call just before), {label}, {device}, {torch.get_num_threads()} threads, "
-                          f"median of {repeats} interleaved rounds", rows, state_floor=floor)
+                          f"call; warm: the same call just before), {label}, {device}, "
+                          f"{torch.get_num_threads()} threads, median of {repeats} interleaved rounds",
+                          rows, state_floor=floor)
     floor_word = "read floor" if floor_parts else "torch.sum (no read floor built)"
     bar = round(1.0 / target, 2)
     for what, name in (("kernel alone", KERNEL_ALONE), ("grad_stats", GRAD_STATS)):
