@@ -92,11 +92,23 @@ def check_norm_type(norm_type, *, torch_compat: bool = False) -> float:
 _COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
 
 
+def _iterable(items, what: str, where: str):
+    """``iter(items)``, or a TypeError that names the argument (Python's own says only "'NoneType'
+    object is not iterable", which is what torch's clip gives for ``None``)."""
+    try:
+        return iter(items)
+    except TypeError:
+        raise TypeError(f"{where}: {what} must be a tensor or an iterable of tensors, "
+                        f"got {type(items).__name__}") from None
+
+
 def as_tensor_list(tensors, what: str = "tensors") -> list[torch.Tensor]:
     """The values a gradient list is judged by: sparse tensors by their (coalesced) values,
     complex ones by |z|. Refuses anything that is not a floating-point or complex tensor."""
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
+    elif not isinstance(tensors, (list, tuple)):
+        tensors = _iterable(tensors, f"`{what}`", "gradguard")
     out = []
     strided = torch.strided
     for i, t in enumerate(tensors):
@@ -327,6 +339,8 @@ def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep
         parameters = list(parameters)
         if not parameters:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    elif not isinstance(parameters, (list, tuple)):
+        parameters = _iterable(parameters, "`parameters` (e.g. model.parameters())", where)
     params, names = [], []
     for i, item in enumerate(parameters):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
@@ -549,7 +563,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite: bool = False, for
     p = check_norm_type(norm_type, torch_compat=True)
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
-    tensors = list(tensors)
+    tensors = list(_iterable(tensors, "`tensors`", "gradguard.get_total_norm"))
     if not tensors:
         return torch.tensor(0.0)
     grads = as_tensor_list(tensors)

@@ -4,6 +4,7 @@ wrong later, or raised a message from deep inside torch that named no argument. 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -325,3 +326,25 @@ def test_numbers_as_numpy_arrays_in_the_safe_ops_and_warmup_bounds():
     assert torch.equal(gradguard.safe_log(x, eps=np.array(1e-3)), gradguard.safe_log(x, eps=1e-3))
     with pytest.raises(ValueError, match="`warmup` must be an int in"):
         ZScoreClip(warmup=2 ** 2000)  # accepted before: the first step raised a bare OverflowError
+
+
+@pytest.mark.parametrize("call, where", [
+    (lambda x: gradguard.grad_stats(x), "gradguard: `tensors`"),
+    (lambda x: gradguard.all_finite(x), "gradguard: `tensors`"),
+    (lambda x: gradguard.get_total_norm(x), "gradguard.get_total_norm: `tensors`"),
+    (lambda x: gradguard.clip_grad_norm_(x, 1.0), "gradguard.clip_grad_norm_: `parameters`"),
+])
+@pytest.mark.parametrize("value", [None, 5])
+def test_a_value_that_is_not_iterable_is_named(call, where, value):
+    # Python's own message, "'NoneType' object is not iterable", names no argument.
+    with pytest.raises(TypeError, match=f"^{re.escape(where)}.* must be a tensor or an iterable of tensors, "
+                                        f"got {type(value).__name__}$"):
+        call(value)
+
+
+def test_iterables_that_are_not_lists_still_work():
+    g = [torch.tensor([3.0, 4.0]), torch.tensor([12.0])]
+    ref = gradguard.grad_stats(g).total_norm
+    for it in (iter(g), (t for t in g), tuple(g)):
+        assert torch.equal(gradguard.grad_stats(it).total_norm, ref)
+    assert torch.equal(gradguard.get_total_norm(iter(g)), ref)
