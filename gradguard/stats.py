@@ -93,13 +93,13 @@ _COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.spars
 
 
 def _iterable(items, what: str, where: str):
-    """``iter(items)``, or a TypeError that names the argument (Python's own says only "'NoneType'
-    object is not iterable", which is what torch's clip gives for ``None``)."""
-    try:
-        return iter(items)
-    except TypeError:
-        raise TypeError(f"{where}: {what} must be a tensor or an iterable of tensors, "
-                        f"got {type(items).__name__}") from None
+    """``iter(items)``; for an object that cannot be iterated at all, a TypeError that names the
+    argument (Python's own says only "'NoneType' object is not iterable", which is what torch's
+    clip gives for ``None``). An iterable whose own ``__iter__`` raises keeps its error."""
+    kind = type(items)
+    if not (hasattr(kind, "__iter__") or hasattr(kind, "__getitem__")):
+        raise TypeError(f"{where}: {what} must be a tensor or an iterable of tensors, got {kind.__name__}")
+    return iter(items)
 
 
 def as_tensor_list(tensors, what: str = "tensors") -> list[torch.Tensor]:
