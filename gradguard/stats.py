@@ -81,8 +81,11 @@ def check_norm_type(norm_type, *, torch_compat: bool = False) -> float:
         raise ArgumentTypeError(f"gradguard: `norm_type` must be a positive number or inf, got "
                                 f"{type(norm_type).__name__} {norm_type!r}")
     else:
-        p = to_float(real_number(norm_type), "gradguard: `norm_type`")
-    if math.isnan(p):
+        # Not float() nor math.isnan under torch.compile: a norm_type that changes between calls
+        # is a symbolic float there, which neither traces (as for max_norm).
+        number = real_number(norm_type)
+        p = number if torch.compiler.is_compiling() else to_float(number, "gradguard: `norm_type`")
+    if p != p:
         raise ValueError(f"gradguard: `norm_type` must not be NaN, got {norm_type!r}")
     if p <= 0.0 and not torch_compat:
         raise ValueError(f"gradguard: `norm_type` must be > 0 (or inf), got {norm_type!r}")

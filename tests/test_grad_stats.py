@@ -504,6 +504,31 @@ def test_a_tensor_max_norm_compiles_with_fullgraph_as_in_torch(fn):
         assert torch.equal(g, torch.ones_like(g))
 
 
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "get_total_norm", "grad_stats"])
+def test_a_changing_norm_type_compiles_with_fullgraph_as_in_torch(fn):
+    # At the second norm_type dynamo recompiles with the float symbolic; check_norm_type's
+    # math.isnan(p) and float(p) did not trace there ("torch.* op returned non-Tensor"), while
+    # torch's clip_grad_norm_ compiles it.
+    def f(ps, p):
+        if fn == "clip_grad_norm_":
+            return gradguard.clip_grad_norm_(ps, 1.0, p)
+        if fn == "get_total_norm":
+            return gradguard.get_total_norm([q.grad for q in ps], p)
+        return gradguard.grad_stats([q.grad for q in ps], p).total_norm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for p in (2.0, 1.0, 3.0, INF, 0.5):
+        ps = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+        for q, g in zip(ps, ([3.0, -4.0], [1.0, 0.5, -2.0])):
+            q.grad = torch.tensor(g)
+        want = torch.linalg.vector_norm(torch.tensor([3.0, -4.0, 1.0, 0.5, -2.0], dtype=torch.float64), p)
+        got = compiled(ps, p)
+        torch.testing.assert_close(got, want.to(got.dtype), msg=f"norm_type={p}")
+        if fn == "clip_grad_norm_":
+            torch.testing.assert_close(ps[0].grad, torch.tensor([3.0, -4.0]) / (want.float() + 1e-6))
+
+
 @pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
 def test_zero_nonfinite_and_scale_op(path):
     fn = {"reference": reference.zero_nonfinite_and_scale_,
