@@ -364,7 +364,7 @@ class GradGuard(torch.optim.Optimizer):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"gradguard.GradGuard: `optimizer` must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
-        self.max_norm = None if max_norm is None else check_max_norm(max_norm)
+        self.max_norm = max_norm  # checked by the property's setter
         self.norm_type = check_norm_type(norm_type)
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"gradguard.GradGuard: `on_nonfinite` must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
@@ -454,6 +454,18 @@ class GradGuard(torch.optim.Optimizer):
         self._unscaled = None     # [(grad ref, version)] a raised step left unscaled, see _note_unscaled
         if spike is not None:
             spike._owner = weakref.ref(self)  # last: a guard refused above leaves the policy free
+
+    @property
+    def max_norm(self):
+        """The clip limit: None, a non-negative number or a 0-dim tensor, as the constructor's
+        argument. An assigned value (a clipping schedule) is checked as that argument is: a
+        number assigned unchecked went into the decision as it was, and NaN wrote NaN into every
+        parameter, a negative one reversed the update."""
+        return self._max_norm
+
+    @max_norm.setter
+    def max_norm(self, value) -> None:
+        self._max_norm = None if value is None else check_max_norm(value)
 
     @property
     def history(self) -> History:
@@ -714,6 +726,8 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.setdefault("_fused_stateless", ())
         self.__dict__.setdefault("_apply_watch", None)
         self.__dict__.setdefault("_unscaled", None)
+        if "max_norm" in self.__dict__:  # pickled while max_norm was a plain attribute
+            self.__dict__["_max_norm"] = self.__dict__.pop("max_norm")
         if "_explicit_slots" not in self.__dict__:  # pickled before names= followed identity: by position
             self._explicit_slots = self._slots(self.__dict__.pop("_explicit_names", None))
         self._tracker = ClearTracker()

@@ -347,6 +347,34 @@ def test_bad_input_fails_at_construction(kwargs, exc, match):
         GradGuard(optimizer, **kwargs)
 
 
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "1", torch.tensor(-1.0), torch.tensor(float("nan"))],
+                         ids=["negative", "nan", "str", "negative-tensor", "nan-tensor"])
+def test_a_max_norm_assigned_later_is_checked_as_at_construction(bad):
+    # max_norm was a plain attribute (a clipping schedule assigns it): a NaN number wrote NaN into
+    # every parameter, a negative one reversed the update's sign.
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = GradGuard(torch.optim.SGD([p], lr=1.0), max_norm=1.0)
+    with pytest.raises(ValueError, match="`max_norm`"):
+        opt.max_norm = bad
+    assert opt.max_norm == 1.0
+    p.grad = torch.tensor([3.0, 4.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.6, -0.8]))  # clipped to 1.0, as before
+    opt.max_norm = 2  # an integer is taken as a float, as at construction
+    assert type(opt.max_norm) is float and opt.max_norm == 2.0
+    opt.max_norm = None
+    assert opt.max_norm is None
+
+
+def test_a_guard_pickled_with_max_norm_as_an_attribute_loads():
+    opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1), max_norm=0.5)
+    state = opt.__getstate__()
+    state["max_norm"] = state.pop("_max_norm")  # as pickled before max_norm was a property
+    clone = GradGuard.__new__(GradGuard)
+    clone.__setstate__(state)
+    assert clone.max_norm == 0.5 and "max_norm" not in vars(clone)
+
+
 def test_wrapping_twice_is_refused():
     opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1))
     with pytest.raises(TypeError, match="already a GradGuard"):
