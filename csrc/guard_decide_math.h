@@ -95,11 +95,21 @@ GG_HD double root(double acc, double p) {
   return pow_(acc, div(1.0, p));
 }
 
+// `_scaled_root`: scale * acc^(1/p). For p far below 1, acc^(1/p) alone can pass double's range
+// where the product does not (2,000 elements of 1e-200 at p = 0.01: 2000^100 is inf, the norm
+// 1.3e130): there (scale^p * acc)^(1/p), whose factor scale^p lies within 2^(+-1075 p). acc is
+// a sum of terms <= 1, so acc^(1/p) <= acc for p >= 1, and only such p take the second form.
+GG_HD double scaled_root(double scale, double acc, double p) {
+  const double r = root(acc, p);
+  if (isinf_(r) && !isinf_(acc)) return pow_(mul(pow_(scale, p), acc), div(1.0, p));
+  return mul(scale, r);
+}
+
 // One tensor's norm, NaN/inf marked (norms64 of the reference), before the loss-scale division.
 GG_HD double tensor_norm(double acc, double amax, int64_t nan_count, int64_t inf_count, double p) {
   if (nan_count > 0) return nan();
   if (inf_count > 0) return inf();
-  return mul(amax, root(acc, p));
+  return scaled_root(amax, acc, p);
 }
 
 // One term of `_total`'s sum: acc rescaled from the tensor's amax to the largest one, m.
@@ -112,7 +122,7 @@ GG_HD double total_term(double acc, double amax, double m, double p) {
 GG_HD double finite_total(int64_t n, double m, double sum, double p) {
   if (n == 0) return 0.0;
   if (isinf_(p)) return m;
-  return mul(m, root(sum, p));
+  return scaled_root(m, sum, p);
 }
 
 // torch.remainder of floats and of integers: the result has the divisor's sign.

@@ -23,7 +23,6 @@ from gradguard import distributed as _distributed
 from gradguard._numbers import float_or_inf, real_number, to_float
 from gradguard.errors import ArgumentTypeError, NonFiniteGradError
 # The same float64 norm math as the decision op's reference kernel (one copy of it).
-from gradguard.reference.decide import _root
 from gradguard.reference.decide import _total as _total64
 from gradguard.reference.safe_math import device_scalar
 
@@ -231,12 +230,6 @@ def global_raw_stats(tensors: list[torch.Tensor], norm_type: float, *, process_g
 def _mark_nonfinite(value: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor) -> torch.Tensor:
     value = torch.where(inf > 0, math.inf, value)
     return torch.where(nan > 0, math.nan, value)
-
-
-def _norms64(acc: torch.Tensor, amax: torch.Tensor, p: float) -> torch.Tensor:
-    # acc is normalized by amax (see the op's schema in gradguard._ops): norm = amax * acc^(1/p),
-    # a float64 product that overflows only when the norm itself is above float64's range.
-    return amax * _root(acc, p)
 
 
 def merge_shard_stats(acc: torch.Tensor, nan_count: torch.Tensor, inf_count: torch.Tensor, amax: torch.Tensor,

@@ -50,6 +50,56 @@ def test_finite_norm_of_large_and_tiny_values(dtype, value, p, device):
     torch.testing.assert_close(s.norms.cpu(), torch.tensor([expected], dtype=out_dtype), rtol=1e-12, atol=0)
 
 
+def _decimal_norm(parts, p):
+    """The p-norm of len(v) elements of each v in `parts` ((value, count) pairs), in 60-digit
+    decimal arithmetic: float64's own power overflows on the way (2000^100)."""
+    import decimal
+
+    with decimal.localcontext(decimal.Context(prec=60, Emax=10**6, Emin=-10**6)):
+        total = sum(count * decimal.Decimal(v) ** decimal.Decimal(p) for v, count in parts)
+        return float(total ** (1 / decimal.Decimal(p)))
+
+
+@pytest.mark.parametrize("p", [0.01, 0.0095])
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_p_on_tiny_float64_values(p, device):
+    """A p far below 1: amax * acc^(1/p) overflowed in acc^(1/p) (2000^100) although the norm
+    (1.3e130 at p = 0.01) is well inside float64's range; the norm came out inf, the step was
+    flagged and clip_grad_norm_ skipped its clip where torch clips."""
+    parts = [(1e-200, 2000), (3e-201, 1000)]
+    grads = [torch.full((n,), v, dtype=torch.float64, device=device) for v, n in parts]
+    want = [_decimal_norm([part], p) for part in parts]
+    want_total = _decimal_norm(parts, p)
+    assert max(want) < 1e300 and math.log2(2000) / p > 1024  # the case: a finite norm, an overflowing root
+    s = gradguard.grad_stats(grads, norm_type=p)
+    assert s.found_inf.item() == 0.0
+    torch.testing.assert_close(s.norms.cpu(), torch.tensor(want, dtype=torch.float64), rtol=1e-11, atol=0)
+    torch.testing.assert_close(s.total_norm.cpu(), torch.tensor(want_total, dtype=torch.float64), rtol=1e-11, atol=0)
+    assert gradguard.get_total_norm(grads, p).item() == s.total_norm.item()
+    raw = torch.ops.gradguard.multi_tensor_stats(grads, p)
+    args = (*raw, None, None, None, None, None, None, None, None, None, p, None, "ignore", "none", [], True)
+    got, ref = torch.ops.gradguard.guard_decide(*args), reference.guard_decide(*args)
+    for g, r in zip(got[:3], ref[:3]):  # the kernel in use and the reference: the same bits
+        assert torch.equal(g, r), (g, r)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for q, g in zip(params, grads):
+        q.grad = g.clone()
+    assert gradguard.clip_grad_norm_(params, 1.0, p, error_if_nonfinite=True).item() == s.total_norm.item()
+    coef = 1.0 / (s.total_norm.item() + 1e-6)
+    for q, g in zip(params, grads):
+        torch.testing.assert_close(q.grad, g * coef, rtol=1e-12, atol=0)
+    for on_device in (False, True):  # the guard's step, host- and device-decided
+        for q, g in zip(params, grads):
+            q.grad = g.clone()
+        opt = GradGuard(torch.optim.SGD(params, lr=1.0), max_norm=1.0, norm_type=p, hygiene=False)
+        opt._decide_on_host_on_cpu = not on_device
+        before = [q.detach().clone() for q in params]
+        opt.step()
+        assert not opt.last.skipped and opt.last.total_norm.item() == s.total_norm.item()
+        for q, b, g in zip(params, before, grads):
+            torch.testing.assert_close(q.detach(), b - g * coef, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_p_on_small_values(dtype, device):
