@@ -313,7 +313,8 @@ class GradGuard(torch.optim.Optimizer):
         on_nonfinite: ``"skip"`` (no update; params and optimizer state bit-identical, grads
             left for inspection), ``"zero"`` (NaN/Inf elements set to 0, clip by the norm of the
             rest, step), ``"raise"`` (:class:`NonFiniteGradError` carrying the report) or
-            ``"ignore"`` (step as if unguarded; the report still says what happened).
+            ``"ignore"`` (step as if unguarded; the report still says what happened; a
+            ``max_norm`` does not clip such a step: its norm is not finite).
         max_consecutive_skips: raise :class:`NonFiniteGradError` once this many steps in a row
             were skipped (``None``: never).
         spike: a :class:`~gradguard.ZScoreClip` or :class:`~gradguard.PercentileClip` policy;

@@ -1,6 +1,7 @@
 """GradGuard with the rest of torch's training loop: LR schedulers, GradScaler, autocast."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -227,3 +228,28 @@ def test_a_huge_loss_scale_with_a_small_clip_coefficient_clips_a_fused_step(expo
         ref.step()
         assert not bool(opt.last.skipped) and float(opt.last.clip_coef) < 0.06
     torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam_fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_skipped_overflow_step_leaves_the_grads_as_the_readme_says(inner, dtype, decide_on):
+    # README (GradScaler): a skipped step leaves the gradients scaled, for inspection, except
+    # where the step is decided on the device without a read (float64 parameters of a fused
+    # optimizer there): the multiplier pass then runs and only unscales. Parameters and state
+    # are untouched either way.
+    p = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+            "adam_fused": lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True)}[inner]
+    opt = GradGuard(make([p]), max_norm=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(2):
+        p.grad = scaler.scale(torch.tensor([1.0, 2.0, math.inf if step else 3.0], dtype=dtype))
+        before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+        scaler.step(opt)
+        scaler.update()
+    assert opt.last.skipped_if_known() in (True, None) and bool(opt.last.skipped)
+    assert torch.equal(p.detach(), before[0])
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+    unscaled = decide_on == "device" and inner == "adam_fused" and dtype == torch.float64
+    want = [1.0, 2.0, math.inf] if unscaled else [1024.0, 2048.0, math.inf]
+    assert p.grad.tolist() == want
