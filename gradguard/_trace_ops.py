@@ -43,27 +43,63 @@ _UNINITIALIZED = frozenset(f"aten.{n}" for n in (
     "resize_as_"))
 
 
+def _infinite_number(leaves) -> bool:
+    """Whether a plain number among an op's arguments is +-inf: an op asked for such a value
+    (``masked_fill_(mask, -inf)``, ``full(size, -inf)``: how attention builds its masks) made it
+    on purpose. (An op asked for NaN, ``full_like(g, nan)`` in a hand-written backward, is still
+    the one that made it: nothing masks with NaN.)"""
+    return any(v in (float("inf"), float("-inf")) for v in leaves if isinstance(v, float))
+
+
+def _has_nan(tensors) -> bool:
+    return any(bool(torch.isnan(t).any()) for t in tensors)
+
+
 class FirstNonfiniteOp(TorchDispatchMode):
-    """Runs every aten op as usual and keeps the first one whose output holds NaN/Inf: its name,
+    """Runs every aten op as usual and keeps the first one that made a NaN/Inf: its name,
     whether its inputs were finite, and where it ran (``where()``: the innermost module then).
-    Syncs the host after every op: only for replays of a step already known to be bad."""
+    Made means: a non-finite output from finite inputs, or a NaN from inputs without one (0 * inf,
+    inf - inf: a fully masked softmax row). An op asked for an infinite number (an attention
+    mask's ``masked_fill_(mask, -inf)``) made nothing, and the ops after it that carry its -inf
+    along made nothing either: until a maker is seen, the first op with a non-finite output is
+    kept as the answer (the NaN came in with the inputs). Syncs the host after every op: only for
+    replays of a step already known to be bad."""
 
     def __init__(self, where=lambda: None):
         super().__init__()
         self.where = where
-        self.found = None  # (op, inputs_finite, module) of the first op with a non-finite output
+        self._made = None    # (op, inputs_finite, module) of the first op that made a NaN/Inf
+        self._first = None   # the same of the first op with a non-finite output, asked for or not
+
+    @property
+    def found(self):
+        return self._made if self._made is not None else self._first
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.found is not None or str(func.overloadpacket) in _UNINITIALIZED:
+        if self._made is not None or str(func.overloadpacket) in _UNINITIALIZED:
             return func(*args, **kwargs)
-        ins = [t for t in tree_leaves((args, kwargs)) if checkable(t)]
+        leaves = tree_leaves((args, kwargs))
+        ins = [t for t in leaves if checkable(t)]
         # An in-place op overwrites its input: judge the inputs before it runs.
-        ins_finite = all_finite(ins) if func._schema.is_mutable else None
+        mutable = func._schema.is_mutable
+        ins_finite = all_finite(ins) if mutable else None
+        ins_nan = _has_nan(ins) if mutable and not ins_finite else None
         out = func(*args, **kwargs)
         outs = [t for t in tree_leaves(out) if checkable(t)]
         if outs and not all_finite(outs):
             if ins_finite is None:
                 ins_finite = all_finite(ins)
-            self.found = (str(func.overloadpacket), ins_finite, self.where())
+            seen = (str(func.overloadpacket), ins_finite, self.where())
+            if _infinite_number(leaves):
+                return out
+            if self._first is None:
+                self._first = seen
+            if ins_finite:
+                self._made = seen
+            else:
+                if ins_nan is None:
+                    ins_nan = _has_nan(ins)
+                if not ins_nan and _has_nan(outs):
+                    self._made = seen
         return out

@@ -1047,3 +1047,53 @@ def test_sentences_name_the_root_and_the_other_consumers():
     assert s.endswith("appeared in the backward of `1.fc` (the tensor also went to `1`)"), s
     s = str(Origin(phase="backward", module="1.fc", where="gradient", consumers=["1.fc"]))
     assert "also went to" not in s
+
+
+class _AttnThenExp(nn.Module):
+    """Attention with a padding mask (whose -inf fill is on purpose), then an exp that can overflow."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.act = Scaled()
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x, pad):
+        return self.head(self.act(self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]))
+
+
+def test_the_op_checker_skips_an_attention_masks_minus_inf_fill():
+    # The -inf that masked_fill_ puts into a padding mask was named as the first non-finite op
+    # (and, for a NaN born in the backward, a forward op carrying it): an op asked for +-inf
+    # makes nothing, nor do the ops that carry it along; the exp that overflows does.
+    torch.manual_seed(0)
+    model = _AttnThenExp()
+    model.act.factor = 1e3
+    x = torch.randn(2, 5, 16)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    tracer = gradguard.NanTracer(model, mode="on_failure")
+    tracer.begin_step()
+    origin = tracer.replay(lambda: model(x, pad).sum())
+    assert (origin.module, origin.op, origin.op_module, origin.op_inputs_finite) == ("act", "aten.exp", "act", True)
+    tracer.remove()
+    tracer = gradguard.NanTracer(model, keep_tensors=True)
+    model.zero_grad()
+    model(x, pad).sum().backward()
+    origin = tracer.first_nonfinite()
+    assert (origin.module, origin.op) == ("act", "aten.exp"), str(origin)
+
+
+def test_the_op_checker_names_a_softmax_over_a_fully_masked_row():
+    # NaN made from -inf inputs without NaN (every key of a row masked: -inf - -inf): that op made it.
+    from gradguard._trace_ops import FirstNonfiniteOp
+
+    scores = torch.randn(2, 4)
+    mask = torch.zeros(2, 4).masked_fill_(torch.tensor([[False] * 4, [True] * 4]), -math.inf)
+    with FirstNonfiniteOp() as checker:
+        out = (scores + mask).softmax(-1)
+    assert out[1].isnan().all() and checker.found[:2] == ("aten._softmax", False)
+    with FirstNonfiniteOp() as checker:  # some keys of each row left: the softmax makes nothing
+        part = torch.zeros(2, 4).masked_fill_(torch.tensor([[False, True, False, True]] * 2), -math.inf)
+        out = (scores + part).softmax(-1)
+    assert out.isfinite().all() and checker.found[:2] == ("aten.add", False)  # the -inf came in with the mask
