@@ -292,6 +292,48 @@ def test_every_step_of_a_batch_is_checked(tmp_path):
     assert [s for s, r in sorted(rows.items()) if "grad/nonfinite/net.weight" in r] == [1]
 
 
+class _Alternating(pl.LightningModule):
+    """Manual optimization, one optimizer a batch in turn (a GAN's generator and critic); the
+    first optimizer's first step sees a NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+
+    def training_step(self, batch, i):
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        opt, target = (opt_a, y.clone()) if i % 2 == 0 else (opt_b, y)
+        if i == 0:
+            target[0, 0] = math.nan
+        opt.zero_grad()
+        hidden = self.a(x) if i % 2 == 0 else self.a(x).detach()
+        self.manual_backward(torch.nn.functional.mse_loss(self.b(hidden), target))
+        opt.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)]
+
+
+def test_a_guard_that_did_not_step_logs_nothing_at_that_batch(tmp_path):
+    # Lightning logs an on_step value again at every later logged batch until the epoch ends:
+    # the first guard's skip at batch 0 was logged again at batch 1, where it did not step
+    # (its grad/skipped summed to 2 for one skip), and so on for every odd batch.
+    model, cb = _Alternating(), GradGuardCallback(max_norm=1.0)
+    data = torch.utils.data.DataLoader([(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(6)], batch_size=None)
+    trainer = _trainer(tmp_path, cb, max_steps=6)
+    trainer.fit(model, data)
+    assert [g.summary()["steps"] for g in cb.guards] == [3, 3]
+    rows = _csv_metrics(trainer)
+    first = [s for s, r in sorted(rows.items()) if "grad/skipped" in r]
+    second = [s for s, r in sorted(rows.items()) if "grad/optimizer_1/skipped" in r]
+    assert first == [0, 2, 4] and second == [1, 3, 5], rows
+    assert sum(r["grad/skipped"] for r in rows.values() if "grad/skipped" in r) == 1.0
+    assert rows[0]["grad/skipped"] == 1.0 and math.isnan(rows[0]["grad/total_norm"])
+    assert trainer.callback_metrics["grad/skipped_total"] == 1.0  # the running count, still there
+
+
 def test_each_guard_has_its_own_spike_statistics(tmp_path):
     """One spike policy given to the callback was shared by both optimizers' guards (their norms
     mixed into one mean) and carried from one fit into the next fit's fresh guards."""

@@ -136,8 +136,27 @@ class GradGuardCallback(pl.Callback):
         # trainer.global_step, which counts every optimizer's steps).
         return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step - 1)
 
+    def _forget_unstepped(self, trainer, stepped) -> None:
+        """Drops the per-step metrics of the guards that did not step in this batch (another
+        optimizer's turn in manual optimization, a training_step that returned None) from
+        Lightning's results: Lightning logs an on_step value again at every later logged batch
+        until the epoch ends, as if it were new, so such a batch showed the guard's last norm and
+        skip flag again (summed, one skip counted twice). Its results object is a dict keyed
+        "<hook>.<name>" (Lightning 2.x); another layout is left alone. The values stay in
+        trainer.callback_metrics, which keeps the latest of each; grad/skipped_total, a running
+        count, is still logged."""
+        results = getattr(trainer, "_results", None)
+        if not isinstance(results, dict):
+            return
+        for index in range(len(self.guards)):
+            if index not in stepped:
+                prefix = "grad/" if index == 0 else f"grad/optimizer_{index}/"
+                for name in ("total_norm", "clip_coef", "skipped"):
+                    results.pop(f"on_train_batch_end.{prefix}{name}", None)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         reports, self._new_reports = self._new_reports, []
+        self._forget_unstepped(trainer, {index for index, _, _ in reports})
         if not reports:  # accumulating gradients: no optimizer step in this batch
             return
         step = self._batch_step(trainer)
