@@ -4,6 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def _shown(name: str) -> str:
+    """A module's name as the sentences show it: "" is the root module's own code."""
+    return f"`{name}`" if name else "the model itself"
+
+
 @dataclass
 class Origin:
     """Where the first non-finite value of a step appeared (see ``NanTracer.first_nonfinite``).
@@ -32,12 +37,13 @@ class Origin:
     submodule: str | None = None      # "code": the submodule whose input it was; "code gradient": whose output
     consumers: list = field(default_factory=list)
     candidates: list = field(default_factory=list)  # sibling modules that each took the tensor: any may be it
+    loss_too: bool = False  # the tensor was also a model output: the loss's backward added to its gradient
     bad_params: list = field(default_factory=list)  # own parameters that hold NaN/Inf
     max_param: float | None = None     # largest finite |parameter| of the module
     distributed: bool = False          # several processes: a gradient may come from another rank
 
     def __str__(self) -> str:
-        m = f"`{self.module}`" if self.module else "the model itself"  # "": the root module's own code
+        m = _shown(self.module)
         if self.phase == "input":
             s = f"the input batch already held {self.kind}"
             if self.tensor:
@@ -71,15 +77,16 @@ class Origin:
         elif self.module == "":
             s = ("forward finite; the gradient of the model's output was already non-finite: it came from the "
                  "backward of the loss")
-        elif len(self.candidates) > 1:
+        elif len(self.candidates) + self.loss_too > 1:
+            takers = [_shown(c) for c in self.candidates] + (["the loss"] if self.loss_too else [])
+            output = ": a model output" if self.loss_too else ""
             s = (f"forward finite; the first non-finite gradient ({self.kind}) appeared in the backward of one of "
-                 f"{', '.join(f'`{c}`' for c in self.candidates)} (each took the same tensor, whose gradient is the "
-                 "sum of theirs)")
+                 f"{', '.join(takers)} (each took the same tensor{output}, whose gradient is the sum of theirs)")
         else:
             s = f"forward finite; the first non-finite gradient ({self.kind}) appeared in the backward of {m}"
             others = [c for c in self.consumers if c != self.module]  # the named one need not be first
             if others:
-                s += f" (the tensor also went to {', '.join(f'`{c}`' for c in others)})"
+                s += f" (the tensor also went to {', '.join(_shown(c) for c in others)})"
         if self.rows is not None:
             shown = self.rows if len(self.rows) <= 10 else self.rows[:10] + ["..."]
             s += f"; {len(self.rows)} of {self.batch_size} rows: batch rows {shown}".replace("'...'", "...")

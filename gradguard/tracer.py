@@ -36,6 +36,8 @@ from gradguard._numbers import check_int, is_bool
 from gradguard.errors import ArgumentTypeError
 from gradguard._trace_ops import FirstNonfiniteOp, bad_rows, checkable, nonfinite_kind
 from gradguard._trace_origin import Origin
+from gradguard import distributed as _distributed
+from gradguard.stats import grad_stats
 
 MODES = ("always", "on_failure")
 _INF = math.inf
@@ -456,8 +458,9 @@ class NanTracer:
                 takers = [c.name for c in site.consumers if id(c) not in passed_on]
                 module = takers[0]
                 # Siblings that each took it (a residual, attention's q/k/v): its gradient is the
-                # sum of theirs, and a hook sees only the sum, so any of them may have made it.
-                candidates = list(dict.fromkeys(takers)) if len(set(takers)) > 1 else []
+                # sum of theirs, and a hook sees only the sum, so any of them may have made it. A
+                # model output that a module also took: the loss's backward is one of them.
+                candidates = list(dict.fromkeys(takers)) if len(set(takers)) > 1 or site.model_output else []
             elif site.producer is not None and site.producer.parent is not None and not site.model_output:
                 # No module took the tensor: the code of the producer's parent did. When that
                 # parent is the model itself, its name is "" like the loss's: say which it is.
@@ -468,7 +471,8 @@ class NanTracer:
                 module = ""  # the model's output: the loss's backward made it non-finite
             return Origin(phase="backward", module=module, where=where, kind=what, rows=rows,
                           batch_size=rec.batch_size, consumers=consumers, submodule=submodule,
-                          candidates=candidates if consumers else [])
+                          candidates=candidates if consumers else [],
+                          loss_too=bool(consumers) and bool(site.model_output))
         path = _leaf_path(frame, leaf) if kind == "input" else None
         if kind == "input" and frame.parent is None:
             return Origin(phase="input", module="", where="input", call=frame.call, kind=what, tensor=path,
@@ -540,19 +544,23 @@ class NanTracer:
             torch.distributed.get_world_size() > 1
         counts = {}
         if rec.report is not None and rec.judged is not None:
-            host = rec.report._fetch()  # one read
+            host = rec.report._fetch()  # one read (once per report)
             counts = {id(p): (nan, inf) for p, nan, inf in zip(rec.judged(), host["nan"], host["inf"])}
-        for mod, mname in self._names.items():
-            for pname, p in mod.named_parameters(recurse=False):
-                got = counts.get(id(p))
-                if got is not None:
-                    if not (got[0] or got[1]):
-                        continue
-                    kind = "NaN and Inf" if got[0] and got[1] else ("NaN" if got[0] else "Inf")
-                elif p.grad is not None and checkable(p.grad) and not bool(torch.isfinite(p.grad).all()):
-                    kind = nonfinite_kind(p.grad)
-                else:
-                    continue
+        params = [(mname, pname, p) for mod, mname in self._names.items()
+                  for pname, p in mod.named_parameters(recurse=False)]
+        # The live gradients no report counted: their NaN/Inf counts in one stats pass and one
+        # read (a read per parameter cost one sync each on every good step). A DTensor's local
+        # shard: this rank's answer, with no collective (another rank may not be asking).
+        live = [p for _, _, p in params if id(p) not in counts and p.grad is not None and checkable(p.grad)]
+        if live:
+            s = grad_stats([_distributed._local(p.grad) if _distributed.is_dtensor(p.grad) else p.grad.detach()
+                            for p in live])
+            both = torch.stack([s.nan_count, s.inf_count]).tolist()
+            counts.update({id(p): (nan, inf) for p, nan, inf in zip(live, both[0], both[1])})
+        for mname, pname, p in params:
+            nan, inf = counts.get(id(p), (0, 0))
+            if nan or inf:
+                kind = "NaN and Inf" if nan and inf else ("NaN" if nan else "Inf")
                 full = f"{mname}.{pname}" if mname else pname
                 return self._finish(rec, Origin(phase="backward", module=mname, where="parameter gradient",
                                                 kind=kind, tensor=full, distributed=dist))

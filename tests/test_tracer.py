@@ -1097,3 +1097,66 @@ def test_the_op_checker_names_a_softmax_over_a_fully_masked_row():
         part = torch.zeros(2, 4).masked_fill_(torch.tensor([[False, True, False, True]] * 2), -math.inf)
         out = (scores + part).softmax(-1)
     assert out.isfinite().all() and checker.found[:2] == ("aten.add", False)  # the -inf came in with the mask
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_good_step_costs_first_nonfinite_two_reads(guarded, monkeypatch):
+    # The flags' index, then the parameters' gradient counts in one read: every parameter's
+    # gradient was read on its own (34 reads for this model's 34 parameters).
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU()) for _ in range(8)],
+                          nn.Linear(16, 4))
+    tracer = gradguard.NanTracer(model)
+    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.01), model=model, tracer=tracer)
+    model(torch.randn(8, 16)).square().mean().backward()
+    if guarded:
+        opt.step()
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name, **k: reads.append(_n) or _o(self, *a, **k))
+    assert tracer.first_nonfinite() is None
+    monkeypatch.undo()
+    assert len(reads) == 2, reads
+    for p in model.parameters():  # and a NaN in a parameter's own gradient is still found
+        p.grad = None
+    model(torch.randn(8, 16)).square().mean().backward()
+    model[3][0].bias.grad[2] = math.nan
+    origin = tracer.first_nonfinite()
+    assert (origin.where, origin.tensor, origin.kind) == ("parameter gradient", "3.0.bias", "NaN")
+
+
+def test_a_model_output_that_a_module_also_took_names_the_loss_too():
+    # A model returning (features, head(features)); the loss's backward on the features made
+    # NaN (a pairwise distance's sqrt at 0). `head` alone was named, whose gradients are finite.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            feats = self.enc(x)
+            return feats, self.head(feats)
+
+    torch.manual_seed(0)
+    model = Net()
+    tracer = gradguard.NanTracer(model)
+    feats, logits = model(torch.randn(8, 4))
+    dist = (feats[:, None] - feats[None]).pow(2).sum(-1).sqrt()
+    loss = nn.functional.cross_entropy(logits, torch.zeros(8, dtype=torch.long)) + dist.mean()
+    loss.backward()
+    origin = tracer.first_nonfinite(loss=loss)
+    assert (origin.phase, origin.candidates, origin.loss_too) == ("backward", ["head"], True)
+    assert "in the backward of one of `head`, the loss (each took the same tensor: a model output" in str(origin)
+
+
+def test_the_root_module_is_named_in_words_in_every_list():
+    class Sqrt(nn.Module):
+        def forward(self, x):
+            return x.sqrt()
+
+    model = nn.Sequential(Sqrt(), nn.Linear(2, 1))
+    tracer = gradguard.NanTracer(model)
+    model(torch.tensor([[0.0, 1.0], [4.0, 9.0]], requires_grad=True)).sum().backward()
+    text = str(tracer.first_nonfinite())
+    assert "``" not in text and "(the tensor also went to the model itself)" in text, text
