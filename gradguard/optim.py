@@ -1088,9 +1088,17 @@ class GradGuard(torch.optim.Optimizer):
                                         norms=norms, nan_count=raw.nan_count, inf_count=raw.inf_count, amax=amax,
                                         scalars=scalars, found_inf=found, mode=mode, amp=amp,
                                         total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
+        end_trace = None
         if self.tracer is not None:
-            self.tracer._end_step(found, report, lambda ps=plan.params, idx=idx: ps if idx is None else
-                                  [ps[i] for i in idx.tolist()])
+            def end_trace(tracer=self.tracer, ps=plan.params, idx=idx):
+                tracer._end_step(found, report, lambda: ps if idx is None else [ps[i] for i in idx.tolist()])
+
+            if not (closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)):
+                end_trace()
+                end_trace = None
+            # else: LBFGS evaluates the closure again inside its step; those evaluations are this
+            # step's, ended after them (they were recorded into the next step's record, whose
+            # first_nonfinite() then reported a rolled-back evaluation's NaN for a finite step).
 
         host = None
         if read:
@@ -1100,6 +1108,8 @@ class GradGuard(torch.optim.Optimizer):
             report._skipped_read = bool(host[3])
 
         if mode == "raise" and host[2]:
+            if end_trace is not None:
+                end_trace()
             hook_error = self._run_hooks(report, keep_going=True)
             msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
                                          report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype))
@@ -1174,6 +1184,8 @@ class GradGuard(torch.optim.Optimizer):
                         _scale(grads, mult, False, plan.simple)
                     inner.step(replay)
 
+        if end_trace is not None:
+            end_trace()
         if self.hygiene:
             self._tracker.mark(grads)
         giving_up = self.max_consecutive_skips is not None and streak_h >= self.max_consecutive_skips

@@ -1160,3 +1160,28 @@ def test_the_root_module_is_named_in_words_in_every_list():
     model(torch.tensor([[0.0, 1.0], [4.0, 9.0]], requires_grad=True)).sum().backward()
     text = str(tracer.first_nonfinite())
     assert "``" not in text and "(the tensor also went to the model itself)" in text, text
+
+
+def test_lbfgs_evaluations_inside_the_step_belong_to_that_step():
+    # GradGuard ended the tracer's step after the closure's first evaluation: LBFGS's later
+    # evaluations went into the next step's record, whose first_nonfinite() then reported a
+    # rolled-back evaluation's Inf for a finite step.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    tracer = gradguard.NanTracer(model)
+    opt = gradguard.GradGuard(torch.optim.LBFGS(model.parameters(), lr=1e30, max_iter=4), model=model, tracer=tracer)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # the second evaluation overflows (lr 1e30): rolled back
+    assert bool(opt.last.skipped)
+    origin = tracer.first_nonfinite()
+    assert origin is not None and origin.phase == "forward" and origin.call > 4  # a later evaluation's forward
+    opt.param_groups[0].update(lr=1e-3, max_iter=1)
+    opt.step(closure)
+    assert not bool(opt.last.skipped) and tracer.first_nonfinite() is None
