@@ -1185,3 +1185,17 @@ def test_lbfgs_evaluations_inside_the_step_belong_to_that_step():
     opt.param_groups[0].update(lr=1e-3, max_iter=1)
     opt.step(closure)
     assert not bool(opt.last.skipped) and tracer.first_nonfinite() is None
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_backward_nan_after_an_inplace_relu_names_the_module_after_it(inplace):
+    # The tensor ReLU(inplace=True) changes kept the gradient hook placed before the change,
+    # which sees the gradient of the value before the ReLU: "one of `1`, `2`" was named.
+    torch.manual_seed(0)
+    bad = BadGrad()
+    bad.row = 3
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=inplace), bad, nn.Linear(4, 2))
+    tracer = gradguard.NanTracer(model)
+    model(torch.randn(8, 4)).sum().backward()
+    origin = tracer.first_nonfinite()
+    assert (origin.phase, origin.module, origin.candidates) == ("backward", "2", []), str(origin)
