@@ -365,6 +365,7 @@ class GradGuard(torch.optim.Optimizer):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"gradguard.GradGuard: `optimizer` must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
+        self._limits = {}
         self.max_norm = max_norm  # checked by the property's setter
         self.norm_type = check_norm_type(norm_type)
         if on_nonfinite not in ON_NONFINITE:
@@ -461,12 +462,14 @@ class GradGuard(torch.optim.Optimizer):
         """The clip limit: None, a non-negative number or a 0-dim tensor, as the constructor's
         argument. An assigned value (a clipping schedule) is checked as that argument is: a
         number assigned unchecked went into the decision as it was, and NaN wrote NaN into every
-        parameter, a negative one reversed the update."""
-        return self._max_norm
+        parameter, a negative one reversed the update. Held in a dict of its own, which a
+        wrapper that copies the guard's ``__dict__`` shares (Lightning's ``self.optimizers()``:
+        an assignment through it reached only the copy)."""
+        return self._limits["max_norm"]
 
     @max_norm.setter
     def max_norm(self, value) -> None:
-        self._max_norm = None if value is None else check_max_norm(value)
+        self._limits["max_norm"] = None if value is None else check_max_norm(value)
 
     @property
     def history(self) -> History:
@@ -727,8 +730,8 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.setdefault("_fused_stateless", ())
         self.__dict__.setdefault("_apply_watch", None)
         self.__dict__.setdefault("_unscaled", None)
-        if "max_norm" in self.__dict__:  # pickled while max_norm was a plain attribute
-            self.__dict__["_max_norm"] = self.__dict__.pop("max_norm")
+        if "_limits" not in self.__dict__:  # pickled while max_norm was a plain attribute
+            self._limits = {"max_norm": self.__dict__.pop("max_norm", None)}
         if "_explicit_slots" not in self.__dict__:  # pickled before names= followed identity: by position
             self._explicit_slots = self._slots(self.__dict__.pop("_explicit_names", None))
         self._tracker = ClearTracker()

@@ -334,6 +334,26 @@ def test_a_guard_that_did_not_step_logs_nothing_at_that_batch(tmp_path):
     assert trainer.callback_metrics["grad/skipped_total"] == 1.0  # the running count, still there
 
 
+class _Schedule(Tiny):
+    """A clipping schedule set through self.optimizers(), Lightning's wrapper of the guard."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.optimizers().max_norm = 0.5 / (batch_idx + 1)
+
+
+def test_a_max_norm_set_through_self_optimizers_reaches_the_guard(tmp_path):
+    # Lightning's optimizer wrapper copies the guard's __dict__: the assignment reached the copy
+    # only, and the guard went on clipping to its first limit.
+    model, cb = _Schedule(bad_step=-1), GradGuardCallback(max_norm=1.0)
+    trainer = _trainer(tmp_path, cb, max_steps=3)
+    trainer.fit(model, _loader())
+    assert cb.guard.max_norm == 0.5 / 3
+    coefs = [float(h) for h in cb.guard.history.as_dict()["clip_coef"]]
+    norms = [float(h) for h in cb.guard.history.as_dict()["total_norm"]]
+    for k, (coef, norm) in enumerate(zip(coefs, norms)):
+        assert coef == pytest.approx(min(1.0, 0.5 / (k + 1) / (norm + 1e-6)), rel=1e-5), (k, coefs, norms)
+
+
 def test_each_guard_has_its_own_spike_statistics(tmp_path):
     """One spike policy given to the callback was shared by both optimizers' guards (their norms
     mixed into one mean) and carried from one fit into the next fit's fresh guards."""

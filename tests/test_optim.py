@@ -369,10 +369,12 @@ def test_a_max_norm_assigned_later_is_checked_as_at_construction(bad):
 def test_a_guard_pickled_with_max_norm_as_an_attribute_loads():
     opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1), max_norm=0.5)
     state = opt.__getstate__()
-    state["max_norm"] = state.pop("_max_norm")  # as pickled before max_norm was a property
+    state["max_norm"] = state.pop("_limits")["max_norm"]  # as pickled before max_norm was a property
     clone = GradGuard.__new__(GradGuard)
     clone.__setstate__(state)
     assert clone.max_norm == 0.5 and "max_norm" not in vars(clone)
+    clone.max_norm = 0.25  # its own limit, not the original's
+    assert (clone.max_norm, opt.max_norm) == (0.25, 0.5)
 
 
 def test_wrapping_twice_is_refused():
