@@ -708,6 +708,7 @@ class GradGuard(torch.optim.Optimizer):
     # optimizers drop it the same way).
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
+        state["_limits"] = dict(self._limits)  # a copy's own max_norm (copy.copy shared the dict)
         state.pop("step", None)
         # Hooks are not copied, as torch's optimizers copy none: a deep copy's steps ran the
         # original's hooks (an EMA updated from the copy), and a lambda hook made torch.save fail.
@@ -1093,102 +1094,103 @@ class GradGuard(torch.optim.Optimizer):
                                         total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
         end_trace = None
         if self.tracer is not None:
-            def end_trace(tracer=self.tracer, ps=plan.params, idx=idx):
-                tracer._end_step(found, report, lambda: ps if idx is None else [ps[i] for i in idx.tolist()])
-
             if not (closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)):
-                end_trace()
-                end_trace = None
-            # else: LBFGS evaluates the closure again inside its step; those evaluations are this
-            # step's, ended after them (they were recorded into the next step's record, whose
-            # first_nonfinite() then reported a rolled-back evaluation's NaN for a finite step).
-
-        host = None
-        if read:
-            # The one read of the step (flag, multiplier, skip streak): one transfer.
-            host = scalars.tolist()
-            found_h, streak_h, mult_h = host[2], int(host[5]), host[6]
-            report._skipped_read = bool(host[3])
-
-        if mode == "raise" and host[2]:
-            if end_trace is not None:
-                end_trace()
-            hook_error = self._run_hooks(report, keep_going=True)
-            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
-                                         report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype))
-            raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)" + _hook_note(hook_error),
-                                     bad, report) from hook_error
-
-        inner = self.optimizer
-        snapshot = None
-        if closure is not None and isinstance(inner, torch.optim.LBFGS) and mode in ("skip", "raise", "zero"):
-            # LBFGS evaluates the closure again inside its step and moves the parameters between
-            # evaluations: each later evaluation is checked too, and a non-finite one rolls the
-            # parameters and state back to before the step ("zero" mode zeroes a later
-            # evaluation's NaN/Inf gradient elements, and rolls back on a non-finite loss only).
-            snapshot = ([q.detach().clone() for q in plan.params],
-                        {k: copy.deepcopy(v) for k, v in inner.state.items()})
-            replay = _replay(loss, closure, plan.params, zero_nonfinite=mode == "zero")
-        else:
-            replay = _replay(loss, closure)
-        clipping = max_norm is not None or limit_t is not None or spike is not None
-        # A fused kernel's grad_scale is float32: float64 gradients are clipped (and unscaled) by
-        # the float64 multiplier in a pass of their own instead, so that the clip is as exact as
-        # clip_grad_norm_'s (through a float32 divisor it was off by up to ~3e-8 relative).
-        exact = raw.out_dtype == torch.float64
-        if loss_scale is not None and not fused:  # see _note_unscaled
-            self._apply_watch = (grads, grads[0]._version)
-        if host is None and not fused:  # under a CUDA graph capture: decided on the device, no read
-            if mode == "zero":
-                _scale(grads, mult, True, plan.simple)
-            elif clipping or loss_scale is not None:  # a skipped step's multiplier only unscales
-                _scale(grads, mult, False, plan.simple)
-            if mode == "skip":
-                self._rolled_back_step(replay, found, plan.params)
+                self.tracer._end_step(found, report, lambda ps=plan.params, idx=idx: ps if idx is None else
+                                      [ps[i] for i in idx.tolist()])
             else:
-                inner.step(replay)
-        elif host is None:  # decided on the device: a fused optimizer, no read
-            if mode == "zero":  # one pass zeroes NaN/Inf and clips, then a plain step
-                _scale(grads, mult, True, plan.simple)
-                inner.step(replay)
-            elif exact and (clipping or loss_scale is not None):
-                # On a step to skip, the multiplier only unscales (GradScaler's own unscale_ does
-                # that too), and the fused kernel, handed found_inf, touches nothing else.
-                _scale(grads, mult, False, plan.simple)
-                self._fused_step(replay, found if mode in ("skip", "raise") else None, None, device)
+                # LBFGS evaluates the closure again inside its step: those evaluations are this
+                # step's, ended after them, also when the step raises (they were recorded into the
+                # next step's record, whose first_nonfinite() then reported a rolled-back
+                # evaluation's NaN for a finite step). The report counted the first evaluation's
+                # gradients only: the tracer reads the live ones, the last evaluation's.
+                def end_trace(tracer=self.tracer):
+                    tracer._end_step(found, None, None)
+
+        try:
+            host = None
+            if read:
+                # The one read of the step (flag, multiplier, skip streak): one transfer.
+                host = scalars.tolist()
+                found_h, streak_h, mult_h = host[2], int(host[5]), host[6]
+                report._skipped_read = bool(host[3])
+
+            if mode == "raise" and host[2]:
+                hook_error = self._run_hooks(report, keep_going=True)
+                msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
+                                             report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype))
+                raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)" + _hook_note(hook_error),
+                                         bad, report) from hook_error
+
+            inner = self.optimizer
+            snapshot = None
+            if closure is not None and isinstance(inner, torch.optim.LBFGS) and mode in ("skip", "raise", "zero"):
+                # LBFGS evaluates the closure again inside its step and moves the parameters between
+                # evaluations: each later evaluation is checked too, and a non-finite one rolls the
+                # parameters and state back to before the step ("zero" mode zeroes a later
+                # evaluation's NaN/Inf gradient elements, and rolls back on a non-finite loss only).
+                snapshot = ([q.detach().clone() for q in plan.params],
+                            {k: copy.deepcopy(v) for k, v in inner.state.items()})
+                replay = _replay(loss, closure, plan.params, zero_nonfinite=mode == "zero")
             else:
-                divisor = grad_scale if (clipping or loss_scale is not None) else None
-                if loss_scale is not None and clipping:
-                    # loss_scale / clip_coef past float32 (a GradScaler scale grown to 2^124
-                    # over a coefficient below 1/16): guard_decide's grad_scale is then the loss
-                    # scale alone, and its pre_scale the coefficient, applied here (1 otherwise,
-                    # and the kernel writes nothing). Dividing by the inf zeroed every gradient.
-                    _scale(grads, pre_scale, False, plan.simple)
-                self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor, device,
-                                 loss_scale is not None)
-        else:
-            is_bad = found_h != 0.0
-            if snapshot is not None and (not is_bad or mode == "zero"):
-                if self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode, is_bad,
-                                    prev_streak):
-                    streak_h = int(st.counters[3])  # the rolled-back step counts as skipped
-            elif not (is_bad and mode in ("skip", "raise")):
-                if fused and not is_bad and mult_h != 1.0 and not exact:
-                    # The kernel unscales/clips while it reads the grads: no separate pass (but
-                    # where loss_scale / clip_coef is past float32, the coefficient first, as above;
-                    # on the CPU a pre_scale of 1 is read on the host and nothing is written).
-                    if loss_scale is not None and clipping:
-                        _scale(grads, pre_scale, False, plan.simple)
-                    self._fused_step(replay, None, grad_scale, device, loss_scale is not None)
+                replay = _replay(loss, closure)
+            clipping = max_norm is not None or limit_t is not None or spike is not None
+            # A fused kernel's grad_scale is float32: float64 gradients are clipped (and unscaled) by
+            # the float64 multiplier in a pass of their own instead, so that the clip is as exact as
+            # clip_grad_norm_'s (through a float32 divisor it was off by up to ~3e-8 relative).
+            exact = raw.out_dtype == torch.float64
+            if loss_scale is not None and not fused:  # see _note_unscaled
+                self._apply_watch = (grads, grads[0]._version)
+            if host is None and not fused:  # under a CUDA graph capture: decided on the device, no read
+                if mode == "zero":
+                    _scale(grads, mult, True, plan.simple)
+                elif clipping or loss_scale is not None:  # a skipped step's multiplier only unscales
+                    _scale(grads, mult, False, plan.simple)
+                if mode == "skip":
+                    self._rolled_back_step(replay, found, plan.params)
                 else:
-                    if is_bad and mode == "zero":
-                        _scale(grads, mult, True, plan.simple)
-                    elif mult_h != 1.0:
-                        _scale(grads, mult, False, plan.simple)
                     inner.step(replay)
-
-        if end_trace is not None:
-            end_trace()
+            elif host is None:  # decided on the device: a fused optimizer, no read
+                if mode == "zero":  # one pass zeroes NaN/Inf and clips, then a plain step
+                    _scale(grads, mult, True, plan.simple)
+                    inner.step(replay)
+                elif exact and (clipping or loss_scale is not None):
+                    # On a step to skip, the multiplier only unscales (GradScaler's own unscale_ does
+                    # that too), and the fused kernel, handed found_inf, touches nothing else.
+                    _scale(grads, mult, False, plan.simple)
+                    self._fused_step(replay, found if mode in ("skip", "raise") else None, None, device)
+                else:
+                    divisor = grad_scale if (clipping or loss_scale is not None) else None
+                    if loss_scale is not None and clipping:
+                        # loss_scale / clip_coef past float32 (a GradScaler scale grown to 2^124
+                        # over a coefficient below 1/16): guard_decide's grad_scale is then the loss
+                        # scale alone, and its pre_scale the coefficient, applied here (1 otherwise,
+                        # and the kernel writes nothing). Dividing by the inf zeroed every gradient.
+                        _scale(grads, pre_scale, False, plan.simple)
+                    self._fused_step(replay, found if mode in ("skip", "raise") else None, divisor, device,
+                                     loss_scale is not None)
+            else:
+                is_bad = found_h != 0.0
+                if snapshot is not None and (not is_bad or mode == "zero"):
+                    if self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode, is_bad,
+                                        prev_streak):
+                        streak_h = int(st.counters[3])  # the rolled-back step counts as skipped
+                elif not (is_bad and mode in ("skip", "raise")):
+                    if fused and not is_bad and mult_h != 1.0 and not exact:
+                        # The kernel unscales/clips while it reads the grads: no separate pass (but
+                        # where loss_scale / clip_coef is past float32, the coefficient first, as above;
+                        # on the CPU a pre_scale of 1 is read on the host and nothing is written).
+                        if loss_scale is not None and clipping:
+                            _scale(grads, pre_scale, False, plan.simple)
+                        self._fused_step(replay, None, grad_scale, device, loss_scale is not None)
+                    else:
+                        if is_bad and mode == "zero":
+                            _scale(grads, mult, True, plan.simple)
+                        elif mult_h != 1.0:
+                            _scale(grads, mult, False, plan.simple)
+                        inner.step(replay)
+        finally:
+            if end_trace is not None:  # a step that raised part-way ends the tracer's step too
+                end_trace()
         if self.hygiene:
             self._tracker.mark(grads)
         giving_up = self.max_consecutive_skips is not None and streak_h >= self.max_consecutive_skips

@@ -375,6 +375,11 @@ def test_a_guard_pickled_with_max_norm_as_an_attribute_loads():
     assert clone.max_norm == 0.5 and "max_norm" not in vars(clone)
     clone.max_norm = 0.25  # its own limit, not the original's
     assert (clone.max_norm, opt.max_norm) == (0.25, 0.5)
+    import copy
+
+    shallow = copy.copy(opt)  # a copy too, though its dict of limits would be shared without care
+    shallow.max_norm = 0.125
+    assert (shallow.max_norm, opt.max_norm) == (0.125, 0.5)
 
 
 def test_wrapping_twice_is_refused():

@@ -1162,14 +1162,16 @@ def test_the_root_module_is_named_in_words_in_every_list():
     assert "``" not in text and "(the tensor also went to the model itself)" in text, text
 
 
-def test_lbfgs_evaluations_inside_the_step_belong_to_that_step():
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_lbfgs_evaluations_inside_the_step_belong_to_that_step(mode):
     # GradGuard ended the tracer's step after the closure's first evaluation: LBFGS's later
     # evaluations went into the next step's record, whose first_nonfinite() then reported a
-    # rolled-back evaluation's Inf for a finite step.
+    # rolled-back evaluation's Inf for a finite step. A step that raises ends it too.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     tracer = gradguard.NanTracer(model)
-    opt = gradguard.GradGuard(torch.optim.LBFGS(model.parameters(), lr=1e30, max_iter=4), model=model, tracer=tracer)
+    opt = gradguard.GradGuard(torch.optim.LBFGS(model.parameters(), lr=1e30, max_iter=4), model=model, tracer=tracer,
+                              on_nonfinite=mode)
     x, y = torch.randn(16, 4), torch.randn(16, 1)
 
     def closure():
@@ -1178,8 +1180,13 @@ def test_lbfgs_evaluations_inside_the_step_belong_to_that_step():
         loss.backward()
         return loss
 
-    opt.step(closure)  # the second evaluation overflows (lr 1e30): rolled back
-    assert bool(opt.last.skipped)
+    if mode == "raise":
+        with pytest.raises(gradguard.NonFiniteGradError, match="evaluation 2 of the closure"):
+            opt.step(closure)
+        assert not tracer._rec.hooks  # the step ended: no hook left on this step's tensors
+    else:
+        opt.step(closure)  # the second evaluation overflows (lr 1e30): rolled back
+        assert bool(opt.last.skipped)
     origin = tracer.first_nonfinite()
     assert origin is not None and origin.phase == "forward" and origin.call > 4  # a later evaluation's forward
     opt.param_groups[0].update(lr=1e-3, max_iter=1)
