@@ -43,12 +43,17 @@ _UNINITIALIZED = frozenset(f"aten.{n}" for n in (
     "resize_as_"))
 
 
-def _infinite_number(leaves) -> bool:
-    """Whether a plain number among an op's arguments is +-inf: an op asked for such a value
-    (``masked_fill_(mask, -inf)``, ``full(size, -inf)``: how attention builds its masks) made it
-    on purpose. (An op asked for NaN, ``full_like(g, nan)`` in a hand-written backward, is still
-    the one that made it: nothing masks with NaN.)"""
-    return any(v in (float("inf"), float("-inf")) for v in leaves if isinstance(v, float))
+# Ops that write a value they are given: with +-inf, what attention does to build its masks.
+_FILLS = frozenset(f"aten.{n}" for n in (
+    "masked_fill", "masked_fill_", "fill", "fill_", "full", "full_like", "new_full", "index_fill", "index_fill_",
+    "where", "scalar_tensor", "constant_pad_nd"))
+
+
+def _asked_for_inf(name: str, leaves) -> bool:
+    """Whether op `name` was asked to write +-inf (``masked_fill_(mask, -inf)``, ``full(size,
+    -inf)``): it made that value on purpose. (An op asked for NaN, ``full_like(g, nan)`` in a
+    hand-written backward, is still the one that made it: nothing masks with NaN.)"""
+    return name in _FILLS and any(v in (float("inf"), float("-inf")) for v in leaves if isinstance(v, float))
 
 
 def _has_nan(tensors) -> bool:
@@ -56,20 +61,20 @@ def _has_nan(tensors) -> bool:
 
 
 class FirstNonfiniteOp(TorchDispatchMode):
-    """Runs every aten op as usual and keeps the first one that made a NaN/Inf: its name,
+    """Runs every aten op as usual and keeps the first one whose output holds NaN/Inf: its name,
     whether its inputs were finite, and where it ran (``where()``: the innermost module then).
-    Made means: a non-finite output from finite inputs, or a NaN from inputs without one (0 * inf,
-    inf - inf: a fully masked softmax row). An op asked for an infinite number (an attention
-    mask's ``masked_fill_(mask, -inf)``) made nothing, and the ops after it that carry its -inf
-    along made nothing either: until a maker is seen, the first op with a non-finite output is
-    kept as the answer (the NaN came in with the inputs). Syncs the host after every op: only for
-    replays of a step already known to be bad."""
+    Once an op was asked to write +-inf (an attention mask's ``masked_fill_(mask, -inf)``), that op
+    and the ones that carry its -inf along made nothing: the answer is then the first op that made
+    a NaN/Inf, from finite inputs or a NaN from inputs without one (0 * inf, inf - inf: a fully
+    masked softmax row), and until one is seen the first op with a non-finite output. Syncs the
+    host after every op: only for replays of a step already known to be bad."""
 
     def __init__(self, where=lambda: None):
         super().__init__()
         self.where = where
         self._made = None    # (op, inputs_finite, module) of the first op that made a NaN/Inf
-        self._first = None   # the same of the first op with a non-finite output, asked for or not
+        self._first = None   # the same of the first op with a non-finite output not asked for
+        self._asked = False  # an op was asked to write +-inf
 
     @property
     def found(self):
@@ -77,7 +82,8 @@ class FirstNonfiniteOp(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._made is not None or str(func.overloadpacket) in _UNINITIALIZED:
+        name = str(func.overloadpacket)
+        if self._made is not None or (self._first is not None and not self._asked) or name in _UNINITIALIZED:
             return func(*args, **kwargs)
         leaves = tree_leaves((args, kwargs))
         ins = [t for t in leaves if checkable(t)]
@@ -88,16 +94,17 @@ class FirstNonfiniteOp(TorchDispatchMode):
         out = func(*args, **kwargs)
         outs = [t for t in tree_leaves(out) if checkable(t)]
         if outs and not all_finite(outs):
+            if _asked_for_inf(name, leaves):
+                self._asked = True
+                return out
             if ins_finite is None:
                 ins_finite = all_finite(ins)
-            seen = (str(func.overloadpacket), ins_finite, self.where())
-            if _infinite_number(leaves):
-                return out
+            seen = (name, ins_finite, self.where())
             if self._first is None:
                 self._first = seen
             if ins_finite:
                 self._made = seen
-            else:
+            elif self._asked:
                 if ins_nan is None:
                     ins_nan = _has_nan(ins)
                 if not ins_nan and _has_nan(outs):

@@ -1089,10 +1089,14 @@ def test_the_op_checker_names_a_softmax_over_a_fully_masked_row():
     from gradguard._trace_ops import FirstNonfiniteOp
 
     scores = torch.randn(2, 4)
-    mask = torch.zeros(2, 4).masked_fill_(torch.tensor([[False] * 4, [True] * 4]), -math.inf)
     with FirstNonfiniteOp() as checker:
+        mask = torch.zeros(2, 4).masked_fill_(torch.tensor([[False] * 4, [True] * 4]), -math.inf)
         out = (scores + mask).softmax(-1)
     assert out[1].isnan().all() and checker.found[:2] == ("aten._softmax", False)
+    inf = torch.tensor([1.0, math.inf])
+    with FirstNonfiniteOp() as checker:  # an Inf that came in, not asked for: the first op holding one
+        (inf * 2 - inf * 2).sum()
+    assert checker.found[:2] == ("aten.mul", False)
     with FirstNonfiniteOp() as checker:  # some keys of each row left: the softmax makes nothing
         part = torch.zeros(2, 4).masked_fill_(torch.tensor([[False, True, False, True]] * 2), -math.inf)
         out = (scores + part).softmax(-1)
