@@ -1210,3 +1210,31 @@ def test_a_backward_nan_after_an_inplace_relu_names_the_module_after_it(inplace)
     model(torch.randn(8, 4)).sum().backward()
     origin = tracer.first_nonfinite()
     assert (origin.phase, origin.module, origin.candidates) == ("backward", "2", []), str(origin)
+
+
+def test_a_change_under_no_grad_keeps_the_tensors_gradient_site():
+    # h.clamp_() under no_grad bumps h's version but not its node: one gradient, whose takers are
+    # both named (split into two sites, one of them was lost from the list).
+    class Twice(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), Twice(), BadGrad()
+            self.c.row = 0
+
+        def forward(self, x):
+            h = self.a(x)
+            y = self.b(h)
+            with torch.no_grad():
+                h.clamp_(-10, 10)
+            return y + self.c(h)
+
+    torch.manual_seed(0)
+    model = M()
+    tracer = gradguard.NanTracer(model)
+    model(torch.randn(2, 4)).sum().backward()
+    origin = tracer.first_nonfinite()
+    assert origin.candidates == ["b", "c"], str(origin)
