@@ -454,6 +454,7 @@ class GradGuard(torch.optim.Optimizer):
         self._tracker = ClearTracker()
         self._apply_watch = None  # (grads, the first one's version) while a scaled step applies
         self._unscaled = None     # [(grad ref, version)] a raised step left unscaled, see _note_unscaled
+        self._hygiene_grads = None  # this step's gradients as the hygiene check saw them
         if spike is not None:
             spike._owner = weakref.ref(self)  # last: a guard refused above leaves the policy free
 
@@ -722,6 +723,7 @@ class GradGuard(torch.optim.Optimizer):
         state["_fused_missing"] = None  # rebuilt with the plan
         state["_fused_stateless"] = ()  # rebuilt when the copy's state is found complete
         state["_apply_watch"] = state["_unscaled"] = None  # the original's gradients (weak references)
+        state["_hygiene_grads"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -731,6 +733,7 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.setdefault("_fused_stateless", ())
         self.__dict__.setdefault("_apply_watch", None)
         self.__dict__.setdefault("_unscaled", None)
+        self.__dict__.setdefault("_hygiene_grads", None)
         if "_limits" not in self.__dict__:  # pickled while max_norm was a plain attribute
             self._limits = {"max_norm": self.__dict__.pop("max_norm", None)}
         if "_explicit_slots" not in self.__dict__:  # pickled before names= followed identity: by position
@@ -882,6 +885,7 @@ class GradGuard(torch.optim.Optimizer):
     def _check_hygiene(self, grads) -> None:
         if not self.hygiene:
             return
+        self._hygiene_grads = grads  # what the step's end remembers (see _step)
         if "not_cleared" not in self._warned and self._tracker.never_cleared(grads):
             self._warned.add("not_cleared")
             _hygiene.warn(NOT_CLEARED)
@@ -1192,7 +1196,11 @@ class GradGuard(torch.optim.Optimizer):
             if end_trace is not None:  # a step that raised part-way ends the tracer's step too
                 end_trace()
         if self.hygiene:
-            self._tracker.mark(grads)
+            # The gradients as the check saw them: a sparse one itself, not the view of its
+            # values that the scaling takes (remembered, the view never matched the next step's
+            # gradient, and a forgotten zero_grad() went unwarned with a sparse Embedding).
+            marked, self._hygiene_grads = self._hygiene_grads, None
+            self._tracker.mark(grads if marked is None else marked)
         giving_up = self.max_consecutive_skips is not None and streak_h >= self.max_consecutive_skips
         hook_error = self._run_hooks(report, keep_going=giving_up) if self._step_hooks else None
         if giving_up:

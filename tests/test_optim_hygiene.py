@@ -133,3 +133,34 @@ def test_a_step_without_gradients_does_not_use_up_the_eval_warning():
     _backward(model)
     caught = _hygiene_warnings(opt.step)
     assert len(caught) == 1 and "eval()" in str(caught[0].message)
+
+
+class _SparseEmbedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4, sparse=True)
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, i):
+        return self.lin(self.emb(i))
+
+
+@pytest.mark.parametrize("mode", ["skip", "zero"])
+@pytest.mark.parametrize("clear", [False, True])
+def test_a_sparse_gradient_is_watched_too(mode, clear):
+    # The end of a step remembered the view of a sparse gradient's values that the scaling takes,
+    # which never matched the next step's gradient: a forgotten zero_grad() went unwarned.
+    torch.manual_seed(0)
+    model = _SparseEmbedding()
+    opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.01), model=model, on_nonfinite=mode)
+    idx = torch.tensor([1, 2, 3, 2])
+
+    def run():
+        for _ in range(3):
+            if clear:
+                opt.zero_grad()
+            model(idx).sum().backward()
+            opt.step()
+
+    got = _hygiene_warnings(run)
+    assert len(got) == (0 if clear else 1), [str(w.message) for w in got]
