@@ -174,3 +174,17 @@ def test_a_step_with_no_gradient_at_all_is_not_absorbed(make, device):
     w.grad = torch.full((4,), 0.25, device=device)  # norm 0.5: under the limit, not clipped to 0
     opt.step()
     assert float(opt.last.clip_coef) == 1.0
+
+
+def test_a_norm_whose_square_overflows_is_not_absorbed(device):
+    # float64 gradients with a finite norm of 1e160 in the warm-up: the Welford term overflowed,
+    # the variance went inf, then NaN, and the policy never clipped again (a 1e6 spike got 1.0).
+    w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64, device=device))
+    policy = gradguard.ZScoreClip(warmup=5)
+    opt = gradguard.GradGuard(torch.optim.SGD([w], lr=0.0), spike=policy)
+    for v in [1.0, 1e160] + [1.0] * 20 + [1e6]:
+        w.grad = torch.tensor([v, 0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+        opt.step()
+    mean, var, count = policy._state.tolist()
+    assert (mean, var, count) == (1.0, 0.0, 22.0)  # the 1e160 step left them alone (21 ones, the clipped spike)
+    assert float(opt.last.clip_coef) == pytest.approx(1.0 / 1e6, rel=1e-9)  # the spike is clipped to the mean

@@ -133,7 +133,9 @@ def _spike_update(spike: str, args, state: torch.Tensor, basis, clipped_basis, f
         new_mean = mean + w * (x - mean)
         term = torch.where(warm, (x - mean) * (x - new_mean), (x - new_mean) ** 2)
         new_var = var + w * (term - var)
-        state.copy_(torch.where(finite, torch.stack([new_mean, new_var, count + 1.0]), state))
+        # A squared deviation past float64's range is not absorbed (guard_decide_math.h says why).
+        keep = finite & ~torch.isinf(new_var)
+        state.copy_(torch.where(keep, torch.stack([new_mean, new_var, count + 1.0]), state))
     else:
         window = int(args[1])
         slot = torch.remainder(state[0], window).to(torch.int64)
