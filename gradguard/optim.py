@@ -1069,6 +1069,10 @@ class GradGuard(torch.optim.Optimizer):
         # decision continues it (the decision, seeing a finite first evaluation, reset it).
         prev_streak = (st.counters[3].clone() if closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)
                        and mode in ("skip", "raise", "zero") else None)
+        # Likewise the spike policy's statistics, which the decision updated with the first
+        # evaluation's norm: a step rolled back as non-finite leaves them as they were.
+        prev_spike = (self.spike.state_tensor(device).clone() if prev_streak is not None and self.spike is not None
+                      else None)
         fused = self._fused_ready() and not self._dtensor_grads
         read = (not fused or mode == "raise" or self.max_consecutive_skips is not None
                 or (_host.device_type(device) == "cpu" and self._decide_on_host_on_cpu))
@@ -1176,7 +1180,7 @@ class GradGuard(torch.optim.Optimizer):
                 is_bad = found_h != 0.0
                 if snapshot is not None and (not is_bad or mode == "zero"):
                     if self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode, is_bad,
-                                        prev_streak):
+                                        prev_streak, prev_spike):
                         streak_h = int(st.counters[3])  # the rolled-back step counts as skipped
                 elif not (is_bad and mode in ("skip", "raise")):
                     if fused and not is_bad and mult_h != 1.0 and not exact:
@@ -1305,7 +1309,7 @@ class GradGuard(torch.optim.Optimizer):
             hook(inner, (inner, replay), {})  # as torch.optim calls it: args include the optimizer
 
     def _lbfgs_step(self, inner, replay, mult, mult_h, grads, plan, snapshot, report, mode, first_bad,
-                    prev_streak) -> bool:
+                    prev_streak, prev_spike) -> bool:
         """The LBFGS step with every evaluation checked; True when it was rolled back."""
         if first_bad:  # "zero" mode: the first evaluation's NaN/Inf zeroed (and the rest clipped)
             _scale(grads, mult, True, plan.simple)
@@ -1325,6 +1329,8 @@ class GradGuard(torch.optim.Optimizer):
         # Booked as a skipped non-finite step after all (the first evaluation was finite).
         report._mark_skipped()
         self._state.mark_last_skipped(prev_streak, first_bad)
+        if prev_spike is not None:
+            self.spike.state_tensor(prev_spike.device).copy_(prev_spike)
         if mode == "raise":
             raise NonFiniteGradError(message + " (on_nonfinite='raise'; the step was rolled back)", [], report)
         return True

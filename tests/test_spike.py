@@ -188,3 +188,30 @@ def test_a_norm_whose_square_overflows_is_not_absorbed(device):
     mean, var, count = policy._state.tolist()
     assert (mean, var, count) == (1.0, 0.0, 22.0)  # the 1e160 step left them alone (21 ones, the clipped spike)
     assert float(opt.last.clip_coef) == pytest.approx(1.0 / 1e6, rel=1e-9)  # the spike is clipped to the mean
+
+
+@pytest.mark.parametrize("make", [lambda: gradguard.ZScoreClip(warmup=3), lambda: gradguard.PercentileClip(warmup=3)],
+                         ids=["zscore", "percentile"])
+def test_an_lbfgs_step_rolled_back_leaves_the_policy_as_it_was(make):
+    # The decision absorbed the first evaluation's norm; a later evaluation's NaN rolled the step
+    # back as a skipped non-finite one, which a policy never sees, but its statistics kept it.
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    policy = make()
+    opt = gradguard.GradGuard(torch.optim.LBFGS([p], lr=0.1, max_iter=3), spike=policy)
+    calls = {"n": 0, "bad": False}
+
+    def closure():
+        opt.zero_grad()
+        calls["n"] += 1
+        loss = (p ** 2).sum()
+        loss.backward()
+        if calls["bad"] and calls["n"] == 2:  # the second evaluation inside the step goes NaN
+            p.grad.fill_(math.nan)
+        return loss
+
+    for step in range(3):
+        calls["n"], calls["bad"] = 0, step == 2
+        before = policy._state.clone() if policy._state is not None else None
+        opt.step(closure)
+    assert bool(opt.last.skipped) and bool(opt.last.found_inf)
+    torch.testing.assert_close(policy._state, before, rtol=0, atol=0, equal_nan=True)
