@@ -292,14 +292,9 @@ def test_every_step_of_a_batch_is_checked(tmp_path):
     assert [s for s, r in sorted(rows.items()) if "grad/nonfinite/net.weight" in r] == [1]
 
 
-class _Alternating(pl.LightningModule):
-    """Manual optimization, one optimizer a batch in turn (a GAN's generator and critic); the
-    first optimizer's first step sees a NaN."""
-
-    def __init__(self):
-        super().__init__()
-        self.automatic_optimization = False
-        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+class _Alternating(_TwoOptimizers):
+    """The same two optimizers, one a batch in turn (a GAN's generator and critic); the first
+    optimizer's first step sees a NaN."""
 
     def training_step(self, batch, i):
         x, y = batch
@@ -311,9 +306,6 @@ class _Alternating(pl.LightningModule):
         hidden = self.a(x) if i % 2 == 0 else self.a(x).detach()
         self.manual_backward(torch.nn.functional.mse_loss(self.b(hidden), target))
         opt.step()
-
-    def configure_optimizers(self):
-        return [torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)]
 
 
 def test_a_guard_that_did_not_step_logs_nothing_at_that_batch(tmp_path):
