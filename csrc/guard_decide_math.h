@@ -286,16 +286,17 @@ GG_HD Decision decide(const Config& c, const Inputs& in) {
 }
 
 // ZScore's state after a finite step: Welford's update during warm-up (weight 1/(n+1)), an EMA
-// after (weight 1 - alpha), of the clipped basis x. A norm whose squared deviation from the mean
-// passes double's range (float64 gradients, a norm near 1e154 or more) is not absorbed: the
-// variance went inf, then NaN (inf - inf) at the next step, and the policy never clipped again.
+// after (weight 1 - alpha), of the clipped basis x. A norm whose square or squared deviation from
+// the mean passes double's range (float64 gradients, a norm near 1e154 or more) is not absorbed:
+// the variance went inf, then NaN (inf - inf) at the next step, and the policy never clipped
+// again; and such a first norm, absorbed as the mean, made every later deviation overflow.
 GG_HD void zscore_update(double& mean, double& var, double& count, double x, double alpha, double warmup) {
   const bool warm = count < warmup;
   const double w = warm ? div(1.0, add(count, 1.0)) : sub(1.0, alpha);
   const double new_mean = add(mean, mul(w, sub(x, mean)));
   const double term = warm ? mul(sub(x, mean), sub(x, new_mean)) : mul(sub(x, new_mean), sub(x, new_mean));
   const double new_var = add(var, mul(w, sub(term, var)));
-  if (isinf_(new_var)) return;
+  if (isinf_(new_var) || isinf_(mul(x, x))) return;
   var = new_var;
   mean = new_mean;
   count = add(count, 1.0);

@@ -5,9 +5,9 @@ threshold and the update are computed by ``gradguard::guard_decide``, inside the
 of each guarded step (see gradguard/reference/decide.py for the math), so a policy adds no op
 and no host sync. A policy sees only finite steps with a nonzero norm: a step with NaN/Inf
 gradients, or with no gradient at all (norm 0), says nothing about the norm distribution and
-leaves its state unchanged; so does, for ``ZScoreClip``, a norm whose squared deviation from the
-mean passes float64's range (float64 gradients, norms near 1e154 and beyond), which no variance
-can hold.
+leaves its state unchanged; so does, for ``ZScoreClip``, a norm whose square or squared deviation
+from the mean passes float64's range (float64 gradients, norms near 1e154 and beyond), which no
+variance can hold.
 
 The guard clips to ``min(max_norm, threshold)``, where the threshold is ``inf`` (do not clip)
 until the warm-up is over and whenever the norm is within the policy's limit.

@@ -176,13 +176,15 @@ def test_a_step_with_no_gradient_at_all_is_not_absorbed(make, device):
     assert float(opt.last.clip_coef) == 1.0
 
 
-def test_a_norm_whose_square_overflows_is_not_absorbed(device):
+@pytest.mark.parametrize("first", [False, True])
+def test_a_norm_whose_square_overflows_is_not_absorbed(device, first):
     # float64 gradients with a finite norm of 1e160 in the warm-up: the Welford term overflowed,
     # the variance went inf, then NaN, and the policy never clipped again (a 1e6 spike got 1.0).
+    # As the first norm it was absorbed as the mean, and every later deviation overflowed.
     w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64, device=device))
     policy = gradguard.ZScoreClip(warmup=5)
     opt = gradguard.GradGuard(torch.optim.SGD([w], lr=0.0), spike=policy)
-    for v in [1.0, 1e160] + [1.0] * 20 + [1e6]:
+    for v in ([1e160, 1.0] if first else [1.0, 1e160]) + [1.0] * 20 + [1e6]:
         w.grad = torch.tensor([v, 0.0, 0.0, 0.0], dtype=torch.float64, device=device)
         opt.step()
     mean, var, count = policy._state.tolist()

@@ -133,8 +133,8 @@ def _spike_update(spike: str, args, state: torch.Tensor, basis, clipped_basis, f
         new_mean = mean + w * (x - mean)
         term = torch.where(warm, (x - mean) * (x - new_mean), (x - new_mean) ** 2)
         new_var = var + w * (term - var)
-        # A squared deviation past float64's range is not absorbed (guard_decide_math.h says why).
-        keep = finite & ~torch.isinf(new_var)
+        # A square or squared deviation past float64's range is not absorbed (guard_decide_math.h).
+        keep = finite & ~torch.isinf(new_var) & ~torch.isinf(x * x)
         state.copy_(torch.where(keep, torch.stack([new_mean, new_var, count + 1.0]), state))
     else:
         window = int(args[1])
