@@ -60,10 +60,18 @@ def _has_nan(tensors) -> bool:
     return any(bool(torch.isnan(t).any()) for t in tensors)
 
 
+def _holds_mask(tensors) -> bool:
+    """Whether an input is a mask made before the checked code ran: +-inf without NaN, needing no
+    gradient (a buffer, a module argument, a constant; a weight that went inf needs one)."""
+    return any(not t.requires_grad and bool(torch.isinf(t).any()) and not bool(torch.isnan(t).any())
+               for t in tensors)
+
+
 class FirstNonfiniteOp(TorchDispatchMode):
     """Runs every aten op as usual and keeps the first one whose output holds NaN/Inf: its name,
     whether its inputs were finite, and where it ran (``where()``: the innermost module then).
-    Once an op was asked to write +-inf (an attention mask's ``masked_fill_(mask, -inf)``), that op
+    Once an op was asked to write +-inf (an attention mask's ``masked_fill_(mask, -inf)``), or took
+    such a mask made before (+-inf, no NaN, needing no gradient: a buffer, an argument), that op
     and the ones that carry its -inf along made nothing: the answer is then the first op that made
     a NaN/Inf, from finite inputs or a NaN from inputs without one (0 * inf, inf - inf: a fully
     masked softmax row), and until one is seen the first op with a non-finite output. Syncs the
@@ -100,13 +108,17 @@ class FirstNonfiniteOp(TorchDispatchMode):
             if ins_finite is None:
                 ins_finite = all_finite(ins)
             seen = (name, ins_finite, self.where())
-            if self._first is None:
-                self._first = seen
             if ins_finite:
                 self._made = seen
-            elif self._asked:
-                if ins_nan is None:
-                    ins_nan = _has_nan(ins)
-                if not ins_nan and _has_nan(outs):
-                    self._made = seen
+                return out
+            if ins_nan is None:
+                ins_nan = _has_nan(ins)
+            if not self._asked and not ins_nan and _holds_mask(ins):
+                # A mask made before the checked code (a replay of one module on its recorded
+                # inputs, a -inf buffer): as if asked for here; this op carried it.
+                self._asked = True
+            if self._first is None and (ins_nan or not self._asked):
+                self._first = seen  # a NaN/Inf that came in (not a mask's -inf)
+            if self._asked and not ins_nan and _has_nan(outs):
+                self._made = seen
         return out

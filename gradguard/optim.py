@@ -882,10 +882,17 @@ class GradGuard(torch.optim.Optimizer):
                 if attr in inner.__dict__:
                     delattr(inner, attr)
 
-    def _check_hygiene(self, grads) -> None:
+    def _check_hygiene(self, grads, plain: bool = False) -> None:
         if not self.hygiene:
             return
-        self._hygiene_grads = grads  # what the step's end remembers (see _step)
+        # What the step's end remembers (see _step): these gradients (`plain`: no DTensor among
+        # them), except a DTensor's, for which its local shard, as before (FSDP2 adds into the
+        # shard without moving the DTensor's version: a DTensor remembered read an in-place
+        # zero_grad() as none, and warned).
+        if not plain and any(_distributed.is_dtensor(g) for g in grads):
+            self._hygiene_grads = [_distributed._local(g) if _distributed.is_dtensor(g) else g for g in grads]
+        else:
+            self._hygiene_grads = grads
         if "not_cleared" not in self._warned and self._tracker.never_cleared(grads):
             self._warned.add("not_cleared")
             _hygiene.warn(NOT_CLEARED)
@@ -924,6 +931,7 @@ class GradGuard(torch.optim.Optimizer):
             raise
         finally:
             self._apply_watch = None  # it holds the gradients: never past the step
+            self._hygiene_grads = None  # likewise (a step that raised did not reach its mark)
             torch._C._set_grad_enabled(grad_was)
 
     def _note_unscaled(self) -> None:
@@ -997,7 +1005,7 @@ class GradGuard(torch.optim.Optimizer):
                 grads, acc, nan, inf, amax = got
                 if check_plan and grads and (grads[0].dtype is not plan.dtype or grads[0].device != plan.device):
                     return None
-                self._check_hygiene(grads)
+                self._check_hygiene(grads, plain=True)
                 self._dtensor_grads = False
                 return grads, _Raw(acc, nan, inf, amax, torch.float64 if plan.double else torch.float32,
                                    plan.device), plan.names, None
@@ -1101,6 +1109,7 @@ class GradGuard(torch.optim.Optimizer):
                                         scalars=scalars, found_inf=found, mode=mode, amp=amp,
                                         total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
         end_trace = None
+        lbfgs_live = False  # see end_trace
         if self.tracer is not None:
             if not (closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)):
                 self.tracer._end_step(found, report, lambda ps=plan.params, idx=idx: ps if idx is None else
@@ -1110,9 +1119,13 @@ class GradGuard(torch.optim.Optimizer):
                 # step's, ended after them, also when the step raises (they were recorded into the
                 # next step's record, whose first_nonfinite() then reported a rolled-back
                 # evaluation's NaN for a finite step). The report counted the first evaluation's
-                # gradients only: the tracer reads the live ones, the last evaluation's.
-                def end_trace(tracer=self.tracer):
-                    tracer._end_step(found, None, None)
+                # gradients: after a later evaluation rolled the step back (or raised), the tracer
+                # reads the live ones, the last evaluation's, instead.
+                def end_trace(tracer=self.tracer, ps=plan.params, idx=idx):
+                    if lbfgs_live:
+                        tracer._end_step(found, None, None)
+                    else:
+                        tracer._end_step(found, report, lambda: ps if idx is None else [ps[i] for i in idx.tolist()])
 
         try:
             host = None
@@ -1179,8 +1192,10 @@ class GradGuard(torch.optim.Optimizer):
             else:
                 is_bad = found_h != 0.0
                 if snapshot is not None and (not is_bad or mode == "zero"):
-                    if self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode, is_bad,
-                                        prev_streak, prev_spike):
+                    lbfgs_live = True  # until the step returns without a rollback
+                    lbfgs_live = self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode,
+                                                  is_bad, prev_streak, prev_spike)
+                    if lbfgs_live:
                         streak_h = int(st.counters[3])  # the rolled-back step counts as skipped
                 elif not (is_bad and mode in ("skip", "raise")):
                     if fused and not is_bad and mult_h != 1.0 and not exact:

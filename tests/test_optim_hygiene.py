@@ -164,3 +164,21 @@ def test_a_sparse_gradient_is_watched_too(mode, clear):
 
     got = _hygiene_warnings(run)
     assert len(got) == (0 if clear else 1), [str(w.message) for w in got]
+
+
+def test_a_step_that_raises_keeps_no_gradient_alive():
+    import gc
+    import math
+    import weakref
+
+    import gradguard
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = GradGuard(torch.optim.SGD([p], lr=0.1), on_nonfinite="raise")
+    p.grad = torch.full((4,), math.nan)
+    ref = weakref.ref(p.grad)
+    with pytest.raises(gradguard.NonFiniteGradError):
+        opt.step()
+    opt.zero_grad()
+    gc.collect()
+    assert ref() is None  # the hygiene check's list of the step's gradients went with the step

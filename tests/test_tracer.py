@@ -1089,18 +1089,25 @@ def test_the_op_checker_names_a_softmax_over_a_fully_masked_row():
     from gradguard._trace_ops import FirstNonfiniteOp
 
     scores = torch.randn(2, 4)
-    with FirstNonfiniteOp() as checker:
+    with FirstNonfiniteOp() as checker:  # the mask made in the checked code
         mask = torch.zeros(2, 4).masked_fill_(torch.tensor([[False] * 4, [True] * 4]), -math.inf)
         out = (scores + mask).softmax(-1)
     assert out[1].isnan().all() and checker.found[:2] == ("aten._softmax", False)
-    inf = torch.tensor([1.0, math.inf])
-    with FirstNonfiniteOp() as checker:  # an Inf that came in, not asked for: the first op holding one
-        (inf * 2 - inf * 2).sum()
+    with FirstNonfiniteOp() as checker:  # made before (a buffer, a module's argument in a replay)
+        out = (scores + mask).softmax(-1)
+    assert checker.found[:2] == ("aten._softmax", False)
+    weight = torch.tensor([1.0, math.inf], requires_grad=True)
+    with FirstNonfiniteOp() as checker:  # an Inf that came in (a weight: no mask): the first op holding one
+        (weight * 2 - weight * 2).sum()
     assert checker.found[:2] == ("aten.mul", False)
+    nan = torch.tensor([1.0, math.nan])
+    with FirstNonfiniteOp() as checker:  # after a mask, a NaN that came in: the first op holding it
+        (scores[0] + mask[0]).softmax(-1) * nan.sum()
+    assert checker.found[:2] == ("aten.sum", False)
     with FirstNonfiniteOp() as checker:  # some keys of each row left: the softmax makes nothing
         part = torch.zeros(2, 4).masked_fill_(torch.tensor([[False, True, False, True]] * 2), -math.inf)
         out = (scores + part).softmax(-1)
-    assert out.isfinite().all() and checker.found[:2] == ("aten.add", False)  # the -inf came in with the mask
+    assert out.isfinite().all() and checker.found is None  # the mask's -inf, carried along, is nothing made
 
 
 @pytest.mark.parametrize("guarded", [False, True])
@@ -1238,3 +1245,28 @@ def test_a_change_under_no_grad_keeps_the_tensors_gradient_site():
     model(torch.randn(2, 4)).sum().backward()
     origin = tracer.first_nonfinite()
     assert origin.candidates == ["b", "c"], str(origin)
+
+
+def test_lbfgs_zero_mode_names_a_first_evaluations_parameter_gradient():
+    # The first evaluation's NaN, only in a parameter's gradient, zeroed in "zero" mode: the report
+    # counted it; the tracer read the live (later, finite) gradients instead and answered None.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    tracer = gradguard.NanTracer(model)
+    opt = gradguard.GradGuard(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3), model=model, tracer=tracer,
+                              on_nonfinite="zero")
+    x, calls = torch.randn(8, 4), {"n": 0}
+
+    def closure():
+        opt.zero_grad()
+        calls["n"] += 1
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        if calls["n"] == 1:
+            with torch.no_grad():
+                model[1].bias.grad.fill_(math.nan)
+        return loss
+
+    opt.step(closure)
+    origin = tracer.first_nonfinite()
+    assert origin is not None and (origin.where, origin.tensor) == ("parameter gradient", "1.bias")
