@@ -1139,8 +1139,8 @@ class GradGuard(torch.optim.Optimizer):
                 hook_error = self._run_hooks(report, keep_going=True)
                 msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
                                              report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype))
-                raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)" + _hook_note(hook_error),
-                                         bad, report) from hook_error
+                raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)"
+                                         + _hook_note(hook_error), bad, report) from hook_error
 
             inner = self.optimizer
             snapshot = None

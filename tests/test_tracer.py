@@ -1125,7 +1125,8 @@ def test_a_good_step_costs_first_nonfinite_two_reads(guarded, monkeypatch):
     reads = []
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
         orig = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name, **k: reads.append(_n) or _o(self, *a, **k))
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _o=orig, _n=name, **k: reads.append(_n) or _o(self, *a, **k))
     assert tracer.first_nonfinite() is None
     monkeypatch.undo()
     assert len(reads) == 2, reads
