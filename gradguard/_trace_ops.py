@@ -1,6 +1,6 @@
 """Helpers of the NaN tracer that only run on a bad step: finding the first aten op whose output
-went non-finite (a TorchDispatchMode that checks every op, syncing per op), and describing a
-tensor's non-finite batch rows."""
+went non-finite, a mask's -inf aside (a TorchDispatchMode that checks every op, syncing per op),
+and describing a tensor's non-finite batch rows."""
 from __future__ import annotations
 
 import torch

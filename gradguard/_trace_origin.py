@@ -16,8 +16,10 @@ class Origin:
     phase: ``"input"`` (the batch), ``"forward"``, ``"loss"`` (the model's outputs were finite,
     the loss was not) or ``"backward"``. module: qualified module name (``""``: the model's own
     input, or the loss). rows: batch rows that hold NaN/Inf, when known. op: the first aten op
-    whose output went non-finite, when it was found. call: the module call number in the forward
-    (1-based, all modules counted in execution order).
+    whose output went non-finite, when it was found (a mask's -inf not counted: see
+    ``FirstNonfiniteOp``). loss_too: the tensor was also a model output, so the loss is among the
+    candidates. call: the module call number in the forward (1-based, all modules counted in
+    execution order).
     """
 
     phase: str
