@@ -101,7 +101,7 @@ class _Record:
         self.calls = 0
         self.module_calls: dict = {}
         self.seen: dict = {}   # id(tensor) -> (weakref, version): already checked
-        self.sites: dict = {}  # id(tensor) -> (weakref, _Site, (id(grad_fn), output_nr) hooked at)
+        self.sites: dict = {}  # id(tensor) -> (weakref, _Site, grad_fn and output_nr hooked at)
         self.batch_size: int | None = None
         self.found_inf = None  # the guard's flag for this step, when a GradGuard ended it
         self.report = None     # and its StepReport
@@ -299,16 +299,16 @@ class NanTracer:
             # gets a site and a hook of its own (the old hook sees the gradient of the value
             # before the change, which blamed the in-place module for the backward of the module
             # after it). A change autograd does not record (under no_grad) keeps the node, and a
-            # leaf's hook follows it through any change: those keep their site. The old node is
-            # held by the new one, so its id is not reused while both are in the record.
+            # leaf's hook follows it through any change: those keep their site. The node's Python
+            # object is held (until the record's release) and compared by identity: torch 2.11
+            # makes a new one at each read of grad_fn unless one is alive, so an id did not match.
             node = t.grad_fn
-            at = None if node is None else (id(node), t.output_nr)
             hit = rec.sites.get(id(t))
-            if hit is not None and hit[0]() is t and hit[2] == at:
+            if hit is not None and hit[0]() is t and hit[2] is node and hit[3] == t.output_nr:
                 site = hit[1]
             else:
                 site = _Site()
-                rec.sites[id(t)] = (weakref.ref(t), site, at)
+                rec.sites[id(t)] = (weakref.ref(t), site, node, t.output_nr)
                 handle = t.register_hook(self._grad_hook(rec, site))
                 # Kept for every tensor, activations too: one that outlives the step (a tensor
                 # computed once and fed to every step) gathered a hook per step, each holding
