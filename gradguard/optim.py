@@ -886,11 +886,12 @@ class GradGuard(torch.optim.Optimizer):
         if not self.hygiene:
             return
         # What the step's end remembers (see _step): these gradients (`plain`: no DTensor among
-        # them), except a DTensor's, for which its local shard, as before (FSDP2 adds into the
-        # shard without moving the DTensor's version: a DTensor remembered read an in-place
-        # zero_grad() as none, and warned).
+        # them), but no DTensor: FSDP2 adds into the local shard without moving the DTensor's
+        # version, so the check cannot tell an in-place zero_grad() from none there (remembered,
+        # the DTensor warned at one). A list holding an unremembered gradient is never warned
+        # about, as the README says of FSDP2.
         if not plain and any(_distributed.is_dtensor(g) for g in grads):
-            self._hygiene_grads = [_distributed._local(g) if _distributed.is_dtensor(g) else g for g in grads]
+            self._hygiene_grads = [None if _distributed.is_dtensor(g) else g for g in grads]
         else:
             self._hygiene_grads = grads
         if "not_cleared" not in self._warned and self._tracker.never_cleared(grads):

@@ -37,7 +37,7 @@ from gradguard.errors import ArgumentTypeError
 from gradguard._trace_ops import FirstNonfiniteOp, bad_rows, checkable, nonfinite_kind
 from gradguard._trace_origin import Origin
 from gradguard import distributed as _distributed
-from gradguard.stats import grad_stats
+from gradguard.stats import _raw_of
 
 MODES = ("always", "on_failure")
 _INF = math.inf
@@ -557,14 +557,15 @@ class NanTracer:
             counts = {id(p): (nan, inf) for p, nan, inf in zip(rec.judged(), host["nan"], host["inf"])}
         params = [(mname, pname, p) for mod, mname in self._names.items()
                   for pname, p in mod.named_parameters(recurse=False)]
-        # The live gradients no report counted: their NaN/Inf counts in one stats pass and one
-        # read (a read per parameter cost one sync each on every good step). A DTensor's local
-        # shard: this rank's answer, with no collective (another rank may not be asking).
+        # The live gradients no report counted: their NaN/Inf counts from one stats pass (the raw
+        # counts all_finite reads; no norms) and one read (a read per parameter cost one sync each
+        # on every good step). A DTensor's local shard: this rank's answer, with no collective
+        # (another rank may not be asking).
         live = [p for _, _, p in params if id(p) not in counts and p.grad is not None and checkable(p.grad)]
         if live:
-            s = grad_stats([_distributed._local(p.grad) if _distributed.is_dtensor(p.grad) else p.grad.detach()
-                            for p in live])
-            both = torch.stack([s.nan_count, s.inf_count]).tolist()
+            raw = _raw_of([_distributed._local(p.grad) if _distributed.is_dtensor(p.grad) else p.grad.detach()
+                           for p in live], math.inf, None)
+            both = torch.stack([raw.nan_count, raw.inf_count]).tolist()
             counts.update({id(p): (nan, inf) for p, nan, inf in zip(live, both[0], both[1])})
         for mname, pname, p in params:
             nan, inf = counts.get(id(p), (0, 0))

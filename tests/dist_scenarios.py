@@ -212,6 +212,33 @@ def scenario_fsdp2(rank, world, counter):
     return out
 
 
+def scenario_fsdp2_hygiene(rank, world):
+    """FSDP2 with the hygiene check on, three steps each way of clearing: the HygieneWarnings.
+    FSDP2 adds into a gradient's local shard without moving the DTensor's version, so an in-place
+    zero_grad() cannot be told from none there: no warning either way (remembering the DTensors
+    warned at zero_grad(set_to_none=False))."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    got = {}
+    for clear in ("none", "in_place", "forgotten"):
+        model = make_model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        guard = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.01), model=model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(3):
+                if clear != "forgotten":
+                    guard.zero_grad(set_to_none=clear == "none")
+                x = torch.randn(4, IN_F, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+                model(x).sum().backward()
+                guard.step()
+        got[clear] = [str(w.message) for w in caught if issubclass(w.category, gradguard.HygieneWarning)]
+    return got
+
+
 def scenario_fsdp2_dcp_resume(rank, world, counter):
     """FSDP2 checkpointed halfway with torch.distributed.checkpoint (get_state_dict, dcp.save),
     resumed into fresh objects (get_state_dict, dcp.load, set_state_dict), against the same run
@@ -709,6 +736,7 @@ def run_all(rank, world) -> dict:
         "ddp": scenario_ddp(rank, world, counter),
         "fsdp2": scenario_fsdp2(rank, world, counter),
         "fsdp2_dcp_resume": scenario_fsdp2_dcp_resume(rank, world, counter),
+        "fsdp2_hygiene": scenario_fsdp2_hygiene(rank, world),
         "fsdp1_flat": scenario_fsdp1(rank, world, counter, use_orig_params=False),
         "fsdp1_orig": scenario_fsdp1(rank, world, counter, use_orig_params=True),
         "fsdp1_no_shard": scenario_fsdp1_unsharded_units(rank, world, counter, everywhere=True),

@@ -129,6 +129,11 @@ def test_zero_without_ddp_with_a_gradient_missing_on_one_rank(runs):
         assert torch.equal(p, q)
 
 
+def test_fsdp2_hygiene_gives_no_false_warning(runs):
+    for r in runs[0]:
+        assert r["fsdp2_hygiene"] == {"none": [], "in_place": [], "forgotten": []}
+
+
 def test_fsdp2_resumed_through_distributed_checkpoint_equals_the_uninterrupted_run(runs):
     for r in runs[0]:
         d = r["fsdp2_dcp_resume"]
