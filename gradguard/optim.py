@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import numbers
 import weakref
 from collections import OrderedDict
@@ -161,6 +162,21 @@ def _bad_loss_scale(loss_scale: torch.Tensor | None, dtype: torch.dtype) -> floa
     return float(ls64) if bool(_decide_ref.bad_loss_scale(ls64, dtype)) else None
 
 
+def _limit_read_free(max_norm: torch.Tensor) -> bool:
+    """Whether a tensor max_norm's value can be read without a device sync (a CPU tensor, in
+    eager mode)."""
+    return max_norm.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _bad_limit(limit: torch.Tensor | None) -> float | None:
+    """A device `max_norm`'s value where it is negative or NaN (guard_decide then makes the step
+    non-finite); None otherwise. For error messages only: it reads the value (a host sync)."""
+    if limit is None:
+        return None
+    v = float(limit)
+    return None if v >= 0 else v
+
+
 def _hook_note(err) -> str:
     return "" if err is None else f" (a step hook also raised {type(err).__name__}: {err})"
 
@@ -224,7 +240,7 @@ def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
         if calls[0] == 1:
             # The guard judged the first evaluation's gradients; LBFGS reads its loss too (a host
             # read of its own), and an inf loss with finite gradients would steer its line search.
-            if check_params is not None and isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+            if check_params is not None and not _loss_finite(loss):
                 raise _BadEvaluation("gradguard.GradGuard: evaluation 1 of the closure inside LBFGS.step() gave a "
                                      "non-finite loss")
             return loss
@@ -238,12 +254,26 @@ def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
             grads = []
         ok = bool(all_finite(grads + ([value.detach()] if isinstance(value, torch.Tensor) else [])))
-        if not ok:
+        if not ok or not (isinstance(value, torch.Tensor) or _loss_finite(value)):
             raise _BadEvaluation(f"gradguard.GradGuard: evaluation {calls[0]} of the closure inside "
                                  "LBFGS.step() gave a non-finite loss or gradients")
         return value
 
     return replay
+
+
+def _loss_finite(loss) -> bool:
+    """Whether a closure's loss is finite (a host read; LBFGS reads it too, by float()). A
+    tensor, or a Python/NumPy number (LBFGS takes any closure result float() accepts: a float
+    loss went unchecked); None (no loss) passes."""
+    if loss is None:
+        return True
+    if isinstance(loss, torch.Tensor):
+        return bool(torch.isfinite(loss).all())
+    try:
+        return math.isfinite(float(loss))
+    except (TypeError, ValueError):
+        return True  # not a number: LBFGS's own float() will say so
 
 
 def _mute(*registries) -> list | None:
@@ -1092,6 +1122,15 @@ class GradGuard(torch.optim.Optimizer):
         max_norm, spike = self.max_norm, self.spike
         limit_t = None
         if isinstance(max_norm, torch.Tensor):
+            if _limit_read_free(max_norm):
+                # A CPU tensor, changed in place since it was given (a clipping schedule): its
+                # value costs nothing to read, so a bad one is refused as at assignment, before
+                # anything is recorded (the decision would skip the step as non-finite).
+                v = float(max_norm)
+                if not v >= 0:
+                    raise ValueError(f"gradguard.GradGuard: `max_norm` must be a non-negative number, got "
+                                     f"tensor({v}) (the tensor given as max_norm was changed since; nothing was "
+                                     "stepped or recorded)")
             limit_t, max_norm = limit_on(max_norm, device), None
         if loss_scale is not None and loss_scale.device != device:
             loss_scale = loss_scale.to(device)
@@ -1111,6 +1150,7 @@ class GradGuard(torch.optim.Optimizer):
                                         total_dtype=raw.out_dtype, coef_dtype=mult.dtype)
         end_trace = None
         lbfgs_live = False  # see end_trace
+        rolled_back = None  # an LBFGS step undone by a later evaluation: why (_lbfgs_step)
         if self.tracer is not None:
             if not (closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)):
                 self.tracer._end_step(found, report, lambda ps=plan.params, idx=idx: ps if idx is None else
@@ -1139,7 +1179,8 @@ class GradGuard(torch.optim.Optimizer):
             if mode == "raise" and host[2]:
                 hook_error = self._run_hooks(report, keep_going=True)
                 msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
-                                             report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype))
+                                             report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype),
+                                             _bad_limit(limit_t))
                 raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)"
                                          + _hook_note(hook_error), bad, report) from hook_error
 
@@ -1194,8 +1235,9 @@ class GradGuard(torch.optim.Optimizer):
                 is_bad = found_h != 0.0
                 if snapshot is not None and (not is_bad or mode == "zero"):
                     lbfgs_live = True  # until the step returns without a rollback
-                    lbfgs_live = self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode,
-                                                  is_bad, prev_streak, prev_spike)
+                    rolled_back = self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode,
+                                                   is_bad, prev_streak, prev_spike)
+                    lbfgs_live = rolled_back is not None
                     if lbfgs_live:
                         streak_h = int(st.counters[3])  # the rolled-back step counts as skipped
                 elif not (is_bad and mode in ("skip", "raise")):
@@ -1224,8 +1266,12 @@ class GradGuard(torch.optim.Optimizer):
         giving_up = self.max_consecutive_skips is not None and streak_h >= self.max_consecutive_skips
         hook_error = self._run_hooks(report, keep_going=giving_up) if self._step_hooks else None
         if giving_up:
-            msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
-                                         report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype))
+            if rolled_back is not None:  # the first evaluation was finite: the report's counts say nothing
+                msg, bad = rolled_back, []
+            else:
+                msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
+                                             report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype),
+                                             _bad_limit(limit_t))
             raise NonFiniteGradError(
                 f"gradguard.GradGuard: {'1 step was' if streak_h == 1 else f'{streak_h} steps in a row were'} skipped "
                 f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}" + _hook_note(hook_error),
@@ -1325,15 +1371,16 @@ class GradGuard(torch.optim.Optimizer):
             hook(inner, (inner, replay), {})  # as torch.optim calls it: args include the optimizer
 
     def _lbfgs_step(self, inner, replay, mult, mult_h, grads, plan, snapshot, report, mode, first_bad,
-                    prev_streak, prev_spike) -> bool:
-        """The LBFGS step with every evaluation checked; True when it was rolled back."""
+                    prev_streak, prev_spike) -> str | None:
+        """The LBFGS step with every evaluation checked; where it was rolled back, why (a
+        sentence), else None."""
         if first_bad:  # "zero" mode: the first evaluation's NaN/Inf zeroed (and the rest clipped)
             _scale(grads, mult, True, plan.simple)
         elif mult_h != 1.0:
             _scale(grads, mult, False, plan.simple)
         try:
             inner.step(replay)
-            return False
+            return None
         except _BadEvaluation as bad:
             saved_params, saved_state = snapshot
             with torch.no_grad():  # grad mode here is whatever the failed inner step left
@@ -1349,7 +1396,7 @@ class GradGuard(torch.optim.Optimizer):
             self.spike.state_tensor(prev_spike.device).copy_(prev_spike)
         if mode == "raise":
             raise NonFiniteGradError(message + " (on_nonfinite='raise'; the step was rolled back)", [], report)
-        return True
+        return message
 
     def _global_raw(self, params, present, grads):
         """The gradients' statistics, made global across ranks when they are sharded (one

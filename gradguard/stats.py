@@ -436,21 +436,28 @@ def scale_(grads: list[torch.Tensor], coef: torch.Tensor, zero_nonfinite: bool =
 
 
 def nonfinite_message(where: str, names, nan_count, inf_count, norms=None,
-                      total_dtype: torch.dtype = torch.float32, bad_loss_scale: float | None = None
-                      ) -> tuple[str, list[str]]:
+                      total_dtype: torch.dtype = torch.float32, bad_loss_scale: float | None = None,
+                      bad_limit: float | None = None) -> tuple[str, list[str]]:
     """A sentence naming the offending tensors (this reads the counts: a host sync). With every
     element finite, a step is non-finite because the norm overflows `total_dtype`, or because
     the loss scale cannot be undone (`bad_loss_scale`: its value, where it is 0, negative, inf or
     so small that its inverse overflows): then it says so and names the tensors whose own norm
-    overflows (`norms`, the per-tensor norms)."""
+    overflows (`norms`, the per-tensor norms), or because a device `max_norm` is negative or NaN
+    (`bad_limit`: its value; the decision makes such a step non-finite)."""
     nan_l, inf_l = nan_count.tolist(), inf_count.tolist()
     bad = [(n, a, b) for n, a, b in zip(names, nan_l, inf_l) if a or b]
-    scale = ("" if bad_loss_scale is None else
-             f"the loss scale is {bad_loss_scale!r}, which unscaling cannot undo (a GradScaler ends at 0 or "
-             "below ~3e-39 after NaN/Inf gradients on every step for ~140 steps)")
+    notes = []
+    if bad_loss_scale is not None:
+        notes.append(f"the loss scale is {bad_loss_scale!r}, which unscaling cannot undo (a GradScaler ends at 0 or "
+                     "below ~3e-39 after NaN/Inf gradients on every step for ~140 steps)")
+    if bad_limit is not None:
+        notes.append(f"the tensor `max_norm` is {bad_limit!r}, a limit that cannot clip (negative or NaN; on the "
+                     "device it is checked there, and the step is treated as non-finite)")
+    scale = "; and ".join(notes)
     if not bad:
         if scale:
-            return f"{where}: every scaled gradient element is finite, but {scale}", []
+            scaled = " scaled" if bad_loss_scale is not None else ""
+            return f"{where}: every{scaled} gradient element is finite, but {scale}", []
         return _overflow_message(where, names, norms, total_dtype)
     shown = ", ".join(f"{n} ({a} NaN, {b} Inf)" for n, a, b in bad[:10])
     more = f", and {len(bad) - 10} more" if len(bad) > 10 else ""

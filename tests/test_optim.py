@@ -11,6 +11,7 @@ import torch
 
 import gradguard
 from gradguard import GradGuard, NonFiniteGradError, fused_adam
+from gradguard import optim as optim_mod
 from optim_util import (OPTIMIZERS, TinyNet, assert_bit_identical, decide_on, make_grads,  # noqa: F401
                         make_params, poison, set_grads, snapshot)
 
@@ -669,6 +670,57 @@ def test_lbfgs_rollbacks_count_toward_max_consecutive_skips():
     assert opt.summary()["consecutive_skips"] == 2 and opt.summary()["skipped"] == 2
 
 
+def test_an_lbfgs_rollback_names_its_evaluation_in_the_max_consecutive_skips_error():
+    # The message was built from the first evaluation's statistics (finite, norm ~1): "the
+    # gradient norm overflows float32", for a step undone by evaluation 2's NaN gradient.
+    a, b = _lbfgs_problem()
+    w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = GradGuard(torch.optim.LBFGS([w], lr=1, max_iter=5), max_consecutive_skips=1)
+    n = [0]
+
+    def closure():
+        n[0] += 1
+        opt.zero_grad()
+        loss = ((a @ w - b) ** 2).sum()
+        loss.backward()
+        if n[0] == 2:
+            w.grad[0] = float("nan")
+        return loss
+
+    with pytest.raises(NonFiniteGradError, match=r"1 step was skipped .*: gradguard.GradGuard: evaluation 2 of the "
+                       r"closure inside LBFGS.step\(\) gave a non-finite loss or gradients$") as err:
+        opt.step(closure)
+    assert "overflow" not in str(err.value)
+    assert torch.equal(w.detach(), torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad_eval", [1, 2], ids=["first_evaluation", "later_evaluation"])
+@pytest.mark.parametrize("as_number", ["float", "numpy"])
+def test_lbfgs_checks_a_loss_returned_as_a_number(bad_eval, as_number):
+    # LBFGS takes any closure result float() reads; a non-finite Python float loss (loss.item())
+    # was not checked, and its line search stepped on it.
+    np = pytest.importorskip("numpy")
+    a, b = _lbfgs_problem()
+    w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = GradGuard(torch.optim.LBFGS([w], lr=1, max_iter=5))
+    n = [0]
+
+    def closure():
+        n[0] += 1
+        opt.zero_grad()
+        loss = ((a @ w - b) ** 2).sum()
+        loss.backward()
+        value = loss.item() * (math.inf if n[0] == bad_eval else 1.0)
+        return value if as_number == "float" else np.float64(value)
+
+    opt.step(closure)
+    assert bool(opt.last.skipped) and torch.equal(w.detach(), torch.zeros(5, dtype=torch.float64))
+    assert not opt.optimizer.state
+    n[0] = 10  # finite from now on: steps on the float loss
+    opt.step(closure)
+    assert not bool(opt.last.skipped) and not torch.equal(w.detach(), torch.zeros(5, dtype=torch.float64))
+
+
 def test_report_host_views():
     model = TinyNet()
     opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=0.5, model=model)
@@ -691,11 +743,13 @@ def test_report_host_views():
 
 @pytest.mark.parametrize("limit", [-1.0, math.nan], ids=["negative", "nan"])
 @pytest.mark.parametrize("mode", ["zero", "ignore", "skip"])
-def test_a_max_norm_tensor_made_invalid_in_place_never_clips(mode, limit, device):
+def test_a_max_norm_tensor_made_invalid_in_place_never_clips(mode, limit, device, monkeypatch):
     # A max_norm tensor is checked when it is handed over; a schedule that later writes a negative
-    # or NaN value into it (or a device tensor, which is never read back) must not become a
+    # or NaN value into it (a device tensor, which is never read back) must not become a
     # negative or NaN clip coefficient: in "zero" mode that flipped the update into an ascent
-    # step or made the weights NaN.
+    # step or made the weights NaN. (A CPU tensor is refused at the step instead: the next test;
+    # here a CPU one stands in for a device one.)
+    monkeypatch.setattr(optim_mod, "_limit_read_free", lambda t: False)
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], device=device))
     limit_t = torch.tensor(0.5, device=device)
     opt = GradGuard(torch.optim.SGD([w], lr=0.1), max_norm=limit_t, on_nonfinite=mode)
@@ -710,6 +764,46 @@ def test_a_max_norm_tensor_made_invalid_in_place_never_clips(mode, limit, device
         want = torch.tensor([1.0, 2.0, 3.0], device=device) - 0.1 * grad.nan_to_num(nan=0.0)
         assert torch.equal(w.detach(), want)
 
+
+
+@pytest.mark.parametrize("limit", [-1.0, math.nan], ids=["negative", "nan"])
+@pytest.mark.parametrize("mode", ["zero", "ignore", "skip", "raise"])
+def test_a_cpu_max_norm_tensor_made_invalid_in_place_is_refused_at_the_step(mode, limit):
+    # Its value costs nothing to read: refused as the assignment is, with nothing stepped or
+    # recorded (it made the step non-finite, and "raise" blamed a gradient-norm overflow).
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    limit_t = torch.tensor(0.5)
+    opt = GradGuard(torch.optim.SGD([w], lr=0.1, momentum=0.9), max_norm=limit_t, on_nonfinite=mode)
+    w.grad = torch.tensor([3.0, 4.0, 12.0])
+    opt.step()
+    state = {k: v.clone() for k, v in opt.optimizer.state[w].items()}
+    before, last = w.detach().clone(), opt.last
+    limit_t.fill_(limit)
+    with pytest.raises(ValueError, match=r"`max_norm` must be a non-negative number, got tensor\((-1.0|nan)\)"):
+        opt.step()
+    assert torch.equal(w.detach(), before) and opt.last is last and opt.summary()["steps"] == 1
+    assert all(torch.equal(v, state[k]) for k, v in opt.optimizer.state[w].items())
+    limit_t.fill_(0.5)  # mended: steps again
+    opt.step()
+    assert opt.summary()["steps"] == 2 and not bool(opt.last.skipped)
+
+
+@pytest.mark.parametrize("kw", [{"on_nonfinite": "raise"}, {"max_consecutive_skips": 1}])
+def test_a_device_max_norm_made_invalid_is_named_in_the_error(kw, monkeypatch):
+    # The error blamed a gradient-norm overflow ("every gradient element is finite, but the
+    # gradient norm overflows float32") for finite gradients of norm 13. (A CPU tensor stands in
+    # for a device one, which the step does not read.)
+    monkeypatch.setattr(optim_mod, "_limit_read_free", lambda t: False)
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    limit_t = torch.tensor(0.5)
+    opt = GradGuard(torch.optim.SGD([w], lr=0.1), max_norm=limit_t, names=["w"], **kw)
+    limit_t.fill_(-2.0)
+    w.grad = torch.tensor([3.0, 4.0, 12.0])
+    with pytest.raises(NonFiniteGradError) as err:
+        opt.step()
+    msg = str(err.value)
+    assert "the tensor `max_norm` is -2.0" in msg and "overflow" not in msg, msg
+    assert torch.equal(w.detach(), torch.tensor([1.0, 2.0, 3.0]))
 
 
 @pytest.mark.parametrize("fused", [False, True])
