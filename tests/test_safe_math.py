@@ -1103,6 +1103,25 @@ def test_below_the_bound_forward_mode_gives_the_clamps_zero_derivative():
     assert torch.equal(st, torch.diag(torch.tensor([1e3, 2.0], dtype=torch.float64)))
 
 
+def test_forward_mode_safe_div_leaves_out_a_divisor_without_a_tangent():
+    # torch hands the Function's jvp a zero tangent for a divisor that has none: where
+    # x / c / c overflows (1e30 / 1e-5 / 1e-5 in float32) 0 * inf made the tangent NaN, for a
+    # finite quotient, where torch.div's (and the reverse mode's) derivative is 1 / c.
+    x = torch.tensor([1.0, 1e30, math.inf, math.nan])
+    t = torch.ones_like(x)
+    want = torch.full((4,), 1e5)
+    for c in (1e-5, torch.full((4,), 1e-5)):
+        got = torch.func.jvp(lambda v, c=c: gradguard.safe_div(v, c), (x,), (t,))[1]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        with torch.autograd.forward_ad.dual_level():
+            dual = gradguard.safe_div(torch.autograd.forward_ad.make_dual(x, t), c)
+            torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(dual).tangent, want, rtol=1e-6, atol=0)
+    # Both tangents given: the full derivative, as torch.div's.
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 4.0])
+    got = torch.func.jvp(gradguard.safe_div, (a, b), (torch.ones(2), torch.ones(2)))[1]
+    assert torch.equal(got, torch.func.jvp(torch.div, (a, b), (torch.ones(2), torch.ones(2)))[1])
+
+
 @pytest.mark.parametrize("divisor_grad", [False, True])
 @pytest.mark.parametrize("create_graph", [False, True])
 def test_safe_div_gradient_is_zero_where_guarded_even_for_a_nan_upstream_gradient(divisor_grad, create_graph):

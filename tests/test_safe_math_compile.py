@@ -495,3 +495,17 @@ def test_straight_through_log_with_an_eps_whose_inverse_overflows_compiled():
         (gg,) = torch.autograd.grad(g.sum(), x, retain_graph=True)
         (gw,) = torch.autograd.grad(w.sum(), x, retain_graph=True)
         assert torch.equal(gg, gw), (gg, gw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_compiled_sqrt_gradient_divides_by_the_rounded_root_as_the_compiled_composite(dtype):
+    # The compile path's backward took the root afresh, which inductor keeps in float32: an ulp
+    # off the compiled composite's gradient (and eager's) in float16/bfloat16, which divide by
+    # the stored root (15.8046875 for 15.8125 at float16 1e-3). Now from the forward's result.
+    x0 = torch.logspace(-4, 4, 997, dtype=torch.float64).to(dtype)
+    grads = []
+    for fn in (lambda x: gradguard.safe_sqrt(x), lambda x: torch.sqrt(torch.clamp(x, min=0))):
+        x = x0.clone().requires_grad_()
+        (g,) = torch.autograd.grad(torch.compile(fn, fullgraph=True)(x).sum(), x)
+        grads.append(g)
+    assert torch.equal(grads[0], grads[1]), (grads[0] != grads[1]).sum()

@@ -483,3 +483,21 @@ def test_the_backward_ops_check_their_eps(op, path, value, error, msg):
     args = (x, x, value, False) if op == "safe_log_backward" else (x, x, value)
     with pytest.raises(error, match=f"`eps` {msg}"):
         fn(*args)
+
+
+@pytest.mark.parametrize("value, msg", [(math.nan, "`eps` must not be NaN"), (-1.0, "`eps` must be >= 0")])
+@pytest.mark.parametrize("path", ["op", "ref"])
+@pytest.mark.parametrize("op", ["safe_log", "safe_sqrt", "safe_div", "safe_div_backward"])
+def test_the_ops_called_directly_refuse_a_nan_or_negative_eps_on_both_kernels(op, path, value, msg):
+    # The reference kernels took them (safe_log(eps=-1) gave log(x), safe_div_backward any eps)
+    # where the compiled ones refused: the two kernels of one op disagreed. (The public
+    # functions check before, with errors of their own.) safe_exp's `max` may be negative.
+    x = torch.rand(4) + 0.5
+    fn = getattr(ref if path == "ref" else ops, op)
+    args = {"safe_log": (x, value, False), "safe_sqrt": (x, value), "safe_div": (x, x, value, 0.0),
+            "safe_div_backward": (x, x, x, value)}[op]
+    with pytest.raises(RuntimeError, match=msg):
+        fn(*args)
+    if op == "safe_log":
+        torch.testing.assert_close(getattr(ref if path == "ref" else ops, "safe_exp")(x, -1.0, False),
+                                   torch.full((4,), math.exp(-1.0)))

@@ -123,7 +123,19 @@ def empty_broadcast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.new_empty(shape, device=device)
 
 
+def check_param(v: float, op: str, arg: str, nonneg: bool) -> None:
+    """csrc/safe_math_args.h's check_param: a bound is not NaN, and an eps not negative
+    (RuntimeError, as the compiled kernels raise). The public functions check before, with
+    errors of their own; this is for the ops called directly (torch.ops.gradguard.*), which
+    took a NaN or negative eps here and refused it in the compiled kernels."""
+    if v != v:
+        raise RuntimeError(f"gradguard.{op}: `{arg}` must not be NaN")
+    if nonneg and v < 0.0:
+        raise RuntimeError(f"gradguard.{op}: `{arg}` must be >= 0, got {v}")
+
+
 def _check_unary(op: str, input: torch.Tensor, arg: str, bound: float, keep_nonzero: bool, out=None) -> None:
+    check_param(bound, op, arg, keep_nonzero)
     check_bound_fits(bound, input.dtype, op, arg, keep_nonzero)
     if out is not None:
         check_devices(op, input.device, out=out)
@@ -145,10 +157,7 @@ def safe_log_out(input: torch.Tensor, eps: float, straight_through: bool, *, out
 def check_backward_eps(eps: float, op: str) -> None:
     """The backward ops' eps: not NaN, >= 0 (RuntimeError, as the compiled kernels' check_param),
     finite (ValueError); csrc/safe_math_args.h's check_backward_eps."""
-    if eps != eps:
-        raise RuntimeError(f"gradguard.{op}: `eps` must not be NaN")
-    if eps < 0.0:
-        raise RuntimeError(f"gradguard.{op}: `eps` must be >= 0, got {eps}")
+    check_param(eps, op, "eps", True)
     if eps == math.inf:
         raise ValueError(f"gradguard.{op}: `eps` must be finite: at inf every element is at or below it")
 
@@ -226,6 +235,7 @@ def check_div_args(op: str, input: torch.Tensor, other: torch.Tensor, eps: float
                            "must match" + (", or `other` be a 0-dim float32 tensor with a float16/bfloat16 `input`"
                                            if fill is not None else ""))
     check_devices(op, div_device(input, other), ("input", "other"), input=input, other=other)
+    check_param(eps, op, "eps", True)
     check_bound_fits(eps, input.dtype, op, "eps", True)
     if fill is not None:
         check_bound_fits(fill, input.dtype, op, "fill", False)
@@ -494,14 +504,19 @@ class _SafeExpComposite(torch.autograd.Function):
 class _SafeSqrtComposite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, eps):
-        ctx.save_for_backward(input)
         ctx.eps = eps
-        return _sqrt_value_for_compile(input, eps)
+        result = _sqrt_value_for_compile(input, eps)
+        ctx.save_for_backward(input, result)
+        return result
 
     @staticmethod
     def backward(ctx, grad):
-        (input,) = ctx.saved_tensors
-        return _sqrt_derivative(input, ctx.eps, grad), None
+        # From the forward's result, rounded to the dtype where it was stored, as eager's kernels
+        # and torch.sqrt's own formula divide by it: recomputed here, inductor kept the root in
+        # float32 and float16/bfloat16 gradients came out an ulp or more off eager's.
+        input, result = ctx.saved_tensors
+        keep = input > _bound(input, ctx.eps)
+        return torch.where(keep, grad / (2 * torch.where(keep, result, 1.0)), 0.0), None
 
 
 class _SafeDivComposite(torch.autograd.Function):
@@ -629,7 +644,11 @@ class _SafeDivTransformable(torch.autograd.Function):
         if t_input is not None:
             out = out + t_input / b
         if t_other is not None:
-            out = out - t_other * ((input / b) / b)
+            # A divisor without a tangent comes as zeros (torch.func.jvp, forward_ad): where the
+            # quotient's derivative overflows (1e30 / 1e-5 / 1e-5 in float32) 0 * inf made the
+            # whole tangent NaN; torch.div leaves out an absent tangent's term, and a zero
+            # tangent adds nothing.
+            out = out - torch.where(t_other == 0, 0.0, t_other * ((input / b) / b))
         return torch.where(guard, 0.0, out).expand(torch.broadcast_shapes(input.shape, other.shape))
 
 
