@@ -615,28 +615,38 @@ def _lbfgs_problem():
     return a, b
 
 
+def _lbfgs_closure(w, zero_grad, spoil):
+    """The least-squares closure of _lbfgs_problem over `w`; after each backward,
+    spoil(n, loss) (evaluation n, from 1) may write into w.grad and returns the loss to return.
+    Also returns the evaluation counter (a one-element list)."""
+    a, b = _lbfgs_problem()
+    n = [0]
+
+    def closure():
+        n[0] += 1
+        zero_grad()
+        loss = ((a @ w - b) ** 2).sum()
+        loss.backward()
+        return spoil(n[0], loss)
+
+    return closure, n
+
+
 @pytest.mark.parametrize("bad_eval", [1, 2], ids=["first_evaluation", "later_evaluation"])
 def test_lbfgs_zero_mode_zeroes_every_evaluations_nonfinite_gradient(bad_eval):
     # "zero" mode used to check only the first evaluation: a NaN gradient in a later one, inside
     # LBFGS.step(), made every parameter NaN (reported as a clean step).
-    a, b = _lbfgs_problem()
-
     def run(guarded):
         w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
         inner = torch.optim.LBFGS([w], lr=1, max_iter=5)
         opt = GradGuard(inner, on_nonfinite="zero") if guarded else inner
-        n = [0]
 
-        def closure():
-            n[0] += 1
-            inner.zero_grad()
-            loss = ((a @ w - b) ** 2).sum()
-            loss.backward()
-            if n[0] == bad_eval:
+        def spoil(n, loss):
+            if n == bad_eval:
                 w.grad[0] = float("nan") if guarded else 0.0  # the reference: the NaN zeroed by hand
             return loss
 
-        opt.step(closure)
+        opt.step(_lbfgs_closure(w, inner.zero_grad, spoil)[0])
         return w.detach(), opt
 
     got, opt = run(True)
@@ -673,20 +683,15 @@ def test_lbfgs_rollbacks_count_toward_max_consecutive_skips():
 def test_an_lbfgs_rollback_names_its_evaluation_in_the_max_consecutive_skips_error():
     # The message was built from the first evaluation's statistics (finite, norm ~1): "the
     # gradient norm overflows float32", for a step undone by evaluation 2's NaN gradient.
-    a, b = _lbfgs_problem()
     w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
     opt = GradGuard(torch.optim.LBFGS([w], lr=1, max_iter=5), max_consecutive_skips=1)
-    n = [0]
 
-    def closure():
-        n[0] += 1
-        opt.zero_grad()
-        loss = ((a @ w - b) ** 2).sum()
-        loss.backward()
-        if n[0] == 2:
+    def spoil(n, loss):
+        if n == 2:
             w.grad[0] = float("nan")
         return loss
 
+    closure, _ = _lbfgs_closure(w, opt.zero_grad, spoil)
     with pytest.raises(NonFiniteGradError, match=r"1 step was skipped .*: gradguard.GradGuard: evaluation 2 of the "
                        r"closure inside LBFGS.step\(\) gave a non-finite loss or gradients$") as err:
         opt.step(closure)
@@ -700,19 +705,14 @@ def test_lbfgs_checks_a_loss_returned_as_a_number(bad_eval, as_number):
     # LBFGS takes any closure result float() reads; a non-finite Python float loss (loss.item())
     # was not checked, and its line search stepped on it.
     np = pytest.importorskip("numpy")
-    a, b = _lbfgs_problem()
     w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
     opt = GradGuard(torch.optim.LBFGS([w], lr=1, max_iter=5))
-    n = [0]
 
-    def closure():
-        n[0] += 1
-        opt.zero_grad()
-        loss = ((a @ w - b) ** 2).sum()
-        loss.backward()
-        value = loss.item() * (math.inf if n[0] == bad_eval else 1.0)
+    def spoil(k, loss):
+        value = loss.item() * (math.inf if k == bad_eval else 1.0)
         return value if as_number == "float" else np.float64(value)
 
+    closure, n = _lbfgs_closure(w, opt.zero_grad, spoil)
     opt.step(closure)
     assert bool(opt.last.skipped) and torch.equal(w.detach(), torch.zeros(5, dtype=torch.float64))
     assert not opt.optimizer.state
