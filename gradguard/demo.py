@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -319,12 +320,9 @@ def report(plain: RunResult, guard: RunResult, steps: int) -> str:
     out.append(f"  hygiene warning from the guard: {zero_grad_warnings[0] if zero_grad_warnings else 'none'}")
 
     # Overhead: the guard's step minus the bare fused SGD step, medians over the healthy steps.
-    def median(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2]
-
     ok = [i for i in range(steps) if not any(f.active(i + 1) for f in faults)]
-    plain_ms, guard_ms = median([plain.step_ms[i] for i in ok]), median([guard.step_ms[i] for i in ok])
+    plain_ms = statistics.median(plain.step_ms[i] for i in ok)
+    guard_ms = statistics.median(guard.step_ms[i] for i in ok)
     s = guard.summary
     rows = [["run", "final loss", "params finite", "steps with NaN/Inf loss", "steps skipped", "steps clipped",
              "median opt.step()"],
@@ -408,6 +406,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 20:
         ap.error("--steps must be at least 20 (the faults are spread over the run)")
+    # Checked before the three runs (a bad one failed after them, or as a traceback).
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, TypeError) as e:
+        ap.error(f"--device: {args.device!r} is not a device ({e})")
+    if dev.type not in ("cpu", "cuda"):
+        ap.error(f"--device: {args.device!r}: the demo runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device} needs a CUDA GPU, and torch.cuda.is_available() is False")
+    if not args.no_plot and os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out: {args.out} is a file; give a folder for gradguard_demo.png")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     b = gradguard.backend()
     print(f"gradguard demo: {args.steps} steps per run on {args.device}; kernels: cpu={b['cpu']}, cuda={b['cuda']}")

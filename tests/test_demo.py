@@ -35,3 +35,14 @@ def test_demo_rejects_too_few_steps():
     r = subprocess.run([sys.executable, "-m", "gradguard.demo", "--steps", "5", "--no-plot"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--steps must be at least 20" in r.stderr
+
+
+def test_demo_checks_device_and_out_before_training(tmp_path):
+    # Both failed as tracebacks, --out naming a file after all three runs (FileExistsError).
+    f = tmp_path / "a_file"
+    f.write_text("")
+    for args, msg in ((["--device", "foo"], "--device: 'foo' is not a device"),
+                      (["--out", str(f)], "is a file; give a folder")):
+        r = subprocess.run([sys.executable, "-m", "gradguard.demo", "--steps", "20", *args], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr and "Faults injected" not in r.stdout, (args, r.stderr)

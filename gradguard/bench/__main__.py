@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -19,6 +21,10 @@ import torch
 
 import gradguard
 from gradguard.bench import timing
+
+# Sections whose cases exist on one device only: they run there whatever --device says (the tracer,
+# the gloo process group and the framework runs are CPU benches; the cuda section is the GPU's).
+FIXED_DEVICE = {"tracer": "cpu", "distributed": "cpu", "integrations": "cpu", "cuda": "cuda"}
 
 CASE_MODULES = {
     "stats": "gradguard.bench.stats_cases",
@@ -42,6 +48,21 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}"
 
 
+def commit() -> str | None:
+    """The source tree's git commit (with "+dirty" for uncommitted changes), when it is a checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def plot(tables, path: str) -> None:
     try:
         import matplotlib
@@ -53,6 +74,9 @@ def plot(tables, path: str) -> None:
     import matplotlib.pyplot as plt
 
     with_floor = [t for t in tables if t.floor]
+    if not with_floor:  # the tracer, distributed and integration tables compare no floor
+        print(f"no table of this run has a floor or a baseline to divide by: {path} not written")
+        return
     fig, axes = plt.subplots(len(with_floor), 1, figsize=(10, 2.2 + 0.45 * sum(len(t.rows) for t in with_floor)),
                              squeeze=False)
     for ax, t in zip(axes[:, 0], with_floor):
@@ -62,7 +86,7 @@ def plot(tables, path: str) -> None:
         colors = ["tab:green" if n.startswith("gradguard") else "tab:gray" for n in names]
         ax.barh(names, ratios, color=colors)
         ax.axvline(1.0, color="black", lw=0.8)
-        ax.set_xlabel("time / bandwidth floor (lower is better)")
+        ax.set_xlabel(f"time / {t.floor} (lower is better)", fontsize=8)
         ax.set_title(t.title, fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
@@ -78,6 +102,24 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of the ratios to the floor")
     args = ap.parse_args(argv)
 
+    # Checked before anything runs: a bad device or output path failed only after the tables.
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, TypeError) as e:
+            ap.error(f"--device: {args.device!r} is not a device ({e})")
+        if dev.type not in ("cpu", "cuda"):
+            ap.error(f"--device: {args.device!r}: the bench runs on cpu or cuda")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            ap.error(f"--device {args.device} needs a CUDA GPU, and torch.cuda.is_available() is False "
+                     f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                ap.error(f"{flag}: the folder {folder} does not exist")
+            if os.path.isdir(path) or not os.access(folder, os.W_OK):
+                ap.error(f"{flag}: cannot write {path}")
     if "cuda" in (args.only or []) and not torch.cuda.is_available():
         # A GPU check that silently benchmarked nothing would read as a pass.
         ap.exit(2, "python -m gradguard.bench: error: --only cuda needs a CUDA GPU, and torch.cuda.is_available() "
@@ -92,7 +134,9 @@ def main(argv=None) -> int:
     all_tables = []
     for name in names:
         mod = importlib.import_module(CASE_MODULES[name])
-        device = args.device or ("cuda" if name == "cuda" else "cpu")
+        device = FIXED_DEVICE.get(name, args.device or "cpu")
+        if args.device is not None and torch.device(args.device).type != torch.device(device).type:
+            print(f"[{name}] runs on {device} only (--device {args.device} does not apply to it)", flush=True)
         t0 = time.perf_counter()
         print(f"[{name}] running on {device}{' (quick)' if args.quick else ''} ...", flush=True)
         tables = mod.tables(device=device, quick=args.quick)
@@ -103,7 +147,9 @@ def main(argv=None) -> int:
         all_tables += tables
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                       "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit(),
+                       "argv": list(sys.argv[1:] if argv is None else argv), "torch": torch.__version__,
                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        "backend": {k: v for k, v in gradguard.backend().items() if k != "build"},
                        "tables": [t.as_dict() for t in all_tables]}, f, indent=1)
