@@ -90,8 +90,15 @@ def _check_one_device(op: str, tensors, scale=None) -> None:
 
 @torch.library.register_fake("gradguard::multi_tensor_stats", lib=_lib)
 def _multi_tensor_stats_fake(tensors, norm_type):
-    torch._check(len(tensors) > 0, lambda: "gradguard.multi_tensor_stats: `tensors` must not be empty")
+    # The real kernels' checks and error types: the fake took a norm_type <= 0 and a mixed-dtype
+    # list, which fail at run time, and raised a RuntimeError for an empty list (a ValueError).
+    torch._check_value(len(tensors) > 0, lambda: "gradguard.multi_tensor_stats: `tensors` must not be empty")
+    torch._check_value(norm_type > 0, lambda: f"gradguard.multi_tensor_stats: `norm_type` must be > 0, got {norm_type}")
     _check_one_device("multi_tensor_stats", tensors)
+    for i, t in enumerate(tensors):
+        torch._check(t.dtype == tensors[0].dtype, lambda i=i, t=t: (
+            f"gradguard.multi_tensor_stats: tensors[{i}] has dtype {t.dtype} but tensors[0] has {tensors[0].dtype}; "
+            "group tensors by dtype before calling the op"))
     torch._check_not_implemented(
         tensors[0].dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         lambda: f"gradguard.multi_tensor_stats: dtype {tensors[0].dtype} is not supported; the op takes float16, "
@@ -127,6 +134,12 @@ def _zero_nonfinite_and_scale_fake(tensors, scale):
     return None
 
 
+_DECIDE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# The largest percentile window (a count held exactly in a double; 2^40 ring entries are 8 TB).
+_MAX_WINDOW = float(2 ** 40)
+
+
 def _check_decide_args(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, scaler_found, counters,
                        layer_nonfinite, layer_max_norm, spike_state, history, norm_type, nonfinite, spike, spike_args):
     where = "gradguard.guard_decide"
@@ -144,8 +157,10 @@ def _check_decide_args(acc, nan_count, inf_count, amax, index, max_norm, loss_sc
         torch._check(t is None or t.device == dev, lambda: (
             f"{where}: `{name}` is on {t.device} but `acc` is on {dev}; every tensor must be on one device"))
     for name, t in (("max_norm", max_norm), ("loss_scale", loss_scale), ("scaler_found", scaler_found)):
-        torch._check(t is None or (t.numel() == 1 and t.is_floating_point()), lambda: (
-            f"{where}: `{name}` must be a one-element floating-point tensor"))
+        # float16-float64, as the compiled kernels take (a float8 one was taken here).
+        torch._check(t is None or (t.numel() == 1 and t.dtype in _DECIDE_FLOATS), lambda: (
+            f"{where}: `{name}` must be a one-element float16, bfloat16, float32 or float64 tensor, got "
+            f"{t.dtype} with {t.numel()} elements"))
     torch._check(counters is None or (counters.dtype == torch.int64 and tuple(counters.shape) == (5,)),
                  lambda: f"{where}: `counters` must be an int64 tensor of shape [5]")
     torch._check((layer_nonfinite is None) == (layer_max_norm is None),
@@ -171,6 +186,14 @@ def _check_decide_args(acc, nan_count, inf_count, amax, index, max_norm, loss_sc
     if spike != "none":
         torch._check(len(spike_args) == 3 and spike_state is not None and spike_state.dtype == torch.float64,
                      lambda: f"{where}: spike {spike!r} needs 3 `spike_args` and a float64 `spike_state`")
+        if spike == "percentile":
+            # The kernels' own checks (csrc/guard_decide_args.h): the reference failed inside
+            # torch.nanquantile or int() with torch's messages, and the fake kernel took them.
+            q, window = spike_args[0], spike_args[1]
+            torch._check(0 <= q <= 1, lambda: f"{where}: spike 'percentile' needs `spike_args`[0] (q) in [0, 1], "
+                                              f"got {q}")
+            torch._check(1 <= window <= _MAX_WINDOW, lambda: (
+                f"{where}: spike 'percentile' needs `spike_args`[1] (window) >= 1 and <= 2^40, got {window}"))
         size = 3 if spike == "zscore" else 1 + int(spike_args[1])
         torch._check(tuple(spike_state.shape) == (size,),
                      lambda: f"{where}: `spike_state` of {spike!r} must have shape [{size}]")
@@ -198,7 +221,8 @@ def _guard_decide_default(*args):
         # Checked before anything is written, as the compiled kernels do (free on the CPU; on
         # another device reading it would sync, and index_add_ asserts there).
         lo, hi = index.min().item(), index.max().item()
-        torch._check(lo >= 0 and hi < layer_nonfinite.numel(), lambda: (
+        # IndexError, as the compiled kernel's TORCH_CHECK_INDEX (a RuntimeError here before).
+        torch._check_index(lo >= 0 and hi < layer_nonfinite.numel(), lambda: (
             f"gradguard.guard_decide: `index` holds {lo if lo < 0 else hi}, outside [0, {layer_nonfinite.numel()})"))
     return reference.guard_decide(*args)
 

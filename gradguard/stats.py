@@ -383,7 +383,10 @@ def check_max_norm(max_norm):
             raise ValueError("gradguard: `max_norm` is a meta tensor, which holds no value; pass a number or a "
                              "tensor on the gradients' device (or on the CPU)")
         max_norm = max_norm.detach().reshape(())
-        if not max_norm.is_floating_point():  # torch takes integer limits; the decision op wants a float
+        if max_norm.dtype not in _FLOAT_DTYPES:
+            # torch takes integer and float8 limits; the decision op takes float16-float64 (a
+            # float8 one was refused by the compiled kernel in its own op's name, and taken by the
+            # reference). Exact in float64.
             max_norm = max_norm.to(torch.float64)
         # Under torch.compile a read would be a data-dependent branch (fullgraph fails): there,
         # as for an accelerator tensor, the device checks it (max_norm_ok, guard_decide).

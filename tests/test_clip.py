@@ -209,3 +209,25 @@ def test_integer_grad_is_named_by_its_parameter():
     model.bias.grad = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(TypeError, match=r"the gradient of bias has dtype torch.int64"):
         gradguard.clip_grad_norm_(model.named_parameters(), 1.0)
+
+
+def test_a_float8_tensor_max_norm_is_a_limit_on_both_kernels():
+    # torch takes it; the compiled decision op refused it in its own name (guard_decide), the
+    # reference took it. Now read in float64 (exact) by both.
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    got = gradguard.clip_grad_norm_([p], torch.tensor(1.0).to(torch.float8_e4m3fn))
+    assert float(got) == 5.0
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("op", ["maybe_scale_", "zero_nonfinite_and_scale_"])
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_the_scaling_ops_name_a_sparse_layout(op, layout):
+    # Sparse tensors reach the reference kernel, where torch's overlap check ("more than one
+    # element ... refers to a single memory location") or is_contiguous refused them.
+    dense = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    t = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    with pytest.raises(RuntimeError, match=rf"gradguard.{op}: tensors\[0\] is not a strided \(dense\) tensor"):
+        getattr(torch.ops.gradguard, op)([t], torch.tensor(2.0))
+    assert torch.equal(t.to_dense(), dense)

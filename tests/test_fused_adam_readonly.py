@@ -89,9 +89,13 @@ def test_found_inf_one_skips_the_whole_step_zero_takes_it():
         assert all(torch.equal(a, b) for a, b in zip(ref[0], mine[0]))
 
 
-@needs_kernel
-def test_kernel_refuses_what_it_cannot_take_before_writing_anything():
-    op = torch.ops.gradguard.fused_adam_readonly_grads_
+@pytest.mark.parametrize("kernel", [pytest.param("op", marks=needs_kernel), "reference"])
+def test_kernel_refuses_what_it_cannot_take_before_writing_anything(kernel):
+    # The reference (aten's fused kernel on a copy of the grads) checked nothing: a gradient
+    # shorter than its parameter was read past its end (a wrong update, or a segmentation fault).
+    from gradguard import reference  # noqa: PLC0415
+
+    op = torch.ops.gradguard.fused_adam_readonly_grads_ if kernel == "op" else reference.fused_adam_readonly_grads_
     p, g, m, v = (torch.randn(10) for _ in range(4))
     keep = p.clone()
     s = [torch.tensor(1.0)]
@@ -102,8 +106,12 @@ def test_kernel_refuses_what_it_cannot_take_before_writing_anything():
     with pytest.raises(RuntimeError, match="fused_adam_readonly_grads_: float32, float64, float16 or bfloat16"):
         c = [x.to(torch.complex64) for x in (p, g, m, v)]
         op([c[0]], [c[1]], [c[2]], [c[3]], s, *args, torch.tensor(1.0), None)
-    with pytest.raises(RuntimeError, match="grad_scale must be a one-element float32 CPU tensor"):
+    with pytest.raises(RuntimeError, match="grad_scale must be a one-element float32"):
         op([p], [g], [m], [v], s, *args, torch.tensor(1.0, dtype=torch.float64), None)
+    with pytest.raises(RuntimeError, match="grad_scale must be a one-element float32"):
+        op([p], [g], [m], [v], s, *args, torch.tensor([1.0, 100.0]), None)
+    with pytest.raises(RuntimeError, match="tensor 0 of grads/exp_avgs/exp_avg_sqs differs from its parameter"):
+        op([p], [torch.randn(3)], [m], [v], s, *args, torch.tensor(1.0), None)
     with pytest.raises(RuntimeError, match="tensor 1 of grads/exp_avgs/exp_avg_sqs differs from its parameter"):
         op([p, p.clone()], [g, torch.randn(3)], [m, m.clone()], [v, v.clone()], s * 2, *args, torch.tensor(2.0), None)
     assert torch.equal(p, keep)  # the second tensor's size error came before the first was stepped

@@ -944,3 +944,22 @@ def test_small_float32_sums_keep_the_simd_tail_order_bit_for_bit():
             assert amax.item() == max(abs(v) for v in t.tolist()) and nan.item() == inf.item() == 0
     zeros = torch.zeros(5)
     assert torch.ops.gradguard.multi_tensor_stats([zeros], 2.0)[0].item() == 0.0
+
+
+@pytest.mark.parametrize("case", ["empty", "norm_type-0", "norm_type-nan", "mixed-dtypes"])
+def test_the_fake_kernel_refuses_what_the_real_ones_refuse(case):
+    # The fake kernel (what torch.compile and export trace) took a norm_type <= 0 and a mixed
+    # list, which fail at run time, and raised a RuntimeError for an empty list (a ValueError).
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+    real = {"empty": ([], 2.0), "norm_type-0": ([torch.ones(3)], 0.0), "norm_type-nan": ([torch.ones(3)], math.nan),
+            "mixed-dtypes": ([torch.ones(3), torch.ones(3, dtype=torch.float64)], 2.0)}[case]
+    err, msg = ((ValueError, "must not be empty") if case == "empty" else (ValueError, "`norm_type` must be > 0")
+                if case.startswith("norm_type") else (RuntimeError, r"tensors\[1\] has dtype (torch.float64|Double)"))
+    op = torch.ops.gradguard.multi_tensor_stats.default
+    with pytest.raises(err, match=msg):
+        op(*real)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in real[0]]
+        with pytest.raises(err, match=msg):
+            op(fake, real[1])

@@ -12,7 +12,7 @@ import torch
 import torch.testing._internal.optests
 
 from conftest import DEVICES, EXT_LOADED, needs_ext
-from gradguard import _host, reference
+from gradguard import _host, _ops, reference
 
 op = torch.ops.gradguard.guard_decide
 STEPS = 30
@@ -464,16 +464,22 @@ BAD = {
     "spike_state-shape": ("spike_state", dict(spike_state=torch.zeros(4, dtype=torch.float64))),
     "spike_state-missing": ("spike_state", dict(spike_state=None)),
     "percentile-shape": ("spike_state", dict(spike="percentile", spike_args=[0.5, 4.0, 1.0])),
+    # Named by every kernel: the reference failed inside torch.nanquantile or int() with torch's
+    # words, and the fake kernel took them; a window of 1e20 made a negative shape (an undefined
+    # cast) in the compiled check.
+    **{f"percentile-{k}": ("spike_args", dict(spike="percentile", spike_args=[q, w, 1.0],
+                                              spike_state=torch.zeros(3, dtype=torch.float64)))
+       for k, q, w in (("q-above-1", 1.5, 2.0), ("q-nan", math.nan, 2.0), ("window-0", 0.5, 0.0),
+                       ("window-negative", 0.5, -1.0), ("window-inf", 0.5, math.inf), ("window-nan", 0.5, math.nan),
+                       ("window-1e20", 0.5, 1e20))},
+    # float8 was taken by the reference and refused by the compiled kernel.
+    "max_norm-float8": ("max_norm", dict(max_norm=torch.tensor(1.0).to(torch.float8_e4m3fn))),
 }
-# Refused by the compiled kernels with the argument's name; the reference fails inside a torch op
-# (torch.nanquantile, index_add_) with torch's own words.
-KERNEL_NAMED = {
-    "percentile-q": ("spike_args", RuntimeError, dict(spike="percentile", spike_args=[1.5, 2.0, 1.0],
-                                                      spike_state=torch.zeros(3, dtype=torch.float64))),
-    # (the reference's index_add_ raises IndexError; the kernel's c10::IndexError reaches Python
-    # through torch.ops as a RuntimeError)
-    "index-range": ("index", (IndexError, RuntimeError), dict(index=torch.tensor([0, 5, 1]))),
-    "index-negative": ("index", (IndexError, RuntimeError), dict(index=torch.tensor([0, -1, 1]))),
+# An index outside the layers: an IndexError naming `index` (the compiled kernel's c10::IndexError;
+# the reference checks on the CPU before anything is written: a RuntimeError until now).
+INDEX_CASES = {
+    "index-range": dict(index=torch.tensor([0, 5, 1])),
+    "index-negative": dict(index=torch.tensor([0, -1, 1])),
 }
 
 
@@ -497,19 +503,43 @@ def test_bad_argument_is_named(case, caller):
         assert torch.equal(args[k], v), k
 
 
-@pytest.mark.parametrize("case", list(KERNEL_NAMED))
-def test_bad_argument_kernel_only_checks(case):
-    name, exc, change = KERNEL_NAMED[case]
-    args = {**_good_args(), **change}
-    if not EXT_LOADED:
-        with pytest.raises(exc):
-            _call(args)
-        return
+@pytest.mark.parametrize("kernel", ["op", "reference"])
+@pytest.mark.parametrize("case", list(INDEX_CASES))
+def test_an_index_outside_the_layers_is_an_index_error(case, kernel):
+    args = {**_good_args(), **INDEX_CASES[case]}
     before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
-    with pytest.raises(exc, match=f"gradguard.guard_decide: .*`{name}`"):
-        _call(args)
+    with pytest.raises(IndexError, match="gradguard.guard_decide: .*`index`"):
+        _call(args, op if kernel == "op" else _ops._guard_decide_default)
     for k, v in before.items():
         assert torch.equal(args[k], v), k
+
+
+@pytest.mark.parametrize("kernel", ["op", "reference", "fake"])
+@pytest.mark.parametrize("case", [k for k in BAD if k.startswith("percentile-") or k == "max_norm-float8"])
+def test_every_kernel_names_a_bad_spike_argument_and_limit(case, kernel):
+    name, change = BAD[case]
+    args = {**_good_args(), **change}
+    if kernel == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+        with FakeTensorMode() as mode:
+            args = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+            with pytest.raises(RuntimeError, match=f"gradguard.guard_decide: .*`{name}`"):
+                _call(args)
+        return
+    with pytest.raises(RuntimeError, match=f"gradguard.guard_decide: .*`{name}`"):
+        _call(args, op if kernel == "op" else _ops._guard_decide_default)
+
+
+@pytest.mark.parametrize("kernel", ["op", "reference"])
+def test_a_repeated_index_adds_the_counts_and_keeps_the_largest_norm(kernel):
+    # The reference's indexed assignment kept the last tensor's norm (3), the CPU kernel the
+    # largest (5): the two kernels of one op disagreed. (GradGuard's index is distinct.)
+    args = {**_good_args(), "acc": torch.tensor([25.0, 1.0, 9.0], dtype=torch.float64),
+            "nan_count": torch.tensor([0, 1, 0]), "index": torch.tensor([0, 0, 0]), "max_norm": None,
+            "layer_nonfinite": torch.zeros(2, dtype=torch.int64), "layer_max_norm": torch.zeros(2, dtype=torch.float64)}
+    _call(args, op if kernel == "op" else _ops._guard_decide_default)
+    assert args["layer_max_norm"].tolist() == [5.0, 0.0] and args["layer_nonfinite"].tolist() == [1, 0]
 
 
 @pytest.mark.cuda

@@ -7,8 +7,10 @@ float64; a value is rounded to its result dtype once, at the end. Read it as the
 
 Inputs (all on one device; per-tensor ones of shape [n]):
     acc, nan_count, inf_count, amax: what multi_tensor_stats returns (made global across ranks).
-    index: int64 [n] distinct positions of the n tensors among the guard's P parameters (None:
-        n == P).
+    index: int64 [n] positions of the n tensors among the guard's P parameters (None: n == P).
+        GradGuard's are distinct; a repeated one (a direct call) adds its tensors' non-finite
+        counts and keeps the largest of their norms on the CPU, and is undefined on CUDA (the
+        kernel's threads would race on the entry; checking would read the index back).
     max_norm: 0-dim device tensor limit, or None.  max_norm_value: a number limit, or None.
     loss_scale: GradScaler's scale still in the grads (0-dim), or None.
     scaler_found: GradScaler's found-inf flag (0-dim, a sum over devices), or None.
@@ -239,7 +241,9 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
         where = torch.arange(layer_nonfinite.numel(), device=dev) if index is None else index
         layer_nonfinite.index_add_(0, where, bad.long())
         finite_norms = torch.where(bad, 0.0, norms)
-        layer_max_norm[where] = torch.maximum(layer_max_norm[where], finite_norms)
+        # scatter_reduce, not an indexed assignment: with a repeated position the last write won,
+        # where the CPU kernel keeps the largest (NaN-propagating, as its max_nan does).
+        layer_max_norm.scatter_reduce_(0, where, finite_norms, reduce="amax", include_self=True)
 
     scalars = torch.stack([total, coef, found.double(), skipped.double(), overflow.double(), streak.double(),
                            multiplier, clipped.double(), written])

@@ -391,6 +391,11 @@ def check_scale_args(op: str, tensors, scale, *, autograd: bool = True) -> None:
         raise TypeError(f"{where}: `scale` must be real, got a {scale.dtype} tensor")
     grad_mode = autograd and torch.is_grad_enabled()
     for i, t in enumerate(tensors):
+        if t.layout != torch.strided:
+            # A sparse tensor has no compiled kernel and came here, where torch's overlap or
+            # is_contiguous check refused it without naming the layout (multi_tensor_stats' words).
+            raise RuntimeError(f"{where}: tensors[{i}] is not a strided (dense) tensor ({t.layout}); pass the values "
+                               "of a sparse tensor instead")
         if t.dtype != tensors[0].dtype:
             raise RuntimeError(f"{where}: tensors[{i}] has dtype {t.dtype} but tensors[0] has {tensors[0].dtype}")
         # Refused before anything is written (nan_to_num_/mul_ refused it at that tensor, after
