@@ -184,6 +184,14 @@ class CacheStateTable(Table):
         return {**super().as_dict(), "state_floor": self.state_floor}
 
 
+# Calls made just before a warm call. On the Xeon of 2026-12-07 a list read once after another
+# case's cold eviction (a 960 MB read) came at DRAM speed at the next read: with one call the
+# kernel was 2.1-2.4x the floor warm (whose flat copy eight cases read, so it stayed in the cache),
+# 1.34-1.42x when each case's warm call followed its own cold one (the rotated order until then),
+# with two 1.31-1.38x (shuffled) against 1.15x (rotated); with four both orders agreed (1.17-1.20x).
+WARM_CALLS = 4
+
+
 def cache_state_table(grads, label: str, device: str, repeats: int, target: float = 0.8,
                       evict: int | None = None) -> CacheStateTable:
     """grad_stats against the read floor, every case in the same cache state. A list inside L3
@@ -191,8 +199,8 @@ def cache_state_table(grads, label: str, device: str, repeats: int, target: floa
     ran before: interleaved, the floor rounds re-read one flat copy from L3 while grad_stats reads
     its tensors, which they evicted, from DRAM. So each case is timed cold (caches evicted by
     reading `evict` bytes before each call, untimed; evict_bytes() by default) and warm (the same
-    call just before, untimed), interleaved round by round; `target` is the share of the floor's
-    speed the kernel must reach in either state."""
+    call WARM_CALLS times just before, untimed), interleaved round by round; `target` is the share
+    of the floor's speed the kernel must reach in either state."""
     evict_bytes_ = evict_bytes() if evict is None else evict
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -232,7 +240,8 @@ def cache_state_table(grads, label: str, device: str, repeats: int, target: floa
         if state == "cold":
             evict_caches()
         else:
-            cases[name]()
+            for _ in range(WARM_CALLS):
+                cases[name]()
         sync(device)
         return timed(cases[name])
 
@@ -252,7 +261,7 @@ def cache_state_table(grads, label: str, device: str, repeats: int, target: floa
     order = ([READ_FLOOR] if floor_parts else []) + list(cases)
     rows = [Row(f"{s}: {n}", statistics.median(times[f"{s}: {n}"]), nbytes) for n in order for s in STATES]
     tab = CacheStateTable(f"grad_stats in equal cache states (cold: {evict_bytes_ >> 20} MB read before each "
-                          f"call; warm: the same call just before), {label}, {device}, "
+                          f"call; warm: the same call {WARM_CALLS} times just before), {label}, {device}, "
                           f"{torch.get_num_threads()} threads, median of {repeats} interleaved rounds",
                           rows, state_floor=floor)
     floor_word = "read floor" if floor_parts else "torch.sum (no read floor built)"
