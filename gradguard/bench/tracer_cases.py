@@ -6,8 +6,8 @@ copy of the same model, built from the same seed: the bare loop; the loop with a
 ``NanTracer(mode="always")`` (reset each step, never read on a good step); with
 ``mode="on_failure"`` (``begin_step()`` each step, nothing attached); and the same loop inside
 ``torch.autograd.detect_anomaly()`` for comparison. The cases run interleaved, one step each per
-round in a new order each round (timing.round_orders), so that load from other processes falls on all of them alike; the
-targets are checked on the median of per-round ratios to the bare loop.
+round in a new order each round (timing.round_orders), so that load from other processes falls on
+all of them alike; the targets are checked on the median of per-round ratios to the bare loop.
 """
 from __future__ import annotations
 
