@@ -362,7 +362,12 @@ def limit_on(max_norm: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A tensor `max_norm` on `device`. A CPU tensor's value is read (free) and filled on an
     accelerator: `.to(device)` from pageable memory is a blocking copy, a host sync every step.
     (Under a CUDA graph capture its value at capture is then fixed; a device tensor can change
-    between replays.)"""
+    between replays.) An integer or float8 one is read in float64 (exact), the dtypes the decision
+    op takes being float16-float64: the compiled kernel refused a float8 one in its own op's name,
+    and the reference took it; converted once when given, a schedule written into it in place was
+    not followed."""
+    if max_norm.dtype not in _FLOAT_DTYPES:
+        max_norm = max_norm.to(torch.float64)
     if max_norm.device == device:
         return max_norm
     if max_norm.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -382,12 +387,9 @@ def check_max_norm(max_norm):
         if max_norm.device.type == "meta":
             raise ValueError("gradguard: `max_norm` is a meta tensor, which holds no value; pass a number or a "
                              "tensor on the gradients' device (or on the CPU)")
+        # Kept as it is (a view): a schedule written into it in place is followed. torch takes
+        # integer and float8 limits too; limit_on reads those in float64 at each use.
         max_norm = max_norm.detach().reshape(())
-        if max_norm.dtype not in _FLOAT_DTYPES:
-            # torch takes integer and float8 limits; the decision op takes float16-float64 (a
-            # float8 one was refused by the compiled kernel in its own op's name, and taken by the
-            # reference). Exact in float64.
-            max_norm = max_norm.to(torch.float64)
         # Under torch.compile a read would be a data-dependent branch (fullgraph fails): there,
         # as for an accelerator tensor, the device checks it (max_norm_ok, guard_decide).
         if max_norm.device.type == "cpu" and not torch.compiler.is_compiling():

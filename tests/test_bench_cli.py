@@ -52,7 +52,8 @@ def test_bench_plot_without_a_floor_table_and_a_fixed_device_section(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "not written" in r.stdout and not out_png.exists()
     data = json.loads(out_json.read_text())
-    assert data["utc"].endswith("Z") and data["argv"][:3] == ["--quick", "--only", "tracer"]
+    assert data["utc_start"] <= data["utc_end"] and data["utc_end"].endswith("Z")
+    assert data["argv"][:3] == ["--quick", "--only", "tracer"]
     assert "commit" in data
 
 

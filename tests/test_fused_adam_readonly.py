@@ -115,6 +115,19 @@ def test_kernel_refuses_what_it_cannot_take_before_writing_anything(kernel):
     with pytest.raises(RuntimeError, match="tensor 1 of grads/exp_avgs/exp_avg_sqs differs from its parameter"):
         op([p, p.clone()], [g, torch.randn(3)], [m, m.clone()], [v, v.clone()], s * 2, *args, torch.tensor(2.0), None)
     assert torch.equal(p, keep)  # the second tensor's size error came before the first was stepped
+    # What it takes: a transposed parameter with its grads and moments strided alike (the
+    # reference's layout check called a method Tensor does not have), stepped as aten's kernel.
+    pt, gt, mt, vt = (torch.randn(4, 3).t() for _ in range(4))
+    vt.abs_()
+    want = pt.clone()
+    torch.ops.aten._fused_adamw_.default([want], [gt.clone()], [mt.clone()], [vt.clone()], [], [torch.tensor(1.0)],
+                                         lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+                                         maximize=False, grad_scale=torch.tensor(2.0), found_inf=None)
+    op([pt], [gt], [mt], [vt], [torch.tensor(1.0)], *args, torch.tensor(2.0), None)
+    if kernel == "reference" or CHECKED_TORCH:  # the compiled kernel's bits were read from torch 2.13
+        assert torch.equal(pt, want)
+    else:
+        torch.testing.assert_close(pt, want, rtol=1e-6, atol=0)
 
 
 @needs_kernel

@@ -914,3 +914,19 @@ def test_a_new_set_of_parameters_with_gradients_under_a_capture_is_refused(monke
     with pytest.raises(RuntimeError, match="eager warm-up step in which the same parameters have gradients"):
         optim_mod._index_tensor([0, 2], torch.device("cuda"))
     assert torch.equal(optim_mod._index_tensor([0, 2], torch.device("cpu")), torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.float8_e4m3fn])
+def test_a_max_norm_schedule_written_in_place_is_followed_in_every_dtype(dtype):
+    # An integer or float8 max_norm was converted to a float64 copy when given: a schedule
+    # written into it afterwards was ignored (clip_coef stayed 1.0 where float32's was 0.2).
+    w = torch.nn.Parameter(torch.zeros(2))
+    limit = torch.tensor(8.0).to(dtype)
+    opt = GradGuard(torch.optim.SGD([w], lr=0.0), max_norm=limit)
+    w.grad = torch.tensor([3.0, 4.0])
+    opt.step()
+    assert float(opt.last.clip_coef) == 1.0
+    limit.fill_(1)
+    w.grad = torch.tensor([3.0, 4.0])
+    opt.step()
+    torch.testing.assert_close(opt.last.clip_coef, torch.tensor(0.2), rtol=1e-6, atol=0)

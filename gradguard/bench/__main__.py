@@ -52,6 +52,12 @@ def commit() -> str | None:
     """The source tree's git commit (with "+dirty" for uncommitted changes), when it is a checkout."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
+        top = subprocess.run(["git", "-C", here, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10)
+        # An installed copy inside some other checkout (a venv in a project) is not that project.
+        if top.returncode != 0 or not os.path.isfile(os.path.join(top.stdout.strip(), "gradguard", "bench",
+                                                                  "__main__.py")):
+            return None
         rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              timeout=10)
         if rev.returncode != 0:
@@ -124,6 +130,7 @@ def main(argv=None) -> int:
         # A GPU check that silently benchmarked nothing would read as a pass.
         ap.exit(2, "python -m gradguard.bench: error: --only cuda needs a CUDA GPU, and torch.cuda.is_available() "
                    f"is False (torch {torch.__version__}, CUDA build: {torch.version.cuda})\n")
+    started = time.gmtime()
     timing.progress = True
     print(f"gradguard {gradguard.__version__} bench on {machine()}")
     print(f"backend: {json.dumps({k: v for k, v in gradguard.backend().items() if k != 'build'})}")
@@ -135,6 +142,8 @@ def main(argv=None) -> int:
     for name in names:
         mod = importlib.import_module(CASE_MODULES[name])
         device = FIXED_DEVICE.get(name, args.device or "cpu")
+        if name == "cuda" and args.device is not None and torch.device(args.device).type == "cuda":
+            device = args.device  # which GPU
         if args.device is not None and torch.device(args.device).type != torch.device(device).type:
             print(f"[{name}] runs on {device} only (--device {args.device} does not apply to it)", flush=True)
         t0 = time.perf_counter()
@@ -148,7 +157,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                       "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit(),
+                       "utc_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", started),
+                       "utc_end": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit(),
                        "argv": list(sys.argv[1:] if argv is None else argv), "torch": torch.__version__,
                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        "backend": {k: v for k, v in gradguard.backend().items() if k != "build"},

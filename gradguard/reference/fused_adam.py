@@ -11,6 +11,17 @@ import torch
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """c10's is_non_overlapping_and_dense (not a Tensor method; torch._prims_common's spelling
+    differs between releases): some permutation of the dimensions is contiguous."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def refusal(params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf) -> str:
     """What the compiled kernel refuses (csrc/cpu/adam_readonly_grads_cpu.cpp's
     fused_adam_readonly_grads_refusal, on any one device): "" when nothing. aten's fused kernel
@@ -31,7 +42,7 @@ def refusal(params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found
     for i, p in enumerate(params):
         contiguous = p.is_contiguous()
         if p.device != device or p.dtype != dtype or p.layout != torch.strided or not (
-                contiguous or p.is_non_overlapping_and_dense()):
+                contiguous or _non_overlapping_and_dense(p)):
             return f"every parameter must be a dense tensor of the first one's device and dtype (tensor {i})"
         for t in (grads[i], exp_avgs[i], exp_avg_sqs[i]):
             if (t.device != device or t.dtype != dtype or t.layout != torch.strided or t.numel() != p.numel()
