@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import gradguard
+from gradguard._cli import check_device_arg
 
 N_FEATURES, N_CLASSES, SEQ_LEN, BATCH = 8, 4, 16, 64
 LR_SPIKE = 20.0
@@ -407,14 +408,7 @@ def main(argv=None) -> int:
     if args.steps < 20:
         ap.error("--steps must be at least 20 (the faults are spread over the run)")
     # Checked before the three runs (a bad one failed after them, or as a traceback).
-    try:
-        dev = torch.device(args.device)
-    except (RuntimeError, TypeError) as e:
-        ap.error(f"--device: {args.device!r} is not a device ({e})")
-    if dev.type not in ("cpu", "cuda"):
-        ap.error(f"--device: {args.device!r}: the demo runs on cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device} needs a CUDA GPU, and torch.cuda.is_available() is False")
+    check_device_arg(ap, args.device, "demo")
     if not args.no_plot and os.path.exists(args.out) and not os.path.isdir(args.out):
         ap.error(f"--out: {args.out} is a file; give a folder for gradguard_demo.png")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))

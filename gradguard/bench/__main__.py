@@ -20,6 +20,7 @@ import time
 import torch
 
 import gradguard
+from gradguard._cli import check_device_arg
 from gradguard.bench import timing
 
 # Sections whose cases exist on one device only: they run there whatever --device says (the tracer,
@@ -110,15 +111,7 @@ def main(argv=None) -> int:
 
     # Checked before anything runs: a bad device or output path failed only after the tables.
     if args.device is not None:
-        try:
-            dev = torch.device(args.device)
-        except (RuntimeError, TypeError) as e:
-            ap.error(f"--device: {args.device!r} is not a device ({e})")
-        if dev.type not in ("cpu", "cuda"):
-            ap.error(f"--device: {args.device!r}: the bench runs on cpu or cuda")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            ap.error(f"--device {args.device} needs a CUDA GPU, and torch.cuda.is_available() is False "
-                     f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+        check_device_arg(ap, args.device, "bench")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None:
             folder = os.path.dirname(os.path.abspath(path))
