@@ -1126,7 +1126,7 @@ class GradGuard(torch.optim.Optimizer):
                 # A CPU tensor, changed in place since it was given (a clipping schedule): its
                 # value costs nothing to read, so a bad one is refused as at assignment, before
                 # anything is recorded (the decision would skip the step as non-finite).
-                v = float(max_norm)
+                v = _host.cpu_value(max_norm)
                 if not v >= 0:
                     raise ValueError(f"gradguard.GradGuard: `max_norm` must be a non-negative number, got "
                                      f"tensor({v}) (the tensor given as max_norm was changed since; nothing was "

@@ -369,3 +369,15 @@ def test_device_type_answers_for_the_device_asked_about():
     cpu, meta = torch.device("cpu"), torch.device("meta")
     assert [_host.device_type(d) for d in (cpu, cpu, meta, meta, cpu, torch.device("meta"))] == \
         ["cpu", "cpu", "meta", "meta", "cpu", "meta"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.int32, torch.float16,
+                                   torch.bfloat16, torch.float8_e4m3fn])
+def test_cpu_value_reads_the_element_a_view_points_at(dtype):
+    # Read from memory for the common dtypes (no aten::item in the step): the view's own element,
+    # not its storage's first one.
+    from gradguard import _host  # noqa: PLC0415
+
+    buf = torch.tensor([1.0, -2.0, 3.0, 0.5]).to(dtype)
+    assert _host.cpu_value(buf[2]) == 3.0 and _host.cpu_value(buf[1:2].reshape(())) == -2.0
+    assert _host.cpu_value(buf.reshape(2, 2)[1, 1]) == float(buf[3])

@@ -117,3 +117,19 @@ def test_grad_scaler_clipped_fused_step_adds_one_scaling_op(decided_on):
     assert len(ops) <= OP_COUNT_TARGET, ops
     assert ops[:2] == ["gradguard::multi_tensor_stats", "gradguard::guard_decide"] and ops[-1] == "gradguard::maybe_scale_", ops
     assert len(ops) == (3 if decided_on == "device" else 4), ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_cpu_tensor_max_norm_costs_no_op_of_its_own(dtype):
+    # The step checks a CPU tensor limit's value (a schedule may have made it negative); read by
+    # float() that was an aten::item, and the clipping SGD step 5 ops, one over the bound.
+    from gradguard import GradGuard  # noqa: PLC0415
+    from gradguard.bench.optim_cases import _op_params, guard_ops  # noqa: PLC0415
+
+    ops = []
+    for limit in (1e-3, torch.tensor(1e-3, dtype=dtype)):
+        params = _op_params(8)
+        for p in params:
+            p.grad = torch.full_like(p, 1e-3)
+        ops.append(guard_ops(GradGuard(torch.optim.SGD(params, lr=1e-9), max_norm=limit, hygiene=False)))
+    assert ops[1] == ops[0] and len(ops[1]) <= OP_COUNT_TARGET and "gradguard::maybe_scale_" in ops[1]
