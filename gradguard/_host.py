@@ -11,6 +11,7 @@ results.
 from __future__ import annotations
 
 import ctypes
+import struct
 import weakref
 
 import torch
@@ -84,9 +85,16 @@ _CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double, torch.
 def cpu_value(t: torch.Tensor) -> float:
     """The value of a one-element real CPU tensor, read from its memory: float(t) dispatches
     aten::item, one more op in a step whose op count is bounded (a CPU tensor max_norm's check
-    made the clipping SGD step 5 ops). Other dtypes through float(t)."""
+    made the clipping SGD step 5 ops). Other dtypes (float8, 8/16-bit integers) through float(t)."""
     c = _CTYPES.get(t.dtype)
-    return float(c.from_address(t.data_ptr()).value) if c is not None else float(t)
+    if c is not None:
+        return float(c.from_address(t.data_ptr()).value)
+    if t.dtype is torch.float16 or t.dtype is torch.bfloat16:
+        bits = ctypes.c_uint16.from_address(t.data_ptr()).value
+        # float16 decoded by struct's IEEE half; bfloat16 is a float32's upper half.
+        return (struct.unpack("<e", struct.pack("<H", bits))[0] if t.dtype is torch.float16
+                else struct.unpack("<f", struct.pack("<I", bits << 16))[0])
+    return float(t)
 
 
 def guard_decide(*args):

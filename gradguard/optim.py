@@ -1131,7 +1131,13 @@ class GradGuard(torch.optim.Optimizer):
                     raise ValueError(f"gradguard.GradGuard: `max_norm` must be a non-negative number, got "
                                      f"tensor({v}) (the tensor given as max_norm was changed since; nothing was "
                                      "stepped or recorded)")
-            limit_t, max_norm = limit_on(max_norm, device), None
+                # The decision takes the value read as a number: no op to convert or move the
+                # tensor (an integer, 16-bit or float8 one was converted to float64 every step,
+                # one op over a number limit's count; a CPU one filled on a GPU, one more). The
+                # same double either way; under a CUDA graph capture fixed at capture, as before.
+                max_norm = v
+            else:
+                limit_t, max_norm = limit_on(max_norm, device), None
         if loss_scale is not None and loss_scale.device != device:
             loss_scale = loss_scale.to(device)
         if scaler_found is not None and scaler_found.device != device:

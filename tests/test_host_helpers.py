@@ -4,6 +4,7 @@ extension is loaded."""
 from __future__ import annotations
 
 import gc
+import math
 import sys
 import weakref
 
@@ -381,3 +382,18 @@ def test_cpu_value_reads_the_element_a_view_points_at(dtype):
     buf = torch.tensor([1.0, -2.0, 3.0, 0.5]).to(dtype)
     assert _host.cpu_value(buf[2]) == 3.0 and _host.cpu_value(buf[1:2].reshape(())) == -2.0
     assert _host.cpu_value(buf.reshape(2, 2)[1, 1]) == float(buf[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_value_decodes_16_bit_floats_as_float_does(dtype):
+    # float16 and bfloat16 are decoded from their bits (no aten::item): every special value too.
+    from gradguard import _host  # noqa: PLC0415
+
+    info = torch.finfo(dtype)
+    vals = torch.tensor([0.0, -0.0, 1.0, -1.5, info.max, -info.max, info.tiny, info.tiny / 4, info.eps,
+                         float("inf"), float("-inf"), float("nan"), 3.14159, 65504.0, 1e-3]).to(dtype)
+    got = [_host.cpu_value(v) for v in vals]
+    want = [float(v) for v in vals]
+    assert [g != g for g in got] == [w != w for w in want]
+    assert [(g, math.copysign(1.0, g)) for g, w in zip(got, want) if w == w] == \
+        [(w, math.copysign(1.0, w)) for w in want if w == w]

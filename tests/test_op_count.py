@@ -119,10 +119,12 @@ def test_grad_scaler_clipped_fused_step_adds_one_scaling_op(decided_on):
     assert len(ops) == (3 if decided_on == "device" else 4), ops
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.int32, torch.float16,
+                                   torch.bfloat16])
 def test_a_cpu_tensor_max_norm_costs_no_op_of_its_own(dtype):
     # The step checks a CPU tensor limit's value (a schedule may have made it negative); read by
-    # float() that was an aten::item, and the clipping SGD step 5 ops, one over the bound.
+    # float() that was an aten::item, and the clipping SGD step 5 ops, one over the bound. An
+    # integer or 16-bit one was also converted to float64 for the decision every step (one op).
     from gradguard import GradGuard  # noqa: PLC0415
     from gradguard.bench.optim_cases import _op_params, guard_ops  # noqa: PLC0415
 
