@@ -3,7 +3,8 @@ target: within 1.2x), on 2 CPU ranks over gloo (127.0.0.1, a store on a free por
 
 Both ranks hold the same GPT-2-shaped parameter list, sharded by ``fully_shard`` (FSDP2), with
 random DTensor gradients of FSDP2's own placements. Each round runs every case once on both
-ranks (a barrier before each, so both start together), in an order rotated per round; rank 0's
+ranks (a barrier before each, so both start together), in a new seeded order each round (the
+same on both ranks: timing.round_orders); rank 0's
 times are reported, medians over rounds, and the target is checked on the median of per-round
 ratios. Both clips issue one collective (torch: one all_reduce of the DTensor norm; gradguard:
 one all_gather of the per-tensor statistics). Every call clips (``ShrinkingMaxNorm``).
@@ -21,7 +22,7 @@ import traceback
 import torch
 
 from gradguard.bench.shapes import GPT2_SIZES, gpt2_shapes
-from gradguard.bench.timing import Row, Table
+from gradguard.bench.timing import Row, Table, round_orders
 
 WORLD = 2
 TORCH_CLIP = "torch clip_grad_norm_ on DTensor grads, clipping"
@@ -68,8 +69,8 @@ def _measure(rank: int, port: int, size: str, repeats: int) -> dict:
         }
         names = list(cases)
         times = {n: [] for n in names}
-        for r in range(repeats + 1):
-            for n in names[r % len(names):] + names[:r % len(names)]:
+        for r, order in enumerate([names] + round_orders(names, repeats)):
+            for n in order:
                 dist.barrier()
                 t0 = time.perf_counter()
                 cases[n]()

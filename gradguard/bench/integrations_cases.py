@@ -1,11 +1,11 @@
 """The guard's per-step overhead inside the Lightning Trainer and the Hugging Face Trainer, on a
 ~5M-parameter model (CPU). Issue target: within 5% of a bare run.
 
-Each round runs one short training per variant, the variants in a rotating order (so load from
-other processes on a shared machine falls on all of them alike); a step's time is measured by a
-callback from batch start to batch end (forward, backward, clip, optimizer step, the guard's
-check and logging), the first steps of each run dropped as warm-up. A row is the median over
-rounds of the per-round median step time; the target is checked on the median of per-round ratios.
+Each round runs one short training per variant, the variants in a new seeded order each round (so
+load from other processes on a shared machine falls on all of them alike); a step's time is measured
+by a callback from batch start to batch end (forward, backward, clip, optimizer step, the guard's
+check and logging), the first steps of each run dropped as warm-up. A row is the median over rounds
+of the per-round median step time; the target is checked on the median of per-round ratios.
 
 Lightning: a 5-layer MLP (4.9M params) with AdamW; bare = no clipping, also bare with
 ``gradient_clip_val=1.0`` (Lightning's own clipping), guarded = ``GradGuardCallback(max_norm=1.0)``.
@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from gradguard.bench.timing import Row, Table
+from gradguard.bench.timing import Row, Table, round_orders
 
 PL_BARE = "Lightning, bare (no clipping)"
 PL_CLIP = "Lightning, bare + gradient_clip_val=1.0"
@@ -42,8 +42,8 @@ def _missing() -> list[str]:
 def _rounds(variants: dict, rounds: int) -> dict[str, list[float]]:
     names = list(variants)
     out = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+    for order in round_orders(names, rounds):
+        for n in order:
             out[n].append(variants[n]())
     return out
 
