@@ -48,4 +48,16 @@ inline void check_scaled_tensor(const char* op, size_t i, const at::Tensor& t, a
               "torch.no_grad(), as optimizers and clip_grad_norm_ do");
 }
 
+// The scale as the kernels multiply by it, from `s`, a CPU scale read once as a double before
+// anything is written (so a scale that is an element of one of the tensors counts with the value
+// it had, on every path). An integer scale beyond 2^53 was rounded in that read: it is rounded
+// once to float32 from its own value instead (as torch's `.to(float32)` does), not twice. Both
+// kernels (CPU, and CUDA with a CPU scale) multiply by this.
+inline double op_math_scale(const at::Tensor& scale, double s, at::ScalarType dtype) {
+  if (dtype != at::kDouble && at::isIntegralType(scale.scalar_type(), /*includeBool=*/true)) {
+    return static_cast<double>(scale.to(at::kFloat).item<float>());
+  }
+  return s;
+}
+
 }  // namespace gradguard

@@ -14,20 +14,26 @@
 
 namespace gradguard {
 
+// The bytes a non-empty tensor covers, [first, second).
+inline std::pair<const char*, const char*> byte_span(const at::Tensor& t) {
+  int64_t last = 0;  // offset of the last element, in elements (strides are never negative)
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const char* begin = static_cast<const char*>(t.const_data_ptr());
+  return {begin, begin + (last + 1) * t.element_size()};
+}
+
 inline bool spans_overlap(at::TensorList tensors) {
   std::vector<std::pair<const char*, const char*>> spans;
   spans.reserve(tensors.size());
   bool ascending = true, descending = true;
   for (const auto& t : tensors) {
     if (t.numel() == 0) continue;
-    int64_t last = 0;  // offset of the last element, in elements (strides are never negative)
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    const char* begin = static_cast<const char*>(t.const_data_ptr());
+    const auto span = byte_span(t);
     if (!spans.empty()) {
-      if (begin < spans.back().first) ascending = false;
-      if (begin > spans.back().first) descending = false;
+      if (span.first < spans.back().first) ascending = false;
+      if (span.first > spans.back().first) descending = false;
     }
-    spans.emplace_back(begin, begin + (last + 1) * t.element_size());
+    spans.push_back(span);
   }
   // Spans already in address order, either way (a flat buffer's views; gradients allocated in
   // backward's order), need no sort: this runs on every CUDA call, on the step's host path.
@@ -38,6 +44,18 @@ inline bool spans_overlap(at::TensorList tensors) {
   }
   for (size_t i = 1; i < spans.size(); ++i) {
     if (spans[i].first < spans[i - 1].second) return true;
+  }
+  return false;
+}
+
+// Whether `p` points into the bytes of one of `tensors` (a scale that is an element of a tensor it
+// scales: a kernel that reads it from memory while blocks write the tensors reads s or s*s).
+inline bool points_into(const void* p, at::TensorList tensors) {
+  const char* c = static_cast<const char*>(p);
+  for (const auto& t : tensors) {
+    if (t.numel() == 0) continue;
+    const auto span = byte_span(t);
+    if (c >= span.first && c < span.second) return true;
   }
   return false;
 }

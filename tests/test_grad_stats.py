@@ -823,7 +823,7 @@ for dtype in (torch.float16, torch.bfloat16):
 for dtype in (torch.float32, torch.float64):
     for op in ("zero_nonfinite_and_scale_", "maybe_scale_"):
         test_scaling_random_bit_patterns("dispatcher", dtype, op)
-        test_a_scale_that_is_an_element_of_a_tensor_counts_with_the_value_it_had("dispatcher", op, dtype)
+        test_a_scale_that_is_an_element_of_a_tensor_counts_with_the_value_it_had("dispatcher", op, dtype, "cpu")
 print("ok")
 """
 
@@ -874,26 +874,30 @@ def test_nested_tensors_are_refused_by_name(layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
 @pytest.mark.parametrize("kernel", ["dispatcher", "reference"])
-def test_a_scale_that_is_an_element_of_a_tensor_counts_with_the_value_it_had(kernel, op, dtype):
+def test_a_scale_that_is_an_element_of_a_tensor_counts_with_the_value_it_had(kernel, op, dtype, device):
     # The scale is read once, before anything is written. Before: the AVX-512 loops did so, torch's
     # _foreach_mul_ (the AVX2 copy's float32 maybe_scale_, and the reference) refused the alias,
-    # and the reference's zeroing loop re-read it per tensor (bfloat16: 12.0 for the second).
+    # and the reference's zeroing loop re-read it per tensor (bfloat16: 12.0 for the second). On
+    # CUDA every block read it from memory, after the block owning a[0] might have written 4.0
+    # there: b's 8 chunks (64K elements each) came out 6 or 12 at random.
     fn = getattr(torch.ops.gradguard if kernel == "dispatcher" else reference, op)
-    a, b = torch.full((100,), 2.0, dtype=dtype), torch.full((100,), 3.0, dtype=dtype)
+    a, b = torch.full((100,), 2.0, dtype=dtype, device=device), torch.full((1 << 19,), 3.0, dtype=dtype, device=device)
     fn([a, b], a[0])
-    assert (a[0].item(), a[1].item(), b[0].item()) == (4.0, 4.0, 6.0)
+    assert (a[0].item(), a[1].item()) == (4.0, 4.0) and bool((b == 6.0).all())
 
 
 @pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
 @pytest.mark.parametrize("kernel", ["dispatcher", "reference"])
-def test_an_integer_scale_beyond_2_53_is_rounded_once(kernel, op):
+@pytest.mark.parametrize("scale_on", ["cpu", "device"])
+def test_an_integer_scale_beyond_2_53_is_rounded_once(kernel, op, scale_on, device):
     # Read as a double and then rounded to float32, 2^60 + 2^36 + 1 came out 1 ulp from torch's
-    # single rounding (int64 -> float32).
+    # single rounding (int64 -> float32); the CUDA kernel did so with a CPU scale until it took
+    # the CPU kernel's rounding (kernel_dtypes.h, op_math_scale).
     fn = getattr(torch.ops.gradguard if kernel == "dispatcher" else reference, op)
-    scale = torch.tensor(2**60 + 2**36 + 1)
-    x = torch.ones(40)
+    scale = torch.tensor(2**60 + 2**36 + 1, device=device if scale_on == "device" else "cpu")
+    x = torch.ones(40, device=device)
     fn([x], scale)
-    assert torch.equal(x, torch.ones(40) * scale.to(torch.float32))
+    assert torch.equal(x.cpu(), torch.ones(40) * scale.cpu().to(torch.float32))
 
 
 def _cpu_flags() -> set[str]:

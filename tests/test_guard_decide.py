@@ -544,6 +544,29 @@ def test_a_repeated_index_adds_the_counts_and_keeps_the_largest_norm(kernel):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_repeated_index_adds_every_entry():
+    # The CUDA kernel's lanes updated the per-layer entries with plain read-modify-writes: with an
+    # index repeated across lanes, one lane's update was lost (two non-finite tensors counted once).
+    # Now atomics, as the CPU kernel (sequential) and the reference (index_add_, scatter_reduce_).
+    n = 1500  # three block strides of the 512-thread kernel, every warp on the same entries
+    acc = torch.arange(1.0, n + 1, dtype=torch.float64) ** 2
+    nan = torch.zeros(n, dtype=torch.int64)
+    nan[::3] = 1
+    index = torch.tensor([i % 2 for i in range(n)])
+    got = []
+    for dev in ("cpu", "cuda"):
+        args = {**_good_args(), "acc": acc, "nan_count": nan, "inf_count": torch.zeros(n, dtype=torch.int64),
+                "amax": torch.ones(n, dtype=torch.float64), "index": index, "max_norm": None,
+                "layer_nonfinite": torch.zeros(2, dtype=torch.int64), "layer_max_norm": torch.zeros(2, dtype=torch.float64)}
+        args = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        _call(args, op)
+        got.append((args["layer_nonfinite"].tolist(), args["layer_max_norm"].tolist()))
+    want_bad = [sum(1 for i in range(0, n, 3) if i % 2 == k) for k in (0, 1)]
+    assert got[0][0] == want_bad and got[1] == got[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_kernel_registered_and_graph_capturable():
     # One launch, no host sync, no allocation beyond the outputs: the op can be captured in a CUDA
     # graph, and each replay is one more step of the same sequence (state mutated in place).

@@ -137,16 +137,6 @@ void scale_list(at::TensorList tensors, double s) {
   });
 }
 
-// The scale as the kernels multiply by it, from `s`, the scale read once as a double before
-// anything is written (so a scale that is an element of one of the tensors counts with the value
-// it had, on every path). An integer scale beyond 2^53 was rounded in that read: it is rounded
-// once to float32 from its own value instead (as torch's `.to(float32)` does), not twice.
-double op_math_scale(const at::Tensor& scale, double s, at::ScalarType dtype) {
-  if (dtype != at::kDouble && at::isIntegralType(scale.scalar_type(), /*includeBool=*/true)) {
-    return static_cast<double>(scale.to(at::kFloat).item<float>());
-  }
-  return s;
-}
 
 void zero_nonfinite_and_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
   const char* op = "gradguard.zero_nonfinite_and_scale_";

@@ -11,9 +11,9 @@
 // graph capture. The percentile threshold is found without sorting: each non-NaN window value's
 // rank is counted (values below it, plus equal values at lower positions: a stable sort's order).
 //
-// Each block-wide reduction has a fixed shape, so results are reproducible run to run. Indices
-// must be distinct (they are positions of distinct parameters); an index outside the layers is a
-// device-side assert, as in torch's own index_add_.
+// Each block-wide reduction has a fixed shape, so results are reproducible run to run. A repeated
+// index adds up its entries (atomics), as on the CPU; an index outside the layers is a device-side
+// assert, as in torch's own index_add_ (the CPU kernel raises an IndexError).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -35,6 +35,22 @@ namespace cuda {
 namespace {
 
 constexpr int kDecideThreads = 512;  // a power of two: the tree reductions halve it
+
+// The per-layer updates are atomic: with an index repeated in one call, two lanes' plain
+// read-modify-writes kept one entry's update, where the CPU kernel and the reference add both
+// counts and keep the larger norm. GradGuard's indices are distinct, and never contend.
+__device__ void atomic_max_nan(double* addr, double v) {
+  auto* p = reinterpret_cast<unsigned long long*>(addr);
+  unsigned long long old = *p;  // a stale read only costs one more round of the loop
+  while (true) {
+    const auto want = static_cast<unsigned long long>(
+        __double_as_longlong(decide::max_nan(__longlong_as_double(static_cast<long long>(old)), v)));
+    if (want == old) return;
+    const unsigned long long seen = atomicCAS(p, old, want);
+    if (seen == old) return;
+    old = seen;
+  }
+}
 
 enum ScalarKind : int { kAbsent = 0, kF64 = 1, kF32 = 2, kF16 = 3, kBF16 = 4 };
 
@@ -142,8 +158,8 @@ __global__ void __launch_bounds__(kDecideThreads) guard_decide_kernel(const Deci
       const bool bad = (nc + ic) > 0;
       const int64_t j = a.index != nullptr ? a.index[i * a.s_index] : i;
       CUDA_KERNEL_ASSERT(j >= 0 && j < a.layers);
-      a.layer_nonfinite[j * a.s_lnf] += bad ? 1 : 0;
-      a.layer_max_norm[j * a.s_lmn] = decide::max_nan(a.layer_max_norm[j * a.s_lmn], bad ? 0.0 : norm);
+      if (bad) atomicAdd(reinterpret_cast<unsigned long long*>(&a.layer_nonfinite[j * a.s_lnf]), 1ULL);
+      atomic_max_nan(&a.layer_max_norm[j * a.s_lmn], bad ? 0.0 : norm);
     }
   }
   long long valid = 0;  // non-NaN percentile window values

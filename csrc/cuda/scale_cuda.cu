@@ -132,10 +132,14 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
     if (scale.is_cpu()) {
       const double s = scale.to(at::kDouble).item<double>();  // host memory: no sync
       if (!kZeroNonfinite && s == 1.0) return;
-      scale_value = static_cast<opmath_t>(s);
+      scale_value = static_cast<opmath_t>(op_math_scale(scale, s, dtype));  // as the CPU kernel
     } else {
       // A device-side cast (no-op when the dtype already matches): the value stays on the GPU.
       scale_dev = scale.reshape({}).to(c10::CppTypeToScalarType<opmath_t>::value);
+      // A scale that is an element of a tensor it scales is copied first: every block reads it
+      // from memory, and the block that owns it writes x*s there (later blocks then read s*s).
+      // The CPU kernel and the reference read it once before writing.
+      if (points_into(scale_dev.const_data_ptr(), tensors)) scale_dev = scale_dev.clone();
       scale_ptr = scale_dev.const_data_ptr<opmath_t>();
     }
     // Written in place without torch's in-place machinery: bump the version counters as it

@@ -9,8 +9,7 @@ Inputs (all on one device; per-tensor ones of shape [n]):
     acc, nan_count, inf_count, amax: what multi_tensor_stats returns (made global across ranks).
     index: int64 [n] positions of the n tensors among the guard's P parameters (None: n == P).
         GradGuard's are distinct; a repeated one (a direct call) adds its tensors' non-finite
-        counts and keeps the largest of their norms on the CPU, and is undefined on CUDA (the
-        kernel's threads would race on the entry; checking would read the index back).
+        counts and keeps the largest of their norms (the CUDA kernel's updates are atomic).
     max_norm: 0-dim device tensor limit, or None.  max_norm_value: a number limit, or None.
     loss_scale: GradScaler's scale still in the grads (0-dim), or None.
     scaler_found: GradScaler's found-inf flag (0-dim, a sum over devices), or None.
