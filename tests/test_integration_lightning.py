@@ -438,3 +438,20 @@ def test_warns_when_the_module_clips_itself(tmp_path):
     model = ClipsItself()
     with pytest.warns(UserWarning, match="overrides configure_gradient_clipping"):
         _trainer(tmp_path, GradGuardCallback(max_norm=1.0), max_steps=2).fit(model, _loader())
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_warns_that_the_lr_finder_runs_unguarded(tmp_path, clip):
+    # Tuner.lr_find runs its search in LearningRateFinder.on_fit_start, before this callback's,
+    # and with only its own callbacks: a NaN batch there was stepped on without a word.
+    from lightning.pytorch.tuner import Tuner  # noqa: PLC0415
+
+    model = Tiny(bad_step=-1)
+    trainer = _trainer(tmp_path, GradGuardCallback(max_norm=1.0), max_steps=4, gradient_clip_val=clip)
+    with pytest.warns(UserWarning, match="LearningRateFinder \\(Tuner\\) runs its training steps before the callback"):
+        Tuner(trainer).lr_find(model, train_dataloaders=_loader(), num_training=3, update_attr=False)
+
+
+def test_no_tuner_warning_without_a_tuner(tmp_path, recwarn):
+    _trainer(tmp_path, GradGuardCallback(max_norm=1.0), max_steps=2).fit(Tiny(bad_step=-1), _loader())
+    assert not [w for w in recwarn if "Tuner" in str(w.message)]

@@ -103,6 +103,25 @@ class GradGuardCallback(pl.Callback):
         trainer.gradient_clip_val = None
         return {**kwargs, "max_norm": val}
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Lightning's tuner callbacks run their searches in their own on_fit_start, which Lightning
+        # calls before every other callback's, and with trainer.callbacks replaced by their own:
+        # the search's steps are neither guarded nor clipped by this callback (a NaN batch moved
+        # the parameters and every later loss of the LR search was NaN, with no warning).
+        if stage != "fit":
+            return
+        tuners = tuple(getattr(pl.callbacks, n) for n in ("LearningRateFinder", "BatchSizeFinder")
+                       if hasattr(pl.callbacks, n))
+        found = sorted({type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, tuners)})
+        if found:
+            clip = ("Lightning's own clipping (Trainer(gradient_clip_val=...), which the callback takes over "
+                    "only once the search is over) clips them" if trainer.gradient_clip_val else
+                    "set Trainer(gradient_clip_val=...) to clip them (the callback takes that over after the search)")
+            warnings.warn(f"gradguard.integrations.lightning.GradGuardCallback: {' and '.join(found)} (Tuner) runs "
+                          f"its training steps before the callback wraps the optimizers, with Lightning's tuner "
+                          f"callbacks only: those steps are not checked for NaN/Inf, skipped or clipped by the "
+                          f"guard; {clip}", UserWarning, stacklevel=2)
+
     def on_fit_start(self, trainer, pl_module) -> None:
         for opt in trainer.strategy.optimizers:  # refused before anything is taken over
             if isinstance(opt, GradGuard):
