@@ -48,14 +48,13 @@ inline bool spans_overlap(at::TensorList tensors) {
   return false;
 }
 
-// Whether `p` points into the bytes of one of `tensors` (a scale that is an element of a tensor it
-// scales: a kernel that reads it from memory while blocks write the tensors reads s or s*s).
-inline bool points_into(const void* p, at::TensorList tensors) {
-  const char* c = static_cast<const char*>(p);
-  for (const auto& t : tensors) {
-    if (t.numel() == 0) continue;
-    const auto span = byte_span(t);
-    if (c >= span.first && c < span.second) return true;
+// Whether `t` shares a storage with one of `tensors` (a scale that is an element of a tensor it
+// scales: a kernel that reads it from memory while blocks write the tensors reads s or s*s). One
+// pointer compare a tensor: this runs on the step's host path.
+inline bool shares_storage(const at::Tensor& t, at::TensorList tensors) {
+  const c10::StorageImpl* mine = t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl();
+  for (const auto& other : tensors) {
+    if (other.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl() == mine) return true;
   }
   return false;
 }

@@ -136,10 +136,10 @@ void scale_list(const char* op, at::TensorList tensors, const at::Tensor& scale)
     } else {
       // A device-side cast (no-op when the dtype already matches): the value stays on the GPU.
       scale_dev = scale.reshape({}).to(c10::CppTypeToScalarType<opmath_t>::value);
-      // A scale that is an element of a tensor it scales is copied first: every block reads it
+      // A scale in the storage of a tensor it scales is copied first: every block reads it
       // from memory, and the block that owns it writes x*s there (later blocks then read s*s).
       // The CPU kernel and the reference read it once before writing.
-      if (points_into(scale_dev.const_data_ptr(), tensors)) scale_dev = scale_dev.clone();
+      if (shares_storage(scale_dev, tensors)) scale_dev = scale_dev.clone();
       scale_ptr = scale_dev.const_data_ptr<opmath_t>();
     }
     // Written in place without torch's in-place machinery: bump the version counters as it
