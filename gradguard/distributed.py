@@ -423,6 +423,36 @@ def fsdp1_whole(model) -> frozenset:
     return frozenset(ids)
 
 
+def empty_grad_of(p):
+    """An empty stand-in for the missing gradient of DTensor `p`, on `p`'s mesh with `p`'s
+    placements: other ranks may hold a gradient for `p` (an expert that got no tokens here), and
+    their entry is reduced over the ranks `p`'s placements name, so this rank's must be too
+    (``new_empty(0)`` gave a Replicate DTensor, reduced over nothing: their NaN went unseen here)."""
+    local = torch.empty(0, dtype=p.dtype, device=p.to_local().device)
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def ddp_group(model):
+    """The process group of the DistributedDataParallel module in `model` (itself, inside a
+    container, or under torch.compile), or None."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:
+        return None
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return next((m.process_group for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
+
+
+def all_agree(ok: bool, group, device) -> bool:
+    """Whether `ok` holds on every rank of `group`: one all_reduce (MIN) of a flag on `device`,
+    and a host read. For checks whose inputs are rank-local (a closure's loss), where a rank
+    that decided alone would leave the others waiting in their next collective."""
+    flag = torch.full((1,), 1.0 if ok else 0.0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
 def zero_group(optimizer):
     """The process group of a ``ZeroRedundancyOptimizer`` (None for any other optimizer)."""
     # Not imported here: where it was never imported nothing can be one, and importing

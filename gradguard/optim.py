@@ -115,6 +115,7 @@ class _Plan(NamedTuple):
     dtype: torch.dtype | None
     double: bool            # float64 parameters: float64 results
     plain: bool             # every parameter a torch.Tensor/Parameter: grads read in one C++ call
+    dtensor: bool           # a DTensor among them: statistics reduced over its mesh, every entry packed
 
 
 def _scale(grads, mult, zero_nonfinite: bool, simple: bool) -> None:
@@ -221,14 +222,16 @@ def _check_guard_fields(guard: dict, where: str) -> None:
               "'layer_nonfinite')", guard["layer_max_norm"])
 
 
-def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
+def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False, agree=None):
     """A closure for the inner optimizer that returns the loss the guard already computed on
     its first call (so the gradients the guard checked are the ones stepped on) and re-evaluates
     on later calls (LBFGS). With `check_params`, the first evaluation's loss (its gradients were
     decided on) and every later evaluation are checked (loss and gradients; one host read each,
     as LBFGS itself reads the loss) and abort the step when not finite; with `zero_nonfinite`
     ("zero" mode) a later evaluation's NaN/Inf gradient elements are set to 0 instead, and only a
-    non-finite loss aborts."""
+    non-finite loss aborts. `agree(ok) -> bool` (distributed) makes each check every rank's: a
+    loss, and a shard's gradients, are rank-local, and a rank that rolled back alone left the
+    others waiting in the next evaluation's collectives (DDP's forward)."""
     if closure is None:
         return None
     from gradguard.stats import all_finite  # noqa: PLC0415  (stats imports nothing from here)
@@ -240,9 +243,11 @@ def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
         if calls[0] == 1:
             # The guard judged the first evaluation's gradients; LBFGS reads its loss too (a host
             # read of its own), and an inf loss with finite gradients would steer its line search.
-            if check_params is not None and not _loss_finite(loss):
-                raise _BadEvaluation("gradguard.GradGuard: evaluation 1 of the closure inside LBFGS.step() gave a "
-                                     "non-finite loss")
+            if check_params is not None:
+                here = _loss_finite(loss)
+                if not (here if agree is None else agree(here)):
+                    raise _BadEvaluation("gradguard.GradGuard: evaluation 1 of the closure inside LBFGS.step() gave a "
+                                         "non-finite loss" + ("" if not here else " on another rank"))
             return loss
         with torch.enable_grad():
             value = closure()
@@ -253,10 +258,12 @@ def _replay(loss, closure, check_params=None, zero_nonfinite: bool = False):
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
             grads = []
-        ok = bool(all_finite(grads + ([value.detach()] if isinstance(value, torch.Tensor) else [])))
-        if not ok or not (isinstance(value, torch.Tensor) or _loss_finite(value)):
+        here = (bool(all_finite(grads + ([value.detach()] if isinstance(value, torch.Tensor) else [])))
+                and (isinstance(value, torch.Tensor) or _loss_finite(value)))
+        if not (here if agree is None else agree(here)):
             raise _BadEvaluation(f"gradguard.GradGuard: evaluation {calls[0]} of the closure inside "
-                                 "LBFGS.step() gave a non-finite loss or gradients")
+                                 "LBFGS.step() gave a non-finite loss or gradients"
+                                 + ("" if not here else " on another rank"))
         return value
 
     return replay
@@ -329,6 +336,23 @@ _WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"
 def _unwrapped_name(name: str) -> str:
     # Whole components only: `my_orig_mod.weight` is a user's attribute, not a wrapper's.
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def _model_names(model: torch.nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name in `model`, without the parts wrappers add: the above, and the
+    `module.` of a DistributedDataParallel or DataParallel (located by the module's path, since
+    `module` is a common attribute name of the user's own)."""
+    wrapped = tuple(t for t in (getattr(torch.nn.parallel, "DistributedDataParallel", None),
+                                getattr(torch.nn, "DataParallel", None)) if t is not None)
+    paths = [f"{n}.module." if n else "module." for n, m in model.named_modules() if isinstance(m, wrapped)]
+    names = {}
+    for n, p in model.named_parameters():
+        for path in paths:
+            if n.startswith(path):
+                n = n[:len(path) - len("module.")] + n[len(path):]
+                break
+        names[id(p)] = _unwrapped_name(n)
+    return names
 
 
 class GradGuard(torch.optim.Optimizer):
@@ -629,7 +653,7 @@ class GradGuard(torch.optim.Optimizer):
             by_id = {}
             explicit = self._follow_explicit_names(params)
             if self.model is not None:
-                by_id = {id(p): _unwrapped_name(n) for n, p in self.model.named_parameters()}
+                by_id = _model_names(self.model)
                 if (not all(id(p) in explicit for p in params) and "model_names" not in self._warned
                         and not any(id(p) in by_id for p in params)):
                     # A model that holds none of the parameters (a teacher, a copy, the model
@@ -1006,13 +1030,14 @@ class GradGuard(torch.optim.Optimizer):
         if self.process_group is not None:  # every rank, one holding no parameter too
             _distributed.check_same_count(len(params), self.process_group, "gradguard.GradGuard")
         kinds = {(q.device, q.dtype) for q in params}
+        dtensor = any(_distributed.is_dtensor(q) for q in params)
         simple = (len(kinds) == 1 and self.process_group is None and self._fsdp_group is None
-                  and self._decide_group is None
-                  and not any(_distributed.is_dtensor(q) or _distributed.is_fsdp1_sharded(q, self._fsdp_whole)
-                              for q in params))
+                  and self._decide_group is None and not dtensor
+                  and not any(_distributed.is_fsdp1_sharded(q, self._fsdp_whole) for q in params))
         device, dtype = (params[0].device, params[0].dtype) if simple else (None, None)
         plan = _Plan(groups, params, self._names(params), simple, device, dtype,
-                     simple and params[0].dtype == torch.float64, all(type(q) in _host.PLAIN_TYPES for q in params))
+                     simple and params[0].dtype == torch.float64, all(type(q) in _host.PLAIN_TYPES for q in params),
+                     dtensor)
         self._plan = plan
         return plan
 
@@ -1044,8 +1069,10 @@ class GradGuard(torch.optim.Optimizer):
         # Every rank must pack the same statistics: an FSDP1 shard that is empty on this rank has
         # no .grad here but one on other ranks, and with process_group= any shard may have none
         # on some rank (an expert that got no tokens): those enter as empty gradients. So with
-        # ZeroRedundancyOptimizer, whose ranks combine their statistics to decide together.
-        every = self.process_group is not None or self._decide_group is not None
+        # ZeroRedundancyOptimizer, whose ranks combine their statistics to decide together, and
+        # with DTensor parameters, reduced over their meshes (a rank with fewer entries made gloo
+        # abort the gather; a DTensor's stand-in keeps its placements, stats.grad_or_empty).
+        every = self.process_group is not None or self._decide_group is not None or plan.dtensor
         keep = self._fsdp_group is not None
         present = [i for i, q in enumerate(params)
                    if q.grad is not None or every or (keep and _distributed.is_fsdp1_sharded(q, self._fsdp_whole))]
@@ -1199,7 +1226,8 @@ class GradGuard(torch.optim.Optimizer):
                 # evaluation's NaN/Inf gradient elements, and rolls back on a non-finite loss only).
                 snapshot = ([q.detach().clone() for q in plan.params],
                             {k: copy.deepcopy(v) for k, v in inner.state.items()})
-                replay = _replay(loss, closure, plan.params, zero_nonfinite=mode == "zero")
+                replay = _replay(loss, closure, plan.params, zero_nonfinite=mode == "zero",
+                                 agree=self._agreement(device))
             else:
                 replay = _replay(loss, closure)
             clipping = max_norm is not None or limit_t is not None or spike is not None
@@ -1283,6 +1311,16 @@ class GradGuard(torch.optim.Optimizer):
                 f"(max_consecutive_skips={self.max_consecutive_skips}); the last one: {msg}" + _hook_note(hook_error),
                 bad, report) from hook_error
         return loss
+
+    def _agreement(self, device):
+        """`agree(ok) -> bool` over the ranks that step together (process_group=, FSDP1's or
+        ZeRO's group, the DDP module in `model=`), or None for a single process."""
+        group = next((g for g in (self.process_group, self._fsdp_group, self._decide_group) if g is not None), None)
+        if group is None:
+            group = _distributed.ddp_group(self.model)
+        if group is None:
+            return None
+        return lambda ok: _distributed.all_agree(ok, group, device)
 
     def _check_capturable(self, mode: str, closure, device) -> None:
         """Refuses a step that a CUDA graph capture cannot hold, before anything is allocated or

@@ -322,11 +322,13 @@ def all_finite(tensors: Iterable[torch.Tensor], *, process_group=None) -> torch.
 _NONFINITE_MODES = ("skip", "raise", "zero")
 
 
-def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep_gradless: bool = False):
+def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep_gradless: bool = False,
+                      reduced: bool = False):
     """Accepts a tensor, an iterable of tensors, or of (name, tensor) pairs
     (``model.named_parameters()``); returns the tensors that have a .grad (and, with
-    `keep_gradless`, those that have none, as empty gradients: every rank of a group must pack the
-    same entries), and their names.
+    `keep_gradless`, or with `reduced` (the caller reduces their statistics across ranks) where
+    one is a DTensor, those that have none, as empty gradients: every rank of a group must pack
+    the same entries), and their names.
     An exhausted (empty) generator warns as torch's clip does: it is almost always a
     ``model.parameters()`` consumed earlier, and clipping nothing silently hides that."""
     if isinstance(parameters, torch.Tensor):
@@ -338,6 +340,7 @@ def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep
     elif not isinstance(parameters, (list, tuple)):
         parameters = _iterable(parameters, "`parameters` (e.g. model.parameters())", where)
     params, names = [], []
+    gradless = False
     for i, item in enumerate(parameters):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             name, p = item
@@ -345,16 +348,23 @@ def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep
             name, p = f"param[{i}]", item
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{where}: parameters[{i}] is a {type(p).__name__}, expected a tensor")
-        if p.grad is None and keep_gradless:
+        if p.grad is None:
+            gradless = True
             params.append(p)
             names.append(name)
-        elif p.grad is not None:
+        else:
             g = p.grad
             if not (g.is_floating_point() or g.is_complex()) or g.dtype not in _FLOAT_DTYPES:
                 raise TypeError(f"{where}: the gradient of {name} has dtype {g.dtype}, "
                                 "expected float16, bfloat16, float32 or float64")
             params.append(p)
             names.append(name)
+    # DTensor parameters are reduced over their mesh: every rank must pack the same entries, so a
+    # parameter without a gradient here (one that got none on this rank only) enters as an empty
+    # gradient there too (a rank with fewer entries made gloo abort the gather).
+    if gradless and not keep_gradless and not (reduced and any(_distributed.is_dtensor(q) for q in params)):
+        keep = [k for k, q in enumerate(params) if q.grad is not None]
+        params, names = [params[k] for k in keep], [names[k] for k in keep]
     return params, names
 
 
@@ -486,7 +496,9 @@ def _overflow_message(where: str, names, norms, total_dtype: torch.dtype) -> tup
 
 
 def grad_or_empty(p: torch.Tensor) -> torch.Tensor:
-    return p.grad if p.grad is not None else p.detach().new_empty(0)
+    if p.grad is not None:
+        return p.grad
+    return _distributed.empty_grad_of(p) if _distributed.is_dtensor(p) else p.detach().new_empty(0)
 
 
 def refuse_unreduced_fsdp1(params, names, where: str, whole: frozenset = frozenset()) -> None:
@@ -693,9 +705,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
     max_norm = check_max_norm(max_norm)
     p = check_norm_type(norm_type, torch_compat=True)
     # Every rank must pack the same entries: a shard with no .grad on this rank (an FSDP1 shard
-    # that is empty here, an expert that got no tokens) may have one elsewhere, so with a group
-    # every parameter without a gradient enters as an empty one.
-    params, names = _params_and_names(parameters, where, keep_gradless=process_group is not None)
+    # that is empty here, an expert that got no tokens) may have one elsewhere, so with a group,
+    # or DTensor parameters, every parameter without a gradient enters as an empty one.
+    params, names = _params_and_names(parameters, where, keep_gradless=process_group is not None, reduced=True)
     if process_group is None:
         refuse_unreduced_fsdp1(params, names, where)
     _check_clippable(params, names, where)

@@ -730,6 +730,73 @@ def scenario_module_caches(rank, world):
     return {"true": true, "totals": totals, "sizes": sizes, "limit": gd._CACHE_LIMIT, "stale_total": stale_total}
 
 
+def scenario_ddp_lbfgs_rank_local_loss(rank, world):
+    """DDP + LBFGS, the closure's loss non-finite on rank 1 only (a non-differentiable term: the
+    all-reduced gradients stay finite), at evaluation 1 or 2. The guard's loss check was
+    rank-local: rank 1 rolled back and returned while rank 0 went on into the next evaluation's
+    DDP forward, and waited there for ever."""
+    out = {}
+    for which in (1, 2):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 1).double()
+        ddp = torch.nn.parallel.DistributedDataParallel(m)
+        guard = gradguard.GradGuard(torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3), model=ddp)
+        g = torch.Generator().manual_seed(10 + rank)
+        x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64)
+        before = [p.detach().clone() for p in m.parameters()]
+        calls = [0]
+
+        def closure(ddp=ddp, x=x, y=y, calls=calls, which=which):
+            guard.zero_grad()
+            calls[0] += 1
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            loss.backward()
+            return loss + (math.inf if rank == 1 and calls[0] == which else 0.0)
+
+        guard.step(closure)
+        out[which] = {"calls": calls[0], "skipped": guard.summary()["skipped"],
+                      "unchanged": all(torch.equal(p.detach(), b) for p, b in zip(m.parameters(), before))}
+    return out
+
+
+def scenario_dtensor_missing_grad(rank, world):
+    """DTensor parameters, two of which get a gradient on rank 0 only (an expert, an auxiliary
+    head: unused on rank 1): C, Shard(0), and B, a plain tensor. Rank 1 packed fewer entries
+    than rank 0 and gloo aborted the gather; and C's stand-in must be reduced as C is, so that a
+    NaN in rank 0's shard of C makes rank 1 skip too."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3, dtype=torch.float64), mesh, [Shard(0)]))
+    c = torch.nn.Parameter(distribute_tensor(torch.randn(4, 2, dtype=torch.float64), mesh, [Shard(0)]))
+    b = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    guard = gradguard.GradGuard(torch.optim.SGD([a, b, c], lr=0.1), max_norm=1e9, names=["a", "b", "c"])
+    out = {}
+    for step, nan in enumerate((False, True)):
+        guard.zero_grad()
+        loss = a.to_local().square().sum()
+        if rank == 0:
+            loss = loss + c.to_local().square().sum() + b.sum()
+        loss.backward()
+        if nan and rank == 0:
+            c.grad.to_local()[0, 0] = math.nan
+        before = [t.detach().to_local().clone() if hasattr(t, "to_local") else t.detach().clone() for t in (a, b, c)]
+        guard.step()
+        rep = guard.last.as_dict(layers=True)
+        out[step] = {"skipped": bool(guard.last.skipped), "a": rep["layers"]["a"]["norm"],
+                     "c": rep["layers"]["c"]["norm"], "c_nan": rep["layers"]["c"]["nan"],
+                     "unchanged": all(torch.equal(t.detach().to_local() if hasattr(t, "to_local") else t.detach(), s)
+                                      for t, s in zip((a, b, c), before))}
+    guard.zero_grad()
+    loss = a.to_local().square().sum() + (c.to_local().square().sum() + b.sum() if rank == 0 else 0)
+    loss.backward()
+    out["clip_total"] = float(gradguard.clip_grad_norm_([a, c], 1e9))
+    out["clip_with_plain"] = float(gradguard.clip_grad_norm_([a, b, c], 1e9))
+    return out
+
+
 def run_all(rank, world) -> dict:
     counter = CollectiveCounter()
     results = {
@@ -754,6 +821,8 @@ def run_all(rank, world) -> dict:
         "fsdp2_tp_2d": scenario_fsdp2_tp_2d(rank, world, counter),
         "fsdp2_tp_2d_strided": scenario_fsdp2_tp_2d(rank, world, counter, tp_first=True),
         "module_caches": scenario_module_caches(rank, world),
+        "ddp_lbfgs_loss": scenario_ddp_lbfgs_rank_local_loss(rank, world),
+        "dtensor_missing_grad": scenario_dtensor_missing_grad(rank, world),
     }
     return results
 

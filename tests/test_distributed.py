@@ -86,7 +86,8 @@ def test_names(runs):
         assert (r["fsdp2"]["names"] == ref["names"] == r["tp"]["names"] == r["fsdp1_orig"]["names"]
                 == r["fsdp2_tp_2d"]["names"])
         assert r["fsdp1_flat"]["names"] == ["_flat_param"]
-        assert r["ddp"]["names"] == ["module." + n for n in ref["names"]]
+        # DDP's `module.` is a wrapper's part, as FSDP1's and torch.compile's are (it was kept).
+        assert r["ddp"]["names"] == ref["names"]
 
 
 def test_tp_mixes_shard_and_replicate(runs):
@@ -231,6 +232,23 @@ def test_process_group_shards_missing_a_grad_on_one_rank(runs):
         assert not d["skipped"] and d["stepped"], d
         for k in ("guard_total", "clip_total"):
             assert math.isclose(d[k], d["true"], rel_tol=1e-12), d
+
+
+def test_lbfgs_under_ddp_rolls_back_on_every_rank_for_one_ranks_loss(runs):
+    ranks, _ = runs
+    for which in (1, 2):
+        got = [r["ddp_lbfgs_loss"][which] for r in ranks]
+        assert all(d == {"calls": which, "skipped": 1, "unchanged": True} for d in got), (which, got)
+
+
+def test_dtensor_parameters_without_a_gradient_on_one_rank(runs):
+    ranks, _ = runs
+    d0, d1 = (r["dtensor_missing_grad"] for r in ranks)
+    for step in (0, 1):  # one decision, and C's norm (its shards on rank 0 only) seen on both ranks
+        assert d0[step]["skipped"] == d1[step]["skipped"] == (step == 1), (d0, d1)
+        _same([d0[step]["a"], d0[step]["c"], d0[step]["c_nan"]], [d1[step]["a"], d1[step]["c"], d1[step]["c_nan"]])
+    assert d0[0]["c"] > 0 and d1[1]["c_nan"] == 1 and d0[1]["unchanged"] and d1[1]["unchanged"]
+    assert d0["clip_total"] == d1["clip_total"] and d0["clip_with_plain"] > d1["clip_with_plain"]
 
 
 def test_fsdp1_with_sharded_grad_scaler_keeps_one_scale_and_one_decision(runs):

@@ -354,6 +354,21 @@ def test_wrapped_models_are_named_as_the_model_inside():
     assert opt._names(opt._params()) == ["my_orig_mod.weight", "my_orig_mod.bias"]
 
 
+def test_data_parallel_wrappers_are_named_as_the_model_inside():
+    # DDP's and DataParallel's `module.` is a wrapper's part too (it was kept: `module.0.weight`),
+    # found by the wrapper's path: a user's own attribute named `module` stays.
+    holder = torch.nn.Module()
+    holder.module = torch.nn.Linear(2, 2)
+    cases = [(torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(2, 2))), ["0.weight", "0.bias"]),
+             (torch.compile(torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(2, 2))), backend="eager"),
+              ["0.weight", "0.bias"]),
+             (torch.nn.DataParallel(holder), ["module.weight", "module.bias"]),
+             (torch.nn.Sequential(holder), ["0.module.weight", "0.module.bias"])]
+    for model, want in cases:
+        opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+        assert opt._names(opt._params()) == want
+
+
 def test_deepcopy_and_pickle_keep_the_whole_guard():
     import copy
     import pickle
