@@ -1187,7 +1187,7 @@ class GradGuard(torch.optim.Optimizer):
         if self.tracer is not None:
             if not (closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)):
                 self.tracer._end_step(found, report, lambda ps=plan.params, idx=idx: ps if idx is None else
-                                      [ps[i] for i in idx.tolist()])
+                                      [ps[i] for i in idx.tolist()], plan.params)
             else:
                 # LBFGS evaluates the closure again inside its step: those evaluations are this
                 # step's, ended after them, also when the step raises (they were recorded into the
@@ -1196,8 +1196,8 @@ class GradGuard(torch.optim.Optimizer):
                 # gradients: after a later evaluation rolled the step back (or raised), the tracer
                 # reads the live ones, the last evaluation's, instead.
                 def end_trace(tracer=self.tracer, ps=plan.params, idx=idx):
-                    if lbfgs_live:
-                        tracer._end_step(found, None, None)
+                    if lbfgs_live:  # rolled back for a later evaluation: the first one's flag says nothing
+                        tracer._end_step(None, None, None)
                     else:
                         tracer._end_step(found, report, lambda: ps if idx is None else [ps[i] for i in idx.tolist()])
 

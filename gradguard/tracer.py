@@ -106,6 +106,7 @@ class _Record:
         self.found_inf = None  # the guard's flag for this step, when a GradGuard ended it
         self.report = None     # and its StepReport
         self.judged = None     # () -> the parameters the report's counts are of
+        self.guarded = None    # every parameter of that guard (present or not)
         self.op = None         # set by a replay's op checker
         self.origin = None     # the answer, once computed (without a loss)
         self.replay_origin = None  # a replay's answer (computed with its loss)
@@ -227,12 +228,19 @@ class NanTracer:
         self._gen += 1
 
     def begin_step(self) -> None:
-        """Saves the RNG state the next step starts from (for ``replay``; a few microseconds)."""
+        """Starts a step: forgets the last one's record (as ``reset()`` does, ``last_origin``
+        aside) and saves the RNG state the step starts from (for ``replay``; a few
+        microseconds). In ``"always"`` mode without a GradGuard it kept recording into the
+        last step's record, whose NaN was then given as every later good step's answer."""
+        self._rec.release()
+        self._rec = _Record()
+        self._last = None
+        self._stack = []
         self._rng = _rng_state()
         self._ended = False
         self._gen += 1
 
-    def _end_step(self, found_inf=None, report=None, judged=None) -> None:
+    def _end_step(self, found_inf=None, report=None, judged=None, guarded=None) -> None:
         """Called by ``GradGuard.step()``: keeps this step's events for ``first_nonfinite()``,
         starts a fresh record and saves the RNG state for the next step. ``report``: the step's
         StepReport, whose per-parameter counts are of the gradients as they came in (a
@@ -244,9 +252,14 @@ class NanTracer:
         if rec.flags or rec.op is not None:
             rec.step = self._gen
             rec.found_inf = found_inf
-            rec.report, rec.judged = report, judged
+            rec.report, rec.judged, rec.guarded = report, judged, guarded
             self._last = rec
             self._rec = _Record()
+        elif self._last is not None and self._last.step != self._gen:
+            # An older step's record (a replay's, which holds its tensors) answers for no step
+            # from now on: dropped here, not only when first_nonfinite() is next asked (on good
+            # steps in "on_failure" mode nobody asks, and a replay's 36 MB stayed alive).
+            self._last = None
         self._stack = []
         self._rng_done = self._rng
         self._rng = _rng_state()
@@ -404,6 +417,15 @@ class NanTracer:
             return rec.replay_origin
         if not rec.flags and loss is None:
             return None
+        if loss is None and rec.found_inf is not None and rec.guarded is not None and not bool(rec.found_inf):
+            # The GradGuard step that ended this step found it finite (one read, in place of the
+            # two a good step made), and it guards every trainable parameter of the model (a
+            # second optimizer's parameter may still be bad). A value recorded as non-finite
+            # there is one a module made on purpose and the step absorbed (masked logits,
+            # masked_fill(-inf) before a cross-entropy): it was given as every good step's answer.
+            ids = {id(p) for p in rec.guarded}
+            if all(id(p) in ids for p in self.model.parameters() if p.requires_grad):
+                return None
         if loss is None and rec.origin is not None:
             return rec.origin
         flags = list(rec.flags)
@@ -440,7 +462,7 @@ class NanTracer:
         return self._finish(rec, self._describe(rec, i), cache=loss is None)
 
     def _finish(self, rec, origin: Origin, cache: bool = True) -> Origin:
-        if rec.op is not None and origin.op is None and origin.phase != "input":
+        if rec.op is not None and origin.op is None and origin.phase != "input" and _op_fits(rec.op[2], origin):
             origin.op, origin.op_inputs_finite, origin.op_module = rec.op
         if cache:
             rec.origin = origin
@@ -659,6 +681,19 @@ def _min_max(t: torch.Tensor):
     if t.is_complex():
         t = torch.view_as_real(t)
     return torch.aminmax(t)
+
+
+def _op_fits(op_module, origin: Origin) -> bool:
+    """Whether a replay's first non-finite op can be the origin's: one that ran inside the
+    origin's module (or a submodule of it) for a forward origin, outside every module (autograd's
+    backward, the loss's code) for a backward or loss one. An op elsewhere made a value that did
+    not reach the origin (a log's -inf clamped away in another module): named, the answer read
+    "the first non-finite gradient appeared in the backward of `bad`; first non-finite op: aten.log
+    in `sl`"."""
+    if origin.phase != "forward":
+        return op_module is None
+    return origin.module == "" or op_module is not None and (
+        op_module == origin.module or op_module.startswith(origin.module + "."))
 
 
 def _first_bad(flags):
