@@ -1318,14 +1318,8 @@ def test_begin_step_starts_a_new_record_in_always_mode():
         model.zero_grad()
 
 
-def test_a_replays_tensors_are_freed_at_the_next_step():
-    # "on_failure": a replay's record holds what it traced (rows, op); it stayed alive through
-    # every later good step, where nobody asks first_nonfinite() (36 MB on a 4-block MLP).
-    import gc  # noqa: PLC0415
-    import weakref  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(D, D), nn.Linear(D, 1))
+def _on_failure_setup(model):
+    """(model, an "on_failure" tracer, a guarded SGD, the step's forward and backward)."""
     tracer = gradguard.NanTracer(model, mode="on_failure")
     opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.01), model=model, tracer=tracer)
 
@@ -1334,6 +1328,17 @@ def test_a_replays_tensors_are_freed_at_the_next_step():
         loss.backward()
         return loss
 
+    return model, tracer, opt, fb
+
+
+def test_a_replays_tensors_are_freed_at_the_next_step():
+    # "on_failure": a replay's record holds what it traced (rows, op); it stayed alive through
+    # every later good step, where nobody asks first_nonfinite() (36 MB on a 4-block MLP).
+    import gc  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model, tracer, opt, fb = _on_failure_setup(nn.Sequential(nn.Linear(D, D), nn.Linear(D, 1)))
     x = torch.randn(B, D)
     x[1, 0] = math.nan
     fb(x)
@@ -1372,15 +1377,8 @@ def test_a_replays_op_is_named_only_where_it_fits_the_origin():
             return BadBackward.apply(x)
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), ClampedLog(), nn.Linear(4, 4), Bad(), nn.Linear(4, 1))
-    tracer = gradguard.NanTracer(model, mode="on_failure")
-    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.01), model=model, tracer=tracer)
-
-    def fb(x):
-        loss = model(x).square().mean()
-        loss.backward()
-        return loss
-
+    model, tracer, opt, fb = _on_failure_setup(
+        nn.Sequential(nn.Linear(4, 4), ClampedLog(), nn.Linear(4, 4), Bad(), nn.Linear(4, 1)))
     x = torch.randn(B, 4)
     fb(x)
     opt.step()
