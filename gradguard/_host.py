@@ -79,13 +79,15 @@ def device_type(device: torch.device) -> str:
 
 # The dtypes a one-element CPU tensor is read in from its memory (the common limits' dtypes).
 _CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double, torch.int64: ctypes.c_int64,
-           torch.int32: ctypes.c_int32}
+           torch.int32: ctypes.c_int32, torch.int16: ctypes.c_int16, torch.int8: ctypes.c_int8,
+           torch.uint8: ctypes.c_uint8}
+_BYTE_FLOATS: dict = {}  # a 1-byte float dtype (float8) -> its 256 values, made at its first read
 
 
 def cpu_value(t: torch.Tensor) -> float:
     """The value of a one-element real CPU tensor, read from its memory: float(t) dispatches
     aten::item, one more op in a step whose op count is bounded (a CPU tensor max_norm's check
-    made the clipping SGD step 5 ops). Other dtypes (float8, 8/16-bit integers) through float(t)."""
+    made the clipping SGD step 5 ops). Other dtypes (bool, uint16-64) through float(t)."""
     c = _CTYPES.get(t.dtype)
     if c is not None:
         return float(c.from_address(t.data_ptr()).value)
@@ -94,6 +96,11 @@ def cpu_value(t: torch.Tensor) -> float:
         # float16 decoded by struct's IEEE half; bfloat16 is a float32's upper half.
         return (struct.unpack("<e", struct.pack("<H", bits))[0] if t.dtype is torch.float16
                 else struct.unpack("<f", struct.pack("<I", bits << 16))[0])
+    if t.is_floating_point() and t.element_size() == 1:  # the float8 formats: a table of their values
+        table = _BYTE_FLOATS.get(t.dtype)
+        if table is None:
+            table = _BYTE_FLOATS[t.dtype] = torch.arange(256, dtype=torch.uint8).view(t.dtype).double().tolist()
+        return table[ctypes.c_uint8.from_address(t.data_ptr()).value]
     return float(t)
 
 

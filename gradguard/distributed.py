@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from typing import NamedTuple, Sequence
 
 import torch
@@ -423,13 +424,27 @@ def fsdp1_whole(model) -> frozenset:
     return frozenset(ids)
 
 
+_standins: dict = {}  # id(param) -> (weakref, layout, stand-in); cleared past _STANDIN_LIMIT
+_STANDIN_LIMIT = 1 << 16
+
+
 def empty_grad_of(p):
     """An empty stand-in for the missing gradient of DTensor `p`, on `p`'s mesh with `p`'s
     placements: other ranks may hold a gradient for `p` (an expert that got no tokens here), and
     their entry is reduced over the ranks `p`'s placements name, so this rank's must be too
-    (``new_empty(0)`` gave a Replicate DTensor, reduced over nothing: their NaN went unseen here)."""
+    (``new_empty(0)`` gave a Replicate DTensor, reduced over nothing: their NaN went unseen here).
+    Kept per parameter (``DTensor.from_local`` costs ~50 us), made anew when `p`'s layout changes.
+    A Partial gradient on another rank is not covered: its reduction there waits for this rank."""
+    key = id(p)
+    hit = _standins.get(key)
+    if hit is not None and hit[0]() is p and hit[1] == (p.device_mesh, p.placements, p.shape, p.dtype):
+        return hit[2]
     local = torch.empty(0, dtype=p.dtype, device=p.to_local().device)
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    made = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    if len(_standins) >= _STANDIN_LIMIT:
+        _standins.clear()
+    _standins[key] = (weakref.ref(p), (p.device_mesh, p.placements, p.shape, p.dtype), made)
+    return made
 
 
 def ddp_group(model):

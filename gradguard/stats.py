@@ -327,8 +327,8 @@ def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep
     """Accepts a tensor, an iterable of tensors, or of (name, tensor) pairs
     (``model.named_parameters()``); returns the tensors that have a .grad (and, with
     `keep_gradless`, or with `reduced` (the caller reduces their statistics across ranks) where
-    one is a DTensor, those that have none, as empty gradients: every rank of a group must pack
-    the same entries), and their names.
+    one is a DTensor, those that have none and require one, as empty gradients: every rank of a
+    group must pack the same entries), and their names.
     An exhausted (empty) generator warns as torch's clip does: it is almost always a
     ``model.parameters()`` consumed earlier, and clipping nothing silently hides that."""
     if isinstance(parameters, torch.Tensor):
@@ -362,8 +362,9 @@ def _params_and_names(parameters, where: str = "gradguard.clip_grad_norm_", keep
     # DTensor parameters are reduced over their mesh: every rank must pack the same entries, so a
     # parameter without a gradient here (one that got none on this rank only) enters as an empty
     # gradient there too (a rank with fewer entries made gloo abort the gather).
-    if gradless and not keep_gradless and not (reduced and any(_distributed.is_dtensor(q) for q in params)):
-        keep = [k for k, q in enumerate(params) if q.grad is not None]
+    if gradless and not keep_gradless:
+        trainable = reduced and any(_distributed.is_dtensor(q) for q in params)  # frozen: no gradient anywhere
+        keep = [k for k, q in enumerate(params) if q.grad is not None or (trainable and q.requires_grad)]
         params, names = [params[k] for k in keep], [names[k] for k in keep]
     return params, names
 

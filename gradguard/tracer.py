@@ -103,6 +103,7 @@ class _Record:
         self.seen: dict = {}   # id(tensor) -> (weakref, version): already checked
         self.sites: dict = {}  # id(tensor) -> (weakref, _Site, grad_fn and output_nr hooked at)
         self.batch_size: int | None = None
+        self.nograd = False    # an event recorded with gradients off (its value reaches no gradient)
         self.found_inf = None  # the guard's flag for this step, when a GradGuard ended it
         self.report = None     # and its StepReport
         self.judged = None     # () -> the parameters the report's counts are of
@@ -228,17 +229,15 @@ class NanTracer:
         self._gen += 1
 
     def begin_step(self) -> None:
-        """Starts a step: forgets the last one's record (as ``reset()`` does, ``last_origin``
-        aside) and saves the RNG state the step starts from (for ``replay``; a few
-        microseconds). In ``"always"`` mode without a GradGuard it kept recording into the
-        last step's record, whose NaN was then given as every later good step's answer."""
-        self._rec.release()
-        self._rec = _Record()
-        self._last = None
-        self._stack = []
+        """Saves the RNG state the next step starts from (for ``replay``; a few microseconds).
+        It does not start a new record (a loop may call it once per micro-batch, and the earlier
+        micro-batches' events are the step's too): ``reset()`` or a GradGuard step does. An older
+        step's kept record (a replay's, holding its tensors) is dropped here: it answers for no
+        step from now on."""
         self._rng = _rng_state()
         self._ended = False
         self._gen += 1
+        self._last = None
 
     def _end_step(self, found_inf=None, report=None, judged=None, guarded=None) -> None:
         """Called by ``GradGuard.step()``: keeps this step's events for ``first_nonfinite()``,
@@ -292,6 +291,8 @@ class NanTracer:
                 todo.append(i)
         if not todo:
             return
+        if not torch.is_grad_enabled():
+            rec.nograd = True
         for i in todo:
             t = leaves[i]
             rec.flags.extend(_min_max(t))
@@ -404,9 +405,11 @@ class NanTracer:
     # ---- the answer -----------------------------------------------------------------------------
 
     def first_nonfinite(self, loss=None) -> Origin | None:
-        """The first NaN/Inf of the step, or None when every recorded value was finite. Reads one
-        index from the device. ``loss``: the step's loss, to tell a non-finite loss computed from
-        finite model outputs (phase ``"loss"``) from the rest."""
+        """The first NaN/Inf of the step, or None when every recorded value was finite, or when
+        the GradGuard step that ended it found it finite (it guards every trainable parameter and
+        no event was recorded with gradients off). Reads one index from the device. ``loss``: the
+        step's loss, to tell a non-finite loss computed from finite model outputs (phase
+        ``"loss"``) from the rest."""
         if self._last is not None and self._last.step != self._gen:
             # Kept at an earlier step boundary (a replay's, or a step the guard ended) and a step
             # has begun or ended since: its answer is not this step's (a replay's answer was given
@@ -417,12 +420,16 @@ class NanTracer:
             return rec.replay_origin
         if not rec.flags and loss is None:
             return None
-        if loss is None and rec.found_inf is not None and rec.guarded is not None and not bool(rec.found_inf):
+        if (loss is None and rec.found_inf is not None and rec.guarded is not None and not rec.nograd
+                and not bool(rec.found_inf)):
             # The GradGuard step that ended this step found it finite (one read, in place of the
-            # two a good step made), and it guards every trainable parameter of the model (a
-            # second optimizer's parameter may still be bad). A value recorded as non-finite
-            # there is one a module made on purpose and the step absorbed (masked logits,
-            # masked_fill(-inf) before a cross-entropy): it was given as every good step's answer.
+            # two a good step made), it guards every trainable parameter of the model (a second
+            # optimizer's parameter may still be bad), and every event was recorded with
+            # gradients on (a no_grad forward in training mode, pseudo-labels or a target
+            # network's, reaches no gradient and may poison BatchNorm's statistics: those events
+            # are still looked at). A value recorded as non-finite there is one a module made on
+            # purpose and the step absorbed (masked logits, masked_fill(-inf) before a
+            # cross-entropy): it was given as every good step's answer.
             ids = {id(p) for p in rec.guarded}
             if all(id(p) in ids for p in self.model.parameters() if p.requires_grad):
                 return None

@@ -772,7 +772,10 @@ def scenario_dtensor_missing_grad(rank, world):
     a = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3, dtype=torch.float64), mesh, [Shard(0)]))
     c = torch.nn.Parameter(distribute_tensor(torch.randn(4, 2, dtype=torch.float64), mesh, [Shard(0)]))
     b = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
-    guard = gradguard.GradGuard(torch.optim.SGD([a, b, c], lr=0.1), max_norm=1e9, names=["a", "b", "c"])
+    # Frozen: a gradient on no rank, so no stand-in (one per frozen parameter cost every step).
+    f = torch.nn.Parameter(distribute_tensor(torch.randn(4, dtype=torch.float64), mesh, [Shard(0)]),
+                           requires_grad=False)
+    guard = gradguard.GradGuard(torch.optim.SGD([a, b, c, f], lr=0.1), max_norm=1e9, names=["a", "b", "c", "f"])
     out = {}
     for step, nan in enumerate((False, True)):
         guard.zero_grad()
@@ -785,7 +788,7 @@ def scenario_dtensor_missing_grad(rank, world):
         before = [t.detach().to_local().clone() if hasattr(t, "to_local") else t.detach().clone() for t in (a, b, c)]
         guard.step()
         rep = guard.last.as_dict(layers=True)
-        out[step] = {"skipped": bool(guard.last.skipped), "a": rep["layers"]["a"]["norm"],
+        out[step] = {"skipped": bool(guard.last.skipped), "a": rep["layers"]["a"]["norm"], "layers": sorted(rep["layers"]),
                      "c": rep["layers"]["c"]["norm"], "c_nan": rep["layers"]["c"]["nan"],
                      "unchanged": all(torch.equal(t.detach().to_local() if hasattr(t, "to_local") else t.detach(), s)
                                       for t, s in zip((a, b, c), before))}

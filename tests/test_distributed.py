@@ -248,6 +248,7 @@ def test_dtensor_parameters_without_a_gradient_on_one_rank(runs):
         assert d0[step]["skipped"] == d1[step]["skipped"] == (step == 1), (d0, d1)
         _same([d0[step]["a"], d0[step]["c"], d0[step]["c_nan"]], [d1[step]["a"], d1[step]["c"], d1[step]["c_nan"]])
     assert d0[0]["c"] > 0 and d1[1]["c_nan"] == 1 and d0[1]["unchanged"] and d1[1]["unchanged"]
+    assert d0[0]["layers"] == d1[0]["layers"] == ["a", "b", "c"]  # the frozen "f" left out
     assert d0["clip_total"] == d1["clip_total"] and d0["clip_with_plain"] > d1["clip_with_plain"]
 
 

@@ -373,7 +373,7 @@ def test_device_type_answers_for_the_device_asked_about():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.int32, torch.float16,
-                                   torch.bfloat16, torch.float8_e4m3fn])
+                                   torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.int16, torch.int8])
 def test_cpu_value_reads_the_element_a_view_points_at(dtype):
     # Read from memory for the common dtypes (no aten::item in the step): the view's own element,
     # not its storage's first one.
@@ -384,10 +384,19 @@ def test_cpu_value_reads_the_element_a_view_points_at(dtype):
     assert _host.cpu_value(buf.reshape(2, 2)[1, 1]) == float(buf[3])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpu_value_decodes_16_bit_floats_as_float_does(dtype):
-    # float16 and bfloat16 are decoded from their bits (no aten::item): every special value too.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_cpu_value_decodes_16_and_8_bit_floats_as_float_does(dtype):
+    # float16, bfloat16 and the float8 formats are decoded from their bits (no aten::item):
+    # every special value too.
     from gradguard import _host  # noqa: PLC0415
+
+    if dtype.itemsize == 1:  # every one of the 256 values
+        vals = torch.arange(256, dtype=torch.uint8).view(dtype)
+        got, want = [_host.cpu_value(v) for v in vals], [float(v) for v in vals]
+        assert [g != g for g in got] == [w != w for w in want]
+        assert [(g, math.copysign(1.0, g)) for g, w in zip(got, want) if w == w] == \
+            [(w, math.copysign(1.0, w)) for w in want if w == w]
+        return
 
     info = torch.finfo(dtype)
     vals = torch.tensor([0.0, -0.0, 1.0, -1.5, info.max, -info.max, info.tiny, info.tiny / 4, info.eps,

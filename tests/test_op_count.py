@@ -120,7 +120,8 @@ def test_grad_scaler_clipped_fused_step_adds_one_scaling_op(decided_on):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.int32, torch.float16,
-                                   torch.bfloat16])
+                                   torch.bfloat16, torch.int16, torch.int8, torch.uint8, torch.float8_e4m3fn,
+                                   torch.float8_e5m2])
 def test_a_cpu_tensor_max_norm_costs_no_op_of_its_own(dtype):
     # The step checks a CPU tensor limit's value (a schedule may have made it negative); read by
     # float() that was an aten::item, and the clipping SGD step 5 ops, one over the bound. An

@@ -1301,21 +1301,52 @@ def test_a_good_guarded_step_answers_none_whatever_a_module_masked():
     assert tracer.first_nonfinite() is not None
 
 
-def test_begin_step_starts_a_new_record_in_always_mode():
-    # Without a GradGuard, a loop that calls begin_step() (the Lightning recipe) kept recording
-    # into the first step's record: its NaN was the answer of every later, finite, step.
+def test_begin_step_per_micro_batch_keeps_the_steps_events():
+    # begin_step() marks where a step starts for replay(); with gradient accumulation a loop (the
+    # Lightning recipe: on_train_batch_start) calls it per micro-batch: the first micro-batch's
+    # NaN is the step's answer. Without a guard, reset() starts the next step's record.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(D, D), nn.Linear(D, 1))
+    model = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 1))
     tracer = gradguard.NanTracer(model)
-    for step in range(3):
+    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), model=model, tracer=tracer)
+    xs = []  # held: the rows of a batch are known while the caller holds it
+    for micro in range(2):
         tracer.begin_step()
+        xs.append(torch.randn(B, D))
+        if micro == 0:
+            xs[0][3, 1] = math.nan
+        model(xs[-1]).sum().backward()
+    opt.step()
+    origin = tracer.first_nonfinite()
+    assert bool(opt.last.skipped) and origin.phase == "input" and origin.rows == [3], origin
+    bare = gradguard.NanTracer(nn.Sequential(nn.Linear(D, 1)))
+    for step in range(3):
+        bare.reset()
+        bare.begin_step()
         x = torch.randn(B, D)
         if step == 0:
             x[2, 1] = math.nan
-        model(x).sum().backward()
-        origin = tracer.first_nonfinite()
-        assert (origin is not None) == (step == 0), (step, origin)
-        model.zero_grad()
+        bare.model(x).sum().backward()
+        assert (bare.first_nonfinite() is not None) == (step == 0), step
+        bare.model.zero_grad()
+
+
+def test_a_finite_guarded_step_still_answers_for_a_no_grad_forward():
+    # A no_grad forward in training mode (pseudo-labels, a target network) reaches no gradient:
+    # the guard finds the step finite, but an Inf batch there poisons BatchNorm's statistics.
+    # The guard's flag does not speak for it: the record answers.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D), nn.Linear(D, 1))
+    tracer = gradguard.NanTracer(model)
+    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), model=model, tracer=tracer)
+    bad = torch.randn(B, D)
+    bad[0, 0] = math.inf
+    with torch.no_grad():
+        model(bad)
+    model(torch.randn(B, D)).square().mean().backward()
+    opt.step()
+    origin = tracer.first_nonfinite()
+    assert not bool(opt.last.skipped) and origin is not None and origin.phase == "input", origin
 
 
 def _on_failure_setup(model):
