@@ -437,13 +437,14 @@ def empty_grad_of(p):
     A Partial gradient on another rank is not covered: its reduction there waits for this rank."""
     key = id(p)
     hit = _standins.get(key)
-    if hit is not None and hit[0]() is p and hit[1] == (p.device_mesh, p.placements, p.shape, p.dtype):
+    layout = (p.device_mesh, p.placements, p.shape, p.dtype, p.device)
+    if hit is not None and hit[0]() is p and hit[1] == layout:
         return hit[2]
     local = torch.empty(0, dtype=p.dtype, device=p.to_local().device)
     made = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
     if len(_standins) >= _STANDIN_LIMIT:
         _standins.clear()
-    _standins[key] = (weakref.ref(p), (p.device_mesh, p.placements, p.shape, p.dtype), made)
+    _standins[key] = (weakref.ref(p), layout, made)
     return made
 
 
