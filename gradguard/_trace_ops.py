@@ -74,24 +74,34 @@ class FirstNonfiniteOp(TorchDispatchMode):
     such a mask made before (+-inf, no NaN, needing no gradient: a buffer, an argument), that op
     and the ones that carry its -inf along made nothing: the answer is then the first op that made
     a NaN/Inf, from finite inputs or a NaN from inputs without one (0 * inf, inf - inf: a fully
-    masked softmax row), and until one is seen the first op with a non-finite output. Syncs the
-    host after every op: only for replays of a step already known to be bad."""
+    masked softmax row), and until one is seen the first op with a non-finite output. With
+    ``want_nan`` (the value to explain is a NaN) an op that made only +-inf is kept aside and the
+    search goes on to the first op that made a NaN (``log`` of 0 clamped away before a ``0 / 0``:
+    the division). Syncs the host after every op: only for replays of a step already known to be
+    bad."""
 
-    def __init__(self, where=lambda: None):
+    def __init__(self, where=lambda: None, want_nan: bool = False):
         super().__init__()
         self.where = where
+        self.want_nan = want_nan
         self._made = None    # (op, inputs_finite, module) of the first op that made a NaN/Inf
         self._first = None   # the same of the first op with a non-finite output not asked for
+        self._inf_made = None  # with want_nan: the first op that made only +-inf, from finite inputs
         self._asked = False  # an op was asked to write +-inf
 
     @property
     def found(self):
-        return self._made if self._made is not None else self._first
+        for hit in (self._made, self._inf_made, self._first):
+            if hit is not None:
+                return hit
+        return None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
-        if self._made is not None or (self._first is not None and not self._asked) or name in _UNINITIALIZED:
+        # With want_nan the search goes on past ops that carry a +-inf along, to the NaN's maker.
+        done = self._made is not None or (self._first is not None and not self._asked and not self.want_nan)
+        if done or name in _UNINITIALIZED:
             return func(*args, **kwargs)
         leaves = tree_leaves((args, kwargs))
         ins = [t for t in leaves if checkable(t)]
@@ -109,10 +119,17 @@ class FirstNonfiniteOp(TorchDispatchMode):
                 ins_finite = all_finite(ins)
             seen = (name, ins_finite, self.where())
             if ins_finite:
+                if self.want_nan and not _has_nan(outs):
+                    if self._inf_made is None:
+                        self._inf_made = seen
+                    return out
                 self._made = seen
                 return out
             if ins_nan is None:
                 ins_nan = _has_nan(ins)
+            if self.want_nan and not ins_nan and _has_nan(outs):
+                self._made = seen  # a NaN from +-inf inputs (inf - inf, 0 * inf)
+                return out
             if not self._asked and not ins_nan and _holds_mask(ins):
                 # A mask made before the checked code (a replay of one module on its recorded
                 # inputs, a -inf buffer): as if asked for here; this op carried it.

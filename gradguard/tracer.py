@@ -543,14 +543,16 @@ class NanTracer:
         if inputs is None:
             return
         args, kwargs = inputs
-        found = self._run_checked(lambda: frame.module(*args, **kwargs), frame)
+        # A NaN at the module's output: the op that made a NaN, not one before it that made a
+        # -inf the module then clamped away (clamp(log(relu(x))) before a z / z named aten.log).
+        found = self._run_checked(lambda: frame.module(*args, **kwargs), frame, want_nan=origin.kind == "NaN")
         if found is not None:
             origin.op, origin.op_inputs_finite, origin.op_module = found
 
-    def _run_checked(self, fn, frame):
+    def _run_checked(self, fn, frame, want_nan: bool = False):
         stack, quiet = self._stack, self._quiet
         self._stack, self._quiet = [], True
-        checker = FirstNonfiniteOp(lambda: next((n for n in reversed(self._stack) if n), None))
+        checker = FirstNonfiniteOp(lambda: next((n for n in reversed(self._stack) if n), None), want_nan=want_nan)
         state = _rng_state()
         # Asking must not change the model: a re-run in training mode updates BatchNorm's running
         # statistics (and any stateful module's buffers) a second time with the same batch. Those

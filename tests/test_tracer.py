@@ -1416,3 +1416,26 @@ def test_a_replays_op_is_named_only_where_it_fits_the_origin():
     assert bool(opt.last.skipped)
     origin = tracer.replay(fb, x)
     assert origin.phase == "backward" and origin.module == "3" and origin.op is None, origin
+
+
+@pytest.mark.parametrize("carried", [False, True])
+def test_the_op_named_for_a_nan_made_the_nan(carried):
+    # One module clamps a log's -inf away (or first carries it along an add), then makes its
+    # NaN by 0 / 0: the op search named aten.log, the first op with a non-finite output from
+    # finite inputs, for a NaN that aten.div made.
+    class Mixed(nn.Module):
+        def forward(self, x):
+            lp = torch.log(torch.relu(x))
+            if carried:
+                lp = lp + 1.0
+            z = x - x
+            return lp.clamp(min=-30.0) + z / z
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), Mixed(), nn.Linear(D, 1))
+    tracer = gradguard.NanTracer(model, keep_tensors=True)
+    opt = gradguard.GradGuard(torch.optim.SGD(model.parameters(), lr=0.01), model=model, tracer=tracer)
+    model(torch.randn(B, D)).mean().backward()
+    opt.step()
+    origin = tracer.first_nonfinite()
+    assert origin.module == "1" and origin.kind == "NaN" and origin.op == "aten.div", origin
