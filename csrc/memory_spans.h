@@ -14,26 +14,20 @@
 
 namespace gradguard {
 
-// The bytes a non-empty tensor covers, [first, second).
-inline std::pair<const char*, const char*> byte_span(const at::Tensor& t) {
-  int64_t last = 0;  // offset of the last element, in elements (strides are never negative)
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  const char* begin = static_cast<const char*>(t.const_data_ptr());
-  return {begin, begin + (last + 1) * t.element_size()};
-}
-
 inline bool spans_overlap(at::TensorList tensors) {
   std::vector<std::pair<const char*, const char*>> spans;
   spans.reserve(tensors.size());
   bool ascending = true, descending = true;
   for (const auto& t : tensors) {
     if (t.numel() == 0) continue;
-    const auto span = byte_span(t);
+    int64_t last = 0;  // offset of the last element, in elements (strides are never negative)
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* begin = static_cast<const char*>(t.const_data_ptr());
     if (!spans.empty()) {
-      if (span.first < spans.back().first) ascending = false;
-      if (span.first > spans.back().first) descending = false;
+      if (begin < spans.back().first) ascending = false;
+      if (begin > spans.back().first) descending = false;
     }
-    spans.push_back(span);
+    spans.emplace_back(begin, begin + (last + 1) * t.element_size());
   }
   // Spans already in address order, either way (a flat buffer's views; gradients allocated in
   // backward's order), need no sort: this runs on every CUDA call, on the step's host path.

@@ -1076,9 +1076,8 @@ class GradGuard(torch.optim.Optimizer):
         keep = self._fsdp_group is not None
         # DTensors: the trainable ones only (a frozen parameter has a gradient on no rank; a
         # stand-in for each of them cost every step of a partly frozen FSDP2 model ~60-150 us).
-        trainable = plan.dtensor
         present = [i for i, q in enumerate(params)
-                   if q.grad is not None or every or (trainable and q.requires_grad)
+                   if q.grad is not None or every or (plan.dtensor and q.requires_grad)
                    or (keep and _distributed.is_fsdp1_sharded(q, self._fsdp_whole))]
         grads = [grad_or_empty(params[i]) for i in present]
         if not self._check_grads(grads, present, params, plan) and check_plan:

@@ -753,8 +753,20 @@ def scenario_ddp_lbfgs_rank_local_loss(rank, world):
             loss.backward()
             return loss + (math.inf if rank == 1 and calls[0] == which else 0.0)
 
-        guard.step(closure)
-        out[which] = {"calls": calls[0], "skipped": guard.summary()["skipped"],
+        # The agreement's cost: one all_reduce of a flag per evaluation (DDP's own reductions run
+        # in its C++ reducer, not through torch.distributed.all_reduce).
+        reduces, all_reduce = [0], dist.all_reduce
+
+        def counted(*a, **k):
+            reduces[0] += 1
+            return all_reduce(*a, **k)
+
+        dist.all_reduce = counted
+        try:
+            guard.step(closure)
+        finally:
+            dist.all_reduce = all_reduce
+        out[which] = {"calls": calls[0], "all_reduces": reduces[0], "skipped": guard.summary()["skipped"],
                       "unchanged": all(torch.equal(p.detach(), b) for p, b in zip(m.parameters(), before))}
     return out
 

@@ -238,7 +238,8 @@ def test_lbfgs_under_ddp_rolls_back_on_every_rank_for_one_ranks_loss(runs):
     ranks, _ = runs
     for which in (1, 2):
         got = [r["ddp_lbfgs_loss"][which] for r in ranks]
-        assert all(d == {"calls": which, "skipped": 1, "unchanged": True} for d in got), (which, got)
+        assert all(d == {"calls": which, "all_reduces": which, "skipped": 1, "unchanged": True} for d in got), \
+            (which, got)
 
 
 def test_dtensor_parameters_without_a_gradient_on_one_rank(runs):
