@@ -420,13 +420,11 @@ class GradGuard(torch.optim.Optimizer):
             raise TypeError(f"gradguard.GradGuard: `optimizer` must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
         self._limits = {}
-        self.max_norm = max_norm  # checked by the property's setter
-        self.norm_type = check_norm_type(norm_type)
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"gradguard.GradGuard: `on_nonfinite` must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        # Checked by the properties' setters, here as on a later assignment.
+        self.max_norm = max_norm
+        self.norm_type = norm_type
         self.on_nonfinite = on_nonfinite
-        self.max_consecutive_skips = None if max_consecutive_skips is None else check_int(
-            max_consecutive_skips, "gradguard.GradGuard: `max_consecutive_skips`", 1)
+        self.max_consecutive_skips = max_consecutive_skips
         if spike is not None and (not isinstance(spike, SpikePolicy) or spike.kind not in ("zscore", "percentile")):
             raise TypeError(f"gradguard.GradGuard: `spike` must be None or a spike policy such as "
                             f"gradguard.ZScoreClip() or gradguard.PercentileClip(), got {type(spike).__name__}")
@@ -525,6 +523,39 @@ class GradGuard(torch.optim.Optimizer):
     @max_norm.setter
     def max_norm(self, value) -> None:
         self._limits["max_norm"] = None if value is None else check_max_norm(value)
+
+    # The other settings are checked on assignment too, and kept beside max_norm: an unchecked
+    # max_consecutive_skips = 0 made every finite step raise "0 steps in a row were skipped"
+    # after stepping it.
+    @property
+    def norm_type(self) -> float:
+        """The p of the norm (> 0, or inf), as the constructor's argument."""
+        return self._limits["norm_type"]
+
+    @norm_type.setter
+    def norm_type(self, value) -> None:
+        self._limits["norm_type"] = check_norm_type(value)
+
+    @property
+    def on_nonfinite(self) -> str:
+        """``"skip"``, ``"zero"``, ``"raise"`` or ``"ignore"``, as the constructor's argument."""
+        return self._limits["on_nonfinite"]
+
+    @on_nonfinite.setter
+    def on_nonfinite(self, value) -> None:
+        if not isinstance(value, str) or value not in ON_NONFINITE:
+            raise ValueError(f"gradguard.GradGuard: `on_nonfinite` must be one of {ON_NONFINITE}, got {value!r}")
+        self._limits["on_nonfinite"] = value
+
+    @property
+    def max_consecutive_skips(self):
+        """None, or a number >= 1 of skipped steps in a row after which a step raises."""
+        return self._limits["max_consecutive_skips"]
+
+    @max_consecutive_skips.setter
+    def max_consecutive_skips(self, value) -> None:
+        self._limits["max_consecutive_skips"] = None if value is None else check_int(
+            value, "gradguard.GradGuard: `max_consecutive_skips`", 1)
 
     @property
     def history(self) -> History:
@@ -790,6 +821,9 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.setdefault("_hygiene_grads", None)
         if "_limits" not in self.__dict__:  # pickled while max_norm was a plain attribute
             self._limits = {"max_norm": self.__dict__.pop("max_norm", None)}
+        for name, default in (("norm_type", 2.0), ("on_nonfinite", "skip"), ("max_consecutive_skips", None)):
+            if name not in self._limits:  # pickled while these were plain attributes
+                self._limits[name] = self.__dict__.pop(name, default)
         if "_explicit_slots" not in self.__dict__:  # pickled before names= followed identity: by position
             self._explicit_slots = self._slots(self.__dict__.pop("_explicit_names", None))
         self._tracker = ClearTracker()
@@ -1277,6 +1311,12 @@ class GradGuard(torch.optim.Optimizer):
                     rolled_back = self._lbfgs_step(inner, replay, mult, mult_h, grads, plan, snapshot, report, mode,
                                                    is_bad, prev_streak, prev_spike)
                     lbfgs_live = rolled_back is not None
+                    if lbfgs_live and mode == "raise":
+                        # The step hooks see this step as they see every raising one (it raised
+                        # inside _lbfgs_step, and a logging hook never saw the bad step).
+                        hook_error = self._run_hooks(report, keep_going=True)
+                        raise NonFiniteGradError(rolled_back + " (on_nonfinite='raise'; the step was rolled back)"
+                                                 + _hook_note(hook_error), [], report) from hook_error
                     if lbfgs_live:
                         streak_h = int(st.counters[3])  # the rolled-back step counts as skipped
                 elif not (is_bad and mode in ("skip", "raise")):
@@ -1443,8 +1483,6 @@ class GradGuard(torch.optim.Optimizer):
         self._state.mark_last_skipped(prev_streak, first_bad)
         if prev_spike is not None:
             self.spike.state_tensor(prev_spike.device).copy_(prev_spike)
-        if mode == "raise":
-            raise NonFiniteGradError(message + " (on_nonfinite='raise'; the step was rolled back)", [], report)
         return message
 
     def _global_raw(self, params, present, grads):

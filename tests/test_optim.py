@@ -367,6 +367,40 @@ def test_a_max_norm_assigned_later_is_checked_as_at_construction(bad):
     assert opt.max_norm is None
 
 
+@pytest.mark.parametrize("name,bad,match", [
+    ("max_consecutive_skips", 0, "`max_consecutive_skips`"), ("max_consecutive_skips", -1, "`max_consecutive_skips`"),
+    ("max_consecutive_skips", 1.5, "`max_consecutive_skips`"), ("norm_type", 0, "`norm_type`"),
+    ("norm_type", float("nan"), "`norm_type`"), ("on_nonfinite", "drop", "`on_nonfinite`"),
+    ("on_nonfinite", None, "`on_nonfinite`")])
+def test_the_other_settings_assigned_later_are_checked_as_at_construction(name, bad, match):
+    # They were plain attributes: max_consecutive_skips = 0 made every finite step (stepped) then
+    # raise "0 steps in a row were skipped".
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = GradGuard(torch.optim.SGD([p], lr=1.0), max_norm=1.0, max_consecutive_skips=2)
+    before = getattr(opt, name)
+    with pytest.raises((ValueError, TypeError), match=match):
+        setattr(opt, name, bad)
+    assert getattr(opt, name) == before
+    p.grad = torch.tensor([3.0, 4.0])
+    opt.step()  # a finite step: taken, no error
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.6, -0.8]))
+    opt.max_consecutive_skips, opt.norm_type, opt.on_nonfinite = None, 1, "zero"
+    assert (opt.max_consecutive_skips, opt.norm_type, opt.on_nonfinite) == (None, 1.0, "zero")
+    assert type(opt.norm_type) is float
+
+
+def test_a_guard_pickled_with_its_settings_as_attributes_loads():
+    opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1), norm_type=1.0, on_nonfinite="zero",
+                    max_consecutive_skips=3)
+    state = opt.__getstate__()
+    limits = state.pop("_limits")
+    state.update(max_norm=limits["max_norm"], norm_type=1.0, on_nonfinite="zero", max_consecutive_skips=3)
+    clone = GradGuard.__new__(GradGuard)
+    clone.__setstate__(state)
+    assert (clone.norm_type, clone.on_nonfinite, clone.max_consecutive_skips) == (1.0, "zero", 3)
+    assert not {"norm_type", "on_nonfinite", "max_consecutive_skips"} & set(vars(clone))
+
+
 def test_a_guard_pickled_with_max_norm_as_an_attribute_loads():
     opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1), max_norm=0.5)
     state = opt.__getstate__()
@@ -583,6 +617,46 @@ def test_lbfgs_checks_every_closure_evaluation():
     calls[0] = 10
     opt.step(closure)
     assert not bool(opt.last.skipped) and float(w.detach().abs().max()) < float(before.abs().max())
+
+
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_an_lbfgs_step_rolled_back_runs_the_step_hooks(mode):
+    # In "raise" mode the rollback raised inside the LBFGS step, before the hooks: a logging hook
+    # (add_step_hook: "after every step, also a skipped or raising one") never saw the bad step.
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, -1.0, 0.5]))
+    opt = GradGuard(torch.optim.LBFGS([w], lr=1.0, max_iter=5), on_nonfinite=mode, names=["w"])
+    seen = []
+    opt.add_step_hook(lambda guard, report: seen.append((report.step, bool(report.skipped))))
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        calls[0] += 1
+        loss = (w ** 2).sum()
+        loss.backward()
+        if calls[0] == 2:  # the second evaluation, inside LBFGS.step()
+            w.grad[0] = float("nan")
+        return loss
+
+    before = w.detach().clone()
+    if mode == "raise":
+        with pytest.raises(NonFiniteGradError, match="the step was rolled back"):
+            opt.step(closure)
+    else:
+        opt.step(closure)
+    assert torch.equal(w.detach(), before)
+    assert seen == [(1, True)] and opt.summary()["skipped"] == 1
+
+    def failing(guard, report):
+        raise RuntimeError("the hook failed")
+
+    opt.add_step_hook(failing)
+    calls[0] = 0
+    if mode == "raise":  # the hook's error chained onto the guard's, as on every raising step
+        with pytest.raises(NonFiniteGradError, match="the step was rolled back") as err:
+            opt.step(closure)
+        assert isinstance(err.value.__cause__, RuntimeError)
+        assert seen[-1] == (2, True)
 
 
 @pytest.mark.parametrize("mode", ["skip", "zero", "raise"])
