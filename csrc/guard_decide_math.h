@@ -232,11 +232,13 @@ GG_HD Decision decide(const Config& c, const Inputs& in) {
   d.total = round_to(mul(total64, inverse_scale(in.has_loss_scale, in.loss_scale)), c.out_double);
   // A finite norm too large for the result dtype is as bad as an Inf element: judged unscaled
   // (a scaled norm may overflow where the gradients' own does not). A loss scale that is not
-  // positive, or whose inverse overflows the multiplier's dtype (a scale backed off to 0, or below
-  // ~3e-39 for float32), or inf (inf * 0.5 stays inf), would turn the unscaled gradients into
-  // Inf/NaN: as bad.
+  // positive, or whose inverse overflows float32 (a scale backed off to 0, or below ~3e-39), or
+  // inf (inf * 0.5 stays inf), would turn the unscaled gradients into Inf/NaN: as bad. float32
+  // whatever the multiplier's dtype, as GradScaler's own unscale_ takes the inverse: judged in a
+  // float64 multiplier (a model with a float64 parameter), the step was taken and its float32
+  // gradients multiplied by the inverse rounded to float32, inf.
   const bool bad_scale = in.has_loss_scale && !(in.loss_scale > 0.0 && !isinf_(in.loss_scale) &&
-                                                 !isinf_(round_to(div(1.0, in.loss_scale), c.basis_double)));
+                                                 !isinf_(round_to(div(1.0, in.loss_scale), false)));
   d.bad_scale = bad_scale;
   d.found = (in.nan_total + in.inf_total) > 0 || isnan_(d.total) || isinf_(d.total) || bad_scale;
   d.overflow = in.has_scaler_found && in.scaler_found > 0;

@@ -153,14 +153,14 @@ def _index_tensor(present: list[int], device: torch.device) -> torch.Tensor:
     return cpu.pin_memory().to(device, non_blocking=True)
 
 
-def _bad_loss_scale(loss_scale: torch.Tensor | None, dtype: torch.dtype) -> float | None:
+def _bad_loss_scale(loss_scale: torch.Tensor | None) -> float | None:
     """The loss scale's value where unscaling by it is impossible (guard_decide's rule: not
-    positive, inf, or its inverse overflows the multiplier's dtype); None otherwise. For error
+    positive, inf, or its inverse overflows float32); None otherwise. For error
     messages only: it reads the scale (a host sync)."""
     if loss_scale is None:
         return None
     ls64 = loss_scale.detach().to("cpu", torch.float64).reshape(())
-    return float(ls64) if bool(_decide_ref.bad_loss_scale(ls64, dtype)) else None
+    return float(ls64) if bool(_decide_ref.bad_loss_scale(ls64)) else None
 
 
 def _limit_read_free(max_norm: torch.Tensor) -> bool:
@@ -1251,7 +1251,7 @@ class GradGuard(torch.optim.Optimizer):
             if mode == "raise" and host[2]:
                 hook_error = self._run_hooks(report, keep_going=True)
                 msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
-                                             report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype),
+                                             report.norms, raw.out_dtype, _bad_loss_scale(loss_scale),
                                              _bad_limit(limit_t))
                 raise NonFiniteGradError(msg + " (on_nonfinite='raise'; the step was not taken)"
                                          + _hook_note(hook_error), bad, report) from hook_error
@@ -1349,7 +1349,7 @@ class GradGuard(torch.optim.Optimizer):
                 msg, bad = rolled_back, []
             else:
                 msg, bad = nonfinite_message("gradguard.GradGuard", report.names, raw.nan_count, raw.inf_count,
-                                             report.norms, raw.out_dtype, _bad_loss_scale(loss_scale, mult.dtype),
+                                             report.norms, raw.out_dtype, _bad_loss_scale(loss_scale),
                                              _bad_limit(limit_t))
             raise NonFiniteGradError(
                 f"gradguard.GradGuard: {'1 step was' if streak_h == 1 else f'{streak_h} steps in a row were'} skipped "

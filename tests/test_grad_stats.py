@@ -581,6 +581,27 @@ def _same_numbers(got, want):
 
 
 @pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
+def test_a_float64_scale_beyond_float32_multiplies_by_its_float32_rounding(path, dtype, op):
+    # 1e39 rounds to float32 inf, by which every copy multiplies; torch's foreach branch of
+    # maybe_scale_ (float32 without AVX-512, every dtype without AVX2: aarch64) raised "cannot be
+    # converted to type float without overflow" instead (run there by _ISA_CHECK below).
+    fn = getattr(reference if path == "reference" else torch.ops.gradguard, op)
+    for scale, want in ((1e39, [math.inf, -math.inf, math.inf, 0.0]), (-1e39, [-math.inf, math.inf, -math.inf, -0.0]),
+                        (1e-50, [0.0, -0.0, 0.0, 0.0])):
+        x = torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=dtype)
+        fn([x], torch.tensor(scale, dtype=torch.float64))
+        if scale == 1e39 or scale == -1e39:
+            want = [math.nan if w == 0.0 else w for w in want]  # 0 * inf
+        got = x.double()
+        exp = torch.tensor(want, dtype=torch.float64)
+        assert torch.equal(torch.isnan(got), torch.isnan(exp)), (scale, got)
+        assert torch.equal(got[~exp.isnan()], exp[~exp.isnan()]), (scale, got)
+        assert torch.equal(got.signbit()[~exp.isnan()], exp.signbit()[~exp.isnan()]), (scale, got)
+
+
+@pytest.mark.parametrize("path", [name for name, _ in stats_paths()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("op", ["zero_nonfinite_and_scale_", "maybe_scale_"])
 def test_scaling_random_bit_patterns(path, dtype, op):
@@ -815,11 +836,15 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 from test_grad_stats import (test_16bit_squares_are_exact_in_every_binade, test_16bit_zeros_and_subnormals_are_exact,
                              test_scale_kernels_every_16bit_pattern, test_scaling_random_bit_patterns,
+                             test_a_float64_scale_beyond_float32_multiplies_by_its_float32_rounding,
                              test_a_scale_that_is_an_element_of_a_tensor_counts_with_the_value_it_had)
 for dtype in (torch.float16, torch.bfloat16):
     test_16bit_squares_are_exact_in_every_binade("dispatcher", dtype)
     test_16bit_zeros_and_subnormals_are_exact("dispatcher", dtype)
     test_scale_kernels_every_16bit_pattern("dispatcher", dtype)
+for op in ("zero_nonfinite_and_scale_", "maybe_scale_"):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        test_a_float64_scale_beyond_float32_multiplies_by_its_float32_rounding("dispatcher", dtype, op)
 for dtype in (torch.float32, torch.float64):
     for op in ("zero_nonfinite_and_scale_", "maybe_scale_"):
         test_scaling_random_bit_patterns("dispatcher", dtype, op)

@@ -149,6 +149,26 @@ def test_a_loss_scale_backed_off_to_nothing_skips_the_step(scale, fused, max_nor
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (torch.float64,), (torch.bfloat16, torch.float64)],
+                         ids=["float32+float64", "float64", "bfloat16+float64"])
+@pytest.mark.parametrize("max_norm", [None, 1.0])
+def test_a_loss_scale_whose_inverse_overflows_float32_skips_with_a_float64_parameter_too(dtypes, max_norm, decide_on):
+    # With a float64 parameter the decision is taken in float64, where 1/1e-40 does not overflow:
+    # the step was taken, and the float32 gradients multiplied by that inverse rounded to float32
+    # (inf): every float32 weight went to -inf. GradScaler's own unscale_ takes the inverse in
+    # float32 for every dtype, so the guard judges it there too, and skips.
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, dtype=dt)) for dt in dtypes]
+    g = GradGuard(torch.optim.SGD(params, lr=0.1), max_norm=max_norm)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e-40)
+    scaler.scale(sum((p.double() * (k + 2.0)).sum() for k, p in enumerate(params))).backward()
+    before = [p.detach().clone() for p in params]
+    scaler.step(g)
+    scaler.update()
+    assert bool(g.last.skipped) and bool(g.last.found_inf)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
 def test_a_scaled_norm_that_overflows_is_judged_unscaled(decide_on):
     # Finite scaled gradients whose scaled norm overflows float32 while the unscaled norm does
     # not: GradScaler sees no overflow, and the guard skipped every such step.

@@ -171,8 +171,13 @@ void maybe_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
   // float32 value as every other (a float64 0-dim scale promoted its product to float64, rounded
   // once: 1 ulp off). A tensor, not a Scalar: torch multiplies a float16 tensor by a Scalar in
   // another rounding than by a 0-dim float32 tensor (the every-pattern test saw it).
+  // A float32 one rounded here: scalar_tensor range-checks a double beyond float32 (a float64 scale
+  // of 1e39 raised "cannot be converted to type float without overflow" on this path alone, where
+  // the loops above and the reference multiply by its float32 rounding, inf).
+  const double v = op_math_scale(scale, s, dtype);
   const auto op_math = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::_foreach_mul_(tensors, at::scalar_tensor(op_math_scale(scale, s, dtype), at::TensorOptions().dtype(op_math)));
+  at::_foreach_mul_(tensors, at::scalar_tensor(dtype == at::kDouble ? v : static_cast<double>(static_cast<float>(v)),
+                                               at::TensorOptions().dtype(op_math)));
 }
 
 }  // namespace

@@ -99,10 +99,11 @@ def _total(acc: torch.Tensor, amax: torch.Tensor, p: float) -> torch.Tensor:
     return _scaled_root(m, (acc * (w if p == 1.0 else w.pow(p))).sum(), p)
 
 
-def bad_loss_scale(ls64: torch.Tensor, basis_dtype: torch.dtype) -> torch.Tensor:
-    """A loss scale unscaling cannot undo: not positive, inf, or its inverse beyond the
-    multiplier's dtype (guard_decide_math.h's bad_scale; the guard's error message asks it too)."""
-    return ~((ls64 > 0) & ~torch.isinf(ls64) & ~torch.isinf(_round(1.0 / ls64, basis_dtype)))
+def bad_loss_scale(ls64: torch.Tensor) -> torch.Tensor:
+    """A loss scale unscaling cannot undo: not positive, inf, or its inverse beyond float32, in
+    which GradScaler takes it, whatever the multiplier's dtype (guard_decide_math.h's bad_scale;
+    the guard's error message asks it too)."""
+    return ~((ls64 > 0) & ~torch.isinf(ls64) & ~torch.isinf(_round(1.0 / ls64, torch.float32)))
 
 
 def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -169,13 +170,13 @@ def guard_decide(acc, nan_count, inf_count, amax, index, max_norm, loss_scale, s
     total64 = torch.where(nan_total > 0, math.nan, torch.where(inf_total > 0, math.inf, finite_total))
     inv = 1.0 if loss_scale is None else 1.0 / loss_scale.to(device=dev).double()
     total = _round(total64 * inv, out_dtype)
-    # Judged unscaled; a loss scale that is not positive, inf, or whose inverse overflows the
-    # multiplier's dtype is as bad (see guard_decide_math.h).
+    # Judged unscaled; a loss scale that is not positive, inf, or whose inverse overflows float32
+    # is as bad (see guard_decide_math.h).
     found = ((nan_total + inf_total) > 0) | ~torch.isfinite(total)
     bad_scale = torch.zeros((), dtype=torch.bool, device=dev)
     if loss_scale is not None:
         ls64 = loss_scale.to(device=dev).double()
-        bad_scale = bad_loss_scale(ls64, basis_dtype)
+        bad_scale = bad_loss_scale(ls64)
         found = found | bad_scale
     overflow = torch.zeros((), dtype=torch.bool, device=dev)
     if scaler_found is not None:
