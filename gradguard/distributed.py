@@ -448,16 +448,52 @@ def empty_grad_of(p):
     return made
 
 
-def ddp_group(model):
-    """The process group of the DistributedDataParallel module in `model` (itself, inside a
-    container, or under torch.compile), or None."""
-    try:
-        from torch.nn.parallel import DistributedDataParallel
-    except ImportError:
+def agreement_group(model, params):
+    """The process group of every rank that steps `params` together, for a check whose inputs
+    are rank-local (all_agree), or None for a single process: the ranks of the DTensor
+    parameters' meshes and, in `model`, of DDP's group and of FSDP1's groups (HYBRID_SHARD's
+    replicas too: its shard group alone left the other replica going on, and the ranks' next
+    collectives mismatched). The group must hold exactly those ranks (a larger one would wait for
+    ranks that never join): one of the meshes' or modules' groups, or the world."""
+    needed, candidates, meshes = set(), [], set()
+    for q in params:
+        if is_dtensor(q) and id(q.device_mesh) not in meshes:
+            mesh = q.device_mesh
+            meshes.add(id(mesh))
+            needed.update(int(r) for r in mesh.mesh.flatten().tolist())
+            candidates += [mesh.get_group(d) for d in range(mesh.ndim)]
+    if isinstance(model, torch.nn.Module):
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.nn.parallel import DistributedDataParallel as DDP
+        except ImportError:
+            FSDP = DDP = ()
+        for m in model.modules():
+            if not isinstance(m, (DDP, FSDP)):
+                continue
+            needed.update(_group_ranks(m.process_group))
+            candidates.append(m.process_group)
+            replicas = getattr(m, "_inter_node_pg", None)
+            if replicas is None:
+                continue
+            # HYBRID_SHARD: this rank's shard group and replica group are a row and a column of a
+            # grid of ranks; the whole grid steps together: its mesh, or the world it fills.
+            mesh = getattr(m, "_device_mesh", None)
+            if mesh is not None:
+                needed.update(int(r) for r in mesh.mesh.flatten().tolist())
+                candidates += [mesh.get_group(d) for d in range(mesh.ndim)]
+            elif len(_group_ranks(m.process_group)) * len(_group_ranks(replicas)) == dist.get_world_size():
+                needed.update(range(dist.get_world_size()))
+            else:
+                needed.update(_group_ranks(replicas))  # no group holds the grid: refused below
+    if len(needed) <= 1:
         return None
-    if not isinstance(model, torch.nn.Module):
-        return None
-    return next((m.process_group for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
+    for g in {id(g): g for g in candidates + [dist.group.WORLD]}.values():
+        if set(_group_ranks(g)) == needed:
+            return g
+    raise ValueError(f"gradguard.GradGuard: the ranks {sorted(needed)} step this model together, and no process "
+                     "group of its meshes or modules holds exactly them, to agree on a check of the closure's loss "
+                     "(LBFGS); pass process_group= such a group")
 
 
 def all_agree(ok: bool, group, device) -> bool:

@@ -1358,11 +1358,14 @@ class GradGuard(torch.optim.Optimizer):
         return loss
 
     def _agreement(self, device):
-        """`agree(ok) -> bool` over the ranks that step together (process_group=, FSDP1's or
-        ZeRO's group, the DDP module in `model=`), or None for a single process."""
-        group = next((g for g in (self.process_group, self._fsdp_group, self._decide_group) if g is not None), None)
+        """`agree(ok) -> bool` over the ranks that step together (process_group=, ZeRO's group,
+        else the ranks of the DTensor parameters' meshes and of the DDP/FSDP1 modules in `model=`,
+        else FSDP1's group), or None for a single process."""
+        group = self.process_group if self.process_group is not None else self._decide_group
         if group is None:
-            group = _distributed.ddp_group(self.model)
+            group = _distributed.agreement_group(self.model, self._params())
+        if group is None:
+            group = self._fsdp_group
         if group is None:
             return None
         return lambda ok: _distributed.all_agree(ok, group, device)

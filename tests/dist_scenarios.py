@@ -771,6 +771,56 @@ def scenario_ddp_lbfgs_rank_local_loss(rank, world):
     return out
 
 
+def scenario_lbfgs_rank_local_loss(rank, world, kind, bad_rank=1):
+    """LBFGS with the closure's loss non-finite on `bad_rank` only (a non-differentiable term: the
+    gradients stay finite), at evaluation 1 or 2, under FSDP2 (kind "fsdp2"), tensor parallel
+    ("tp") or FSDP1 HYBRID_SHARD ("hybrid", 2 replicas x 2 shards). The agreement on the loss
+    check covered DDP, FSDP1's shard group and process_group= only: with DTensor parameters the
+    bad rank rolled back alone while the others went on into the next evaluation's collectives
+    (gloo: "Connection closed by peer", or later a collective mismatch), and under HYBRID_SHARD
+    only the bad rank's replica rolled back."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    out = {}
+    for which in (1, 2):
+        # Every dimension even: LBFGS flattens the gradients, which DTensor refuses for an uneven shard.
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(IN_F, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 4)).double()
+        rows = ROWS // world
+        x, y = batch(0)[0], torch.randn(ROWS, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        if kind == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+            x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+        elif kind == "tp":
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            m = parallelize_module(m, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        else:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+
+            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+            m = FSDP(m, device_mesh=mesh, sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+                     device_id=torch.device("cpu"), use_orig_params=True)
+            x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+        guard = gradguard.GradGuard(torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3), model=m)
+        before = [local_of(p).detach().clone() for p in m.parameters()]
+        calls = [0]
+
+        def closure(m=m, x=x, y=y, calls=calls, which=which):
+            guard.zero_grad()
+            calls[0] += 1
+            loss = loss_of(m, x, y)
+            loss.backward()
+            return loss.detach() + (math.inf if rank == bad_rank and calls[0] == which else 0.0)
+
+        guard.step(closure)
+        out[which] = {"calls": calls[0], "skipped": guard.summary()["skipped"],
+                      "unchanged": all(torch.equal(local_of(p).detach(), b) for p, b in zip(m.parameters(), before))}
+    return out
+
+
 def scenario_dtensor_missing_grad(rank, world):
     """DTensor parameters, two of which get a gradient on rank 0 only (an expert, an auxiliary
     head: unused on rank 1): C, Shard(0), and B, a plain tensor. Rank 1 packed fewer entries
@@ -837,6 +887,8 @@ def run_all(rank, world) -> dict:
         "fsdp2_tp_2d_strided": scenario_fsdp2_tp_2d(rank, world, counter, tp_first=True),
         "module_caches": scenario_module_caches(rank, world),
         "ddp_lbfgs_loss": scenario_ddp_lbfgs_rank_local_loss(rank, world),
+        "fsdp2_lbfgs_loss": scenario_lbfgs_rank_local_loss(rank, world, "fsdp2"),
+        "tp_lbfgs_loss": scenario_lbfgs_rank_local_loss(rank, world, "tp"),
         "dtensor_missing_grad": scenario_dtensor_missing_grad(rank, world),
     }
     return results
@@ -865,6 +917,7 @@ def scenario_fsdp1_hybrid_process_group(rank, world):
     loss_of(model, x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]).backward()
     guard.step()
     out["total_norm"] = float(guard.last.total_norm)
+    out["lbfgs_loss"] = scenario_lbfgs_rank_local_loss(rank, world, "hybrid", bad_rank=2)
     return out
 
 

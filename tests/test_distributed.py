@@ -242,6 +242,14 @@ def test_lbfgs_under_ddp_rolls_back_on_every_rank_for_one_ranks_loss(runs):
             (which, got)
 
 
+@pytest.mark.parametrize("kind", ["fsdp2", "tp"])
+def test_lbfgs_with_dtensor_parameters_rolls_back_on_every_rank_for_one_ranks_loss(runs, kind):
+    ranks, _ = runs
+    for which in (1, 2):
+        got = [r[f"{kind}_lbfgs_loss"][which] for r in ranks]
+        assert all(d == {"calls": which, "skipped": 1, "unchanged": True} for d in got), (which, got)
+
+
 def test_dtensor_parameters_without_a_gradient_on_one_rank(runs):
     ranks, _ = runs
     d0, d1 = (r["dtensor_missing_grad"] for r in ranks)
@@ -311,6 +319,9 @@ def test_fsdp1_hybrid_shard_refuses_a_process_group_over_its_replicas():
     for r in ranks:
         assert "hybrid sharding whose replicas share `process_group`" in r["refusal"]
         assert math.isclose(r["total_norm"], want, rel_tol=1e-12)
+        # LBFGS, the loss non-finite on rank 2 only: both replicas roll back, not rank 2's alone.
+        for which in (1, 2):
+            assert r["lbfgs_loss"][which] == {"calls": which, "skipped": 1, "unchanged": True}, r["lbfgs_loss"]
 
 
 def test_a_parameter_unfrozen_under_process_group_gets_no_state_on_a_skipped_step():
