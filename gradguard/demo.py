@@ -77,6 +77,10 @@ class Fault:
         return self.start <= step < self.stop
 
 
+# Enough steps for every fault of fault_schedule to run whole (80% of the run + 10 steps: from 41).
+MIN_STEPS = 50
+
+
 def fault_schedule(steps: int) -> list[Fault]:
     at = lambda frac: max(1, int(steps * frac))  # noqa: E731
     return [
@@ -405,8 +409,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--no-plot", action="store_true", help="skip the picture")
     args = ap.parse_args(argv)
-    if args.steps < 20:
-        ap.error("--steps must be at least 20 (the faults are spread over the run)")
+    if args.steps < MIN_STEPS:
+        ap.error(f"--steps must be at least {MIN_STEPS} (the faults are spread over the run, and the last one, "
+                 "10 steps without zero_grad() from 80% of it, must fit)")
     # Checked before the three runs (a bad one failed after them, or as a traceback).
     check_device_arg(ap, args.device, "demo")
     if not args.no_plot and os.path.exists(args.out) and not os.path.isdir(args.out):

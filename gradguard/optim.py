@@ -99,8 +99,8 @@ from gradguard.guard_state import GuardState
 from gradguard.reference import decide as _decide_ref
 from gradguard.report import History, StepReport
 from gradguard.spike import SpikePolicy
-from gradguard.stats import (_FLOAT_DTYPES, _Raw, check_max_norm, check_norm_type, global_raw_stats, grad_or_empty,
-                             limit_on, nonfinite_message, refuse_unreduced_fsdp1, scale_)
+from gradguard.stats import (_FLOAT_DTYPES, _Raw, _refuse_meta, check_max_norm, check_norm_type, global_raw_stats,
+                             grad_or_empty, limit_on, nonfinite_message, refuse_unreduced_fsdp1, scale_)
 
 ON_NONFINITE = ("skip", "zero", "raise", "ignore")
 _GUARD_KEYS = ("steps", "totals", "consecutive", "layer_nonfinite", "layer_max_norm", "spike", "history")
@@ -1137,6 +1137,11 @@ class GradGuard(torch.optim.Optimizer):
         return grads, raw, names, idx
 
     def _step(self, closure):
+        if closure is None and isinstance(self.optimizer, torch.optim.LBFGS):
+            # Refused here, as LBFGS.step() itself refuses it: found by the inner step, after the
+            # decision, the step had been counted and .grad clipped, at every retry.
+            raise TypeError("gradguard.GradGuard.step: the inner torch.optim.LBFGS needs `closure` (it evaluates the "
+                            "loss several times per step); nothing was stepped or recorded")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -1161,6 +1166,8 @@ class GradGuard(torch.optim.Optimizer):
             self.optimizer.step(_replay(loss, closure))
             return loss
         device = raw.device
+        if _host.device_type(device) == "meta":  # a dry run: nothing to read, and no state made there
+            _refuse_meta(device, 0, names)
         mode = "skip" if amp else self.on_nonfinite
         st = self._state
         capturing = _capturing(device)

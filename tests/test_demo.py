@@ -34,7 +34,17 @@ def test_demo_short_run(tmp_path):
 def test_demo_rejects_too_few_steps():
     r = subprocess.run([sys.executable, "-m", "gradguard.demo", "--steps", "5", "--no-plot"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--steps must be at least 20" in r.stderr
+    assert r.returncode == 2 and "--steps must be at least 50" in r.stderr
+
+
+def test_every_fault_fits_in_the_shortest_run():
+    # At --steps 20 (the old minimum) the 10 steps without zero_grad() were announced as steps
+    # 16-25 of a 20-step run.
+    from gradguard.demo import MIN_STEPS, fault_schedule
+
+    for steps in range(MIN_STEPS, MIN_STEPS + 40):
+        assert all(1 <= f.start and f.stop - 1 <= steps for f in fault_schedule(steps)), steps
+    assert any(f.stop - 1 > 20 for f in fault_schedule(20))
 
 
 def test_demo_checks_device_and_out_before_training(tmp_path):
@@ -43,6 +53,6 @@ def test_demo_checks_device_and_out_before_training(tmp_path):
     f.write_text("")
     for args, msg in ((["--device", "foo"], "--device: 'foo' is not a device"),
                       (["--out", str(f)], "is a file; give a folder")):
-        r = subprocess.run([sys.executable, "-m", "gradguard.demo", "--steps", "20", *args], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "gradguard.demo", "--steps", "50", *args], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and msg in r.stderr and "Faults injected" not in r.stdout, (args, r.stderr)

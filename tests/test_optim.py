@@ -417,6 +417,32 @@ def test_a_guard_pickled_with_max_norm_as_an_attribute_loads():
     assert (shallow.max_norm, opt.max_norm) == (0.125, 0.5)
 
 
+def test_an_lbfgs_step_without_a_closure_is_refused_before_anything_is_recorded():
+    # LBFGS itself refuses it at once; through the guard the step was counted and .grad clipped
+    # first, then LBFGS failed on "'NoneType' object is not callable", at every retry.
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = GradGuard(torch.optim.LBFGS([w], lr=0.1), max_norm=1.0)
+    w.grad = torch.tensor([3.0, 4.0])
+    for _ in range(2):
+        with pytest.raises(TypeError, match="LBFGS needs `closure`"):
+            opt.step()
+    assert torch.equal(w.grad, torch.tensor([3.0, 4.0])) and opt.summary()["steps"] == 0 and opt.last is None
+
+
+def test_meta_gradients_are_refused_before_the_guard_makes_state_there():
+    # A dry run on a meta model: torch's bare "Cannot copy out of meta tensor" came from inside
+    # the step, after the guard's counters and history were made on the meta device, so that
+    # summary() and state_dict() failed from then on.
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0, model=model)
+    model(torch.randn(2, 3, device="meta")).sum().backward()
+    with pytest.raises(ValueError, match="the gradient of 'weight' is on the meta device"):
+        opt.step()
+    assert opt.summary()["steps"] == 0
+    opt.state_dict()
+
+
 def test_wrapping_twice_is_refused():
     opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1))
     with pytest.raises(TypeError, match="already a GradGuard"):
