@@ -475,6 +475,31 @@ def test_torch_func_inside_compile_takes_the_defined_gradients(transform):
     torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(x), fn(x), equal_nan=True)
 
 
+@pytest.mark.parametrize("transform", ["jvp", "grad"])
+def test_safe_div_of_a_nan_by_a_guarded_divisor_differentiates_to_zero_inside_compile(transform):
+    # The compile path's forward divided a NaN numerator by the guarded divisor itself: its
+    # tangent under torch.compile(jvp) was t / 0 = inf, where the defined derivative (and eager's)
+    # is 0 wherever |other| <= eps.
+    x = torch.tensor([-1.0, -math.inf, 0.5, math.nan, math.nan, 2.0], dtype=torch.float64)
+    d = torch.tensor([0.0, 0.0, 0.0, 0.0, 4.0, 1e-9], dtype=torch.float64)
+    t = torch.ones_like(x)
+
+    def f(v, w):
+        return gradguard.safe_div(v, w, eps=1e-6)
+
+    if transform == "jvp":
+        fn = lambda a, b, c: torch.func.jvp(lambda u: f(u, b), (a,), (c,))[1]  # noqa: E731
+        args = (x, d, t)
+    else:
+        fn = lambda a, b: torch.func.grad(lambda u: f(u, b).nansum())(a)  # noqa: E731
+        args = (x, d)
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(*args)
+    want = fn(*args)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert torch.equal(got[[0, 1, 2, 3, 5]], torch.zeros(5, dtype=torch.float64)), got
+
+
 def test_straight_through_log_with_an_eps_whose_inverse_overflows_compiled():
     # The compile path adds the straight-through ramp below the bound as ramp / eps: multiplied by
     # 1 / eps, that was inf in float16 for eps < 1.5e-5 (and for subnormal eps in the other
