@@ -46,6 +46,27 @@ def _check_real(name: str, value, low: float, high: float, low_open: bool, high_
     return v
 
 
+class _Setting:
+    """A policy's number, checked as its constructor checks it whenever it is assigned (a plain
+    attribute took `policy.z = -1`, or an `alpha` of 2, without a word, and the decision then
+    used them)."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.__dict__[self.slot]
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.slot] = self.check(obj, value)
+
+
+_SETTINGS = ("z", "alpha", "warmup", "q", "window")
+
+
 class SpikePolicy:
     """Base class of the built-in policies (``ZScoreClip``, ``PercentileClip``): ``kind`` names
     the policy for the decision op, ``args`` are its three numbers, ``_state`` its packed state."""
@@ -67,6 +88,13 @@ class SpikePolicy:
         state = self.__dict__.copy()
         state["_owner"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        for name in _SETTINGS:  # pickled while the settings were plain attributes
+            if name in state:
+                state["_" + name] = state.pop(name)
+        self.__dict__.update(state)
 
     @property
     def args(self) -> list[float]:
@@ -97,12 +125,13 @@ class ZScoreClip(SpikePolicy):
     """
 
     kind = "zscore"
+    z = _Setting(lambda self, v: _check_real("z", v, 0.0, math.inf, True, True))
+    alpha = _Setting(lambda self, v: _check_real("alpha", v, 0.0, 1.0, True, True))
+    warmup = _Setting(lambda self, v: _check_int("warmup", v, 1, MAX_WARMUP, " (the step count is kept in float64)"))
 
     def __init__(self, z: float = 2.5, alpha: float = 0.97, warmup: int = 25):
         super().__init__()
-        self.z = _check_real("z", z, 0.0, math.inf, True, True)
-        self.alpha = _check_real("alpha", alpha, 0.0, 1.0, True, True)
-        self.warmup = _check_int("warmup", warmup, 1, MAX_WARMUP, " (the step count is kept in float64)")
+        self.z, self.alpha, self.warmup = z, alpha, warmup  # checked by the settings
 
     @property
     def args(self) -> list[float]:
@@ -123,7 +152,7 @@ class ZScoreClip(SpikePolicy):
             raise ValueError(f"gradguard: the checkpoint holds {sd.get('kind')} spike state, not ZScoreClip")
         # The constructor's checks (a checkpoint is input too), before anything here changes.
         checked = ZScoreClip(sd["z"], sd["alpha"], sd["warmup"])
-        self.z, self.alpha, self.warmup = checked.z, checked.alpha, checked.warmup
+        self._z, self._alpha, self._warmup = checked.z, checked.alpha, checked.warmup
         if sd["mean"] is None:
             self._state = None
         else:
@@ -142,13 +171,21 @@ class PercentileClip(SpikePolicy):
     """
 
     kind = "percentile"
+    q = _Setting(lambda self, v: _check_real("q", v, 0.0, 1.0, True, False))
+    window = _Setting(lambda self, v: self._check_window(v))
+    warmup = ZScoreClip.warmup
 
     def __init__(self, q: float = 0.9, window: int = 1000, warmup: int = 25):
         super().__init__()
-        self.q = _check_real("q", q, 0.0, 1.0, True, False)
-        self.window = _check_int("window", window, 1, MAX_WINDOW,
-                                 " (every step ranks the whole window; its state is 8 bytes a slot on the device)")
-        self.warmup = _check_int("warmup", warmup, 1, MAX_WARMUP, " (the step count is kept in float64)")
+        self.q, self.window, self.warmup = q, window, warmup  # checked by the settings
+
+    def _check_window(self, value) -> int:
+        w = _check_int("window", value, 1, MAX_WINDOW,
+                       " (every step ranks the whole window; its state is 8 bytes a slot on the device)")
+        if self.__dict__.get("_state") is not None and w != self.__dict__["_window"]:
+            raise ValueError(f"gradguard: PercentileClip's `window` cannot change from {self.__dict__['_window']} to "
+                             f"{w} once it holds norms; give the guard a new PercentileClip(window={w}) instead")
+        return w
 
     @property
     def args(self) -> list[float]:
@@ -181,7 +218,7 @@ class PercentileClip(SpikePolicy):
                 raise ValueError(f"gradguard: the checkpoint's PercentileClip state holds {buf.numel()} norms "
                                  f"but its `window` is {checked.window}")
             state = torch.cat([sd["count"].to(buf.device, torch.float64).reshape(1), buf])
-        self.q, self.window, self.warmup = checked.q, checked.window, checked.warmup
+        self._q, self._window, self._warmup = checked.q, checked.window, checked.warmup
         self._state = state
 
     def __repr__(self) -> str:

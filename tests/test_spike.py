@@ -1,6 +1,7 @@
 """Spike policies on a synthetic norm sequence, against plain-Python reimplementations."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -217,3 +218,44 @@ def test_an_lbfgs_step_rolled_back_leaves_the_policy_as_it_was(make):
         opt.step(closure)
     assert bool(opt.last.skipped) and bool(opt.last.found_inf)
     torch.testing.assert_close(policy._state, before, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("cls,name,bad", [
+    (gradguard.ZScoreClip, "z", -1.0), (gradguard.ZScoreClip, "z", float("nan")), (gradguard.ZScoreClip, "alpha", 2.0),
+    (gradguard.ZScoreClip, "warmup", 0), (gradguard.PercentileClip, "q", 1.5), (gradguard.PercentileClip, "window", 0),
+    (gradguard.PercentileClip, "warmup", 1.5)])
+def test_a_policy_setting_assigned_later_is_checked_as_at_construction(cls, name, bad):
+    # They were plain attributes: z = -1 or alpha = 2 went into the decision without a word.
+    pol = cls(warmup=2)
+    before = getattr(pol, name)
+    with pytest.raises((ValueError, TypeError), match=f"`{name}`"):
+        setattr(pol, name, bad)
+    assert getattr(pol, name) == before
+
+
+def test_percentile_window_changes_only_before_the_policy_holds_norms():
+    # A changed window with the old state made every later step fail inside guard_decide
+    # ("`spike_state` of 'percentile' must have shape [11]").
+    pol = gradguard.PercentileClip(window=8, warmup=2)
+    pol.window = 16
+    p = torch.nn.Parameter(torch.ones(3))
+    g = gradguard.GradGuard(torch.optim.SGD([p], lr=0.1), spike=pol)
+    p.grad = torch.ones(3)
+    g.step()
+    pol.window = 16  # the same value: fine
+    with pytest.raises(ValueError, match="cannot change from 16 to 4 once it holds norms"):
+        pol.window = 4
+    p.grad = torch.ones(3)
+    g.step()
+    assert g.summary()["steps"] == 2 and pol.state_tensor(torch.device("cpu")).numel() == 17
+
+
+def test_a_policy_pickled_with_its_settings_as_attributes_loads():
+    pol = gradguard.PercentileClip(q=0.5, window=8, warmup=3)
+    state = pol.__getstate__()
+    for name in ("q", "window", "warmup"):
+        state[name] = state.pop("_" + name)  # as pickled before they were checked settings
+    clone = gradguard.PercentileClip.__new__(gradguard.PercentileClip)
+    clone.__setstate__(state)
+    assert (clone.q, clone.window, clone.warmup) == (0.5, 8, 3) and "q" not in vars(clone)
+    assert repr(copy.deepcopy(gradguard.ZScoreClip(z=3.0))) == "ZScoreClip(z=3.0, alpha=0.97, warmup=25)"
