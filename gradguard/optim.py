@@ -425,46 +425,15 @@ class GradGuard(torch.optim.Optimizer):
         self.norm_type = norm_type
         self.on_nonfinite = on_nonfinite
         self.max_consecutive_skips = max_consecutive_skips
-        if spike is not None and (not isinstance(spike, SpikePolicy) or spike.kind not in ("zscore", "percentile")):
-            raise TypeError(f"gradguard.GradGuard: `spike` must be None or a spike policy such as "
-                            f"gradguard.ZScoreClip() or gradguard.PercentileClip(), got {type(spike).__name__}")
-        if spike is not None and spike._guard() is not None:
-            # Its statistics are another live guard's norms: shared, each guard clipped by the other's.
-            raise ValueError(f"gradguard.GradGuard: this `spike` policy ({spike!r}) belongs to another GradGuard, "
-                             "whose norms its statistics are; give each guard a policy of its own: a new "
-                             f"{type(spike).__name__}(...), or copy.deepcopy(policy) to start from its statistics")
-        self.spike = spike
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"gradguard.GradGuard: `model` must be an nn.Module, got {type(model).__name__}")
-        self.model = model
         self.optimizer = optimizer
-        _distributed.check_process_group(process_group, "gradguard.GradGuard")
-        self.process_group = process_group
-        # Found once: which group shards FSDP1's flat parameters, and ZeRO's group, whose ranks
-        # must all take (or all skip) every step.
-        self._fsdp_group = _distributed.fsdp1_group(model) if model is not None and process_group is None else None
-        # FSDP1 units that do not shard (NO_SHARD, or one rank): whole gradients, never summed.
-        self._fsdp_whole = _distributed.fsdp1_whole(model) if model is not None else frozenset()
-        if process_group is not None and _distributed.ddp_overlaps(model, process_group):
-            # DDP's gradients are whole and the same on its ranks: summed as shards over them, the
-            # norm came out sqrt(world size) too large, and every step clipped that much harder.
-            raise ValueError("gradguard.GradGuard: `model` holds a DistributedDataParallel module whose ranks share "
-                             "`process_group`: its gradients are already all-reduced (whole and the same on each of "
-                             "those ranks), but process_group= sums each gradient's statistics over the group as if it "
-                             "were a shard; drop process_group= (DDP needs no collective)")
-        if process_group is not None and _distributed.fsdp1_replicas_overlap(model, process_group):
-            # The same silent error with FSDP1's hybrid sharding: a shard is held once per replica.
-            raise ValueError("gradguard.GradGuard: `model` holds an FSDP1 module with hybrid sharding whose replicas "
-                             "share `process_group`: each shard is held once per replica, and process_group= would "
-                             "sum it once per replica; pass model= alone (the guard finds FSDP1's shard group) or "
-                             "process_group= that shard group")
+        # The spike policy is checked here and taken last (a guard refused on the way, which an
+        # exception's traceback keeps alive, must leave the policy free).
+        self._limits["spike"] = None
+        self._check_spike(spike)
+        self._bind(model, process_group)
         self._decide_group = _distributed.zero_group(optimizer)
         self._state = GuardState(history_size)
-        if not isinstance(hygiene, bool):
-            raise TypeError(f"gradguard.GradGuard: `hygiene` must be True or False, got {hygiene!r}")
         self.hygiene = hygiene
-        if tracer is not None and (isinstance(tracer, type) or not callable(getattr(tracer, "_end_step", None))):
-            raise TypeError(f"gradguard.GradGuard: `tracer` must be a gradguard.NanTracer, got {type(tracer).__name__}")
         self.tracer = tracer
         self._name_list = None
         self._layout_cache = None
@@ -483,18 +452,7 @@ class GradGuard(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
-        # GradScaler.step then hands us the loss scale and its flag instead of syncing itself;
-        # except under FSDP1 shards, where that flag is this rank's alone (ShardedGradScaler,
-        # which FSDP1 needs, all-reduces it only in unscale_) and the ranks' scales drifted apart
-        # after a shard-local overflow: there GradScaler unscales and skips an overflowed step
-        # itself, with its all-reduced flag. Not under process_group= or ZeRO, whose users take a
-        # plain GradScaler: its rank-local skip would leave the other ranks alone in the guard's
-        # collective, while through the contract the guard's global statistics skip on every rank.
-        # FSDP1 shards under process_group= alike (the refusal of unreduced shards suggested it):
-        # the same rank-local flag, and the ranks' scales drifted apart there too.
-        self._step_supports_amp_scaling = self._fsdp_group is None and not (
-            process_group is not None
-            and any(_distributed.is_fsdp1_sharded(q, self._fsdp_whole) for q in self._params()))
+        self._amp_contract()
 
         self.last: StepReport | None = None
         self._step_hooks: OrderedDict = OrderedDict()
@@ -507,8 +465,7 @@ class GradGuard(torch.optim.Optimizer):
         self._apply_watch = None  # (grads, the first one's version) while a scaled step applies
         self._unscaled = None     # [(grad ref, version)] a raised step left unscaled, see _note_unscaled
         self._hygiene_grads = None  # this step's gradients as the hygiene check saw them
-        if spike is not None:
-            spike._owner = weakref.ref(self)  # last: a guard refused above leaves the policy free
+        self.spike = spike  # last: a guard refused above leaves the policy free
 
     @property
     def max_norm(self):
@@ -556,6 +513,120 @@ class GradGuard(torch.optim.Optimizer):
     def max_consecutive_skips(self, value) -> None:
         self._limits["max_consecutive_skips"] = None if value is None else check_int(
             value, "gradguard.GradGuard: `max_consecutive_skips`", 1)
+
+    @property
+    def hygiene(self) -> bool:
+        """Whether the zero_grad() and eval-mode checks run, as the constructor's argument."""
+        return self._limits["hygiene"]
+
+    @hygiene.setter
+    def hygiene(self, value) -> None:
+        if not isinstance(value, bool):  # "off" is truthy: it turned the checks on
+            raise TypeError(f"gradguard.GradGuard: `hygiene` must be True or False, got {value!r}")
+        self._limits["hygiene"] = value
+
+    @property
+    def tracer(self):
+        """The NanTracer the step ends (or None), as the constructor's argument."""
+        return self._limits["tracer"]
+
+    @tracer.setter
+    def tracer(self, value) -> None:
+        if value is not None and (isinstance(value, type) or not callable(getattr(value, "_end_step", None))):
+            raise TypeError(f"gradguard.GradGuard: `tracer` must be a gradguard.NanTracer, got {type(value).__name__}")
+        self._limits["tracer"] = value
+
+    @property
+    def spike(self):
+        """The spike policy (or None), as the constructor's argument. A policy assigned later is
+        checked and taken as there (one guard's norms per policy); the one it replaces is freed."""
+        return self._limits.get("spike")
+
+    @spike.setter
+    def spike(self, value) -> None:
+        self._check_spike(value)
+        old = self._limits.get("spike")
+        if old is not None and old is not value and old._guard() is self:
+            old._owner = None
+        self._limits["spike"] = value
+        if value is not None:
+            value._owner = weakref.ref(self)
+
+    def _check_spike(self, value) -> None:
+        if value is not None and (not isinstance(value, SpikePolicy) or value.kind not in ("zscore", "percentile")):
+            raise TypeError(f"gradguard.GradGuard: `spike` must be None or a spike policy such as "
+                            f"gradguard.ZScoreClip() or gradguard.PercentileClip(), got {type(value).__name__}")
+        if value is not None and value._guard() not in (None, self):
+            # Its statistics are another live guard's norms: shared, each guard clipped by the other's.
+            raise ValueError(f"gradguard.GradGuard: this `spike` policy ({value!r}) belongs to another GradGuard, "
+                             "whose norms its statistics are; give each guard a policy of its own: a new "
+                             f"{type(value).__name__}(...), or copy.deepcopy(policy) to start from its statistics")
+
+    # model= and process_group= decide how the statistics are made global (FSDP1's groups, the
+    # shards' group, the GradScaler contract) and how layers are named: assigned later, all of it
+    # is found again (process_group assigned after a step was ignored, the ranks deciding apart;
+    # a model assigned later left every report naming param[i]).
+    @property
+    def model(self):
+        """The nn.Module the layers are named from (and FSDP1/DDP found in), or None."""
+        return self.__dict__["_model"]
+
+    @model.setter
+    def model(self, value) -> None:
+        self._bind(value, self.process_group)
+
+    @property
+    def process_group(self):
+        """The process group the parameters are sharded over (process_group=), or None."""
+        return self.__dict__["_process_group"]
+
+    @process_group.setter
+    def process_group(self, value) -> None:
+        self._bind(self.model, value)
+
+    def _bind(self, model, process_group) -> None:
+        """Checks model= and process_group= together (before anything changes), then derives what
+        depends on them and drops what was found from the old ones."""
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"gradguard.GradGuard: `model` must be an nn.Module, got {type(model).__name__}")
+        _distributed.check_process_group(process_group, "gradguard.GradGuard")
+        # Found once per binding: which group shards FSDP1's flat parameters.
+        fsdp_group = _distributed.fsdp1_group(model) if model is not None and process_group is None else None
+        # FSDP1 units that do not shard (NO_SHARD, or one rank): whole gradients, never summed.
+        fsdp_whole = _distributed.fsdp1_whole(model) if model is not None else frozenset()
+        if process_group is not None and _distributed.ddp_overlaps(model, process_group):
+            # DDP's gradients are whole and the same on its ranks: summed as shards over them, the
+            # norm came out sqrt(world size) too large, and every step clipped that much harder.
+            raise ValueError("gradguard.GradGuard: `model` holds a DistributedDataParallel module whose ranks share "
+                             "`process_group`: its gradients are already all-reduced (whole and the same on each of "
+                             "those ranks), but process_group= sums each gradient's statistics over the group as if it "
+                             "were a shard; drop process_group= (DDP needs no collective)")
+        if process_group is not None and _distributed.fsdp1_replicas_overlap(model, process_group):
+            # The same silent error with FSDP1's hybrid sharding: a shard is held once per replica.
+            raise ValueError("gradguard.GradGuard: `model` holds an FSDP1 module with hybrid sharding whose replicas "
+                             "share `process_group`: each shard is held once per replica, and process_group= would "
+                             "sum it once per replica; pass model= alone (the guard finds FSDP1's shard group) or "
+                             "process_group= that shard group")
+        rebinding = "_model" in self.__dict__
+        self.__dict__["_model"], self.__dict__["_process_group"] = model, process_group
+        self._fsdp_group, self._fsdp_whole = fsdp_group, fsdp_whole
+        if rebinding:
+            self._plan = self._name_list = self._layout_cache = None  # found again at the next step
+            self._amp_contract()
+
+    def _amp_contract(self) -> None:
+        # GradScaler.step then hands us the loss scale and its flag instead of syncing itself;
+        # except under FSDP1 shards, where that flag is this rank's alone (ShardedGradScaler,
+        # which FSDP1 needs, all-reduces it only in unscale_) and the ranks' scales drifted apart
+        # after a shard-local overflow: there GradScaler unscales and skips an overflowed step
+        # itself, with its all-reduced flag. Not under process_group= or ZeRO, whose users take a
+        # plain GradScaler: its rank-local skip would leave the other ranks alone in the guard's
+        # collective, while through the contract the guard's global statistics skip on every rank.
+        # FSDP1 shards under process_group= alike (the refusal of unreduced shards suggested it):
+        # the same rank-local flag, and the ranks' scales drifted apart there too.
+        self._step_supports_amp_scaling = self._fsdp_group is None and not (
+            self.process_group is not None
+            and any(_distributed.is_fsdp1_sharded(q, self._fsdp_whole) for q in self._params()))
 
     @property
     def history(self) -> History:
@@ -821,9 +892,13 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.setdefault("_hygiene_grads", None)
         if "_limits" not in self.__dict__:  # pickled while max_norm was a plain attribute
             self._limits = {"max_norm": self.__dict__.pop("max_norm", None)}
-        for name, default in (("norm_type", 2.0), ("on_nonfinite", "skip"), ("max_consecutive_skips", None)):
+        for name, default in (("norm_type", 2.0), ("on_nonfinite", "skip"), ("max_consecutive_skips", None),
+                              ("hygiene", True), ("tracer", None), ("spike", None)):
             if name not in self._limits:  # pickled while these were plain attributes
                 self._limits[name] = self.__dict__.pop(name, default)
+        for name in ("model", "process_group"):
+            if "_" + name not in self.__dict__:
+                self.__dict__["_" + name] = self.__dict__.pop(name, None)
         if "_explicit_slots" not in self.__dict__:  # pickled before names= followed identity: by position
             self._explicit_slots = self._slots(self.__dict__.pop("_explicit_names", None))
         self._tracker = ClearTracker()

@@ -412,6 +412,33 @@ def scenario_process_group_missing_grad(rank, world):
     return out
 
 
+def scenario_process_group_assigned_later(rank, world):
+    """process_group assigned after a step: the plan made without it was kept, the statistics
+    stayed rank-local, and a NaN in rank 1's shard made rank 1 skip while rank 0 stepped."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 2).double()  # each rank holds a shard (hand-rolled sharding)
+    opt = gradguard.GradGuard(torch.optim.SGD(m.parameters(), lr=0.1))
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    m(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    opt.process_group = dist.group.WORLD
+    m(x).sum().backward()
+    local = float(torch.stack([p.grad.square().sum() for p in m.parameters()]).sum())
+    if rank == 1:
+        m.weight.grad[0, 0] = math.nan
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.step()
+    out = {"skipped": bool(opt.last.skipped), "unchanged": all(torch.equal(p, b) for p, b in zip(m.parameters(), before))}
+    opt.zero_grad()
+    m(x).sum().backward()
+    opt.step()
+    total = torch.tensor(local, dtype=torch.float64)
+    dist.all_reduce(total)
+    out["global_norm"] = math.isclose(float(opt.last.total_norm), math.sqrt(float(total)), rel_tol=1e-12)
+    return out
+
+
 def scenario_process_group_uneven_params(rank, world):
     """process_group= with 3 experts over 2 ranks (2 on rank 0, 1 on rank 1): the statistics are
     gathered by position, and gloo aborted rank 1 while rank 0 read rows never sent (an inf
@@ -876,6 +903,7 @@ def run_all(rank, world) -> dict:
         "pg_missing_grad": scenario_process_group_missing_grad(rank, world),
         "fsdp1_sharded_scaler": scenario_fsdp1_sharded_grad_scaler(rank, world),
         "pg_uneven_params": scenario_process_group_uneven_params(rank, world),
+        "pg_assigned_later": scenario_process_group_assigned_later(rank, world),
         "pg_plain_scaler": scenario_process_group_plain_grad_scaler(rank, world),
         "misuse": scenario_misuse_refused_on_every_rank(rank, world),
         "zero_ddp": scenario_zero(rank, world, counter, with_ddp=True),

@@ -234,6 +234,12 @@ def test_process_group_shards_missing_a_grad_on_one_rank(runs):
             assert math.isclose(d[k], d["true"], rel_tol=1e-12), d
 
 
+def test_a_process_group_assigned_after_a_step_takes_effect(runs):
+    ranks, _ = runs
+    for r in ranks:
+        assert r["pg_assigned_later"] == {"skipped": True, "unchanged": True, "global_norm": True}, r
+
+
 def test_lbfgs_under_ddp_rolls_back_on_every_rank_for_one_ranks_loss(runs):
     ranks, _ = runs
     for which in (1, 2):

@@ -389,6 +389,75 @@ def test_the_other_settings_assigned_later_are_checked_as_at_construction(name, 
     assert type(opt.norm_type) is float
 
 
+def test_a_model_assigned_later_names_the_layers_from_then_on():
+    # The names found without it were cached: every report and error kept naming param[i],
+    # while summary() named the layers.
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), on_nonfinite="raise")
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert opt.last.names[0] == "param[0]"
+    opt.model = model
+    opt.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    model[1].weight.grad[0, 0] = math.nan
+    with pytest.raises(NonFiniteGradError, match=r"1\.weight \(1 NaN"):
+        opt.step()
+    assert opt.last.names == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    with pytest.raises(TypeError, match="`model` must be an nn.Module"):
+        opt.model = "model"
+    assert opt.model is model
+
+
+def test_a_spike_policy_assigned_later_is_checked_and_owned_as_at_construction():
+    # Assigned, a policy was neither type-checked (a float failed at the next step, inside it)
+    # nor owned: a second guard then took the same policy, and each was clipped by the other's norms.
+    p = torch.nn.Parameter(torch.ones(3))
+    q = torch.nn.Parameter(torch.ones(3))
+    a = GradGuard(torch.optim.SGD([p], lr=0.1))
+    b = GradGuard(torch.optim.SGD([q], lr=0.1))
+    with pytest.raises(TypeError, match="`spike` must be None or a spike policy"):
+        a.spike = 3.0
+    pol = gradguard.ZScoreClip(warmup=2)
+    a.spike = pol
+    with pytest.raises(ValueError, match="belongs to another GradGuard"):
+        b.spike = pol
+    with pytest.raises(ValueError, match="belongs to another GradGuard"):
+        GradGuard(torch.optim.SGD([q], lr=0.1), spike=pol)
+    a.spike = pol  # the same guard again: fine
+    a.spike = gradguard.ZScoreClip()  # replaced: the old one is free again
+    b.spike = pol
+    assert b.spike is pol and a.spike is not pol
+
+
+def test_hygiene_and_tracer_assigned_later_are_checked():
+    opt = GradGuard(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1))
+    with pytest.raises(TypeError, match="`hygiene` must be True or False"):
+        opt.hygiene = "off"  # truthy: it left the checks on
+    assert opt.hygiene is True
+    opt.hygiene = False
+    assert opt.hygiene is False
+    with pytest.raises(TypeError, match="`tracer` must be a gradguard.NanTracer"):
+        opt.tracer = "tracer"
+    assert opt.tracer is None
+
+
+def test_a_guard_pickled_with_its_bindings_as_attributes_loads():
+    model = torch.nn.Linear(2, 1)
+    opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), model=model, spike=gradguard.ZScoreClip(),
+                    hygiene=False)
+    state = opt.__getstate__()
+    limits = state["_limits"]
+    for name in ("hygiene", "tracer", "spike"):
+        state[name] = limits.pop(name)
+    for name in ("model", "process_group"):
+        state[name] = state.pop("_" + name)
+    clone = GradGuard.__new__(GradGuard)
+    clone.__setstate__(state)
+    assert clone.model is model and clone.process_group is None and clone.hygiene is False
+    assert clone.spike is state["spike"] and clone.spike._guard() is clone
+
+
 def test_a_guard_pickled_with_its_settings_as_attributes_loads():
     opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1), norm_type=1.0, on_nonfinite="zero",
                     max_consecutive_skips=3)
