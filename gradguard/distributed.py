@@ -448,10 +448,10 @@ def empty_grad_of(p):
     return made
 
 
-def agreement_group(model, params):
+def agreement_group(models, params):
     """The process group of every rank that steps `params` together, for a check whose inputs
     are rank-local (all_agree), or None for a single process: the ranks of the DTensor
-    parameters' meshes and, in `model`, of DDP's group and of FSDP1's groups (HYBRID_SHARD's
+    parameters' meshes and, in the `models` (modules or None), of DDP's group and of FSDP1's groups (HYBRID_SHARD's
     replicas too: its shard group alone left the other replica going on, and the ranks' next
     collectives mismatched). The group must hold exactly those ranks (a larger one would wait for
     ranks that never join): one of the meshes' or modules' groups, or the world."""
@@ -462,13 +462,14 @@ def agreement_group(model, params):
             meshes.add(id(mesh))
             needed.update(int(r) for r in mesh.mesh.flatten().tolist())
             candidates += [mesh.get_group(d) for d in range(mesh.ndim)]
-    if isinstance(model, torch.nn.Module):
+    modules = [m for model in models if isinstance(model, torch.nn.Module) for m in model.modules()]
+    if modules:
         try:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
             from torch.nn.parallel import DistributedDataParallel as DDP
         except ImportError:
             FSDP = DDP = ()
-        for m in model.modules():
+        for m in modules:
             if not isinstance(m, (DDP, FSDP)):
                 continue
             needed.update(_group_ranks(m.process_group))

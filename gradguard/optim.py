@@ -1445,7 +1445,9 @@ class GradGuard(torch.optim.Optimizer):
         else FSDP1's group), or None for a single process."""
         group = self.process_group if self.process_group is not None else self._decide_group
         if group is None:
-            group = _distributed.agreement_group(self.model, self._params())
+            # The model, and a module that wraps it where a framework keeps one apart (Lightning's
+            # strategy.model: DDP wraps the LightningModule the guard names its layers from).
+            group = _distributed.agreement_group((self.model, self.__dict__.get("_agree_with")), self._params())
         if group is None:
             group = self._fsdp_group
         if group is None:

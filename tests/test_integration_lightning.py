@@ -455,3 +455,58 @@ def test_warns_that_the_lr_finder_runs_unguarded(tmp_path, clip):
 def test_no_tuner_warning_without_a_tuner(tmp_path, recwarn):
     _trainer(tmp_path, GradGuardCallback(max_norm=1.0), max_steps=2).fit(Tiny(bad_step=-1), _loader())
     assert not [w for w in recwarn if "Tuner" in str(w.message)]
+
+
+_DDP_LBFGS = '''
+import math, sys, torch, lightning.pytorch as pl
+from gradguard.integrations.lightning import GradGuardCallback
+
+class M(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+        self.calls = 0
+    def training_step(self, batch, i):
+        x, y = batch
+        self.calls += 1
+        loss = torch.nn.functional.mse_loss(self.lin(x), y)
+        if self.global_rank == 1 and self.calls == 2:
+            loss = loss + math.inf  # a non-finite loss with finite gradients, on one rank
+        return loss
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+    def on_fit_end(self):
+        w = torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+        print(f"rank {self.global_rank}: evaluations {self.calls}, skipped "
+              f"{self.trainer.strategy.optimizers[0].summary()['skipped']}, params {w.tolist()}", flush=True)
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 1))
+    t = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[GradGuardCallback()])
+    t.fit(M(), torch.utils.data.DataLoader(ds, batch_size=4))
+'''
+
+
+def test_ddp_lbfgs_rolls_back_on_every_rank_for_one_ranks_loss(tmp_path):
+    # DDP wraps the LightningModule the guard names its layers from: the ranks' agreement on an
+    # LBFGS closure's loss found no DDP module, so rank 1 rolled back alone and rank 0 went on into
+    # its third evaluation and died in DDP's backward ("Connection closed by peer").
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_lbfgs.py"
+    script.write_text(_DDP_LBFGS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(gradguard.__file__)),
+                                          os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env,
+                       cwd=str(tmp_path))
+    import re
+
+    # The two ranks print into one pipe: their lines may run together.
+    got = sorted(re.findall(r"rank (\d): evaluations (\d+), skipped (\d+), params (\[[^\]]*\])", r.stdout))
+    assert r.returncode == 0 and len(got) == 2, (r.stdout[-2000:], r.stderr[-3000:])
+    assert [g[1:3] for g in got] == [("2", "1")] * 2 and got[0][3] == got[1][3], got

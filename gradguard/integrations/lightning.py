@@ -137,6 +137,8 @@ class GradGuardCallback(pl.Callback):
         guards = []
         for opt in trainer.strategy.optimizers:
             guard = GradGuard(opt, model=pl_module, **guard_kwargs_copy(kwargs))
+            # The ranks' agreement on an LBFGS closure's loss looks for DDP here: it wraps pl_module.
+            guard._agree_with = trainer.strategy.model
             guard.add_step_hook(self._on_step)
             guards.append(guard)
         trainer.strategy.optimizers = guards
