@@ -475,7 +475,7 @@ def test_torch_func_inside_compile_takes_the_defined_gradients(transform):
     torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(x), fn(x), equal_nan=True)
 
 
-@pytest.mark.parametrize("transform", ["jvp", "grad"])
+@pytest.mark.parametrize("transform", ["jvp", "grad", "jvp_divisor", "jacfwd_both"])
 def test_safe_div_of_a_nan_by_a_guarded_divisor_differentiates_to_zero_inside_compile(transform):
     # The compile path's forward divided a NaN numerator by the guarded divisor itself: its
     # tangent under torch.compile(jvp) was t / 0 = inf, where the defined derivative (and eager's)
@@ -490,6 +490,12 @@ def test_safe_div_of_a_nan_by_a_guarded_divisor_differentiates_to_zero_inside_co
     if transform == "jvp":
         fn = lambda a, b, c: torch.func.jvp(lambda u: f(u, b), (a,), (c,))[1]  # noqa: E731
         args = (x, d, t)
+    elif transform == "jvp_divisor":  # through a quotient by the guarded divisor replaced by 1: 0 * NaN
+        fn = lambda a, b, c: torch.func.jvp(lambda w: f(a, w), (b,), (c,))[1]  # noqa: E731
+        args = (x, d, t)
+    elif transform == "jacfwd_both":
+        fn = lambda a, b: sum(j.diagonal() for j in torch.func.jacfwd(f, argnums=(0, 1))(a, b))  # noqa: E731
+        args = (x, d)
     else:
         fn = lambda a, b: torch.func.grad(lambda u: f(u, b).nansum())(a)  # noqa: E731
         args = (x, d)
@@ -497,7 +503,11 @@ def test_safe_div_of_a_nan_by_a_guarded_divisor_differentiates_to_zero_inside_co
     got = torch.compile(fn, backend="aot_eager", fullgraph=True)(*args)
     want = fn(*args)
     torch.testing.assert_close(got, want, equal_nan=True)
-    assert torch.equal(got[[0, 1, 2, 3, 5]], torch.zeros(5, dtype=torch.float64)), got
+    assert torch.equal(got[[0, 1, 2, 3, 5]], torch.zeros(5, dtype=torch.float64)), got  # guarded divisors
+    # The values: bit for bit eager's (a NaN input over a guarded divisor stays that NaN).
+    torch._dynamo.reset()
+    v = torch.compile(f, backend="aot_eager", fullgraph=True)(x, d)
+    assert torch.equal(v.view(torch.int64), f(x, d).view(torch.int64)), (v, f(x, d))
 
 
 def test_straight_through_log_with_an_eps_whose_inverse_overflows_compiled():

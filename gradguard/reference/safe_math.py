@@ -479,10 +479,13 @@ def _sqrt_value_for_compile(input, eps):
 
 
 def _div_value_for_compile(input, other, eps, fill):
-    # _div_value's values, with the guarded divisor replaced by 1 and the input detached there:
-    # differentiated, zero where |other| <= eps, as defined (a NaN input's tangent was t / 0, inf).
+    # _div_value's values (a NaN input over a guarded divisor is that NaN, as NaN / 0 is), made
+    # where the divisor is guarded from nothing that depends on either operand: differentiated,
+    # zero there, as defined (a NaN input's tangent was t / 0 = inf, and through a quotient by the
+    # divisor replaced by 1 the divisor's tangent was 0 * NaN). The divisor is replaced by 1 there
+    # all the same: the unselected quotient's gradient, 0 * (x / 0**2), would be NaN.
     guard, b = _div_parts(other, eps)
-    q = torch.where(guard, input.detach(), input) / b
+    q = torch.where(guard, input.detach(), input / b)
     return torch.where(guard & ~torch.isnan(input), _bound(input, fill), q)
 
 
