@@ -569,7 +569,7 @@ class GradGuard(torch.optim.Optimizer):
     @property
     def model(self):
         """The nn.Module the layers are named from (and FSDP1/DDP found in), or None."""
-        return self.__dict__["_model"]
+        return self._limits["model"]
 
     @model.setter
     def model(self, value) -> None:
@@ -578,7 +578,7 @@ class GradGuard(torch.optim.Optimizer):
     @property
     def process_group(self):
         """The process group the parameters are sharded over (process_group=), or None."""
-        return self.__dict__["_process_group"]
+        return self._limits["process_group"]
 
     @process_group.setter
     def process_group(self, value) -> None:
@@ -607,8 +607,8 @@ class GradGuard(torch.optim.Optimizer):
                              "share `process_group`: each shard is held once per replica, and process_group= would "
                              "sum it once per replica; pass model= alone (the guard finds FSDP1's shard group) or "
                              "process_group= that shard group")
-        rebinding = "_model" in self.__dict__
-        self.__dict__["_model"], self.__dict__["_process_group"] = model, process_group
+        rebinding = "model" in self._limits
+        self._limits["model"], self._limits["process_group"] = model, process_group
         self._fsdp_group, self._fsdp_whole = fsdp_group, fsdp_whole
         if rebinding:
             self._plan = self._name_list = self._layout_cache = None  # found again at the next step
@@ -893,12 +893,10 @@ class GradGuard(torch.optim.Optimizer):
         if "_limits" not in self.__dict__:  # pickled while max_norm was a plain attribute
             self._limits = {"max_norm": self.__dict__.pop("max_norm", None)}
         for name, default in (("norm_type", 2.0), ("on_nonfinite", "skip"), ("max_consecutive_skips", None),
-                              ("hygiene", True), ("tracer", None), ("spike", None)):
+                              ("hygiene", True), ("tracer", None), ("spike", None), ("model", None),
+                              ("process_group", None)):
             if name not in self._limits:  # pickled while these were plain attributes
                 self._limits[name] = self.__dict__.pop(name, default)
-        for name in ("model", "process_group"):
-            if "_" + name not in self.__dict__:
-                self.__dict__["_" + name] = self.__dict__.pop(name, None)
         if "_explicit_slots" not in self.__dict__:  # pickled before names= followed identity: by position
             self._explicit_slots = self._slots(self.__dict__.pop("_explicit_names", None))
         self._tracker = ClearTracker()
@@ -1254,6 +1252,9 @@ class GradGuard(torch.optim.Optimizer):
         # decision continues it (the decision, seeing a finite first evaluation, reset it).
         prev_streak = (st.counters[3].clone() if closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)
                        and mode in ("skip", "raise", "zero") else None)
+        # The ranks' agreement on the LBFGS evaluations' checks, found before anything is recorded
+        # (a model whose ranks no one group holds is refused here, not after counting the step).
+        agree = self._agreement(device) if prev_streak is not None else None
         # Likewise the spike policy's statistics, which the decision updated with the first
         # evaluation's norm: a step rolled back as non-finite leaves them as they were.
         prev_spike = (self.spike.state_tensor(device).clone() if prev_streak is not None and self.spike is not None
@@ -1347,8 +1348,7 @@ class GradGuard(torch.optim.Optimizer):
                 # evaluation's NaN/Inf gradient elements, and rolls back on a non-finite loss only).
                 snapshot = ([q.detach().clone() for q in plan.params],
                             {k: copy.deepcopy(v) for k, v in inner.state.items()})
-                replay = _replay(loss, closure, plan.params, zero_nonfinite=mode == "zero",
-                                 agree=self._agreement(device))
+                replay = _replay(loss, closure, plan.params, zero_nonfinite=mode == "zero", agree=agree)
             else:
                 replay = _replay(loss, closure)
             clipping = max_norm is not None or limit_t is not None or spike is not None
@@ -1395,7 +1395,11 @@ class GradGuard(torch.optim.Optimizer):
                     lbfgs_live = rolled_back is not None
                     if lbfgs_live and mode == "raise":
                         # The step hooks see this step as they see every raising one (it raised
-                        # inside _lbfgs_step, and a logging hook never saw the bad step).
+                        # inside _lbfgs_step, and a logging hook never saw the bad step), after the
+                        # tracer's step has ended, as elsewhere.
+                        if end_trace is not None:
+                            end_trace()
+                            end_trace = None
                         hook_error = self._run_hooks(report, keep_going=True)
                         raise NonFiniteGradError(rolled_back + " (on_nonfinite='raise'; the step was rolled back)"
                                                  + _hook_note(hook_error), [], report) from hook_error

@@ -330,7 +330,12 @@ class _Schedule(Tiny):
     """A clipping schedule set through self.optimizers(), Lightning's wrapper of the guard."""
 
     def on_train_batch_start(self, batch, batch_idx):
-        self.optimizers().max_norm = 0.5 / (batch_idx + 1)
+        opt = self.optimizers()
+        opt.max_norm = 0.5 / (batch_idx + 1)
+        # Every setting reads through the wrapper as on the guard (model and process_group, read
+        # from the guard's own __dict__, raised KeyError on Lightning's wrapper).
+        self.seen = (opt.model is self, opt.process_group, opt.spike, opt.hygiene, opt.tracer, opt.norm_type,
+                     opt.on_nonfinite, opt.max_consecutive_skips)
 
 
 def test_a_max_norm_set_through_self_optimizers_reaches_the_guard(tmp_path):
@@ -340,6 +345,7 @@ def test_a_max_norm_set_through_self_optimizers_reaches_the_guard(tmp_path):
     trainer = _trainer(tmp_path, cb, max_steps=3)
     trainer.fit(model, _loader())
     assert cb.guard.max_norm == 0.5 / 3
+    assert model.seen == (True, None, None, True, None, 2.0, "skip", None), model.seen
     coefs = [float(h) for h in cb.guard.history.as_dict()["clip_coef"]]
     norms = [float(h) for h in cb.guard.history.as_dict()["total_norm"]]
     for k, (coef, norm) in enumerate(zip(coefs, norms)):

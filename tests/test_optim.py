@@ -448,10 +448,8 @@ def test_a_guard_pickled_with_its_bindings_as_attributes_loads():
                     hygiene=False)
     state = opt.__getstate__()
     limits = state["_limits"]
-    for name in ("hygiene", "tracer", "spike"):
+    for name in ("hygiene", "tracer", "spike", "model", "process_group"):
         state[name] = limits.pop(name)
-    for name in ("model", "process_group"):
-        state[name] = state.pop("_" + name)
     clone = GradGuard.__new__(GradGuard)
     clone.__setstate__(state)
     assert clone.model is model and clone.process_group is None and clone.hygiene is False
@@ -752,6 +750,29 @@ def test_an_lbfgs_step_rolled_back_runs_the_step_hooks(mode):
             opt.step(closure)
         assert isinstance(err.value.__cause__, RuntimeError)
         assert seen[-1] == (2, True)
+
+
+def test_an_lbfgs_agreement_that_is_refused_records_nothing(monkeypatch):
+    # The ranks' group for the LBFGS checks was looked for after the decision had counted the
+    # step: a model whose ranks no one group holds counted a step at every refused call.
+    from gradguard import distributed
+
+    def refuse(models, params):
+        raise ValueError("no process group holds exactly them")
+
+    monkeypatch.setattr(distributed, "agreement_group", refuse)
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = GradGuard(torch.optim.LBFGS([w], lr=1.0, max_iter=3))
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="no process group"):
+        opt.step(closure)
+    assert opt.summary()["steps"] == 0 and opt.last is None and torch.equal(w.detach(), torch.tensor([1.0, 2.0]))
 
 
 @pytest.mark.parametrize("mode", ["skip", "zero", "raise"])
