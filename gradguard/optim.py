@@ -841,6 +841,10 @@ class GradGuard(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        # Told, not read from the gradients: an in-place clear with no backward after it (a head
+        # its batch did not reach) moves each version by one, as a backward without a clear does,
+        # and the check warned although the loop cleared. (model.zero_grad() is still read.)
+        self._cleared = True
 
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group, dict) and "params" in param_group:
@@ -1055,7 +1059,8 @@ class GradGuard(torch.optim.Optimizer):
             self._hygiene_grads = [None if _distributed.is_dtensor(g) else g for g in grads]
         else:
             self._hygiene_grads = grads
-        if "not_cleared" not in self._warned and self._tracker.never_cleared(grads):
+        if ("not_cleared" not in self._warned and not self.__dict__.get("_cleared")
+                and self._tracker.never_cleared(grads)):
             self._warned.add("not_cleared")
             _hygiene.warn(NOT_CLEARED)
         if "eval" not in self._warned and self.model is not None and not self.model.training:
@@ -1428,6 +1433,7 @@ class GradGuard(torch.optim.Optimizer):
             # gradient, and a forgotten zero_grad() went unwarned with a sparse Embedding).
             marked, self._hygiene_grads = self._hygiene_grads, None
             self._tracker.mark(grads if marked is None else marked)
+            self._cleared = False
         giving_up = self.max_consecutive_skips is not None and streak_h >= self.max_consecutive_skips
         hook_error = self._run_hooks(report, keep_going=giving_up) if self._step_hooks else None
         if giving_up:

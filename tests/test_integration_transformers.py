@@ -204,6 +204,29 @@ def test_resume_restores_the_guard(tmp_path):
     assert first["skipped"] == 1
 
 
+class BadStepsAtSave(transformers.TrainerCallback):
+    def __init__(self, cb):
+        self.cb, self.seen = cb, []
+
+    def on_save(self, args, state, control, **kw):
+        self.seen.append((state.global_step, [b["step"] for b in self.cb.bad_steps]))
+
+
+def test_a_bad_step_between_the_last_log_and_a_checkpoint_is_reported_before_it(tmp_path):
+    # logging_steps=5, a checkpoint at step 4, the bad step 3: it was checked only at the log of
+    # step 5, which a run preempted after the checkpoint (and resumed from it) never reaches: no
+    # warning, not in bad_steps. Checked before the checkpoint now; its metrics still join the
+    # next log.
+    cb = GradGuardCallback(max_norm=1.0)
+    trainer, cb, plant = make_trainer(tmp_path, max_steps=5, cb=cb, logging_steps=5)
+    at_save = BadStepsAtSave(cb)
+    trainer.add_callback(at_save)
+    trainer.train()
+    assert at_save.seen[0] == (4, [BAD + 1]), at_save.seen
+    assert [b["step"] for b in cb.bad_steps] == [BAD + 1]  # once
+    assert train_logs(trainer)[5][f"grad/nonfinite/{CULPRIT}"] == 1.0
+
+
 def test_save_strategy_best_checkpoints_carry_the_guard(tmp_path):
     # With "best" Trainer decides to save after the evaluation, when no callback event is left
     # before the save: the guard's state used to be written only when should_save was already set

@@ -81,6 +81,38 @@ def test_no_warning_when_cleared_between_steps(clear, micro_batches):
     assert _hygiene_warnings(loop) == []
 
 
+def test_no_warning_for_a_head_cleared_in_place_that_a_step_did_not_reach():
+    # opt.zero_grad(set_to_none=False) every step, and task B's batches only every other step:
+    # its head's gradients were zeroed with no backward after, which moves each version by one,
+    # as a backward without a clear does; the check warned "this step used the sum of both steps'
+    # gradients" over gradients that were exactly 0. The guard's own zero_grad() now says so.
+    torch.manual_seed(0)
+    trunk, head_a, head_b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
+    opt_main = GradGuard(torch.optim.SGD([*trunk.parameters(), *head_a.parameters()], lr=0.01))
+    opt_b = GradGuard(torch.optim.SGD(head_b.parameters(), lr=0.01))
+
+    def loop():
+        for i in range(4):
+            opt_main.zero_grad(set_to_none=False)
+            opt_b.zero_grad(set_to_none=False)
+            h = trunk(torch.randn(4, 8))
+            loss = head_a(h).pow(2).mean() + (head_b(h).pow(2).mean() if i % 2 == 0 else 0.0)
+            loss.backward()
+            opt_main.step()
+            opt_b.step()
+
+    assert _hygiene_warnings(loop) == []
+    # Forgetting it is still caught, after a step that did clear.
+    _backward_b = lambda: head_b(trunk(torch.randn(4, 8))).pow(2).mean().backward()  # noqa: E731
+
+    def forgot():
+        for _ in range(2):
+            _backward_b()
+            opt_b.step()
+
+    assert len(_hygiene_warnings(forgot)) == 1
+
+
 def test_eval_mode_warns_once_and_only_with_model():
     model, opt = _setup()
     model.eval()

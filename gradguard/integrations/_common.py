@@ -127,9 +127,14 @@ class BadStepLog:
     def add(self, step: int, report, optimizer: int = 0) -> None:
         self.pending.append((step, report, optimizer))
         if len(self.pending) >= self.MAX_PENDING:
-            found, overflows = self._check()
-            self._found_early[0].extend(found)
-            self._found_early[1].extend(overflows)
+            self.check_now()
+
+    def check_now(self) -> None:
+        """Checks the pending steps now (warned about and listed in ``bad_steps`` now); what it
+        finds is also returned by the next flush(), for its metrics."""
+        found, overflows = self._check()
+        self._found_early[0].extend(found)
+        self._found_early[1].extend(overflows)
 
     def discard_unreported(self) -> None:
         """Forgets the steps not yet returned by flush() (a run that raised left them)."""

@@ -266,6 +266,10 @@ class GradGuardCallback(transformers.TrainerCallback):
             return trainer._save_checkpoint(*args, **kwargs)
         if self.guard is None or self._trainer is None:
             return self._trainer_save(*args, **kwargs)
+        # The steps since the last log are checked before the checkpoint: a run resumed from it
+        # (after a preemption) never logs them, and a bad step between the last log and the save
+        # went unreported (no warning, not in bad_steps). Their metrics join the next log as usual.
+        self._log.check_now()
         self._trainer.state.stateful_callbacks[STATE_KEY] = guard_state_json(self.guard)
         return self._trainer_save(*args, **kwargs)
 
