@@ -544,13 +544,29 @@ class GradGuard(torch.optim.Optimizer):
 
     @spike.setter
     def spike(self, value) -> None:
-        self._check_spike(value)
-        old = self._limits.get("spike")
-        if old is not None and old is not value and old._guard() is self:
+        home = self._home()
+        home._check_spike(value)
+        old = home._limits.get("spike")
+        if old is not None and old is not value and old._guard() is home:
             old._owner = None
-        self._limits["spike"] = value
+        home._limits["spike"] = value
         if value is not None:
-            value._owner = weakref.ref(self)
+            value._owner = weakref.ref(home)
+
+    def _home(self) -> "GradGuard":
+        """The guard itself, also when reached through a wrapper that subclasses its class and
+        forwards attribute reads to it (Lightning's LightningOptimizer, whose `optimizer` is the
+        guard): what a setter derives, and a spike policy's ownership, belong there (set on the
+        wrapper, a process_group left the guard's plan rank-local, the ranks deciding apart)."""
+        obj = self
+        for _ in range(8):
+            if "_limits" in vars(obj):
+                return obj
+            inner = getattr(obj, "optimizer", None)
+            if not isinstance(inner, GradGuard) or inner is obj:
+                break
+            obj = inner
+        return self
 
     def _check_spike(self, value) -> None:
         if value is not None and (not isinstance(value, SpikePolicy) or value.kind not in ("zscore", "percentile")):
@@ -573,7 +589,8 @@ class GradGuard(torch.optim.Optimizer):
 
     @model.setter
     def model(self, value) -> None:
-        self._bind(value, self.process_group)
+        home = self._home()
+        home._bind(value, home.process_group)
 
     @property
     def process_group(self):
@@ -582,7 +599,8 @@ class GradGuard(torch.optim.Optimizer):
 
     @process_group.setter
     def process_group(self, value) -> None:
-        self._bind(self.model, value)
+        home = self._home()
+        home._bind(home.model, value)
 
     def _bind(self, model, process_group) -> None:
         """Checks model= and process_group= together (before anything changes), then derives what
@@ -894,13 +912,22 @@ class GradGuard(torch.optim.Optimizer):
         self.__dict__.setdefault("_apply_watch", None)
         self.__dict__.setdefault("_unscaled", None)
         self.__dict__.setdefault("_hygiene_grads", None)
-        if "_limits" not in self.__dict__:  # pickled while max_norm was a plain attribute
-            self._limits = {"max_norm": self.__dict__.pop("max_norm", None)}
+        if "_limits" not in self.__dict__:  # pickled while max_norm was a plain attribute (or `_max_norm`)
+            self._limits = {"max_norm": self.__dict__.pop("max_norm", self.__dict__.pop("_max_norm", None))}
         for name, default in (("norm_type", 2.0), ("on_nonfinite", "skip"), ("max_consecutive_skips", None),
                               ("hygiene", True), ("tracer", None), ("spike", None), ("model", None),
                               ("process_group", None)):
             if name not in self._limits:  # pickled while these were plain attributes
                 self._limits[name] = self.__dict__.pop(name, default)
+        # Pickled before these existed: found again from the settings.
+        for name in ("_plan", "_name_list", "_layout_cache", "last"):
+            self.__dict__.setdefault(name, None)
+        if "_fsdp_group" not in self.__dict__ or "_fsdp_whole" not in self.__dict__:
+            model, group = self._limits["model"], self._limits["process_group"]
+            self._fsdp_group = _distributed.fsdp1_group(model) if model is not None and group is None else None
+            self._fsdp_whole = _distributed.fsdp1_whole(model) if model is not None else frozenset()
+        if "_decide_group" not in self.__dict__:
+            self._decide_group = _distributed.zero_group(self.optimizer)
         if "_explicit_slots" not in self.__dict__:  # pickled before names= followed identity: by position
             self._explicit_slots = self._slots(self.__dict__.pop("_explicit_names", None))
         self._tracker = ClearTracker()

@@ -365,8 +365,14 @@ def test_an_lbfgs_rollback_marks_its_own_history_row_once_numbered_on_the_device
     closure()
     with monkeypatch.context() as m:  # a capture that fails after its decision was recorded
         m.setattr(guard_optim, "_capturing", lambda device: True)
-        with pytest.raises(Exception):
-            guard.step()  # LBFGS needs a closure
+        m.setattr(guard, "_check_capturable", lambda *args: None)
+
+        def fails(*args):
+            raise RuntimeError("the captured step failed")
+
+        m.setattr(guard, "_rolled_back_step", fails)
+        with pytest.raises(RuntimeError, match="the captured step failed"):
+            guard.step(closure)
     calls[0], bad[0] = 0, 2
     before = [p.detach().clone() for p in model.parameters()]
     guard.step(closure)

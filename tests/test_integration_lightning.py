@@ -516,3 +516,29 @@ def test_ddp_lbfgs_rolls_back_on_every_rank_for_one_ranks_loss(tmp_path):
     got = sorted(re.findall(r"rank (\d): evaluations (\d+), skipped (\d+), params (\[[^\]]*\])", r.stdout))
     assert r.returncode == 0 and len(got) == 2, (r.stdout[-2000:], r.stderr[-3000:])
     assert [g[1:3] for g in got] == [("2", "1")] * 2 and got[0][3] == got[1][3], got
+
+
+def test_settings_assigned_through_lightnings_wrapper_reach_the_guard():
+    # LightningOptimizer subclasses the guard's class and forwards attribute reads to it: a
+    # model (or process_group) assigned through it was bound on the wrapper, the guard kept its
+    # plan and named param[i]; a spike policy went to the wrapper's ownership.
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    guard = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1))
+    model(torch.randn(4, 3)).sum().backward()
+    guard.step()
+    wrapper = LightningOptimizer(guard)
+    wrapper.model = model
+    pol = gradguard.ZScoreClip()
+    wrapper.spike = pol
+    wrapper.max_norm = 0.5
+    assert not {"_limits", "_plan", "_fsdp_group", "_name_list"} & set(vars(wrapper)), vars(wrapper)
+    guard.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    guard.step()
+    assert guard.last.names == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert guard.spike is pol and pol._guard() is guard and guard.max_norm == 0.5
+    guard.spike = pol  # its own policy again: fine
+    wrapper.spike = None
+    assert pol._guard() is None

@@ -456,6 +456,26 @@ def test_a_guard_pickled_with_its_bindings_as_attributes_loads():
     assert clone.spike is state["spike"] and clone.spike._guard() is clone
 
 
+def test_guards_pickled_by_older_versions_load_and_step():
+    # max_norm was `_max_norm` for a while (loaded as None: clipping silently off), and older
+    # pickles lack the plan, FSDP1's groups and ZeRO's group (AttributeError at the first step).
+    model = torch.nn.Linear(2, 1)
+    opt = GradGuard(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=0.5, model=model)
+    state = opt.__getstate__()
+    limits = state.pop("_limits")
+    state["_max_norm"] = limits["max_norm"]
+    state.update({k: v for k, v in limits.items() if k != "max_norm"})
+    for name in ("_plan", "_fsdp_group", "_fsdp_whole", "_decide_group", "_name_list", "_layout_cache"):
+        state.pop(name)
+    clone = GradGuard.__new__(GradGuard)
+    clone.__setstate__(state)
+    assert clone.max_norm == 0.5 and "_max_norm" not in vars(clone)
+    model.weight.grad = torch.full((1, 2), 30.0)
+    model.bias.grad = torch.full((1,), 40.0)
+    clone.step()
+    assert float(clone.last.clip_coef) == pytest.approx(0.5 / math.sqrt(2 * 900 + 1600), rel=1e-6)
+
+
 def test_a_guard_pickled_with_its_settings_as_attributes_loads():
     opt = GradGuard(torch.optim.SGD(make_params(), lr=0.1), norm_type=1.0, on_nonfinite="zero",
                     max_consecutive_skips=3)
