@@ -451,10 +451,11 @@ def empty_grad_of(p):
 def agreement_group(models, params):
     """The process group of every rank that steps `params` together, for a check whose inputs
     are rank-local (all_agree), or None for a single process: the ranks of the DTensor
-    parameters' meshes and, in the `models` (modules or None), of DDP's group and of FSDP1's groups (HYBRID_SHARD's
-    replicas too: its shard group alone left the other replica going on, and the ranks' next
-    collectives mismatched). The group must hold exactly those ranks (a larger one would wait for
-    ranks that never join): one of the meshes' or modules' groups, or the world."""
+    parameters' meshes and, in the `models` (modules or None), of DDP's group and of FSDP1's
+    groups (HYBRID_SHARD's replicas too: its shard group alone left the other replica going on,
+    and the ranks' next collectives mismatched). The group must hold exactly those ranks (a
+    larger one would wait for ranks that never join): one of the meshes' or modules' groups, or
+    the world."""
     needed, candidates, meshes = set(), [], set()
     for q in params:
         if is_dtensor(q) and id(q.device_mesh) not in meshes:
