@@ -821,9 +821,13 @@ def scenario_lbfgs_rank_local_loss(rank, world, kind, bad_rank=1):
             fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
             x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
         elif kind == "tp":
-            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+            from torch.distributed.tensor import Replicate
+            from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-            m = parallelize_module(m, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+            # Column-wise both (Shard(0) weights): torch 2.11's DTensor refuses LBFGS's flattening
+            # view of a Shard(1) weight (RowwiseParallel's).
+            col = ColwiseParallel(output_layouts=Replicate())
+            m = parallelize_module(m, init_device_mesh("cpu", (world,)), {"0": col, "2": col})
         else:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 
